@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install (into .venv) and run the whole pipeline on the embedded demo cohort.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+VENV="${GIGASSL_VENV:-.venv}"
+exec "$VENV/bin/gigassl" demo "$@"

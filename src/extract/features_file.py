@@ -1,0 +1,270 @@
+"""The per-slide HDF5 file: plain tile features and the augmented bank.
+
+Layout (TRIDENT / CLAM compatible for the first two datasets)::
+
+    /features      (N, 256) float32   attrs: encoder, encoder_sha256, encoder_source
+    /coords        (N, 2)   int64     level-0 top-left (x, y); attrs: patch_size,
+                                      patch_size_level0, patch_size_level0_exact, mpp,
+                                      target_mpp, level0_width, level0_height,
+                                      level0_magnification (when known), tissue_threshold
+    /aug_features  (A, K, 256) float16, one chunk per augmentation, compressed
+    /aug_coords    (A, K, 2)   int64   attrs on aug_features: n_augmentations, n_tiles,
+                                      seed, sampled_with_replacement, augmentation (JSON)
+    root attrs: format, format_version, package_version, slide_id, source, settings (JSON),
+                complete (written last; a file without it is never read)
+
+Files are written to a temporary name beside the target and renamed when complete, so an
+interrupted run never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Mapping
+
+import h5py
+import numpy as np
+
+from extract import __version__
+from extract.encoder import TILE_FEATURE_DIM, EncoderInfo
+
+FORMAT_NAME = "gigassl-slide-features"
+FORMAT_VERSION = 1
+TEMP_SUFFIX = ".partial"
+
+
+class FeatureFileError(ValueError):
+    """A slide feature file that is missing, incomplete, of another version or malformed."""
+
+
+def temporary_path(path: Path) -> Path:
+    """Where a file is written before it is complete (same folder, so rename is atomic)."""
+    return path.with_name(f"{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+
+
+class SlideFileWriter:
+    """Writes one slide's HDF5 file atomically.
+
+    Use as a context manager: on a clean exit the file is marked complete and renamed to its
+    final path; on an exception the temporary file is removed and nothing is left behind.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        slide_id: str,
+        source: str,
+        settings: Mapping[str, Any],
+        encoder: EncoderInfo,
+    ) -> None:
+        self.path = Path(path)
+        self.temp_path = temporary_path(self.path)
+        self._meta = dict(slide_id=slide_id, source=source, settings=json.dumps(dict(settings), sort_keys=True))
+        self._encoder = encoder
+        self._file: h5py.File | None = None
+
+    def __enter__(self) -> "SlideFileWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = h5py.File(self.temp_path, "w")
+        attrs = self._file.attrs
+        attrs["format"] = FORMAT_NAME
+        attrs["format_version"] = FORMAT_VERSION
+        attrs["package_version"] = __version__
+        for key, value in self._meta.items():
+            attrs[key] = value
+        return self
+
+    @property
+    def file(self) -> h5py.File:
+        assert self._file is not None, "use SlideFileWriter as a context manager"
+        return self._file
+
+    def create_plain(self, coords: np.ndarray, grid_attrs: Mapping[str, Any]) -> h5py.Dataset:
+        """Create ``coords`` (N, 2) and an empty ``features`` (N, 256) to be filled by rows."""
+        coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        coords_ds = self.file.create_dataset("coords", data=coords)
+        for key, value in grid_attrs.items():
+            if value is not None:
+                coords_ds.attrs[key] = value
+        features = self.file.create_dataset(
+            "features", shape=(len(coords), TILE_FEATURE_DIM), dtype=np.float32,
+            chunks=(min(max(len(coords), 1), 1024), TILE_FEATURE_DIM) if len(coords) else None,
+        )
+        features.attrs["encoder"] = self._encoder.name
+        features.attrs["encoder_sha256"] = self._encoder.sha256
+        features.attrs["encoder_source"] = self._encoder.source
+        return features
+
+    def write_plain_rows(self, start: int, rows: np.ndarray) -> None:
+        """Fill ``features[start:start+len(rows)]``."""
+        self.file["features"][start : start + len(rows)] = rows
+
+    def create_bank(self, n_augmentations: int, n_tiles: int, bank_attrs: Mapping[str, Any]) -> None:
+        """Create ``aug_features`` (A, K, 256) float16 and ``aug_coords`` (A, K, 2) int64."""
+        feats = self.file.create_dataset(
+            "aug_features", shape=(n_augmentations, n_tiles, TILE_FEATURE_DIM), dtype=np.float16,
+            chunks=(1, n_tiles, TILE_FEATURE_DIM), compression="gzip", compression_opts=4, shuffle=True,
+        )
+        self.file.create_dataset(
+            "aug_coords", shape=(n_augmentations, n_tiles, 2), dtype=np.int64,
+            chunks=(1, n_tiles, 2), compression="gzip", compression_opts=4, shuffle=True,
+        )
+        feats.attrs["n_augmentations"] = n_augmentations
+        feats.attrs["n_tiles"] = n_tiles
+        feats.attrs["encoder"] = self._encoder.name
+        feats.attrs["encoder_sha256"] = self._encoder.sha256
+        for key, value in bank_attrs.items():
+            feats.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+
+    def write_augmentation(self, index: int, features: np.ndarray, coords: np.ndarray) -> None:
+        """Store augmentation ``index``: (K, 256) features and their (K, 2) level-0 coords."""
+        self.file["aug_features"][index] = features.astype(np.float16)
+        self.file["aug_coords"][index] = coords.astype(np.int64)
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        handle, self._file = self._file, None
+        if handle is None:
+            return
+        if exc_type is None:
+            handle.attrs["complete"] = True
+            handle.flush()
+            handle.close()
+            os.replace(self.temp_path, self.path)
+        else:
+            handle.close()
+            self.temp_path.unlink(missing_ok=True)
+
+
+class SlideFeatures:
+    """Validated read access to one slide's HDF5 file (a context manager).
+
+    Refuses, with a :class:`FeatureFileError` naming the file, anything that is not a
+    complete file of this format version, or that lacks the datasets asked for.
+    """
+
+    def __init__(self, path: str | Path, *, require_plain: bool = False, require_bank: bool = False) -> None:
+        self.path = Path(path)
+        try:
+            self._file = h5py.File(self.path, "r")
+        except (OSError, ValueError) as error:
+            raise FeatureFileError(
+                f"{self.path}: not a readable HDF5 file ({error}); delete it and run `gigassl extract` again"
+            ) from error
+        try:
+            self._validate(require_plain, require_bank)
+        except FeatureFileError:
+            self._file.close()
+            raise
+
+    def _validate(self, require_plain: bool, require_bank: bool) -> None:
+        attrs = self._file.attrs
+        if attrs.get("format") != FORMAT_NAME:
+            raise FeatureFileError(f"{self.path}: not a gigassl slide feature file (no format={FORMAT_NAME!r})")
+        version = int(attrs.get("format_version", -1))
+        if version != FORMAT_VERSION:
+            raise FeatureFileError(
+                f"{self.path}: format version {version}, this package reads {FORMAT_VERSION}; "
+                "re-extract with this version of gigassl"
+            )
+        if not bool(attrs.get("complete", False)):
+            raise FeatureFileError(f"{self.path}: incomplete file (interrupted write); re-run extraction")
+        if require_plain and not {"features", "coords"} <= set(self._file):
+            raise FeatureFileError(f"{self.path}: has no plain features; run `gigassl extract` with plain features")
+        if require_bank and not self.has_bank:
+            raise FeatureFileError(
+                f"{self.path}: has no augmented bank (aug_features); run `gigassl extract` with the bank"
+            )
+
+    def __enter__(self) -> "SlideFeatures":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    @property
+    def slide_id(self) -> str:
+        return str(self._file.attrs.get("slide_id", self.path.stem))
+
+    @property
+    def has_plain(self) -> bool:
+        return {"features", "coords"} <= set(self._file)
+
+    @property
+    def has_bank(self) -> bool:
+        return {"aug_features", "aug_coords"} <= set(self._file)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return json.loads(self._file.attrs.get("settings", "{}"))
+
+    @property
+    def grid_attrs(self) -> dict[str, Any]:
+        """Attributes of ``coords`` (tile size, µm/px, level-0 size …)."""
+        source = self._file["coords"] if "coords" in self._file else self._file["aug_coords"]
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in source.attrs.items()}
+
+    @property
+    def tile_step_level0(self) -> float:
+        """A tile's side in level-0 pixels: grid cells are coords divided by this."""
+        attrs = self.grid_attrs
+        return float(attrs.get("patch_size_level0_exact", attrs["patch_size_level0"]))
+
+    @property
+    def encoder_sha256(self) -> str:
+        name = "features" if "features" in self._file else "aug_features"
+        return str(self._file[name].attrs.get("encoder_sha256", ""))
+
+    def features(self) -> np.ndarray:
+        """(N, 256) float32 plain tile features."""
+        return self._file["features"][...].astype(np.float32, copy=False)
+
+    def coords(self) -> np.ndarray:
+        """(N, 2) int64 level-0 top-left (x, y) of each plain tile."""
+        return self._file["coords"][...]
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self._file["features"].shape[0])
+
+    @property
+    def n_augmentations(self) -> int:
+        return int(self._file["aug_features"].shape[0])
+
+    @property
+    def bank_size(self) -> int:
+        """K, the number of tiles per augmentation."""
+        return int(self._file["aug_features"].shape[1])
+
+    @property
+    def bank_attrs(self) -> dict[str, Any]:
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in self._file["aug_features"].attrs.items()}
+
+    def augmentation(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Augmentation ``index`` of the bank: (K, 256) float32 features, (K, 2) int64 coords.
+
+        Reads only that augmentation's chunk from disk.
+        """
+        return (
+            self._file["aug_features"][index].astype(np.float32),
+            self._file["aug_coords"][index],
+        )
+
+
+def is_complete(path: str | Path, *, require_plain: bool = False, require_bank: bool = False) -> bool:
+    """True when ``path`` is a complete, valid file holding what is asked for."""
+    if not Path(path).is_file():
+        return False
+    try:
+        with SlideFeatures(path, require_plain=require_plain, require_bank=require_bank):
+            return True
+    except FeatureFileError:
+        return False

@@ -1,0 +1,10 @@
+"""Stage 2 of Giga-SSL: slide-level self-supervised learning on sparse maps of tiles.
+
+Reads the per-slide HDF5 files written by :mod:`extract`, trains ResNet18's layer4 as a
+submanifold sparse convolutional network with NT-Xent, and turns slides into compact
+embeddings for few-label classification.
+"""
+
+from extract import __version__
+
+__all__ = ["__version__"]

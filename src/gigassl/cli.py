@@ -1,0 +1,106 @@
+"""The ``gigassl`` command: one subcommand per job, each mapped onto its settings dataclass.
+
+Flags are generated from the dataclass fields (``n_tiles_per_view`` → ``--n-tiles-per-view``,
+booleans as ``--x/--no-x``), so the CLI and the Python API cannot drift apart. Heavy modules
+are imported only when their subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import logging
+import sys
+import types
+import typing
+from typing import Any, Sequence
+
+from extract.config import ExtractConfig, MocoConfig
+from gigassl.config import DemoConfig, EmbedConfig, EvaluateConfig, TrainConfig
+
+# subcommand → (settings dataclass, "module:function" taking that dataclass, one-line help).
+# The function returns an exit status, or an object whose ``exit_code`` is one.
+COMMANDS: dict[str, tuple[type, str, str]] = {
+    "extract": (ExtractConfig, "extract.run:run_extraction", "slides → plain tile features and augmented bank (HDF5 per slide)"),
+    "pretrain-tiles": (MocoConfig, "extract.moco:run_pretraining", "MoCo v2 pre-training of the ResNet18 tile encoder from slides"),
+    "train": (TrainConfig, "gigassl.train:run_training", "Giga-SSL training of the sparse slide encoder"),
+    "embed": (EmbedConfig, "gigassl.embed:run_embedding", "slide embeddings from a trained checkpoint"),
+    "evaluate": (EvaluateConfig, "gigassl.evaluate:run_evaluation", "few-label evaluation against MIL baselines"),
+    "demo": (DemoConfig, "gigassl.demo:run_demo", "the whole pipeline on an embedded synthetic cohort"),
+}
+
+
+def _field_type(tp: Any) -> Any:
+    """The concrete type of a (possibly Optional) annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One flag per field of ``config_class``, typed, with its ``help`` metadata and default."""
+    hints = typing.get_type_hints(config_class)
+    for spec in dataclasses.fields(config_class):
+        flag = "--" + spec.name.replace("_", "-")
+        kind = _field_type(hints[spec.name])
+        required = spec.metadata.get("required", False)
+        default = None if spec.default is dataclasses.MISSING else spec.default
+        help_text = spec.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(
+                flag, type=kind, default=default, required=required,
+                help=help_text + ("" if required or default is None else f" (default: {default})"),
+            )
+
+
+def config_from_args(config_class: type, args: argparse.Namespace) -> Any:
+    """Build the settings dataclass from parsed flags."""
+    return config_class(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(config_class)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``gigassl`` argument parser with all subcommands."""
+    from extract import __version__
+
+    parser = argparse.ArgumentParser(prog="gigassl", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"gigassl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (config_class, _, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=config_class.__doc__)
+        add_dataclass_arguments(command, config_class)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gigassl`` console command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )
+    config_class, target, _ = COMMANDS[args.command]
+    try:
+        config = config_from_args(config_class, args)
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
+    module_name, function_name = target.split(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    try:
+        result = function(config)
+    except (FileNotFoundError, ValueError, PermissionError) as error:
+        logging.getLogger("gigassl").error("%s", error)
+        return 2
+    if isinstance(result, int):
+        return result
+    return int(getattr(result, "exit_code", 0))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Settings of stage 2, one frozen dataclass per job, shared by the CLI and the Python API.
+
+Imports nothing heavy. Each field's ``help`` metadata documents it and becomes the
+command-line help; field ``foo_bar`` is the flag ``--foo-bar``. The settings used are
+written into every checkpoint and output file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Giga-SSL training: sparse layer4 + projector, NT-Xent over two augmented views per slide."""
+
+    features: Path = field(metadata=_help("folder of per-slide HDF5 files with the augmented bank", required=True))
+    out: Path = field(metadata=_help("output folder for checkpoints, monitors and curves", required=True))
+    init: Optional[str] = field(default=None, metadata=_help("ResNet18 checkpoint whose layer4 initialises the sparse layer4 (default: the tile encoder named in the feature files, or random when that was random)"))
+    n_tiles_per_view: int = field(default=5, metadata=_help("T: tiles sampled per view (the paper's best is 5)"))
+    batch_size: int = field(default=256, metadata=_help("slides per step (two views each)"))
+    epochs: int = field(default=1000, metadata=_help("training epochs"))
+    lr: float = field(default=0.03, metadata=_help("Adam learning rate at batch 256 (scaled linearly)"))
+    weight_decay: float = field(default=0.0, metadata=_help("Adam weight decay"))
+    warmup_epochs: int = field(default=10, metadata=_help("linear warm-up epochs before the cosine decay"))
+    temperature: float = field(default=0.05, metadata=_help("NT-Xent temperature"))
+    scale_min: float = field(default=0.5, metadata=_help("slide-level augmentation: lower bound of the per-axis scale (paper 0.5, original code 0.7)"))
+    scale_max: float = field(default=2.0, metadata=_help("slide-level augmentation: upper bound of the per-axis scale (paper 2, original code 1.3)"))
+    projector_dim: int = field(default=256, metadata=_help("output size of the projector MLP"))
+    seed: int = field(default=0, metadata=_help("random seed"))
+    num_workers: int = field(default=0, metadata=_help("DataLoader workers reading views"))
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
+    mixed_precision: bool = field(default=True, metadata=_help("autocast on CUDA"))
+    checkpoint_every: int = field(default=50, metadata=_help("write a checkpoint every N epochs (and at the end)"))
+    monitor_slides: int = field(default=64, metadata=_help("fixed slides used for the label-free monitors"))
+    resume: Optional[Path] = field(default=None, metadata=_help("checkpoint to resume from (same configuration)"))
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Slide embeddings: R views of T plain tiles through the sparse layer4, averaged, L2-normalised."""
+
+    model: Path = field(metadata=_help("Giga-SSL checkpoint written by `gigassl train`", required=True))
+    features: Path = field(metadata=_help("folder of per-slide HDF5 files with plain features", required=True))
+    out: Path = field(metadata=_help("output HDF5 file of slide embeddings", required=True))
+    n_views: int = field(default=50, metadata=_help("R: views averaged per slide"))
+    n_tiles_per_view: Optional[int] = field(default=None, metadata=_help("T (default: the checkpoint's)"))
+    batch_size: int = field(default=64, metadata=_help("slides per forward batch"))
+    seed: int = field(default=0, metadata=_help("random seed of the view sampling"))
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
+    export: str = field(default="", metadata=_help("comma-separated extra exports: npz,csv"))
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Few-label evaluation of slide embeddings against MIL baselines."""
+
+    embeddings: Path = field(metadata=_help("HDF5 file written by `gigassl embed`", required=True))
+    labels: Path = field(metadata=_help("CSV with a slide id column, a label column and optionally a patient column", required=True))
+    out: Path = field(default=Path("evaluation"), metadata=_help("output folder for the table (CSV, JSON) and the plot"))
+    features: Optional[Path] = field(default=None, metadata=_help("folder of per-slide HDF5 files, needed by the baselines"))
+    baselines: str = field(default="average", metadata=_help("comma-separated baselines: average,abmil,topk"))
+    slide_column: str = field(default="slide", metadata=_help("name of the slide id column"))
+    label_column: str = field(default="label", metadata=_help("name of the label column"))
+    patient_column: str = field(default="patient", metadata=_help("name of the patient column (used when present)"))
+    n_splits: int = field(default=10, metadata=_help("repeated stratified splits"))
+    test_fraction: float = field(default=0.3, metadata=_help("share of slides (or patients) held out per split"))
+    budgets: str = field(default="100%,25%", metadata=_help("training budgets: percentages (25%), slide counts (50) or per-class counts (4/class)"))
+    c: float = field(default=10.0, metadata=_help("logistic regression C (the original's 10)"))
+    tune_c: bool = field(default=False, metadata=_help("choose C by inner cross-validation instead"))
+    seed: int = field(default=0, metadata=_help("random seed of the splits"))
+    strict: bool = field(default=False, metadata=_help("error when label ids are missing from the embeddings"))
+    device: str = field(default="auto", metadata=_help("device of the MIL baselines"))
+    topk: int = field(default=64, metadata=_help("k most-attended tiles per slide for top-k fine-tuning"))
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The whole pipeline on a synthetic cohort painted from real Kather 2016 tiles."""
+
+    out: Path = field(default=Path("demo_out"), metadata=_help("output folder"))
+    n_slides: int = field(default=40, metadata=_help("slides in the demo cohort"))
+    seed: int = field(default=0, metadata=_help("random seed"))
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))

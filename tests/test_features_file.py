@@ -1,0 +1,83 @@
+import h5py
+import numpy as np
+import pytest
+
+from extract.encoder import EncoderInfo
+from extract.features_file import (
+    FORMAT_VERSION,
+    FeatureFileError,
+    SlideFeatures,
+    SlideFileWriter,
+    is_complete,
+)
+
+ENCODER = EncoderInfo("random", "0" * 64, "random")
+GRID = dict(patch_size=224, patch_size_level0=448, patch_size_level0_exact=448.0, mpp=0.25, target_mpp=0.5,
+            level0_width=4000, level0_height=3000, tissue_threshold=0.5)
+
+
+def _write(path, n=10, bank=True):
+    rng = np.random.default_rng(0)
+    feats = rng.random((n, 256), dtype=np.float32)
+    coords = np.stack([np.arange(n) * 448, np.zeros(n)], 1).astype(np.int64)
+    with SlideFileWriter(path, slide_id="s1", source="s1.svs", settings={"mpp": 0.5}, encoder=ENCODER) as writer:
+        writer.create_plain(coords, GRID)
+        writer.write_plain_rows(0, feats[:4])
+        writer.write_plain_rows(4, feats[4:])
+        if bank:
+            writer.create_bank(3, 5, {"seed": 0, "sampled_with_replacement": False, "augmentation": {"p": 1}})
+            for a in range(3):
+                writer.write_augmentation(a, feats[a : a + 5], coords[a : a + 5])
+    return feats, coords
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "s1.h5"
+    feats, coords = _write(path)
+    assert not list(tmp_path.glob("*.partial"))
+    with SlideFeatures(path, require_plain=True, require_bank=True) as slide:
+        assert slide.slide_id == "s1"
+        np.testing.assert_array_equal(slide.features(), feats)
+        np.testing.assert_array_equal(slide.coords(), coords)
+        assert slide.tile_step_level0 == 448.0
+        assert (slide.n_augmentations, slide.bank_size) == (3, 5)
+        aug, aug_coords = slide.augmentation(2)
+        np.testing.assert_allclose(aug, feats[2:7], rtol=1e-3)
+        np.testing.assert_array_equal(aug_coords, coords[2:7])
+        assert slide.settings == {"mpp": 0.5}
+    with h5py.File(path) as handle:  # TRIDENT / CLAM readers see the usual layout
+        assert handle["coords"].attrs["patch_size"] == 224
+        assert handle["features"].attrs["encoder"] == "random"
+        assert handle["aug_features"].chunks == (1, 5, 256)
+    assert is_complete(path, require_plain=True, require_bank=True)
+
+
+def test_interrupted_write_leaves_nothing(tmp_path):
+    path = tmp_path / "s1.h5"
+    with pytest.raises(RuntimeError):
+        with SlideFileWriter(path, slide_id="s1", source="x", settings={}, encoder=ENCODER) as writer:
+            writer.create_plain(np.zeros((2, 2)), GRID)
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_incomplete_other_version_and_missing_bank(tmp_path):
+    path = tmp_path / "s1.h5"
+    _write(path, bank=False)
+    with pytest.raises(FeatureFileError, match="no augmented bank"):
+        SlideFeatures(path, require_bank=True)
+    assert not is_complete(path, require_bank=True)
+    with h5py.File(path, "a") as handle:
+        handle.attrs["format_version"] = FORMAT_VERSION + 1
+    with pytest.raises(FeatureFileError, match="format version"):
+        SlideFeatures(path)
+    with h5py.File(path, "a") as handle:
+        handle.attrs["format_version"] = FORMAT_VERSION
+        del handle.attrs["complete"]
+    with pytest.raises(FeatureFileError, match="incomplete"):
+        SlideFeatures(path)
+    corrupt = tmp_path / "corrupt.h5"
+    corrupt.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(FeatureFileError, match="corrupt.h5"):
+        SlideFeatures(corrupt)
+    assert not is_complete(corrupt)
