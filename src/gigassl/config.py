@@ -24,7 +24,7 @@ class TrainConfig:
     out: Path = field(metadata=_help("output folder for checkpoints, monitors and curves", required=True))
     init: Optional[str] = field(default=None, metadata=_help("ResNet18 checkpoint whose layer4 initialises the sparse layer4 (default: the tile encoder named in the feature files, or random when that was random)"))
     n_tiles_per_view: int = field(default=5, metadata=_help("T: tiles sampled per view (the paper's best is 5)"))
-    batch_size: int = field(default=256, metadata=_help("slides per step (two views each)"))
+    batch_size: int = field(default=256, metadata=_help("slides per step across all ranks (two views each); capped at the cohort size"))
     epochs: int = field(default=1000, metadata=_help("training epochs"))
     lr: float = field(default=0.03, metadata=_help("Adam learning rate at batch 256 (scaled linearly)"))
     weight_decay: float = field(default=0.0, metadata=_help("Adam weight decay"))
@@ -38,8 +38,11 @@ class TrainConfig:
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
     mixed_precision: bool = field(default=True, metadata=_help("autocast on CUDA"))
     checkpoint_every: int = field(default=50, metadata=_help("write a checkpoint every N epochs (and at the end)"))
+    keep_checkpoints: int = field(default=2, metadata=_help("periodic checkpoints kept in OUT/checkpoints (older ones are deleted; OUT/checkpoint.pt is always the latest)"))
     monitor_slides: int = field(default=64, metadata=_help("fixed slides used for the label-free monitors"))
     resume: Optional[Path] = field(default=None, metadata=_help("checkpoint to resume from (same configuration)"))
+    skip_bad_files: bool = field(default=False, metadata=_help("skip feature files without a bank or unreadable (logged) instead of refusing the folder"))
+    check_finite: bool = field(default=True, metadata=_help("read every bank once before training and refuse files with NaN/inf features"))
 
 
 @dataclass(frozen=True)
