@@ -1,0 +1,288 @@
+"""Reading slides at a resolution in µm/px: OpenSlide formats and plain microscopy images.
+
+Tiles are asked for by their level-0 footprint (top-left x, y and side in level-0 pixels) and
+an output size in pixels. The reader takes the pyramid level closest to but finer than the
+target and resizes down, so the result is at the requested µm/px whatever the pyramid holds
+(never chosen by pyramid index). Transparent and out-of-bounds pixels come back white.
+
+µm/px of level 0 comes, in order, from an explicit override (the ``--mpp-csv`` entry), the
+slide's metadata, then a default (``--default-mpp``); a slide with none of them is refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+PLAIN_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff"})
+OPENSLIDE_SUFFIXES = frozenset(
+    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi"}
+)
+SLIDE_SUFFIXES = PLAIN_IMAGE_SUFFIXES | OPENSLIDE_SUFFIXES
+# A relative tolerance so that a level whose downsample equals the target up to rounding
+# (e.g. 4.0002 for a target of 4) still counts as "not coarser than the target".
+_LEVEL_TOLERANCE = 1e-3
+
+
+class SlideReadError(ValueError):
+    """A file that cannot be opened or read as a slide; the message names the file."""
+
+
+class MissingMppError(SlideReadError):
+    """A slide whose µm/px is neither in its metadata nor given by the user."""
+
+
+def _missing_mpp(path: Path) -> MissingMppError:
+    return MissingMppError(
+        f"{path}: no µm/px in the slide's metadata; give it per slide with --mpp-csv "
+        f"(CSV columns slide,mpp with slide={path.stem}) or for all such slides with --default-mpp"
+    )
+
+
+class SlideReader:
+    """An open slide (context manager). Subclasses provide the pyramid and region reads.
+
+    Attributes: ``path``, ``slide_id`` (file stem), ``mpp`` (level-0 µm/px),
+    ``dimensions`` (level-0 width, height), ``magnification`` (objective power or None),
+    ``level_downsamples`` (one float per pyramid level, level 0 first).
+    """
+
+    path: Path
+    mpp: float
+    dimensions: tuple[int, int]
+    magnification: float | None
+    level_downsamples: tuple[float, ...]
+
+    @property
+    def slide_id(self) -> str:
+        return self.path.stem
+
+    def __enter__(self) -> "SlideReader":
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the file."""
+
+    def _read_level_region(self, x0: int, y0: int, level: int, width: int, height: int) -> Image.Image:
+        """RGB(A) image of ``width × height`` level pixels whose top-left is level-0 (x0, y0)."""
+        raise NotImplementedError
+
+    def best_level(self, downsample: float) -> int:
+        """The coarsest level whose downsample does not exceed ``downsample`` (level 0 at worst)."""
+        fine_enough = [
+            (level_downsample, level)
+            for level, level_downsample in enumerate(self.level_downsamples)
+            if level_downsample <= downsample * (1 + _LEVEL_TOLERANCE)
+        ]
+        return max(fine_enough)[1] if fine_enough else 0
+
+    def read_tile(self, x0: int, y0: int, size_level0: float, out_px: int) -> np.ndarray:
+        """The square of side ``size_level0`` level-0 px at (x0, y0), as (out_px, out_px, 3) uint8 RGB."""
+        downsample = size_level0 / out_px
+        level = self.best_level(downsample)
+        size_level = size_level0 / self.level_downsamples[level]
+        read_px = max(1, math.ceil(size_level - 1e-6))
+        try:
+            region = self._read_level_region(int(x0), int(y0), level, read_px, read_px)
+        except SlideReadError:
+            raise
+        except Exception as error:  # noqa: BLE001 - OpenSlide/Pillow raise many types for one meaning
+            raise SlideReadError(f"{self.path}: cannot read a tile at ({x0}, {y0}) level {level}: {error}") from error
+        region = _flatten_on_white(region)
+        if read_px != out_px or abs(size_level - read_px) > 1e-6:
+            # The box crops the exact fractional footprint before resampling.
+            region = region.resize((out_px, out_px), Image.Resampling.BILINEAR, box=(0, 0, size_level, size_level))
+        return np.asarray(region, dtype=np.uint8)
+
+    def thumbnail(self, max_side: int) -> tuple[np.ndarray, float]:
+        """The whole slide with its longer side at most ``max_side`` px.
+
+        Returns (H, W, 3) uint8 RGB and the downsample (level-0 px per thumbnail px).
+        """
+        width, height = self.dimensions
+        downsample = max(width, height) / max_side if max(width, height) > max_side else 1.0
+        out_w, out_h = max(1, round(width / downsample)), max(1, round(height / downsample))
+        level = self.best_level(downsample)
+        level_downsample = self.level_downsamples[level]
+        read_w = max(1, math.ceil(width / level_downsample))
+        read_h = max(1, math.ceil(height / level_downsample))
+        try:
+            region = self._read_level_region(0, 0, level, read_w, read_h)
+        except SlideReadError:
+            raise
+        except Exception as error:  # noqa: BLE001
+            raise SlideReadError(f"{self.path}: cannot read level {level} for the thumbnail: {error}") from error
+        region = _flatten_on_white(region)
+        if region.size != (out_w, out_h):
+            region = region.resize((out_w, out_h), Image.Resampling.BILINEAR)
+        return np.asarray(region, dtype=np.uint8), width / out_w
+
+
+def _flatten_on_white(image: Image.Image) -> Image.Image:
+    """RGB image; transparent pixels (outside the scanned area) become white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "P"):
+        rgba = image.convert("RGBA")
+        alpha = np.asarray(rgba)[..., 3]
+        if alpha.min() == 255:
+            return rgba.convert("RGB")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class OpenSlideReader(SlideReader):
+    """A pyramidal slide read through OpenSlide."""
+
+    def __init__(self, path: Path, handle, mpp: float, magnification: float | None) -> None:  # handle: openslide.OpenSlide
+        self.path = path
+        self._slide = handle
+        self.mpp = mpp
+        self.magnification = magnification
+        self.dimensions = tuple(int(v) for v in handle.dimensions)
+        self.level_downsamples = tuple(float(d) for d in handle.level_downsamples)
+
+    def _read_level_region(self, x0: int, y0: int, level: int, width: int, height: int) -> Image.Image:
+        return self._slide.read_region((x0, y0), level, (width, height))
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class ImageReader(SlideReader):
+    """A plain image (jpg, png, single-level tif) held in memory as RGB; one level."""
+
+    def __init__(self, path: Path, image: Image.Image, mpp: float) -> None:
+        self.path = path
+        self._image = image
+        self.mpp = mpp
+        self.magnification = None
+        self.dimensions = (int(image.width), int(image.height))
+        self.level_downsamples = (1.0,)
+
+    def _read_level_region(self, x0: int, y0: int, level: int, width: int, height: int) -> Image.Image:
+        image_w, image_h = self._image.size
+        if x0 >= 0 and y0 >= 0 and x0 + width <= image_w and y0 + height <= image_h:
+            return self._image.crop((x0, y0, x0 + width, y0 + height))
+        canvas = Image.new("RGB", (width, height), (255, 255, 255))
+        left, top = max(x0, 0), max(y0, 0)
+        right, bottom = min(x0 + width, image_w), min(y0 + height, image_h)
+        if right > left and bottom > top:
+            canvas.paste(self._image.crop((left, top, right, bottom)), (left - x0, top - y0))
+        return canvas
+
+    def close(self) -> None:
+        self._image.close()
+
+
+def _metadata_mpp(properties) -> float | None:
+    for key in ("openslide.mpp-x", "openslide.mpp-y"):
+        try:
+            value = float(properties[key])
+        except (KeyError, ValueError):
+            continue
+        if value > 0 and math.isfinite(value):
+            return value
+    return None
+
+
+def _metadata_magnification(properties) -> float | None:
+    try:
+        value = float(properties["openslide.objective-power"])
+    except (KeyError, ValueError):
+        return None
+    return value if value > 0 else None
+
+
+def _check_mpp(path: Path, value: float, origin: str) -> float:
+    if not (value > 0 and math.isfinite(value)):
+        raise SlideReadError(f"{path}: µm/px {value!r} from {origin} is not a positive number; fix {origin}")
+    return float(value)
+
+
+def open_slide(path: str | Path, mpp_override: float | None = None, *, default_mpp: float | None = None) -> SlideReader:
+    """Open a slide (OpenSlide formats first, then Pillow for plain images).
+
+    ``mpp_override`` wins over the metadata; ``default_mpp`` is used only when the metadata
+    has none. Raises :class:`SlideReadError` (or :class:`MissingMppError`) naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SlideReadError(f"{path}: no such file")
+    import openslide
+
+    try:
+        handle = openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError:
+        handle = None
+    except openslide.OpenSlideError as error:
+        raise SlideReadError(f"{path}: OpenSlide cannot open this file ({error}); is it a complete slide?") from error
+    if handle is not None:
+        mpp = mpp_override if mpp_override is not None else _metadata_mpp(handle.properties)
+        origin = "--mpp-csv" if mpp_override is not None else "the slide metadata"
+        if mpp is None and default_mpp is not None:
+            mpp, origin = default_mpp, "--default-mpp"
+        if mpp is None:
+            handle.close()
+            raise _missing_mpp(path)
+        return OpenSlideReader(path, handle, _check_mpp(path, mpp, origin), _metadata_magnification(handle.properties))
+    if path.suffix.lower() not in PLAIN_IMAGE_SUFFIXES:
+        raise SlideReadError(
+            f"{path}: not a slide format OpenSlide or Pillow reads (plain images: "
+            f"{', '.join(sorted(PLAIN_IMAGE_SUFFIXES))})"
+        )
+    try:
+        image = Image.open(path)
+        image.load()
+    except Exception as error:  # noqa: BLE001 - Pillow raises many types for "not an image"
+        raise SlideReadError(f"{path}: neither OpenSlide nor Pillow can read this file ({error})") from error
+    mpp = mpp_override if mpp_override is not None else default_mpp
+    if mpp is None:
+        image.close()
+        raise _missing_mpp(path)
+    origin = "--mpp-csv" if mpp_override is not None else "--default-mpp"
+    rgb = _flatten_on_white(image)
+    if rgb is not image:
+        image.close()
+    return ImageReader(path, rgb, _check_mpp(path, mpp, origin))
+
+
+def load_mpp_overrides(path: str | Path) -> dict[str, float]:
+    """Read a CSV with columns ``slide,mpp``; keys are slide stems (a file name is reduced to its stem)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--mpp-csv {path} does not exist")
+    overrides: dict[str, float] = {}
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = {name.strip().lower() for name in (reader.fieldnames or [])}
+        if not {"slide", "mpp"} <= columns:
+            raise ValueError(f"--mpp-csv {path}: needs columns 'slide,mpp', found {sorted(columns)}")
+        for line, row in enumerate(reader, start=2):
+            row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+            name = row["slide"]
+            if not name:
+                continue
+            try:
+                value = float(row["mpp"])
+            except ValueError:
+                raise ValueError(f"--mpp-csv {path} line {line}: mpp {row['mpp']!r} is not a number") from None
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"--mpp-csv {path} line {line}: mpp {value} must be positive")
+            stem = Path(name).stem if Path(name).suffix.lower() in SLIDE_SUFFIXES else name
+            overrides[stem] = value
+    return overrides
