@@ -1,0 +1,217 @@
+"""The slide encoder of Giga-SSL: ResNet18's layer4 as a sparse network, then a projector.
+
+``SparseLayer4`` (spconv 2.x, DESIGN.md §2), for input maps of 256-d tiles:
+
+- block 0: strided 3×3 sparse conv (stride 2, no padding) → BN → ReLU → submanifold 3×3 → BN;
+  shortcut = 3×3 average pool, stride 2, dividing by 9 (not by the number of active cells) →
+  1×1 conv → BN; sum → ReLU;
+- block 1: submanifold 3×3 → BN → ReLU → submanifold 3×3 → BN; identity shortcut; ReLU.
+
+BN is ``BatchNorm1d`` over the active sites. The 1×1 conv of the shortcut acts on each site's
+features alone, so it is a bias-free ``nn.Linear`` (weight = the dense conv's (out, in, 0, 0)).
+spconv's ``SparseAvgPool2d`` runs on CUDA only and divides by the active count, so the ÷9 pool
+is done here in plain torch (:func:`sum_pool_3x3_stride2`).
+
+Correspondence with the dense layer4 (checked in ``tests/test_model.py``). With the map placed
+one cell from the origin and odd sides (``sparse_map.collate_views``), on a map where every cell
+is active the sparse layer4 equals the dense ``ResNet18.layer4`` with the same weights in which
+the shortcut's strided 1×1 conv is replaced by ``AvgPool2d(3, 2, padding=1,
+count_include_pad=True)`` followed by the same 1×1 conv at stride 1: the strided sparse conv
+without padding, shifted by the one-cell margin, is the dense conv with padding 1 (inactive
+cells play the zero padding), and submanifold convs on a fully active map are dense convs with
+padding 1. The dense shortcut (sampling every other cell) and the sparse one (averaging 3×3)
+are different functions; the paper's sparse network uses the average.
+
+``GigaSSLModel`` = ``SparseLayer4`` → mean over each slide's active sites (B, 512), the slide
+representation → projector 512 → 512 → 512 → ``projector_dim`` (Linear-BN-ReLU twice, then a
+Linear), the output fed to NT-Xent.
+
+Weight layouts: dense conv (out, in, kh, kw) → spconv (out, kh, kw, in), no spatial flip
+(spconv convolutions are cross-correlations like ``F.conv2d``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from extract.device import spconv_algorithm
+from extract.encoder import SLIDE_FEATURE_DIM, TILE_FEATURE_DIM, ResNet18
+from gigassl.sparse_map import SparseBatch, to_sparse_tensor
+
+# Two spconv modules sharing a key reuse one rulebook; every submanifold conv of layer4 runs on
+# the same (downsampled) sites.
+_SUBM_KEY = "layer4_subm"
+
+
+def dense_to_spconv_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Dense conv weight (out, in, kh, kw) → spconv 2.x weight (out, kh, kw, in)."""
+    return weight.detach().permute(0, 2, 3, 1).contiguous()
+
+
+def sum_pool_3x3_stride2(features: torch.Tensor, indices: torch.Tensor, out_indices: torch.Tensor, out_spatial_shape: list[int]) -> torch.Tensor:
+    """Sum of the active input sites in each 3×3, stride-2, unpadded window.
+
+    features (N, C) at ``indices`` (N, 3) (batch, y, x) → (M, C) at ``out_indices`` (M, 3), the
+    output sites of a strided 3×3 sparse conv on the same input (every window holding an active
+    site is one of them). Divide by 9 for the average that counts inactive cells as zeros.
+    Differentiable (``index_add``), runs on any device.
+    """
+    out_h, out_w = int(out_spatial_shape[0]), int(out_spatial_shape[1])
+    indices = indices.long()
+    out_keys = (out_indices[:, 0].long() * out_h + out_indices[:, 1].long()) * out_w + out_indices[:, 2].long()
+    sorted_keys, order = torch.sort(out_keys)
+    src_rows, dst_rows = [], []
+    rows = torch.arange(len(indices), device=indices.device)
+    for ky in range(3):
+        oy2 = indices[:, 1] - ky
+        for kx in range(3):
+            ox2 = indices[:, 2] - kx
+            # input (y, x) is tap (ky, kx) of output (oy, ox) when y = 2·oy + ky, x = 2·ox + kx
+            valid = (oy2 >= 0) & (ox2 >= 0) & (oy2 % 2 == 0) & (ox2 % 2 == 0) & (oy2 < 2 * out_h) & (ox2 < 2 * out_w)
+            keys = (indices[valid, 0] * out_h + oy2[valid] // 2) * out_w + ox2[valid] // 2
+            position = torch.searchsorted(sorted_keys, keys).clamp_(max=max(len(sorted_keys) - 1, 0))
+            if not torch.equal(sorted_keys[position], keys):
+                raise RuntimeError("sum_pool_3x3_stride2: out_indices are not the strided conv's output sites of indices")
+            src_rows.append(rows[valid])
+            dst_rows.append(order[position])
+    src, dst = torch.cat(src_rows), torch.cat(dst_rows)
+    out = features.new_zeros((len(out_indices), features.shape[1]))
+    return out.index_add_(0, dst, features[src])
+
+
+def mean_per_map(features: torch.Tensor, batch_index: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Mean of the (N, C) site features of each map → (batch_size, C)."""
+    batch_index = batch_index.long()
+    sums = features.new_zeros((batch_size, features.shape[1])).index_add_(0, batch_index, features)
+    counts = torch.bincount(batch_index, minlength=batch_size).clamp_(min=1).to(sums.dtype)
+    return sums / counts[:, None]
+
+
+class _SparseDownBlock(nn.Module):
+    """Block 0 of the sparse layer4 (strided conv, ÷9 average-pool shortcut)."""
+
+    def __init__(self, in_channels: int, out_channels: int, algo: Any) -> None:
+        super().__init__()
+        import spconv.pytorch as spconv
+
+        self.conv1 = spconv.SparseConv2d(in_channels, out_channels, 3, stride=2, padding=0, bias=False, algo=algo)
+        self.bn1 = nn.BatchNorm1d(out_channels)
+        self.conv2 = spconv.SubMConv2d(out_channels, out_channels, 3, bias=False, indice_key=_SUBM_KEY, algo=algo)
+        self.bn2 = nn.BatchNorm1d(out_channels)
+        self.shortcut_conv = nn.Linear(in_channels, out_channels, bias=False)  # the 1×1 conv
+        self.shortcut_bn = nn.BatchNorm1d(out_channels)
+
+    def forward(self, x):  # spconv.SparseConvTensor → spconv.SparseConvTensor
+        out = self.conv1(x)
+        pooled = sum_pool_3x3_stride2(x.features, x.indices, out.indices, out.spatial_shape) / 9.0
+        shortcut = self.shortcut_bn(self.shortcut_conv(pooled))
+        out = out.replace_feature(torch.relu(self.bn1(out.features)))
+        out = self.conv2(out)
+        return out.replace_feature(torch.relu(self.bn2(out.features) + shortcut))
+
+
+class _SparseBlock(nn.Module):
+    """Block 1 of the sparse layer4 (two submanifold convs, identity shortcut)."""
+
+    def __init__(self, channels: int, algo: Any) -> None:
+        super().__init__()
+        import spconv.pytorch as spconv
+
+        self.conv1 = spconv.SubMConv2d(channels, channels, 3, bias=False, indice_key=_SUBM_KEY, algo=algo)
+        self.bn1 = nn.BatchNorm1d(channels)
+        self.conv2 = spconv.SubMConv2d(channels, channels, 3, bias=False, indice_key=_SUBM_KEY, algo=algo)
+        self.bn2 = nn.BatchNorm1d(channels)
+
+    def forward(self, x):  # spconv.SparseConvTensor → spconv.SparseConvTensor
+        out = self.conv1(x)
+        out = out.replace_feature(torch.relu(self.bn1(out.features)))
+        out = self.conv2(out)
+        return out.replace_feature(torch.relu(self.bn2(out.features) + x.features))
+
+
+class SparseLayer4(nn.Module):
+    """ResNet18's layer4 on sparse maps: SparseConvTensor (N, 256) → SparseConvTensor (M, 512).
+
+    Built for ``device`` (spconv's algorithm is chosen from it: Native on the CPU) and moved
+    there. Randomly initialised; :meth:`load_dense` copies a dense layer4's weights.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", in_channels: int = TILE_FEATURE_DIM, out_channels: int = SLIDE_FEATURE_DIM) -> None:
+        super().__init__()
+        device = torch.device(device)
+        algo = spconv_algorithm(device)
+        self.block0 = _SparseDownBlock(in_channels, out_channels, algo)
+        self.block1 = _SparseBlock(out_channels, algo)
+        self.to(device)
+
+    def forward(self, x):  # spconv.SparseConvTensor → spconv.SparseConvTensor
+        return self.block1(self.block0(x))
+
+    @torch.no_grad()
+    def load_dense(self, layer4: nn.Module) -> "SparseLayer4":
+        """Copy the weights of a dense ResNet18 ``layer4`` (torchvision names) into this network."""
+        state = layer4.state_dict()
+        expected = {f"{b}.{m}.{p}" for b in (0, 1) for m in ("conv1", "conv2") for p in ("weight",)}
+        missing = sorted(k for k in expected | {"0.downsample.0.weight"} if k not in state)
+        if missing:
+            raise ValueError(f"not a ResNet18 layer4: missing {missing}")
+        for block, dense_prefix in ((self.block0, "0"), (self.block1, "1")):
+            for conv in ("conv1", "conv2"):
+                getattr(block, conv).weight.copy_(dense_to_spconv_weight(state[f"{dense_prefix}.{conv}.weight"]))
+            for bn in ("bn1", "bn2"):
+                getattr(block, bn).load_state_dict(_bn_state(state, f"{dense_prefix}.{bn}"))
+        self.block0.shortcut_conv.weight.copy_(state["0.downsample.0.weight"][:, :, 0, 0])
+        self.block0.shortcut_bn.load_state_dict(_bn_state(state, "0.downsample.1"))
+        return self
+
+
+def _bn_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    names = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    return {name: state[f"{prefix}.{name}"] for name in names}
+
+
+class GigaSSLModel(nn.Module):
+    """Sparse layer4 → per-slide mean (512) → projector MLP (``projector_dim``).
+
+    Args:
+        layer4_source: a ``ResNet18`` (or its ``layer4``) whose dense layer4 initialises the sparse
+            one — the tile encoder's own, by default; ``None``: a freshly initialised ResNet18's
+            (He init, drawn from torch's global generator).
+        projector_dim: output size of the projector (256).
+        device: where the model lives; decides spconv's algorithm.
+
+    ``pool`` gives the slide representation (B, 512) used at inference; ``forward`` the (B,
+    projector_dim) projection used by the loss. Both take a ``spconv.SparseConvTensor`` or a
+    :class:`~gigassl.sparse_map.SparseBatch`. The state dict holds plain tensors only.
+    """
+
+    def __init__(self, layer4_source: ResNet18 | nn.Module | None = None, projector_dim: int = 256, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.device = torch.device(device)
+        self.projector_dim = projector_dim
+        self.layer4 = SparseLayer4(self.device)
+        source = ResNet18() if layer4_source is None else layer4_source
+        self.layer4.load_dense(source.layer4 if hasattr(source, "layer4") else source)
+        width = SLIDE_FEATURE_DIM
+        self.projector = nn.Sequential(
+            nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
+            nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
+            nn.Linear(width, projector_dim),
+        )
+        self.to(self.device)
+
+    def _as_sparse(self, x):
+        return to_sparse_tensor(x, self.device) if isinstance(x, SparseBatch) else x
+
+    def pool(self, x) -> torch.Tensor:
+        """Sparse maps → (B, 512) slide representations (mean over each map's active sites)."""
+        x = self._as_sparse(x)
+        out = self.layer4(x)
+        return mean_per_map(out.features, out.indices[:, 0], x.batch_size)
+
+    def forward(self, x) -> torch.Tensor:
+        """Sparse maps → (B, projector_dim) projections."""
+        return self.projector(self.pool(x))
