@@ -105,7 +105,7 @@ class SlideReader:
         if read_px != out_px or abs(size_level - read_px) > 1e-6:
             # The box crops the exact fractional footprint before resampling.
             region = region.resize((out_px, out_px), Image.Resampling.BILINEAR, box=(0, 0, size_level, size_level))
-        return np.asarray(region, dtype=np.uint8)
+        return np.array(region, dtype=np.uint8)
 
     def thumbnail(self, max_side: int) -> tuple[np.ndarray, float]:
         """The whole slide with its longer side at most ``max_side`` px.
@@ -128,7 +128,7 @@ class SlideReader:
         region = _flatten_on_white(region)
         if region.size != (out_w, out_h):
             region = region.resize((out_w, out_h), Image.Resampling.BILINEAR)
-        return np.asarray(region, dtype=np.uint8), width / out_w
+        return np.array(region, dtype=np.uint8), width / out_w
 
 
 def _flatten_on_white(image: Image.Image) -> Image.Image:

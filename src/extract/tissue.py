@@ -34,7 +34,9 @@ def otsu_threshold(values: np.ndarray) -> float:
     mean_low = cumulative_mean / np.maximum(weight_low, 1e-12)
     mean_high = (cumulative_mean[-1] - cumulative_mean) / np.maximum(weight_high, 1e-12)
     between = weight_low * weight_high * (mean_low - mean_high) ** 2
-    return float(np.argmax(between))
+    # Every level in an empty gap between the modes scores the same: take the gap's middle.
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    return float(best.mean())
 
 
 def tissue_mask(thumbnail: np.ndarray, min_saturation: int = MIN_SATURATION) -> np.ndarray:

@@ -1,0 +1,427 @@
+"""The ``gigassl extract`` batch job: a folder of slides → one HDF5 file per slide.
+
+For each slide of this process's share: open it at its µm/px, find the tissue tile grid, write
+a QC thumbnail, then stream the tiles through a DataLoader (workers read, the main process
+encodes in batches under autocast, channels_last) into ``OUT/features/{stem}.h5`` — plain
+features and/or the shared-augmentation bank. Files are written to a temporary name and renamed
+when complete, so a killed run leaves nothing that looks finished; a rerun skips slides whose
+complete output exists. A bad slide is logged on one line and listed in the end-of-run summary
+(printed and written to ``OUT/summary[-shardI].json``); the others are still processed.
+
+Scale-out: ``--shard i/n`` (SLURM arrays) and torchrun ranks (``RANK``/``WORLD_SIZE``) each
+take an interleaved share of the sorted slide list; no process group is needed because ranks
+share nothing but the output folder, where each writes only its own slides' files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from extract.config import ExtractConfig
+from extract.device import autocast, resolve_device
+from extract.encoder import IMAGE_MEAN, IMAGE_STD, EncoderInfo, TileTrunk, load_resnet18
+from extract.features_file import TEMP_SUFFIX, SlideFileWriter, is_complete
+from extract.reader import SLIDE_SUFFIXES, SlideReader, load_mpp_overrides, open_slide
+from extract.tiling import TileGrid, tile_grid
+from extract.tissue import save_qc_image
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+
+
+@dataclass
+class SlideOutcome:
+    """What happened to one slide: status is ``done``, ``skipped``, ``failed`` or ``ignored``."""
+
+    slide: str
+    status: str
+    n_tiles: int = 0
+    n_bank_tiles: int = 0
+    seconds: float = 0.0
+    reason: str = ""
+
+
+@dataclass
+class ExtractionSummary:
+    """End-of-run summary of one process's share; ``exit_code`` is the command's status."""
+
+    outcomes: list[SlideOutcome] = field(default_factory=list)
+    part: int = 0
+    n_parts: int = 1
+    seconds: float = 0.0
+    strict: bool = False
+
+    def _with(self, status: str) -> list[SlideOutcome]:
+        return [o for o in self.outcomes if o.status == status]
+
+    @property
+    def done(self) -> list[SlideOutcome]:
+        return self._with("done")
+
+    @property
+    def skipped(self) -> list[SlideOutcome]:
+        return self._with("skipped")
+
+    @property
+    def failed(self) -> list[SlideOutcome]:
+        return self._with("failed")
+
+    @property
+    def ignored(self) -> list[SlideOutcome]:
+        return self._with("ignored")
+
+    @property
+    def tiles_per_second(self) -> float:
+        """Tiles encoded (plain + bank) per second of slide processing."""
+        seconds = sum(o.seconds for o in self.done)
+        tiles = sum(o.n_tiles + o.n_bank_tiles for o in self.done)
+        return tiles / seconds if seconds > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """1 when every slide attempted failed, or with ``strict`` when any failed; else 0."""
+        if not self.failed:
+            return 0
+        if self.strict or not (self.done or self.skipped):
+            return 1
+        return 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "part": self.part,
+            "n_parts": self.n_parts,
+            "seconds": round(self.seconds, 3),
+            "n_done": len(self.done),
+            "n_skipped": len(self.skipped),
+            "n_failed": len(self.failed),
+            "n_ignored": len(self.ignored),
+            "tiles_per_second": round(self.tiles_per_second, 2),
+            "exit_code": self.exit_code,
+            "slides": [dataclasses.asdict(o) for o in self.outcomes],
+        }
+
+    def format(self) -> str:
+        """A short human-readable report."""
+        lines = [
+            f"extract: {len(self.done)} done, {len(self.skipped)} skipped, {len(self.failed)} failed"
+            + (f", {len(self.ignored)} ignored" if self.ignored else "")
+            + f" in {self.seconds:.1f} s ({self.tiles_per_second:.1f} tiles/s)"
+            + (f" [part {self.part + 1}/{self.n_parts}]" if self.n_parts > 1 else "")
+        ]
+        lines += [f"  FAILED  {o.slide}: {o.reason}" for o in self.failed]
+        lines += [f"  ignored {o.slide}: {o.reason}" for o in self.ignored]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- slide list
+
+
+def list_slides(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Sorted files of ``folder``: (slide candidates by extension, other files to ignore).
+
+    Hidden files and sub-folders (e.g. MIRAX data folders) are left out of both.
+    """
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--slides {folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    slides = [p for p in files if p.suffix.lower() in SLIDE_SUFFIXES]
+    others = [p for p in files if p.suffix.lower() not in SLIDE_SUFFIXES]
+    return slides, others
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` → (i, n) with 0 ≤ i < n."""
+    try:
+        index_text, count_text = text.split("/")
+        index, count = int(index_text), int(count_text)
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/4 (SLURM: $SLURM_ARRAY_TASK_ID/N)") from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"--shard {text!r}: need 0 ≤ i < n")
+    return index, count
+
+
+def process_part(shard: str) -> tuple[int, int]:
+    """This process's part of the slide list: the shard refined by the torchrun rank, if any."""
+    index, count = parse_shard(shard)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} / WORLD_SIZE={world} from the environment are inconsistent")
+    return index * world + rank, count * world
+
+
+def select_part(items: list[Path], part: int, n_parts: int) -> list[Path]:
+    """Interleaved split: item j goes to part j mod n_parts (balances slide sizes sorted by name)."""
+    return items[part::n_parts]
+
+
+def ensure_writable(folder: Path) -> None:
+    """Create ``folder`` and check a file can be written there, else raise a clear PermissionError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise PermissionError(
+            f"output folder {folder} is not writable ({error.strerror or error}); "
+            "choose another --out or fix its permissions"
+        ) from error
+
+
+def remove_stale_partials(features_dir: Path, stem: str) -> None:
+    """Delete temporary files left by a killed run for this slide (only this process writes it)."""
+    for stale in features_dir.glob(f"{stem}.h5.*{TEMP_SUFFIX}"):
+        logger.info("removing %s left by an interrupted run", stale.name)
+        stale.unlink(missing_ok=True)
+
+
+def settings_of(config: ExtractConfig) -> dict[str, Any]:
+    """The settings dataclass as plain JSON-able data (paths as str)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
+
+
+# ----------------------------------------------------------------------------- tiles → features
+
+
+class TileDataset(Dataset):
+    """The tiles of one slide as (H, W, 3) uint8 tensors; each worker opens its own reader."""
+
+    def __init__(self, path: Path, mpp: float, coords: np.ndarray, size_level0: float, tile_size_px: int) -> None:
+        self.path, self.mpp = path, mpp
+        self.coords = np.asarray(coords, dtype=np.int64)
+        self.size_level0, self.tile_size_px = size_level0, tile_size_px
+        self._reader: SlideReader | None = None
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_reader"] = None  # file handles do not cross process boundaries
+        return state
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if self._reader is None:
+            self._reader = open_slide(self.path, mpp_override=self.mpp)
+        x0, y0 = self.coords[index]
+        return torch.from_numpy(self._reader.read_tile(int(x0), int(y0), self.size_level0, self.tile_size_px))
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+def prepare_batch(tiles: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, H, W, 3) uint8 → (B, 3, H, W) float normalised, channels_last, on ``device``."""
+    x = tiles.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGE_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGE_STD, device=device).view(1, 3, 1, 1)
+    # NHWC storage permuted to NCHW is already channels_last; contiguous() keeps it so.
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+@torch.inference_mode()
+def encode_batches(
+    loader: DataLoader, trunk: TileTrunk, device: torch.device, mixed_precision: bool = True
+) -> Iterator[np.ndarray]:
+    """Yield (B, 256) float32 features batch by batch (memory bounded by the batch size)."""
+    for tiles in loader:
+        with autocast(device, mixed_precision):
+            features = trunk(prepare_batch(tiles, device))
+        yield features.float().cpu().numpy()
+
+
+def make_loader(dataset: TileDataset, config: ExtractConfig, device: torch.device) -> DataLoader:
+    """Batches in grid order; ``num_workers`` processes read tiles while the encoder runs."""
+    return DataLoader(
+        dataset, batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if config.num_workers > 0 else None,
+    )
+
+
+# ----------------------------------------------------------------------------- one slide
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every slide of the run shares."""
+
+    config: ExtractConfig
+    trunk: TileTrunk
+    encoder: EncoderInfo
+    device: torch.device
+    mpp_overrides: dict[str, float]
+    settings: dict[str, Any]
+    features_dir: Path
+    qc_dir: Path
+
+
+def _write_plain(writer: SlideFileWriter, reader: SlideReader, grid: TileGrid, job: _Job, bar: tqdm) -> None:
+    config = job.config
+    writer.create_plain(grid.coords, grid.attrs())
+    dataset = TileDataset(reader.path, reader.mpp, grid.coords, grid.size_level0, grid.tile_size_px)
+    start = 0
+    try:
+        for rows in encode_batches(make_loader(dataset, config, job.device), job.trunk, job.device, config.mixed_precision):
+            writer.write_plain_rows(start, rows)
+            start += len(rows)
+            bar.update(len(rows))
+    finally:
+        dataset.close()
+    if start != len(grid):
+        raise RuntimeError(f"{reader.path}: encoded {start} tiles of {len(grid)}")
+
+
+def _write_bank(writer: SlideFileWriter, reader: SlideReader, grid: TileGrid, job: _Job, bar: tqdm) -> int:
+    from extract.bank import build_bank  # the bank pulls in kornia; import only when asked for
+
+    result = build_bank(reader, grid, job.trunk, job.config, job.device)
+    n_augmentations, n_tiles = result.features.shape[:2]
+    writer.create_bank(n_augmentations, n_tiles, result.attrs)
+    for index in range(n_augmentations):
+        writer.write_augmentation(index, result.features[index], result.coords[index])
+    bar.update(n_augmentations * n_tiles)
+    return n_augmentations * n_tiles
+
+
+def extract_slide(path: Path, job: _Job, position: int = 1) -> SlideOutcome:
+    """Extract one slide to ``features_dir/{stem}.h5`` (raises on any problem)."""
+    config = job.config
+    started = time.perf_counter()
+    remove_stale_partials(job.features_dir, path.stem)
+    with open_slide(path, job.mpp_overrides.get(path.stem), default_mpp=config.default_mpp) as reader:
+        grid = tile_grid(reader, config.mpp, config.tile_size, config.tissue_threshold)
+        if config.qc:
+            tissue = grid.tissue
+            save_qc_image(job.qc_dir / f"{path.stem}.png", tissue.thumbnail, tissue.mask, tissue.downsample,
+                          grid.coords, grid.size_level0)
+        bank_total = config.n_augmentations * config.n_tiles_per_augmentation if config.bank else 0
+        total = (len(grid) if config.plain else 0) + bank_total
+        n_bank = 0
+        with tqdm(total=total, desc=path.stem[:40], unit="tile", position=position, leave=False) as bar, \
+                SlideFileWriter(job.features_dir / f"{path.stem}.h5", slide_id=path.stem, source=str(path),
+                                settings=job.settings, encoder=job.encoder) as writer:
+            if config.plain:
+                _write_plain(writer, reader, grid, job, bar)
+            if config.bank:
+                n_bank = _write_bank(writer, reader, grid, job, bar)
+    return SlideOutcome(
+        path.name, "done", n_tiles=len(grid) if config.plain else 0, n_bank_tiles=n_bank,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    known = isinstance(error, (ValueError, OSError))  # SlideReadError and friends name the file
+    return text if known and text else f"{type(error).__name__}: {text}"
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def _validate(config: ExtractConfig) -> None:
+    if not (config.plain or config.bank):
+        raise ValueError("nothing to do: both --no-plain and --no-bank given")
+    if config.mpp <= 0 or not math.isfinite(config.mpp):
+        raise ValueError(f"--mpp {config.mpp}: must be a positive µm/px (0.5 ≈ 20×, 1.0 ≈ 10×)")
+    if config.tile_size < 16:
+        raise ValueError(f"--tile-size {config.tile_size}: must be at least 16 px")
+    if not 0.0 <= config.tissue_threshold <= 1.0:
+        raise ValueError(f"--tissue-threshold {config.tissue_threshold}: must lie in [0, 1]")
+    if config.batch_size < 1 or config.num_workers < 0:
+        raise ValueError(f"--batch-size {config.batch_size} must be ≥ 1 and --num-workers {config.num_workers} ≥ 0")
+    if config.default_mpp is not None and not config.default_mpp > 0:
+        raise ValueError(f"--default-mpp {config.default_mpp}: must be positive")
+    if config.bank and (config.n_augmentations < 1 or config.n_tiles_per_augmentation < 1):
+        raise ValueError("--n-augmentations and --n-tiles-per-augmentation must be ≥ 1")
+
+
+def _device_for_rank(name: str) -> torch.device:
+    device = resolve_device(name)
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device.type == "cuda" and device.index is None and local_rank is not None:
+        device = torch.device("cuda", int(local_rank))  # one GPU per torchrun rank
+    return device
+
+
+def _write_summary(path: Path, summary: ExtractionSummary) -> None:
+    temp = path.with_name(path.name + TEMP_SUFFIX)
+    temp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    temp.replace(path)
+
+
+def run_extraction(config: ExtractConfig) -> ExtractionSummary:
+    """Run ``gigassl extract`` over this process's share of ``config.slides``.
+
+    Returns the summary; its ``exit_code`` is 1 when every slide failed (or any, with
+    ``strict``). Raises ``ValueError``/``FileNotFoundError``/``PermissionError`` for bad
+    settings, a missing slide folder or an unwritable output folder.
+    """
+    started = time.perf_counter()
+    _validate(config)
+    part, n_parts = process_part(config.shard)
+    slides, others = list_slides(Path(config.slides))
+    if not slides:
+        raise FileNotFoundError(
+            f"--slides {config.slides}: no slide files (extensions {', '.join(sorted(SLIDE_SUFFIXES))})"
+        )
+    out = Path(config.out)
+    features_dir, qc_dir = out / "features", out / "qc"
+    ensure_writable(out)
+    ensure_writable(features_dir)
+    if config.qc:
+        ensure_writable(qc_dir)
+    overrides = load_mpp_overrides(config.mpp_csv) if config.mpp_csv is not None else {}
+
+    device = _device_for_rank(config.device)
+    model, encoder = load_resnet18(config.encoder, seed=config.seed)
+    trunk = TileTrunk(model).to(device).eval().to(memory_format=torch.channels_last)
+    job = _Job(config, trunk, encoder, device, overrides, settings_of(config), features_dir, qc_dir)
+
+    mine = select_part(slides, part, n_parts)
+    summary = ExtractionSummary(part=part, n_parts=n_parts, strict=config.strict)
+    summary.outcomes += [
+        SlideOutcome(p.name, "ignored", reason=f"extension {p.suffix or '(none)'} is not a slide format")
+        for p in select_part(others, part, n_parts)
+    ]
+    for outcome in summary.ignored:
+        logger.warning("ignoring %s: %s", outcome.slide, outcome.reason)
+    logger.info("extract: %d slides for part %d/%d, encoder %s on %s", len(mine), part + 1, n_parts, encoder.name, device)
+
+    for path in tqdm(mine, desc="slides", unit="slide", position=0):
+        target = features_dir / f"{path.stem}.h5"
+        if not config.overwrite and is_complete(target, require_plain=config.plain, require_bank=config.bank):
+            summary.outcomes.append(SlideOutcome(path.name, "skipped", reason="complete output exists"))
+            continue
+        try:
+            outcome = extract_slide(path, job)
+        except Exception as error:  # noqa: BLE001 - one bad slide must not stop a cohort
+            reason = _one_line(error)
+            logger.error("failed %s: %s", path.name, reason)
+            logger.debug("traceback of %s", path.name, exc_info=True)
+            outcome = SlideOutcome(path.name, "failed", reason=reason)
+        summary.outcomes.append(outcome)
+
+    summary.seconds = time.perf_counter() - started
+    name = "summary.json" if n_parts == 1 else f"summary-shard{part}.json"
+    _write_summary(out / name, summary)
+    print(summary.format(), flush=True)
+    return summary

@@ -1,0 +1,69 @@
+"""Tissue mask, tissue fraction per tile and the QC picture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from extract.reader import open_slide
+from extract.tissue import otsu_threshold, save_qc_image, tile_tissue_fraction, tissue_mask
+from fixtures.make_slides import synthetic_image
+
+
+def test_otsu_separates_two_modes() -> None:
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(30, 5, 5000), rng.normal(160, 10, 3000)]).clip(0, 255).astype(np.uint8)
+    assert 50 < otsu_threshold(values) < 130
+
+
+def test_mask_finds_tissue_on_a_real_slide(slides_dir: Path) -> None:
+    with open_slide(slides_dir / "CMU-1-Small-Region.svs") as reader:
+        thumb, downsample = reader.thumbnail(600)
+    mask = tissue_mask(thumb)
+    assert mask.shape == thumb.shape[:2]
+    assert 0.2 < mask.mean() < 0.7
+    # The corners of CMU-1-Small-Region are glass; its lower middle is dense dermis.
+    height, width = mask.shape
+    for y, x in [(5, 5), (5, width - 6), (height - 6, 5)]:
+        assert not mask[y, x]
+    assert mask[int(height * 0.8), int(width * 0.5)]
+    # Tissue is more saturated than what the mask rejects.
+    saturation = np.asarray(Image.fromarray(thumb).convert("HSV"))[..., 1].astype(float)
+    assert saturation[mask].mean() > saturation[~mask].mean() + 20
+
+
+def test_blank_slide_has_no_tissue() -> None:
+    rng = np.random.default_rng(1)
+    glass = np.clip(240 + rng.integers(-6, 6, size=(200, 300, 3)), 0, 255).astype(np.uint8)
+    assert not tissue_mask(glass).any()
+
+
+def test_mask_of_synthetic_boxes_is_exact() -> None:
+    image = synthetic_image(400, 300, [(50, 60, 250, 200)])
+    mask = tissue_mask(image)
+    expected = np.zeros((300, 400), dtype=bool)
+    expected[60:200, 50:250] = True
+    assert (mask == expected).mean() > 0.995
+
+
+def test_tile_fraction_is_the_covered_share() -> None:
+    mask = np.zeros((40, 40), dtype=bool)
+    mask[:, :20] = True  # left half tissue
+    coords = np.array([[0, 0], [80, 0], [60, 40], [120, 120]])  # level-0 px, downsample 4
+    fraction = tile_tissue_fraction(mask, 4.0, coords, 40.0)  # each tile is 10 × 10 mask px
+    assert fraction == pytest.approx([1.0, 0.0, 0.5, 0.0])
+
+
+def test_qc_image_draws_kept_tiles(tmp_path: Path) -> None:
+    thumb = np.full((100, 120, 3), 255, dtype=np.uint8)
+    mask = np.zeros((100, 120), dtype=bool)
+    mask[20:60, 20:60] = True
+    save_qc_image(tmp_path / "qc" / "slide.png", thumb, mask, 2.0, np.array([[40, 40]]), 40.0)
+    picture = np.asarray(Image.open(tmp_path / "qc" / "slide.png").convert("RGB"))
+    assert picture.shape == (100, 120, 3)
+    assert tuple(picture[20, 30]) == (20, 170, 20)  # outline of the tile at mask (20..40)
+    assert picture[30, 30, 0] < 255 and tuple(picture[80, 100]) == (255, 255, 255)  # tint on tissue only
+    assert not list((tmp_path / "qc").glob("*.partial*"))
