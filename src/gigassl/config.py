@@ -87,7 +87,19 @@ class EvaluateConfig:
 class DemoConfig:
     """The whole pipeline on a synthetic cohort painted from real Kather 2016 tiles."""
 
-    out: Path = field(default=Path("demo_out"), metadata=_help("output folder"))
-    n_slides: int = field(default=40, metadata=_help("slides in the demo cohort"))
-    seed: int = field(default=0, metadata=_help("random seed"))
+    out: Path = field(default=Path("demo_out"), metadata=_help("output folder (slides, features, QC, checkpoint, embeddings, evaluation)"))
+    n_slides: int = field(default=40, metadata=_help("slides in the demo cohort (half with tumour texture)"))
+    seed: int = field(default=0, metadata=_help("random seed of the cohort and of every stage"))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
+    encoder: str = field(default="random", metadata=_help("tile encoder: a ResNet18 checkpoint (e.g. from `gigassl pretrain-tiles`) or 'random'"))
+    mpp: float = field(default=1.0, metadata=_help("extraction resolution in µm/px (the slides are at 0.495)"))
+    tile_size: int = field(default=64, metadata=_help("tile side in pixels at --mpp (small, so the demo runs on a laptop CPU)"))
+    n_augmentations: int = field(default=8, metadata=_help("A: augmentations per slide in the bank"))
+    n_tiles_per_augmentation: int = field(default=32, metadata=_help("K: tiles per augmentation in the bank"))
+    epochs: int = field(default=40, metadata=_help("Giga-SSL training epochs"))
+    batch_size: int = field(default=16, metadata=_help("slides per training step (two views each)"))
+    n_views: int = field(default=20, metadata=_help("R: views averaged per slide embedding"))
+    n_splits: int = field(default=5, metadata=_help("repeated stratified splits of the evaluation"))
+    baselines: str = field(default="average,abmil", metadata=_help("comma-separated baselines compared with Giga-SSL: average,abmil"))
+    num_workers: int = field(default=0, metadata=_help("DataLoader workers reading tiles during extraction"))
+    overwrite: bool = field(default=False, metadata=_help("redraw the slides and re-extract features even when they exist"))
