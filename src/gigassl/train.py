@@ -1,0 +1,611 @@
+"""``gigassl train``: NT-Xent training of the sparse layer4 + projector on two views per slide.
+
+Defaults follow the paper and the original code (DESIGN.md §2): Adam, lr 0.03 at batch 256
+scaled linearly with the global batch, no weight decay, a linear warm-up of ``warmup_epochs``
+then a cosine decay to 0, both per step; temperature 0.05; T = 5.
+
+Outputs in ``config.out``:
+
+- ``checkpoint.pt``: the latest checkpoint; ``checkpoints/epoch_NNNN.pt`` every
+  ``checkpoint_every`` epochs and at the end (the newest ``keep_checkpoints`` kept). A
+  checkpoint is a dict of tensors and plain data (``torch.load(..., weights_only=True)``):
+  ``format``, ``format_version``, ``package_version``, ``epoch``, ``global_step``, ``config``,
+  ``slide_ids``, ``encoder`` (tile encoder of the features), ``init`` (weights layer4 started
+  from), ``model`` (``GigaSSLModel`` state dict), ``optimizer``, ``scheduler``, ``scaler``,
+  ``rng``, ``history`` (the monitor rows), ``world_size``. Written to a temporary file, then
+  renamed.
+- ``monitors.csv`` / ``monitors.json``: one row per epoch (row 0 = before training) with the
+  training loss, positive-pair accuracy and gradient norm of the epoch's steps, the share of
+  the step time spent waiting for data, and, on a fixed set of ``monitor_slides`` slides with
+  fixed views (model in eval mode): loss, positive-pair top-1 accuracy, collapse level,
+  RankMe and ODCorr of the 512-d slide representations. ``curves.png`` at the end.
+
+Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialised here
+(gloo on the CPU, nccl on CUDA), each rank takes its contiguous share of every global batch,
+the loss is NT-Xent over the global batch (embeddings gathered with gradients), gradients
+are averaged by DDP, and batch norm uses the statistics of the global batch (a differentiable
+all-reduce, which also runs on gloo, where ``SyncBatchNorm`` does not), so a step equals the
+one-process step on the same global batch. ``batch_size`` is the global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from extract import __version__
+from extract.device import autocast, autocast_dtype, resolve_device
+from extract.encoder import EncoderInfo, ResNet18, load_resnet18
+from gigassl.config import TrainConfig
+from gigassl.data import (
+    STREAM_MONITOR,
+    Cohort,
+    EpochBatchSampler,
+    SlideViewDataset,
+    ViewBatch,
+    collate_slide_views,
+    global_batch_size,
+    scan_features_folder,
+)
+from gigassl import loss as losses
+from gigassl import monitors
+from gigassl.model import GigaSSLModel
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "gigassl-slide-encoder"
+CHECKPOINT_VERSION = 1
+LATEST_CHECKPOINT = "checkpoint.pt"
+# Settings that may change on --resume: where and how outputs are written, not what is learned
+# (views depend only on the seed, so workers and devices do not change them).
+RESUME_FREE_KEYS = frozenset({
+    "out", "resume", "features", "num_workers", "device", "checkpoint_every", "keep_checkpoints",
+    "monitor_slides", "skip_bad_files", "check_finite",
+})
+MONITOR_COLUMNS = (
+    "epoch", "global_step", "lr", "train_loss", "train_accuracy", "grad_norm", "data_share",
+    "epoch_time_s", "loss", "positive_pair_accuracy", "collapse_level", "rankme", "odcorr",
+)
+
+
+class TrainingDivergedError(ValueError):
+    """The loss became NaN or inf; the run stopped and the last good checkpoint was kept."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run wrote and where it ended."""
+
+    checkpoint: Path
+    monitors_csv: Path
+    monitors_json: Path
+    curves: Optional[Path]
+    epochs: int
+    global_step: int
+    final: dict[str, float]
+    exit_code: int = 0
+
+
+# ------------------------------------------------------------------------------ distributed
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    initialised_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> DistContext:
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (gloo on CPU, nccl on CUDA)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world_size <= 1:
+        return DistContext(device=device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    initialised_here = not dist.is_initialized()
+    if initialised_here:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size(), device, initialised_here)
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """``BatchNorm1d`` whose training statistics are those of the batch over all ranks.
+
+    Sums, sums of squares and counts are all-reduced with gradients
+    (``torch.distributed.nn.functional.all_reduce``), so forward and backward equal a
+    one-process batch norm of the concatenated batch. Same parameters and buffers (and state
+    dict keys) as ``BatchNorm1d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        x32 = x.float()
+        local = torch.cat([x32.sum(0), (x32 * x32).sum(0), x32.new_tensor([float(len(x32))])])
+        total = all_reduce(local)  # (2C + 1,): sums, sums of squares, count over all ranks
+        count = total[-1]
+        mean = total[: self.num_features] / count
+        var = (total[self.num_features : 2 * self.num_features] / count - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            unbiased = var * count / (count - 1).clamp_min(1)
+            self.running_mean.mul_(1 - momentum).add_(momentum * mean)
+            self.running_var.mul_(1 - momentum).add_(momentum * unbiased)
+        out = (x32 - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight + self.bias
+        return out.to(x.dtype)
+
+
+def use_global_batch_norm(module: nn.Module) -> nn.Module:
+    """Swap every ``BatchNorm1d`` of ``module`` for :class:`GlobalBatchNorm1d` (weights kept)."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            replacement = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
+                                            child.track_running_stats, device=child.weight.device)
+            replacement.load_state_dict(child.state_dict())
+            setattr(module, name, replacement)
+        else:
+            use_global_batch_norm(child)
+    return module
+
+
+def _all_reduce_mean(value: torch.Tensor, context: DistContext) -> torch.Tensor:
+    if context.world_size > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= context.world_size
+    return value
+
+
+# ------------------------------------------------------------------------------ set-up
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """The settings as plain JSON-able data (paths as strings)."""
+    return {key: (str(value) if isinstance(value, Path) else value)
+            for key, value in dataclasses.asdict(config).items()}
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse settings that cannot train, naming the flag."""
+    problems = []
+    if config.n_tiles_per_view < 1:
+        problems.append(f"--n-tiles-per-view must be ≥ 1 (got {config.n_tiles_per_view})")
+    if config.batch_size < 2:
+        problems.append(f"--batch-size must be ≥ 2 slides (got {config.batch_size})")
+    if config.epochs < 1:
+        problems.append(f"--epochs must be ≥ 1 (got {config.epochs})")
+    if not config.lr > 0:
+        problems.append(f"--lr must be > 0 (got {config.lr})")
+    if config.warmup_epochs < 0:
+        problems.append(f"--warmup-epochs must be ≥ 0 (got {config.warmup_epochs})")
+    if not config.temperature > 0:
+        problems.append(f"--temperature must be > 0 (got {config.temperature})")
+    if not 0 < config.scale_min <= config.scale_max:
+        problems.append(f"need 0 < --scale-min ≤ --scale-max (got {config.scale_min}, {config.scale_max})")
+    if config.checkpoint_every < 1 or config.keep_checkpoints < 1:
+        problems.append("--checkpoint-every and --keep-checkpoints must be ≥ 1")
+    if config.num_workers < 0:
+        problems.append(f"--num-workers must be ≥ 0 (got {config.num_workers})")
+    if problems:
+        raise ValueError("invalid training settings: " + "; ".join(problems))
+
+
+def initial_resnet(config: TrainConfig, cohort: Cohort) -> tuple[ResNet18, EncoderInfo]:
+    """The ResNet18 whose dense layer4 initialises the sparse layer4.
+
+    ``config.init`` when given (a checkpoint path or "random"); otherwise the tile encoder
+    recorded in the feature files, which can be re-created only when it was ``random``
+    (``load_resnet18("random")`` with its default seed 0, as extraction uses it).
+    """
+    features_encoder = cohort.encoder
+    if config.init is not None:
+        resnet, info = load_resnet18(config.init)
+        if info.sha256 != features_encoder.sha256:
+            log.warning("layer4 initialised from %s (sha256 %.12s) while the features were embedded by %s "
+                        "(sha256 %.12s)", info.name, info.sha256, features_encoder.name, features_encoder.sha256)
+        return resnet, info
+    if features_encoder.name != "random":
+        raise ValueError(
+            f"the features in {cohort.folder} were embedded by the tile encoder {features_encoder.name!r} "
+            f"(sha256 {features_encoder.sha256[:12]}…); pass --init PATH to that checkpoint so that its "
+            "layer4 initialises the sparse layer4 (or --init random)"
+        )
+    resnet, info = load_resnet18("random")
+    if info.sha256 != features_encoder.sha256:
+        raise ValueError(
+            f"the features in {cohort.folder} say encoder 'random' with sha256 {features_encoder.sha256[:12]}…, "
+            f"but load_resnet18('random') (seed 0) gives {info.sha256[:12]}…; they were embedded with another "
+            "seed or torch version. Pass --init random to accept a different random layer4, or --init PATH"
+        )
+    return resnet, info
+
+
+class WarmupCosine:
+    """lr factor at step s: linear warm-up over ``warmup`` steps, then cosine to 0 at ``total``.
+
+    A callable object (not a lambda) so that ``LambdaLR.state_dict`` stores its plain fields.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int) -> None:
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(payload: Mapping[str, Any], path: Path) -> None:
+    """``torch.save`` of plain data to a temporary file beside ``path``, then an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        torch.save(dict(payload), temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by :func:`run_training` (weights-only load, format checked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to a user
+        raise ValueError(f"{path}: not a loadable weights-only torch checkpoint ({error})") from error
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a Giga-SSL checkpoint written by `gigassl train`")
+    if payload.get("format_version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint format version {payload.get('format_version')}, "
+                         f"this package reads {CHECKPOINT_VERSION}")
+    return payload
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GigaSSLModel, dict[str, Any]]:
+    """The trained :class:`GigaSSLModel` of a checkpoint (eval mode) and the checkpoint dict."""
+    payload = load_checkpoint(path)
+    model = GigaSSLModel(None, int(payload["config"]["projector_dim"]), device)
+    model.load_state_dict(payload["model"])
+    return model.eval(), payload
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Keys (outside :data:`RESUME_FREE_KEYS`) whose values differ, as 'key: saved → current'."""
+    keys = sorted((set(saved) | set(current)) - RESUME_FREE_KEYS)
+    return [f"{key}: {saved.get(key)!r} → {current.get(key)!r}" for key in keys if saved.get(key) != current.get(key)]
+
+
+def _write_checkpoint(out: Path, epoch: int, payload: dict[str, Any], keep: int) -> Path:
+    """``checkpoints/epoch_NNNN.pt``, ``checkpoint.pt`` pointing at it, older ones pruned."""
+    folder = out / "checkpoints"
+    path = folder / f"epoch_{epoch:04d}.pt"
+    save_checkpoint(payload, path)
+    latest = out / LATEST_CHECKPOINT
+    temp = latest.with_name(f"{latest.name}.{os.getpid()}.partial")
+    try:
+        os.link(path, temp)  # a hard link: no second copy of a 100 MB file
+    except OSError:
+        temp.write_bytes(path.read_bytes())
+    os.replace(temp, latest)
+    for old in sorted(folder.glob("epoch_*.pt"))[:-keep]:
+        old.unlink()
+    return latest
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+# ------------------------------------------------------------------------------ monitors
+
+
+def write_monitors(history: list[dict[str, float]], out: Path) -> tuple[Path, Path]:
+    """``monitors.csv`` and ``monitors.json`` (one row per epoch)."""
+    csv_path, json_path = out / "monitors.csv", out / "monitors.json"
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(MONITOR_COLUMNS))
+        writer.writeheader()
+        for row in history:
+            writer.writerow({key: row.get(key, "") for key in MONITOR_COLUMNS})
+    json_path.write_text(json.dumps(history, indent=1))
+    return csv_path, json_path
+
+
+def plot_curves(history: list[dict[str, float]], path: Path) -> Path:
+    """A PNG with one panel per monitor against the epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("train_loss", "loss"), ("train_accuracy", "positive_pair_accuracy"), ("collapse_level",),
+              ("rankme",), ("odcorr",), ("lr",)]
+    figure, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    epochs = [row["epoch"] for row in history]
+    for axis, keys in zip(axes.ravel(), panels):
+        for key in keys:
+            values = [row.get(key, float("nan")) for row in history]
+            axis.plot(epochs, values, marker="." if len(epochs) < 30 else None, label=key)
+        axis.set_title(" / ".join(keys), fontsize=9)
+        axis.set_xlabel("epoch")
+        if len(keys) > 1:
+            axis.legend(fontsize=7)
+    figure.suptitle("Giga-SSL training (train_* = epoch's steps; others = fixed monitor slides, eval mode)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Batch norm normalising with the batch's statistics (as in training) while leaving the
+    running statistics and every other buffer untouched."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    was_training = model.training
+    model.train()
+    for m in norms:
+        m.momentum = 0.0  # running = 1·running + 0·batch: unchanged
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+        model.train(was_training)
+
+
+@torch.no_grad()
+def monitor_metrics(
+    model: GigaSSLModel, dataset: SlideViewDataset, indices: list[int], temperature: float,
+    device: torch.device, batch: int = 256,
+) -> dict[str, float]:
+    """Label-free monitors on fixed views of ``indices``, batch norm on batch statistics.
+
+    Batch statistics rather than the running ones, so that the monitors measure the function
+    the loss trains (the running statistics lag behind early in training). Under DDP every
+    rank runs this on the same slides (its batch norm all-reduces identical statistics).
+    """
+    pooled, projected = [], []
+    with batch_statistics(model):
+        for start in range(0, len(indices), batch):
+            chunk = indices[start : start + batch]
+            views = collate_slide_views([dataset[(0, index)] for index in chunk])
+            h = model.pool(views.sparse.to(device))  # (2b, 512)
+            pooled.append(h.float())
+            projected.append(model.projector(h).float())
+    n = len(indices)
+    h = torch.cat([torch.cat([p[: len(p) // 2] for p in pooled]), torch.cat([p[len(p) // 2 :] for p in pooled])])
+    z = torch.cat([torch.cat([p[: len(p) // 2] for p in projected]), torch.cat([p[len(p) // 2 :] for p in projected])])
+    z1, z2 = z[:n], z[n:]
+    return {
+        "loss": float(losses.nt_xent(z1, z2, temperature)),
+        "positive_pair_accuracy": float(losses.positive_pair_accuracy(z1, z2)),
+        "collapse_level": float(monitors.collapse_level(z)),
+        "rankme": float(monitors.rankme(h)),
+        "odcorr": float(monitors.odcorr(h)),
+    }
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def _grad_norm(model: nn.Module) -> float:
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def run_training(config: TrainConfig) -> TrainResult:
+    """Train, checkpoint and monitor as described in the module docstring."""
+    check_config(config)
+    context = init_distributed(config.device)
+    try:
+        return _train(config, context)
+    finally:
+        if context.initialised_here:
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, context: DistContext) -> TrainResult:
+    device = context.device
+    out = Path(config.out)
+    cohort = scan_features_folder(config.features, config.n_tiles_per_view,
+                                  skip_bad_files=config.skip_bad_files, check_finite=config.check_finite)
+    batch = global_batch_size(config.batch_size, len(cohort.slides), context.world_size)
+    resume = load_checkpoint(config.resume) if config.resume is not None else None
+    if resume is not None:
+        differences = config_differences(resume["config"], config_to_dict(config))
+        if differences:
+            raise ValueError(f"cannot resume from {config.resume}: its settings differ from these ("
+                             + "; ".join(differences) + "); resume with the same settings or start a new run")
+        if list(resume["slide_ids"]) != cohort.slide_ids:
+            raise ValueError(f"cannot resume from {config.resume}: it was trained on other slides "
+                             f"({len(resume['slide_ids'])} slides, now {len(cohort.slides)})")
+
+    torch.manual_seed(config.seed)  # the projector's initial weights
+    resnet, init_info = initial_resnet(config, cohort)
+    model = GigaSSLModel(resnet, config.projector_dim, device)
+    del resnet
+    if context.world_size > 1:
+        use_global_batch_norm(model)
+        trained: nn.Module = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        trained = model
+
+    scale_range = (config.scale_min, config.scale_max)
+    dataset = SlideViewDataset(cohort, config.n_tiles_per_view, scale_range, config.seed)
+    sampler = EpochBatchSampler(len(cohort.slides), batch, config.seed, context.rank, context.world_size)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate_slide_views, num_workers=config.num_workers,
+        persistent_workers=config.num_workers > 0, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if config.num_workers > 0 else None,
+    )
+    steps_per_epoch = len(sampler)
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr * batch / 256, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosine(config.warmup_epochs * steps_per_epoch, total_steps))
+    amp_dtype = autocast_dtype(device) if config.mixed_precision and device.type == "cuda" else None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    monitor_dataset = SlideViewDataset(cohort, config.n_tiles_per_view, scale_range, config.seed, STREAM_MONITOR)
+    monitor_order = np.random.default_rng([config.seed, STREAM_MONITOR]).permutation(len(cohort.slides))
+    monitor_indices = sorted(int(i) for i in monitor_order[: max(2, min(config.monitor_slides, len(cohort.slides)))])
+
+    history: list[dict[str, float]] = []
+    start_epoch, global_step = 0, 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        _set_rng_state(resume["rng"])
+        history = [dict(row) for row in resume["history"]]
+        start_epoch, global_step = int(resume["epoch"]), int(resume["global_step"])
+        log.info("resuming from %s at epoch %d (step %d)", config.resume, start_epoch, global_step)
+
+    base = dict(
+        format=CHECKPOINT_FORMAT, format_version=CHECKPOINT_VERSION, package_version=__version__,
+        config=config_to_dict(config), slide_ids=cohort.slide_ids, world_size=context.world_size,
+        encoder=dataclasses.asdict(cohort.encoder), init=dataclasses.asdict(init_info),
+    )
+    latest = out / LATEST_CHECKPOINT
+    if context.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        log.info("training on %d slides (%s), %d ranks, global batch %d, %d steps/epoch, lr %.4g, device %s",
+                 len(cohort.slides), cohort.folder, context.world_size, batch, steps_per_epoch,
+                 optimizer.param_groups[0]["initial_lr"], device)
+    if not history:
+        row = dict(epoch=0, global_step=0, lr=float(scheduler.get_last_lr()[0]))
+        row.update(monitor_metrics(model, monitor_dataset, monitor_indices, config.temperature, device))
+        history.append(row)
+        if context.is_main:
+            write_monitors(history, out)
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=total_steps, initial=global_step, unit="step", disable=not context.is_main,
+                    desc="gigassl train", dynamic_ncols=True)
+    trained.train()
+    try:
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            sampler.set_epoch(epoch)
+            sums = dict(loss=0.0, accuracy=0.0, grad_norm=0.0)
+            data_time = 0.0
+            epoch_start = tick = time.perf_counter()
+            for step, views in enumerate(loader, start=1):
+                data_time += time.perf_counter() - tick
+                loss, accuracy = _step(trained, views, optimizer, scaler, config, device, amp_dtype, context)
+                if not math.isfinite(loss):
+                    raise TrainingDivergedError(
+                        f"the loss became {loss} at epoch {epoch}, step {step} (global step {global_step + 1}); "
+                        f"stopped. The last good checkpoint is {latest if latest.exists() else 'none (none written yet)'}. "
+                        "Lower --lr, raise --temperature, or check the features"
+                    )
+                sums["grad_norm"] += _grad_norm(model)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                global_step += 1
+                sums["loss"] += loss
+                sums["accuracy"] += accuracy
+                progress.update(1)
+                progress.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
+                tick = time.perf_counter()
+            elapsed = time.perf_counter() - epoch_start
+            row = dict(epoch=epoch, global_step=global_step, lr=float(scheduler.get_last_lr()[0]),
+                       train_loss=sums["loss"] / steps_per_epoch, train_accuracy=sums["accuracy"] / steps_per_epoch,
+                       grad_norm=sums["grad_norm"] / steps_per_epoch, data_share=data_time / max(elapsed, 1e-9),
+                       epoch_time_s=elapsed)
+            row.update(monitor_metrics(model, monitor_dataset, monitor_indices, config.temperature, device))
+            history.append(row)
+            if context.is_main:
+                write_monitors(history, out)
+                log.info("epoch %d/%d: train loss %.4f, monitor loss %.4f, positive-pair accuracy %.3f, "
+                         "RankMe %.1f, data %.0f%%", epoch, config.epochs, row["train_loss"], row["loss"],
+                         row["positive_pair_accuracy"], row["rankme"], 100 * row["data_share"])
+                if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
+                    payload = dict(base, epoch=epoch, global_step=global_step, history=history,
+                                   model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                   optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                   scaler=scaler.state_dict(), rng=_rng_state())
+                    _write_checkpoint(out, epoch, payload, config.keep_checkpoints)
+    finally:
+        progress.close()
+    if context.world_size > 1:
+        dist.barrier()
+    csv_path, json_path = out / "monitors.csv", out / "monitors.json"
+    curves = plot_curves(history, out / "curves.png") if context.is_main else None
+    final = {key: float(value) for key, value in history[-1].items()} if history else {}
+    return TrainResult(latest, csv_path, json_path, curves, config.epochs, global_step, final)
+
+
+def _step(
+    trained: nn.Module, views: ViewBatch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    config: TrainConfig, device: torch.device, amp_dtype: Optional[torch.dtype], context: DistContext,
+) -> tuple[float, float]:
+    """Forward both views, NT-Xent over the global batch, backward (gradients left unscaled).
+
+    Returns the global-batch loss and positive-pair accuracy (the same on every rank).
+    """
+    n = views.n_slides
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, enabled=amp_dtype is not None):
+        z = trained(views.sparse.to(device, non_blocking=True))  # (2n, projector_dim)
+    z = z.float()
+    z1, z2 = z[:n], z[n:]
+    loss = losses.nt_xent_distributed(z1, z2, config.temperature)  # = nt_xent on one process
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    with torch.no_grad():
+        accuracy = losses.positive_pair_accuracy(losses.gather_with_gradient(z1.detach()),
+                                                 losses.gather_with_gradient(z2.detach()))
+        reported = _all_reduce_mean(loss.detach(), context)  # each rank's loss is its anchors' mean
+    return float(reported), float(accuracy)
