@@ -130,7 +130,7 @@ def test_merge_without_duplicates_keeps_each_feature_on_its_cell() -> None:
         np.testing.assert_array_equal(f, lookup[tuple(c)])
 
 
-def test_collate_swaps_to_batch_y_x_with_margin_and_odd_sides() -> None:
+def test_collate_swaps_to_batch_y_x_with_margin_and_room_for_the_strided_conv() -> None:
     f0 = np.arange(2 * 4, dtype=np.float32).reshape(2, 4)
     f1 = np.ones((3, 4), dtype=np.float32)
     batch = collate_views([(f0, np.array([[5, 0], [0, 2]])), (f1, np.array([[0, 0], [1, 0], [1, 0]]))])
@@ -142,9 +142,18 @@ def test_collate_swaps_to_batch_y_x_with_margin_and_odd_sides() -> None:
     torch.testing.assert_close(rows[(0, 0 + m, 5 + m)], torch.from_numpy(f0[0]))
     torch.testing.assert_close(rows[(0, 2 + m, 0 + m)], torch.from_numpy(f0[1]))
     assert (1, 0 + m, 1 + m) in rows
-    height, width = batch.spatial_shape
-    assert height % 2 == 1 and width % 2 == 1
-    assert height >= 2 + m + 1 and width >= 5 + m + 1
+    assert batch.spatial_shape == [2 + m + 3, 5 + m + 3]
+
+
+def test_a_maps_strided_conv_output_does_not_depend_on_the_batch_grid() -> None:
+    import spconv.pytorch as spconv
+
+    conv = spconv.SparseConv2d(1, 1, 3, stride=2, bias=False, algo=spconv.ConvAlgo.Native)
+    small = (np.ones((2, 1), np.float32), np.array([[0, 0], [0, 7]]))  # last cell on an even row
+    large = (np.ones((2, 1), np.float32), np.array([[0, 0], [0, 30]]))
+    alone = conv(to_sparse_tensor(collate_views([small]))).indices
+    together = conv(to_sparse_tensor(collate_views([small, large]))).indices
+    assert sorted(alone.tolist()) == sorted(i for i in together.tolist() if i[0] == 0)
 
 
 def test_collate_rejects_empty_and_mismatched_views() -> None:

@@ -12,15 +12,17 @@ features alone, so it is a bias-free ``nn.Linear`` (weight = the dense conv's (o
 spconv's ``SparseAvgPool2d`` runs on CUDA only and divides by the active count, so the ÷9 pool
 is done here in plain torch (:func:`sum_pool_3x3_stride2`).
 
-Correspondence with the dense layer4 (checked in ``tests/test_model.py``). With the map placed
-one cell from the origin and odd sides (``sparse_map.collate_views``), on a map where every cell
-is active the sparse layer4 equals the dense ``ResNet18.layer4`` with the same weights in which
-the shortcut's strided 1×1 conv is replaced by ``AvgPool2d(3, 2, padding=1,
+Correspondence with the dense layer4 (checked in ``tests/test_model.py``). ``collate_views``
+places each map one cell from the origin. On a map where every cell of an H×W grid is active,
+H and W odd, the sparse layer4 equals the dense ``ResNet18.layer4`` with the same weights in
+which the shortcut's strided 1×1 conv is replaced by ``AvgPool2d(3, 2, padding=1,
 count_include_pad=True)`` followed by the same 1×1 conv at stride 1: the strided sparse conv
 without padding, shifted by the one-cell margin, is the dense conv with padding 1 (inactive
 cells play the zero padding), and submanifold convs on a fully active map are dense convs with
-padding 1. The dense shortcut (sampling every other cell) and the sparse one (averaging 3×3)
-are different functions; the paper's sparse network uses the average.
+padding 1. On an even side the dense conv drops the last stride-2 window (it hangs past the
+padding) while the sparse conv keeps every window that holds a tile. The dense shortcut
+(sampling every other cell) and the sparse one (averaging 3×3) are different functions; the
+paper's sparse network uses the average.
 
 ``GigaSSLModel`` = ``SparseLayer4`` → mean over each slide's active sites (B, 512), the slide
 representation → projector 512 → 512 → 512 → ``projector_dim`` (Linear-BN-ReLU twice, then a
@@ -154,10 +156,15 @@ class SparseLayer4(nn.Module):
     def load_dense(self, layer4: nn.Module) -> "SparseLayer4":
         """Copy the weights of a dense ResNet18 ``layer4`` (torchvision names) into this network."""
         state = layer4.state_dict()
-        expected = {f"{b}.{m}.{p}" for b in (0, 1) for m in ("conv1", "conv2") for p in ("weight",)}
-        missing = sorted(k for k in expected | {"0.downsample.0.weight"} if k not in state)
-        if missing:
-            raise ValueError(f"not a ResNet18 layer4: missing {missing}")
+        own = {
+            "0.conv1.weight": self.block0.conv1.weight, "0.conv2.weight": self.block0.conv2.weight,
+            "1.conv1.weight": self.block1.conv1.weight, "1.conv2.weight": self.block1.conv2.weight,
+        }
+        for key, target in own.items():
+            found = tuple(state[key].shape) if key in state else None
+            expected = tuple(target.shape[i] for i in (0, 3, 1, 2))
+            if found != expected:
+                raise ValueError(f"not a ResNet18 layer4: {key} has shape {found}, expected {expected}")
         for block, dense_prefix in ((self.block0, "0"), (self.block1, "1")):
             for conv in ("conv1", "conv2"):
                 getattr(block, conv).weight.copy_(dense_to_spconv_weight(state[f"{dense_prefix}.{conv}.weight"]))

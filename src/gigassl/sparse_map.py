@@ -6,10 +6,12 @@ Conventions (one place for them):
 - Cells returned by :func:`tile_cells` and :func:`augment_cells` keep the **(x, y)** column order,
   as int64, shifted so that each axis starts at 0.
 - spconv indices are **(batch, y, x)** int32; :func:`collate_views` does the swap. It also places
-  every map one cell away from the origin (``MAP_MARGIN``) and makes each spatial side odd, so
-  that the strided 3×3 convolution of the sparse layer4 (stride 2, no padding) sees the cells
-  outside the map as the zero padding of the dense ResNet18 layer4 and drops no tile at the
-  border (an even side would leave the last row outside every window).
+  every map one cell away from the origin (``MAP_MARGIN``), so that the strided 3×3 convolution
+  of the sparse layer4 (stride 2, no padding) sees the cells before the map as the zero padding
+  of the dense ResNet18 layer4, and it leaves two empty cells after the last one on each axis,
+  so that every stride-2 window holding a tile fits in the output: a map's output never depends
+  on the size of the batch's grid (with less room, spconv silently drops the windows that hang
+  past the grid's end).
 
 Neighbouring tiles are neighbouring cells: coords are divided by the tile's size in level-0
 pixels (``tile_step_level0``, the features file's attribute), the same factor for training and
@@ -125,7 +127,7 @@ class SparseBatch(NamedTuple):
     """A batch of sparse maps in spconv's layout (plain tensors, on the CPU until moved).
 
     features: (N, D) float32, N = active sites of all maps; indices: (N, 3) int32 (batch, y, x);
-    spatial_shape: [H, W], both odd and ≥ 3; batch_size: number of maps.
+    spatial_shape: [H, W] (≥ last cell + 3 on each axis); batch_size: number of maps.
     """
 
     features: torch.Tensor
@@ -147,10 +149,11 @@ class SparseBatch(NamedTuple):
         return SparseBatch(self.features.pin_memory(), self.indices.pin_memory(), list(self.spatial_shape), self.batch_size)
 
 
-def _odd_side(extent: int) -> int:
-    """Smallest odd side ≥ 3 holding cells 0 … extent - 1 (margin included by the caller)."""
-    side = max(3, extent)
-    return side if side % 2 == 1 else side + 1
+def _grid_side(extent: int) -> int:
+    """Grid side for cells 0 … extent − 1 (margin included): the unpadded 3×3 stride-2 conv has
+    ⌊(side − 3) / 2⌋ + 1 outputs, which with side = extent + 2 covers every window that holds
+    a cell (the last cell, at extent − 1, starts a window when it is even)."""
+    return extent + 2
 
 
 def collate_views(views: Sequence[tuple[np.ndarray, np.ndarray]]) -> SparseBatch:
@@ -169,6 +172,8 @@ def collate_views(views: Sequence[tuple[np.ndarray, np.ndarray]]) -> SparseBatch
         features = np.asarray(features)
         if features.ndim != 2 or len(features) == 0:
             raise ValueError(f"view {i}: features must have shape (t, D) with t ≥ 1, got {features.shape}")
+        if len(np.asarray(cells)) != len(features):
+            raise ValueError(f"view {i}: {len(features)} feature rows for {len(np.asarray(cells))} cells")
         if dim is None:
             dim = features.shape[1]
         elif features.shape[1] != dim:
@@ -184,7 +189,7 @@ def collate_views(views: Sequence[tuple[np.ndarray, np.ndarray]]) -> SparseBatch
     return SparseBatch(
         torch.from_numpy(np.concatenate(all_features).astype(np.float32, copy=False)),
         torch.from_numpy(np.concatenate(all_indices)),
-        [_odd_side(extent_y), _odd_side(extent_x)],
+        [_grid_side(extent_y), _grid_side(extent_x)],
         len(views),
     )
 

@@ -1,0 +1,231 @@
+"""Sparse layer4 against dense references, and the Giga-SSL model on the CPU.
+
+The padding semantics checked here (see ``gigassl.model``'s docstring):
+
+- a submanifold 3×3 conv on a fully active map = ``F.conv2d(padding=1)``; block 1 of the sparse
+  layer4 = the dense ``layer4[1]`` module itself;
+- the strided sparse conv = ``F.conv2d(stride=2, padding=0)``; on a map placed one cell from the
+  origin (``collate_views``' margin) it is the dense ``layer4[0].conv1`` (stride 2, padding 1);
+- the ÷9 shortcut pool = ``F.avg_pool2d(3, 2)`` on the zero-filled map (inactive cells count);
+- the whole sparse layer4 on a fully active map of odd sides = the dense layer4 whose shortcut
+  stride is replaced by ``AvgPool2d(3, 2, padding=1, count_include_pad=True)``; on an even side
+  the sparse conv keeps one more row of windows than the dense one (which hangs past the padding).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from extract.device import spconv_algorithm
+from extract.encoder import ResNet18
+from gigassl.model import GigaSSLModel, SparseLayer4, dense_to_spconv_weight, sum_pool_3x3_stride2
+from gigassl.sparse_map import MAP_MARGIN, collate_views, to_sparse_tensor
+
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+def _randomise_batch_norms(module: nn.Module, generator: torch.Generator) -> None:
+    """Non-trivial BN statistics and affine terms, so that a mix-up of BN layers shows."""
+    for bn in module.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            n = bn.num_features
+            bn.weight.data = 0.5 + torch.rand(n, generator=generator)
+            bn.bias.data = 0.2 * torch.randn(n, generator=generator)
+            bn.running_mean = 0.2 * torch.randn(n, generator=generator)
+            bn.running_var = 0.5 + torch.rand(n, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def resnet() -> ResNet18:
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = ResNet18()
+    _randomise_batch_norms(model, generator)
+    return model.eval()
+
+
+def _full_map(height: int, width: int, channels: int, n_maps: int = 1, seed: int = 0):
+    """Every cell of an H×W grid active: (dense (n, C, H, W), list of (features, cells) views)."""
+    generator = torch.Generator().manual_seed(seed)
+    dense = torch.randn(n_maps, channels, height, width, generator=generator)
+    ys, xs = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    cells = np.stack([xs.ravel(), ys.ravel()], axis=1)  # (x, y)
+    views = [(dense[i, :, cells[:, 1], cells[:, 0]].T.numpy(), cells) for i in range(n_maps)]
+    return dense, views
+
+
+def _unpadded(tensor):  # spconv.SparseConvTensor → its dense (B, C, H, W) without the margin
+    return tensor.dense()[:, :, MAP_MARGIN:, MAP_MARGIN:]
+
+
+def _sparse_from_dense(dense: torch.Tensor):
+    """A fully active spconv tensor with cell (y, x) at index (b, y, x): no margin, any shape."""
+    import spconv.pytorch as spconv
+
+    n, c, h, w = dense.shape
+    b, y, x = torch.meshgrid(torch.arange(n), torch.arange(h), torch.arange(w), indexing="ij")
+    indices = torch.stack([b.ravel(), y.ravel(), x.ravel()], 1).int()
+    return spconv.SparseConvTensor(dense.permute(0, 2, 3, 1).reshape(-1, c), indices, [h, w], n)
+
+
+def test_weight_conversion_is_a_permutation() -> None:
+    weight = torch.randn(5, 4, 3, 3)
+    converted = dense_to_spconv_weight(weight)
+    assert converted.shape == (5, 3, 3, 4)
+    assert converted[2, 0, 1, 3] == weight[2, 3, 0, 1]
+
+
+@pytest.mark.parametrize("height, width", [(6, 7), (5, 5)])
+def test_submanifold_conv_on_full_map_is_dense_conv_with_padding_1(height: int, width: int) -> None:
+    import spconv.pytorch as spconv
+
+    dense, _ = _full_map(height, width, 8)
+    weight = torch.randn(6, 8, 3, 3)
+    conv = spconv.SubMConv2d(8, 6, 3, bias=False, algo=spconv_algorithm(torch.device("cpu")))
+    conv.weight.data = dense_to_spconv_weight(weight)
+    torch.testing.assert_close(conv(_sparse_from_dense(dense)).dense(), F.conv2d(dense, weight, padding=1), **TOL)
+
+
+@pytest.mark.parametrize("height, width", [(6, 7), (5, 8)])
+def test_strided_sparse_conv_is_unpadded_dense_conv_and_with_margin_the_padded_one(resnet: ResNet18, height: int, width: int) -> None:
+    layer4 = SparseLayer4("cpu").load_dense(resnet.layer4)
+    weight = resnet.layer4[0].conv1.weight
+    dense, views = _full_map(height, width, 256)
+    # without margin: no padding
+    unpadded = layer4.block0.conv1(_sparse_from_dense(dense)).dense()
+    torch.testing.assert_close(unpadded, F.conv2d(dense, weight, stride=2, padding=0), **TOL)
+    # with collate's one-cell margin: the inactive cells are the dense conv's zero padding
+    sparse = layer4.block0.conv1(to_sparse_tensor(collate_views(views))).dense()
+    expected = resnet.layer4[0].conv1(dense)  # stride 2, padding 1
+    out_h, out_w = expected.shape[2:]
+    torch.testing.assert_close(sparse[:, :, :out_h, :out_w], expected, **TOL)
+    # beyond the dense output, only the windows that hang past an even side's padding
+    assert sparse.shape[2] >= out_h + (height % 2 == 0) and sparse.shape[3] >= out_w + (width % 2 == 0)
+    assert sparse[:, :, out_h + (height % 2 == 0):].abs().sum() == 0
+    assert sparse[:, :, :, out_w + (width % 2 == 0):].abs().sum() == 0
+
+
+def test_shortcut_pool_divides_by_nine_like_dense_avg_pool() -> None:
+    generator = torch.Generator().manual_seed(1)
+    dense = torch.randn(2, 4, 9, 7, generator=generator)
+    dense[:, :, ::3, 1::2] = 0.0  # inactive cells (zero in the dense map)
+    dense[1, :, 4:, :] = 0.0
+    active = dense.abs().sum(1) > 0  # (B, H, W)
+    b, y, x = active.nonzero(as_tuple=True)
+    indices = torch.stack([b, y, x], 1).int()
+    features = dense[b, :, y, x]
+    import spconv.pytorch as spconv
+
+    conv = spconv.SparseConv2d(4, 1, 3, stride=2, bias=False, algo=spconv.ConvAlgo.Native)
+    out = conv(spconv.SparseConvTensor(features, indices, [9, 7], 2))
+    pooled = sum_pool_3x3_stride2(features, indices, out.indices, out.spatial_shape) / 9
+    expected = F.avg_pool2d(dense, 3, 2)  # padding 0: always ÷9
+    ob, oy, ox = out.indices.long().unbind(1)
+    torch.testing.assert_close(pooled, expected[ob, :, oy, ox], **TOL)
+    # every output site with a non-zero dense average is one of the sparse output sites
+    assert (expected.abs().sum(1) > 0).sum().item() <= len(out.indices)
+
+
+def test_sparse_block1_is_the_dense_block1_module(resnet: ResNet18) -> None:
+    layer4 = SparseLayer4("cpu").load_dense(resnet.layer4).eval()
+    dense, _ = _full_map(5, 6, 512, n_maps=2)
+    out = layer4.block1(_sparse_from_dense(dense))
+    with torch.no_grad():
+        torch.testing.assert_close(out.dense(), resnet.layer4[1](dense), **TOL)
+
+
+def _dense_layer4_with_average_shortcut(layer4: nn.Sequential) -> nn.Sequential:
+    """The dense layer4 whose shortcut averages 3×3 (÷9, zero padding 1) before a stride-1 1×1 conv."""
+    dense = copy.deepcopy(layer4)
+    conv, bn = dense[0].downsample
+    conv.stride = (1, 1)
+    dense[0].downsample = nn.Sequential(nn.AvgPool2d(3, 2, padding=1, count_include_pad=True), conv, bn)
+    return dense
+
+
+@pytest.mark.parametrize("height, width", [(5, 7), (7, 3)])
+def test_sparse_layer4_equals_dense_layer4_with_average_shortcut_on_full_map(resnet: ResNet18, height: int, width: int) -> None:
+    layer4 = SparseLayer4("cpu").load_dense(resnet.layer4).eval()
+    dense_reference = _dense_layer4_with_average_shortcut(resnet.layer4).eval()
+    dense, views = _full_map(height, width, 256, n_maps=2, seed=3)
+    with torch.no_grad():
+        sparse = layer4(to_sparse_tensor(collate_views(views))).dense()
+        expected = dense_reference(dense)
+        out_h, out_w = expected.shape[2:]
+        assert sparse[:, :, out_h:].abs().sum() == 0 and sparse[:, :, :, out_w:].abs().sum() == 0
+        sparse = sparse[:, :, :out_h, :out_w]
+        torch.testing.assert_close(sparse, expected, **TOL)
+        # and it is not the plain dense layer4: the shortcuts differ
+        assert not torch.allclose(sparse, resnet.layer4(dense), **TOL)
+
+
+def test_training_mode_batch_norm_matches_dense_on_full_maps(resnet: ResNet18) -> None:
+    layer4 = SparseLayer4("cpu").load_dense(resnet.layer4).train()
+    dense_reference = _dense_layer4_with_average_shortcut(resnet.layer4).train()
+    dense, views = _full_map(5, 5, 256, n_maps=3, seed=4)
+    sparse = layer4(to_sparse_tensor(collate_views(views))).dense()[:, :, :3, :3]
+    torch.testing.assert_close(sparse, dense_reference(dense), **TOL)
+
+
+def test_pool_is_the_mean_over_active_sites_and_maps_do_not_mix(resnet: ResNet18) -> None:
+    model = GigaSSLModel(resnet, device="cpu").eval()
+    rng = np.random.default_rng(0)
+    views = [(rng.standard_normal((t, 256)).astype(np.float32), rng.integers(0, 12, size=(t, 2))) for t in (1, 5, 9)]
+    with torch.no_grad():
+        batch = collate_views(views)
+        pooled = model.pool(batch)
+        out = model.layer4(to_sparse_tensor(batch))
+        for i, view in enumerate(views):
+            on_map = out.indices[:, 0] == i
+            torch.testing.assert_close(pooled[i], out.features[on_map].mean(0), **TOL)
+            torch.testing.assert_close(pooled[i : i + 1], model.pool(collate_views([view])), **TOL)
+
+
+def test_model_shapes_no_nans_and_gradients_reach_every_parameter() -> None:
+    torch.manual_seed(0)
+    model = GigaSSLModel(None, projector_dim=64, device="cpu").train()
+    rng = np.random.default_rng(1)
+    views = [(rng.standard_normal((5, 256)).astype(np.float32), rng.integers(0, 40, size=(5, 2))) for _ in range(6)]
+    batch = collate_views(views)
+    features = batch.features.clone().requires_grad_(True)
+    import spconv.pytorch as spconv
+
+    tensor = spconv.SparseConvTensor(features, batch.indices, batch.spatial_shape, batch.batch_size)
+    z = model(tensor)
+    assert z.shape == (6, 64) and torch.isfinite(z).all()
+    assert model.pool(batch).shape == (6, 512)
+    z.square().sum().backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert features.grad is not None and features.grad.abs().sum() > 0
+
+
+def test_state_dict_is_plain_tensors_and_round_trips_weights_only(resnet: ResNet18) -> None:
+    model = GigaSSLModel(resnet, device="cpu").eval()
+    state = model.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    torch.manual_seed(5)
+    restored = GigaSSLModel(None, device="cpu").eval()
+    restored.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
+    rng = np.random.default_rng(2)
+    batch = collate_views([(rng.standard_normal((5, 256)).astype(np.float32), rng.integers(0, 9, size=(5, 2))) for _ in range(3)])
+    with torch.no_grad():
+        torch.testing.assert_close(restored(batch), model(batch))
+
+
+def test_layer4_initialisation_copies_the_dense_weights(resnet: ResNet18) -> None:
+    model = GigaSSLModel(resnet, device="cpu")
+    torch.testing.assert_close(model.layer4.block1.conv2.weight, dense_to_spconv_weight(resnet.layer4[1].conv2.weight))
+    torch.testing.assert_close(model.layer4.block0.shortcut_bn.running_var, resnet.layer4[0].downsample[1].running_var)
+    with pytest.raises(ValueError, match="layer4"):
+        SparseLayer4("cpu").load_dense(resnet.layer3)
