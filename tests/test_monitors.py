@@ -1,0 +1,64 @@
+"""Label-free monitors against analytic values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gigassl.monitors import collapse_level, odcorr, rankme
+
+
+def test_identical_rows_are_complete_collapse_of_rank_one() -> None:
+    z = torch.tensor([[0.3, -1.2, 2.0, 0.5]]).repeat(32, 1)
+    assert collapse_level(z) == pytest.approx(1.0, abs=1e-9)
+    assert rankme(z) == pytest.approx(1.0, abs=1e-4)
+    assert odcorr(z) == 0.0  # constant dimensions correlate with nothing
+
+
+def test_orthonormal_rows_have_analytic_values() -> None:
+    # rows e_1 … e_D: every dim holds one 1 among D, unbiased std √(1/D), so the collapse level is
+    # exactly 0; D equal singular values give RankMe D; two dims correlate at −1/(D − 1)
+    d = 8
+    z = torch.eye(d)
+    assert collapse_level(z) == pytest.approx(0.0, abs=1e-9)
+    assert rankme(z) == pytest.approx(d, rel=1e-5)
+    assert odcorr(z) == pytest.approx(1 / (d - 1), rel=1e-9)
+
+
+def test_gaussian_outputs_are_spread_full_rank_and_decorrelated() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((4000, 16))
+    assert abs(collapse_level(z)) < 0.05
+    assert rankme(z) > 15.5
+    assert odcorr(z) < 0.03
+
+
+def test_a_low_rank_embedding_is_seen_by_rankme_and_odcorr() -> None:
+    rng = np.random.default_rng(1)
+    basis = rng.standard_normal((2, 32))
+    z = rng.standard_normal((500, 2)) @ basis  # rank 2 in 32 dims
+    assert 1.0 < rankme(z) <= 2.0 + 1e-6
+    assert odcorr(z) > 0.3
+    one_factor = rng.standard_normal((500, 1)) * rng.uniform(0.5, 2.0, (1, 6)) + rng.standard_normal((1, 6))
+    assert odcorr(one_factor) == pytest.approx(1.0, abs=1e-9)  # affine copies of one factor
+
+
+def test_numpy_and_torch_inputs_agree() -> None:
+    rng = np.random.default_rng(2)
+    z = rng.standard_normal((40, 8)).astype(np.float32)
+    for monitor in (collapse_level, rankme, odcorr):
+        value = monitor(z)
+        assert isinstance(value, float) and math.isfinite(value)
+        assert monitor(torch.from_numpy(z)) == value
+
+
+def test_bad_inputs_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"\(B, D\)"):
+        rankme(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="NaN"):
+        collapse_level(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="two dimensions"):
+        odcorr(torch.zeros(4, 1))
