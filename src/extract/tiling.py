@@ -106,6 +106,8 @@ def tile_grid(reader: SlideReader, target_mpp: float, tile_size_px: int, tissue_
         raise ValueError(f"tissue threshold {tissue_threshold} must lie in [0, 1]")
     size_level0 = tile_size_px * target_mpp / reader.mpp
     width, height = reader.dimensions
+    # The thumbnail is read first: it proves the file decodes before any size judgement.
+    thumbnail, downsample = reader.thumbnail(thumbnail_side(reader.dimensions, size_level0))
     xs, ys = grid_positions(width, size_level0), grid_positions(height, size_level0)
     if len(xs) == 0 or len(ys) == 0:
         raise SlideTooSmallError(
@@ -113,7 +115,6 @@ def tile_grid(reader: SlideReader, target_mpp: float, tile_size_px: int, tissue_
             f"({tile_size_px} px at {target_mpp:g} µm/px = {size_level0:.1f} level-0 px); "
             "use a smaller --tile-size or a finer --mpp"
         )
-    thumbnail, downsample = reader.thumbnail(thumbnail_side(reader.dimensions, size_level0))
     mask = tissue_mask(thumbnail)
     grid_x, grid_y = np.meshgrid(xs, ys)  # row-major: y then x, reading order
     all_coords = np.stack([grid_x.ravel(), grid_y.ravel()], axis=1).astype(np.int64)

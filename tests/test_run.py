@@ -1,0 +1,310 @@
+"""The `gigassl extract` batch job: end to end, bad inputs, resume, shards, read-only output."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from extract.config import ExtractConfig
+from extract.device import autocast
+from extract.encoder import TileTrunk, load_resnet18
+from extract.features_file import SlideFeatures, is_complete
+from extract.reader import open_slide
+from extract.run import parse_shard, prepare_batch, process_part, run_extraction, select_part
+from extract.tiling import tile_grid
+from fixtures.make_slides import write_blank_slide, write_tissue_slide
+from gigassl.cli import main
+
+# Small tiles at a coarse resolution keep every run to a few hundred tiles.
+FAST = ["--tile-size", "64", "--mpp", "2.0", "--no-bank", "--num-workers", "0", "--batch-size", "32"]
+
+
+def extract(slides: Path, out: Path, *extra: str) -> int:
+    return main(["extract", "--slides", str(slides), "--out", str(out), *FAST, *extra])
+
+
+def summary_of(out: Path, name: str = "summary.json") -> dict:
+    return json.loads((out / name).read_text())
+
+
+@pytest.fixture()
+def cohort(tmp_path: Path) -> Path:
+    """Three small synthetic pyramidal TIFFs at different µm/px."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    write_tissue_slide(folder / "synthetic_a.tif", mpp=0.5, seed=1)
+    write_tissue_slide(folder / "synthetic_b.tif", width=1024, height=768, mpp=0.25, seed=2)
+    write_tissue_slide(folder / "synthetic_c.tif", width=1024, height=512, mpp=0.5, seed=3)
+    return folder
+
+
+@pytest.fixture()
+def real_cohort(cohort: Path, slides_dir: Path) -> Path:
+    """The synthetic cohort plus the real CMU-1-Small-Region."""
+    shutil.copy(slides_dir / "CMU-1-Small-Region.svs", cohort)
+    return cohort
+
+
+def test_end_to_end_writes_valid_files(real_cohort: Path, tmp_path: Path, slides_dir: Path) -> None:
+    out = tmp_path / "out"
+    assert extract(real_cohort, out) == 0
+    summary = summary_of(out)
+    assert (summary["n_done"], summary["n_failed"], summary["exit_code"]) == (4, 0, 0)
+    assert summary["tiles_per_second"] > 0
+    for stem in ("CMU-1-Small-Region", "synthetic_a", "synthetic_b", "synthetic_c"):
+        assert (out / "qc" / f"{stem}.png").stat().st_size > 0
+        with SlideFeatures(out / "features" / f"{stem}.h5", require_plain=True) as slide:
+            features, coords = slide.features(), slide.coords()
+            assert features.shape == (len(coords), 256) and np.isfinite(features).all()
+            assert slide.settings["tile_size"] == 64 and slide.settings["slides"] == str(real_cohort)
+            assert slide.grid_attrs["target_mpp"] == 2.0 and slide.grid_attrs["patch_size"] == 64
+            assert slide.encoder_sha256 and not slide.has_bank
+    with SlideFeatures(out / "features" / "CMU-1-Small-Region.h5") as slide:
+        features, coords = slide.features(), slide.coords()
+        assert slide.grid_attrs["level0_magnification"] == 20.0
+        assert slide.tile_step_level0 == pytest.approx(64 * 2.0 / 0.499)
+        with h5py.File(out / "features" / "CMU-1-Small-Region.h5") as handle:
+            assert handle["features"].attrs["encoder"] == "random"
+    # The stored features are the trunk's output on the tiles at those coords, in that order.
+    model, _ = load_resnet18("random", seed=0)
+    trunk = TileTrunk(model).eval().to(memory_format=torch.channels_last)
+    with open_slide(slides_dir / "CMU-1-Small-Region.svs") as reader:
+        grid = tile_grid(reader, 2.0, 64, 0.5)
+        tiles = torch.stack([torch.from_numpy(reader.read_tile(x, y, grid.size_level0, 64)) for x, y in coords[:32]])
+    np.testing.assert_array_equal(coords, grid.coords)
+    with torch.inference_mode(), autocast(torch.device("cpu")):
+        expected = trunk(prepare_batch(tiles, torch.device("cpu"))).float().numpy()
+    np.testing.assert_allclose(features[:32], expected, rtol=0, atol=1e-5)
+
+
+def test_python_api_and_dataloader_workers_agree(cohort: Path, tmp_path: Path) -> None:
+    (cohort / "synthetic_c.tif").unlink()
+    base = dict(slides=cohort, out=tmp_path / "w0", tile_size=64, mpp=2.0, bank=False, batch_size=16, num_workers=0)
+    assert run_extraction(ExtractConfig(**base)).exit_code == 0
+    summary = run_extraction(ExtractConfig(**{**base, "out": tmp_path / "w2", "num_workers": 2}))
+    assert len(summary.done) == 2
+    for stem in ("synthetic_a", "synthetic_b"):
+        with SlideFeatures(tmp_path / "w0" / "features" / f"{stem}.h5") as a, \
+                SlideFeatures(tmp_path / "w2" / "features" / f"{stem}.h5") as b:
+            np.testing.assert_array_equal(a.features(), b.features())
+            np.testing.assert_array_equal(a.coords(), b.coords())
+
+
+def test_features_are_streamed_in_batches(cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from extract.features_file import SlideFileWriter
+
+    sizes: list[int] = []
+    original = SlideFileWriter.write_plain_rows
+
+    def record(self, start, rows):
+        sizes.append(len(rows))
+        return original(self, start, rows)
+
+    monkeypatch.setattr(SlideFileWriter, "write_plain_rows", record)
+    (cohort / "synthetic_b.tif").unlink()
+    (cohort / "synthetic_c.tif").unlink()
+    assert extract(cohort, tmp_path / "out", "--batch-size", "8", "--mpp", "0.5") == 0
+    assert len(sizes) > 3 and max(sizes) == 8 and sum(sizes) == 48
+
+
+def test_bad_inputs_each_fail_on_one_line_and_others_run(
+    tmp_path: Path, slides_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    write_tissue_slide(folder / "good.tif")
+    shutil.copy(slides_dir / "fixtures" / "unopenable.tiff", folder)
+    shutil.copy(slides_dir / "fixtures" / "unreadable.svs", folder)
+    shutil.copy(slides_dir / "fixtures" / "small.svs", folder)
+    (folder / "TCGA-CR-7395-01A-01-TS1.svs").symlink_to(slides_dir / "TCGA-CR-7395-01A-01-TS1.svs")
+    write_blank_slide(folder / "blank.tif")
+    (folder / "notes.txt").write_text("not a slide\n")
+    (folder / "fake.svs").write_text("not a slide either\n")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        assert extract(folder, out, "--mpp", "0.5") == 0
+    summary = summary_of(out)
+    by_name = {s["slide"]: s for s in summary["slides"]}
+    assert by_name["good.tif"]["status"] == "done" and (out / "features" / "good.h5").is_file()
+    expected_reasons = {
+        "unopenable.tiff": "OpenSlide cannot open",
+        "unreadable.svs": "cannot read",
+        "small.svs": "smaller than one tile",
+        "TCGA-CR-7395-01A-01-TS1.svs": "--mpp-csv",
+        "blank.tif": "no tile has tissue",
+        "fake.svs": "not a slide format",
+    }
+    for name, phrase in expected_reasons.items():
+        assert by_name[name]["status"] == "failed", name
+        assert phrase in by_name[name]["reason"] and name in by_name[name]["reason"]
+        assert "\n" not in by_name[name]["reason"]
+        assert not (out / "features" / f"{Path(name).stem}.h5").exists()
+    assert by_name["notes.txt"]["status"] == "ignored"
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == len(expected_reasons)
+    assert all("\n" not in message for message in errors)
+    assert summary["n_failed"] == 6 and summary["n_done"] == 1
+    assert list((out / "features").iterdir()) == [out / "features" / "good.h5"]
+    # --strict turns any failure into a non-zero exit, even when the good slide is skipped.
+    assert extract(folder, out, "--mpp", "0.5", "--strict") == 1
+    assert summary_of(out)["n_skipped"] == 1
+
+
+def test_exit_non_zero_when_every_slide_failed(tmp_path: Path, slides_dir: Path) -> None:
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(slides_dir / "fixtures" / "unopenable.tiff", folder)
+    write_blank_slide(folder / "blank.tif")
+    assert extract(folder, tmp_path / "out") == 1
+    assert summary_of(tmp_path / "out")["exit_code"] == 1
+
+
+def test_mpp_csv_and_default_mpp_rescue_slides_without_metadata(tmp_path: Path, slides_dir: Path) -> None:
+    from PIL import Image
+
+    from fixtures.make_slides import synthetic_image
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    Image.fromarray(synthetic_image(512, 384, [(64, 64, 448, 320)])).save(folder / "micro.png")
+    write_tissue_slide(folder / "nompp.tif", mpp=None) if False else None
+    assert extract(folder, tmp_path / "o1") == 1  # no µm/px anywhere
+    assert "--default-mpp" in summary_of(tmp_path / "o1")["slides"][0]["reason"]
+    assert extract(folder, tmp_path / "o2", "--default-mpp", "0.5") == 0
+    (tmp_path / "mpp.csv").write_text("slide,mpp\nmicro.png,1.0\n")
+    assert extract(folder, tmp_path / "o3", "--default-mpp", "0.5", "--mpp-csv", str(tmp_path / "mpp.csv")) == 0
+    with SlideFeatures(tmp_path / "o2" / "features" / "micro.h5") as a, \
+            SlideFeatures(tmp_path / "o3" / "features" / "micro.h5") as b:
+        assert a.grid_attrs["mpp"] == 0.5 and b.grid_attrs["mpp"] == 1.0
+        assert a.tile_step_level0 == 256.0 and b.tile_step_level0 == 128.0
+
+
+def test_skip_existing_and_overwrite(cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert extract(cohort, out) == 0
+    target = out / "features" / "synthetic_a.h5"
+    stamp = target.stat().st_mtime_ns
+    assert extract(cohort, out) == 0
+    assert summary_of(out)["n_skipped"] == 3 and target.stat().st_mtime_ns == stamp
+    assert extract(cohort, out, "--overwrite") == 0
+    assert summary_of(out)["n_done"] == 3 and target.stat().st_mtime_ns != stamp
+    # Asking for what the file lacks (here the bank) is not "complete": it is redone.
+    assert not is_complete(target, require_bank=True)
+
+
+def test_corrupt_and_truncated_outputs_are_redone(cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert extract(cohort, out) == 0
+    corrupt, truncated = out / "features" / "synthetic_a.h5", out / "features" / "synthetic_b.h5"
+    corrupt.write_bytes(b"\x89HDF\r\n garbage")
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    assert not is_complete(corrupt) and not is_complete(truncated)
+    assert extract(cohort, out) == 0
+    by_name = {s["slide"]: s["status"] for s in summary_of(out)["slides"]}
+    assert by_name == {"synthetic_a.tif": "done", "synthetic_b.tif": "done", "synthetic_c.tif": "skipped"}
+    assert is_complete(corrupt, require_plain=True) and is_complete(truncated, require_plain=True)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_slide_leaves_nothing_complete_and_rerun_redoes_it(tmp_path: Path, slides_dir: Path) -> None:
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(slides_dir / "CMU-1-Small-Region.svs", folder)
+    out = tmp_path / "out"
+    # ~700 tiles of 32 px: long enough to be killed inside the slide, quick to redo.
+    args = ["--slides", str(folder), "--out", str(out), "--tile-size", "32", "--mpp", "1.0", "--no-bank",
+            "--num-workers", "0", "--batch-size", "16", "--no-qc"]
+    process = subprocess.Popen([sys.executable, "-m", "gigassl.cli", "extract", *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    features_dir = out / "features"
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and not list(features_dir.glob("*.partial")):
+            assert process.poll() is None, "extraction ended before it could be killed"
+            time.sleep(0.01)
+        partials = list(features_dir.glob("*.partial"))
+        assert partials, "no temporary file appeared within 60 s"
+        time.sleep(0.1)  # the writer is open: the slide's tiles are being encoded
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    final = features_dir / "CMU-1-Small-Region.h5"
+    assert not final.exists() and not is_complete(final)
+    assert list(features_dir.glob("*.partial"))  # the killed run's leftovers are still there
+    assert main(["extract", *args]) == 0
+    assert summary_of(out)["n_done"] == 1
+    assert is_complete(final, require_plain=True) and not list(features_dir.glob("*.partial"))
+
+
+def test_two_shards_equal_one_process(cohort: Path, tmp_path: Path) -> None:
+    assert extract(cohort, tmp_path / "one") == 0
+    assert extract(cohort, tmp_path / "two", "--shard", "0/2") == 0
+    assert extract(cohort, tmp_path / "two", "--shard", "1/2") == 0
+    first, second = summary_of(tmp_path / "two", "summary-shard0.json"), summary_of(tmp_path / "two", "summary-shard1.json")
+    assert [s["slide"] for s in first["slides"]] == ["synthetic_a.tif", "synthetic_c.tif"]
+    assert [s["slide"] for s in second["slides"]] == ["synthetic_b.tif"]
+    for stem in ("synthetic_a", "synthetic_b", "synthetic_c"):
+        with SlideFeatures(tmp_path / "one" / "features" / f"{stem}.h5") as a, \
+                SlideFeatures(tmp_path / "two" / "features" / f"{stem}.h5") as b:
+            np.testing.assert_array_equal(a.features(), b.features())
+            np.testing.assert_array_equal(a.coords(), b.coords())
+            assert a.grid_attrs == b.grid_attrs
+
+
+def test_shard_and_rank_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_shard("2/5") == (2, 5)
+    for bad in ("5/5", "1", "a/b", "0/0"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(bad)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert process_part("1/3") == (3, 6)
+    items = [Path(f"s{i}") for i in range(7)]
+    parts = [select_part(items, p, 3) for p in range(3)]
+    assert sorted(sum(parts, [])) == sorted(items) and parts[1] == [Path("s1"), Path("s4")]
+
+
+def test_torchrun_ranks_split_the_slides(cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert extract(cohort, tmp_path / "out") == 0
+    assert summary_of(tmp_path / "out", "summary-shard0.json")["n_done"] == 2
+    assert summary_of(tmp_path / "out", "summary-shard1.json")["n_done"] == 1
+    assert len(list((tmp_path / "out" / "features").glob("*.h5"))) == 3
+
+
+def test_read_only_output_folder_is_a_clear_error(
+    cohort: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "readonly"
+    out.mkdir()
+    out.chmod(0o555)
+    # root ignores permission bits; the immutable flag stops root too.
+    immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode == 0
+    try:
+        assert os.geteuid() != 0 or immutable, "cannot make a read-only folder for root here"
+        with caplog.at_level(logging.ERROR):
+            assert extract(cohort, out) == 2
+        assert any("not writable" in r.getMessage() and str(out) in r.getMessage() for r in caplog.records)
+        assert not (out / "features").exists()
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(out)], check=True)
+        out.chmod(0o755)
