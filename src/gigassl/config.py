@@ -58,6 +58,7 @@ class EmbedConfig:
     seed: int = field(default=0, metadata=_help("random seed of the view sampling"))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
     export: str = field(default="", metadata=_help("comma-separated extra exports: npz,csv"))
+    strict: bool = field(default=False, metadata=_help("exit non-zero when any slide file failed (failed files are always listed)"))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,376 @@
+"""``gigassl embed``: one L2-normalised 512-d vector per slide from a trained checkpoint.
+
+For every slide, ``n_views`` (R, default 50) views of ``n_tiles_per_view`` (T, default the
+checkpoint's) tiles are drawn from the *plain* features — no tile augmentation, no slide-level
+augmentation (the original's "plain" features were augmented; DESIGN.md §2) — placed on their
+grid cells with the features file's ``tile_step_level0`` (the divisor training uses), run
+through the sparse layer4 and pooled to 512-d (before the projector), averaged over the R views
+and L2-normalised. A slide's views depend only on the seed and its id (its own generator), so
+embeddings do not depend on the batch or the order of the folder. Slides are processed
+``batch_size`` at a time and appended to the output, so memory does not grow with the cohort.
+
+Output HDF5 (written to a temporary file, renamed when complete)::
+
+    /slide_ids   (S,)      utf-8 strings
+    /embeddings  (S, 512)  float32, unit L2 norm
+    root attrs: format, format_version, package_version, checkpoint, checkpoint_sha256,
+                checkpoint_epoch, n_views, n_tiles_per_view, seed, features, encoder_sha256
+                (tile encoder of the features), settings (JSON), failed (JSON), complete
+
+``--export npz,csv`` also writes ``OUT.npz`` (slide_ids, embeddings, provenance JSON) and
+``OUT.csv`` (slide_id, e000 … e511).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import h5py
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+
+from extract import __version__
+from extract.encoder import SLIDE_FEATURE_DIM, file_sha256
+from extract.features_file import FeatureFileError, SlideFeatures
+from gigassl.config import EmbedConfig
+from gigassl.sparse_map import collate_views, tile_cells
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "gigassl-slide-embeddings"
+FORMAT_VERSION = 1
+FEATURE_SUFFIX = ".h5"
+EXPORTS = ("npz", "csv")
+
+
+class EmbeddingFileError(ValueError):
+    """An embeddings file that is missing, incomplete, of another version or malformed."""
+
+
+@dataclass(frozen=True)
+class SlideEmbeddings:
+    """A cohort of slide embeddings: ids (S,), (S, 512) float32 and the provenance attributes."""
+
+    slide_ids: list[str]
+    embeddings: np.ndarray
+    provenance: dict[str, Any]
+
+    def index(self) -> dict[str, int]:
+        """slide id → row."""
+        return {slide_id: row for row, slide_id in enumerate(self.slide_ids)}
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """What ``gigassl embed`` did; ``exit_code`` is non-zero when ``strict`` and a slide failed."""
+
+    out: Path
+    n_slides: int
+    failed: list[tuple[str, str]]
+    exports: list[Path]
+    exit_code: int
+
+
+def slide_generator(seed: int, slide_id: str) -> np.random.Generator:
+    """The generator of one slide's views, from (seed, slide id) only."""
+    digest = hashlib.sha256(slide_id.encode("utf-8")).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
+
+
+def sample_views(
+    features: np.ndarray, coords: np.ndarray, tile_step_level0: float, n_views: int, n_tiles_per_view: int,
+    generator: np.random.Generator,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """R views of one slide: (T, D) features and (T, 2) grid cells each, tiles drawn without
+    replacement within a view (all tiles when the slide has fewer than T)."""
+    n = len(features)
+    t = min(n_tiles_per_view, n)
+    views = []
+    for _ in range(n_views):
+        rows = np.sort(generator.choice(n, size=t, replace=False))
+        views.append((features[rows], tile_cells(coords[rows], tile_step_level0)))
+    return views
+
+
+@torch.no_grad()
+def pool_views(model, views: Sequence[tuple[np.ndarray, np.ndarray]], n_views: int) -> np.ndarray:
+    """Views of S slides (R consecutive views each) → (S, 512) float32 unit-norm embeddings."""
+    pooled = model.pool(collate_views(views)).float()  # (S·R, 512)
+    mean = pooled.view(-1, n_views, pooled.shape[1]).mean(dim=1)
+    return torch.nn.functional.normalize(mean, dim=1).cpu().numpy().astype(np.float32)
+
+
+def _read_slide(path: Path) -> tuple[str, np.ndarray, np.ndarray, float]:
+    with SlideFeatures(path, require_plain=True) as slide:
+        if slide.n_tiles == 0:
+            raise FeatureFileError(f"{path}: no tissue tiles; nothing to embed")
+        return slide.slide_id, slide.features(), slide.coords(), slide.tile_step_level0
+
+
+def iter_embeddings(
+    model, feature_files: Sequence[str | Path], n_views: int, n_tiles_per_view: int, seed: int = 0,
+    batch_size: int = 64, failed: list[tuple[str, str]] | None = None,
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Yield (ids, (s, 512) float32) per batch of ``batch_size`` slides.
+
+    Unreadable files are logged and appended to ``failed`` as (path, reason) when a list is
+    given; otherwise they raise.
+    """
+    if n_views < 1 or n_tiles_per_view < 1 or batch_size < 1:
+        raise ValueError(f"n_views ({n_views}), n_tiles_per_view ({n_tiles_per_view}) and batch_size ({batch_size}) must be ≥ 1")
+    files = [Path(p) for p in feature_files]
+    for start in range(0, len(files), batch_size):
+        ids, views = [], []
+        for path in files[start : start + batch_size]:
+            try:
+                slide_id, features, coords, step = _read_slide(path)
+            except (FeatureFileError, OSError, KeyError) as error:
+                if failed is None:
+                    raise
+                logger.warning("skipping %s: %s", path, error)
+                failed.append((str(path), str(error)))
+                continue
+            ids.append(slide_id)
+            views.extend(sample_views(features, coords, step, n_views, n_tiles_per_view, slide_generator(seed, slide_id)))
+        if ids:
+            yield ids, pool_views(model, views, n_views)
+
+
+def embed_slides(
+    model, feature_files: Sequence[str | Path], n_views: int = 50, n_tiles_per_view: int = 5, seed: int = 0,
+    batch_size: int = 64, device: torch.device | str | None = None,
+) -> tuple[list[str], np.ndarray]:
+    """Slide ids and (S, 512) float32 unit-norm embeddings of ``feature_files`` (in memory).
+
+    ``model`` is a :class:`~gigassl.model.GigaSSLModel` in eval mode; ``device`` moves it
+    there first (default: where it is). Raises on an unreadable file.
+    """
+    if device is not None:
+        model = model.to(torch.device(device))
+    ids: list[str] = []
+    chunks: list[np.ndarray] = []
+    for chunk_ids, chunk in iter_embeddings(model, feature_files, n_views, n_tiles_per_view, seed, batch_size):
+        ids.extend(chunk_ids)
+        chunks.append(chunk)
+    return ids, (np.concatenate(chunks) if chunks else np.zeros((0, SLIDE_FEATURE_DIM), np.float32))
+
+
+class EmbeddingWriter:
+    """Appends slide embeddings to an HDF5 file; atomic (temporary file, renamed on success)."""
+
+    def __init__(self, path: str | Path, provenance: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.temp_path = self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")
+        self.provenance = provenance
+        self._file: h5py.File | None = None
+        self.n_slides = 0
+
+    def __enter__(self) -> "EmbeddingWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = h5py.File(self.temp_path, "w")
+        self._file.create_dataset("slide_ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(1024,))
+        self._file.create_dataset("embeddings", shape=(0, SLIDE_FEATURE_DIM), maxshape=(None, SLIDE_FEATURE_DIM),
+                                  dtype=np.float32, chunks=(256, SLIDE_FEATURE_DIM))
+        self._file.attrs["format"] = FORMAT_NAME
+        self._file.attrs["format_version"] = FORMAT_VERSION
+        self._file.attrs["package_version"] = __version__
+        for key, value in self.provenance.items():
+            self._file.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+        return self
+
+    def append(self, slide_ids: Sequence[str], embeddings: np.ndarray) -> None:
+        """Add rows: ids (s,), embeddings (s, 512)."""
+        assert self._file is not None, "use EmbeddingWriter as a context manager"
+        start, end = self.n_slides, self.n_slides + len(slide_ids)
+        for name in ("slide_ids", "embeddings"):
+            self._file[name].resize(end, axis=0)
+        self._file["slide_ids"][start:end] = list(slide_ids)
+        self._file["embeddings"][start:end] = embeddings
+        self.n_slides = end
+
+    def set_attr(self, key: str, value: Any) -> None:
+        assert self._file is not None
+        self._file.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        handle, self._file = self._file, None
+        if handle is None:
+            return
+        if exc_type is None:
+            handle.attrs["complete"] = True
+            handle.close()
+            os.replace(self.temp_path, self.path)
+        else:
+            handle.close()
+            self.temp_path.unlink(missing_ok=True)
+
+
+def read_embeddings(path: str | Path) -> SlideEmbeddings:
+    """Read a file written by :func:`run_embedding`; refuses other formats, versions, partial files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"embeddings file {path} does not exist; write it with `gigassl embed`")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as error:
+        raise EmbeddingFileError(f"{path}: not a readable HDF5 file ({error})") from error
+    with handle:
+        attrs = dict(handle.attrs)
+        if attrs.get("format") != FORMAT_NAME:
+            raise EmbeddingFileError(f"{path}: not a slide embeddings file (no format={FORMAT_NAME!r}); write it with `gigassl embed`")
+        if int(attrs.get("format_version", -1)) != FORMAT_VERSION:
+            raise EmbeddingFileError(f"{path}: format version {attrs.get('format_version')}, this package reads "
+                                     f"{FORMAT_VERSION}; re-run `gigassl embed`")
+        if not bool(attrs.get("complete", False)) or not {"slide_ids", "embeddings"} <= set(handle):
+            raise EmbeddingFileError(f"{path}: incomplete file; re-run `gigassl embed`")
+        ids = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in handle["slide_ids"][...]]
+        embeddings = handle["embeddings"][...].astype(np.float32, copy=False)
+    provenance = {k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()}
+    return SlideEmbeddings(ids, embeddings, provenance)
+
+
+def export_embeddings(embeddings: SlideEmbeddings, path: str | Path, kind: str) -> Path:
+    """Write ``path`` with suffix ``.npz`` (ids, embeddings, provenance JSON) or ``.csv``."""
+    if kind not in EXPORTS:
+        raise ValueError(f"unknown export {kind!r}; choose among {', '.join(EXPORTS)}")
+    target = Path(path).with_suffix(f".{kind}")
+    if kind == "npz":
+        np.savez(target, slide_ids=np.array(embeddings.slide_ids, dtype=str), embeddings=embeddings.embeddings,
+                 provenance=np.array(json.dumps(embeddings.provenance, default=str)))
+    else:
+        with open(target, "w", newline="", encoding="utf-8") as handle:
+            table = csv.writer(handle)
+            table.writerow(["slide_id", *(f"e{j:03d}" for j in range(embeddings.embeddings.shape[1]))])
+            for slide_id, row in zip(embeddings.slide_ids, embeddings.embeddings):
+                table.writerow([slide_id, *(f"{v:.7g}" for v in row)])
+    return target
+
+
+def feature_files_in(folder: str | Path) -> list[Path]:
+    """The per-slide feature files of a folder, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"features folder {folder} does not exist; run `gigassl extract` first")
+    files = sorted(folder.glob(f"*{FEATURE_SUFFIX}"))
+    if not files:
+        raise FileNotFoundError(f"features folder {folder} holds no *{FEATURE_SUFFIX} files; point --features "
+                                "at the `features` folder written by `gigassl extract`")
+    return files
+
+
+def load_slide_encoder(checkpoint: str | Path, device: torch.device | str = "cpu"):
+    """(GigaSSLModel in eval mode, checkpoint dict) of a `gigassl train` checkpoint."""
+    from gigassl.train import load_model
+
+    return load_model(checkpoint, device)
+
+
+def _parse_exports(text: str) -> list[str]:
+    kinds = [k.strip().lower() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in EXPORTS]
+    if unknown:
+        raise ValueError(f"--export {text!r}: unknown {unknown}; choose among {', '.join(EXPORTS)}")
+    return kinds
+
+
+def run_embedding(config: EmbedConfig) -> EmbedResult:
+    """``gigassl embed``: embed every slide of ``config.features`` into ``config.out``."""
+    from tqdm.auto import tqdm
+
+    from extract.device import resolve_device
+
+    exports = _parse_exports(config.export)
+    files = feature_files_in(config.features)
+    device = resolve_device(config.device)
+    model, checkpoint = load_slide_encoder(config.model, device)
+    n_tiles = config.n_tiles_per_view or int(checkpoint["config"]["n_tiles_per_view"])
+    encoder = checkpoint.get("encoder") or {}
+    provenance = dict(
+        checkpoint=str(config.model), checkpoint_sha256=file_sha256(config.model),
+        checkpoint_epoch=int(checkpoint.get("epoch", -1)), n_views=config.n_views, n_tiles_per_view=n_tiles,
+        seed=config.seed, features=str(config.features),
+        encoder_sha256=str(encoder.get("sha256", "")) if isinstance(encoder, dict) else "",
+        settings={k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()},
+    )
+    logger.info("embedding %d slides from %s: R=%d views of T=%d tiles, seed %d, on %s",
+                len(files), config.features, config.n_views, n_tiles, config.seed, device)
+    failed: list[tuple[str, str]] = []
+    progress = tqdm(total=len(files), unit="slide", desc="embed")
+    with EmbeddingWriter(config.out, provenance) as writer:
+        for ids, chunk in iter_embeddings(model, files, config.n_views, n_tiles, config.seed, config.batch_size, failed):
+            writer.append(ids, chunk)
+            progress.update(len(ids))
+        progress.update(len(failed))
+        writer.set_attr("failed", failed)
+        if writer.n_slides == 0:
+            raise ValueError(f"no slide of {config.features} could be embedded ({len(failed)} failed); see the warnings")
+    progress.close()
+    written = [export_embeddings(read_embeddings(config.out), config.out, kind) for kind in exports] if exports else []
+    print(f"embedded {writer.n_slides} slides → {config.out}" + (f" (+ {', '.join(map(str, written))})" if written else ""))
+    if failed:
+        print(f"{len(failed)} slide file(s) failed:")
+        for path, reason in failed:
+            print(f"  {path}: {reason}")
+    return EmbedResult(Path(config.out), writer.n_slides, failed, written, int(bool(failed) and config.strict))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_slide_encoder(path: str, mtime_ns: int, device: str) -> tuple[Any, int]:
+    # cross_val_score clones and re-transforms many times; the file's mtime keys out stale copies
+    model, checkpoint = load_slide_encoder(path, device)
+    return model, int(checkpoint["config"]["n_tiles_per_view"])
+
+
+class SlideEmbedder(TransformerMixin, BaseEstimator):
+    """scikit-learn transformer: slide feature files → (S, 512) Giga-SSL embeddings.
+
+    ``model``: a `gigassl train` checkpoint path, or a ``GigaSSLModel``. ``fit`` learns nothing
+    (returns ``self``); ``transform(paths)`` embeds the files, so the transformer fits in
+    ``make_pipeline(SlideEmbedder(ckpt), LogisticRegression())`` and ``cross_val_score``.
+    """
+
+    def __init__(self, model: Any = None, n_views: int = 50, n_tiles_per_view: int | None = None, seed: int = 0,
+                 batch_size: int = 64, device: str = "cpu") -> None:
+        self.model = model
+        self.n_views = n_views
+        self.n_tiles_per_view = n_tiles_per_view
+        self.seed = seed
+        self.batch_size = batch_size
+        self.device = device
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = False
+        tags.input_tags.two_d_array = False
+        tags.input_tags.string = True
+        return tags
+
+    def fit(self, X: Sequence[str | Path], y: Any = None) -> "SlideEmbedder":
+        return self
+
+    def _model(self) -> tuple[Any, int]:
+        if self.model is None:
+            raise ValueError("SlideEmbedder needs model=<checkpoint path or GigaSSLModel>")
+        if isinstance(self.model, (str, Path)):
+            path = Path(self.model).resolve()
+            if not path.is_file():
+                raise FileNotFoundError(f"SlideEmbedder: checkpoint {path} does not exist")
+            model, n_tiles = _cached_slide_encoder(str(path), path.stat().st_mtime_ns, self.device)
+            return model, self.n_tiles_per_view or n_tiles
+        return self.model.eval(), self.n_tiles_per_view or 5
+
+    def transform(self, X: Sequence[str | Path]) -> np.ndarray:
+        model, n_tiles = self._model()
+        paths = [str(p) for p in np.asarray(X, dtype=object).ravel()]
+        _, embeddings = embed_slides(model, paths, self.n_views, n_tiles, self.seed, self.batch_size, self.device)
+        return embeddings

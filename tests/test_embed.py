@@ -1,0 +1,162 @@
+"""Slide embeddings: unit norm, seeded reproducibility, the HDF5 file, exports, the sklearn transformer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import cross_val_score
+from sklearn.pipeline import make_pipeline
+
+from extract.encoder import file_sha256
+from gigassl.cli import main as cli_main
+from gigassl.config import EmbedConfig, TrainConfig
+from gigassl.embed import (
+    EmbeddingFileError,
+    SlideEmbedder,
+    embed_slides,
+    read_embeddings,
+    run_embedding,
+    sample_views,
+    slide_generator,
+)
+from gigassl.model import GigaSSLModel
+from gigassl.synthetic import write_synthetic_cohort
+from gigassl.train import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, config_to_dict, save_checkpoint
+
+
+def write_checkpoint(path: Path, n_tiles_per_view: int = 5, seed: int = 0) -> Path:
+    """A checkpoint of a randomly initialised model, in `gigassl train`'s layout."""
+    torch.manual_seed(seed)
+    model = GigaSSLModel(None, 256, "cpu")
+    config = config_to_dict(TrainConfig(features=path.parent, out=path.parent, n_tiles_per_view=n_tiles_per_view))
+    save_checkpoint(dict(format=CHECKPOINT_FORMAT, format_version=CHECKPOINT_VERSION, epoch=0, config=config,
+                         model={k: v.detach().cpu() for k, v in model.state_dict().items()}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cohort")
+    paths = write_synthetic_cohort(folder / "features", n_slides=12, n_tiles=24, n_augmentations=1, bank_size=4)
+    checkpoint = write_checkpoint(folder / "model.pt", n_tiles_per_view=4)
+    return paths, checkpoint
+
+
+@pytest.fixture(scope="module")
+def model(cohort):
+    from gigassl.train import load_model
+
+    return load_model(cohort[1])[0]
+
+
+def test_views_use_plain_tiles_on_their_grid_cells():
+    features = np.arange(40, dtype=np.float32).reshape(10, 4)
+    coords = np.stack([np.arange(10) * 448 + 896, np.full(10, 448 * 3)], axis=1)
+    views = sample_views(features, coords, 448.0, n_views=3, n_tiles_per_view=4, generator=np.random.default_rng(0))
+    assert len(views) == 3
+    for view_features, cells in views:
+        rows = (view_features[:, 0] / 4).astype(int)
+        assert len(set(rows)) == 4  # without replacement
+        np.testing.assert_array_equal(view_features, features[rows])  # plain, unaugmented
+        np.testing.assert_array_equal(cells[:, 0], rows - rows.min())  # neighbours one cell apart
+        assert np.all(cells[:, 1] == 0)
+    few = sample_views(features[:2], coords[:2], 448.0, n_views=2, n_tiles_per_view=5, generator=np.random.default_rng(0))
+    assert all(len(f) == 2 for f, _ in few)
+
+
+def test_slide_generator_depends_on_seed_and_id_only():
+    a = slide_generator(3, "slide_001").integers(0, 1 << 30, 4)
+    np.testing.assert_array_equal(a, slide_generator(3, "slide_001").integers(0, 1 << 30, 4))
+    assert not np.array_equal(a, slide_generator(4, "slide_001").integers(0, 1 << 30, 4))
+    assert not np.array_equal(a, slide_generator(3, "slide_002").integers(0, 1 << 30, 4))
+
+
+def test_embeddings_are_unit_norm_reproducible_and_seed_dependent(cohort, model):
+    paths, _ = cohort
+    ids, first = embed_slides(model, paths, n_views=6, n_tiles_per_view=4, seed=0, batch_size=5)
+    assert ids == [f"slide_{i:03d}" for i in range(12)]
+    assert first.shape == (12, 512) and first.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+    # same seed → same embeddings, whatever the batching and the order of the files
+    _, again = embed_slides(model, paths[::-1], n_views=6, n_tiles_per_view=4, seed=0, batch_size=12)
+    np.testing.assert_allclose(again[::-1], first, atol=1e-5)
+    _, other = embed_slides(model, paths, n_views=6, n_tiles_per_view=4, seed=1, batch_size=5)
+    assert np.abs(other - first).max() > 1e-3
+    # more views → closer to the expectation, so two seeds agree better
+    _, many_a = embed_slides(model, paths[:4], n_views=30, n_tiles_per_view=4, seed=0, batch_size=4)
+    _, many_b = embed_slides(model, paths[:4], n_views=30, n_tiles_per_view=4, seed=1, batch_size=4)
+    assert np.abs(many_a - many_b).mean() < np.abs(other[:4] - first[:4]).mean()
+
+
+def test_run_embedding_writes_provenance_and_exports(cohort, tmp_path):
+    paths, checkpoint = cohort
+    out = tmp_path / "emb.h5"
+    result = run_embedding(EmbedConfig(model=checkpoint, features=paths[0].parent, out=out, n_views=3,
+                                       batch_size=4, device="cpu", export="npz,csv"))
+    assert result.exit_code == 0 and result.n_slides == 12 and not result.failed
+    loaded = read_embeddings(out)
+    assert loaded.slide_ids[0] == "slide_000" and loaded.embeddings.shape == (12, 512)
+    p = loaded.provenance
+    assert p["checkpoint_sha256"] == file_sha256(checkpoint)
+    assert p["n_views"] == 3 and p["n_tiles_per_view"] == 4  # T from the checkpoint
+    assert p["package_version"] and json.loads(p["settings"])["seed"] == 0
+    npz = np.load(tmp_path / "emb.npz")
+    np.testing.assert_array_equal(npz["embeddings"], loaded.embeddings)
+    assert list(npz["slide_ids"]) == loaded.slide_ids
+    rows = (tmp_path / "emb.csv").read_text().splitlines()
+    assert rows[0].startswith("slide_id,e000,") and len(rows) == 13
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_run_embedding_skips_a_bad_file_and_lists_it(cohort, tmp_path):
+    paths, checkpoint = cohort
+    folder = tmp_path / "features"
+    folder.mkdir()
+    for path in paths[:3]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.h5").write_bytes(b"not hdf5")
+    config = EmbedConfig(model=checkpoint, features=folder, out=tmp_path / "e.h5", n_views=2, device="cpu", strict=True)
+    result = run_embedding(config)
+    assert result.n_slides == 3 and len(result.failed) == 1 and "broken.h5" in result.failed[0][0]
+    assert result.exit_code == 1
+    assert "broken.h5" in read_embeddings(tmp_path / "e.h5").provenance["failed"]
+
+
+def test_read_embeddings_refuses_other_files(tmp_path):
+    with h5py.File(tmp_path / "x.h5", "w") as handle:
+        handle["embeddings"] = np.zeros((2, 512), np.float32)
+    with pytest.raises(EmbeddingFileError, match="not a slide embeddings file"):
+        read_embeddings(tmp_path / "x.h5")
+    with pytest.raises(FileNotFoundError, match="gigassl embed"):
+        read_embeddings(tmp_path / "missing.h5")
+
+
+def test_cli_embed(cohort, tmp_path):
+    paths, checkpoint = cohort
+    out = tmp_path / "cli.h5"
+    code = cli_main(["embed", "--model", str(checkpoint), "--features", str(paths[0].parent), "--out", str(out),
+                     "--n-views", "2", "--device", "cpu"])
+    assert code == 0 and len(read_embeddings(out).slide_ids) == 12
+
+
+def test_slide_embedder_in_a_pipeline_and_cross_val_score(cohort):
+    paths, checkpoint = cohort
+    y = np.array([int(p.stem.split("_")[1]) // 2 % 2 for p in paths])  # synthetic_label
+    embedder = SlideEmbedder(checkpoint, n_views=2, device="cpu")
+    assert embedder.fit(paths) is embedder
+    direct = embedder.transform(paths)
+    assert direct.shape == (12, 512)
+    pipeline = make_pipeline(SlideEmbedder(checkpoint, n_views=2, device="cpu"), LogisticRegression(C=10))
+    pipeline.fit([str(p) for p in paths], y)
+    assert pipeline.predict_proba([str(p) for p in paths[:2]]).shape == (2, 2)
+    scores = cross_val_score(make_pipeline(SlideEmbedder(checkpoint, n_views=2), LogisticRegression(C=10)),
+                             [str(p) for p in paths], y, cv=3, scoring="roc_auc")
+    assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 1))
+    # the planted class signal survives a random slide encoder
+    assert scores.mean() > 0.6
