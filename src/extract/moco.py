@@ -1,0 +1,556 @@
+"""MoCo v2 pre-training of the ResNet18 tile encoder (He et al. 2020; Chen et al. 2020).
+
+The model, with its defaults (``MocoConfig``; ``--profile small-cpu`` changes some):
+
+- query encoder ``encoder_q``: a full ResNet18 whose ``fc`` is the MLP head 512 → 512 → 128;
+- key encoder ``encoder_k``: a copy, never back-propagated, moved after every step by
+  θ_k ← m·θ_k + (1 − m)·θ_q with m = 0.999 (parameters only; its BatchNorm statistics come
+  from its own forward passes, as in MoCo);
+- ``queue``: K = 65536 L2-normalised keys of past batches, a ring buffer written at a
+  pointer that wraps around (any K, any batch);
+- loss: InfoNCE, logits [q·k⁺, q·queue] / τ with τ = 0.2, the positive at index 0;
+- SGD, lr 0.03 · batch / 256, momentum 0.9, weight decay 1e-4, cosine decay to 0 per step;
+- views: two independent draws of the histology augmentation of :mod:`extract.augment`
+  (one per tile), made on the device from one explicit generator.
+
+Under torchrun (``WORLD_SIZE`` > 1) the query encoder runs in DistributedDataParallel (NCCL
+on CUDA, gloo on CPU) with per-process BatchNorm, and the key encoder uses MoCo's
+*shuffle-BN*: the key batch is gathered from all processes, permuted, encoded in slices and
+un-permuted, so a query and its key never share BatchNorm statistics (the "cheating" shuffle-BN
+prevents). The queue receives the keys of all processes and stays identical on every rank.
+On one process there is nothing to shuffle across; the query and key batches still pass
+through different encoders.
+
+Outputs in ``OUT``:
+
+- ``last.pt`` and ``checkpoints/epoch_NNNN.pt``: training checkpoints, plain dicts readable with
+  ``torch.load(weights_only=True)``: ``state_dict`` (``encoder_q.*``, ``encoder_k.*``,
+  ``queue.keys``, ``queue.ptr`` — the original MoCo layout, so
+  :func:`extract.encoder.load_resnet18` accepts them as they are), ``optimizer``, ``scaler``,
+  per-rank RNG states, ``epoch``, ``step``, ``config``, ``monitors``;
+- ``encoder.pt``: the query encoder's ResNet18 in the package's encoder format
+  (``gigassl extract --encoder OUT/encoder.pt``, and stage 2's layer4 initialisation);
+- ``monitors.csv`` / ``monitors.json``: per epoch loss, positive-key accuracy, lr, tiles/s
+  and label-free quality monitors on a fixed set of tiles (RankMe of the 256-d tile features
+  and of the 512-d backbone output; alignment and uniformity of the head's output).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from extract.augment import TileAugmentation
+from extract.config import MocoConfig
+from extract.device import autocast, autocast_dtype, resolve_device
+from extract.encoder import IMAGE_MEAN, IMAGE_STD, ResNet18, save_encoder_checkpoint
+from extract.moco_data import EpochTileBatches, SlideTiles, epoch_plan, fixed_tiles, index_slides
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "gigassl-moco-checkpoint"
+CHECKPOINT_VERSION = 1
+HEAD_HIDDEN_DIM = 512
+HEAD_OUT_DIM = 128
+SGD_MOMENTUM = 0.9
+# Settings that change what is computed: a resumed run must use the same ones to be exact.
+RESUME_MUST_MATCH = (
+    "mpp", "tile_size", "tissue_threshold", "epochs", "tiles_per_epoch", "tiles_per_visit", "batch_size",
+    "queue_size", "momentum", "temperature", "lr", "weight_decay", "seed",
+)
+# Monitors: alignment needs two views per tile, computed on at most this many tiles.
+MONITOR_VIEW_TILES = 256
+MONITOR_BATCH = 256
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def mlp_head(in_dim: int = 512, hidden_dim: int = HEAD_HIDDEN_DIM, out_dim: int = HEAD_OUT_DIM) -> nn.Sequential:
+    """MoCo v2's projection head, stored as the ResNet's ``fc`` (keys ``fc.0.*``, ``fc.2.*``)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+
+class KeyQueue(nn.Module):
+    """Ring buffer of ``size`` negative keys (size, dim), oldest overwritten first."""
+
+    def __init__(self, size: int, dim: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.register_buffer("keys", F.normalize(torch.randn(size, dim, generator=generator), dim=1))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write (B, dim) keys at the pointer, wrapping around; with B > size the last ``size`` stay."""
+        size = self.keys.shape[0]
+        keys = keys.detach().to(self.keys.dtype)[-size:]
+        rows = (int(self.ptr) + torch.arange(keys.shape[0], device=self.keys.device)) % size
+        self.keys[rows] = keys
+        self.ptr.fill_((int(self.ptr) + keys.shape[0]) % size)
+
+
+@torch.no_grad()
+def momentum_update(key_encoder: nn.Module, query_encoder: nn.Module, momentum: float) -> None:
+    """θ_k ← m·θ_k + (1 − m)·θ_q for every parameter (buffers are left alone)."""
+    for key_param, query_param in zip(key_encoder.parameters(), query_encoder.parameters()):
+        key_param.mul_(momentum).add_(query_param.detach(), alpha=1.0 - momentum)
+
+
+def info_nce_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Normalised q, k (B, D) and queue (K, D) → logits (B, 1 + K), the positive in column 0."""
+    positive = (q * k).sum(dim=1, keepdim=True)  # (B, 1)
+    negative = q @ queue.T  # (B, K)
+    return torch.cat([positive, negative], dim=1) / temperature
+
+
+def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE: cross-entropy of :func:`info_nce_logits` with the positive as the target."""
+    logits = info_nce_logits(q, k, queue, temperature)
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+
+class MoCo(nn.Module):
+    """Query encoder, momentum key encoder and queue (state-dict keys as in the MoCo repository)."""
+
+    def __init__(self, queue_size: int, seed: int = 0) -> None:
+        super().__init__()
+        self.encoder_q = ResNet18()
+        self.encoder_q.fc = mlp_head()
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        for param in self.encoder_k.parameters():
+            param.requires_grad_(False)
+        self.queue = KeyQueue(queue_size, HEAD_OUT_DIM, torch.Generator().manual_seed(seed))
+
+    def query(self, images: torch.Tensor, encoder: nn.Module | None = None) -> torch.Tensor:
+        """(B, 3, H, W) → (B, 128) normalised queries (``encoder``: the DDP wrapper, if any)."""
+        return F.normalize((encoder or self.encoder_q)(images).float(), dim=1)
+
+    @torch.no_grad()
+    def keys(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) → (this process's keys (B, 128), all processes' keys for the queue)."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            keys = F.normalize(self.encoder_k(images).float(), dim=1)
+            return keys, keys
+        return _shuffled_keys(self.encoder_k, images)
+
+
+def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def _shuffled_keys(encoder_k: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle-BN: encode a random slice of the global key batch, then undo the permutation."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batch = images.shape[0]
+    everything = _all_gather(images)  # (world·B, 3, H, W)
+    permutation = torch.randperm(len(everything), device=images.device)
+    dist.broadcast(permutation, src=0)
+    mine = permutation[rank * batch : (rank + 1) * batch]
+    keys = F.normalize(encoder_k(everything[mine]).float(), dim=1)
+    all_keys = _all_gather(keys)[torch.argsort(permutation)]  # back to the gathered order
+    return all_keys[rank * batch : (rank + 1) * batch], all_keys
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """Float (B, 3, H, W) in [0, 1] → ImageNet-normalised, channels_last."""
+    mean = torch.tensor(IMAGE_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGE_STD, device=images.device).view(1, 3, 1, 1)
+    return ((images - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def make_views(
+    tiles: torch.Tensor, augmentation: TileAugmentation, generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, H, W) uint8 tiles → two independently augmented, normalised views on ``device``."""
+    images = tiles.to(device, non_blocking=True).float().div_(255.0)
+    return (
+        normalise(augmentation.independent(images, generator)),
+        normalise(augmentation.independent(images, generator)),
+    )
+
+
+def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
+    """``base_lr`` decayed to 0 along half a cosine over ``total_steps``."""
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+
+@dataclass
+class StepResult:
+    loss: float
+    accuracy: float  # fraction of queries whose positive key has the largest logit
+
+
+def train_step(
+    model: MoCo,
+    view_q: torch.Tensor,
+    view_k: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    momentum: float,
+    temperature: float,
+    device: torch.device,
+    mixed_precision: bool = True,
+    scaler: torch.amp.GradScaler | None = None,
+    query_encoder: nn.Module | None = None,
+) -> StepResult:
+    """One MoCo step: momentum update, keys, queries, InfoNCE, SGD step, enqueue."""
+    model.encoder_q.train()
+    model.encoder_k.train()
+    momentum_update(model.encoder_k, model.encoder_q, momentum)
+    with autocast(device, mixed_precision):
+        q = model.query(view_q, query_encoder)
+        k, all_keys = model.keys(view_k)
+    logits = info_nce_logits(q, k, model.queue.keys, temperature)  # (B, 1 + K), fp32
+    loss = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    model.queue.enqueue(all_keys)
+    accuracy = (logits.argmax(dim=1) == 0).float().mean()
+    return StepResult(float(loss.detach()), float(accuracy))
+
+
+# ----------------------------------------------------------------------------- monitors
+
+
+def rankme(features: torch.Tensor, eps: float = 1e-7) -> float:
+    """RankMe (Garrido et al. 2023): exp of the entropy of the normalised singular values of (N, D)."""
+    singular = torch.linalg.svdvals(features.double())
+    p = singular / singular.sum() + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def alignment(z1: torch.Tensor, z2: torch.Tensor) -> float:
+    """Mean squared distance between normalised positive pairs (Wang & Isola 2020); lower is better."""
+    return float((z1 - z2).norm(dim=1).pow(2).mean())
+
+
+def uniformity(z: torch.Tensor, t: float = 2.0) -> float:
+    """log E exp(−t‖zᵢ − zⱼ‖²) over distinct pairs of normalised (N, D); lower is more uniform."""
+    return float(torch.pdist(z.double()).pow(2).mul(-t).exp().mean().log())
+
+
+@torch.no_grad()
+def _embed_for_monitors(
+    encoder: ResNet18, images: torch.Tensor, device: torch.device, mixed_precision: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalised (N, 3, H, W) → trunk (N, 256), backbone (N, 512), normalised head (N, 128)."""
+    outputs: list[tuple[torch.Tensor, ...]] = []
+    for chunk in images.split(MONITOR_BATCH):
+        with autocast(device, mixed_precision):
+            maps = encoder.forward_features(chunk)
+            pooled = torch.flatten(encoder.avgpool(encoder.layer4(maps)), 1)
+            head = encoder.fc(pooled)
+        outputs.append((maps.float().mean(dim=(2, 3)), pooled.float(), F.normalize(head.float(), dim=1)))
+    return tuple(torch.cat(parts).cpu() for parts in zip(*outputs))  # type: ignore[return-value]
+
+
+def representation_monitors(
+    encoder: ResNet18, tiles: torch.Tensor, augmentation: TileAugmentation, device: torch.device,
+    mixed_precision: bool = True, seed: int = 0,
+) -> dict[str, float]:
+    """Label-free quality of ``encoder`` (query ResNet18 with MLP head) on fixed uint8 tiles."""
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        images = tiles.to(device).float().div_(255.0)
+        trunk, backbone, head = _embed_for_monitors(encoder, normalise(images), device, mixed_precision)
+        generator = torch.Generator().manual_seed(seed)  # the same views every epoch
+        subset = images[:MONITOR_VIEW_TILES]
+        _, _, z1 = _embed_for_monitors(encoder, normalise(augmentation.independent(subset, generator)), device, mixed_precision)
+        _, _, z2 = _embed_for_monitors(encoder, normalise(augmentation.independent(subset, generator)), device, mixed_precision)
+    finally:
+        encoder.train(was_training)
+    return {
+        "rankme_tile256": rankme(trunk),
+        "rankme_backbone512": rankme(backbone),
+        "alignment": alignment(z1, z2),
+        "uniformity": uniformity(head),
+    }
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def settings_of(config: MocoConfig) -> dict[str, Any]:
+    """The settings as plain data (paths as str), for checkpoints and logs."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
+
+
+def _atomic_save(payload: dict[str, Any], path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    temporary = path.with_name(f".{path.name}.partial")
+    temporary.write_bytes(buffer.getvalue())
+    os.replace(temporary, path)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` becomes the same file as ``source`` (a hard link saves 140 MB; copy elsewhere)."""
+    temporary = target.with_name(f".{target.name}.partial")
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+    except OSError:
+        temporary.write_bytes(source.read_bytes())
+    os.replace(temporary, target)
+
+
+def encoder_resnet18(model: MoCo) -> ResNet18:
+    """The query encoder as a plain ResNet18 (the MLP head left out; ``fc`` a fixed Linear)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the unused 1000-class fc, reproducible, without touching the run's RNG
+        resnet = ResNet18()
+    state = {k: v for k, v in model.encoder_q.state_dict().items() if not k.startswith("fc.")}
+    missing, unexpected = resnet.load_state_dict(state, strict=False)
+    if unexpected or set(missing) != {"fc.weight", "fc.bias"}:
+        raise RuntimeError(f"query encoder does not match ResNet18: missing {missing}, unexpected {unexpected}")
+    return resnet
+
+
+def save_encoder(model: MoCo, path: Path, config: MocoConfig, epoch: int) -> None:
+    """``encoder.pt``: accepted by :func:`extract.encoder.load_resnet18` (atomic write)."""
+    temporary = path.with_name(f".{path.name}.partial")
+    save_encoder_checkpoint(
+        encoder_resnet18(model), temporary,
+        extra={"trained_by": "gigassl pretrain-tiles (MoCo v2)", "epoch": epoch, "config": settings_of(config)},
+    )
+    os.replace(temporary, path)
+
+
+def _rng_states(generator: torch.Generator) -> dict[str, list[torch.Tensor]]:
+    """This process's RNG states, gathered from every rank (rank order)."""
+    states = {"augment": generator.get_state(), "torch": torch.random.get_rng_state()}
+    if not (dist.is_available() and dist.is_initialized()):
+        return {name: [state] for name, state in states.items()}
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return {name: [part.cpu() for part in _all_gather(state.to(device)).chunk(dist.get_world_size())] for name, state in states.items()}
+
+
+def checkpoint_payload(
+    model: MoCo, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, generator: torch.Generator,
+    config: MocoConfig, epoch: int, step: int, monitors: list[dict[str, Any]], slide_names: list[str],
+) -> dict[str, Any]:
+    """Everything needed to continue exactly after ``epoch`` epochs (plain tensors and data)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "arch": "resnet18",
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+        "rng": _rng_states(generator),
+        "epoch": epoch,
+        "step": step,
+        "config": settings_of(config),
+        "monitors": monitors,
+        "slides": slide_names,
+    }
+
+
+def load_training_checkpoint(path: Path, config: MocoConfig) -> dict[str, Any]:
+    """Read and check a training checkpoint for ``--resume`` (weights_only)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--resume {path} does not exist; pass OUT/last.pt or OUT/checkpoints/epoch_NNNN.pt")
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"--resume {path}: not a `gigassl pretrain-tiles` training checkpoint (OUT/last.pt)")
+    if raw.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"--resume {path}: checkpoint version {raw.get('version')}, this package reads {CHECKPOINT_VERSION}")
+    saved, current = raw["config"], settings_of(config)
+    differ = [f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {current[k]}" for k in RESUME_MUST_MATCH if saved.get(k) != current[k]]
+    if differ:
+        raise ValueError(f"--resume {path}: settings differ from the checkpoint's; pass the same values: " + "; ".join(differ))
+    return raw
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+@dataclass
+class PretrainingResult:
+    """What ``run_pretraining`` did; ``exit_code`` for the CLI."""
+
+    out: Path
+    encoder_path: Path
+    checkpoint_path: Path
+    epochs_done: int
+    n_slides: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    monitors: list[dict[str, Any]] = field(default_factory=list)
+    exit_code: int = 0
+
+
+def _distributed_setup(config: MocoConfig) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether this call initialised torch.distributed)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1:
+        return 0, 1, resolve_device(config.device), False
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(config.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    initialised_here = not dist.is_initialized()
+    if initialised_here:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device, initialised_here
+
+
+def _write_monitors(out: Path, monitors: list[dict[str, Any]]) -> None:
+    (out / "monitors.json").write_text(json.dumps(monitors, indent=1))
+    if monitors:
+        with open(out / "monitors.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(monitors[-1]))
+            writer.writeheader()
+            writer.writerows(monitors)
+
+
+def _list_slide_files(folder: Path) -> list[Path]:
+    from extract.run import list_slides
+
+    slides, others = list_slides(Path(folder))
+    if others:
+        logger.info("ignoring %d files that are not slides in %s", len(others), folder)
+    return slides
+
+
+def run_pretraining(config: MocoConfig) -> PretrainingResult:
+    """Train MoCo v2 on tiles sampled online from ``config.slides``; write OUT (see module doc)."""
+    config = config.resolved()
+    rank, world, device, initialised_here = _distributed_setup(config)
+    main_process = rank == 0
+    out = Path(config.out)
+    try:
+        if main_process:
+            (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        paths = _list_slide_files(config.slides)
+        if not paths:
+            raise FileNotFoundError(f"--slides {config.slides}: no slide or image files found")
+        slides, skipped = index_slides(
+            paths, config.mpp, config.tile_size, config.tissue_threshold, config.mpp_csv, config.default_mpp,
+            progress=main_process,
+        )
+        if not slides:
+            raise ValueError(f"--slides {config.slides}: none of the {len(paths)} files gave tissue tiles (see warnings)")
+        logger.info("%d slides, %d tissue tiles of %d px at %g µm/px", len(slides), sum(map(len, slides)), config.tile_size, config.mpp)
+        return _train(config, slides, skipped, rank, world, device, out)
+    finally:
+        if initialised_here:
+            dist.destroy_process_group()
+
+
+def _train(
+    config: MocoConfig, slides: list[SlideTiles], skipped: list[tuple[Path, str]],
+    rank: int, world: int, device: torch.device, out: Path,
+) -> PretrainingResult:
+    main_process = rank == 0
+    slide_names = [s.path.name for s in slides]
+    torch.manual_seed(config.seed)
+    model = MoCo(config.queue_size, seed=config.seed).to(device, memory_format=torch.channels_last)
+    base_lr = config.lr * config.batch_size / 256
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=base_lr, momentum=SGD_MOMENTUM, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision and autocast_dtype(device) == torch.float16)
+    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)  # views differ across ranks
+    augmentation = TileAugmentation()
+    start_epoch, step, monitors = 0, 0, []
+    if config.resume is not None:
+        raw = load_training_checkpoint(config.resume, config)
+        model.load_state_dict(raw["state_dict"])
+        optimizer.load_state_dict(raw["optimizer"])
+        if raw["scaler"] and scaler.is_enabled():
+            scaler.load_state_dict(raw["scaler"])
+        if len(raw["rng"]["augment"]) == world:
+            generator.set_state(raw["rng"]["augment"][rank])
+            torch.random.set_rng_state(raw["rng"]["torch"][rank])
+        else:
+            logger.warning("checkpoint written by %d processes, resuming with %d: RNG streams restart (not exact)", len(raw["rng"]["augment"]), world)
+        if raw.get("slides") != slide_names:
+            logger.warning("the slide set differs from the checkpoint's; tile plans will differ")
+        start_epoch, step, monitors = int(raw["epoch"]), int(raw["step"]), list(raw["monitors"])
+        logger.info("resuming %s after epoch %d (step %d)", config.resume, start_epoch, step)
+    query_encoder: nn.Module = model.encoder_q
+    if world > 1:
+        query_encoder = DistributedDataParallel(model.encoder_q, device_ids=[device.index] if device.type == "cuda" else None)
+    monitor_tiles = fixed_tiles(slides, config.monitor_tiles, config.tile_size, config.seed) if config.monitor_tiles and main_process else None
+    steps_per_epoch = config.tiles_per_epoch // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"--tiles-per-epoch {config.tiles_per_epoch} is smaller than --batch-size {config.batch_size}")
+    total_steps = steps_per_epoch * config.epochs
+    checkpoint_path, encoder_path = out / "last.pt", out / "encoder.pt"
+    for epoch in range(start_epoch, config.epochs):
+        plan = epoch_plan([len(s) for s in slides], config.tiles_per_epoch, config.tiles_per_visit, config.seed, epoch)
+        dataset = EpochTileBatches(slides, plan, config.batch_size, config.tile_size, rank, world)
+        loader = DataLoader(
+            dataset, batch_size=None, num_workers=config.num_workers, pin_memory=device.type == "cuda",
+            prefetch_factor=4 if config.num_workers else None,
+        )
+        started, losses, accuracies = time.perf_counter(), [], []
+        bar = tqdm(loader, total=len(dataset), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not main_process)
+        for tiles in bar:
+            lr = cosine_lr(base_lr, step, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            view_q, view_k = make_views(tiles, augmentation, generator, device)
+            result = train_step(
+                model, view_q, view_k, optimizer, config.momentum, config.temperature, device,
+                config.mixed_precision, scaler, query_encoder,
+            )
+            if not math.isfinite(result.loss):
+                raise FloatingPointError(f"MoCo loss became {result.loss} at epoch {epoch + 1} step {step}; lower --lr or disable --mixed-precision")
+            losses.append(result.loss)
+            accuracies.append(result.accuracy)
+            step += 1
+            bar.set_postfix(loss=f"{result.loss:.3f}", acc=f"{result.accuracy:.2f}", lr=f"{lr:.2g}")
+        seconds = time.perf_counter() - started
+        row: dict[str, Any] = {
+            "epoch": epoch + 1, "step": step, "loss": sum(losses) / max(len(losses), 1),
+            "positive_accuracy": sum(accuracies) / max(len(accuracies), 1), "lr": lr,
+            "tiles_per_s": len(losses) * config.batch_size / max(seconds, 1e-9), "seconds": seconds,
+        }
+        if monitor_tiles is not None:
+            row.update(representation_monitors(model.encoder_q, monitor_tiles, augmentation, device, config.mixed_precision, config.seed))
+        monitors.append(row)
+        last = epoch + 1 == config.epochs
+        if (epoch + 1) % config.checkpoint_every == 0 or last:
+            payload = checkpoint_payload(model, optimizer, scaler, generator, config, epoch + 1, step, monitors, slide_names)
+            if main_process:
+                snapshot = out / "checkpoints" / f"epoch_{epoch + 1:04d}.pt"
+                _atomic_save(payload, snapshot)
+                _link_or_copy(snapshot, checkpoint_path)
+                save_encoder(model, encoder_path, config, epoch + 1)
+        if main_process:
+            _write_monitors(out, monitors)
+            logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step")))
+    return PretrainingResult(
+        out=out, encoder_path=encoder_path, checkpoint_path=checkpoint_path, epochs_done=config.epochs,
+        n_slides=len(slides), skipped=[(str(p), reason) for p, reason in skipped], monitors=monitors,
+    )

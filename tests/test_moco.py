@@ -1,0 +1,231 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from extract.augment import TileAugmentation
+from extract.config import MOCO_PROFILES, MocoConfig
+from extract.encoder import load_resnet18
+from extract.moco import (
+    KeyQueue,
+    MoCo,
+    alignment,
+    cosine_lr,
+    info_nce_logits,
+    info_nce_loss,
+    make_views,
+    momentum_update,
+    rankme,
+    run_pretraining,
+    train_step,
+    uniformity,
+)
+from extract.moco_data import EpochTileBatches, epoch_plan, fixed_tiles, index_slides
+
+SLIDE = "CMU-1-Small-Region.svs"
+CPU = torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- queue, momentum, loss
+
+
+def test_queue_wraps_around_with_known_keys():
+    queue = KeyQueue(size=5, dim=2)
+    first = torch.tensor([[1.0, 0], [2, 0], [3, 0]])
+    queue.enqueue(first)
+    assert int(queue.ptr) == 3
+    assert torch.equal(queue.keys[:3], first)
+    queue.enqueue(torch.tensor([[4.0, 0], [5, 0], [6, 0]]))
+    # rows 3, 4 take keys 4, 5; key 6 wraps to row 0; the oldest left is key 2 in row 1
+    assert torch.equal(queue.keys[:, 0], torch.tensor([6.0, 2, 3, 4, 5]))
+    assert int(queue.ptr) == 1
+
+
+def test_queue_keeps_the_newest_when_the_batch_exceeds_it():
+    queue = KeyQueue(size=3, dim=1)
+    queue.enqueue(torch.tensor([[1.0]]))
+    queue.enqueue(torch.arange(10.0, 15.0).view(5, 1))  # 5 keys into 3 rows, pointer at 1
+    assert sorted(queue.keys.flatten().tolist()) == [12.0, 13.0, 14.0]
+    assert int(queue.ptr) == 1
+
+
+def test_queue_starts_normalised():
+    queue = KeyQueue(size=7, dim=4, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(queue.keys.norm(dim=1), torch.ones(7))
+
+
+def test_momentum_update_hand_checked():
+    key, query = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1)), nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
+    with torch.no_grad():
+        key[0].weight.copy_(torch.tensor([[1.0, 3.0]]))
+        key[0].bias.fill_(2.0)
+        query[0].weight.copy_(torch.tensor([[3.0, -1.0]]))
+        query[0].bias.fill_(0.0)
+        query[1].running_mean.fill_(9.0)
+    momentum_update(key, query, 0.5)
+    assert torch.equal(key[0].weight, torch.tensor([[2.0, 1.0]]))
+    assert torch.equal(key[0].bias, torch.tensor([1.0]))
+    assert key[1].running_mean.item() == 0.0  # buffers are not averaged
+    momentum_update(key, query, 0.75)
+    assert torch.equal(key[0].weight, torch.tensor([[2.25, 0.5]]))
+
+
+def test_info_nce_analytic_value():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    queue = torch.tensor([[0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]])
+    logits = info_nce_logits(q, q, queue, temperature=0.5)
+    assert logits.shape == (2, 4)
+    assert torch.allclose(logits[0], torch.tensor([2.0, 0.0, 2.0, -2.0]))
+    row0 = -math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(2) + math.exp(-2)))
+    row1 = -math.log(math.exp(2) / (math.exp(2) + math.exp(2) + 1 + 1))  # logits [2, 2, 0, 0]
+    expected = (row0 + row1) / 2
+    assert info_nce_loss(q, q, queue, 0.5).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_cosine_lr():
+    assert cosine_lr(0.1, 0, 10) == pytest.approx(0.1)
+    assert cosine_lr(0.1, 5, 10) == pytest.approx(0.05)
+    assert cosine_lr(0.1, 10, 10) == pytest.approx(0.0)
+
+
+def test_monitors_analytic():
+    features = torch.zeros(100, 20)
+    features[torch.arange(100), torch.arange(100) % 4] = 1.0  # 4 equal singular values
+    assert rankme(features) == pytest.approx(4.0, rel=1e-4)
+    z = torch.nn.functional.normalize(torch.randn(50, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    assert alignment(z, z) == 0.0
+    assert uniformity(z) < uniformity(z[:1].repeat(50, 1) + 1e-3 * z)  # spread beats collapsed
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_small_cpu_profile_replaces_defaults_only():
+    config = MocoConfig(slides="s", out="o", profile="small-cpu", batch_size=32).resolved()
+    profile = MOCO_PROFILES["small-cpu"]
+    assert config.tile_size == profile["tile_size"] and config.queue_size == profile["queue_size"]
+    assert config.batch_size == 32  # an explicit value wins
+    assert MocoConfig(slides="s", out="o").resolved().tile_size == 224
+    with pytest.raises(ValueError, match="profile"):
+        MocoConfig(slides="s", out="o", profile="tiny")
+    with pytest.raises(ValueError, match="momentum"):
+        MocoConfig(slides="s", out="o", momentum=1.0)
+
+
+# ----------------------------------------------------------------------------- data on the real slide
+
+
+@pytest.fixture(scope="module")
+def slide_tiles(slides_dir):
+    slides, skipped = index_slides([slides_dir / SLIDE], target_mpp=1.0, tile_size_px=32, tissue_threshold=0.5, progress=False)
+    assert not skipped and len(slides) == 1 and len(slides[0]) > 50
+    return slides
+
+
+def test_epoch_plan_is_seeded_and_balanced():
+    plan = epoch_plan([10, 1000], n_tiles=4000, tiles_per_visit=4, seed=3, epoch=1)
+    assert plan.shape == (4000, 2) and plan.dtype == np.int64
+    assert np.array_equal(plan, epoch_plan([10, 1000], 4000, 4, seed=3, epoch=1))
+    assert not np.array_equal(plan, epoch_plan([10, 1000], 4000, 4, seed=3, epoch=2))
+    share = (plan[:, 0] == 0).mean()
+    assert 0.4 < share < 0.6  # slides drawn uniformly, not by size
+    assert plan[plan[:, 0] == 0, 1].max() < 10
+    runs = plan[:, 0].reshape(-1, 4)
+    assert (runs == runs[:, :1]).all()  # 4 tiles of one slide in a row
+
+
+def test_batches_do_not_depend_on_workers_or_ranks(slide_tiles):
+    plan = epoch_plan([len(s) for s in slide_tiles], 24, 4, seed=0, epoch=0)
+    single = list(torch.utils.data.DataLoader(EpochTileBatches(slide_tiles, plan, 8, 32), batch_size=None))
+    workers = list(torch.utils.data.DataLoader(EpochTileBatches(slide_tiles, plan, 8, 32), batch_size=None, num_workers=2))
+    assert len(single) == 3 and single[0].shape == (8, 3, 32, 32) and single[0].dtype == torch.uint8
+    assert all(torch.equal(a, b) for a, b in zip(single, workers))
+    halves = [list(EpochTileBatches(slide_tiles, plan, 8, 32, rank=r, world_size=2)) for r in (0, 1)]
+    assert all(torch.equal(torch.cat([a, b]), whole) for a, b, whole in zip(*halves, single))
+    assert single[0].float().std() > 5  # real tissue, not blank
+
+
+def test_few_steps_on_real_tiles_lower_the_loss(slide_tiles):
+    torch.manual_seed(0)
+    tiles = fixed_tiles(slide_tiles, 16, 32, seed=0)
+    view_q, view_k = make_views(tiles, TileAugmentation(), torch.Generator().manual_seed(0), CPU)
+    model = MoCo(queue_size=64, seed=0)
+    reference_queue = model.queue.keys.clone()
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.05, momentum=0.9)
+
+    def loss_now() -> float:
+        with torch.no_grad():
+            return info_nce_loss(model.query(view_q), model.keys(view_k)[0], reference_queue, 0.2).item()
+
+    before = loss_now()
+    for _ in range(6):
+        result = train_step(model, view_q, view_k, optimizer, momentum=0.9, temperature=0.2, device=CPU, mixed_precision=False)
+        assert math.isfinite(result.loss)
+    assert loss_now() < before - 0.1
+    assert int(model.queue.ptr) == (6 * 16) % 64
+
+
+# ----------------------------------------------------------------------------- the job: checkpoints, resume, loaders
+
+
+def _tiny_config(slides_dir, out, **changes):
+    settings = dict(
+        slides=slides_dir, out=out, mpp=1.0, tile_size=32, batch_size=8, queue_size=12, tiles_per_epoch=16,
+        tiles_per_visit=4, epochs=2, monitor_tiles=8, num_workers=0, checkpoint_every=1, device="cpu", lr=0.1,
+    )
+    settings.update(changes)
+    return MocoConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def trained(slides_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("slides")
+    (folder / SLIDE).symlink_to(slides_dir / SLIDE)
+    out = tmp_path_factory.mktemp("moco")
+    result = run_pretraining(_tiny_config(folder, out))
+    return folder, out, result
+
+
+def test_run_writes_checkpoints_and_monitors(trained):
+    _, out, result = trained
+    assert result.exit_code == 0 and result.epochs_done == 2 and result.n_slides == 1
+    raw = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert raw["epoch"] == 2 and raw["step"] == 4 and raw["config"]["tile_size"] == 32
+    assert raw["state_dict"]["queue.keys"].shape == (12, 128)
+    assert int(raw["state_dict"]["queue.ptr"]) == (4 * 8) % 12
+    assert {"optimizer", "rng", "monitors"} <= set(raw)
+    assert (out / "checkpoints" / "epoch_0001.pt").is_file()
+    lines = (out / "monitors.csv").read_text().splitlines()
+    assert len(lines) == 3 and "rankme_tile256" in lines[0] and "uniformity" in lines[0]
+    assert all(math.isfinite(row["rankme_tile256"]) and row["rankme_tile256"] >= 1 for row in result.monitors)
+
+
+def test_resume_is_exact(trained, tmp_path):
+    folder, out, _ = trained
+    resumed = run_pretraining(_tiny_config(folder, tmp_path, resume=out / "checkpoints" / "epoch_0001.pt"))
+    straight = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    again = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, again["state_dict"][key]), key
+    assert [m["loss"] for m in resumed.monitors] == [m["loss"] for m in straight["monitors"]]
+    with pytest.raises(ValueError, match="batch-size"):
+        run_pretraining(_tiny_config(folder, tmp_path / "x", batch_size=4, resume=out / "last.pt"))
+
+
+def test_written_checkpoints_load_as_tile_encoders(trained, tmp_path):
+    _, out, _ = trained
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["state_dict"]
+    expected = state["encoder_q.layer4.1.conv2.weight"]
+    encoder, info = load_resnet18(out / "encoder.pt")  # the package's own layout, strict
+    assert info.source == "gigassl" and torch.equal(encoder.layer4[1].conv2.weight, expected)
+    from_training, info = load_resnet18(out / "last.pt")  # the training checkpoint as it is
+    assert info.source == "moco" and torch.equal(from_training.layer4[1].conv2.weight, expected)
+    original_layout = {"epoch": 2, "arch": "resnet18", "state_dict": {f"module.{k}": v for k, v in state.items()}}
+    torch.save(original_layout, tmp_path / "checkpoint_0001.pth.tar")
+    from_moco_repo, info = load_resnet18(tmp_path / "checkpoint_0001.pth.tar")
+    assert info.source == "moco"
+    for key, value in from_moco_repo.state_dict().items():
+        if not key.startswith("fc."):
+            assert torch.equal(value, encoder.state_dict()[key]), key
