@@ -162,6 +162,16 @@ def test_bad_inputs_each_fail_on_one_line_and_others_run(
     assert summary_of(out)["n_skipped"] == 1
 
 
+def test_two_files_with_one_stem_do_not_overwrite_each_other(cohort: Path, tmp_path: Path) -> None:
+    shutil.copy(cohort / "synthetic_a.tif", cohort / "synthetic_a.tiff")
+    (cohort / "synthetic_b.tif").unlink()
+    (cohort / "synthetic_c.tif").unlink()
+    assert extract(cohort, tmp_path / "out") == 0
+    by_name = {s["slide"]: s for s in summary_of(tmp_path / "out")["slides"]}
+    assert by_name["synthetic_a.tif"]["status"] == "done"
+    assert by_name["synthetic_a.tiff"]["status"] == "failed" and "same file stem" in by_name["synthetic_a.tiff"]["reason"]
+
+
 def test_exit_non_zero_when_every_slide_failed(tmp_path: Path, slides_dir: Path) -> None:
     folder = tmp_path / "slides"
     folder.mkdir()
@@ -179,7 +189,6 @@ def test_mpp_csv_and_default_mpp_rescue_slides_without_metadata(tmp_path: Path, 
     folder = tmp_path / "slides"
     folder.mkdir()
     Image.fromarray(synthetic_image(512, 384, [(64, 64, 448, 320)])).save(folder / "micro.png")
-    write_tissue_slide(folder / "nompp.tif", mpp=None) if False else None
     assert extract(folder, tmp_path / "o1") == 1  # no µm/px anywhere
     assert "--default-mpp" in summary_of(tmp_path / "o1")["slides"][0]["reason"]
     assert extract(folder, tmp_path / "o2", "--default-mpp", "0.5") == 0

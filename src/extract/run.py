@@ -398,6 +398,9 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
 
     mine = select_part(slides, part, n_parts)
     summary = ExtractionSummary(part=part, n_parts=n_parts, strict=config.strict)
+    first_with_stem: dict[str, Path] = {}
+    for path in slides:  # over all parts, so every shard agrees on who owns a stem
+        first_with_stem.setdefault(path.stem, path)
     summary.outcomes += [
         SlideOutcome(p.name, "ignored", reason=f"extension {p.suffix or '(none)'} is not a slide format")
         for p in select_part(others, part, n_parts)
@@ -408,6 +411,12 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
 
     for path in tqdm(mine, desc="slides", unit="slide", position=0):
         target = features_dir / f"{path.stem}.h5"
+        owner = first_with_stem[path.stem]
+        if owner != path:
+            reason = f"{path}: same file stem as {owner.name}, both would write {target.name}; rename one"
+            logger.error("failed %s: %s", path.name, reason)
+            summary.outcomes.append(SlideOutcome(path.name, "failed", reason=reason))
+            continue
         if not config.overwrite and is_complete(target, require_plain=config.plain, require_bank=config.bank):
             summary.outcomes.append(SlideOutcome(path.name, "skipped", reason="complete output exists"))
             continue

@@ -1,0 +1,119 @@
+"""Plain-feature extraction speed on one slide, measured in one run.
+
+Prints tiles/s of (1) `gigassl extract` on the slide (plain features only; the slide's own time:
+thumbnail, tissue mask, grid, DataLoader reading, encoding, HDF5 writing — the rate a cohort
+runs at; the whole command with encoder set-up is printed below the table), (2) tile reading
+alone through the same DataLoader, (3) the encoder alone on tiles already in memory, and the
+ratio end-to-end / min(read, encode) (target ≥ 0.8: the pipeline hides the faster stage).
+
+    python benchmarks/bench_extract.py                       # CMU-1-Small-Region, 224 px at 0.5 µm/px
+    python benchmarks/bench_extract.py --num-workers 2 --threads 2 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from extract.config import ExtractConfig
+from extract.device import resolve_device
+from extract.encoder import TileTrunk, load_resnet18
+from extract.reader import open_slide
+from extract.run import TileDataset, encode_batches, make_loader, run_extraction
+from extract.tiling import tile_grid
+
+DEFAULT_SLIDE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "CMU-1-Small-Region.svs"
+
+
+def best_rate(n_tiles: int, seconds: list[float]) -> float:
+    return n_tiles / min(seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--slide", type=Path, default=DEFAULT_SLIDE)
+    parser.add_argument("--mpp", type=float, default=0.5)
+    parser.add_argument("--tile-size", type=int, default=224)
+    parser.add_argument("--tissue-threshold", type=float, default=0.5)
+    # Small batches let the workers read the next batch while the CPU encodes this one; a slide
+    # of ~50 tiles in one batch of 64 would serialise reading and encoding.
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the encoding process")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=2, help="timed repeats per measure (best kept)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+
+    work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    try:
+        slides = work / "slides"
+        slides.mkdir()
+        (slides / args.slide.name).symlink_to(args.slide.resolve())
+        config = ExtractConfig(
+            slides=slides, out=work / "out", mpp=args.mpp, tile_size=args.tile_size,
+            tissue_threshold=args.tissue_threshold, bank=False, qc=False, overwrite=True,
+            batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+        )
+        with open_slide(args.slide) as reader:
+            grid = tile_grid(reader, args.mpp, args.tile_size, args.tissue_threshold)
+            mpp = reader.mpp
+        n_tiles = len(grid)
+
+        # Warm-up (oneDNN kernels, page cache), then the timed end-to-end runs.
+        run_extraction(config)
+        end_to_end, per_slide = [], []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            summary = run_extraction(config)
+            end_to_end.append(time.perf_counter() - started)
+            assert len(summary.done) == 1
+            per_slide.append(summary.done[0].seconds)
+
+        dataset = TileDataset(args.slide, mpp, grid.coords, grid.size_level0, grid.tile_size_px)
+        reading, tiles = [], []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            tiles = list(make_loader(dataset, config, device))
+            reading.append(time.perf_counter() - started)
+
+        model, _ = load_resnet18("random")
+        trunk = TileTrunk(model).to(device).eval().to(memory_format=torch.channels_last)
+        list(encode_batches(tiles[:1], trunk, device))  # warm-up
+        encoding = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            for _features in encode_batches(tiles, trunk, device):
+                pass
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            encoding.append(time.perf_counter() - started)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    rates = {
+        "end-to-end per slide (plain features)": best_rate(n_tiles, per_slide),
+        f"tile reading alone ({args.num_workers} workers)": best_rate(n_tiles, reading),
+        f"encoder alone ({device}, {args.threads} threads)": best_rate(n_tiles, encoding),
+    }
+    slower = min(list(rates.values())[1:])
+    command_rate = best_rate(n_tiles, end_to_end)
+    print(f"\n{args.slide.name}: {n_tiles} tissue tiles of {args.tile_size} px at {args.mpp} µm/px, "
+          f"batch {args.batch_size}, best of {args.repeats}")
+    print(f"{'measure':<44} {'tiles/s':>9}")
+    for name, rate in rates.items():
+        print(f"{name:<44} {rate:>9.1f}")
+    print(f"{'end-to-end / min(read, encode)':<44} {rates['end-to-end per slide (plain features)'] / slower:>9.2f}  (target ≥ 0.80)")
+    print(f"{'(whole command incl. encoder set-up)':<44} {command_rate:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()
