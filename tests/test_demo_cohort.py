@@ -43,8 +43,9 @@ def test_packaged_tiles_are_the_kather_classes():
 
 
 def test_slides_open_with_openslide_as_pyramids_with_mpp(cohort):
-    paths, _ = cohort
+    paths, labels_csv = cohort
     assert [p.name for p in paths] == [f"demo_{i:03d}.tiff" for i in range(6)]
+    assert {p.parent for p in paths} == {labels_csv.parent / "slides"}
     for path in paths:
         slide = openslide.OpenSlide(str(path))
         try:

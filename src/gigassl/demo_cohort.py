@@ -36,6 +36,7 @@ TUMOUR_CLASS = "01_TUMOR"
 NORMAL_CLASSES = ("02_STROMA", "03_COMPLEX", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA", "07_ADIPOSE")
 COHORT_MANIFEST = "cohort.json"
 LABELS_CSV = "labels.csv"
+SLIDES_FOLDER = "slides"
 MANIFEST_FORMAT = "gigassl-demo-cohort"
 MANIFEST_VERSION = 1
 BACKGROUND_RGB = 242
@@ -245,7 +246,7 @@ def _manifest_matches(folder: Path, settings: CohortSettings) -> bool:
     except json.JSONDecodeError:
         return False
     same = data.get("format_version") == MANIFEST_VERSION and data.get("settings") == json.loads(json.dumps(asdict(settings)))
-    return same and all((folder / f"{s['slide']}.tiff").is_file() for s in data.get("slides", []))
+    return same and all((folder / SLIDES_FOLDER / f"{s['slide']}.tiff").is_file() for s in data.get("slides", []))
 
 
 def write_demo_cohort(
@@ -257,10 +258,12 @@ def write_demo_cohort(
     overwrite: bool = False,
     progress: bool = False,
 ) -> tuple[list[Path], Path]:
-    """Write ``n_slides`` synthetic slides ``demo_000.tiff …`` plus ``labels.csv`` and ``cohort.json``.
+    """Write ``folder/slides/demo_000.tiff …`` plus ``folder/labels.csv`` and ``folder/cohort.json``.
 
     Returns (slide paths, labels CSV path). The labels CSV has columns ``slide,label``
-    (1 = tumour texture present). The same ``seed`` gives the same files; a folder that
+    (1 = tumour texture present); ``cohort.json`` records each slide's label, tissue and
+    tumour shares and stain map. Slides get their own sub-folder so that it can be handed
+    to ``gigassl extract`` as is. The same ``seed`` gives the same files; a folder that
     already holds this exact cohort is reused unless ``overwrite``.
     """
     base = settings or CohortSettings()
@@ -268,9 +271,10 @@ def write_demo_cohort(
     if n_slides < 2:
         raise ValueError(f"n_slides={n_slides}: the demo cohort needs at least 2 slides (one per label)")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    slides_dir = folder / SLIDES_FOLDER
+    slides_dir.mkdir(parents=True, exist_ok=True)
     names = [f"demo_{i:03d}" for i in range(n_slides)]
-    paths = [folder / f"{name}.tiff" for name in names]
+    paths = [slides_dir / f"{name}.tiff" for name in names]
     if not overwrite and _manifest_matches(folder, settings):
         logger.info("reusing the demo cohort in %s (%d slides)", folder, n_slides)
         return paths, folder / LABELS_CSV
