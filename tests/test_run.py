@@ -31,6 +31,9 @@ from gigassl.cli import main
 FAST = ["--tile-size", "64", "--mpp", "2.0", "--no-bank", "--num-workers", "0", "--batch-size", "32"]
 
 
+SMALL_BANK = ["--bank", "--n-augmentations", "2", "--n-tiles-per-augmentation", "8"]
+
+
 def extract(slides: Path, out: Path, *extra: str) -> int:
     return main(["extract", "--slides", str(slides), "--out", str(out), *FAST, *extra])
 
@@ -262,9 +265,9 @@ def test_sigkill_mid_slide_leaves_nothing_complete_and_rerun_redoes_it(tmp_path:
 
 
 def test_two_shards_equal_one_process(cohort: Path, tmp_path: Path) -> None:
-    assert extract(cohort, tmp_path / "one") == 0
-    assert extract(cohort, tmp_path / "two", "--shard", "0/2") == 0
-    assert extract(cohort, tmp_path / "two", "--shard", "1/2") == 0
+    assert extract(cohort, tmp_path / "one", *SMALL_BANK) == 0
+    assert extract(cohort, tmp_path / "two", *SMALL_BANK, "--shard", "0/2") == 0
+    assert extract(cohort, tmp_path / "two", *SMALL_BANK, "--shard", "1/2") == 0
     first, second = summary_of(tmp_path / "two", "summary-shard0.json"), summary_of(tmp_path / "two", "summary-shard1.json")
     assert [s["slide"] for s in first["slides"]] == ["synthetic_a.tif", "synthetic_c.tif"]
     assert [s["slide"] for s in second["slides"]] == ["synthetic_b.tif"]
@@ -274,6 +277,9 @@ def test_two_shards_equal_one_process(cohort: Path, tmp_path: Path) -> None:
             np.testing.assert_array_equal(a.features(), b.features())
             np.testing.assert_array_equal(a.coords(), b.coords())
             assert a.grid_attrs == b.grid_attrs
+            for index in range(2):
+                for array_a, array_b in zip(a.augmentation(index), b.augmentation(index)):
+                    np.testing.assert_array_equal(array_a, array_b)
 
 
 def test_shard_and_rank_split(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -317,3 +323,65 @@ def test_read_only_output_folder_is_a_clear_error(
         if immutable:
             subprocess.run(["chattr", "-i", str(out)], check=True)
         out.chmod(0o755)
+
+
+def _only(cohort: Path, keep: str) -> Path:
+    for path in cohort.iterdir():
+        if path.name != keep:
+            path.unlink()
+    return cohort
+
+
+def test_plain_features_and_bank_in_one_file(cohort: Path, tmp_path: Path) -> None:
+    folder = _only(cohort, "synthetic_a.tif")
+    bank = ["--bank", "--n-augmentations", "3", "--n-tiles-per-augmentation", "16", "--mpp", "0.5"]
+    assert extract(folder, tmp_path / "a", *bank) == 0
+    target = tmp_path / "a" / "features" / "synthetic_a.h5"
+    assert is_complete(target, require_plain=True, require_bank=True)
+    with SlideFeatures(target) as slide:
+        assert (slide.n_tiles, slide.n_augmentations, slide.bank_size) == (48, 3, 16)
+        plain = {tuple(c) for c in slide.coords().tolist()}
+        attrs = slide.bank_attrs
+        assert attrs["seed"] == 0 and not attrs["sampled_with_replacement"]
+        for index in range(3):
+            features, coords = slide.augmentation(index)
+            assert features.shape == (16, 256) and np.isfinite(features).all()
+            assert {tuple(c) for c in coords.tolist()} <= plain
+            assert len({tuple(c) for c in coords.tolist()}) == 16  # without replacement
+        first = slide.augmentation(0)
+    assert summary_of(tmp_path / "a")["slides"][0]["n_bank_tiles"] == 48
+    # Same seed → identical arrays; another seed → another bank.
+    assert extract(folder, tmp_path / "b", *bank) == 0
+    with SlideFeatures(tmp_path / "b" / "features" / "synthetic_a.h5") as slide:
+        np.testing.assert_array_equal(slide.augmentation(0)[0], first[0])
+        np.testing.assert_array_equal(slide.augmentation(0)[1], first[1])
+    assert extract(folder, tmp_path / "c", *bank, "--seed", "1") == 0
+    with SlideFeatures(tmp_path / "c" / "features" / "synthetic_a.h5") as slide:
+        assert not np.array_equal(slide.augmentation(0)[1], first[1])
+
+
+@pytest.mark.parametrize("mpp, n_tissue_tiles", [("0.5", 48), ("2.0", 4)])
+def test_bank_of_a_slide_with_fewer_tissue_tiles_than_k(
+    cohort: Path, tmp_path: Path, mpp: str, n_tissue_tiles: int
+) -> None:
+    folder = _only(cohort, "synthetic_a.tif")
+    assert extract(folder, tmp_path / "out", "--bank", "--n-augmentations", "2",
+                   "--n-tiles-per-augmentation", "64", "--mpp", mpp) == 0
+    with SlideFeatures(tmp_path / "out" / "features" / "synthetic_a.h5", require_bank=True) as slide:
+        assert slide.n_tiles == n_tissue_tiles and slide.bank_size == 64
+        assert slide.bank_attrs["sampled_with_replacement"]
+        plain = {tuple(c) for c in slide.coords().tolist()}
+        features, coords = slide.augmentation(1)
+        assert {tuple(c) for c in coords.tolist()} <= plain and np.isfinite(features).all()
+
+
+def test_bank_only_then_plain_requested_is_redone(cohort: Path, tmp_path: Path) -> None:
+    folder = _only(cohort, "synthetic_a.tif")
+    out = tmp_path / "out"
+    assert extract(folder, out, *SMALL_BANK, "--no-plain") == 0
+    target = out / "features" / "synthetic_a.h5"
+    assert is_complete(target, require_bank=True) and not is_complete(target, require_plain=True)
+    assert extract(folder, out, *SMALL_BANK, "--no-plain") == 0
+    assert summary_of(out)["n_skipped"] == 1
+    assert extract(folder, out, *SMALL_BANK) == 0  # plain features now asked for
+    assert summary_of(out)["n_done"] == 1 and is_complete(target, require_plain=True, require_bank=True)

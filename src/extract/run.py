@@ -292,12 +292,12 @@ def _write_plain(writer: SlideFileWriter, reader: SlideReader, grid: TileGrid, j
 def _write_bank(writer: SlideFileWriter, reader: SlideReader, grid: TileGrid, job: _Job, bar: tqdm) -> int:
     from extract.bank import build_bank  # the bank pulls in kornia; import only when asked for
 
-    result = build_bank(reader, grid, job.trunk, job.config, job.device)
+    result = build_bank(reader, grid, job.trunk, job.config, job.device, slide_id=reader.slide_id, progress=bar.update)
     n_augmentations, n_tiles = result.features.shape[:2]
     writer.create_bank(n_augmentations, n_tiles, result.attrs)
     for index in range(n_augmentations):
         writer.write_augmentation(index, result.features[index], result.coords[index])
-    bar.update(n_augmentations * n_tiles)
+    logger.debug("%s bank timings: %s", reader.slide_id, result.timings)
     return n_augmentations * n_tiles
 
 
