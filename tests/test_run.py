@@ -385,3 +385,25 @@ def test_bank_only_then_plain_requested_is_redone(cohort: Path, tmp_path: Path) 
     assert summary_of(out)["n_skipped"] == 1
     assert extract(folder, out, *SMALL_BANK) == 0  # plain features now asked for
     assert summary_of(out)["n_done"] == 1 and is_complete(target, require_plain=True, require_bank=True)
+
+
+def test_bank_reuses_the_plain_pass_tiles(cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from extract.reader import SlideReader
+
+    folder = _only(cohort, "synthetic_a.tif")
+    reads = {"n": 0}
+    original = SlideReader.read_tile
+
+    def counting(self, *args, **kwargs):
+        reads["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SlideReader, "read_tile", counting)
+    bank = ["--bank", "--n-augmentations", "2", "--n-tiles-per-augmentation", "16", "--mpp", "0.5"]
+    assert extract(folder, tmp_path / "once", *bank) == 0
+    assert reads["n"] == 48  # the plain pass's reads only (num_workers 0: counted in this process)
+    assert extract(folder, tmp_path / "bank_only", *bank, "--no-plain") == 0
+    with SlideFeatures(tmp_path / "once" / "features" / "synthetic_a.h5") as a, \
+            SlideFeatures(tmp_path / "bank_only" / "features" / "synthetic_a.h5") as b:
+        for index in range(2):
+            np.testing.assert_array_equal(a.augmentation(index)[0], b.augmentation(index)[0])

@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -238,14 +238,19 @@ def prepare_batch(tiles: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def encode_batch(tiles: torch.Tensor, trunk: TileTrunk, device: torch.device, mixed_precision: bool = True) -> np.ndarray:
+    """(B, H, W, 3) uint8 tiles → (B, 256) float32 features."""
+    with autocast(device, mixed_precision):
+        features = trunk(prepare_batch(tiles, device))
+    return features.float().cpu().numpy()
+
+
 def encode_batches(
-    loader: DataLoader, trunk: TileTrunk, device: torch.device, mixed_precision: bool = True
+    loader: Iterable[torch.Tensor], trunk: TileTrunk, device: torch.device, mixed_precision: bool = True
 ) -> Iterator[np.ndarray]:
     """Yield (B, 256) float32 features batch by batch (memory bounded by the batch size)."""
     for tiles in loader:
-        with autocast(device, mixed_precision):
-            features = trunk(prepare_batch(tiles, device))
-        yield features.float().cpu().numpy()
+        yield encode_batch(tiles, trunk, device, mixed_precision)
 
 
 def make_loader(dataset: TileDataset, config: ExtractConfig, device: torch.device) -> DataLoader:
@@ -273,31 +278,65 @@ class _Job:
     qc_dir: Path
 
 
-def _write_plain(writer: SlideFileWriter, reader: SlideReader, grid: TileGrid, job: _Job, bar: tqdm) -> None:
+class DecodedTiles:
+    """A tile source answering from tiles decoded by the plain pass, else from the slide.
+
+    Lets the bank reuse the plain pass's pixels, so each tile is decoded once per slide when
+    the slide's tiles fit ``KEEP_DECODED_BYTES``.
+    """
+
+    def __init__(self, reader: SlideReader, grid: TileGrid, tiles: np.ndarray) -> None:
+        self.reader, self.slide_id = reader, reader.slide_id
+        self._tiles, self._size_level0, self._tile_px = tiles, grid.size_level0, grid.tile_size_px
+        self._rows = {(int(x), int(y)): row for row, (x, y) in enumerate(grid.coords)}
+
+    def read_tile(self, x0: int, y0: int, size_level0: float, out_px: int) -> np.ndarray:
+        row = self._rows.get((int(x0), int(y0)))
+        if row is None or out_px != self._tile_px or abs(size_level0 - self._size_level0) > 1e-9:
+            return self.reader.read_tile(x0, y0, size_level0, out_px)
+        return self._tiles[row]
+
+
+# Decoded tiles kept between the plain pass and the bank (a constant, not the slide's size).
+KEEP_DECODED_BYTES = 512 << 20
+
+
+def _write_plain(
+    writer: SlideFileWriter, reader: SlideReader, grid: TileGrid, job: _Job, bar: tqdm, keep_tiles: bool
+) -> np.ndarray | None:
+    """Encode every tile into ``features``; returns the decoded tiles (N, H, W, 3) when asked to keep them."""
     config = job.config
     writer.create_plain(grid.coords, grid.attrs())
     dataset = TileDataset(reader.path, reader.mpp, grid.coords, grid.size_level0, grid.tile_size_px)
+    side = grid.tile_size_px
+    kept = np.empty((len(grid), side, side, 3), dtype=np.uint8) if keep_tiles else None
     start = 0
     try:
-        for rows in encode_batches(make_loader(dataset, config, job.device), job.trunk, job.device, config.mixed_precision):
+        for tiles in make_loader(dataset, config, job.device):
+            rows = encode_batch(tiles, job.trunk, job.device, config.mixed_precision)
             writer.write_plain_rows(start, rows)
+            if kept is not None:
+                kept[start : start + len(rows)] = tiles.numpy()
             start += len(rows)
             bar.update(len(rows))
     finally:
         dataset.close()
     if start != len(grid):
         raise RuntimeError(f"{reader.path}: encoded {start} tiles of {len(grid)}")
+    return kept
 
 
-def _write_bank(writer: SlideFileWriter, reader: SlideReader, grid: TileGrid, job: _Job, bar: tqdm) -> int:
-    from extract.bank import build_bank  # the bank pulls in kornia; import only when asked for
+def _write_bank(
+    writer: SlideFileWriter, source: SlideReader | DecodedTiles, grid: TileGrid, job: _Job, bar: tqdm
+) -> int:
+    from extract.bank import build_bank  # the bank pulls in the augmentations; import only when asked for
 
-    result = build_bank(reader, grid, job.trunk, job.config, job.device, slide_id=reader.slide_id, progress=bar.update)
+    result = build_bank(source, grid, job.trunk, job.config, job.device, slide_id=source.slide_id, progress=bar.update)
     n_augmentations, n_tiles = result.features.shape[:2]
     writer.create_bank(n_augmentations, n_tiles, result.attrs)
     for index in range(n_augmentations):
         writer.write_augmentation(index, result.features[index], result.coords[index])
-    logger.debug("%s bank timings: %s", reader.slide_id, result.timings)
+    logger.debug("%s bank timings: %s", source.slide_id, result.timings)
     return n_augmentations * n_tiles
 
 
@@ -318,10 +357,12 @@ def extract_slide(path: Path, job: _Job, position: int = 1) -> SlideOutcome:
         with tqdm(total=total, desc=path.stem[:40], unit="tile", position=position, leave=False) as bar, \
                 SlideFileWriter(job.features_dir / f"{path.stem}.h5", slide_id=path.stem, source=str(path),
                                 settings=job.settings, encoder=job.encoder) as writer:
-            if config.plain:
-                _write_plain(writer, reader, grid, job, bar)
+            tile_bytes = grid.tile_size_px**2 * 3
+            keep_tiles = config.plain and config.bank and len(grid) * tile_bytes <= KEEP_DECODED_BYTES
+            kept = _write_plain(writer, reader, grid, job, bar, keep_tiles) if config.plain else None
             if config.bank:
-                n_bank = _write_bank(writer, reader, grid, job, bar)
+                source = DecodedTiles(reader, grid, kept) if kept is not None else reader
+                n_bank = _write_bank(writer, source, grid, job, bar)
     return SlideOutcome(
         path.name, "done", n_tiles=len(grid) if config.plain else 0, n_bank_tiles=n_bank,
         seconds=time.perf_counter() - started,
