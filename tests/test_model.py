@@ -229,3 +229,16 @@ def test_layer4_initialisation_copies_the_dense_weights(resnet: ResNet18) -> Non
     torch.testing.assert_close(model.layer4.block0.shortcut_bn.running_var, resnet.layer4[0].downsample[1].running_var)
     with pytest.raises(ValueError, match="layer4"):
         SparseLayer4("cpu").load_dense(resnet.layer3)
+
+
+def test_runs_under_cpu_autocast_close_to_fp32(resnet: ResNet18) -> None:
+    # spconv has no bf16 kernels; the sparse convs run in fp32 inside a bf16 autocast region
+    model = GigaSSLModel(resnet, device="cpu").eval()
+    rng = np.random.default_rng(3)
+    batch = collate_views([(rng.standard_normal((5, 256)).astype(np.float32), rng.integers(0, 9, size=(5, 2))) for _ in range(4)])
+    with torch.no_grad():
+        reference = model.pool(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model.pool(batch)
+    assert torch.isfinite(mixed).all()
+    torch.testing.assert_close(mixed.float(), reference, rtol=0.05, atol=0.05)

@@ -84,6 +84,15 @@ def sum_pool_3x3_stride2(features: torch.Tensor, indices: torch.Tensor, out_indi
     return out.index_add_(0, dst, features[src])
 
 
+def _sparse_conv(conv: nn.Module, x):  # spconv.SparseConvTensor → spconv.SparseConvTensor
+    """Run a spconv layer; under CPU autocast in fp32, since spconv has no bf16 kernels (CUDA
+    autocast is handled inside spconv, whose functions cast their inputs to fp16)."""
+    if x.features.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return conv(x.replace_feature(x.features.float()))
+    return conv(x)
+
+
 def mean_per_map(features: torch.Tensor, batch_index: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Mean of the (N, C) site features of each map → (batch_size, C)."""
     batch_index = batch_index.long()
@@ -107,11 +116,11 @@ class _SparseDownBlock(nn.Module):
         self.shortcut_bn = nn.BatchNorm1d(out_channels)
 
     def forward(self, x):  # spconv.SparseConvTensor → spconv.SparseConvTensor
-        out = self.conv1(x)
+        out = _sparse_conv(self.conv1, x)
         pooled = sum_pool_3x3_stride2(x.features, x.indices, out.indices, out.spatial_shape) / 9.0
         shortcut = self.shortcut_bn(self.shortcut_conv(pooled))
         out = out.replace_feature(torch.relu(self.bn1(out.features)))
-        out = self.conv2(out)
+        out = _sparse_conv(self.conv2, out)
         return out.replace_feature(torch.relu(self.bn2(out.features) + shortcut))
 
 
@@ -128,9 +137,9 @@ class _SparseBlock(nn.Module):
         self.bn2 = nn.BatchNorm1d(channels)
 
     def forward(self, x):  # spconv.SparseConvTensor → spconv.SparseConvTensor
-        out = self.conv1(x)
+        out = _sparse_conv(self.conv1, x)
         out = out.replace_feature(torch.relu(self.bn1(out.features)))
-        out = self.conv2(out)
+        out = _sparse_conv(self.conv2, out)
         return out.replace_feature(torch.relu(self.bn2(out.features) + x.features))
 
 
