@@ -58,6 +58,17 @@ def test_is_scale_invariant_and_zero_for_a_single_pair() -> None:
     assert nt_xent(z1[:1], z2[:1]).item() == 0.0
 
 
+def test_is_computed_in_fp32_under_autocast_and_from_half_inputs() -> None:
+    generator = torch.Generator().manual_seed(5)
+    z1, z2 = torch.randn(32, 16, generator=generator), torch.randn(32, 16, generator=generator)
+    reference = nt_xent(z1, z2).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = nt_xent(z1, z2)
+    assert mixed.dtype == torch.float32
+    assert mixed.item() == pytest.approx(reference, rel=1e-6)
+    assert nt_xent(z1.bfloat16(), z2.bfloat16()).item() == pytest.approx(reference, rel=0.02)
+
+
 def test_bad_inputs_are_refused() -> None:
     with pytest.raises(ValueError, match=r"\(B, D\)"):
         nt_xent(torch.zeros(4, 3), torch.zeros(5, 3))

@@ -60,14 +60,16 @@ def gather_with_gradient(tensor: torch.Tensor) -> torch.Tensor:
 def _nt_xent_anchors(z1_all: torch.Tensor, z2_all: torch.Tensor, offset: int, b: int, temperature: float) -> torch.Tensor:
     """Mean NT-Xent of the 2b anchors at rows offset … offset + b of each view, against all 2N views."""
     n_global = len(z1_all)
-    views = F.normalize(torch.cat([z1_all, z2_all]), dim=1)  # (2N, D)
+    views = torch.cat([z1_all, z2_all])  # (2N, D)
+    if views.dtype in (torch.float16, torch.bfloat16):
+        views = views.float()  # cosines scaled by 1/0.05 need fp32: half precision errs by ~0.02
     local = torch.arange(offset, offset + b, device=views.device)
     self_column = torch.cat([local, local + n_global])  # an anchor is not its own negative
     positive_column = torch.cat([local + n_global, local])
-    anchors = views if b == n_global else views[self_column]  # (2b, D)
-    logits = anchors @ views.T / temperature  # (2b, 2N)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()  # the softmax of 1/0.05-scaled logits needs fp32
+    with torch.autocast(views.device.type, enabled=False):
+        views = F.normalize(views, dim=1)
+        anchors = views if b == n_global else views[self_column]  # (2b, D)
+        logits = anchors @ views.T / temperature  # (2b, 2N)
     rows = torch.arange(2 * b, device=views.device)
     logits = logits.index_put((rows, self_column), torch.tensor(float("-inf"), dtype=logits.dtype, device=views.device))
     return F.cross_entropy(logits, positive_column)

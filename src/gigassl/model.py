@@ -65,7 +65,7 @@ def sum_pool_3x3_stride2(features: torch.Tensor, indices: torch.Tensor, out_indi
     indices = indices.long()
     out_keys = (out_indices[:, 0].long() * out_h + out_indices[:, 1].long()) * out_w + out_indices[:, 2].long()
     sorted_keys, order = torch.sort(out_keys)
-    src_rows, dst_rows = [], []
+    src_rows, dst_keys = [], []
     rows = torch.arange(len(indices), device=indices.device)
     for ky in range(3):
         oy2 = indices[:, 1] - ky
@@ -73,13 +73,13 @@ def sum_pool_3x3_stride2(features: torch.Tensor, indices: torch.Tensor, out_indi
             ox2 = indices[:, 2] - kx
             # input (y, x) is tap (ky, kx) of output (oy, ox) when y = 2·oy + ky, x = 2·ox + kx
             valid = (oy2 >= 0) & (ox2 >= 0) & (oy2 % 2 == 0) & (ox2 % 2 == 0) & (oy2 < 2 * out_h) & (ox2 < 2 * out_w)
-            keys = (indices[valid, 0] * out_h + oy2[valid] // 2) * out_w + ox2[valid] // 2
-            position = torch.searchsorted(sorted_keys, keys).clamp_(max=max(len(sorted_keys) - 1, 0))
-            if not torch.equal(sorted_keys[position], keys):
-                raise RuntimeError("sum_pool_3x3_stride2: out_indices are not the strided conv's output sites of indices")
             src_rows.append(rows[valid])
-            dst_rows.append(order[position])
-    src, dst = torch.cat(src_rows), torch.cat(dst_rows)
+            dst_keys.append((indices[valid, 0] * out_h + oy2[valid] // 2) * out_w + ox2[valid] // 2)
+    src, keys = torch.cat(src_rows), torch.cat(dst_keys)
+    position = torch.searchsorted(sorted_keys, keys).clamp_(max=max(len(sorted_keys) - 1, 0))
+    if not torch.equal(sorted_keys[position], keys):
+        raise RuntimeError("sum_pool_3x3_stride2: out_indices are not the strided conv's output sites of indices")
+    dst = order[position]
     out = features.new_zeros((len(out_indices), features.shape[1]))
     return out.index_add_(0, dst, features[src])
 
@@ -206,9 +206,9 @@ class GigaSSLModel(nn.Module):
 
     def __init__(self, layer4_source: ResNet18 | nn.Module | None = None, projector_dim: int = 256, device: torch.device | str = "cpu") -> None:
         super().__init__()
-        self.device = torch.device(device)
+        device = torch.device(device)
         self.projector_dim = projector_dim
-        self.layer4 = SparseLayer4(self.device)
+        self.layer4 = SparseLayer4(device)
         source = ResNet18() if layer4_source is None else layer4_source
         self.layer4.load_dense(source.layer4 if hasattr(source, "layer4") else source)
         width = SLIDE_FEATURE_DIM
@@ -217,10 +217,11 @@ class GigaSSLModel(nn.Module):
             nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
             nn.Linear(width, projector_dim),
         )
-        self.to(self.device)
+        self.to(device)
 
     def _as_sparse(self, x):
-        return to_sparse_tensor(x, self.device) if isinstance(x, SparseBatch) else x
+        # the parameters' device, not the one given at construction: the model may have moved
+        return to_sparse_tensor(x, self.projector[0].weight.device) if isinstance(x, SparseBatch) else x
 
     def pool(self, x) -> torch.Tensor:
         """Sparse maps → (B, 512) slide representations (mean over each map's active sites)."""
