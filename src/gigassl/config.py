@@ -82,6 +82,10 @@ class EvaluateConfig:
     strict: bool = field(default=False, metadata=_help("error when label ids are missing from the embeddings"))
     device: str = field(default="auto", metadata=_help("device of the MIL baselines"))
     topk: int = field(default=64, metadata=_help("k most-attended tiles per slide for top-k fine-tuning"))
+    topk_epochs: int = field(default=2, metadata=_help("top-k fine-tuning epochs over the training slides (one slide per step)"))
+    mil_epochs: int = field(default=50, metadata=_help("most epochs of attention-MIL training (early stopping on an inner validation split)"))
+    slides: Optional[Path] = field(default=None, metadata=_help("folder of the slide files, for top-k (default: the paths recorded in the feature files)"))
+    encoder: str = field(default="auto", metadata=_help("tile encoder checkpoint fine-tuned by top-k ('auto': 'random' when the features say so, else required)"))
 
 
 @dataclass(frozen=True)

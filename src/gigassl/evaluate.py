@@ -1,0 +1,589 @@
+"""``gigassl evaluate``: few-label classification of slide embeddings against MIL baselines.
+
+Protocol (the paper's, and the field's: TITAN, Patho-Bench, eva):
+
+- ``n_splits`` seeded, stratified train/test splits (``test_fraction`` held out); when the
+  labels CSV has a patient column, all slides of a patient fall on one side
+  (``StratifiedGroupKFold``, one fold held out per repeat).
+- In every split, each training budget takes a stratified subset of the training part:
+  ``100%``/``25%`` (a share), ``50`` (a slide count) or ``4/class`` (K per class). The subset
+  is drawn once per (split, budget) and shared by every method, so methods see the same slides.
+- Methods: ``gigassl`` (logistic regression on the embeddings), ``average`` (AverageMIL),
+  ``abmil`` (gated attention-MIL), ``topk`` (top-k fine-tuning); see :mod:`gigassl.mil`.
+  Logistic regression: C = 10, ``class_weight="balanced"``, lbfgs, ``max_iter=1000`` (the
+  original's) or C by inner cross-validation (``--tune-c``).
+- Metrics on the test part: ROC-AUC (binary; one-vs-rest macro over the classes for more) and
+  balanced accuracy, reported as mean ± s.d. over the splits.
+
+Outputs in ``out``: ``results.csv`` and ``results.json`` (summary, every split, settings),
+``auc_vs_training_slides.png`` (one line per method, like the paper's Fig. 2). The table is
+printed.
+
+Speed: embeddings are unit-norm, so lbfgs on them is well conditioned; one estimator per
+(method, budget) is refitted with a warm start across splits (same optimum, fewer
+iterations), and BLAS runs on one thread (parallel BLAS on 700 × 512 only burns CPU time).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import h5py
+import numpy as np
+from sklearn.base import clone
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedShuffleSplit
+
+from gigassl.config import EvaluateConfig
+from gigassl.mil import AttentionMIL, SlideTiles, TopKFineTuner, make_logistic_regression, mean_features
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("gigassl", "average", "abmil", "topk")
+BASELINES = ("average", "abmil", "topk")
+RESULTS_CSV = "results.csv"
+RESULTS_JSON = "results.json"
+PLOT_PNG = "auc_vs_training_slides.png"
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A training budget: ``kind`` is "fraction" (value in (0, 1]), "count" or "per_class"."""
+
+    text: str
+    kind: str
+    value: float
+
+
+def parse_budgets(text: str) -> list[Budget]:
+    """``"100%,25%,50,4/class"`` → budgets, in the given order."""
+    budgets = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        if match := re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", item):
+            value = float(match.group(1)) / 100
+            if not 0 < value <= 1:
+                raise ValueError(f"budget {item!r}: a percentage must be in (0, 100]")
+            budgets.append(Budget(item, "fraction", value))
+        elif match := re.fullmatch(r"(\d+)\s*/\s*class", item):
+            budgets.append(Budget(item, "per_class", float(match.group(1))))
+        elif re.fullmatch(r"\d+", item):
+            budgets.append(Budget(item, "count", float(item)))
+        else:
+            raise ValueError(f"budget {item!r} not understood; use a percentage (25%), a slide count (50) "
+                             "or slides per class (4/class), comma-separated")
+        if budgets[-1].value <= 0:
+            raise ValueError(f"budget {item!r} must be positive")
+    if not budgets:
+        raise ValueError(f"--budgets {text!r} names no budget; e.g. '100%,25%,50,4/class'")
+    return budgets
+
+
+@dataclass(frozen=True)
+class Labels:
+    """One row per labelled slide: ids, string labels, patients (None without a patient column)."""
+
+    slide_ids: list[str]
+    labels: np.ndarray
+    patients: np.ndarray | None
+
+    def subset(self, rows: Sequence[int]) -> "Labels":
+        rows = list(rows)
+        return Labels([self.slide_ids[i] for i in rows], self.labels[rows],
+                      None if self.patients is None else self.patients[rows])
+
+
+def read_labels(path: str | Path, slide_column: str = "slide", label_column: str = "label",
+                patient_column: str = "patient") -> Labels:
+    """Read the labels CSV; labels are kept as strings; a repeated slide id is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"labels CSV {path} does not exist")
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        for needed in (slide_column, label_column):
+            if needed not in columns:
+                raise ValueError(f"labels CSV {path}: no column {needed!r} (found {columns}); "
+                                 f"name the columns with --slide-column / --label-column")
+        has_patient = patient_column in columns
+        ids, labels, patients = [], [], []
+        for line, row in enumerate(reader, start=2):
+            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            if not row[slide_column]:
+                continue
+            if not row[label_column]:
+                raise ValueError(f"labels CSV {path} line {line}: slide {row[slide_column]!r} has an empty label")
+            ids.append(row[slide_column])
+            labels.append(row[label_column])
+            patients.append(row[patient_column] or row[slide_column] if has_patient else "")
+    repeated = sorted({s for s in ids if ids.count(s) > 1}) if len(set(ids)) != len(ids) else []
+    if repeated:
+        raise ValueError(f"labels CSV {path}: slide ids listed more than once: {repeated[:10]}")
+    if not ids:
+        raise ValueError(f"labels CSV {path} holds no labelled slide")
+    return Labels(ids, np.array(labels, dtype=str), np.array(patients, dtype=str) if has_patient else None)
+
+
+def keep_available(labels: Labels, available: set[str], what: str, strict: bool) -> tuple[Labels, list[str]]:
+    """Drop labelled slides that ``what`` lacks (warning), or raise with ``strict``."""
+    missing = [s for s in labels.slide_ids if s not in available]
+    if missing:
+        shown = ", ".join(missing[:20]) + (f" … ({len(missing)} in all)" if len(missing) > 20 else "")
+        message = f"{len(missing)} of {len(labels.slide_ids)} labelled slides are missing from {what}: {shown}"
+        if strict:
+            raise ValueError(message + "; fix the labels CSV or the inputs, or drop --strict to ignore them")
+        logger.warning("%s; they are ignored", message)
+    return labels.subset([i for i, s in enumerate(labels.slide_ids) if s in available]), missing
+
+
+def check_classes(labels: Labels, n_folds_needed: int, source: str) -> np.ndarray:
+    """The sorted class names; raises when a split cannot hold every class on both sides."""
+    classes, counts = np.unique(labels.labels, return_counts=True)
+    if len(classes) < 2:
+        raise ValueError(f"{source}: a single class {[str(c) for c in classes]} among {len(labels.slide_ids)} slides; "
+                         "classification needs at least two classes — check --label-column")
+    unit = "patients" if labels.patients is not None else "slides"
+    for name in classes:
+        members = labels.labels == name
+        n = len(np.unique(labels.patients[members])) if labels.patients is not None else int(members.sum())
+        if n < n_folds_needed:
+            raise ValueError(
+                f"{source}: class {str(name)!r} has {n} {unit}; each split needs at least {n_folds_needed} per class "
+                f"(some for training, some for testing) — add {unit}, or merge or drop the class")
+    return classes
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits and budgets
+
+
+def n_folds_for(test_fraction: float) -> int:
+    """Folds of the grouped split whose held-out fold is about ``test_fraction``."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"--test-fraction {test_fraction} must be in (0, 1)")
+    return max(2, int(round(1 / test_fraction)))
+
+
+def make_splits(y: np.ndarray, groups: np.ndarray | None, n_splits: int, test_fraction: float,
+                seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n_splits`` stratified (train, test) index pairs; grouped (patients never straddle) when
+    ``groups`` is given. Raises when a split lacks a class on one side."""
+    if n_splits < 1:
+        raise ValueError(f"--n-splits {n_splits} must be ≥ 1")
+    if groups is None:
+        splitter = StratifiedShuffleSplit(n_splits=n_splits, test_size=test_fraction, random_state=seed)
+        splits = list(splitter.split(np.zeros(len(y)), y))
+    else:
+        n_folds = n_folds_for(test_fraction)
+        splits = []
+        for repeat in range(n_splits):
+            folder = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed + repeat)
+            with warnings.catch_warnings():  # "least populated class" warnings: checked below instead
+                warnings.simplefilter("ignore", UserWarning)
+                train, test = next(folder.split(np.zeros(len(y)), y, groups))
+            splits.append((train, test))
+    n_classes = len(np.unique(y))
+    for index, (train, test) in enumerate(splits):
+        if len(np.unique(y[train])) < n_classes:
+            raise ValueError(f"split {index}: a class has no training slide; lower --test-fraction or add slides")
+        if len(np.unique(y[test])) < 2:
+            raise ValueError(f"split {index}: the test part holds a single class; raise --test-fraction or add slides")
+    return splits
+
+
+def budget_subset(train: np.ndarray, y: np.ndarray, budget: Budget, rng: np.random.Generator,
+                  split_index: int = 0, class_names: Sequence[str] | None = None) -> np.ndarray:
+    """A stratified subset of ``train`` (indices into ``y``) of the budget's size, sorted.
+
+    ``class_names[c]`` names class ``c`` in error messages."""
+    classes, counts = np.unique(y[train], return_counts=True)
+    n_train = len(train)
+    if budget.kind == "per_class":
+        k = int(budget.value)
+        short = [(c, n) for c, n in zip(classes, counts) if n < k]
+        if short:
+            raise ValueError(f"budget {budget.text!r} asks for {k} training slides per class, but in split {split_index} "
+                             f"class {_name(short[0][0], class_names)!r} has only {short[0][1]} training slides; use a smaller K")
+        per_class = np.full(len(classes), k)
+    else:
+        n = int(round(budget.value * n_train)) if budget.kind == "fraction" else int(budget.value)
+        if n > n_train:
+            raise ValueError(f"budget {budget.text!r} asks for {n} training slides, but the training part of split "
+                             f"{split_index} holds {n_train}; use a smaller count or a percentage")
+        n = max(n, len(classes))
+        if budget.kind == "count" and int(budget.value) < len(classes):
+            raise ValueError(f"budget {budget.text!r} is smaller than the number of classes ({len(classes)}); "
+                             "every class needs a training slide")
+        per_class = _allocate(n, counts)
+    chosen = [rng.choice(train[y[train] == c], size=m, replace=False) for c, m in zip(classes, per_class)]
+    return np.sort(np.concatenate(chosen))
+
+
+def _name(code: int, class_names: Sequence[str] | None) -> str:
+    return str(class_names[int(code)]) if class_names is not None else str(code)
+
+
+def _allocate(n: int, counts: np.ndarray) -> np.ndarray:
+    """Split ``n`` over classes proportionally to ``counts`` (largest remainder), ≥ 1 each."""
+    exact = n * counts / counts.sum()
+    share = np.clip(np.floor(exact).astype(int), 1, counts)
+    order = np.argsort(-(exact - np.floor(exact)), kind="stable")
+    while share.sum() < n:
+        for i in order:
+            if share.sum() >= n:
+                break
+            if share[i] < counts[i]:
+                share[i] += 1
+    while share.sum() > n:
+        i = int(np.argmax(share))
+        share[i] -= 1
+    return share
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+
+
+class Method(Protocol):
+    name: str
+
+    def fit_predict(self, train: np.ndarray, test: np.ndarray, y: np.ndarray, key: str, seed: int) -> np.ndarray:
+        """Fit on rows ``train`` (labels ``y`` as integers), return (len(test), C) probabilities."""
+
+
+class LinearMethod:
+    """Logistic regression on fixed per-slide vectors (embeddings, or mean features).
+
+    ``key`` names the budget: one estimator per key is refitted across splits with a warm
+    start (same optimum, fewer lbfgs iterations).
+    """
+
+    def __init__(self, name: str, vectors: np.ndarray, c: float = 10.0, tune_c: bool = False,
+                 standardize: bool = False) -> None:
+        self.name = name
+        self.vectors = np.asarray(vectors, dtype=np.float64)
+        self.c, self.tune_c, self.standardize = c, tune_c, standardize
+        self._estimators: dict[str, Any] = {}
+
+    def fit_predict(self, train: np.ndarray, test: np.ndarray, y: np.ndarray, key: str = "", seed: int = 0) -> np.ndarray:
+        estimator = self._estimators.get(key)
+        if estimator is None:
+            estimator = make_logistic_regression(self.c, standardize=self.standardize, tune_c=self.tune_c,
+                                                 warm_start=not self.tune_c, seed=seed,
+                                                 n_inner_folds=_inner_folds(y[train]))
+            self._estimators[key] = estimator
+        elif self.tune_c:
+            estimator.set_params(**_cv_param(estimator, _inner_folds(y[train])))
+        estimator.fit(self.vectors[train], y[train])
+        return _full_proba(estimator.predict_proba(self.vectors[test]), estimator.classes_, int(y.max()) + 1)
+
+
+def _inner_folds(y_train: np.ndarray) -> int:
+    return int(max(2, min(3, np.bincount(y_train)[np.bincount(y_train) > 0].min())))
+
+
+def _cv_param(estimator, folds: int) -> dict[str, int]:
+    return {"logisticregressioncv__cv" if hasattr(estimator, "steps") else "cv": folds}
+
+
+def _full_proba(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
+    full = np.zeros((len(proba), n_classes))
+    full[:, np.asarray(classes, dtype=int)] = proba
+    return full
+
+
+class AttentionMethod:
+    """Gated attention-MIL on the slides' plain tile features (``bags`` aligned with ``y``)."""
+
+    name = "abmil"
+
+    def __init__(self, bags: Sequence[np.ndarray], estimator: AttentionMIL) -> None:
+        self.bags, self.estimator = bags, estimator
+
+    def fit_predict(self, train, test, y, key="", seed=0):
+        model = clone(self.estimator).set_params(seed=seed).fit([self.bags[i] for i in train], y[train])
+        return _full_proba(model.predict_proba([self.bags[i] for i in test]), model.classes_, int(y.max()) + 1)
+
+
+class TopKMethod:
+    """Top-k fine-tuning; ``tiles`` says where each slide's tiles are re-read from."""
+
+    name = "topk"
+
+    def __init__(self, bags: Sequence[np.ndarray], tiles: Sequence[SlideTiles], estimator: TopKFineTuner) -> None:
+        self.bags, self.tiles, self.estimator = bags, tiles, estimator
+
+    def fit_predict(self, train, test, y, key="", seed=0):
+        model = clone(self.estimator).set_params(seed=seed)
+        model.fit([self.bags[i] for i in train], y[train], [self.tiles[i] for i in train])
+        proba = model.predict_proba([self.bags[i] for i in test], [self.tiles[i] for i in test])
+        return _full_proba(proba, model.classes_, int(y.max()) + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics and the protocol
+
+
+def roc_auc(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """Binary ROC-AUC, or the macro mean of one-vs-rest AUCs over the classes present in ``y_true``."""
+    n_classes = proba.shape[1]
+    if n_classes == 2:
+        return float(roc_auc_score(y_true, proba[:, 1]))
+    aucs = [roc_auc_score(y_true == c, proba[:, c]) for c in range(n_classes) if 0 < (y_true == c).sum() < len(y_true)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def run_protocol(methods: Sequence[Method], y: np.ndarray, splits: Sequence[tuple[np.ndarray, np.ndarray]],
+                 budgets: Sequence[Budget], seed: int = 0, class_names: Sequence[str] | None = None,
+                 ) -> list[dict[str, Any]]:
+    """Every method × budget × split: one row per fit with n_train, auc, balanced_accuracy."""
+    from threadpoolctl import threadpool_limits
+
+    rows = []
+    subsets = {
+        (s, b): budget_subset(train, y, budget, np.random.default_rng([seed, s, b]), s, class_names)
+        for s, (train, _) in enumerate(splits) for b, budget in enumerate(budgets)
+    }
+    with threadpool_limits(1, user_api="blas"):
+        for method in methods:
+            for b, budget in enumerate(budgets):
+                for s, (_, test) in enumerate(splits):
+                    train = subsets[(s, b)]
+                    proba = method.fit_predict(train, test, y, budget.text, seed + s)
+                    rows.append(dict(method=method.name, budget=budget.text, split=s, n_train=len(train),
+                                     auc=roc_auc(y[test], proba),
+                                     balanced_accuracy=float(balanced_accuracy_score(y[test], proba.argmax(1)))))
+                logger.info("%s @ %s: AUC %.3f", method.name, budget.text,
+                            np.nanmean([r["auc"] for r in rows if r["method"] == method.name and r["budget"] == budget.text]))
+    return rows
+
+
+def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± s.d. over splits per (method, budget), in first-seen order."""
+    keys = list(dict.fromkeys((r["method"], r["budget"]) for r in rows))
+    summary = []
+    for method, budget in keys:
+        group = [r for r in rows if r["method"] == method and r["budget"] == budget]
+        auc = np.array([r["auc"] for r in group], dtype=float)
+        bacc = np.array([r["balanced_accuracy"] for r in group], dtype=float)
+        summary.append(dict(
+            method=method, budget=budget, n_train=float(np.mean([r["n_train"] for r in group])), n_splits=len(group),
+            auc_mean=float(np.nanmean(auc)), auc_std=float(np.nanstd(auc)),
+            balanced_accuracy_mean=float(bacc.mean()), balanced_accuracy_std=float(bacc.std()),
+        ))
+    return summary
+
+
+def format_table(summary: Sequence[dict[str, Any]]) -> str:
+    """The summary as an aligned text table."""
+    lines = [f"{'method':<9} {'budget':>8} {'n_train':>8}  {'ROC-AUC':>15}  {'balanced acc.':>15}"]
+    for r in summary:
+        lines.append(f"{r['method']:<9} {r['budget']:>8} {r['n_train']:>8.0f}  "
+                     f"{r['auc_mean']:.3f} ± {r['auc_std']:.3f}    "
+                     f"{r['balanced_accuracy_mean']:.3f} ± {r['balanced_accuracy_std']:.3f}")
+    return "\n".join(lines)
+
+
+def plot_auc(summary: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """AUC (mean ± s.d.) against the number of training slides, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4.2))
+    for method in dict.fromkeys(r["method"] for r in summary):
+        points = sorted((r["n_train"], r["auc_mean"], r["auc_std"]) for r in summary if r["method"] == method)
+        x, mean, std = (np.array(v) for v in zip(*points))
+        axis.plot(x, mean, marker="o", label=method)
+        axis.fill_between(x, mean - std, mean + std, alpha=0.2)
+    all_x = [r["n_train"] for r in summary]
+    if max(all_x) > 4 * min(all_x):
+        axis.set_xscale("log")
+    axis.set_xlabel("training slides")
+    axis.set_ylabel("ROC-AUC (mean ± s.d. over splits)")
+    axis.set_title(title or "AUC vs number of training slides")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    summary: list[dict[str, Any]]
+    rows: list[dict[str, Any]]
+    classes: list[str]
+    missing: list[str]
+    csv_path: Path
+    json_path: Path
+    plot_path: Path
+    exit_code: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines' inputs
+
+
+def feature_paths(folder: str | Path) -> dict[str, Path]:
+    """slide id (file stem) → per-slide features file of ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--features {folder} is not a folder; point it at the `features` folder of `gigassl extract`")
+    return {p.stem: p for p in sorted(folder.glob("*.h5"))}
+
+
+def load_bags(paths: Sequence[Path]) -> list[np.ndarray]:
+    """(N_i, 256) plain tile features of each file."""
+    from extract.features_file import SlideFeatures
+
+    bags = []
+    for path in paths:
+        with SlideFeatures(path, require_plain=True) as slide:
+            if slide.n_tiles == 0:
+                raise ValueError(f"{path}: no tiles; drop the slide from the labels CSV")
+            bags.append(slide.features())
+    return bags
+
+
+def slide_tiles(paths: Sequence[Path], slides_folder: Path | None) -> list[SlideTiles]:
+    """Where each slide's tiles are re-read from (the feature file's source and tile grid)."""
+    from extract.features_file import SlideFeatures
+
+    tiles = []
+    for path in paths:
+        with h5py.File(path, "r") as handle:  # the slide file the features were extracted from
+            source = Path(str(handle.attrs.get("source", "")))
+        with SlideFeatures(path, require_plain=True) as slide:
+            grid = slide.grid_attrs
+            coords = slide.coords()
+            size_level0 = slide.tile_step_level0
+        slide_path = slides_folder / source.name if slides_folder is not None else source
+        if not slide_path.is_file():
+            raise FileNotFoundError(f"{path}: its slide {slide_path} does not exist; top-k re-reads tiles from the slides, "
+                                    "pass --slides FOLDER holding them")
+        tiles.append(SlideTiles(slide_path, coords, size_level0, int(grid["patch_size"]), grid.get("mpp")))
+    return tiles
+
+
+def trunk_factory(encoder: str, feature_file: Path):
+    """A callable building the tile trunk that produced the features (checked by hash)."""
+    from extract.encoder import TileTrunk, load_resnet18
+    from extract.features_file import SlideFeatures
+
+    with SlideFeatures(feature_file) as slide:
+        expected = slide.encoder_sha256
+        seed = int(slide.settings.get("seed", 0))
+    if encoder == "auto":
+        _, info = load_resnet18("random", seed=seed)
+        if info.sha256 != expected:
+            raise ValueError(f"{feature_file}: its features come from a tile encoder checkpoint (sha256 {expected[:12]}…); "
+                             "top-k fine-tunes that encoder: pass it with --encoder PATH")
+        source, load_seed = "random", seed
+    else:
+        source, load_seed = encoder, 0
+        _, info = load_resnet18(encoder)
+        if info.sha256 != expected:
+            logger.warning("--encoder %s (sha256 %s…) is not the encoder of the features (%s…)", encoder, info.sha256[:12], expected[:12])
+    return lambda: TileTrunk(load_resnet18(source, seed=load_seed)[0])
+
+
+def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
+    """``gigassl evaluate``: the protocol on the embeddings (and baselines), tables and plot."""
+    from extract.device import resolve_device
+    from gigassl.embed import read_embeddings
+
+    budgets = parse_budgets(config.budgets)
+    baselines = [b.strip() for b in config.baselines.split(",") if b.strip()]
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"--baselines: unknown {unknown}; choose among {', '.join(BASELINES)}")
+    if baselines and config.features is None:
+        logger.info("no --features given: baselines %s skipped (they need the tile features)", baselines)
+        baselines = []
+    embeddings = read_embeddings(config.embeddings)
+    labels = read_labels(config.labels, config.slide_column, config.label_column, config.patient_column)
+    labels, missing = keep_available(labels, set(embeddings.slide_ids), f"the embeddings {config.embeddings}", config.strict)
+    files: dict[str, Path] = {}
+    if baselines:
+        files = feature_paths(config.features)
+        labels, missing_features = keep_available(labels, set(files), f"the features folder {config.features}", config.strict)
+        missing += missing_features
+    n_folds = 2 if labels.patients is None else n_folds_for(config.test_fraction)
+    classes = check_classes(labels, n_folds, str(config.labels))
+    y = np.searchsorted(classes, labels.labels)
+    splits = make_splits(y, labels.patients, config.n_splits, config.test_fraction, config.seed)
+    rows_of = embeddings.index()
+    methods: list[Method] = [LinearMethod("gigassl", embeddings.embeddings[[rows_of[s] for s in labels.slide_ids]],
+                                          config.c, config.tune_c)]
+    if baselines:
+        paths = [files[s] for s in labels.slide_ids]
+        device = str(resolve_device(config.device))
+        bags = load_bags(paths) if {"abmil", "topk"} & set(baselines) else None
+        mil = AttentionMIL(max_epochs=config.mil_epochs, device=device)
+        if "average" in baselines:
+            means = mean_features(bags) if bags is not None else mean_features(load_bags_one_by_one(paths))
+            methods.append(LinearMethod("average", means, config.c, config.tune_c, standardize=True))
+        if "abmil" in baselines:
+            methods.append(AttentionMethod(bags, mil))
+        if "topk" in baselines:
+            tuner = TopKFineTuner(trunk_factory(config.encoder, paths[0]), k=config.topk, epochs=config.topk_epochs,
+                                  mil=mil, device=device)
+            methods.append(TopKMethod(bags, slide_tiles(paths, config.slides), tuner))
+    logger.info("%d slides, classes %s, %d splits, budgets %s, methods %s", len(y), classes.tolist(),
+                len(splits), [b.text for b in budgets], [m.name for m in methods])
+    rows = run_protocol(methods, y, splits, budgets, config.seed, classes.tolist())
+    summary = summarise(rows)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = _write_csv(summary, out / RESULTS_CSV)
+    json_path = out / RESULTS_JSON
+    json_path.write_text(json.dumps(dict(
+        settings={k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()},
+        embeddings_provenance={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                               for k, v in embeddings.provenance.items()},
+        classes=classes.tolist(), n_slides=len(y), missing=missing, summary=summary, splits=rows,
+    ), indent=2, default=_json_default))
+    plot_path = plot_auc(summary, out / PLOT_PNG, title=f"{Path(config.labels).stem}: AUC vs training slides")
+    print(format_table(summary))
+    print(f"written: {csv_path}, {json_path}, {plot_path}")
+    return EvaluationResult(summary, rows, classes.tolist(), missing, csv_path, json_path, plot_path)
+
+
+def load_bags_one_by_one(paths: Sequence[Path]):
+    """Yield each file's plain features, one file in memory at a time."""
+    for path in paths:
+        yield load_bags([path])[0]
+
+
+def _write_csv(summary: Sequence[dict[str, Any]], path: Path) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(summary[0]))
+        writer.writeheader()
+        writer.writerows(summary)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return None if math.isnan(value) else float(value)
+    return str(value)
