@@ -72,6 +72,7 @@ def test_end_to_end_writes_valid_files(real_cohort: Path, tmp_path: Path, slides
             features, coords = slide.features(), slide.coords()
             assert features.shape == (len(coords), 256) and np.isfinite(features).all()
             assert slide.settings["tile_size"] == 64 and slide.settings["slides"] == str(real_cohort)
+            assert slide.settings["encoder"] == "random" and "shard" not in slide.settings
             assert slide.grid_attrs["target_mpp"] == 2.0 and slide.grid_attrs["patch_size"] == 64
             assert slide.encoder_sha256 and not slide.has_bank
     with SlideFeatures(out / "features" / "CMU-1-Small-Region.h5") as slide:
@@ -276,7 +277,7 @@ def test_two_shards_equal_one_process(cohort: Path, tmp_path: Path) -> None:
                 SlideFeatures(tmp_path / "two" / "features" / f"{stem}.h5") as b:
             np.testing.assert_array_equal(a.features(), b.features())
             np.testing.assert_array_equal(a.coords(), b.coords())
-            assert a.grid_attrs == b.grid_attrs
+            assert a.grid_attrs == b.grid_attrs and a.settings == b.settings
             for index in range(2):
                 for array_a, array_b in zip(a.augmentation(index), b.augmentation(index)):
                     np.testing.assert_array_equal(array_a, array_b)

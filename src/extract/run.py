@@ -191,9 +191,17 @@ def remove_stale_partials(features_dir: Path, stem: str) -> None:
         stale.unlink(missing_ok=True)
 
 
+# Fields that say how a batch was run, not what a file holds: left out of the settings written
+# into each file, so that two shards and one process write the same files.
+RUN_CONTROL_FIELDS = frozenset({"out", "overwrite", "strict", "shard", "num_workers", "qc"})
+
+
 def settings_of(config: ExtractConfig) -> dict[str, Any]:
-    """The settings dataclass as plain JSON-able data (paths as str)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
+    """The settings that shape a slide's file, as plain JSON-able data (paths as str)."""
+    return {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in dataclasses.asdict(config).items() if k not in RUN_CONTROL_FIELDS
+    }
 
 
 # ----------------------------------------------------------------------------- tiles → features
