@@ -176,6 +176,23 @@ def test_two_files_with_one_stem_do_not_overwrite_each_other(cohort: Path, tmp_p
     assert by_name["synthetic_a.tiff"]["status"] == "failed" and "same file stem" in by_name["synthetic_a.tiff"]["reason"]
 
 
+def test_tile_read_error_in_a_worker_is_one_line(
+    cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from extract.reader import SlideReader, SlideReadError
+
+    def broken(self, x0, y0, size_level0, out_px):
+        raise SlideReadError(f"{self.path}: cannot read a tile at ({x0}, {y0}): boom")
+
+    monkeypatch.setattr(SlideReader, "read_tile", broken)  # forked workers inherit it
+    folder = _only(cohort, "synthetic_a.tif")
+    assert extract(folder, tmp_path / "out", "--num-workers", "1") == 1
+    reason = summary_of(tmp_path / "out")["slides"][0]["reason"]
+    assert reason.startswith("extract.reader.SlideReadError: ") and "synthetic_a.tif" in reason and "boom" in reason
+    assert "\n" not in reason and "Traceback" not in reason
+    assert not list((tmp_path / "out" / "features").iterdir())
+
+
 def test_exit_non_zero_when_every_slide_failed(tmp_path: Path, slides_dir: Path) -> None:
     folder = tmp_path / "slides"
     folder.mkdir()

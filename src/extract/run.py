@@ -378,7 +378,12 @@ def extract_slide(path: Path, job: _Job, position: int = 1) -> SlideOutcome:
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if any(line.startswith("Original Traceback") for line in lines):
+        # Re-raised from a DataLoader worker: the message carries the worker's traceback,
+        # whose last line is the original "Type: message".
+        return lines[-1]
+    text = " ".join(lines)
     known = isinstance(error, (ValueError, OSError))  # SlideReadError and friends name the file
     return text if known and text else f"{type(error).__name__}: {text}"
 
