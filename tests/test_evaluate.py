@@ -166,6 +166,19 @@ def test_warm_started_refits_reach_the_optimum():
         np.testing.assert_allclose(warm.fit_predict(train, test, y, "100%"), optimum.predict_proba(vectors[test]), atol=1e-4)
 
 
+def test_c_chosen_by_inner_cross_validation():
+    from sklearn.linear_model import LogisticRegressionCV
+
+    for names in (["a", "b"], ["a", "b", "c"]):
+        ids, labels, vectors = clustered(15, names, separation=0.5)
+        y = np.searchsorted(names, labels)
+        method = LinearMethod("gigassl", vectors, tune_c=True)
+        train, test = make_splits(y, None, 1, 0.3, seed=0)[0]
+        proba = method.fit_predict(train, test, y, "100%")
+        assert isinstance(method._estimators["100%"], LogisticRegressionCV)
+        assert proba.shape == (len(test), len(names)) and roc_auc(y[test], proba) > 0.8
+
+
 # ---- end to end -------------------------------------------------------------------------------
 
 
@@ -265,3 +278,10 @@ def test_every_baseline_including_topk_runs_on_real_slide_tiles(tmp_path, slides
     assert by_method["topk"]["n_splits"] == 2
     for method in ("average", "abmil", "topk"):
         assert by_method[method]["auc_mean"] > 0.5, (method, by_method[method])
+
+
+def test_cli_help_renders_percent_signs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["evaluate", "--help"])
+    assert exit_info.value.code == 0
+    assert "(default: 100%,25%)" in capsys.readouterr().out

@@ -54,7 +54,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type)
         else:
             parser.add_argument(
                 flag, type=kind, default=default, required=required,
-                help=help_text + ("" if required or default is None else f" (default: {default})"),
+                help=(help_text + ("" if required or default is None else f" (default: {default})")).replace("%", "%%"),
             )
 
 

@@ -17,6 +17,7 @@ evaluation encodes string labels). Every estimator follows scikit-learn's conven
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,9 +56,12 @@ def make_logistic_regression(
     """
     if tune_c:
         scoring = "roc_auc_ovr"  # equals binary ROC-AUC for two classes
+        # Newer scikit-learn warns unless these are explicit; older versions lack them.
+        modern = {"l1_ratios": (0.0,), "use_legacy_attributes": False}
+        accepted = inspect.signature(LogisticRegressionCV).parameters
         classifier = LogisticRegressionCV(
             Cs=list(C_GRID), cv=n_inner_folds, scoring=scoring, class_weight="balanced", max_iter=1000,
-            random_state=seed,
+            random_state=seed, **{k: v for k, v in modern.items() if k in accepted},
         )
     else:
         classifier = LogisticRegression(C=c, class_weight="balanced", max_iter=1000, tol=1e-6, warm_start=warm_start)
