@@ -131,11 +131,27 @@ def init_distributed(device_name: str) -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), device, initialised_here)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradients of every rank's loss (as the gathering
+    NT-Xent does), so that DDP's averaging gives the gradient of the global-batch loss."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
 class GlobalBatchNorm1d(nn.BatchNorm1d):
     """``BatchNorm1d`` whose training statistics are those of the batch over all ranks.
 
-    Sums, sums of squares and counts are all-reduced with gradients
-    (``torch.distributed.nn.functional.all_reduce``), so forward and backward equal a
+    Sums, sums of squares and counts are all-reduced with gradients (:class:`_AllReduceSum`), so forward and backward equal a
     one-process batch norm of the concatenated batch. Same parameters and buffers (and state
     dict keys) as ``BatchNorm1d``.
     """
@@ -143,11 +159,9 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         x32 = x.float()
         local = torch.cat([x32.sum(0), (x32 * x32).sum(0), x32.new_tensor([float(len(x32))])])
-        total = all_reduce(local)  # (2C + 1,): sums, sums of squares, count over all ranks
+        total = _AllReduceSum.apply(local)  # (2C + 1,): sums, sums of squares, count over all ranks
         count = total[-1]
         mean = total[: self.num_features] / count
         var = (total[self.num_features : 2 * self.num_features] / count - mean * mean).clamp_min(0)
@@ -493,7 +507,9 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupCosine(config.warmup_epochs * steps_per_epoch, total_steps))
     amp_dtype = autocast_dtype(device) if config.mixed_precision and device.type == "cuda" else None
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    # spconv casts its convolutions to float16 under CUDA autocast (even when the rest runs in
+    # bfloat16), so gradients are scaled whenever autocast is on
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is not None)
 
     monitor_dataset = SlideViewDataset(cohort, config.n_tiles_per_view, scale_range, config.seed, STREAM_MONITOR)
     monitor_order = np.random.default_rng([config.seed, STREAM_MONITOR]).permutation(len(cohort.slides))
@@ -526,8 +542,8 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
         row = dict(epoch=0, global_step=0, lr=float(scheduler.get_last_lr()[0]))
         row.update(monitor_metrics(model, monitor_dataset, monitor_indices, config.temperature, device))
         history.append(row)
-        if context.is_main:
-            write_monitors(history, out)
+    if context.is_main:
+        write_monitors(history, out)
 
     from tqdm.auto import tqdm
 

@@ -1,0 +1,189 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+
+from extract.encoder import load_resnet18, save_encoder_checkpoint
+from gigassl import cli
+from gigassl import train as train_module
+from gigassl.config import TrainConfig
+from gigassl.synthetic import write_synthetic_cohort
+from gigassl.train import (
+    GlobalBatchNorm1d,
+    TrainingDivergedError,
+    WarmupCosine,
+    config_differences,
+    load_checkpoint,
+    load_model,
+    run_training,
+    use_global_batch_norm,
+)
+
+FAST = dict(n_tiles_per_view=5, warmup_epochs=1, monitor_slides=8, check_finite=True)
+
+
+@pytest.fixture(scope="module")
+def small_cohort(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("features")
+    write_synthetic_cohort(folder, n_slides=8, n_tiles=24, n_augmentations=3, bank_size=10, seed=2)
+    return folder
+
+
+def _config(features, out, **overrides) -> TrainConfig:
+    settings = dict(FAST, features=Path(features), out=Path(out), batch_size=4, epochs=2, checkpoint_every=1)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def _rows(result_or_out) -> list[dict]:
+    path = result_or_out.monitors_json if hasattr(result_or_out, "monitors_json") else Path(result_or_out) / "monitors.json"
+    return json.loads(Path(path).read_text())
+
+
+@pytest.mark.slow
+def test_short_run_learns_the_planted_structure(tmp_path):
+    features = tmp_path / "features"
+    write_synthetic_cohort(features, n_slides=12, n_tiles=30, n_augmentations=3, bank_size=12, seed=0)
+    result = run_training(_config(features, tmp_path / "out", batch_size=6, epochs=6, checkpoint_every=3,
+                                  monitor_slides=12))
+    rows = _rows(result)
+    assert [row["epoch"] for row in rows] == list(range(7))  # row 0: before training
+    first, last = rows[0], rows[-1]
+    assert last["loss"] < first["loss"] - 0.5, (first["loss"], last["loss"])
+    assert last["positive_pair_accuracy"] > first["positive_pair_accuracy"] + 0.1
+    assert rows[5]["train_loss"] + rows[6]["train_loss"] < rows[1]["train_loss"] + rows[2]["train_loss"]
+    for key in ("collapse_level", "rankme", "odcorr", "grad_norm", "data_share"):
+        assert all(torch.isfinite(torch.tensor(row[key])) for row in rows if key in row)
+    assert result.curves.stat().st_size > 10_000 and result.monitors_csv.read_text().count("\n") == 8
+    payload = load_checkpoint(result.checkpoint)
+    assert payload["epoch"] == 6 and payload["global_step"] == 12 and payload["config"]["batch_size"] == 6
+    assert payload["encoder"]["name"] == "random" and payload["init"]["sha256"] == payload["encoder"]["sha256"]
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["epoch_0003.pt", "epoch_0006.pt"]
+    model, _ = load_model(result.checkpoint)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, payload["model"][key], rtol=0, atol=0)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    schedule = WarmupCosine(warmup_steps=4, total_steps=12)
+    factors = [schedule(step) for step in range(13)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == 1.0 and factors[8] == pytest.approx(0.5) and factors[12] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(small_cohort, tmp_path):
+    whole = run_training(_config(small_cohort, tmp_path / "whole", epochs=3))
+    resumed = run_training(_config(small_cohort, tmp_path / "resumed", epochs=3,
+                                   resume=tmp_path / "whole" / "checkpoints" / "epoch_0002.pt", num_workers=0))
+    a, b = load_checkpoint(whole.checkpoint), load_checkpoint(resumed.checkpoint)
+    assert a["global_step"] == b["global_step"] == 6
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
+    for key in ("exp_avg", "exp_avg_sq"):
+        for index in a["optimizer"]["state"]:
+            torch.testing.assert_close(a["optimizer"]["state"][index][key], b["optimizer"]["state"][index][key],
+                                       rtol=0, atol=0)
+    assert _rows(resumed)[:3] == _rows(whole)[:3]  # the history travels with the checkpoint
+    assert _rows(resumed)[3]["train_loss"] == _rows(whole)[3]["train_loss"]
+
+
+def test_resume_with_other_settings_names_them(small_cohort, tmp_path):
+    run_training(_config(small_cohort, tmp_path / "first", epochs=1))
+    other = _config(small_cohort, tmp_path / "second", epochs=1, lr=0.1, temperature=0.1,
+                    resume=tmp_path / "first" / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"settings differ.*lr: 0\.03 → 0\.1.*temperature: 0\.05 → 0\.1"):
+        run_training(other)
+    assert config_differences({"lr": 1, "out": "a", "num_workers": 0}, {"lr": 1, "out": "b", "num_workers": 2}) == []
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(small_cohort, tmp_path, monkeypatch):
+    calls = []
+    real = train_module.losses.nt_xent_distributed
+
+    def failing_on_fifth_step(z1, z2, temperature):
+        calls.append(1)
+        loss = real(z1, z2, temperature)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(train_module.losses, "nt_xent_distributed", failing_on_fifth_step)
+    with pytest.raises(TrainingDivergedError, match=r"nan at epoch 3, step 1 \(global step 5\).*checkpoint\.pt"):
+        run_training(_config(small_cohort, tmp_path / "out", epochs=4))
+    assert load_checkpoint(tmp_path / "out" / "checkpoint.pt")["epoch"] == 2
+    assert not list((tmp_path / "out").rglob("*.partial"))
+
+
+def test_features_of_another_encoder_need_init(tmp_path):
+    features = tmp_path / "features"
+    paths = write_synthetic_cohort(features, n_slides=4, n_tiles=12, n_augmentations=2, bank_size=6)
+    for path in paths:
+        with h5py.File(path, "a") as handle:
+            handle["aug_features"].attrs["encoder"] = "moco.pt"
+    with pytest.raises(ValueError, match="'moco.pt'.*--init PATH"):
+        run_training(_config(features, tmp_path / "a", epochs=1))
+    resnet, _ = load_resnet18("random", seed=5)
+    save_encoder_checkpoint(resnet, tmp_path / "moco.pt")
+    result = run_training(_config(features, tmp_path / "b", epochs=1, init=str(tmp_path / "moco.pt")))
+    payload = load_checkpoint(result.checkpoint)
+    assert payload["init"]["name"] == "moco.pt"
+    # one Adam step from the checkpoint's layer4 (not from the seed-0 random one)
+    trained = payload["model"]["layer4.block1.conv1.weight"]
+    dense = resnet.layer4[1].conv1.weight.detach().permute(0, 2, 3, 1)
+    seed0 = load_resnet18("random")[0].layer4[1].conv1.weight.detach().permute(0, 2, 3, 1)
+    assert not torch.equal(trained, dense)
+    torch.testing.assert_close(trained, dense, atol=0.01, rtol=0)
+    assert (trained - seed0).abs().max() > 0.05
+
+
+def test_global_batch_norm_without_distributed_is_batch_norm():
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6))
+    swapped = use_global_batch_norm(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6)))
+    swapped.load_state_dict(plain.state_dict())
+    assert isinstance(swapped[1], GlobalBatchNorm1d)
+    x = torch.randn(10, 4)
+    torch.testing.assert_close(swapped(x), plain(x))
+    torch.testing.assert_close(swapped[1].running_var, plain[1].running_var)
+
+
+def test_cli_train_end_to_end(small_cohort, tmp_path, capsys):
+    out = tmp_path / "out"
+    status = cli.main(["train", "--features", str(small_cohort), "--out", str(out), "--epochs", "1",
+                       "--batch-size", "4", "--warmup-epochs", "0", "--monitor-slides", "4"])
+    assert status == 0
+    assert (out / "checkpoint.pt").is_file() and (out / "curves.png").is_file()
+    assert len(_rows(out)) == 2
+    assert cli.main(["train", "--features", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+@pytest.mark.slow
+def test_two_rank_torchrun_step_equals_one_process(small_cohort, tmp_path):
+    # one step per epoch (global batch = the 8 slides), 4 slides per rank
+    flags = ["--features", str(small_cohort), "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0",
+             "--monitor-slides", "8", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "gigassl.cli", "train", "--out", str(tmp_path / "ddp"), *flags]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "2 ranks, global batch 8" in completed.stderr
+    assert cli.main(["train", "--out", str(tmp_path / "one"), *flags]) == 0
+    ddp, one = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt"), load_checkpoint(tmp_path / "one" / "checkpoint.pt")
+    assert ddp["world_size"] == 2 and one["world_size"] == 1
+    assert ddp["history"][1]["train_loss"] == pytest.approx(one["history"][1]["train_loss"], rel=1e-5)
+    assert ddp["history"][1]["grad_norm"] == pytest.approx(one["history"][1]["grad_norm"], rel=1e-4)
+    # Adam's first moment after one step is 0.1·gradient: the averaged DDP gradients equal the
+    # gradients of the one-process loss on the global batch (batch norm statistics included)
+    for index, state in one["optimizer"]["state"].items():
+        torch.testing.assert_close(ddp["optimizer"]["state"][index]["exp_avg"], state["exp_avg"], rtol=1e-3, atol=1e-7)
+    for key in one["model"]:
+        if "running" in key:
+            torch.testing.assert_close(ddp["model"][key], one["model"][key], rtol=1e-4, atol=1e-5)
