@@ -67,3 +67,14 @@ def test_qc_image_draws_kept_tiles(tmp_path: Path) -> None:
     assert tuple(picture[20, 30]) == (20, 170, 20)  # outline of the tile at mask (20..40)
     assert picture[30, 30, 0] < 255 and tuple(picture[80, 100]) == (255, 255, 255)  # tint on tissue only
     assert not list((tmp_path / "qc").glob("*.partial*"))
+
+
+def test_an_image_that_is_all_tissue_is_not_split_in_two(shared_data: Path) -> None:
+    # Pale stroma (saturation ~49) beside dense nuclei (~159): Otsu alone would cut between them.
+    image = np.empty((200, 300, 3), dtype=np.uint8)
+    image[:, :150] = (235, 190, 220)
+    image[:, 150:] = (90, 60, 160)
+    assert tissue_mask(image).mean() > 0.99
+    with open_slide(shared_data / "bach-dev" / "b001.jpg", default_mpp=0.42) as reader:
+        thumb, _ = reader.thumbnail(512)
+    assert tissue_mask(thumb).mean() > 0.8  # a microscopy field of breast tissue, no glass
