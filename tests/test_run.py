@@ -232,6 +232,10 @@ def test_skip_existing_and_overwrite(cohort: Path, tmp_path: Path) -> None:
     assert summary_of(out)["n_done"] == 3 and target.stat().st_mtime_ns != stamp
     # Asking for what the file lacks (here the bank) is not "complete": it is redone.
     assert not is_complete(target, require_bank=True)
+    # Other settings on a complete file: skipped (as asked) but said, with the way out.
+    assert extract(cohort, out, "--tissue-threshold", "0.6") == 0
+    reason = summary_of(out)["slides"][0]["reason"]
+    assert "other settings" in reason and "tissue_threshold 0.5 → 0.6" in reason and "--overwrite" in reason
 
 
 def test_corrupt_and_truncated_outputs_are_redone(cohort: Path, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from extract.config import ExtractConfig
 from extract.device import autocast, resolve_device
 from extract.encoder import IMAGE_MEAN, IMAGE_STD, EncoderInfo, TileTrunk, load_resnet18
-from extract.features_file import TEMP_SUFFIX, SlideFileWriter, is_complete
+from extract.features_file import TEMP_SUFFIX, SlideFeatures, SlideFileWriter, is_complete
 from extract.reader import SLIDE_SUFFIXES, SlideReader, load_mpp_overrides, open_slide
 from extract.tiling import TileGrid, tile_grid
 from extract.tissue import save_qc_image
@@ -194,6 +194,21 @@ def remove_stale_partials(features_dir: Path, stem: str) -> None:
 # Fields that say how a batch was run, not what a file holds: left out of the settings written
 # into each file, so that two shards and one process write the same files.
 RUN_CONTROL_FIELDS = frozenset({"out", "overwrite", "strict", "shard", "num_workers", "qc"})
+
+
+# Settings whose change makes an existing file a different result (checked when skipping).
+CONTENT_FIELDS = ("encoder", "mpp", "tile_size", "tissue_threshold", "n_augmentations", "n_tiles_per_augmentation", "seed")
+
+
+def settings_mismatch(path: Path, settings: dict[str, Any]) -> list[str]:
+    """Content settings of the complete file ``path`` that differ from ``settings``, as "name a → b"."""
+    with SlideFeatures(path) as existing:
+        stored = existing.settings
+    return [
+        f"{name} {stored[name]!r} → {settings[name]!r}"
+        for name in CONTENT_FIELDS
+        if name in stored and name in settings and stored[name] != settings[name]
+    ]
 
 
 def settings_of(config: ExtractConfig) -> dict[str, Any]:
@@ -472,7 +487,12 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
             summary.outcomes.append(SlideOutcome(path.name, "failed", reason=reason))
             continue
         if not config.overwrite and is_complete(target, require_plain=config.plain, require_bank=config.bank):
-            summary.outcomes.append(SlideOutcome(path.name, "skipped", reason="complete output exists"))
+            reason = "complete output exists"
+            changed = settings_mismatch(target, job.settings)
+            if changed:
+                reason += f" with other settings ({', '.join(changed)}); --overwrite or another --out to redo"
+                logger.warning("skipping %s: %s", path.name, reason)
+            summary.outcomes.append(SlideOutcome(path.name, "skipped", reason=reason))
             continue
         try:
             outcome = extract_slide(path, job)
