@@ -75,6 +75,7 @@ def test_average_mil_beats_chance_on_mean_shift():
     assert roc_auc_score(y[40:], model.predict_proba(bags[40:])[:, 1]) > 0.9
 
 
+@pytest.mark.slow
 def test_attention_mil_learns_witness_tiles_and_attends_to_them():
     bags, y = planted_bags(64, seed=0, witness_fraction=0.3)
     model = AttentionMIL(hidden_dim=32, attention_dim=32, max_epochs=30, patience=8, lr=3e-3, seed=0).fit(bags[:48], y[:48])
