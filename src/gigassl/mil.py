@@ -187,7 +187,8 @@ class AttentionMIL(ClassifierMixin, BaseEstimator):
         n_classes = int(y.max()) + 1
         # Initialisation and dropout draw from torch's global generator: fork it so a seed
         # reproduces the fit without disturbing the caller's random state.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(self.seed)
             self.model_ = self._train(bags, y, n_classes, device).eval()
         self.n_classes_ = n_classes
