@@ -595,6 +595,8 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
                     _write_checkpoint(out, epoch, payload, config.keep_checkpoints)
     finally:
         progress.close()
+        dataset.close()
+        monitor_dataset.close()
     if context.world_size > 1:
         dist.barrier()
     csv_path, json_path = out / "monitors.csv", out / "monitors.json"
