@@ -337,7 +337,7 @@ def _write_checkpoint(out: Path, epoch: int, payload: dict[str, Any], keep: int)
     except OSError:
         temp.write_bytes(path.read_bytes())
     os.replace(temp, latest)
-    for old in sorted(folder.glob("epoch_*.pt"))[:-keep]:
+    for old in sorted(folder.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-keep]:
         old.unlink()
     return latest
 
