@@ -165,6 +165,8 @@ class TileAugmentation:
 
     def __init__(self, settings: AugmentationSettings | None = None) -> None:
         self.settings = settings or AugmentationSettings()
+        # The bank applies one draw to several batches: build its matrices once.
+        self._last_spatial: tuple[AugmentationParams, tuple[torch.Tensor, ...]] | None = None
 
     def sample(self, n: int, size_px: int, generator: torch.Generator) -> AugmentationParams:
         """Draw ``n`` augmentations for square tiles of side ``size_px`` (a CPU generator)."""
@@ -214,7 +216,7 @@ class TileAugmentation:
         normalize: tuple[Sequence[float], Sequence[float]] | None = None,
         dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Augment (B, 3, H, W) images → (B, 3, H, W) contiguous, in [0, 1].
+        """Augment (B, 3, H, W) images → (B, 3, H, W) contiguous, in [0, 1] (or normalised).
 
         ``images``: uint8 (0–255) or float in [0, 1]. ``len(params) == 1``: the same
         augmentation for all B tiles; ``== B``: one per tile. ``normalize=(mean, std)``
@@ -231,31 +233,46 @@ class TileAugmentation:
             raise ValueError(f"{len(params)} augmentation draws for {batch} tiles: give 1 (shared) or {batch}")
         dtype = dtype or (images.dtype if images.is_floating_point() else torch.float32)
         scale = 1.0 if images.is_floating_point() else 1 / 255
-        x = images.to(dtype)
+        # Planar layout for the products along rows and columns (tiles often arrive NHWC).
+        x = images.to(dtype=dtype, memory_format=torch.contiguous_format)
+        x, scale = self._apply_spatial(x, params, scale)
+        return self._apply_colour(x, params, scale, normalize)
 
-        left, right, transpose = spatial_matrices(params, self.settings.blur_kernel_px)
-        if len(params) == 1:
-            if transpose[0]:
-                x = x.transpose(-1, -2)
-            identity = torch.eye(params.size_px, dtype=left.dtype)
-            if not (torch.equal(left[0], identity) and torch.equal(right[0], identity)):
-                # Only the crop's rows and columns enter the products: slice them out first.
-                (row0, row1), (col0, col1) = _support(left[0]), _support(right[0])
-                # Scaling by 1/255 here is free: relative precision does not depend on it.
-                left = (left[0, :, row0:row1] * scale).to(device=x.device, dtype=dtype)
-                right = right[0, :, col0:col1].to(device=x.device, dtype=dtype)
-                x = torch.matmul(left, torch.matmul(x[..., row0:row1, col0:col1], right.T))
-                scale = 1.0
-        else:
-            x = torch.where(transpose.to(x.device)[:, None, None, None], x.transpose(-1, -2), x)
-            left = (left * scale).to(device=x.device, dtype=dtype)[:, None]
-            right = right.to(device=x.device, dtype=dtype)[:, None]
-            x = torch.matmul(left, torch.matmul(x, right.transpose(-1, -2)))
-            scale = 1.0
+    def _apply_spatial(self, x: torch.Tensor, params: AugmentationParams, scale: float) -> tuple[torch.Tensor, float]:
+        """``L · X' · Rᵀ`` (crop, resize, flips, rotation, blur) → images and the scale left to apply."""
+        if self._last_spatial is None or self._last_spatial[0] is not params:
+            self._last_spatial = (params, spatial_matrices(params, self.settings.blur_kernel_px))
+        left, right, transpose = self._last_spatial[1]
+        device, dtype = x.device, x.dtype
+        if len(params) > 1:
+            x = torch.where(transpose.to(device)[:, None, None, None], x.transpose(-1, -2), x)
+            left = (left * scale).to(device=device, dtype=dtype)[:, None]
+            right = right.to(device=device, dtype=dtype)[:, None]
+            return torch.matmul(left, torch.matmul(x, right.transpose(-1, -2))), 1.0
+        if transpose[0]:
+            x = x.transpose(-1, -2)
+        identity = torch.eye(params.size_px, dtype=left.dtype)
+        if torch.equal(left[0], identity) and torch.equal(right[0], identity):
+            return x, scale
+        # Only the crop's rows and columns enter the products: slice them out first.
+        (row0, row1), (col0, col1) = _support(left[0]), _support(right[0])
+        # Folding 1/255 in here is free: relative precision does not depend on it.
+        left = (left[0, :, row0:row1] * scale).to(device=device, dtype=dtype)
+        right = right[0, :, col0:col1].to(device=device, dtype=dtype)
+        return torch.matmul(left, torch.matmul(x[..., row0:row1, col0:col1], right.T)), 1.0
 
-        needs_means = bool((params.jitter & (params.jitter_factors[:, 1] != 1)).any()) and 1 in params.jitter_order
+    def _apply_colour(
+        self,
+        x: torch.Tensor,
+        params: AugmentationParams,
+        scale: float,
+        normalize: tuple[Sequence[float], Sequence[float]] | None,
+    ) -> torch.Tensor:
+        """``clamp(M · scale·rgb + b)`` with the normalisation folded in: one pass."""
+        batch, _, height, width = x.shape
+        needs_means = bool((params.jitter & (params.jitter_factors[:, 1] != 1)).any())
         means = x.mean(dim=(-2, -1), dtype=torch.float32).double().cpu() * scale if needs_means else None
-        matrix, offset = colour_affine(params, means, batch)  # (n, 3, 3), (B or 1, 3)
+        matrix, offset = colour_affine(params, means, batch)
         matrix = matrix * scale
         low, high = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
         if normalize is not None:
@@ -266,10 +283,10 @@ class TileAugmentation:
             low, high = (low - mean) / std, (high - mean) / std
         elif torch.equal(matrix, torch.eye(3, dtype=torch.float64).expand_as(matrix)) and not offset.any():
             return x.contiguous()
-        flat = x.reshape(batch, 3, height * width)
-        matrix = matrix.to(device=x.device, dtype=dtype).expand(batch, 3, 3)
-        offset = offset.to(device=x.device, dtype=dtype).expand(batch, 3)
-        out = torch.baddbmm(offset[:, :, None], matrix, flat).view(batch, 3, height, width)
+        matrix = matrix.to(device=x.device, dtype=x.dtype).expand(batch, 3, 3)
+        offset = offset.to(device=x.device, dtype=x.dtype).expand(batch, 3)
+        out = torch.baddbmm(offset[:, :, None], matrix, x.reshape(batch, 3, height * width))
+        out = out.view(batch, 3, height, width)
         # Crops, blur, grayscale and normalisation are convex or affine: only jitter can leave
         # the range. Three scalar clamps run about 3× faster than one with tensor bounds.
         if bool(params.jitter.any()):

@@ -15,14 +15,17 @@ Work saved without changing a single value: a tile drawn twice in one augmentati
 with replacement) is embedded once and its row copied — same pixels, same augmentation, same
 output; decoded tiles are kept for the whole slide when the sampled tiles fit
 ``cache_budget_bytes`` (a slide with fewer than K tiles is then read once), else re-read.
-Peak memory is one encoder batch of images plus that budget, whatever the slide's size.
+The next batch is read by ``config.num_workers`` threads while the current one is augmented
+and encoded. Peak memory is two batches of tiles plus that budget, whatever the slide's size.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -88,6 +91,7 @@ class _TileCache:
         self.reader, self.grid, self.tile_px, self.keep = reader, grid, tile_px, keep
         self.tiles: dict[int, np.ndarray] = {}
         self.n_reads = 0
+        self._lock = threading.Lock()
 
     def get(self, row: int) -> np.ndarray:
         tile = self.tiles.get(row)
@@ -99,10 +103,15 @@ class _TileCache:
                     f"reader returned a {tile.shape} {tile.dtype} tile at ({x0}, {y0}); "
                     f"expected ({self.tile_px}, {self.tile_px}, 3) uint8"
                 )
-            self.n_reads += 1
+            with self._lock:
+                self.n_reads += 1
             if self.keep:
                 self.tiles[row] = tile
         return tile
+
+    def read_batch(self, rows: np.ndarray, pool: ThreadPoolExecutor) -> np.ndarray:
+        """(b, H, W, 3) uint8 tiles of ``rows``, read in parallel (OpenSlide releases the GIL)."""
+        return np.stack(list(pool.map(self.get, (int(row) for row in rows))))
 
 
 class _Clock:
@@ -168,24 +177,33 @@ def build_bank(
     cache = _TileCache(reader, grid, tile_px, keep)
 
     work_dtype = (autocast_dtype(device) if config.mixed_precision else None) or torch.float32
+    draws = [augmentation.sample(1, tile_px, generator) for _ in range(n_augmentations)]
+    # Each augmentation embeds its distinct tiles once (sorted: reads in grid order).
+    distinct = [np.unique(indices[a], return_inverse=True) for a in range(n_augmentations)]
+    batches = [
+        (a, start, rows[start : start + config.batch_size])
+        for a, (rows, _) in enumerate(distinct)
+        for start in range(0, len(rows), config.batch_size)
+    ]
+    embedded = [np.empty((len(rows), TILE_FEATURE_DIM), dtype=np.float16) for rows, _ in distinct]
     features = np.empty((n_augmentations, n_tiles, TILE_FEATURE_DIM), dtype=np.float16)
-    draws: list[dict[str, Any]] = []
     clock = _Clock(device)
-    n_encoded = 0
-    for a in range(n_augmentations):
-        params = augmentation.sample(1, tile_px, generator)
-        draws.extend(params.to_json())
-        distinct, inverse = np.unique(indices[a], return_inverse=True)  # sorted: reads in grid order
-        rows = np.empty((len(distinct), TILE_FEATURE_DIM), dtype=np.float16)
-        for start in range(0, len(distinct), config.batch_size):
-            batch_rows = distinct[start : start + config.batch_size]
-            rows[start : start + len(batch_rows)] = _embed(
-                cache, batch_rows, params, augmentation, trunk, device, work_dtype, config.mixed_precision, clock
+    # The next batch is read in background threads while this one is augmented and encoded.
+    with ThreadPoolExecutor(1) as prefetch, ThreadPoolExecutor(max(1, config.num_workers)) as readers:
+        pending = prefetch.submit(cache.read_batch, batches[0][2], readers)
+        for i, (a, start, rows) in enumerate(batches):
+            clock.start()
+            tiles = pending.result()
+            clock.lap("read")
+            if i + 1 < len(batches):
+                pending = prefetch.submit(cache.read_batch, batches[i + 1][2], readers)
+            embedded[a][start : start + len(rows)] = _embed(
+                tiles, draws[a], augmentation, trunk, device, work_dtype, config.mixed_precision, clock
             )
-        features[a] = rows[inverse.reshape(-1)]
-        n_encoded += len(distinct)
-        if progress is not None:
-            progress(n_tiles)
+            if start + len(rows) == len(embedded[a]):
+                features[a] = embedded[a][distinct[a][1].reshape(-1)]
+                if progress is not None:
+                    progress(n_tiles)
 
     attrs = {
         "n_augmentations": n_augmentations,
@@ -193,15 +211,18 @@ def build_bank(
         "seed": int(config.seed),
         "sampled_with_replacement": bool(with_replacement),
         "n_tissue_tiles": int(len(coords)),
-        "augmentation": {"settings": augmentation.settings.to_json(), "draws": draws},
+        "augmentation": {
+            "settings": augmentation.settings.to_json(),
+            "draws": [draw for params in draws for draw in params.to_json()],
+        },
     }
+    n_encoded = sum(len(rows) for rows, _ in distinct)
     timings = dict(clock.seconds, n_encoded=float(n_encoded), n_reads=float(cache.n_reads))
     return BankResult(features=features, coords=coords[indices], indices=indices, attrs=attrs, timings=timings)
 
 
 def _embed(
-    cache: _TileCache,
-    rows: np.ndarray,
+    tiles: np.ndarray,
     params: AugmentationParams,
     augmentation: TileAugmentation,
     trunk: torch.nn.Module,
@@ -210,11 +231,8 @@ def _embed(
     mixed_precision: bool,
     clock: _Clock,
 ) -> np.ndarray:
-    """Read, augment (one shared draw) and embed ``rows`` of the grid → (b, 256) float16."""
-    clock.start()
-    tiles = torch.from_numpy(np.stack([cache.get(int(row)) for row in rows]))  # (b, H, W, 3) uint8
-    clock.lap("read")
-    images = tiles.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    """Augment (b, H, W, 3) uint8 tiles with one shared draw and embed them → (b, 256) float16."""
+    images = torch.from_numpy(tiles).to(device, non_blocking=True).permute(0, 3, 1, 2)
     images = augmentation.apply(images, params, normalize=(IMAGE_MEAN, IMAGE_STD), dtype=work_dtype)
     images = images.contiguous(memory_format=torch.channels_last)
     clock.lap("augment")
