@@ -148,3 +148,15 @@ def test_mpp_overrides_csv(tmp_path: Path) -> None:
     path.write_text("slide,mpp\na,-1\n")
     with pytest.raises(ValueError, match="positive"):
         load_mpp_overrides(path)
+
+
+def test_stored_thumbnail_matches_the_decoded_slide(slides_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from extract.reader import OpenSlideReader
+
+    with open_slide(slides_dir / "CMU-1-Small-Region.svs") as reader:
+        assert reader._stored_thumbnail(5.0) is not None and reader._stored_thumbnail(2.0) is None
+        quick, quick_downsample = reader.thumbnail(256)
+        monkeypatch.setattr(OpenSlideReader, "_stored_thumbnail", lambda self, downsample: None)
+        decoded, decoded_downsample = reader.thumbnail(256)
+    assert quick.shape == decoded.shape and quick_downsample == decoded_downsample
+    assert np.abs(quick.astype(float) - decoded.astype(float)).mean() < 8

@@ -80,6 +80,10 @@ class SlideReader:
         """RGB(A) image of ``width × height`` level pixels whose top-left is level-0 (x0, y0)."""
         raise NotImplementedError
 
+    def _stored_thumbnail(self, downsample: float) -> Image.Image | None:
+        """A whole-slide preview stored in the file, at least as fine as ``downsample``, or None."""
+        return None
+
     def best_level(self, downsample: float) -> int:
         """The coarsest level whose downsample does not exceed ``downsample`` (level 0 at worst)."""
         fine_enough = [
@@ -117,14 +121,16 @@ class SlideReader:
         out_w, out_h = max(1, round(width / downsample)), max(1, round(height / downsample))
         level = self.best_level(downsample)
         level_downsample = self.level_downsamples[level]
-        read_w = max(1, math.ceil(width / level_downsample))
-        read_h = max(1, math.ceil(height / level_downsample))
-        try:
-            region = self._read_level_region(0, 0, level, read_w, read_h)
-        except SlideReadError:
-            raise
-        except Exception as error:  # noqa: BLE001
-            raise SlideReadError(f"{self.path}: cannot read level {level} for the thumbnail: {error}") from error
+        region = self._stored_thumbnail(downsample) if level_downsample * 2 < downsample else None
+        if region is None:
+            read_w = max(1, math.ceil(width / level_downsample))
+            read_h = max(1, math.ceil(height / level_downsample))
+            try:
+                region = self._read_level_region(0, 0, level, read_w, read_h)
+            except SlideReadError:
+                raise
+            except Exception as error:  # noqa: BLE001
+                raise SlideReadError(f"{self.path}: cannot read level {level} for the thumbnail: {error}") from error
         region = _flatten_on_white(region)
         if region.size != (out_w, out_h):
             region = region.resize((out_w, out_h), Image.Resampling.BILINEAR)
@@ -158,6 +164,22 @@ class OpenSlideReader(SlideReader):
 
     def _read_level_region(self, x0: int, y0: int, level: int, width: int, height: int) -> Image.Image:
         return self._slide.read_region((x0, y0), level, (width, height))
+
+    def _stored_thumbnail(self, downsample: float) -> Image.Image | None:
+        # Slides without a coarse pyramid level (e.g. small single-level SVS) would otherwise be
+        # decoded whole for the tissue mask; the scanner's own thumbnail is used instead when it
+        # shows the same field (same aspect ratio) at least as finely as needed.
+        try:
+            image = self._slide.associated_images.get("thumbnail")
+        except Exception:  # noqa: BLE001 - a broken associated image just means "not usable"
+            return None
+        if image is None:
+            return None
+        width, height = self.dimensions
+        same_field = abs(image.width / image.height - width / height) <= 0.01 * width / height
+        if not same_field or width / image.width > downsample:
+            return None
+        return image
 
     def close(self) -> None:
         self._slide.close()

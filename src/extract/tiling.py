@@ -21,7 +21,7 @@ from extract.tissue import tile_tissue_fraction, tissue_mask
 # Longest thumbnail side used for the tissue mask, and how many thumbnail pixels a tile
 # should span at least (bounded by the maximum).
 MAX_THUMBNAIL_SIDE = 4096
-MIN_THUMBNAIL_SIDE = 1024
+MIN_THUMBNAIL_SIDE = 512
 MASK_PX_PER_TILE = 8
 
 

@@ -51,12 +51,13 @@ def tissue_mask(
     threshold = float(np.clip(otsu_threshold(saturation), min_saturation, max_saturation))
     mask = (saturation > threshold) & (value > MAX_DARKNESS_VALUE)
     # Structuring sizes scale with the thumbnail so the clean-up means the same at any size.
-    radius = max(1, round(min(mask.shape) / 200))
-    structure = np.ones((2 * radius + 1, 2 * radius + 1), dtype=bool)
-    # Edge padding: tissue cut by the image border stays tissue up to the border.
-    padded = np.pad(mask, radius, mode="edge")
-    padded = ndimage.binary_opening(ndimage.binary_closing(padded, structure=structure), structure=structure)
-    mask = ndimage.binary_fill_holes(padded[radius:-radius, radius:-radius])
+    side = 2 * max(1, round(min(mask.shape) / 200)) + 1
+    # Square closing then opening as separable max/min filters (much faster than binary
+    # morphology); "nearest" edges keep tissue cut by the image border up to the border.
+    values = mask.astype(np.uint8)
+    values = ndimage.minimum_filter(ndimage.maximum_filter(values, side, mode="nearest"), side, mode="nearest")
+    values = ndimage.maximum_filter(ndimage.minimum_filter(values, side, mode="nearest"), side, mode="nearest")
+    mask = ndimage.binary_fill_holes(values.astype(bool))
     labels, n_labels = ndimage.label(mask)
     if n_labels:
         sizes = np.bincount(labels.ravel())[1:]
