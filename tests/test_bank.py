@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -85,17 +86,28 @@ def test_every_row_is_its_tile_under_the_recorded_shared_augmentation(tmp_path: 
 
 
 def test_same_seed_same_bank_other_seed_or_slide_other_bank(tmp_path: Path, trunk: TileTrunk) -> None:
-    grid, config = _grid(30), _config(tmp_path, mixed_precision=True)
+    grid, config = _grid(30), _config(tmp_path, mixed_precision=True, n_augmentations=3, n_tiles_per_augmentation=6)
     first = build_bank(FakeReader(), grid, trunk, config, CPU)
     second = build_bank(FakeReader(), grid, trunk, config, CPU)
     assert np.array_equal(first.features, second.features)
     assert np.array_equal(first.coords, second.coords)
     assert first.attrs == second.attrs
-    reseeded = build_bank(FakeReader(), grid, trunk, _config(tmp_path, mixed_precision=True, seed=1), CPU)
-    other_slide = build_bank(FakeReader("another-slide"), grid, trunk, config, CPU)
-    for other in (reseeded, other_slide):
-        assert not np.array_equal(first.indices, other.indices)
-        assert first.attrs["augmentation"]["draws"] != other.attrs["augmentation"]["draws"]
+    for other_seed, other_slide in ((1, "fake-slide"), (0, "another-slide")):
+        other = build_bank(FakeReader(other_slide), grid, trunk, replace(config, seed=other_seed, n_augmentations=1), CPU)
+        assert not np.array_equal(first.indices[:1], other.indices)
+        assert first.attrs["augmentation"]["draws"][:1] != other.attrs["augmentation"]["draws"]
+
+
+class BrokenReader(FakeReader):
+    def read_tile(self, x0: int, y0: int, size_level0: float, out_px: int) -> np.ndarray:
+        if (x0, y0) == (128, 64):
+            raise OSError(f"cannot decode the tile at ({x0}, {y0})")
+        return super().read_tile(x0, y0, size_level0, out_px)
+
+
+def test_a_tile_that_cannot_be_read_fails_the_bank(tmp_path: Path, trunk: TileTrunk) -> None:
+    with pytest.raises(OSError, match=r"\(128, 64\)"):
+        build_bank(BrokenReader(), _grid(10), trunk, _config(tmp_path, n_tiles_per_augmentation=10), CPU)
 
 
 def test_a_smaller_bank_is_a_prefix_of_a_larger_one(tmp_path: Path, trunk: TileTrunk) -> None:
