@@ -369,16 +369,17 @@ def spatial_matrices(params: AugmentationParams, kernel_px: int) -> tuple[torch.
     size = params.size_px
     x0, y0, width, height = params.crop_box.unbind(dim=1)
     rows, cols = resize_matrices(y0, height, size), resize_matrices(x0, width, size)
-    blur = blur_matrices(params.blur_sigma, size, kernel_px)
-    blur = torch.where(params.blur[:, None, None], blur, torch.eye(size, dtype=torch.float64))
-    left, right, transpose = torch.empty_like(rows), torch.empty_like(rows), torch.zeros(len(params), dtype=torch.bool)
-    for i, (flip, turns) in enumerate(zip(params.hflip.tolist(), params.rot90.tolist())):
-        transpose[i], flip_rows, flip_cols = _dihedral(flip, turns)
-        # Zᵀ = (Rows X Colsᵀ)ᵀ = Cols Xᵀ Rowsᵀ: the operators swap sides.
-        on_left, on_right = (cols[i], rows[i]) if transpose[i] else (rows[i], cols[i])
-        left[i] = blur[i] @ (on_left.flip(0) if flip_rows else on_left)
-        right[i] = blur[i] @ (on_right.flip(0) if flip_cols else on_right)
-    return left, right, transpose
+    dihedral = torch.tensor([_dihedral(f, t) for f, t in zip(params.hflip.tolist(), params.rot90.tolist())])
+    transpose, flip_rows, flip_cols = (dihedral[:, j, None, None] for j in range(3))
+    # Zᵀ = (Rows X Colsᵀ)ᵀ = Cols Xᵀ Rowsᵀ: the operators swap sides.
+    left, right = torch.where(transpose, cols, rows), torch.where(transpose, rows, cols)
+    left = torch.where(flip_rows, left.flip(1), left)
+    right = torch.where(flip_cols, right.flip(1), right)
+    if bool(params.blur.any()):
+        blur = blur_matrices(params.blur_sigma, size, kernel_px)
+        on = params.blur[:, None, None]
+        left, right = torch.where(on, blur @ left, left), torch.where(on, blur @ right, right)
+    return left, right, dihedral[:, 0].clone()
 
 
 def hue_matrix(turns: torch.Tensor) -> torch.Tensor:
