@@ -14,7 +14,6 @@ import torch
 from extract.augment import AugmentationParams, TileAugmentation
 from extract.bank import build_bank, sample_tile_indices
 from extract.config import ExtractConfig
-from extract.device import autocast
 from extract.encoder import IMAGE_MEAN, IMAGE_STD, EncoderInfo, ResNet18, TileTrunk
 from extract.features_file import SlideFeatures, SlideFileWriter
 
