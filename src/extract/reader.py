@@ -143,8 +143,7 @@ def _flatten_on_white(image: Image.Image) -> Image.Image:
         return image
     if image.mode in ("RGBA", "LA", "P"):
         rgba = image.convert("RGBA")
-        alpha = np.asarray(rgba)[..., 3]
-        if alpha.min() == 255:
+        if rgba.getchannel("A").getextrema()[0] == 255:
             return rgba.convert("RGB")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
