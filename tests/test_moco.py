@@ -229,3 +229,29 @@ def test_written_checkpoints_load_as_tile_encoders(trained, tmp_path):
     for key, value in from_moco_repo.state_dict().items():
         if not key.startswith("fc."):
             assert torch.equal(value, encoder.state_dict()[key]), key
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_share_one_queue(trained, tmp_path):
+    """gloo DDP with shuffle-BN through the real command line; the queue holds both ranks' keys."""
+    import os
+    import subprocess
+    import sys
+
+    folder, _, _ = trained
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "gigassl.cli", "pretrain-tiles", "--slides", str(folder), "--out", str(out), "--mpp", "1.0",
+        "--tile-size", "32", "--batch-size", "8", "--queue-size", "12", "--tiles-per-epoch", "16", "--tiles-per-visit", "4",
+        "--epochs", "1", "--monitor-tiles", "8", "--num-workers", "0", "--device", "cpu",
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    raw = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert len(raw["rng"]["augment"]) == 2
+    assert not torch.equal(raw["rng"]["augment"][0], raw["rng"]["augment"][1])  # ranks draw different views
+    assert int(raw["state_dict"]["queue.ptr"]) == (2 * 8) % 12  # 2 steps of the global batch of 8
+    encoder, _ = load_resnet18(out / "encoder.pt")
+    assert torch.isfinite(encoder.layer4[0].conv1.weight).all()

@@ -40,7 +40,6 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -305,10 +304,8 @@ def settings_of(config: MocoConfig) -> dict[str, Any]:
 
 
 def _atomic_save(payload: dict[str, Any], path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
     temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_bytes(buffer.getvalue())
+    torch.save(payload, temporary)
     os.replace(temporary, path)
 
 
