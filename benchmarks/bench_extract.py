@@ -59,7 +59,7 @@ def main() -> None:
         slides.mkdir()
         (slides / args.slide.name).symlink_to(args.slide.resolve())
         config = ExtractConfig(
-            slides=slides, out=work / "out", mpp=args.mpp, tile_size=args.tile_size,
+            slides=slides, out=work / "out", encoder="random", mpp=args.mpp, tile_size=args.tile_size,
             tissue_threshold=args.tissue_threshold, bank=False, qc=False, overwrite=True,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
         )

@@ -28,7 +28,7 @@ from fixtures.make_slides import write_blank_slide, write_tissue_slide
 from gigassl.cli import main
 
 # Small tiles at a coarse resolution keep every run to a few hundred tiles.
-FAST = ["--tile-size", "64", "--mpp", "2.0", "--no-bank", "--num-workers", "0", "--batch-size", "32"]
+FAST = ["--encoder", "random", "--tile-size", "64", "--mpp", "2.0", "--no-bank", "--num-workers", "0", "--batch-size", "32"]
 
 
 SMALL_BANK = ["--bank", "--n-augmentations", "2", "--n-tiles-per-augmentation", "8"]
@@ -95,7 +95,7 @@ def test_end_to_end_writes_valid_files(real_cohort: Path, tmp_path: Path, slides
 
 def test_python_api_and_dataloader_workers_agree(cohort: Path, tmp_path: Path) -> None:
     (cohort / "synthetic_c.tif").unlink()
-    base = dict(slides=cohort, out=tmp_path / "w0", tile_size=64, mpp=2.0, bank=False, batch_size=16, num_workers=0)
+    base = dict(slides=cohort, out=tmp_path / "w0", encoder="random", tile_size=64, mpp=2.0, bank=False, batch_size=16, num_workers=0)
     assert run_extraction(ExtractConfig(**base)).exit_code == 0
     summary = run_extraction(ExtractConfig(**{**base, "out": tmp_path / "w2", "num_workers": 2}))
     assert len(summary.done) == 2
@@ -193,6 +193,13 @@ def test_tile_read_error_in_a_worker_is_one_line(
     assert not list((tmp_path / "out" / "features").iterdir())
 
 
+def test_encoder_must_be_named(cohort: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        assert main(["extract", "--slides", str(cohort), "--out", str(tmp_path / "out")]) == 2
+    assert any("--encoder is required" in r.getMessage() and "'random'" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "out").exists()
+
+
 def test_exit_non_zero_when_every_slide_failed(tmp_path: Path, slides_dir: Path) -> None:
     folder = tmp_path / "slides"
     folder.mkdir()
@@ -259,7 +266,7 @@ def test_sigkill_mid_slide_leaves_nothing_complete_and_rerun_redoes_it(tmp_path:
     shutil.copy(slides_dir / "CMU-1-Small-Region.svs", folder)
     out = tmp_path / "out"
     # ~700 tiles of 32 px: long enough to be killed inside the slide, quick to redo.
-    args = ["--slides", str(folder), "--out", str(out), "--tile-size", "32", "--mpp", "1.0", "--no-bank",
+    args = ["--slides", str(folder), "--out", str(out), "--encoder", "random", "--tile-size", "32", "--mpp", "1.0", "--no-bank",
             "--num-workers", "0", "--batch-size", "16", "--no-qc"]
     process = subprocess.Popen([sys.executable, "-m", "gigassl.cli", "extract", *args],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -22,7 +22,7 @@ class ExtractConfig:
 
     slides: Path = field(metadata=_help("folder of slides (OpenSlide formats, or jpg/png/tif with --mpp-csv or --default-mpp)", required=True))
     out: Path = field(metadata=_help("output folder; features go to OUT/features/{slide}.h5", required=True))
-    encoder: str = field(default="random", metadata=_help("ResNet18 checkpoint (torchvision, MoCo or gigassl pretrain-tiles), or 'random'"))
+    encoder: Optional[str] = field(default=None, metadata=_help("required: ResNet18 checkpoint (torchvision, MoCo or gigassl pretrain-tiles), or 'random' (an untrained network, said so in the files)"))
     mpp: float = field(default=0.5, metadata=_help("target resolution in µm/px (0.5 ≈ 20×, 1.0 ≈ 10× as in the paper)"))
     tile_size: int = field(default=224, metadata=_help("tile side in pixels at the target resolution"))
     tissue_threshold: float = field(default=0.5, metadata=_help("keep tiles whose tissue fraction is at least this"))

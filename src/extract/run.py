@@ -407,6 +407,11 @@ def _one_line(error: BaseException) -> str:
 
 
 def _validate(config: ExtractConfig) -> None:
+    if not config.encoder:
+        raise ValueError(
+            "--encoder is required: a ResNet18 checkpoint (torchvision, MoCo, or `gigassl pretrain-tiles` "
+            "output), or 'random' for an untrained network"
+        )
     if not (config.plain or config.bank):
         raise ValueError("nothing to do: both --no-plain and --no-bank given")
     if config.mpp <= 0 or not math.isfinite(config.mpp):
