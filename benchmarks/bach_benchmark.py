@@ -59,14 +59,16 @@ METHOD_NAMES = {
     "topk": "top-k fine-tuning",
 }
 
-# Throughputs assumed for a quiet 2-core CPU (bf16 autocast, channels_last; DESIGN.md §3 gives
-# ~78 tiles/s for the trunk alone): reading + encoding a plain tile, reading + augmenting +
-# encoding a bank tile, one Giga-SSL step (batch 64, T = 5) and the label-free monitors per
-# epoch; fixed reserves for grids, embedding and the evaluation (attention-MIL dominates).
-ASSUMED = dict(plain_tiles_per_s=60.0, bank_tiles_per_s=45.0, train_step_s=0.6, monitor_s_per_epoch=0.5,
+# Wall times assumed for a quiet 2-core CPU (bf16 autocast, channels_last), from the CPU seconds
+# of a run on 24 BACH images (22 CPU-ms per plain or bank tile of 224 px; 2 CPU-s per Giga-SSL
+# step of 24 slides, T = 5, and as much again for the label-free monitors of 24 slides), with
+# some margin: per plain tile, per bank tile, per slide-view pair of a training step, per
+# monitored slide; fixed reserves for grids and embedding, and for the evaluation
+# (attention-MIL dominates it).
+ASSUMED = dict(plain_tiles_per_s=50.0, bank_tiles_per_s=40.0, train_s_per_slide=0.05, monitor_s_per_slide=0.05,
                fixed_s=120.0, evaluate_s=360.0)
-BANK_SHARE = 0.7  # of the time left after the fixed parts; the rest goes to training
-
+BANK_SHARE = 0.5  # of the time left after the fixed parts; the rest goes to training
+MONITOR_SLIDES = 32
 
 # ---------------------------------------------------------------------------------------------
 # The image folder
@@ -150,7 +152,7 @@ def plan_budget(tiles_per_image: Sequence[int], budget_minutes: float, batch_siz
     K is the power of two nearest the median tile count (16…64): an augmentation then covers
     about the whole image, and a larger K would only repeat tiles (sampled with replacement).
     A takes ``BANK_SHARE`` of the time left after plain features and the fixed reserves (4…50),
-    training the rest (20…1000 epochs).
+    training the rest (20…1000 epochs). Throughputs: ``ASSUMED``, updated by ``rates``.
     """
     rates = dict(ASSUMED, **(rates or {}))
     counts = sorted(int(n) for n in tiles_per_image)
@@ -169,10 +171,10 @@ def plan_budget(tiles_per_image: Sequence[int], budget_minutes: float, batch_siz
     per_augmentation_s = distinct / rates["bank_tiles_per_s"]
     a = n_augmentations or int(min(50, max(4, BANK_SHARE * left // per_augmentation_s)))
     bank_s = a * per_augmentation_s
-    steps = max(1, n_images // min(batch_size, n_images))
-    per_epoch_s = steps * rates["train_step_s"] + rates["monitor_s_per_epoch"]
-    e = epochs or int(min(1000, max(20, (budget_minutes * 60 - plain_s - rates["fixed_s"] - rates["evaluate_s"] - bank_s)
-                                    // per_epoch_s)))
+    batch = min(batch_size, n_images)
+    per_epoch_s = ((n_images // batch) * batch * rates["train_s_per_slide"]
+                   + min(MONITOR_SLIDES, n_images) * rates["monitor_s_per_slide"])
+    e = epochs or int(min(1000, max(20, (left - bank_s) // per_epoch_s)))
     estimated = dict(plain=plain_s, bank=bank_s, train=e * per_epoch_s, fixed=rates["fixed_s"], evaluate=rates["evaluate_s"])
     return Plan(a, k, e, {name: round(s, 1) for name, s in estimated.items()})
 
@@ -414,7 +416,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         features=features, out=Path("."), n_tiles_per_view=args.n_tiles_per_view, batch_size=args.batch_size,
         epochs=plan.epochs, warmup_epochs=min(10, max(1, plan.epochs // 10)), temperature=args.temperature,
         scale_min=args.scale_min, scale_max=args.scale_max, seed=args.seed, device=args.device,
-        checkpoint_every=plan.epochs, keep_checkpoints=1, monitor_slides=64,
+        checkpoint_every=plan.epochs, keep_checkpoints=1, monitor_slides=MONITOR_SLIDES,
     )
     train_settings = dict(_plain(train, NOT_KEYED + ("checkpoint_every", "keep_checkpoints")), upstream=extract_dir.name)
 
@@ -461,7 +463,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     results = dict(
         images=str(args.images), n_images=len(images), classes=classes, commit=git_commit(),
-        command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv else "",
+        arguments={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         encoder=args.encoder, encoder_sha256=encoder_id,
         plan=dataclasses.asdict(plan), tiles=dict(total=sum(counts), median_per_image=sorted(counts)[len(counts) // 2]),
         settings=dict(extract=extract_settings, train=train_settings, embed=embed_settings, evaluate=evaluate_settings),
