@@ -62,7 +62,7 @@ def test_files_without_bank_are_listed_or_skipped(tmp_path, caplog):
 def test_nan_features_are_refused_naming_the_file(tmp_path):
     paths = write_synthetic_cohort(tmp_path, n_slides=3, n_tiles=10, n_augmentations=2, bank_size=6)
     with h5py.File(paths[1], "a") as handle:
-        handle["aug_features"][1, 2, 7] = np.inf
+        handle["aug_features"][1, 7, 2] = np.inf  # stored (A, 256, K)
     for skip in (False, True):  # a corrupt bank is never silently skipped
         with pytest.raises(FeatureFileError, match=r"slide_001\.h5.*NaN or inf in augmentation 1"):
             scan_features_folder(tmp_path, 5, skip_bad_files=skip)

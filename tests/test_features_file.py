@@ -48,7 +48,7 @@ def test_round_trip(tmp_path):
     with h5py.File(path) as handle:  # TRIDENT / CLAM readers see the usual layout
         assert handle["coords"].attrs["patch_size"] == 224
         assert handle["features"].attrs["encoder"] == "random"
-        assert handle["aug_features"].chunks == (1, 5, 256)
+        assert handle["aug_features"].chunks == (1, 256, 5)  # one chunk per augmentation
     assert is_complete(path, require_plain=True, require_bank=True)
 
 
