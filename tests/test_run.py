@@ -293,6 +293,7 @@ def test_sigkill_mid_slide_leaves_nothing_complete_and_rerun_redoes_it(tmp_path:
     assert is_complete(final, require_plain=True) and not list(features_dir.glob("*.partial"))
 
 
+@pytest.mark.slow
 def test_two_shards_equal_one_process(cohort: Path, tmp_path: Path) -> None:
     assert extract(cohort, tmp_path / "one", *SMALL_BANK) == 0
     assert extract(cohort, tmp_path / "two", *SMALL_BANK, "--shard", "0/2") == 0
