@@ -61,10 +61,10 @@ class CohortSettings:
     n_levels: int = 3
     tile_px: int = 256
     tissue_fraction: tuple[float, float] = (0.45, 0.65)
-    tumour_fraction: tuple[float, float] = (0.25, 0.45)
+    tumour_fraction: tuple[float, float] = (0.3, 0.55)
     blob_sigma_px: float = 240.0
     region_sigma_px: float = 160.0
-    stain_strength: float = 0.1
+    stain_strength: float = 0.08
 
 
 @dataclass(frozen=True)
