@@ -199,13 +199,18 @@ def finished_stage(folder: Path, settings: dict[str, Any]) -> Optional[dict[str,
 
 
 def run_stage(name: str, out: Path, settings: dict[str, Any], work: Callable[[Path], dict[str, Any]],
-              times: dict[str, dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+              times: dict[str, dict[str, Any]], valid: Optional[Callable[[Path], bool]] = None,
+              ) -> tuple[Path, dict[str, Any]]:
     """Run ``work(folder)`` in ``OUT/name/<key>`` unless it finished there; (folder, its record).
 
     ``work`` returns JSON-able facts kept in the record; seconds are recorded, and a reused
-    stage reports the seconds it took when it ran."""
+    stage reports the seconds it took when it ran. ``valid(folder)`` False makes a finished
+    stage run again (outputs this version of the package no longer reads)."""
     folder = out / name / settings_key(settings)
     record = finished_stage(folder, settings)
+    if record is not None and valid is not None and not valid(folder):
+        logging.getLogger(__name__).warning("── %s: the outputs in %s are no longer readable; redoing the stage", name, folder)
+        record = None
     if record is not None:
         logging.getLogger(__name__).info("── %s: reusing %s", name, folder)
         times[name] = dict(seconds=record["seconds"], cpu_seconds=record.get("cpu_seconds"), cached=True)
@@ -408,12 +413,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return dict(done=len(summary.done) + len(summary.skipped), failed=[(o.slide, o.reason) for o in summary.failed],
                     tiles_per_second=summary.tiles_per_second)
 
-    extract_dir, extract_record = run_stage("extract", out, extract_settings, extraction, times)
+    def readable(where: Path) -> bool:
+        from extract.features_file import is_complete
+
+        files = sorted((where / "features").glob("*.h5"))
+        return bool(files) and all(is_complete(f, require_plain=True, require_bank=True) for f in files)
+
+    extract_dir, extract_record = run_stage("extract", out, extract_settings, extraction, times, valid=readable)
     features = extract_dir / "features"
 
     # Giga-SSL training
     train = TrainConfig(
-        features=features, out=Path("."), n_tiles_per_view=args.n_tiles_per_view, batch_size=args.batch_size,
+        features=features, out=Path("."), init=None if encoder == "random" else encoder,  # layer4 of the tile encoder
+        n_tiles_per_view=args.n_tiles_per_view, batch_size=args.batch_size,
         epochs=plan.epochs, warmup_epochs=min(10, max(1, plan.epochs // 10)), temperature=args.temperature,
         scale_min=args.scale_min, scale_max=args.scale_max, seed=args.seed, device=args.device,
         checkpoint_every=plan.epochs, keep_checkpoints=1, monitor_slides=MONITOR_SLIDES,
@@ -426,7 +438,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result = run_training(dataclasses.replace(train, out=where))
         return dict(checkpoint=str(result.checkpoint), epochs=result.epochs, steps=result.global_step, final=result.final)
 
-    train_dir, train_record = run_stage("train", out, train_settings, training, times)
+    train_dir, train_record = run_stage("train", out, train_settings, training, times,
+                                        valid=lambda where: (where / "checkpoint.pt").is_file())
     checkpoint = train_dir / Path(train_record["facts"]["checkpoint"]).name
 
     # embeddings
@@ -440,7 +453,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result = run_embedding(dataclasses.replace(embed, out=where / "embeddings.h5"))
         return dict(n_slides=result.n_slides, failed=result.failed)
 
-    embed_dir, _ = run_stage("embed", out, embed_settings, embedding, times)
+    embed_dir, _ = run_stage("embed", out, embed_settings, embedding, times,
+                             valid=lambda where: (where / "embeddings.h5").is_file())
 
     # evaluation
     evaluate = EvaluateConfig(

@@ -113,6 +113,23 @@ def test_stage_runs_once_per_settings(tmp_path):
     assert other != first and len(calls) == 2
 
 
+def test_a_finished_stage_whose_outputs_are_unreadable_is_redone(tmp_path):
+    calls = []
+
+    def work(folder: Path) -> dict:
+        calls.append(1)
+        (folder / "out.txt").write_text("v2" if len(calls) > 1 else "v1")
+        return {}
+
+    readable = lambda folder: (folder / "out.txt").read_text() == "v2"  # noqa: E731 - a reader that changed
+    bench.run_stage("stage", tmp_path, {"a": 1}, work, {})
+    times: dict = {}
+    folder, _ = bench.run_stage("stage", tmp_path, {"a": 1}, work, times, valid=readable)
+    assert len(calls) == 2 and times["stage"]["cached"] is False and readable(folder)
+    bench.run_stage("stage", tmp_path, {"a": 1}, work, times, valid=readable)
+    assert len(calls) == 2 and times["stage"]["cached"] is True
+
+
 def test_an_interrupted_stage_is_redone(tmp_path):
     def fails(folder: Path) -> dict:
         raise RuntimeError("killed")
@@ -162,3 +179,13 @@ def test_whole_command_on_a_tiny_fake_folder_then_reuses_every_stage(tmp_path, c
     changed = bench.run(bench.parse_args(argv + ["--n-views", "3"]))  # the last flag wins
     cached = {name: t["cached"] for name, t in changed["stage_seconds"].items()}
     assert cached == dict(grids=True, extract=True, train=True, embed=False, evaluate=False)
+
+    # a checkpoint PATH: its layer4 initialises Giga-SSL, and every stage from extraction on is redone
+    from extract.encoder import load_resnet18, save_encoder_checkpoint
+
+    checkpoint = tmp_path / "encoder.pt"
+    save_encoder_checkpoint(load_resnet18("random", seed=1)[0], checkpoint)
+    other = bench.run(bench.parse_args(argv + ["--encoder", str(checkpoint)]))
+    cached = {name: t["cached"] for name, t in other["stage_seconds"].items()}
+    assert cached == dict(grids=True, extract=False, train=False, embed=False, evaluate=False)
+    assert other["encoder_sha256"] == bench.file_sha256(checkpoint)
