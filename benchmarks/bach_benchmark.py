@@ -60,13 +60,13 @@ METHOD_NAMES = {
 }
 
 # Wall times assumed for a quiet 2-core CPU (bf16 autocast, channels_last), from the CPU seconds
-# of a run on 24 BACH images (22 CPU-ms per plain or bank tile of 224 px; 2 CPU-s per Giga-SSL
-# step of 24 slides, T = 5, and as much again for the label-free monitors of 24 slides), with
-# some margin: per plain tile, per bank tile, per slide-view pair of a training step, per
-# monitored slide; fixed reserves for grids and embedding, and for the evaluation
-# (attention-MIL dominates it).
-ASSUMED = dict(plain_tiles_per_s=50.0, bank_tiles_per_s=40.0, train_s_per_slide=0.05, monitor_s_per_slide=0.05,
-               fixed_s=120.0, evaluate_s=360.0)
+# of runs on 12 and 24 BACH images on a shared machine: ~46 CPU-ms per 224-px tile (plain or
+# bank: decoding, augmenting, encoding, writing), ~2 CPU-s per Giga-SSL step of 24 slides at
+# T = 5 and as much again for the label-free monitors of 24 slides; two threads taken as 1.6×
+# one. Per plain tile, per bank tile, per slide of a training step, per monitored slide; fixed
+# reserves for grids, imports and embedding, and for the evaluation (attention-MIL dominates).
+ASSUMED = dict(plain_tiles_per_s=40.0, bank_tiles_per_s=33.0, train_s_per_slide=0.05, monitor_s_per_slide=0.05,
+               fixed_s=120.0, evaluate_s=240.0)
 BANK_SHARE = 0.5  # of the time left after the fixed parts; the rest goes to training
 MONITOR_SLIDES = 32
 
@@ -325,11 +325,62 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def tile_encoder(args: argparse.Namespace, folder: Path, fingerprint: str, out: Path,
+                 times: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    """(source for ``load_resnet18``, its sha256 or 'random'): ``--encoder`` resolved; ``moco``
+    trains (or reuses) ``gigassl pretrain-tiles --profile small-cpu`` on ``folder``."""
+    from extract.config import MocoConfig
+
+    if args.encoder == "random":
+        encoder, encoder_id = "random", "random"
+    elif args.encoder == "moco":
+        overrides = {k: v for k, v in (("epochs", args.moco_epochs), ("tiles_per_epoch", args.moco_tiles_per_epoch)) if v}
+        moco = MocoConfig(slides=folder, out=Path("."), profile="small-cpu", mpp=args.mpp, default_mpp=args.image_mpp,
+                          tissue_threshold=args.tissue_threshold, seed=args.seed, num_workers=args.num_workers,
+                          device=args.device, **overrides).resolved()
+        moco_settings = dict(_plain(moco, NOT_KEYED), images=fingerprint)
+
+        def pretrain(where: Path) -> dict[str, Any]:
+            from extract.moco import run_pretraining
+
+            last = where / "last.pt"
+            result = run_pretraining(dataclasses.replace(moco, out=where, resume=last if last.is_file() else None))
+            return dict(epochs=result.epochs_done, n_slides=result.n_slides, final=result.monitors[-1] if result.monitors else {})
+
+        moco_dir, _ = run_stage("moco", out, moco_settings, pretrain, times)
+        encoder = str(moco_dir / "encoder.pt")
+        encoder_id = file_sha256(Path(encoder))
+    else:
+        encoder = str(Path(args.encoder).resolve())
+        if not Path(encoder).is_file():
+            raise FileNotFoundError(f"--encoder {args.encoder}: no such checkpoint; use 'random', 'moco' or a ResNet18 checkpoint path")
+        encoder_id = file_sha256(Path(encoder))
+
+    return encoder, encoder_id
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    """``OUT/results.json`` and ``OUT/results.md``; prints the tables and the seconds per stage."""
+    plan, arguments = results["plan"], results["arguments"]
+    tables = markdown_tables(results["summary"])
+    header = (f"BACH-like benchmark on `{results['images']}` ({results['n_images']} images, classes "
+              f"{', '.join(results['classes'])}), encoder {results['encoder']}, A={plan['n_augmentations']}, "
+              f"K={plan['n_tiles_per_augmentation']}, T={arguments['n_tiles_per_view']}, {plan['epochs']} epochs, "
+              f"R={arguments['n_views']}, {arguments['n_splits']} splits; commit {results['commit']}")
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "results.md").write_text(header + "\n\n" + tables + "\n")
+    print(f"\n{header}\n\n{tables}\n")
+    print("seconds per stage (wall / CPU of this process): " + ", ".join(
+        f"{name} {t['seconds']:.0f} / {t['cpu_seconds'] or 0:.0f}{' (cached)' if t['cached'] else ''}"
+        for name, t in results["stage_seconds"].items()) + f"; this run {results['total_seconds']:.0f} s wall")
+    print(f"written: {out / 'results.json'}, {out / 'results.md'}")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The benchmark (module docstring); returns what ``OUT/results.json`` holds."""
     import torch
 
-    from extract.config import ExtractConfig, MocoConfig
+    from extract.config import ExtractConfig
     from extract.moco_data import index_slides
     from gigassl.config import EmbedConfig, EvaluateConfig, TrainConfig
 
@@ -368,31 +419,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(json.dumps(dict(plan=dataclasses.asdict(plan), tiles=sum(counts), images=len(counts)), indent=1))
         return {}
 
-    # encoder
-    if args.encoder == "random":
-        encoder, encoder_id = "random", "random"
-    elif args.encoder == "moco":
-        overrides = {k: v for k, v in (("epochs", args.moco_epochs), ("tiles_per_epoch", args.moco_tiles_per_epoch)) if v}
-        moco = MocoConfig(slides=folder, out=Path("."), profile="small-cpu", mpp=args.mpp, default_mpp=args.image_mpp,
-                          tissue_threshold=args.tissue_threshold, seed=args.seed, num_workers=args.num_workers,
-                          device=args.device, **overrides).resolved()
-        moco_settings = dict(_plain(moco, NOT_KEYED), images=fingerprint)
-
-        def pretrain(where: Path) -> dict[str, Any]:
-            from extract.moco import run_pretraining
-
-            last = where / "last.pt"
-            result = run_pretraining(dataclasses.replace(moco, out=where, resume=last if last.is_file() else None))
-            return dict(epochs=result.epochs_done, n_slides=result.n_slides, final=result.monitors[-1] if result.monitors else {})
-
-        moco_dir, _ = run_stage("moco", out, moco_settings, pretrain, times)
-        encoder = str(moco_dir / "encoder.pt")
-        encoder_id = file_sha256(Path(encoder))
-    else:
-        encoder = str(Path(args.encoder).resolve())
-        if not Path(encoder).is_file():
-            raise FileNotFoundError(f"--encoder {args.encoder}: no such checkpoint; use 'random', 'moco' or a ResNet18 checkpoint path")
-        encoder_id = file_sha256(Path(encoder))
+    encoder, encoder_id = tile_encoder(args, folder, fingerprint, out, times)
 
     # plain features and bank
     extract = ExtractConfig(
@@ -487,21 +514,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary=summary, folders={k: str(v) for k, v in dict(extract=extract_dir, train=train_dir, embed=embed_dir,
                                                                evaluate=evaluate_dir).items()},
     )
-    tables = markdown_tables(summary)
-    header = (f"BACH-like benchmark on `{args.images}` ({len(images)} images, classes {', '.join(classes)}), "
-              f"encoder {args.encoder}, A={plan.n_augmentations}, K={plan.n_tiles_per_augmentation}, "
-              f"T={args.n_tiles_per_view}, {plan.epochs} epochs, R={args.n_views}, {args.n_splits} splits; commit {results['commit']}")
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "results.md").write_text(header + "\n\n" + tables + "\n")
-    print()
-    print(header)
-    print()
-    print(tables)
-    print()
-    print("seconds per stage (wall / CPU of this process): " + ", ".join(
-        f"{name} {t['seconds']:.0f} / {t['cpu_seconds'] or 0:.0f}{' (cached)' if t['cached'] else ''}" for name, t in times.items())
-        + f"; this run {results['total_seconds']:.0f} s wall")
-    print(f"written: {out / 'results.json'}, {out / 'results.md'}")
+    write_report(results, out)
     return results
 
 
