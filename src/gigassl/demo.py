@@ -159,7 +159,10 @@ def run_demo(config: DemoConfig) -> DemoResult:
     with _stage("extract", seconds):
         extraction = run_extraction(extract_settings(config, out / "slides"))
         if extraction.exit_code:
-            raise RuntimeError(f"extraction failed for some demo slides:\n{extraction.format()}")
+            raise ValueError(
+                f"extraction failed for some demo slides (see above); rerun with --overwrite to redraw them:\n"
+                f"{extraction.format()}"
+            )
     features_dir = out / "features"
     with _stage("train", seconds):
         training = run_training(train_settings(config, features_dir))
