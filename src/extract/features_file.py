@@ -35,7 +35,7 @@ from extract import __version__
 from extract.encoder import TILE_FEATURE_DIM, EncoderInfo
 
 FORMAT_NAME = "gigassl-slide-features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: bank stored feature-major (A, 256, K)
 TEMP_SUFFIX = ".partial"
 BANK_LAYOUT = "augmentation,feature,tile"
 
