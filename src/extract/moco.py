@@ -376,7 +376,10 @@ def load_training_checkpoint(path: Path, config: MocoConfig) -> dict[str, Any]:
     """Read and check a training checkpoint for ``--resume`` (weights_only)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"--resume {path} does not exist; pass OUT/last.pt or OUT/checkpoints/epoch_NNNN.pt")
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to a user
+        raise ValueError(f"--resume {path}: not a loadable weights-only torch checkpoint ({error})") from error
     if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"--resume {path}: not a `gigassl pretrain-tiles` training checkpoint (OUT/last.pt)")
     if raw.get("version") != CHECKPOINT_VERSION:
