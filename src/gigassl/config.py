@@ -101,7 +101,7 @@ class DemoConfig:
     tile_size: int = field(default=64, metadata=_help("tile side in pixels at --mpp (small, so the demo runs on a laptop CPU)"))
     n_augmentations: int = field(default=8, metadata=_help("A: augmentations per slide in the bank"))
     n_tiles_per_augmentation: int = field(default=16, metadata=_help("K: tiles per augmentation in the bank"))
-    epochs: int = field(default=30, metadata=_help("Giga-SSL training epochs"))
+    epochs: int = field(default=50, metadata=_help("Giga-SSL training epochs"))
     batch_size: int = field(default=20, metadata=_help("slides per training step (two views each)"))
     n_views: int = field(default=50, metadata=_help("R: views averaged per slide embedding"))
     n_splits: int = field(default=5, metadata=_help("repeated stratified splits of the evaluation"))
