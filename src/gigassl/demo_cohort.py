@@ -10,7 +10,7 @@ good slide representation must ignore.
 
 The 24 tiles (3 per class, 150×150 px at 0.495 µm/px) ship inside the package:
 Kather et al. 2016, "Multi-class texture analysis in colorectal cancer histology",
-Zenodo record 53169, CC BY 4.0 (see ``gigassl/data/kather2016/ATTRIBUTION.md``).
+Zenodo record 53169, CC BY 4.0 (see ``gigassl/assets/kather2016/ATTRIBUTION.md``).
 """
 
 from __future__ import annotations
@@ -80,11 +80,11 @@ class DemoSlide:
 
 def kather_tiles_dir() -> Path:
     """Folder of the Kather 2016 tiles shipped inside the package (one sub-folder per class)."""
-    folder = Path(str(resources.files("gigassl") / "data" / "kather2016"))
+    folder = Path(str(resources.files("gigassl") / "assets" / "kather2016"))
     if not (folder / TUMOUR_CLASS).is_dir():
         raise FileNotFoundError(
             f"{folder}: the packaged Kather 2016 tiles are missing; reinstall gigassl "
-            "(the wheel must include gigassl/data/kather2016/*/*)"
+            "(the wheel must include gigassl/assets/kather2016/*/*)"
         )
     return folder
 
