@@ -43,6 +43,7 @@ def test_round_trip(tmp_path):
         assert (slide.n_augmentations, slide.bank_size) == (3, 5)
         aug, aug_coords = slide.augmentation(2)
         np.testing.assert_allclose(aug, feats[2:7], rtol=1e-3)
+        assert aug.flags.c_contiguous and aug.dtype == np.float32  # (K, 256) rows, as written
         np.testing.assert_array_equal(aug_coords, coords[2:7])
         assert slide.settings == {"mpp": 0.5}
     with h5py.File(path) as handle:  # TRIDENT / CLAM readers see the usual layout

@@ -261,7 +261,7 @@ class SlideFeatures:
         Reads only that augmentation's chunk from disk.
         """
         return (
-            self._file["aug_features"][index].T.astype(np.float32),
+            np.ascontiguousarray(self._file["aug_features"][index].T, dtype=np.float32),
             self._file["aug_coords"][index],
         )
 
