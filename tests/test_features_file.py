@@ -53,6 +53,26 @@ def test_round_trip(tmp_path):
     assert is_complete(path, require_plain=True, require_bank=True)
 
 
+def test_bank_rows_stored_by_position_so_repeats_compress(tmp_path):
+    rng = np.random.default_rng(1)
+    tiles = rng.random((8, 256), dtype=np.float32)
+    rows = rng.integers(0, 8, size=256)  # 256 draws of 8 tiles, with replacement
+    coords = np.stack([rows * 448, np.zeros_like(rows)], 1)
+    path = tmp_path / "s.h5"
+    with SlideFileWriter(path, slide_id="s", source="s", settings={}, encoder=ENCODER) as writer:
+        writer.create_bank(2, 256, {})
+        for a in range(2):
+            writer.write_augmentation(a, tiles[rows], coords)
+    with SlideFeatures(path, require_bank=True) as slide:
+        features, stored = slide.augmentation(1)
+    order = np.argsort(rows, kind="stable")
+    np.testing.assert_array_equal(stored, coords[order])
+    np.testing.assert_allclose(features, tiles[rows][order], rtol=1e-3)
+    with h5py.File(path) as handle:
+        stored_bytes = handle["aug_features"].id.get_storage_size()
+    assert stored_bytes < 0.2 * 2 * 256 * 256 * 2  # 8 distinct tiles, not 256
+
+
 def test_interrupted_write_leaves_nothing(tmp_path):
     path = tmp_path / "s1.h5"
     with pytest.raises(RuntimeError):

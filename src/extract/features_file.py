@@ -126,9 +126,16 @@ class SlideFileWriter:
             feats.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
 
     def write_augmentation(self, index: int, features: np.ndarray, coords: np.ndarray) -> None:
-        """Store augmentation ``index``: (K, 256) features and their (K, 2) level-0 coords."""
-        self.file["aug_features"][index] = features.astype(np.float16).T
-        self.file["aug_coords"][index] = coords.astype(np.int64)
+        """Store augmentation ``index``: (K, 256) features and their (K, 2) level-0 coords.
+
+        The K tiles are a sample whose order carries no meaning; they are stored sorted by
+        position, so that a tile sampled several times (slides with fewer than K tiles) fills
+        adjacent columns, which the feature-major chunk then compresses to almost nothing.
+        """
+        coords = np.asarray(coords, dtype=np.int64)
+        order = np.lexsort((coords[:, 1], coords[:, 0]))
+        self.file["aug_features"][index] = np.asarray(features, dtype=np.float16)[order].T
+        self.file["aug_coords"][index] = coords[order]
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
