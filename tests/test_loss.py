@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from pytorch_metric_learning.losses import NTXentLoss
 
-from gigassl.loss import gather_with_gradient, nt_xent, nt_xent_distributed, positive_pair_accuracy, rank, world_size
+from gigassl.loss import constant_output_loss, gather_with_gradient, nt_xent, nt_xent_distributed, positive_pair_accuracy, rank, world_size
 
 
 def _pml(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -74,6 +74,19 @@ def test_bad_inputs_are_refused() -> None:
         nt_xent(torch.zeros(4, 3), torch.zeros(5, 3))
     with pytest.raises(ValueError, match="temperature"):
         nt_xent(torch.ones(4, 3), torch.ones(4, 3), temperature=0.0)
+
+
+def test_constant_output_loss_is_nt_xent_of_identical_views_and_below_random_positives() -> None:
+    z = torch.ones(20, 8)
+    assert float(nt_xent(z, z.clone())) == pytest.approx(constant_output_loss(20), rel=1e-6)
+    assert constant_output_loss(20) == pytest.approx(math.log(39))
+    # unrelated positives at temperature 0.05 score worse than collapsing: why collapse is where a
+    # loss with nothing to learn ends
+    generator = torch.Generator().manual_seed(0)
+    random = nt_xent(torch.randn(20, 256, generator=generator), torch.randn(20, 256, generator=generator), 0.05)
+    assert float(random) > constant_output_loss(20) + 0.3
+    with pytest.raises(ValueError):
+        constant_output_loss(0)
 
 
 def test_positive_pair_accuracy() -> None:

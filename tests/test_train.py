@@ -21,6 +21,7 @@ from gigassl.train import (
     load_checkpoint,
     load_model,
     run_training,
+    stall_warning,
     use_global_batch_norm,
 )
 
@@ -68,6 +69,14 @@ def test_short_run_learns_the_planted_structure(tmp_path):
     model, _ = load_model(result.checkpoint)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, payload["model"][key], rtol=0, atol=0)
+
+
+def test_stall_warning_at_the_constant_output_level_only():
+    # the demo cohort's collapsed run: mean loss of the last epochs 3.56 for batch 20 (log 39 = 3.66)
+    message = stall_warning(3.56, 0.06, 20)
+    assert message is not None and "3.664" in message and "constant output" in message
+    assert stall_warning(2.5, 0.4, 20) is None  # a loss well below log(2B − 1): learning
+    assert stall_warning(float("nan"), 0.0, 20) is None
 
 
 def test_lr_schedule_warms_up_then_decays():

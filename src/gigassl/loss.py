@@ -15,6 +15,8 @@ batch. Without an initialised process group the rank is 0 and the world size 1.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -106,6 +108,19 @@ def nt_xent_distributed(z1: torch.Tensor, z2: torch.Tensor, temperature: float =
         return nt_xent(z1, z2, temperature)
     z1_all, z2_all = gather_with_gradient(z1), gather_with_gradient(z2)
     return _nt_xent_anchors(z1_all, z2_all, rank() * len(z1), len(z1), temperature)
+
+
+def constant_output_loss(n_slides: int) -> float:
+    """NT-Xent of B slides whose 2B views all map to one vector: log(2B − 1).
+
+    Every candidate is then as likely as the positive. A loss that settles here means the model
+    found nothing that tells a slide's two views from the other slides' views: unrelated
+    positives score higher than this (more so at low temperature), so a constant output is the
+    loss's optimum when the views carry no slide signal.
+    """
+    if n_slides < 1:
+        raise ValueError(f"need at least one slide, got {n_slides}")
+    return math.log(max(2 * n_slides - 1, 1))
 
 
 @torch.no_grad()

@@ -449,6 +449,30 @@ def monitor_metrics(
 
 # ------------------------------------------------------------------------------ training
 
+# share of log(2B − 1) above which an epoch's mean loss counts as "at the constant-output level"
+STALL_LOSS_SHARE = 0.95
+
+
+def stall_warning(train_loss: float, train_accuracy: float, batch: int) -> Optional[str]:
+    """A message when an epoch's mean training loss sits at NT-Xent's constant-output level
+    log(2B − 1) (:func:`gigassl.loss.constant_output_loss`), else None.
+
+    Measured on the demo cohort (random tile encoder, A = 8, K = 16, batch 20): the loss goes
+    from 5.8 to 3.57 ≈ log 39 = 3.66 within 10 epochs and stays there, collapse level 0.81,
+    positive-pair accuracy 0.06: in those features a slide's bank augmentations differ more than
+    slides do, so there is nothing for the loss to learn but a constant.
+    """
+    level = losses.constant_output_loss(batch)
+    if not train_loss >= STALL_LOSS_SHARE * level:
+        return None
+    return (
+        f"the training loss {train_loss:.3f} is at the level of a constant output, log(2B − 1) = {level:.3f} "
+        f"for a batch of {batch} slides (positive-pair accuracy {train_accuracy:.3f}, chance {1 / (2 * batch - 1):.3f}): "
+        "the model does not tell a slide's two views from other slides' views and is collapsing. Usual causes: tile "
+        "features whose bank augmentations move a slide more than slides differ (a random or weak tile encoder), "
+        "too few tiles per view, or too high a learning rate"
+    )
+
 
 def _grad_norm(model: nn.Module) -> float:
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
@@ -550,6 +574,7 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     progress = tqdm(total=total_steps, initial=global_step, unit="step", disable=not context.is_main,
                     desc="gigassl train", dynamic_ncols=True)
     trained.train()
+    stall_warned = False
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             sampler.set_epoch(epoch)
@@ -584,9 +609,19 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
             history.append(row)
             if context.is_main:
                 write_monitors(history, out)
-                log.info("epoch %d/%d: train loss %.4f, monitor loss %.4f, positive-pair accuracy %.3f, "
-                         "RankMe %.1f, data %.0f%%", epoch, config.epochs, row["train_loss"], row["loss"],
-                         row["positive_pair_accuracy"], row["rankme"], 100 * row["data_share"])
+                log.info("epoch %d/%d: train loss %.4f (constant output: %.4f), monitor loss %.4f, positive-pair "
+                         "accuracy %.3f (chance %.3f), RankMe %.1f, data %.0f%%", epoch, config.epochs,
+                         row["train_loss"], losses.constant_output_loss(batch), row["loss"],
+                         row["positive_pair_accuracy"], 1 / (2 * len(monitor_indices) - 1), row["rankme"],
+                         100 * row["data_share"])
+                # once, after the warm-up, on the last epochs' mean (one epoch of few steps is noisy)
+                if epoch == config.warmup_epochs + max(1, config.epochs // 10) or epoch == config.epochs:
+                    recent = [r for r in history if "train_loss" in r][-max(1, config.epochs // 10):]
+                    warning = stall_warning(float(np.mean([r["train_loss"] for r in recent])),
+                                            float(np.mean([r["train_accuracy"] for r in recent])), batch)
+                    if warning and not stall_warned:
+                        log.warning("epoch %d: %s", epoch, warning)
+                        stall_warned = True
                 if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
                     payload = dict(base, epoch=epoch, global_step=global_step, history=history,
                                    model={k: v.detach().cpu() for k, v in model.state_dict().items()},
