@@ -110,7 +110,7 @@ def test_view_reads_only_the_chosen_augmentation(cohort_dir, monkeypatch):
     dataset = SlideViewDataset(cohort, 5)
     reads = []
     original = SlideFeatures.augmentation
-    monkeypatch.setattr(SlideFeatures, "augmentation", lambda self, a: reads.append(a) or original(self, a))
+    monkeypatch.setattr(SlideFeatures, "augmentation", lambda self, a, rows=None: reads.append(a) or original(self, a, rows))
     monkeypatch.setattr(SlideFeatures, "features", lambda self: pytest.fail("plain features read"))
     dataset[(0, 0)]
     assert len(reads) == 2

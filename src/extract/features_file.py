@@ -262,15 +262,17 @@ class SlideFeatures:
     def bank_attrs(self) -> dict[str, Any]:
         return {k: (v.item() if hasattr(v, "item") else v) for k, v in self._file["aug_features"].attrs.items()}
 
-    def augmentation(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def augmentation(self, index: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Augmentation ``index`` of the bank: (K, 256) float32 features, (K, 2) int64 coords.
 
-        Reads only that augmentation's chunk from disk.
+        Reads only that augmentation's chunk from disk; with ``rows`` (indices into K) only
+        those tiles are converted and returned, (len(rows), 256) and (len(rows), 2).
         """
-        return (
-            np.ascontiguousarray(self._file["aug_features"][index].T, dtype=np.float32),
-            self._file["aug_coords"][index],
-        )
+        stored = self._file["aug_features"][index]  # (256, K) float16
+        coords = self._file["aug_coords"][index]
+        if rows is not None:
+            stored, coords = stored[:, rows], coords[rows]
+        return np.ascontiguousarray(stored.T, dtype=np.float32), coords
 
 
 def is_complete(path: str | Path, *, require_plain: bool = False, require_bank: bool = False) -> bool:

@@ -219,16 +219,16 @@ class SlideViewDataset(Dataset):
         """One view of slide ``index``: features (t, 256) float32, cells (t, 2) int64."""
         entry = self.slides[index]
         augmentation = int(rng.integers(entry.n_augmentations))
-        features, coords = self._open(index).augmentation(augmentation)
+        replace = entry.bank_size < self.n_tiles_per_view
+        rows = rng.choice(entry.bank_size, size=self.n_tiles_per_view, replace=replace)
+        features, coords = self._open(index).augmentation(augmentation, rows)
         if not np.isfinite(features).all():
             raise FeatureFileError(
                 f"{entry.path}: NaN or inf in augmentation {augmentation} of the bank; re-extract this slide"
             )
-        replace = entry.bank_size < self.n_tiles_per_view
-        rows = rng.choice(entry.bank_size, size=self.n_tiles_per_view, replace=replace)
-        cells = tile_cells(coords[rows], entry.tile_step_level0)
+        cells = tile_cells(coords, entry.tile_step_level0)
         cells = augment_cells(cells, rng, self.scale_range)
-        return features[rows], cells
+        return features, cells
 
     def views(self, epoch: int, index: int) -> tuple[View, View]:
         """The two views of slide ``index`` in ``epoch``."""
