@@ -531,8 +531,11 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
     y = np.searchsorted(classes, labels.labels)
     splits = make_splits(y, labels.patients, config.n_splits, config.test_fraction, config.seed)
     rows_of = embeddings.index()
+    # Both linear methods are standard-scaled before the same regression: L2-normalised slide
+    # vectors have a small spread, so unscaled they would meet C = 10 as a much stronger penalty
+    # than AverageMIL's scaled features (on the demo: 0.90 unscaled vs 0.98 scaled AUC).
     methods: list[Method] = [LinearMethod("gigassl", embeddings.embeddings[[rows_of[s] for s in labels.slide_ids]],
-                                          config.c, config.tune_c)]
+                                          config.c, config.tune_c, standardize=True)]
     if baselines:
         paths = [files[s] for s in labels.slide_ids]
         device = str(resolve_device(config.device))
