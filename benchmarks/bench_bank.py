@@ -69,11 +69,11 @@ def storage_sizes(result, folder: Path) -> dict[str, int]:
         writer.create_bank(n_augmentations, n_tiles, result.attrs)
         for a in range(n_augmentations):
             writer.write_augmentation(a, result.features[a], result.coords[a])
-    sizes["features_file (float16 gzip4+shuffle), whole file"] = path.stat().st_size
+    sizes["features_file as written: (A, 256, K) rows by position, gzip4+shuffle, whole file"] = path.stat().st_size
     chunk = (1, *result.features.shape[1:])
     variants = {
         "float16 uncompressed": dict(),
-        "float16 gzip4+shuffle (features_file)": dict(compression="gzip", compression_opts=4, shuffle=True),
+        "float16 gzip4+shuffle": dict(compression="gzip", compression_opts=4, shuffle=True),
         "float16 gzip9+shuffle": dict(compression="gzip", compression_opts=9, shuffle=True),
         "float16 lzf+shuffle": dict(compression="lzf", shuffle=True),
     }
@@ -89,9 +89,9 @@ def storage_sizes(result, folder: Path) -> dict[str, int]:
             variant = folder / "variant.h5"
             with h5py.File(variant, "w") as handle:
                 handle.create_dataset("aug_features", data=data, chunks=chunk, **options)
-            sizes[f"aug_features, {name}{label}"] = int(variant.stat().st_size * len(result.features) / len(data))
+            sizes[f"aug_features as (A, K, 256), {name}{label}"] = int(variant.stat().st_size * len(result.features) / len(data))
             variant.unlink()
-    # The alternative layout (A, 256, K): one channel's values side by side share exponents.
+    # The layout features_file uses, (A, 256, K): one channel's values side by side share exponents.
     if len(distinct):
         variant = folder / "variant.h5"
         with h5py.File(variant, "w") as handle:
