@@ -177,6 +177,15 @@ def remap_state_dict(raw: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], s
     return {k: v for k, v in state.items() if torch.is_tensor(v)}, layout
 
 
+def load_weights_only(path: str | Path, label: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; any failure becomes a ValueError
+    starting with ``label`` (checkpoints are untrusted input: tensors and plain data only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to a user
+        raise ValueError(f"{label}: not a loadable weights-only torch checkpoint ({error})") from error
+
+
 def load_resnet18(source: str | Path, seed: int = 0) -> tuple[ResNet18, EncoderInfo]:
     """Build a ResNet18 from ``"random"`` or a checkpoint path (any accepted layout).
 
@@ -194,10 +203,7 @@ def load_resnet18(source: str | Path, seed: int = 0) -> tuple[ResNet18, EncoderI
             f"tile encoder checkpoint {path} does not exist; pass a ResNet18 checkpoint "
             "(torchvision, MoCo or `gigassl pretrain-tiles` output) or --encoder random"
         )
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to a user
-        raise ValueError(f"{path}: not a loadable weights-only torch checkpoint ({error})") from error
+    raw = load_weights_only(path, str(path))
     if not isinstance(raw, Mapping):
         raise ValueError(f"{path}: expected a dict of weights, found {type(raw).__name__}")
     state, layout = remap_state_dict(raw)

@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 from extract.augment import TileAugmentation
 from extract.config import MocoConfig
 from extract.device import autocast, autocast_dtype, resolve_device
-from extract.encoder import IMAGE_MEAN, IMAGE_STD, ResNet18, save_encoder_checkpoint
+from extract.encoder import IMAGE_MEAN, IMAGE_STD, ResNet18, load_weights_only, save_encoder_checkpoint
 from extract.moco_data import EpochTileBatches, SlideTiles, epoch_plan, fixed_tiles, index_slides
 
 logger = logging.getLogger(__name__)
@@ -376,10 +376,7 @@ def load_training_checkpoint(path: Path, config: MocoConfig) -> dict[str, Any]:
     """Read and check a training checkpoint for ``--resume`` (weights_only)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"--resume {path} does not exist; pass OUT/last.pt or OUT/checkpoints/epoch_NNNN.pt")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to a user
-        raise ValueError(f"--resume {path}: not a loadable weights-only torch checkpoint ({error})") from error
+    raw = load_weights_only(path, f"--resume {path}")
     if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"--resume {path}: not a `gigassl pretrain-tiles` training checkpoint (OUT/last.pt)")
     if raw.get("version") != CHECKPOINT_VERSION:

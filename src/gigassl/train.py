@@ -49,7 +49,7 @@ from torch import nn
 
 from extract import __version__
 from extract.device import autocast, autocast_dtype, resolve_device
-from extract.encoder import EncoderInfo, ResNet18, load_resnet18
+from extract.encoder import EncoderInfo, ResNet18, load_resnet18, load_weights_only
 from gigassl.config import TrainConfig
 from gigassl.data import (
     STREAM_MONITOR,
@@ -299,10 +299,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to a user
-        raise ValueError(f"{path}: not a loadable weights-only torch checkpoint ({error})") from error
+    payload = load_weights_only(path, str(path))
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a Giga-SSL checkpoint written by `gigassl train`")
     if payload.get("format_version") != CHECKPOINT_VERSION:
