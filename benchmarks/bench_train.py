@@ -3,9 +3,10 @@
 Runs the real training job (``run_training``) for a few epochs on a synthetic cohort written to
 a temporary folder and reads its own per-epoch timings (``epoch_time_s``, ``data_share`` in
 monitors.json); the first epoch (spconv's first calls) is reported apart. Also times the data
-pipeline alone (views + collate, one process). Defaults: batch 256, T = 5.
+pipeline alone (views + collate, one process). Defaults: batch 256, T = 5, the training job's
+default number of DataLoader workers (``--workers 0`` reads in the training process).
 
-    python benchmarks/bench_train.py                       # batch 256, T = 5, 3 epochs of 2 steps
+    python benchmarks/bench_train.py                       # batch 256, T = 5, 5 epochs of 2 steps
     python benchmarks/bench_train.py --slides 32 --batch 16 --epochs 2   # quick check
 """
 
@@ -31,11 +32,11 @@ def main() -> None:
     parser.add_argument("--slides", type=int, default=512, help="slides in the synthetic cohort")
     parser.add_argument("--batch", type=int, default=256, help="slides per step")
     parser.add_argument("--tiles-per-view", type=int, default=5, help="T")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs (the first one is warm-up)")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs (the first one is warm-up)")
     parser.add_argument("--tiles", type=int, default=400, help="plain tiles per slide")
     parser.add_argument("--augmentations", type=int, default=10, help="A of the synthetic bank")
     parser.add_argument("--bank-size", type=int, default=256, help="K of the synthetic bank")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--workers", type=int, default=TrainConfig.num_workers, help="DataLoader workers")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()

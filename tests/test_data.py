@@ -1,3 +1,4 @@
+import dataclasses
 import logging
 
 import h5py
@@ -5,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from extract.bank_chunks import BankChunkReader
 from extract.features_file import FeatureFileError, SlideFeatures, SlideFileWriter
 from gigassl.data import (
     EpochBatchSampler,
@@ -107,13 +109,42 @@ def test_views_are_reproducible_and_come_from_one_augmentation(cohort_dir):
 
 def test_view_reads_only_the_chosen_augmentation(cohort_dir, monkeypatch):
     cohort = scan_features_folder(cohort_dir, 5)
+    assert all(entry.chunks is not None for entry in cohort.slides)  # the writer's layout: direct reads
     dataset = SlideViewDataset(cohort, 5)
     reads = []
-    original = SlideFeatures.augmentation
-    monkeypatch.setattr(SlideFeatures, "augmentation", lambda self, a, rows=None: reads.append(a) or original(self, a, rows))
+    original = BankChunkReader.read
+    monkeypatch.setattr(BankChunkReader, "read", lambda self, chunks, a, rows=None: reads.append(a) or original(self, chunks, a, rows))
+    monkeypatch.setattr(SlideFeatures, "augmentation", lambda *args: pytest.fail("read through h5py"))
     monkeypatch.setattr(SlideFeatures, "features", lambda self: pytest.fail("plain features read"))
     dataset[(0, 0)]
     assert len(reads) == 2
+
+
+def test_views_are_the_same_without_the_chunk_index(cohort_dir):
+    """A bank stored in another layout (no chunk index) is read through h5py: same views."""
+    cohort = scan_features_folder(cohort_dir, 5)
+    direct = SlideViewDataset(cohort, 5, seed=3)
+    fallback_cohort = dataclasses.replace(cohort, slides=tuple(dataclasses.replace(s, chunks=None) for s in cohort.slides))
+    fallback = SlideViewDataset(fallback_cohort, 5, seed=3)
+    for key in [(1, 0), (1, 5), (2, 3)]:
+        for x, y in zip(direct[key][1:], fallback[key][1:]):
+            np.testing.assert_array_equal(x[0], y[0])
+            np.testing.assert_array_equal(x[1], y[1])
+    direct.close()
+    fallback.close()
+
+
+def test_sampler_runs_through_several_epochs_in_one_pass():
+    sampler = EpochBatchSampler(10, 4, seed=0)
+    per_epoch = []
+    for epoch in (2, 3, 4):
+        sampler.set_epoch(epoch)
+        per_epoch += list(sampler)
+    sampler.set_epoch(2, 4)
+    assert len(sampler) == 6 and sampler.steps_per_epoch == 2
+    assert list(sampler) == per_epoch
+    with pytest.raises(ValueError, match="before"):
+        sampler.set_epoch(4, 3)
 
 
 def test_sampler_splits_global_batches_among_ranks():

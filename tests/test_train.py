@@ -90,7 +90,8 @@ def test_lr_schedule_warms_up_then_decays():
 
 @pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(small_cohort, tmp_path):
-    whole = run_training(_config(small_cohort, tmp_path / "whole", epochs=3))
+    # the uninterrupted run reads with a worker through all epochs in one loader pass
+    whole = run_training(_config(small_cohort, tmp_path / "whole", epochs=3, num_workers=1))
     resumed = run_training(_config(small_cohort, tmp_path / "resumed", epochs=3,
                                    resume=tmp_path / "whole" / "checkpoints" / "epoch_0002.pt", num_workers=0))
     a, b = load_checkpoint(whole.checkpoint), load_checkpoint(resumed.checkpoint)

@@ -205,6 +205,11 @@ class SlideFeatures:
         self._file.close()
 
     @property
+    def file(self) -> h5py.File:
+        """The open, read-only HDF5 file (for readers of the raw layout such as :mod:`extract.bank_chunks`)."""
+        return self._file
+
+    @property
     def slide_id(self) -> str:
         return str(self._file.attrs.get("slide_id", self.path.stem))
 

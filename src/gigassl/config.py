@@ -34,7 +34,8 @@ class TrainConfig:
     scale_max: float = field(default=2.0, metadata=_help("slide-level augmentation: upper bound of the per-axis scale (paper 2, original code 1.3)"))
     projector_dim: int = field(default=256, metadata=_help("output size of the projector MLP"))
     seed: int = field(default=0, metadata=_help("random seed"))
-    num_workers: int = field(default=0, metadata=_help("DataLoader workers reading views"))
+    num_workers: int = field(default=2, metadata=_help(
+        "DataLoader worker processes reading views while the model steps (0: read in the training process)"))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
     mixed_precision: bool = field(default=True, metadata=_help("autocast on CUDA"))
     checkpoint_every: int = field(default=50, metadata=_help("write a checkpoint every N epochs (and at the end)"))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from extract.bank_chunks import BankChunkReader, BankChunks, locate_bank_chunks
 from extract.encoder import EncoderInfo
 from extract.features_file import FeatureFileError, SlideFeatures
 from gigassl.sparse_map import SparseBatch, augment_cells, collate_views, tile_cells
@@ -56,6 +57,9 @@ class SlideEntry:
     bank_size: int
     tile_step_level0: float
     encoder: EncoderInfo
+    # Byte offsets of the bank's chunks for direct reads; None when the file's bank is stored
+    # otherwise (then views are read through h5py).
+    chunks: BankChunks | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,7 @@ def _scan_one(path: Path, check_finite: bool) -> SlideEntry:
                         "(`gigassl extract --overwrite`) or move the file out of the folder"
                     )
         return SlideEntry(path, slide.slide_id, slide.n_augmentations, slide.bank_size,
-                          slide.tile_step_level0, encoder)
+                          slide.tile_step_level0, encoder, locate_bank_chunks(slide))
 
 
 def scan_features_folder(
@@ -189,6 +193,7 @@ class SlideViewDataset(Dataset):
         self.stream = stream
         self._handles: dict[int, SlideFeatures] = {}
         self._pid = os.getpid()
+        self._chunk_reader = BankChunkReader(MAX_OPEN_FILES)
 
     def __len__(self) -> int:
         return len(self.slides)
@@ -214,6 +219,7 @@ class SlideViewDataset(Dataset):
         for handle in self._handles.values():
             handle.close()
         self._handles = {}
+        self._chunk_reader.close()
 
     def view(self, index: int, rng: np.random.Generator) -> View:
         """One view of slide ``index``: features (t, 256) float32, cells (t, 2) int64."""
@@ -221,7 +227,10 @@ class SlideViewDataset(Dataset):
         augmentation = int(rng.integers(entry.n_augmentations))
         replace = entry.bank_size < self.n_tiles_per_view
         rows = rng.choice(entry.bank_size, size=self.n_tiles_per_view, replace=replace)
-        features, coords = self._open(index).augmentation(augmentation, rows)
+        if entry.chunks is not None:  # one pread + inflate, no h5py (see extract.bank_chunks)
+            features, coords = self._chunk_reader.read(entry.chunks, augmentation, rows)
+        else:
+            features, coords = self._open(index).augmentation(augmentation, rows)
         if not np.isfinite(features).all():
             raise FeatureFileError(
                 f"{entry.path}: NaN or inf in augmentation {augmentation} of the bank; re-extract this slide"
@@ -284,7 +293,9 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     Each epoch shuffles the slides with a generator seeded by ``(seed, epoch)``, cuts the
     permutation into global batches of ``global_batch`` slides (the incomplete last batch is
     dropped, so every step contrasts a full batch) and gives rank ``r`` the ``r``-th contiguous
-    share of each. Call :meth:`set_epoch` before iterating.
+    share of each. Call :meth:`set_epoch` before iterating; ``set_epoch(first, last)`` makes
+    one pass run through several epochs in turn, so that DataLoader workers prefetch the next
+    epoch's first batches instead of idling at every epoch boundary.
     """
 
     def __init__(self, n_slides: int, global_batch: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
@@ -293,18 +304,26 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         self.n_slides, self.global_batch, self.seed = n_slides, global_batch, seed
         self.rank, self.world_size = rank, world_size
         self.local_batch = global_batch // world_size
-        self.epoch = 0
+        self.epoch = self.last_epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, last_epoch: int | None = None) -> None:
+        """Iterate epoch ``epoch`` only, or epochs ``epoch`` … ``last_epoch`` one after the other."""
+        last_epoch = epoch if last_epoch is None else last_epoch
+        if last_epoch < epoch:
+            raise ValueError(f"last epoch {last_epoch} comes before first epoch {epoch}")
+        self.epoch, self.last_epoch = epoch, last_epoch
 
-    def __len__(self) -> int:
+    @property
+    def steps_per_epoch(self) -> int:
         return self.n_slides // self.global_batch
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        order = np.random.default_rng([self.seed, STREAM_PERMUTATION, self.epoch]).permutation(self.n_slides)
-        for step in range(len(self)):
-            batch = order[step * self.global_batch : (step + 1) * self.global_batch]
-            local = batch[self.rank * self.local_batch : (self.rank + 1) * self.local_batch]
-            yield [(self.epoch, int(index)) for index in local]
+    def __len__(self) -> int:
+        return self.steps_per_epoch * (self.last_epoch - self.epoch + 1)
 
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for epoch in range(self.epoch, self.last_epoch + 1):
+            order = np.random.default_rng([self.seed, STREAM_PERMUTATION, epoch]).permutation(self.n_slides)
+            for step in range(self.steps_per_epoch):
+                batch = order[step * self.global_batch : (step + 1) * self.global_batch]
+                local = batch[self.rank * self.local_batch : (self.rank + 1) * self.local_batch]
+                yield [(epoch, int(index)) for index in local]

@@ -519,10 +519,10 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     sampler = EpochBatchSampler(len(cohort.slides), batch, config.seed, context.rank, context.world_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate_slide_views, num_workers=config.num_workers,
-        persistent_workers=config.num_workers > 0, pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda",
         prefetch_factor=4 if config.num_workers > 0 else None,
     )
-    steps_per_epoch = len(sampler)
+    steps_per_epoch = sampler.steps_per_epoch
     total_steps = steps_per_epoch * config.epochs
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr * batch / 256, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -572,13 +572,17 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
                     desc="gigassl train", dynamic_ncols=True)
     trained.train()
     stall_warned = False
+    # One pass of the loader runs through all remaining epochs (the keys carry the epoch), so
+    # workers prefetch across epoch boundaries and while the monitors are computed.
+    sampler.set_epoch(start_epoch + 1, max(start_epoch + 1, config.epochs))
+    batches = iter(loader) if start_epoch < config.epochs else iter(())
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
-            sampler.set_epoch(epoch)
             sums = dict(loss=0.0, accuracy=0.0, grad_norm=0.0)
             data_time = 0.0
             epoch_start = tick = time.perf_counter()
-            for step, views in enumerate(loader, start=1):
+            for step in range(1, steps_per_epoch + 1):
+                views = next(batches)
                 data_time += time.perf_counter() - tick
                 loss, accuracy = _step(trained, views, optimizer, scaler, config, device, amp_dtype, context)
                 if not math.isfinite(loss):
@@ -626,6 +630,7 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
                                    scaler=scaler.state_dict(), rng=_rng_state())
                     _write_checkpoint(out, epoch, payload, config.keep_checkpoints)
     finally:
+        del batches  # shuts the workers down
         progress.close()
         dataset.close()
         monitor_dataset.close()
