@@ -1,13 +1,15 @@
 """Plain-feature extraction speed on one slide, measured in one run.
 
-Prints tiles/s of (1) `gigassl extract` on the slide (plain features only; the slide's own time:
-thumbnail, tissue mask, grid, DataLoader reading, encoding, HDF5 writing — the rate a cohort
-runs at; the whole command with encoder set-up is printed below the table), (2) tile reading
-alone through the same DataLoader, (3) the encoder alone on tiles already in memory, and the
-ratio end-to-end / min(read, encode) (target ≥ 0.8: the pipeline hides the faster stage).
+Prints tiles/s of (1) `gigassl extract` on the slide (plain features only): the job runs on a
+folder holding the slide under ``--copies`` names, and the rate is that of the copies after the
+first, i.e. the slide's own time (thumbnail, tissue mask, grid, reading, encoding, HDF5 writing)
+at the rate a cohort runs at; the first slide, which also starts the reading workers, and the
+whole command with the encoder's set-up are printed below the table; (2) tile reading alone
+through the job's loader; (3) the encoder alone on tiles already in memory; and the ratio
+end-to-end / min(read, encode) (target ≥ 0.8: the pipeline hides the faster stage).
 
     python benchmarks/bench_extract.py                       # CMU-1-Small-Region, 224 px at 0.5 µm/px
-    python benchmarks/bench_extract.py --num-workers 2 --threads 2 --repeats 3
+    python benchmarks/bench_extract.py --num-workers 0 --threads 2 --repeats 3
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from extract.config import ExtractConfig
 from extract.device import resolve_device
 from extract.encoder import TileTrunk, load_resnet18
 from extract.reader import open_slide
-from extract.run import TileDataset, encode_batches, make_loader, run_extraction
+from extract.run import encode_batches, run_extraction
+from extract.tile_loader import TileLoader
 from extract.tiling import tile_grid
 
 DEFAULT_SLIDE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "CMU-1-Small-Region.svs"
@@ -44,10 +47,11 @@ def main() -> None:
     # Small batches let the workers read the next batch while the CPU encodes this one; a slide
     # of ~50 tiles in one batch of 64 would serialise reading and encoding.
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--num-workers", type=int, default=ExtractConfig.num_workers)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the encoding process")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of the three measures (best of each kept)")
+    parser.add_argument("--copies", type=int, default=4, help="names the slide is linked under (≥ 2)")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of the three measures (best of each kept)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -57,7 +61,8 @@ def main() -> None:
     try:
         slides = work / "slides"
         slides.mkdir()
-        (slides / args.slide.name).symlink_to(args.slide.resolve())
+        for copy in range(max(2, args.copies)):
+            (slides / f"{args.slide.stem}-{copy}{args.slide.suffix}").symlink_to(args.slide.resolve())
         config = ExtractConfig(
             slides=slides, out=work / "out", encoder="random", mpp=args.mpp, tile_size=args.tile_size,
             tissue_threshold=args.tissue_threshold, bank=False, qc=False, overwrite=True,
@@ -68,24 +73,27 @@ def main() -> None:
             mpp = reader.mpp
         n_tiles = len(grid)
 
-        dataset = TileDataset(args.slide, mpp, grid.coords, grid.size_level0, grid.tile_size_px)
+        # Reading alone through the job's loader: workers started once, as in a cohort.
+        loader = TileLoader(args.batch_size, args.num_workers, pin_memory=device.type == "cuda")
+        slide_tiles = (args.slide, mpp, grid.coords, grid.size_level0, grid.tile_size_px)
         model, _ = load_resnet18("random")
         trunk = TileTrunk(model).to(device).eval().to(memory_format=torch.channels_last)
         # Warm-up (oneDNN kernels, page cache), then the three measures taken in turn, so that
         # a change of load on a shared machine hits all of them alike; the best of each is kept.
         run_extraction(config)
-        tiles = list(make_loader(dataset, config, device))
+        tiles = list(loader.tiles(*slide_tiles))
         list(encode_batches(tiles[:1], trunk, device))
-        end_to_end, per_slide, reading, encoding = [], [], [], []
+        end_to_end, first_slide, per_slide, reading, encoding = [], [], [], [], []
         for _ in range(args.repeats):
             started = time.perf_counter()
             summary = run_extraction(config)
             end_to_end.append(time.perf_counter() - started)
-            assert len(summary.done) == 1
-            per_slide.append(summary.done[0].seconds)
+            assert len(summary.done) == max(2, args.copies)
+            first_slide.append(summary.done[0].seconds)
+            per_slide.append(sum(o.seconds for o in summary.done[1:]) / len(summary.done[1:]))
 
             started = time.perf_counter()
-            tiles = list(make_loader(dataset, config, device))
+            tiles = list(loader.tiles(*slide_tiles))
             reading.append(time.perf_counter() - started)
 
             started = time.perf_counter()
@@ -94,6 +102,7 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             encoding.append(time.perf_counter() - started)
+        loader.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -103,13 +112,14 @@ def main() -> None:
         f"encoder alone ({device}, {args.threads} threads)": best_rate(n_tiles, encoding),
     }
     slower = min(list(rates.values())[1:])
-    command_rate = best_rate(n_tiles, end_to_end)
+    command_rate = best_rate(n_tiles * max(2, args.copies), end_to_end)
     print(f"\n{args.slide.name}: {n_tiles} tissue tiles of {args.tile_size} px at {args.mpp} µm/px, "
           f"batch {args.batch_size}, best of {args.repeats}")
     print(f"{'measure':<44} {'tiles/s':>9}")
     for name, rate in rates.items():
         print(f"{name:<44} {rate:>9.1f}")
     print(f"{'end-to-end / min(read, encode)':<44} {rates['end-to-end per slide (plain features)'] / slower:>9.2f}  (target ≥ 0.80)")
+    print(f"{'(first slide, starts the reading workers)':<44} {best_rate(n_tiles, first_slide):>9.1f}")
     print(f"{'(whole command incl. encoder set-up)':<44} {command_rate:>9.1f}")
 
 

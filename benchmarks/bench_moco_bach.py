@@ -34,14 +34,14 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedShuffleSplit
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from torch.utils.data import DataLoader
 
 from extract.config import MOCO_PROFILES, MocoConfig
 from extract.device import resolve_device
 from extract.encoder import TileTrunk, load_resnet18
 from extract.moco import run_pretraining
 from extract.moco_data import SlideTiles, index_slides
-from extract.run import TileDataset, encode_batches, list_slides
+from extract.run import encode_batches, list_slides
+from extract.tile_loader import TileLoader
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "bach-dev"
@@ -82,15 +82,15 @@ def mean_tile_features(encoder_source: str | Path, slides: list[SlideTiles], arg
     trunk = TileTrunk(model).eval().to(device, memory_format=torch.channels_last)
     rows = []
     rng = np.random.default_rng(0)  # the same tiles for every encoder
+    loader = TileLoader(batch_size=256, num_workers=0)
     for slide in slides:
         coords = slide.coords
         if args.probe_tiles_per_image and len(coords) > args.probe_tiles_per_image:
             coords = coords[np.sort(rng.choice(len(coords), args.probe_tiles_per_image, replace=False))]
-        dataset = TileDataset(slide.path, slide.mpp, coords, slide.size_level0, args.tile_size)
-        loader = DataLoader(dataset, batch_size=256, num_workers=0)
-        features = np.concatenate(list(encode_batches(loader, trunk, device)))
+        batches = loader.tiles(slide.path, slide.mpp, coords, slide.size_level0, args.tile_size)
+        features = np.concatenate(list(encode_batches(batches, trunk, device)))
         rows.append(features.mean(axis=0))
-        dataset.close()
+    loader.close()
     return np.stack(rows)
 
 
@@ -161,8 +161,8 @@ def main() -> None:
           f"{N_SPLITS} stratified 70/30 splits")
     print(f"MoCo training: {resolved.epochs} epochs × {resolved.tiles_per_epoch} tiles, batch {resolved.batch_size}, "
           f"queue {resolved.queue_size}, {train_seconds / 60:.1f} min" if train_seconds else "")
-    print(f"| encoder | macro AUC (mean ± s.d.) | features (s) |")
-    print(f"|---|---|---|")
+    print("| encoder | macro AUC (mean ± s.d.) | features (s) |")
+    print("|---|---|---|")
     for name, (aucs, seconds) in results.items():
         print(f"| {name} | {aucs.mean():.3f} ± {aucs.std(ddof=1):.3f} | {seconds:.0f} |")
 

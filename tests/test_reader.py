@@ -10,7 +10,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from extract.reader import MissingMppError, SlideReadError, load_mpp_overrides, open_slide
+from extract.reader import RESAMPLE_TOLERANCE, MissingMppError, SlideReadError, load_mpp_overrides, open_slide
 from fixtures.make_slides import write_pyramidal_tiff
 
 
@@ -57,6 +57,19 @@ def test_resizes_to_the_target_resolution(tmp_path: Path) -> None:
         tile = reader.read_tile(64, 0, 256, 128)  # 0.25 µm/px → 0.5 µm/px: 2 level-0 px per output px
     expected = (64 + 2 * np.arange(128) + 0.5) // 2  # level-0 column pairs averaged
     assert np.abs(tile[0, :, 0].astype(float) - expected).max() <= 1.0
+
+
+def test_a_scale_within_the_tolerance_is_read_without_resampling(tmp_path: Path) -> None:
+    """0.499 → 0.5 µm/px (a 20× Aperio slide): 128.3 level-0 px read as 128, pixels untouched;
+    a 3 % difference is still resampled."""
+    image = np.random.default_rng(0).integers(0, 256, size=(400, 400, 3), dtype=np.uint8)
+    path = write_pyramidal_tiff(tmp_path / "noise.tif", image, mpp=0.499, n_levels=1)
+    with open_slide(path) as reader:
+        assert RESAMPLE_TOLERANCE == 0.01
+        exact = reader.read_tile(10, 20, 128 * 0.5 / 0.499, 128)
+        resampled = reader.read_tile(10, 20, 128 * 1.03, 128)
+    np.testing.assert_array_equal(exact, image[20:148, 10:138])
+    assert resampled.shape == (128, 128, 3) and not np.array_equal(resampled, image[20:148, 10:138])
 
 
 def test_outside_the_slide_is_white(tmp_path: Path) -> None:

@@ -159,7 +159,7 @@ def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
 
 def _shuffled_keys(encoder_k: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Shuffle-BN: encode a random slice of the global key batch, then undo the permutation."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     batch = images.shape[0]
     everything = _all_gather(images)  # (world·B, 3, H, W)
     permutation = torch.randperm(len(everything), device=images.device)

@@ -30,6 +30,11 @@ SLIDE_SUFFIXES = PLAIN_IMAGE_SUFFIXES | OPENSLIDE_SUFFIXES
 # A relative tolerance so that a level whose downsample equals the target up to rounding
 # (e.g. 4.0002 for a target of 4) still counts as "not coarser than the target".
 _LEVEL_TOLERANCE = 1e-3
+# A tile whose footprint at the read level is within this fraction of the output size is read
+# at the output size, not resampled: e.g. a 20× Aperio slide at 0.499 µm/px read for 0.5 µm/px
+# (224.4 → 224 px). A scale error under 1 % is below scanners' own µm/px calibration error,
+# while bilinear resampling by it would blur every pixel and cost a third of the read.
+RESAMPLE_TOLERANCE = 0.01
 
 
 class SlideReadError(ValueError):
@@ -98,6 +103,8 @@ class SlideReader:
         downsample = size_level0 / out_px
         level = self.best_level(downsample)
         size_level = size_level0 / self.level_downsamples[level]
+        if abs(size_level / out_px - 1.0) <= RESAMPLE_TOLERANCE:
+            size_level = float(out_px)  # see RESAMPLE_TOLERANCE
         read_px = max(1, math.ceil(size_level - 1e-6))
         try:
             region = self._read_level_region(int(x0), int(y0), level, read_px, read_px)

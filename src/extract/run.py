@@ -2,7 +2,8 @@
 
 For each slide of this process's share: open it at its µm/px, find the tissue tile grid, write
 a QC thumbnail, then stream the tiles through a DataLoader (workers read, the main process
-encodes in batches under autocast, channels_last) into ``OUT/features/{stem}.h5`` — plain
+encodes in batches under autocast, channels_last; the workers live for the whole job, see
+:mod:`extract.tile_loader`) into ``OUT/features/{stem}.h5`` — plain
 features and/or the shared-augmentation bank. Files are written to a temporary name and renamed
 when complete, so a killed run leaves nothing that looks finished; a rerun skips slides whose
 complete output exists. A bad slide is logged on one line and listed in the end-of-run summary
@@ -15,6 +16,7 @@ share nothing but the output folder, where each writes only its own slides' file
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -28,7 +30,6 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from extract.config import ExtractConfig
@@ -36,8 +37,9 @@ from extract.device import autocast, resolve_device
 from extract.encoder import IMAGE_MEAN, IMAGE_STD, EncoderInfo, TileTrunk, load_resnet18
 from extract.features_file import TEMP_SUFFIX, SlideFeatures, SlideFileWriter, is_complete
 from extract.reader import SLIDE_SUFFIXES, SlideReader, load_mpp_overrides, open_slide
-from extract.tiling import TileGrid, tile_grid
-from extract.tissue import save_qc_image
+from extract.slide_plan import PlanSettings, SlidePlanner
+from extract.tile_loader import TileLoader
+from extract.tiling import TileGrid
 
 logger = logging.getLogger(__name__)
 
@@ -222,35 +224,6 @@ def settings_of(config: ExtractConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- tiles → features
 
 
-class TileDataset(Dataset):
-    """The tiles of one slide as (H, W, 3) uint8 tensors; each worker opens its own reader."""
-
-    def __init__(self, path: Path, mpp: float, coords: np.ndarray, size_level0: float, tile_size_px: int) -> None:
-        self.path, self.mpp = path, mpp
-        self.coords = np.asarray(coords, dtype=np.int64)
-        self.size_level0, self.tile_size_px = size_level0, tile_size_px
-        self._reader: SlideReader | None = None
-
-    def __len__(self) -> int:
-        return len(self.coords)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_reader"] = None  # file handles do not cross process boundaries
-        return state
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        if self._reader is None:
-            self._reader = open_slide(self.path, mpp_override=self.mpp)
-        x0, y0 = self.coords[index]
-        return torch.from_numpy(self._reader.read_tile(int(x0), int(y0), self.size_level0, self.tile_size_px))
-
-    def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
-
-
 def prepare_batch(tiles: torch.Tensor, device: torch.device) -> torch.Tensor:
     """(B, H, W, 3) uint8 → (B, 3, H, W) float normalised, channels_last, on ``device``."""
     x = tiles.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
@@ -276,14 +249,6 @@ def encode_batches(
         yield encode_batch(tiles, trunk, device, mixed_precision)
 
 
-def make_loader(dataset: TileDataset, config: ExtractConfig, device: torch.device) -> DataLoader:
-    """Batches in grid order; ``num_workers`` processes read tiles while the encoder runs."""
-    return DataLoader(
-        dataset, batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if config.num_workers > 0 else None,
-    )
-
-
 # ----------------------------------------------------------------------------- one slide
 
 
@@ -299,6 +264,8 @@ class _Job:
     settings: dict[str, Any]
     features_dir: Path
     qc_dir: Path
+    tiles: TileLoader
+    planner: SlidePlanner
 
 
 class DecodedTiles:
@@ -325,27 +292,24 @@ KEEP_DECODED_BYTES = 512 << 20
 
 
 def _write_plain(
-    writer: SlideFileWriter, reader: SlideReader, grid: TileGrid, job: _Job, bar: tqdm, keep_tiles: bool
+    writer: SlideFileWriter, path: Path, grid: TileGrid, job: _Job, bar: tqdm, keep_tiles: bool
 ) -> np.ndarray | None:
     """Encode every tile into ``features``; returns the decoded tiles (N, H, W, 3) when asked to keep them."""
     config = job.config
     writer.create_plain(grid.coords, grid.attrs())
-    dataset = TileDataset(reader.path, reader.mpp, grid.coords, grid.size_level0, grid.tile_size_px)
     side = grid.tile_size_px
     kept = np.empty((len(grid), side, side, 3), dtype=np.uint8) if keep_tiles else None
     start = 0
-    try:
-        for tiles in make_loader(dataset, config, job.device):
+    with contextlib.closing(job.tiles.tiles(path, grid.mpp, grid.coords, grid.size_level0, side)) as batches:
+        for tiles in batches:
             rows = encode_batch(tiles, job.trunk, job.device, config.mixed_precision)
             writer.write_plain_rows(start, rows)
             if kept is not None:
                 kept[start : start + len(rows)] = tiles.numpy()
             start += len(rows)
             bar.update(len(rows))
-    finally:
-        dataset.close()
     if start != len(grid):
-        raise RuntimeError(f"{reader.path}: encoded {start} tiles of {len(grid)}")
+        raise RuntimeError(f"{path}: encoded {start} tiles of {len(grid)}")
     return kept
 
 
@@ -368,22 +332,18 @@ def extract_slide(path: Path, job: _Job, position: int = 1) -> SlideOutcome:
     config = job.config
     started = time.perf_counter()
     remove_stale_partials(job.features_dir, path.stem)
-    with open_slide(path, job.mpp_overrides.get(path.stem), default_mpp=config.default_mpp) as reader:
-        grid = tile_grid(reader, config.mpp, config.tile_size, config.tissue_threshold)
-        if config.qc:
-            tissue = grid.tissue
-            save_qc_image(job.qc_dir / f"{path.stem}.png", tissue.thumbnail, tissue.mask, tissue.downsample,
-                          grid.coords, grid.size_level0)
-        bank_total = config.n_augmentations * config.n_tiles_per_augmentation if config.bank else 0
-        total = (len(grid) if config.plain else 0) + bank_total
-        n_bank = 0
-        with tqdm(total=total, desc=path.stem[:40], unit="tile", position=position, leave=False) as bar, \
-                SlideFileWriter(job.features_dir / f"{path.stem}.h5", slide_id=path.stem, source=str(path),
-                                settings=job.settings, encoder=job.encoder) as writer:
-            tile_bytes = grid.tile_size_px**2 * 3
-            keep_tiles = config.plain and config.bank and len(grid) * tile_bytes <= KEEP_DECODED_BYTES
-            kept = _write_plain(writer, reader, grid, job, bar, keep_tiles) if config.plain else None
-            if config.bank:
+    grid = job.planner.plan(path)  # planned in the background while the previous slide was encoded
+    bank_total = config.n_augmentations * config.n_tiles_per_augmentation if config.bank else 0
+    total = (len(grid) if config.plain else 0) + bank_total
+    n_bank = 0
+    with tqdm(total=total, desc=path.stem[:40], unit="tile", position=position, leave=False) as bar, \
+            SlideFileWriter(job.features_dir / f"{path.stem}.h5", slide_id=path.stem, source=str(path),
+                            settings=job.settings, encoder=job.encoder) as writer:
+        tile_bytes = grid.tile_size_px**2 * 3
+        keep_tiles = config.plain and config.bank and len(grid) * tile_bytes <= KEEP_DECODED_BYTES
+        kept = _write_plain(writer, path, grid, job, bar, keep_tiles) if config.plain else None
+        if config.bank:
+            with open_slide(path, grid.mpp) as reader:
                 source = DecodedTiles(reader, grid, kept) if kept is not None else reader
                 n_bank = _write_bank(writer, source, grid, job, bar)
     return SlideOutcome(
@@ -442,6 +402,35 @@ def _write_summary(path: Path, summary: ExtractionSummary) -> None:
     temp.replace(path)
 
 
+def _not_to_extract(path: Path, config: ExtractConfig, settings: dict[str, Any], features_dir: Path,
+                    owner: Path) -> SlideOutcome | None:
+    """The outcome of a slide that is not extracted (its stem is taken, its output exists), else None."""
+    target = features_dir / f"{path.stem}.h5"
+    if owner != path:
+        reason = f"{path}: same file stem as {owner.name}, both would write {target.name}; rename one"
+        logger.error("failed %s: %s", path.name, reason)
+        return SlideOutcome(path.name, "failed", reason=reason)
+    if not config.overwrite and is_complete(target, require_plain=config.plain, require_bank=config.bank):
+        reason = "complete output exists"
+        changed = settings_mismatch(target, settings)
+        if changed:
+            reason += f" with other settings ({', '.join(changed)}); --overwrite or another --out to redo"
+            logger.warning("skipping %s: %s", path.name, reason)
+        return SlideOutcome(path.name, "skipped", reason=reason)
+    return None
+
+
+def _extract_or_fail(path: Path, job: _Job) -> SlideOutcome:
+    """Extract one slide; a problem of the slide itself becomes a ``failed`` outcome."""
+    try:
+        return extract_slide(path, job)
+    except Exception as error:  # noqa: BLE001 - one bad slide must not stop a cohort
+        reason = _one_line(error)
+        logger.error("failed %s: %s", path.name, reason)
+        logger.debug("traceback of %s", path.name, exc_info=True)
+        return SlideOutcome(path.name, "failed", reason=reason)
+
+
 def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     """Run ``gigassl extract`` over this process's share of ``config.slides``.
 
@@ -468,8 +457,7 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     device = _device_for_rank(config.device)
     model, encoder = load_resnet18(config.encoder, seed=config.seed)
     trunk = TileTrunk(model).to(device).eval().to(memory_format=torch.channels_last)
-    job = _Job(config, trunk, encoder, device, overrides, settings_of(config), features_dir, qc_dir)
-
+    settings = settings_of(config)
     mine = select_part(slides, part, n_parts)
     summary = ExtractionSummary(part=part, n_parts=n_parts, strict=config.strict)
     first_with_stem: dict[str, Path] = {}
@@ -483,30 +471,22 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
         logger.warning("ignoring %s: %s", outcome.slide, outcome.reason)
     logger.info("extract: %d slides for part %d/%d, encoder %s on %s", len(mine), part + 1, n_parts, encoder.name, device)
 
-    for path in tqdm(mine, desc="slides", unit="slide", position=0):
-        target = features_dir / f"{path.stem}.h5"
-        owner = first_with_stem[path.stem]
-        if owner != path:
-            reason = f"{path}: same file stem as {owner.name}, both would write {target.name}; rename one"
-            logger.error("failed %s: %s", path.name, reason)
-            summary.outcomes.append(SlideOutcome(path.name, "failed", reason=reason))
-            continue
-        if not config.overwrite and is_complete(target, require_plain=config.plain, require_bank=config.bank):
-            reason = "complete output exists"
-            changed = settings_mismatch(target, job.settings)
-            if changed:
-                reason += f" with other settings ({', '.join(changed)}); --overwrite or another --out to redo"
-                logger.warning("skipping %s: %s", path.name, reason)
-            summary.outcomes.append(SlideOutcome(path.name, "skipped", reason=reason))
-            continue
-        try:
-            outcome = extract_slide(path, job)
-        except Exception as error:  # noqa: BLE001 - one bad slide must not stop a cohort
-            reason = _one_line(error)
-            logger.error("failed %s: %s", path.name, reason)
-            logger.debug("traceback of %s", path.name, exc_info=True)
-            outcome = SlideOutcome(path.name, "failed", reason=reason)
-        summary.outcomes.append(outcome)
+    decided = {path: _not_to_extract(path, config, settings, features_dir, first_with_stem[path.stem]) for path in mine}
+    todo = [path for path in mine if decided[path] is None]
+
+    # The next slides are planned in the background, and the reading workers serve every
+    # slide of the job.
+    planner = SlidePlanner(todo, overrides, PlanSettings(config.mpp, config.tile_size, config.tissue_threshold,
+                                                         config.default_mpp, qc_dir if config.qc else None))
+    tiles = TileLoader(config.batch_size, config.num_workers, pin_memory=device.type == "cuda")
+    job = _Job(config, trunk, encoder, device, overrides, settings, features_dir, qc_dir, tiles, planner)
+    try:
+        for path in tqdm(mine, desc="slides", unit="slide", position=0):
+            outcome = decided[path]
+            summary.outcomes.append(outcome if outcome is not None else _extract_or_fail(path, job))
+    finally:
+        tiles.close()
+        planner.close()
 
     summary.seconds = time.perf_counter() - started
     name = "summary.json" if n_parts == 1 else f"summary-shard{part}.json"

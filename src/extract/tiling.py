@@ -60,7 +60,7 @@ class TileGrid:
     level0_height: int
     magnification: float | None
     tissue_threshold: float
-    tissue: TissueMap
+    tissue: TissueMap | None  # None once the QC image is written (see extract.slide_plan)
 
     def __len__(self) -> int:
         return len(self.coords)

@@ -19,7 +19,6 @@ are reused (``overwrite`` redoes them); training, embedding and evaluation alway
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
