@@ -36,6 +36,20 @@ def test_one_loader_reads_every_slide_in_grid_order(two_slides, workers):
     loader.close()
 
 
+def test_a_slide_starts_with_a_small_batch():
+    from extract.tile_loader import SlideTileBatches
+
+    batches = SlideTileBatches(batch_size=16, first_batch_size=4)
+    batches.set_slide(Path("s.svs"), 0.5, np.arange(2 * 40).reshape(40, 2), 224.0, 224)
+    sizes = [len(batch) for batch in batches]
+    assert sizes == [4, 16, 16, 4] and len(batches) == 4
+    assert [key.x0 for batch in batches for key in batch] == list(range(0, 80, 2))
+    batches.set_slide(Path("s.svs"), 0.5, np.zeros((3, 2)), 224.0, 224)
+    assert [len(batch) for batch in batches] == [3]
+    batches.set_slide(Path("s.svs"), 0.5, np.zeros((0, 2)), 224.0, 224)
+    assert list(batches) == [] and len(batches) == 0
+
+
 def test_workers_serve_every_slide_and_stop_on_close(two_slides):
     before = {p.pid for p in multiprocessing.active_children()}
     loader = TileLoader(batch_size=4, num_workers=2)

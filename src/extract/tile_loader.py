@@ -19,6 +19,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from extract.reader import SlideReader, open_slide
 
 
+# Tiles in a slide's first batch (see SlideTileBatches).
+FIRST_BATCH_SIZE = 4
+
+
 class TileKey(NamedTuple):
     """One tile to read: the slide, its µm/px, and the tile's level-0 square and output size."""
 
@@ -52,22 +56,33 @@ class TileReads(Dataset):
 
 
 class SlideTileBatches(Sampler[list[TileKey]]):
-    """Batches of the keys of the slide named by :meth:`set_slide`, in the grid's order."""
+    """Batches of the keys of the slide named by :meth:`set_slide`, in the grid's order.
 
-    def __init__(self, batch_size: int) -> None:
+    A slide's first batch holds ``first_batch_size`` tiles, so the encoder can start as soon as
+    a few tiles are read instead of waiting for a whole batch (the encoder's speed per tile
+    hardly depends on the batch size on a CPU, and a GPU gets full batches after the first).
+    """
+
+    def __init__(self, batch_size: int, first_batch_size: int | None = None) -> None:
         self.batch_size = batch_size
+        self.first_batch_size = min(batch_size, first_batch_size or batch_size)
         self._keys: list[TileKey] = []
 
     def set_slide(self, path: Path, mpp: float, coords: np.ndarray, size_level0: float, out_px: int) -> None:
         self._keys = [TileKey(str(path), float(mpp), int(x), int(y), float(size_level0), int(out_px))
                       for x, y in np.asarray(coords, dtype=np.int64)]
 
+    def _starts(self) -> list[int]:
+        first = self.first_batch_size
+        return ([0] + list(range(first, len(self._keys), self.batch_size))) if self._keys else []
+
     def __len__(self) -> int:
-        return -(-len(self._keys) // self.batch_size)
+        return len(self._starts())
 
     def __iter__(self) -> Iterator[list[TileKey]]:
-        for start in range(0, len(self._keys), self.batch_size):
-            yield self._keys[start : start + self.batch_size]
+        starts = self._starts()
+        for start, end in zip(starts, starts[1:] + [len(self._keys)]):
+            yield self._keys[start:end]
 
 
 class TileLoader:
@@ -86,7 +101,7 @@ class TileLoader:
         self._dataset: TileReads | None = None
 
     def _start(self) -> DataLoader:
-        self._dataset, self._sampler = TileReads(), SlideTileBatches(self.batch_size)
+        self._dataset, self._sampler = TileReads(), SlideTileBatches(self.batch_size, FIRST_BATCH_SIZE)
         workers = self.num_workers > 0
         return DataLoader(
             self._dataset, batch_sampler=self._sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,
