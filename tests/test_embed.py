@@ -27,7 +27,8 @@ from gigassl.embed import (
 )
 from gigassl.model import GigaSSLModel
 from gigassl.synthetic import write_synthetic_cohort
-from gigassl.train import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, config_to_dict, save_checkpoint
+from gigassl.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_checkpoint
+from gigassl.train import config_to_dict
 
 
 def write_checkpoint(path: Path, n_tiles_per_view: int = 5, seed: int = 0) -> Path:
@@ -50,7 +51,7 @@ def cohort(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(cohort):
-    from gigassl.train import load_model
+    from gigassl.checkpoint import load_model
 
     return load_model(cohort[1])[0]
 

@@ -13,17 +13,9 @@ from gigassl import cli
 from gigassl import train as train_module
 from gigassl.config import TrainConfig
 from gigassl.synthetic import write_synthetic_cohort
-from gigassl.train import (
-    GlobalBatchNorm1d,
-    TrainingDivergedError,
-    WarmupCosine,
-    config_differences,
-    load_checkpoint,
-    load_model,
-    run_training,
-    stall_warning,
-    use_global_batch_norm,
-)
+from gigassl.checkpoint import config_differences, load_checkpoint, load_model
+from gigassl.distributed import GlobalBatchNorm1d, use_global_batch_norm
+from gigassl.train import TrainingDivergedError, WarmupCosine, run_training, stall_warning
 
 # T = 3 and 6 slides keep the sparse layer4's work (and the tests) small
 FAST = dict(n_tiles_per_view=3, warmup_epochs=1, monitor_slides=4, check_finite=True)

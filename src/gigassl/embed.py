@@ -270,7 +270,7 @@ def feature_files_in(folder: str | Path) -> list[Path]:
 
 def load_slide_encoder(checkpoint: str | Path, device: torch.device | str = "cpu"):
     """(GigaSSLModel in eval mode, checkpoint dict) of a `gigassl train` checkpoint."""
-    from gigassl.train import load_model
+    from gigassl.checkpoint import load_model
 
     return load_model(checkpoint, device)
 

@@ -7,25 +7,19 @@ then a cosine decay to 0, both per step; temperature 0.05; T = 5.
 Outputs in ``config.out``:
 
 - ``checkpoint.pt``: the latest checkpoint; ``checkpoints/epoch_NNNN.pt`` every
-  ``checkpoint_every`` epochs and at the end (the newest ``keep_checkpoints`` kept). A
-  checkpoint is a dict of tensors and plain data (``torch.load(..., weights_only=True)``):
-  ``format``, ``format_version``, ``package_version``, ``epoch``, ``global_step``, ``config``,
-  ``slide_ids``, ``encoder`` (tile encoder of the features), ``init`` (weights layer4 started
-  from), ``model`` (``GigaSSLModel`` state dict), ``optimizer``, ``scheduler``, ``scaler``,
-  ``rng``, ``history`` (the monitor rows), ``world_size``. Written to a temporary file, then
-  renamed.
+  ``checkpoint_every`` epochs and at the end (the newest ``keep_checkpoints`` kept); plain
+  data, written atomically (:mod:`gigassl.checkpoint`).
 - ``monitors.csv`` / ``monitors.json``: one row per epoch (row 0 = before training) with the
   training loss, positive-pair accuracy and gradient norm of the epoch's steps, the share of
   the step time spent waiting for data, and, on a fixed set of ``monitor_slides`` slides with
   fixed views (model in eval mode): loss, positive-pair top-1 accuracy, collapse level,
   RankMe and ODCorr of the 512-d slide representations. ``curves.png`` at the end.
 
-Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialised here
-(gloo on the CPU, nccl on CUDA), each rank takes its contiguous share of every global batch,
+Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is joined
+(:mod:`gigassl.distributed`), each rank takes its contiguous share of every global batch,
 the loss is NT-Xent over the global batch (embeddings gathered with gradients), gradients
-are averaged by DDP, and batch norm uses the statistics of the global batch (a differentiable
-all-reduce, which also runs on gloo, where ``SyncBatchNorm`` does not), so a step equals the
-one-process step on the same global batch. ``batch_size`` is the global batch.
+are averaged by DDP, and batch norm uses the statistics of the global batch, so a step equals
+the one-process step on the same global batch. ``batch_size`` is the global batch.
 """
 
 from __future__ import annotations
@@ -36,11 +30,10 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -48,8 +41,8 @@ import torch.distributed as dist
 from torch import nn
 
 from extract import __version__
-from extract.device import autocast, autocast_dtype, resolve_device
-from extract.encoder import EncoderInfo, ResNet18, load_resnet18, load_weights_only
+from extract.device import autocast, autocast_dtype
+from extract.encoder import EncoderInfo, ResNet18, load_resnet18
 from gigassl.config import TrainConfig
 from gigassl.data import (
     STREAM_MONITOR,
@@ -63,19 +56,26 @@ from gigassl.data import (
 )
 from gigassl import loss as losses
 from gigassl import monitors
+from gigassl.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    LATEST_CHECKPOINT,
+    config_differences,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+from gigassl.distributed import (
+    DistContext,
+    all_reduce_mean,
+    init_distributed,
+    use_global_batch_norm,
+)
 from gigassl.model import GigaSSLModel
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "gigassl-slide-encoder"
-CHECKPOINT_VERSION = 1
-LATEST_CHECKPOINT = "checkpoint.pt"
-# Settings that may change on --resume: where and how outputs are written, not what is learned
-# (views depend only on the seed, so workers and devices do not change them).
-RESUME_FREE_KEYS = frozenset({
-    "out", "resume", "features", "num_workers", "device", "checkpoint_every", "keep_checkpoints",
-    "monitor_slides", "skip_bad_files", "check_finite",
-})
 MONITOR_COLUMNS = (
     "epoch", "global_step", "lr", "train_loss", "train_accuracy", "grad_norm", "data_share",
     "epoch_time_s", "loss", "positive_pair_accuracy", "collapse_level", "rankme", "odcorr",
@@ -98,104 +98,6 @@ class TrainResult:
     global_step: int
     final: dict[str, float]
     exit_code: int = 0
-
-
-# ------------------------------------------------------------------------------ distributed
-
-
-@dataclass(frozen=True)
-class DistContext:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-    initialised_here: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_name: str) -> DistContext:
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (gloo on CPU, nccl on CUDA)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(device_name)
-    if world_size <= 1:
-        return DistContext(device=device)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank if device.index is None else device.index)
-        torch.cuda.set_device(device)
-    initialised_here = not dist.is_initialized()
-    if initialised_here:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistContext(dist.get_rank(), dist.get_world_size(), device, initialised_here)
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks whose backward sums the gradients of every rank's loss (as the gathering
-    NT-Xent does), so that DDP's averaging gives the gradient of the global-batch loss."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        total = tensor.clone()
-        dist.all_reduce(total)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        total = grad.clone()
-        dist.all_reduce(total)
-        return total
-
-
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """``BatchNorm1d`` whose training statistics are those of the batch over all ranks.
-
-    Sums, sums of squares and counts are all-reduced with gradients (:class:`_AllReduceSum`), so forward and backward equal a
-    one-process batch norm of the concatenated batch. Same parameters and buffers (and state
-    dict keys) as ``BatchNorm1d``.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
-            return super().forward(x)
-        x32 = x.float()
-        local = torch.cat([x32.sum(0), (x32 * x32).sum(0), x32.new_tensor([float(len(x32))])])
-        total = _AllReduceSum.apply(local)  # (2C + 1,): sums, sums of squares, count over all ranks
-        count = total[-1]
-        mean = total[: self.num_features] / count
-        var = (total[self.num_features : 2 * self.num_features] / count - mean * mean).clamp_min(0)
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            unbiased = var * count / (count - 1).clamp_min(1)
-            self.running_mean.mul_(1 - momentum).add_(momentum * mean)
-            self.running_var.mul_(1 - momentum).add_(momentum * unbiased)
-        out = (x32 - mean) * torch.rsqrt(var + self.eps)
-        if self.affine:
-            out = out * self.weight + self.bias
-        return out.to(x.dtype)
-
-
-def use_global_batch_norm(module: nn.Module) -> nn.Module:
-    """Swap every ``BatchNorm1d`` of ``module`` for :class:`GlobalBatchNorm1d` (weights kept)."""
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm1d:
-            replacement = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
-                                            child.track_running_stats, device=child.weight.device)
-            replacement.load_state_dict(child.state_dict())
-            setattr(module, name, replacement)
-        else:
-            use_global_batch_norm(child)
-    return module
-
-
-def _all_reduce_mean(value: torch.Tensor, context: DistContext) -> torch.Tensor:
-    if context.world_size > 1:
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        value /= context.world_size
-    return value
 
 
 # ------------------------------------------------------------------------------ set-up
@@ -278,78 +180,6 @@ class WarmupCosine:
         span = max(1, self.total_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / span)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# ------------------------------------------------------------------------------ checkpoints
-
-
-def save_checkpoint(payload: Mapping[str, Any], path: Path) -> None:
-    """``torch.save`` of plain data to a temporary file beside ``path``, then an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    try:
-        torch.save(dict(payload), temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint written by :func:`run_training` (weights-only load, format checked)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    payload = load_weights_only(path, str(path))
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a Giga-SSL checkpoint written by `gigassl train`")
-    if payload.get("format_version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint format version {payload.get('format_version')}, "
-                         f"this package reads {CHECKPOINT_VERSION}")
-    return payload
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GigaSSLModel, dict[str, Any]]:
-    """The trained :class:`GigaSSLModel` of a checkpoint (eval mode) and the checkpoint dict."""
-    payload = load_checkpoint(path)
-    model = GigaSSLModel(None, int(payload["config"]["projector_dim"]), device)
-    model.load_state_dict(payload["model"])
-    return model.eval(), payload
-
-
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Keys (outside :data:`RESUME_FREE_KEYS`) whose values differ, as 'key: saved → current'."""
-    keys = sorted((set(saved) | set(current)) - RESUME_FREE_KEYS)
-    return [f"{key}: {saved.get(key)!r} → {current.get(key)!r}" for key in keys if saved.get(key) != current.get(key)]
-
-
-def _write_checkpoint(out: Path, epoch: int, payload: dict[str, Any], keep: int) -> Path:
-    """``checkpoints/epoch_NNNN.pt``, ``checkpoint.pt`` pointing at it, older ones pruned."""
-    folder = out / "checkpoints"
-    path = folder / f"epoch_{epoch:04d}.pt"
-    save_checkpoint(payload, path)
-    latest = out / LATEST_CHECKPOINT
-    temp = latest.with_name(f"{latest.name}.{os.getpid()}.partial")
-    try:
-        os.link(path, temp)  # a hard link: no second copy of a 100 MB file
-    except OSError:
-        temp.write_bytes(path.read_bytes())
-    os.replace(temp, latest)
-    for old in sorted(folder.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-keep]:
-        old.unlink()
-    return latest
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
 # ------------------------------------------------------------------------------ monitors
@@ -543,7 +373,7 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
-        _set_rng_state(resume["rng"])
+        set_rng_state(resume["rng"])
         history = [dict(row) for row in resume["history"]]
         start_epoch, global_step = int(resume["epoch"]), int(resume["global_step"])
         log.info("resuming from %s at epoch %d (step %d)", config.resume, start_epoch, global_step)
@@ -627,8 +457,8 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
                     payload = dict(base, epoch=epoch, global_step=global_step, history=history,
                                    model={k: v.detach().cpu() for k, v in model.state_dict().items()},
                                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                   scaler=scaler.state_dict(), rng=_rng_state())
-                    _write_checkpoint(out, epoch, payload, config.keep_checkpoints)
+                                   scaler=scaler.state_dict(), rng=rng_state())
+                    write_checkpoint(out, epoch, payload, config.keep_checkpoints)
     finally:
         del batches  # shuts the workers down
         progress.close()
@@ -662,5 +492,5 @@ def _step(
     with torch.no_grad():
         accuracy = losses.positive_pair_accuracy(losses.gather_with_gradient(z1.detach()),
                                                  losses.gather_with_gradient(z2.detach()))
-        reported = _all_reduce_mean(loss.detach(), context)  # each rank's loss is its anchors' mean
+        reported = all_reduce_mean(loss.detach(), context)  # each rank's loss is its anchors' mean
     return float(reported), float(accuracy)

@@ -1,0 +1,101 @@
+"""Giga-SSL training checkpoints: plain data written atomically, loaded weights-only.
+
+A checkpoint is a dict of tensors and plain data (``torch.load(..., weights_only=True)``):
+``format``, ``format_version``, ``package_version``, ``epoch``, ``global_step``, ``config``,
+``slide_ids``, ``encoder`` (tile encoder of the features), ``init`` (weights layer4 started
+from), ``model`` (``GigaSSLModel`` state dict), ``optimizer``, ``scheduler``, ``scaler``,
+``rng``, ``history`` (the monitor rows), ``world_size``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from extract.encoder import load_weights_only
+from gigassl.model import GigaSSLModel
+
+CHECKPOINT_FORMAT = "gigassl-slide-encoder"
+CHECKPOINT_VERSION = 1
+LATEST_CHECKPOINT = "checkpoint.pt"
+# Settings that may change on --resume: where and how outputs are written, not what is learned
+# (views depend only on the seed, so workers and devices do not change them).
+RESUME_FREE_KEYS = frozenset({
+    "out", "resume", "features", "num_workers", "device", "checkpoint_every", "keep_checkpoints",
+    "monitor_slides", "skip_bad_files", "check_finite",
+})
+
+
+
+def save_checkpoint(payload: Mapping[str, Any], path: Path) -> None:
+    """``torch.save`` of plain data to a temporary file beside ``path``, then an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        torch.save(dict(payload), temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by :func:`run_training` (weights-only load, format checked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    payload = load_weights_only(path, str(path))
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a Giga-SSL checkpoint written by `gigassl train`")
+    if payload.get("format_version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint format version {payload.get('format_version')}, "
+                         f"this package reads {CHECKPOINT_VERSION}")
+    return payload
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GigaSSLModel, dict[str, Any]]:
+    """The trained :class:`GigaSSLModel` of a checkpoint (eval mode) and the checkpoint dict."""
+    payload = load_checkpoint(path)
+    model = GigaSSLModel(None, int(payload["config"]["projector_dim"]), device)
+    model.load_state_dict(payload["model"])
+    return model.eval(), payload
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Keys (outside :data:`RESUME_FREE_KEYS`) whose values differ, as 'key: saved → current'."""
+    keys = sorted((set(saved) | set(current)) - RESUME_FREE_KEYS)
+    return [f"{key}: {saved.get(key)!r} → {current.get(key)!r}" for key in keys if saved.get(key) != current.get(key)]
+
+
+def write_checkpoint(out: Path, epoch: int, payload: dict[str, Any], keep: int) -> Path:
+    """``checkpoints/epoch_NNNN.pt``, ``checkpoint.pt`` pointing at it, older ones pruned."""
+    folder = out / "checkpoints"
+    path = folder / f"epoch_{epoch:04d}.pt"
+    save_checkpoint(payload, path)
+    latest = out / LATEST_CHECKPOINT
+    temp = latest.with_name(f"{latest.name}.{os.getpid()}.partial")
+    try:
+        os.link(path, temp)  # a hard link: no second copy of a 100 MB file
+    except OSError:
+        temp.write_bytes(path.read_bytes())
+    os.replace(temp, latest)
+    for old in sorted(folder.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-keep]:
+        old.unlink()
+    return latest
+
+
+def rng_state() -> dict[str, Any]:
+    """torch's (and CUDA's) generator states, for an exact resume."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))

@@ -1,0 +1,116 @@
+"""Running under torchrun: the process group, and batch norm over the global batch.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`init_distributed` joins the process group (gloo
+on the CPU, nccl on CUDA, one GPU per local rank). :class:`GlobalBatchNorm1d` normalises with
+the statistics of the global batch through a differentiable all-reduce, which also runs on
+gloo (``SyncBatchNorm`` does not), so a training step on R ranks equals the one-process step
+on the same global batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from extract.device import resolve_device
+
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    initialised_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> DistContext:
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (gloo on CPU, nccl on CUDA)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world_size <= 1:
+        return DistContext(device=device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    initialised_here = not dist.is_initialized()
+    if initialised_here:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size(), device, initialised_here)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradients of every rank's loss (as the gathering
+    NT-Xent does), so that DDP's averaging gives the gradient of the global-batch loss."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """``BatchNorm1d`` whose training statistics are those of the batch over all ranks.
+
+    Sums, sums of squares and counts are all-reduced with gradients (:class:`_AllReduceSum`), so forward and backward equal a
+    one-process batch norm of the concatenated batch. Same parameters and buffers (and state
+    dict keys) as ``BatchNorm1d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
+            return super().forward(x)
+        x32 = x.float()
+        local = torch.cat([x32.sum(0), (x32 * x32).sum(0), x32.new_tensor([float(len(x32))])])
+        total = _AllReduceSum.apply(local)  # (2C + 1,): sums, sums of squares, count over all ranks
+        count = total[-1]
+        mean = total[: self.num_features] / count
+        var = (total[self.num_features : 2 * self.num_features] / count - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            unbiased = var * count / (count - 1).clamp_min(1)
+            self.running_mean.mul_(1 - momentum).add_(momentum * mean)
+            self.running_var.mul_(1 - momentum).add_(momentum * unbiased)
+        out = (x32 - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight + self.bias
+        return out.to(x.dtype)
+
+
+def use_global_batch_norm(module: nn.Module) -> nn.Module:
+    """Swap every ``BatchNorm1d`` of ``module`` for :class:`GlobalBatchNorm1d` (weights kept)."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            replacement = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
+                                            child.track_running_stats, device=child.weight.device)
+            replacement.load_state_dict(child.state_dict())
+            setattr(module, name, replacement)
+        else:
+            use_global_batch_norm(child)
+    return module
+
+
+def all_reduce_mean(value: torch.Tensor, context: DistContext) -> torch.Tensor:
+    """The mean of ``value`` over ranks (``value`` itself on one process)."""
+    if context.world_size > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= context.world_size
+    return value
