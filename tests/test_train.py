@@ -166,6 +166,8 @@ def test_cli_train_end_to_end(small_cohort, tmp_path, capsys):
     assert status == 0
     assert (out / "checkpoint.pt").is_file() and (out / "curves.png").is_file()
     assert len(_rows(out)) == 2
+    printed = capsys.readouterr().out  # the CLI prints the run's report; run_training only returns it
+    assert "trained 1 epochs (2 steps)" in printed and str(out / "checkpoint.pt") in printed
     assert cli.main(["train", "--features", str(tmp_path / "missing"), "--out", str(out)]) == 2
 
 

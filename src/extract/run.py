@@ -491,5 +491,4 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     summary.seconds = time.perf_counter() - started
     name = "summary.json" if n_parts == 1 else f"summary-shard{part}.json"
     _write_summary(out / name, summary)
-    print(summary.format(), flush=True)
     return summary

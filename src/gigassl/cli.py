@@ -99,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if isinstance(result, int):
         return result
+    if callable(getattr(result, "format", None)):
+        print(result.format(), flush=True)  # the end-of-run report; the API only returns it
     return int(getattr(result, "exit_code", 0))
 
 

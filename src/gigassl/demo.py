@@ -141,7 +141,7 @@ def evaluate_settings(config: DemoConfig, embeddings: Path, labels: Path, featur
 
 
 def run_demo(config: DemoConfig) -> DemoResult:
-    """Run the five stages (module docstring), print the AUC table and the paths, return them."""
+    """Run the five stages (module docstring); the result's ``format()`` is the AUC table and the paths."""
     from extract.run import run_extraction
     from gigassl.demo_cohort import write_demo_cohort
     from gigassl.embed import run_embedding
@@ -157,6 +157,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
         slides, labels = write_demo_cohort(out, config.n_slides, config.seed, overwrite=config.overwrite, progress=True)
     with _stage("extract", seconds):
         extraction = run_extraction(extract_settings(config, out / "slides"))
+        logger.info("%s", extraction.format())
         if extraction.exit_code:
             raise ValueError(
                 f"extraction failed for some demo slides (see above); rerun with --overwrite to redraw them:\n"
@@ -179,7 +180,6 @@ def run_demo(config: DemoConfig) -> DemoResult:
         embeddings=embeddings, evaluation=sorted(p for p in (out / "evaluation").iterdir() if p.is_file()),
         table=table, auc=auc, seconds=seconds,
     )
-    print(result.format())
     return result
 
 

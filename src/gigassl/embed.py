@@ -80,6 +80,15 @@ class EmbedResult:
     exports: list[Path]
     exit_code: int
 
+    def format(self) -> str:
+        """A short report: what was written, and the slides that failed."""
+        lines = [f"embedded {self.n_slides} slides → {self.out}"
+                 + (f" (+ {', '.join(map(str, self.exports))})" if self.exports else "")]
+        if self.failed:
+            lines.append(f"{len(self.failed)} slide file(s) failed:")
+            lines += [f"  {path}: {reason}" for path, reason in self.failed]
+        return "\n".join(lines)
+
 
 def slide_generator(seed: int, slide_id: str) -> np.random.Generator:
     """The generator of one slide's views, from (seed, slide id) only."""
@@ -316,11 +325,6 @@ def run_embedding(config: EmbedConfig) -> EmbedResult:
             raise ValueError(f"no slide of {config.features} could be embedded ({len(failed)} failed); see the warnings")
     progress.close()
     written = [export_embeddings(read_embeddings(config.out), config.out, kind) for kind in exports] if exports else []
-    print(f"embedded {writer.n_slides} slides → {config.out}" + (f" (+ {', '.join(map(str, written))})" if written else ""))
-    if failed:
-        print(f"{len(failed)} slide file(s) failed:")
-        for path, reason in failed:
-            print(f"  {path}: {reason}")
     return EmbedResult(Path(config.out), writer.n_slides, failed, written, int(bool(failed) and config.strict))
 
 

@@ -437,6 +437,10 @@ class EvaluationResult:
     plot_path: Path
     exit_code: int = 0
 
+    def format(self) -> str:
+        """The AUC / balanced-accuracy table and the files written."""
+        return f"{format_table(self.summary)}\nwritten: {self.csv_path}, {self.json_path}, {self.plot_path}"
+
 
 # ---------------------------------------------------------------------------------------------
 # Baselines' inputs
@@ -565,8 +569,6 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
         classes=classes.tolist(), n_slides=len(y), missing=missing, summary=summary, splits=rows,
     ), indent=2, default=_json_default))
     plot_path = plot_auc(summary, out / PLOT_PNG, title=f"{Path(config.labels).stem}: AUC vs training slides")
-    print(format_table(summary))
-    print(f"written: {csv_path}, {json_path}, {plot_path}")
     return EvaluationResult(summary, rows, classes.tolist(), missing, csv_path, json_path, plot_path)
 
 

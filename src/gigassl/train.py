@@ -99,6 +99,13 @@ class TrainResult:
     final: dict[str, float]
     exit_code: int = 0
 
+    def format(self) -> str:
+        """Where the run ended and what it wrote."""
+        monitored = ", ".join(f"{key} {self.final[key]:.4g}" for key in ("train_loss", "positive_pair_accuracy", "rankme")
+                              if key in self.final)
+        return (f"trained {self.epochs} epochs ({self.global_step} steps){': ' + monitored if monitored else ''}\n"
+                f"written: {self.checkpoint}, {self.monitors_csv}" + (f", {self.curves}" if self.curves else ""))
+
 
 # ------------------------------------------------------------------------------ set-up
 
