@@ -191,6 +191,7 @@ def trained(slides_dir, tmp_path_factory):
 def test_run_writes_checkpoints_and_monitors(trained):
     _, out, result = trained
     assert result.exit_code == 0 and result.epochs_done == 2 and result.n_slides == 1
+    assert f"2 epochs on 1 slides → encoder {result.encoder_path}" in result.format()
     raw = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert raw["epoch"] == 2 and raw["step"] == 4 and raw["config"]["tile_size"] == 32
     assert raw["state_dict"]["queue.keys"].shape == (12, 128)

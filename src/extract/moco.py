@@ -404,6 +404,13 @@ class PretrainingResult:
     monitors: list[dict[str, Any]] = field(default_factory=list)
     exit_code: int = 0
 
+    def format(self) -> str:
+        """Where the tile encoder was written, and the slides left out."""
+        lines = [f"MoCo: {self.epochs_done} epochs on {self.n_slides} slides → encoder {self.encoder_path} "
+                 f"(resumable checkpoint {self.checkpoint_path})"]
+        lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
+        return "\n".join(lines)
+
 
 def _distributed_setup(config: MocoConfig) -> tuple[int, int, torch.device, bool]:
     """(rank, world size, device, whether this call initialised torch.distributed)."""
