@@ -82,3 +82,25 @@ def test_a_slide_that_fails_to_read_does_not_break_the_next(two_slides, monkeypa
     grid_b, expected_b = _grid_and_expected(two_slides[1])
     np.testing.assert_array_equal(_read(loader, two_slides[1], grid_b), expected_b)
     loader.close()
+
+
+def test_a_worker_killed_by_a_slide_is_replaced(two_slides, monkeypatch):
+    """A segfault in the slide library kills the reading worker: that slide fails, the next reads."""
+    import os
+
+    original = SlideReader.read_tile
+
+    def crash_on_a(self, x0, y0, size_level0, out_px):
+        if self.path.name == "a.tif":
+            os._exit(11)
+        return original(self, x0, y0, size_level0, out_px)
+
+    monkeypatch.setattr(SlideReader, "read_tile", crash_on_a)  # forked workers inherit it
+    loader = TileLoader(batch_size=4, num_workers=2)
+    with open_slide(two_slides[0]) as reader:
+        grid_a = tile_grid(reader, 1.0, 32, 0.5)
+    with pytest.raises(RuntimeError, match="DataLoader worker"):
+        _read(loader, two_slides[0], grid_a)
+    grid_b, expected_b = _grid_and_expected(two_slides[1])
+    np.testing.assert_array_equal(_read(loader, two_slides[1], grid_b), expected_b)
+    loader.close()
