@@ -40,8 +40,8 @@ from extract.device import resolve_device
 from extract.encoder import TileTrunk, load_resnet18
 from extract.moco import run_pretraining
 from extract.moco_data import SlideTiles, index_slides
-from extract.run import encode_batches, list_slides
-from extract.tile_loader import TileLoader
+from extract.reader import open_slide
+from extract.run import encode_batch, list_slides
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "bach-dev"
@@ -82,15 +82,15 @@ def mean_tile_features(encoder_source: str | Path, slides: list[SlideTiles], arg
     trunk = TileTrunk(model).eval().to(device, memory_format=torch.channels_last)
     rows = []
     rng = np.random.default_rng(0)  # the same tiles for every encoder
-    loader = TileLoader(batch_size=256, num_workers=0)
     for slide in slides:
         coords = slide.coords
         if args.probe_tiles_per_image and len(coords) > args.probe_tiles_per_image:
             coords = coords[np.sort(rng.choice(len(coords), args.probe_tiles_per_image, replace=False))]
-        batches = loader.tiles(slide.path, slide.mpp, coords, slide.size_level0, args.tile_size)
-        features = np.concatenate(list(encode_batches(batches, trunk, device)))
+        with open_slide(slide.path, mpp_override=slide.mpp) as reader:
+            tiles = np.stack([reader.read_tile(int(x), int(y), slide.size_level0, args.tile_size) for x, y in coords])
+        features = np.concatenate([encode_batch(torch.from_numpy(tiles[i : i + 256]), trunk, device)
+                                   for i in range(0, len(tiles), 256)])
         rows.append(features.mean(axis=0))
-    loader.close()
     return np.stack(rows)
 
 

@@ -188,7 +188,7 @@ def test_tile_read_error_in_a_worker_is_one_line(
     folder = _only(cohort, "synthetic_a.tif")
     assert extract(folder, tmp_path / "out", "--num-workers", "1") == 1
     reason = summary_of(tmp_path / "out")["slides"][0]["reason"]
-    assert reason.startswith("extract.reader.SlideReadError: ") and "synthetic_a.tif" in reason and "boom" in reason
+    assert reason.endswith("synthetic_a.tif: cannot read a tile at (0, 0): boom")
     assert "\n" not in reason and "Traceback" not in reason
     assert not list((tmp_path / "out" / "features").iterdir())
 

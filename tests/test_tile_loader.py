@@ -1,93 +1,113 @@
+import gc
 import multiprocessing
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from extract.reader import SlideReader, SlideReadError, open_slide
-from extract.tile_loader import TileLoader
-from extract.tiling import tile_grid
+from extract.tile_loader import FIRST_BATCH_SIZE, TileStream, batch_bounds
+from extract.tiling import NoTissueError, tile_grid
 from fixtures.make_slides import write_tissue_slide
 
 
 @pytest.fixture()
-def two_slides(tmp_path: Path) -> list[Path]:
+def slides(tmp_path: Path) -> list[Path]:
     return [write_tissue_slide(tmp_path / "a.tif", mpp=0.5, seed=1),
-            write_tissue_slide(tmp_path / "b.tif", width=1024, height=512, mpp=0.25, seed=2)]
+            write_tissue_slide(tmp_path / "b.tif", width=1024, height=512, mpp=0.25, seed=2),
+            write_tissue_slide(tmp_path / "c.tif", mpp=0.5, seed=3)]
 
 
-def _grid_and_expected(path: Path):
+def _grid(path: Path):
     with open_slide(path) as reader:
-        grid = tile_grid(reader, 1.0, 32, 0.5)
-        expected = np.stack([reader.read_tile(int(x), int(y), grid.size_level0, 32) for x, y in grid.coords])
-    return grid, expected
+        return tile_grid(reader, 1.0, 32, 0.5)
 
 
-def _read(loader: TileLoader, path: Path, grid) -> np.ndarray:
-    return np.concatenate([b.numpy() for b in loader.tiles(path, grid.mpp, grid.coords, grid.size_level0, 32)])
+def _expected(path: Path, grid) -> np.ndarray:
+    with open_slide(path) as reader:
+        return np.stack([reader.read_tile(int(x), int(y), grid.size_level0, 32) for x, y in grid.coords])
+
+
+def _read(stream: TileStream, path: Path, grid) -> np.ndarray:
+    return np.concatenate([b.numpy() for b in stream.tiles(path, grid)])
+
+
+def test_batch_bounds_start_small():
+    assert FIRST_BATCH_SIZE == 4
+    assert batch_bounds(40, 16) == [(0, 4), (4, 20), (20, 36), (36, 40)]
+    assert batch_bounds(3, 16) == [(0, 3)]
+    assert batch_bounds(0, 16) == []
+    assert batch_bounds(5, 2) == [(0, 2), (2, 4), (4, 5)]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_one_loader_reads_every_slide_in_grid_order(two_slides, workers):
-    loader = TileLoader(batch_size=5, num_workers=workers)
-    for path in two_slides + two_slides[:1]:
-        grid, expected = _grid_and_expected(path)
-        np.testing.assert_array_equal(_read(loader, path, grid), expected)
-    loader.close()
+def test_one_pass_reads_every_slide_in_grid_order(slides, workers):
+    grids = {path: _grid(path) for path in slides}
+    stream = TileStream(slides, grids.__getitem__, batch_size=5, num_workers=workers)
+    for path in slides:
+        np.testing.assert_array_equal(_read(stream, path, grids[path]), _expected(path, grids[path]))
+    stream.close()
 
 
-def test_a_slide_starts_with_a_small_batch():
-    from extract.tile_loader import SlideTileBatches
-
-    batches = SlideTileBatches(batch_size=16, first_batch_size=4)
-    batches.set_slide(Path("s.svs"), 0.5, np.arange(2 * 40).reshape(40, 2), 224.0, 224)
-    sizes = [len(batch) for batch in batches]
-    assert sizes == [4, 16, 16, 4] and len(batches) == 4
-    assert [key.x0 for batch in batches for key in batch] == list(range(0, 80, 2))
-    batches.set_slide(Path("s.svs"), 0.5, np.zeros((3, 2)), 224.0, 224)
-    assert [len(batch) for batch in batches] == [3]
-    batches.set_slide(Path("s.svs"), 0.5, np.zeros((0, 2)), 224.0, 224)
-    assert list(batches) == [] and len(batches) == 0
-
-
-def test_workers_serve_every_slide_and_stop_on_close(two_slides):
+def test_workers_serve_every_slide_and_stop_on_close(slides):
+    grids = {path: _grid(path) for path in slides}
     before = {p.pid for p in multiprocessing.active_children()}
-    loader = TileLoader(batch_size=4, num_workers=2)
-    grids = [_grid_and_expected(path)[0] for path in two_slides]
-    _read(loader, two_slides[0], grids[0])
+    stream = TileStream(slides, grids.__getitem__, batch_size=4, num_workers=2)
+    _read(stream, slides[0], grids[slides[0]])
     workers = {p.pid for p in multiprocessing.active_children()} - before
     assert len(workers) == 2
-    _read(loader, two_slides[1], grids[1])
+    _read(stream, slides[1], grids[slides[1]])
     assert workers <= {p.pid for p in multiprocessing.active_children()}  # the same processes
-    loader.close()
-    import gc
+    stream.close()
     gc.collect()
     assert not workers & {p.pid for p in multiprocessing.active_children()}
 
 
-def test_a_slide_that_fails_to_read_does_not_break_the_next(two_slides, monkeypatch):
+def test_a_slide_left_out_or_given_up_on_does_not_disturb_the_next(slides):
+    grids = {path: _grid(path) for path in slides}
+    stream = TileStream(slides, grids.__getitem__, batch_size=4, num_workers=2)
+    first = stream.tiles(slides[0], grids[slides[0]])
+    next(first)
+    first.close()  # given up after one batch
+    # slides[1] is left out entirely (its extraction failed before reading)
+    np.testing.assert_array_equal(_read(stream, slides[2], grids[slides[2]]), _expected(slides[2], grids[slides[2]]))
+    stream.close()
+
+
+def test_a_slide_whose_grid_fails_is_passed_over(slides):
+    grids = {path: _grid(path) for path in slides}
+
+    def grid_of(path):
+        if path.name == "b.tif":
+            raise NoTissueError(f"{path}: no tissue")
+        return grids[path]
+
+    stream = TileStream(slides, grid_of, batch_size=4, num_workers=2)
+    for path in (slides[0], slides[2]):
+        np.testing.assert_array_equal(_read(stream, path, grids[path]), _expected(path, grids[path]))
+    stream.close()
+
+
+def test_an_unreadable_tile_fails_its_slide_only(slides, monkeypatch):
     original = SlideReader.read_tile
 
     def broken_for_a(self, x0, y0, size_level0, out_px):
         if self.path.name == "a.tif":
-            raise SlideReadError(f"{self.path}: boom")
+            raise SlideReadError(f"{self.path}: cannot read a tile at ({x0}, {y0}): boom")
         return original(self, x0, y0, size_level0, out_px)
 
     monkeypatch.setattr(SlideReader, "read_tile", broken_for_a)  # forked workers inherit it
-    loader = TileLoader(batch_size=4, num_workers=2)
-    with open_slide(two_slides[0]) as reader:
-        grid_a = tile_grid(reader, 1.0, 32, 0.5)
-    with pytest.raises(Exception, match="boom"):
-        _read(loader, two_slides[0], grid_a)
-    grid_b, expected_b = _grid_and_expected(two_slides[1])
-    np.testing.assert_array_equal(_read(loader, two_slides[1], grid_b), expected_b)
-    loader.close()
+    grids = {path: _grid(path) for path in slides}
+    stream = TileStream(slides, grids.__getitem__, batch_size=4, num_workers=2)
+    with pytest.raises(SlideReadError, match=r"a\.tif: cannot read a tile at .*boom"):
+        _read(stream, slides[0], grids[slides[0]])
+    np.testing.assert_array_equal(_read(stream, slides[1], grids[slides[1]]), _expected(slides[1], grids[slides[1]]))
+    stream.close()
 
 
-def test_a_worker_killed_by_a_slide_is_replaced(two_slides, monkeypatch):
-    """A segfault in the slide library kills the reading worker: that slide fails, the next reads."""
-    import os
-
+def test_a_worker_killed_by_a_slide_fails_it_and_a_new_pass_reads_the_next(slides, monkeypatch):
+    """A segfault in the slide library kills a reading worker: that slide fails, the next reads."""
     original = SlideReader.read_tile
 
     def crash_on_a(self, x0, y0, size_level0, out_px):
@@ -96,11 +116,9 @@ def test_a_worker_killed_by_a_slide_is_replaced(two_slides, monkeypatch):
         return original(self, x0, y0, size_level0, out_px)
 
     monkeypatch.setattr(SlideReader, "read_tile", crash_on_a)  # forked workers inherit it
-    loader = TileLoader(batch_size=4, num_workers=2)
-    with open_slide(two_slides[0]) as reader:
-        grid_a = tile_grid(reader, 1.0, 32, 0.5)
-    with pytest.raises(RuntimeError, match="DataLoader worker"):
-        _read(loader, two_slides[0], grid_a)
-    grid_b, expected_b = _grid_and_expected(two_slides[1])
-    np.testing.assert_array_equal(_read(loader, two_slides[1], grid_b), expected_b)
-    loader.close()
+    grids = {path: _grid(path) for path in slides}
+    stream = TileStream(slides, grids.__getitem__, batch_size=4, num_workers=2)
+    with pytest.raises(SlideReadError, match=r"a\.tif: a tile-reading worker died"):
+        _read(stream, slides[0], grids[slides[0]])
+    np.testing.assert_array_equal(_read(stream, slides[1], grids[slides[1]]), _expected(slides[1], grids[slides[1]]))
+    stream.close()

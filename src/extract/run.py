@@ -38,7 +38,7 @@ from extract.encoder import IMAGE_MEAN, IMAGE_STD, EncoderInfo, TileTrunk, load_
 from extract.features_file import TEMP_SUFFIX, SlideFeatures, SlideFileWriter, is_complete
 from extract.reader import SLIDE_SUFFIXES, SlideReader, load_mpp_overrides, open_slide
 from extract.slide_plan import PlanSettings, SlidePlanner
-from extract.tile_loader import TileLoader
+from extract.tile_loader import TileStream
 from extract.tiling import TileGrid
 
 logger = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class _Job:
     settings: dict[str, Any]
     features_dir: Path
     qc_dir: Path
-    tiles: TileLoader
+    tiles: TileStream
     planner: SlidePlanner
 
 
@@ -300,7 +300,7 @@ def _write_plain(
     side = grid.tile_size_px
     kept = np.empty((len(grid), side, side, 3), dtype=np.uint8) if keep_tiles else None
     start = 0
-    with contextlib.closing(job.tiles.tiles(path, grid.mpp, grid.coords, grid.size_level0, side)) as batches:
+    with contextlib.closing(job.tiles.tiles(path, grid)) as batches:
         for tiles in batches:
             rows = encode_batch(tiles, job.trunk, job.device, config.mixed_precision)
             writer.write_plain_rows(start, rows)
@@ -474,16 +474,18 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     decided = {path: _not_to_extract(path, config, settings, features_dir, first_with_stem[path.stem]) for path in mine}
     todo = [path for path in mine if decided[path] is None]
 
-    # The next slides are planned in the background, and the reading workers serve every
-    # slide of the job.
+    # The next slides are planned in the background, and the reading workers read ahead
+    # through every slide of the job in one pass.
     planner = SlidePlanner(todo, overrides, PlanSettings(config.mpp, config.tile_size, config.tissue_threshold,
                                                          config.default_mpp, qc_dir if config.qc else None))
-    tiles = TileLoader(config.batch_size, config.num_workers, pin_memory=device.type == "cuda")
+    tiles = TileStream(todo if config.plain else [], planner.plan, config.batch_size, config.num_workers,
+                       pin_memory=device.type == "cuda")
     job = _Job(config, trunk, encoder, device, overrides, settings, features_dir, qc_dir, tiles, planner)
     try:
         for path in tqdm(mine, desc="slides", unit="slide", position=0):
             outcome = decided[path]
             summary.outcomes.append(outcome if outcome is not None else _extract_or_fail(path, job))
+            planner.forget(path)
     finally:
         tiles.close()
         planner.close()

@@ -61,6 +61,7 @@ class SlidePlanner:
         self.ahead = max(1, ahead)
         self._position = {path: i for i, path in enumerate(self.slides)}
         self._futures: dict[Path, Future] = {}
+        self._results: dict[Path, tuple[bool, object]] = {}  # path → (ok, grid or error) until forgotten
         self._next = 0  # index of the first slide not yet submitted
         self._pool: ProcessPoolExecutor | None = None
 
@@ -69,10 +70,12 @@ class SlidePlanner:
         context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         return ProcessPoolExecutor(1, mp_context=context)
 
-    def _submit(self, path: Path) -> None:
+    def _submit(self, path: Path) -> Future:
         if self._pool is None:
             self._pool = self._start_pool()
-        self._futures[path] = self._pool.submit(plan_slide, path, self.mpp_overrides.get(path.stem), self.settings)
+        future = self._pool.submit(plan_slide, path, self.mpp_overrides.get(path.stem), self.settings)
+        self._futures[path] = future
+        return future
 
     def _submit_through(self, index: int) -> None:
         while self._next <= index:
@@ -80,18 +83,39 @@ class SlidePlanner:
             self._next += 1
 
     def plan(self, path: Path) -> TileGrid:
-        """The grid of ``path`` (one of ``slides``); raises the slide's error if it has none."""
+        """The grid of ``path`` (one of ``slides``); raises the slide's error if it has none.
+
+        The answer is kept until :meth:`forget`, so the tile stream and the encoding loop,
+        which both ask, get the same one.
+        """
+        if path not in self._results:
+            self._results[path] = self._wait(path)
+        ok, value = self._results[path]
+        if not ok:
+            raise value  # type: ignore[misc]
+        return value  # type: ignore[return-value]
+
+    def _wait(self, path: Path) -> tuple[bool, object]:
         index = self._position[path]
         self._submit_through(min(index + self.ahead, len(self.slides) - 1))
-        future = self._futures.pop(path)
+        future = self._futures.pop(path, None)
+        if future is None:  # forgotten, then asked again: plan it anew
+            future = self._submit(path)
+            del self._futures[path]
         try:
-            return future.result()
+            return True, future.result()
         except BrokenProcessPool:
             self._restart()
-            raise SlideReadError(
+            return False, SlideReadError(
                 f"{path}: reading the slide crashed the process (a fault in the slide library); "
                 "check that the file opens in another viewer, or move it out of the folder"
-            ) from None
+            )
+        except Exception as error:  # noqa: BLE001 - the slide's own error, raised to each asker
+            return False, error
+
+    def forget(self, path: Path) -> None:
+        """Drop the kept answer for ``path`` (its slide is finished)."""
+        self._results.pop(path, None)
 
     def _restart(self) -> None:
         """Replace a broken pool and submit again what it had not finished."""
@@ -108,3 +132,4 @@ class SlidePlanner:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self._pool = None
         self._futures.clear()
+        self._results.clear()

@@ -1,31 +1,43 @@
-"""Tiles of one slide after another, read by DataLoader workers that live for the whole job.
+"""The tiles of a job's slides, one slide after another, as one stream read by DataLoader workers.
 
-A DataLoader per slide forks its reading workers per slide; on a cohort of small slides (a
-biopsy has a few dozen tiles) that start-up and the empty pipeline behind it cost as much as
-reading. Here the dataset is keyed by the tile itself (slide path, µm/px, level-0 x, y) and
-the batch sampler is told which slide comes next, so one set of persistent workers serves
-every slide; each worker keeps the slide it is reading open until the next one arrives.
+A DataLoader per slide forks its reading workers per slide and starts each slide with an
+empty pipeline; on a cohort of small slides (a biopsy has a few dozen tiles) that costs as
+much as reading. Here one DataLoader pass covers every slide of the job: the batch sampler
+walks the slides in order, asking for each slide's tile grid when it gets there (from the
+planner, which computes grids in the background), and the workers read ahead across slide
+boundaries, so the next slide's first tiles are ready when the encoder finishes a slide.
+
+Each batch holds tiles of one slide and carries the slide's position in the job; a tile
+that cannot be read turns its batch into an error for that slide only. The encoding loop
+takes the slides in order with :meth:`TileStream.tiles`; batches of a slide it gave up on
+are dropped. A worker killed by a slide library (a segfault) ends the pass: the slide being
+read fails, and a new pass starts at the next slide.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from extract.reader import SlideReader, open_slide
+from extract.reader import SlideReader, SlideReadError, open_slide
+from extract.tiling import TileGrid
 
-
-# Tiles in a slide's first batch (see SlideTileBatches).
+# Tiles in a slide's first batch: the encoder can start on a slide as soon as a few of its
+# tiles are read (its speed per tile hardly depends on the batch size on a CPU; a GPU gets
+# full batches after the first).
 FIRST_BATCH_SIZE = 4
 
 
 class TileKey(NamedTuple):
-    """One tile to read: the slide, its µm/px, and the tile's level-0 square and output size."""
+    """One tile to read: the slide (its position in the job, path, µm/px), its row in the
+    slide's grid, and its level-0 square and output size."""
 
+    slide: int
+    row: int
     path: str
     mpp: float
     x0: int
@@ -34,17 +46,32 @@ class TileKey(NamedTuple):
     out_px: int
 
 
+class TileBatch(NamedTuple):
+    """Consecutive tiles of one slide: ``tiles`` (B, H, W, 3) uint8 from grid row ``row``, or
+    ``error`` (a one-line reason naming the file) when one of them could not be read."""
+
+    slide: int
+    row: int
+    tiles: torch.Tensor | None
+    error: str | None
+
+
 class TileReads(Dataset):
-    """``dataset[key]`` → the tile ``key`` names, (out_px, out_px, 3) uint8; one open slide per process."""
+    """``dataset[key]`` → ``(key, tile or None, error or None)``; one open slide per process."""
 
     def __init__(self) -> None:
         self._reader: SlideReader | None = None
 
-    def __getitem__(self, key: TileKey) -> torch.Tensor:
-        if self._reader is None or str(self._reader.path) != key.path:
-            self.close()
-            self._reader = open_slide(Path(key.path), mpp_override=key.mpp)
-        return torch.from_numpy(self._reader.read_tile(key.x0, key.y0, key.size_level0, key.out_px))
+    def __getitem__(self, key: TileKey) -> tuple[TileKey, torch.Tensor | None, str | None]:
+        try:
+            if self._reader is None or str(self._reader.path) != key.path:
+                self.close()
+                self._reader = open_slide(Path(key.path), mpp_override=key.mpp)
+            tile = self._reader.read_tile(key.x0, key.y0, key.size_level0, key.out_px)
+        except Exception as error:  # noqa: BLE001 - reported for this slide only, by the consumer
+            reason = str(error) if isinstance(error, SlideReadError) else f"{key.path}: {type(error).__name__}: {error}"
+            return key, None, " ".join(reason.split())
+        return key, torch.from_numpy(tile), None
 
     def __getstate__(self) -> dict:
         return {"_reader": None}  # file handles do not cross process boundaries
@@ -55,77 +82,132 @@ class TileReads(Dataset):
             self._reader = None
 
 
-class SlideTileBatches(Sampler[list[TileKey]]):
-    """Batches of the keys of the slide named by :meth:`set_slide`, in the grid's order.
+def collate_tiles(items: Sequence[tuple[TileKey, torch.Tensor | None, str | None]]) -> TileBatch:
+    """``collate_fn``: tiles of one slide → a :class:`TileBatch` (the first error wins)."""
+    first = items[0][0]
+    errors = [error for _, _, error in items if error is not None]
+    if errors:
+        return TileBatch(first.slide, first.row, None, errors[0])
+    return TileBatch(first.slide, first.row, torch.stack([tile for _, tile, _ in items]), None)
 
-    A slide's first batch holds ``first_batch_size`` tiles, so the encoder can start as soon as
-    a few tiles are read instead of waiting for a whole batch (the encoder's speed per tile
-    hardly depends on the batch size on a CPU, and a GPU gets full batches after the first).
-    """
 
-    def __init__(self, batch_size: int, first_batch_size: int | None = None) -> None:
-        self.batch_size = batch_size
-        self.first_batch_size = min(batch_size, first_batch_size or batch_size)
-        self._keys: list[TileKey] = []
+def slide_keys(position: int, path: Path, grid: TileGrid) -> list[TileKey]:
+    """The keys of every tile of ``grid``, in grid order."""
+    return [TileKey(position, row, str(path), float(grid.mpp), int(x), int(y), float(grid.size_level0),
+                    int(grid.tile_size_px))
+            for row, (x, y) in enumerate(np.asarray(grid.coords, dtype=np.int64))]
 
-    def set_slide(self, path: Path, mpp: float, coords: np.ndarray, size_level0: float, out_px: int) -> None:
-        self._keys = [TileKey(str(path), float(mpp), int(x), int(y), float(size_level0), int(out_px))
-                      for x, y in np.asarray(coords, dtype=np.int64)]
 
-    def _starts(self) -> list[int]:
-        first = self.first_batch_size
-        return ([0] + list(range(first, len(self._keys), self.batch_size))) if self._keys else []
+def batch_bounds(n_tiles: int, batch_size: int, first_batch_size: int = FIRST_BATCH_SIZE) -> list[tuple[int, int]]:
+    """(start, end) rows of a slide's batches: a first batch of ``first_batch_size``, then ``batch_size``."""
+    first = min(batch_size, first_batch_size)
+    starts = [0] + list(range(first, n_tiles, batch_size)) if n_tiles else []
+    return list(zip(starts, starts[1:] + [n_tiles]))
 
-    def __len__(self) -> int:
-        return len(self._starts())
+
+class CohortTileBatches(Sampler[list[TileKey]]):
+    """Batches of keys of ``slides[start:]`` in order; a slide whose grid raises is passed over
+    (its error reaches the encoding loop from the planner)."""
+
+    def __init__(self, slides: Sequence[Path], grid_of: Callable[[Path], TileGrid], batch_size: int, start: int = 0) -> None:
+        self.slides, self.grid_of, self.batch_size, self.start = list(slides), grid_of, batch_size, start
 
     def __iter__(self) -> Iterator[list[TileKey]]:
-        starts = self._starts()
-        for start, end in zip(starts, starts[1:] + [len(self._keys)]):
-            yield self._keys[start:end]
+        for position in range(self.start, len(self.slides)):
+            path = self.slides[position]
+            try:
+                grid = self.grid_of(path)
+            except Exception:  # noqa: BLE001 - the slide fails in the encoding loop, not here
+                continue
+            keys = slide_keys(position, path, grid)
+            for start, end in batch_bounds(len(keys), self.batch_size):
+                yield keys[start:end]
 
 
-class TileLoader:
-    """Reads the tiles of one slide after another in batches of (B, H, W, 3) uint8 tensors.
+class TileStream:
+    """Yields, slide after slide, the (B, H, W, 3) uint8 tile batches of a job's slides.
 
-    With ``num_workers`` > 0 the workers start on the first slide and are kept for the next
-    ones; after a slide whose reading failed (an unreadable tile, a worker killed by a broken
-    file) they are replaced, so one bad slide cannot break the others.
+    ``slides`` in the order they will be asked for; ``grid_of(path)`` gives a slide's grid (it
+    may block, and must give the same answer when asked again). The slides must be asked for
+    in order; one may be left out (its batches are dropped).
     """
 
-    def __init__(self, batch_size: int, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 4) -> None:
+    def __init__(
+        self,
+        slides: Sequence[Path],
+        grid_of: Callable[[Path], TileGrid],
+        batch_size: int,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int = 4,
+    ) -> None:
+        self.slides, self.grid_of = list(slides), grid_of
         self.batch_size, self.num_workers = batch_size, num_workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
-        self._loader: DataLoader | None = None
-        self._sampler: SlideTileBatches | None = None
+        self._next = 0  # position of the next slide to hand out
+        self._batches: Iterator[TileBatch] | None = None
+        self._pending: TileBatch | None = None  # a batch read ahead of the slide it belongs to
         self._dataset: TileReads | None = None
 
-    def _start(self) -> DataLoader:
-        self._dataset, self._sampler = TileReads(), SlideTileBatches(self.batch_size, FIRST_BATCH_SIZE)
+    def _start(self, position: int) -> Iterator[TileBatch]:
+        self._dataset = TileReads()
         workers = self.num_workers > 0
-        return DataLoader(
-            self._dataset, batch_sampler=self._sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            persistent_workers=workers, prefetch_factor=self.prefetch_factor if workers else None,
+        loader = DataLoader(
+            self._dataset, batch_sampler=CohortTileBatches(self.slides, self.grid_of, self.batch_size, position),
+            collate_fn=collate_tiles, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if workers else None,
         )
+        return iter(loader)
 
-    def tiles(self, path: Path, mpp: float, coords: np.ndarray, size_level0: float, out_px: int) -> Iterator[torch.Tensor]:
-        """Yield the tiles at ``coords`` (level-0 top-left) of the slide ``path`` batch by batch."""
-        if self._loader is None:
-            self._loader = self._start()
-        assert self._sampler is not None and self._dataset is not None
-        self._sampler.set_slide(path, mpp, coords, size_level0, out_px)
-        finished = False
-        try:
-            yield from self._loader
-            finished = True
-        finally:
-            if self.num_workers == 0:
-                self._dataset.close()  # read in this process: release the slide now
-            if not finished:  # an error, or the caller stopped early: start afresh next time
+    def _position_of(self, path: Path) -> int:
+        for position in range(self._next, len(self.slides)):
+            if self.slides[position] == path:
+                return position
+        raise ValueError(f"{path} is not one of the slides still to come in this job")
+
+    def _take(self) -> TileBatch | None:
+        if self._pending is not None:
+            batch, self._pending = self._pending, None
+            return batch
+        assert self._batches is not None
+        return next(self._batches, None)
+
+    def tiles(self, path: Path, grid: TileGrid) -> Iterator[torch.Tensor]:
+        """Yield the tile batches of ``path`` (whose grid is ``grid``) in grid order.
+
+        Raises :class:`SlideReadError` naming the file when a tile cannot be read, or when a
+        reading worker dies while this slide is read.
+        """
+        position = self._position_of(path)
+        self._next = position + 1
+        if self._batches is None:
+            self._batches = self._start(position)
+        bounds = batch_bounds(len(grid), self.batch_size)
+        received = 0
+        while received < len(bounds):
+            try:
+                batch = self._take()
+            except RuntimeError as error:  # a worker died: this pass is over
                 self.close()
+                raise SlideReadError(f"{path}: a tile-reading worker died while reading this slide ({error})") from None
+            if batch is None:
+                raise RuntimeError(f"{path}: the tile stream ended {len(bounds) - received} batches early")
+            if batch.slide < position:
+                continue  # left over from a slide the caller gave up on
+            if batch.slide > position:
+                self._pending = batch
+                raise RuntimeError(f"{path}: the tile stream skipped this slide (its grid failed?)")
+            if batch.error is not None:
+                raise SlideReadError(batch.error)
+            if batch.row != bounds[received][0]:
+                raise RuntimeError(f"{path}: tiles out of order (row {batch.row}, expected {bounds[received][0]})")
+            received += 1
+            yield batch.tiles
+        if self.num_workers == 0 and self._dataset is not None:
+            self._dataset.close()  # read in this process: release the slide now
 
     def close(self) -> None:
-        """Stop the workers (and close any slide read in this process)."""
+        """End the pass (stops the workers); a later :meth:`tiles` starts a new one."""
         if self._dataset is not None:
             self._dataset.close()
-        self._loader = self._sampler = self._dataset = None  # dropping the loader shuts its workers down
+        self._batches, self._pending, self._dataset = None, None, None
