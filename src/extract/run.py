@@ -1,10 +1,10 @@
 """The ``gigassl extract`` batch job: a folder of slides → one HDF5 file per slide.
 
-For each slide of this process's share: open it at its µm/px, find the tissue tile grid, write
-a QC thumbnail, then stream the tiles through a DataLoader (workers read, the main process
-encodes in batches under autocast, channels_last; the workers live for the whole job, see
-:mod:`extract.tile_loader`) into ``OUT/features/{stem}.h5`` — plain
-features and/or the shared-augmentation bank. Files are written to a temporary name and renamed
+For the slides of this process's share, a background process opens each slide at its µm/px,
+finds the tissue tile grid and writes a QC thumbnail ahead of time (:mod:`extract.slide_plan`);
+one DataLoader pass reads the tiles of all the slides in turn (:mod:`extract.tile_loader`), and
+the main process encodes them in batches under autocast, channels_last, into
+``OUT/features/{stem}.h5`` — plain features and/or the shared-augmentation bank. Files are written to a temporary name and renamed
 when complete, so a killed run leaves nothing that looks finished; a rerun skips slides whose
 complete output exists. A bad slide is logged on one line and listed in the end-of-run summary
 (printed and written to ``OUT/summary[-shardI].json``); the others are still processed.
@@ -260,10 +260,8 @@ class _Job:
     trunk: TileTrunk
     encoder: EncoderInfo
     device: torch.device
-    mpp_overrides: dict[str, float]
     settings: dict[str, Any]
     features_dir: Path
-    qc_dir: Path
     tiles: TileStream
     planner: SlidePlanner
 
@@ -480,7 +478,7 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
                                                          config.default_mpp, qc_dir if config.qc else None))
     tiles = TileStream(todo if config.plain else [], planner.plan, config.batch_size, config.num_workers,
                        pin_memory=device.type == "cuda")
-    job = _Job(config, trunk, encoder, device, overrides, settings, features_dir, qc_dir, tiles, planner)
+    job = _Job(config, trunk, encoder, device, settings, features_dir, tiles, planner)
     try:
         for path in tqdm(mine, desc="slides", unit="slide", position=0):
             outcome = decided[path]
