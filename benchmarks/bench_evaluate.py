@@ -32,7 +32,8 @@ def synthetic_embeddings(n_slides: int, dim: int, seed: int = 0) -> tuple[np.nda
 def bench_logistic(n_slides: int, n_splits: int) -> None:
     from sklearn.linear_model import LogisticRegression
 
-    from gigassl.evaluate import Budget, LinearMethod, make_splits, run_protocol
+    from gigassl.evaluate import LinearMethod, run_protocol
+    from gigassl.protocol import Budget, make_splits
 
     vectors, y = synthetic_embeddings(n_slides, 512)
     splits = make_splits(y, None, n_splits, 0.3, seed=0)

@@ -16,9 +16,9 @@ from extract.reader import open_slide
 from gigassl.cli import main as cli_main
 from gigassl.config import EmbedConfig, EvaluateConfig
 from gigassl.embed import EmbeddingWriter, run_embedding
-from gigassl.evaluate import (
+from gigassl.evaluate import LinearMethod, roc_auc, run_evaluation
+from gigassl.protocol import (
     Budget,
-    LinearMethod,
     Labels,
     budget_subset,
     check_classes,
@@ -26,8 +26,6 @@ from gigassl.evaluate import (
     make_splits,
     parse_budgets,
     read_labels,
-    roc_auc,
-    run_evaluation,
 )
 from gigassl.synthetic import write_synthetic_cohort
 
