@@ -8,20 +8,8 @@ from torch import nn
 from extract.augment import TileAugmentation
 from extract.config import MOCO_PROFILES, MocoConfig
 from extract.encoder import load_resnet18
-from extract.moco import (
-    KeyQueue,
-    MoCo,
-    alignment,
-    cosine_lr,
-    info_nce_logits,
-    info_nce_loss,
-    make_views,
-    momentum_update,
-    rankme,
-    run_pretraining,
-    train_step,
-    uniformity,
-)
+from extract.moco import alignment, cosine_lr, make_views, rankme, run_pretraining, train_step, uniformity
+from extract.moco_model import KeyQueue, MoCo, info_nce_logits, info_nce_loss, momentum_update
 from extract.moco_data import EpochTileBatches, epoch_plan, fixed_tiles, index_slides
 
 SLIDE = "CMU-1-Small-Region.svs"

@@ -1,6 +1,7 @@
 """MoCo v2 pre-training of the ResNet18 tile encoder (He et al. 2020; Chen et al. 2020).
 
-The model, with its defaults (``MocoConfig``; ``--profile small-cpu`` changes some):
+The model (:mod:`extract.moco_model`), with its defaults (``MocoConfig``; ``--profile
+small-cpu`` changes some):
 
 - query encoder ``encoder_q``: a full ResNet18 whose ``fc`` is the MLP head 512 → 512 → 128;
 - key encoder ``encoder_k``: a copy, never back-propagated, moved after every step by
@@ -37,7 +38,6 @@ Outputs in ``OUT``:
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import json
@@ -62,13 +62,12 @@ from extract.config import MocoConfig
 from extract.device import autocast, autocast_dtype, resolve_device
 from extract.encoder import IMAGE_MEAN, IMAGE_STD, ResNet18, load_weights_only, save_encoder_checkpoint
 from extract.moco_data import EpochTileBatches, SlideTiles, epoch_plan, fixed_tiles, index_slides
+from extract.moco_model import MoCo, all_gather, info_nce_logits, momentum_update
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "gigassl-moco-checkpoint"
 CHECKPOINT_VERSION = 1
-HEAD_HIDDEN_DIM = 512
-HEAD_OUT_DIM = 128
 SGD_MOMENTUM = 0.9
 # Settings that change what is computed: a resumed run must use the same ones to be exact.
 RESUME_MUST_MATCH = (
@@ -78,96 +77,6 @@ RESUME_MUST_MATCH = (
 # Monitors: alignment needs two views per tile, computed on at most this many tiles.
 MONITOR_VIEW_TILES = 256
 MONITOR_BATCH = 256
-
-
-# ----------------------------------------------------------------------------- model
-
-
-def mlp_head(in_dim: int = 512, hidden_dim: int = HEAD_HIDDEN_DIM, out_dim: int = HEAD_OUT_DIM) -> nn.Sequential:
-    """MoCo v2's projection head, stored as the ResNet's ``fc`` (keys ``fc.0.*``, ``fc.2.*``)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
-
-
-class KeyQueue(nn.Module):
-    """Ring buffer of ``size`` negative keys (size, dim), oldest overwritten first."""
-
-    def __init__(self, size: int, dim: int, generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        self.register_buffer("keys", F.normalize(torch.randn(size, dim, generator=generator), dim=1))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-
-    @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Write (B, dim) keys at the pointer, wrapping around; with B > size the last ``size`` stay."""
-        size = self.keys.shape[0]
-        keys = keys.detach().to(self.keys.dtype)[-size:]
-        rows = (int(self.ptr) + torch.arange(keys.shape[0], device=self.keys.device)) % size
-        self.keys[rows] = keys
-        self.ptr.fill_((int(self.ptr) + keys.shape[0]) % size)
-
-
-@torch.no_grad()
-def momentum_update(key_encoder: nn.Module, query_encoder: nn.Module, momentum: float) -> None:
-    """θ_k ← m·θ_k + (1 − m)·θ_q for every parameter (buffers are left alone)."""
-    for key_param, query_param in zip(key_encoder.parameters(), query_encoder.parameters()):
-        key_param.mul_(momentum).add_(query_param.detach(), alpha=1.0 - momentum)
-
-
-def info_nce_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Normalised q, k (B, D) and queue (K, D) → logits (B, 1 + K), the positive in column 0."""
-    positive = (q * k).sum(dim=1, keepdim=True)  # (B, 1)
-    negative = q @ queue.T  # (B, K)
-    return torch.cat([positive, negative], dim=1) / temperature
-
-
-def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE: cross-entropy of :func:`info_nce_logits` with the positive as the target."""
-    logits = info_nce_logits(q, k, queue, temperature)
-    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
-
-
-class MoCo(nn.Module):
-    """Query encoder, momentum key encoder and queue (state-dict keys as in the MoCo repository)."""
-
-    def __init__(self, queue_size: int, seed: int = 0) -> None:
-        super().__init__()
-        self.encoder_q = ResNet18()
-        self.encoder_q.fc = mlp_head()
-        self.encoder_k = copy.deepcopy(self.encoder_q)
-        for param in self.encoder_k.parameters():
-            param.requires_grad_(False)
-        self.queue = KeyQueue(queue_size, HEAD_OUT_DIM, torch.Generator().manual_seed(seed))
-
-    def query(self, images: torch.Tensor, encoder: nn.Module | None = None) -> torch.Tensor:
-        """(B, 3, H, W) → (B, 128) normalised queries (``encoder``: the DDP wrapper, if any)."""
-        return F.normalize((encoder or self.encoder_q)(images).float(), dim=1)
-
-    @torch.no_grad()
-    def keys(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) → (this process's keys (B, 128), all processes' keys for the queue)."""
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            keys = F.normalize(self.encoder_k(images).float(), dim=1)
-            return keys, keys
-        return _shuffled_keys(self.encoder_k, images)
-
-
-def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
-
-
-def _shuffled_keys(encoder_k: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shuffle-BN: encode a random slice of the global key batch, then undo the permutation."""
-    rank = dist.get_rank()
-    batch = images.shape[0]
-    everything = _all_gather(images)  # (world·B, 3, H, W)
-    permutation = torch.randperm(len(everything), device=images.device)
-    dist.broadcast(permutation, src=0)
-    mine = permutation[rank * batch : (rank + 1) * batch]
-    keys = F.normalize(encoder_k(everything[mine]).float(), dim=1)
-    all_keys = _all_gather(keys)[torch.argsort(permutation)]  # back to the gathered order
-    return all_keys[rank * batch : (rank + 1) * batch], all_keys
 
 
 # ----------------------------------------------------------------------------- one step
@@ -348,7 +257,7 @@ def _rng_states(generator: torch.Generator) -> dict[str, list[torch.Tensor]]:
     if not (dist.is_available() and dist.is_initialized()):
         return {name: [state] for name, state in states.items()}
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    return {name: [part.cpu() for part in _all_gather(state.to(device)).chunk(dist.get_world_size())] for name, state in states.items()}
+    return {name: [part.cpu() for part in all_gather(state.to(device)).chunk(dist.get_world_size())] for name, state in states.items()}
 
 
 def checkpoint_payload(
