@@ -59,13 +59,14 @@ METHOD_NAMES = {
     "topk": "top-k fine-tuning",
 }
 
-# Wall times assumed for a quiet 2-core CPU (bf16 autocast, channels_last), from the CPU seconds
-# of runs on 12 and 24 BACH images on a shared machine: ~46 CPU-ms per 224-px tile (plain or
-# bank: decoding, augmenting, encoding, writing), ~2 CPU-s per Giga-SSL step of 24 slides at
-# T = 5 and as much again for the label-free monitors of 24 slides; two threads taken as 1.6×
-# one. Per plain tile, per bank tile, per slide of a training step, per monitored slide; fixed
-# reserves for grids, imports and embedding, and for the evaluation (attention-MIL dominates).
-ASSUMED = dict(plain_tiles_per_s=40.0, bank_tiles_per_s=33.0, train_s_per_slide=0.05, monitor_s_per_slide=0.05,
+# Wall times assumed for a quiet 2-core CPU (bf16 autocast, channels_last), from the BACH run
+# with the MoCo encoder at commit d030e52 (A = 5, K = 32, 400 epochs): 39,000 plain and bank
+# tiles extracted in 468 s (83 tiles/s, augmentation included), 0.76 s per epoch of 3 steps of
+# 64 slides at T = 5 plus the monitors of 32 slides (0.0034 s per slide); each taken 1.5× slower
+# so that a plan stays inside its budget on a busier machine. Per plain tile, per bank tile, per
+# slide of a training step, per monitored slide; fixed reserves for grids, imports and
+# embedding, and for the evaluation (attention-MIL dominates).
+ASSUMED = dict(plain_tiles_per_s=55.0, bank_tiles_per_s=55.0, train_s_per_slide=0.005, monitor_s_per_slide=0.005,
                fixed_s=120.0, evaluate_s=240.0)
 BANK_SHARE = 0.5  # of the time left after the fixed parts; the rest goes to training
 MONITOR_SLIDES = 32
