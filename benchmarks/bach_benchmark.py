@@ -245,7 +245,8 @@ def _plain(config: Any, drop: Sequence[str] = ()) -> dict[str, Any]:
 
 
 # Fields that only say where things are, or how fast they run, not what is computed.
-NOT_KEYED = ("slides", "out", "features", "model", "embeddings", "labels", "num_workers", "device", "resume", "init")
+NOT_KEYED = ("slides", "out", "features", "model", "embeddings", "labels", "num_workers", "device", "resume", "init",
+             "keep_checkpoints")
 
 
 # ---------------------------------------------------------------------------------------------

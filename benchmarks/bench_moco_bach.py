@@ -61,7 +61,7 @@ def train_or_reuse(config: MocoConfig, retrain: bool) -> tuple[Path, float | Non
     """The trained ``encoder.pt`` (cached when a finished run has the same settings) and training seconds."""
     resolved = config.resolved()
     stamp = Path(config.out) / "bench_settings.json"
-    wanted = {k: str(v) for k, v in vars(resolved).items() if k not in ("num_workers", "device")}
+    wanted = {k: str(v) for k, v in vars(resolved).items() if k not in ("num_workers", "device", "keep_checkpoints")}
     encoder = Path(config.out) / "encoder.pt"
     if not retrain and encoder.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         print(f"reusing the trained encoder {encoder}")

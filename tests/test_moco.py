@@ -221,6 +221,16 @@ def test_written_checkpoints_load_as_tile_encoders(trained, tmp_path):
             assert torch.equal(value, encoder.state_dict()[key]), key
 
 
+def test_only_the_newest_checkpoints_are_kept(trained, tmp_path):
+    folder, _, _ = trained
+    out = tmp_path / "kept"
+    run_pretraining(_tiny_config(folder, out, epochs=3, keep_checkpoints=1))
+    assert [p.name for p in (out / "checkpoints").glob("epoch_*.pt")] == ["epoch_0003.pt"]
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 3
+    with pytest.raises(ValueError, match="keep-checkpoints"):
+        _tiny_config(folder, out, keep_checkpoints=0)
+
+
 @pytest.mark.slow
 def test_two_processes_under_torchrun_share_one_queue(trained, tmp_path):
     """gloo DDP with shuffle-BN through the real command line; the queue holds both ranks' keys."""

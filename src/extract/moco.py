@@ -218,6 +218,12 @@ def _atomic_save(payload: dict[str, Any], path: Path) -> None:
     os.replace(temporary, path)
 
 
+def _prune_checkpoints(folder: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` ``epoch_NNNN.pt`` of ``folder`` (``last.pt`` is a separate link)."""
+    for old in sorted(folder.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-keep]:
+        old.unlink()
+
+
 def _link_or_copy(source: Path, target: Path) -> None:
     """``target`` becomes the same file as ``source`` (a hard link saves 140 MB; copy elsewhere)."""
     temporary = target.with_name(f".{target.name}.partial")
@@ -459,6 +465,7 @@ def _train(
                 snapshot = out / "checkpoints" / f"epoch_{epoch + 1:04d}.pt"
                 _atomic_save(payload, snapshot)
                 _link_or_copy(snapshot, checkpoint_path)
+                _prune_checkpoints(out / "checkpoints", config.keep_checkpoints)
                 save_encoder(model, encoder_path, config, epoch + 1)
         if main_process:
             _write_monitors(out, monitors)
