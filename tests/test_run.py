@@ -193,6 +193,42 @@ def test_tile_read_error_in_a_worker_is_one_line(
     assert not list((tmp_path / "out" / "features").iterdir())
 
 
+@pytest.mark.parametrize("crash", [False, True])
+def test_a_slide_failing_mid_cohort_leaves_the_others_intact(
+    cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash: bool
+) -> None:
+    """The reading workers read ahead across slides: a slide in the middle whose tiles cannot be
+    read (or whose reading kills a worker) fails alone, and the slides after it are extracted
+    exactly as in a run without it."""
+    from extract.reader import SlideReader, SlideReadError
+
+    reference = tmp_path / "reference"
+    assert extract(cohort, reference, "--num-workers", "2") == 0
+    original = SlideReader.read_tile
+
+    def broken_for_b(self, x0, y0, size_level0, out_px):
+        if self.path.name == "synthetic_b.tif":
+            if crash:
+                os._exit(11)  # as a segfault in the slide library would
+            raise SlideReadError(f"{self.path}: cannot read a tile at ({x0}, {y0}): boom")
+        return original(self, x0, y0, size_level0, out_px)
+
+    monkeypatch.setattr(SlideReader, "read_tile", broken_for_b)  # forked workers inherit it
+    out = tmp_path / "out"
+    assert extract(cohort, out, "--num-workers", "2") == 0
+    by_name = {s["slide"]: s for s in summary_of(out)["slides"]}
+    assert by_name["synthetic_b.tif"]["status"] == "failed"
+    assert "synthetic_b.tif" in by_name["synthetic_b.tif"]["reason"]
+    assert ("kills the tile-reading worker" if crash else "boom") in by_name["synthetic_b.tif"]["reason"]
+    assert not (out / "features" / "synthetic_b.h5").exists()
+    for stem in ("synthetic_a", "synthetic_c"):
+        assert by_name[f"{stem}.tif"]["status"] == "done"
+        with SlideFeatures(out / "features" / f"{stem}.h5", require_plain=True) as got, \
+                SlideFeatures(reference / "features" / f"{stem}.h5", require_plain=True) as expected:
+            np.testing.assert_array_equal(got.coords(), expected.coords())
+            np.testing.assert_array_equal(got.features(), expected.features())
+
+
 def test_encoder_must_be_named(cohort: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.ERROR):
         assert main(["extract", "--slides", str(cohort), "--out", str(tmp_path / "out")]) == 2

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from extract.reader import SlideReader, SlideReadError, open_slide
-from extract.tile_loader import FIRST_BATCH_SIZE, TileStream, batch_bounds
+from extract.tile_loader import FIRST_BATCH_SIZE, ReadingWorkerDied, TileStream, batch_bounds
 from extract.tiling import NoTissueError, tile_grid
 from fixtures.make_slides import write_tissue_slide
 
@@ -118,7 +118,7 @@ def test_a_worker_killed_by_a_slide_fails_it_and_a_new_pass_reads_the_next(slide
     monkeypatch.setattr(SlideReader, "read_tile", crash_on_a)  # forked workers inherit it
     grids = {path: _grid(path) for path in slides}
     stream = TileStream(slides, grids.__getitem__, batch_size=4, num_workers=2)
-    with pytest.raises(SlideReadError, match=r"a\.tif: a tile-reading worker died"):
+    with pytest.raises(ReadingWorkerDied, match=r"a\.tif: a tile-reading worker died"):
         _read(stream, slides[0], grids[slides[0]])
     np.testing.assert_array_equal(_read(stream, slides[1], grids[slides[1]]), _expected(slides[1], grids[slides[1]]))
     stream.close()

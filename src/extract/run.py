@@ -38,7 +38,7 @@ from extract.encoder import IMAGE_MEAN, IMAGE_STD, EncoderInfo, TileTrunk, load_
 from extract.features_file import TEMP_SUFFIX, SlideFeatures, SlideFileWriter, is_complete
 from extract.reader import SLIDE_SUFFIXES, SlideReader, load_mpp_overrides, open_slide
 from extract.slide_plan import PlanSettings, SlidePlanner
-from extract.tile_loader import TileStream
+from extract.tile_loader import ReadingWorkerDied, TileStream
 from extract.tiling import TileGrid
 
 logger = logging.getLogger(__name__)
@@ -418,15 +418,33 @@ def _not_to_extract(path: Path, config: ExtractConfig, settings: dict[str, Any],
     return None
 
 
+def _worker_died(error: BaseException) -> bool:
+    """A tile-reading worker died: raised by the stream, or by DataLoader's SIGCHLD handler."""
+    return isinstance(error, ReadingWorkerDied) or (
+        isinstance(error, RuntimeError) and "DataLoader worker" in str(error) and "exited unexpectedly" in str(error))
+
+
 def _extract_or_fail(path: Path, job: _Job) -> SlideOutcome:
-    """Extract one slide; a problem of the slide itself becomes a ``failed`` outcome."""
-    try:
-        return extract_slide(path, job)
-    except Exception as error:  # noqa: BLE001 - one bad slide must not stop a cohort
-        reason = _one_line(error)
-        logger.error("failed %s: %s", path.name, reason)
-        logger.debug("traceback of %s", path.name, exc_info=True)
-        return SlideOutcome(path.name, "failed", reason=reason)
+    """Extract one slide; a problem of the slide itself becomes a ``failed`` outcome.
+
+    When a reading worker dies, the culprit may be a later slide the workers were reading
+    ahead into: the slide is read again alone, and fails only if a worker dies again.
+    """
+    for attempt in (1, 2):
+        try:
+            return extract_slide(path, job)
+        except Exception as error:  # noqa: BLE001 - one bad slide must not stop a cohort
+            died = _worker_died(error)
+            if died and attempt == 1 and job.config.plain:
+                logger.warning("a tile-reading worker died while %s was extracted; reading it again alone", path.name)
+                job.tiles.isolate(path)
+                continue
+            reason = (f"{path}: reading this slide kills the tile-reading worker (a fault in the slide library?); "
+                      "check that the file opens in another viewer, or move it out of the folder") if died else _one_line(error)
+            logger.error("failed %s: %s", path.name, reason)
+            logger.debug("traceback of %s", path.name, exc_info=True)
+            return SlideOutcome(path.name, "failed", reason=reason)
+    raise AssertionError("unreachable")
 
 
 def run_extraction(config: ExtractConfig) -> ExtractionSummary:

@@ -10,8 +10,10 @@ boundaries, so the next slide's first tiles are ready when the encoder finishes 
 Each batch holds tiles of one slide and carries the slide's position in the job; a tile
 that cannot be read turns its batch into an error for that slide only. The encoding loop
 takes the slides in order with :meth:`TileStream.tiles`; batches of a slide it gave up on
-are dropped. A worker killed by a slide library (a segfault) ends the pass: the slide being
-read fails, and a new pass starts at the next slide.
+are dropped. A worker killed by a slide library (a segfault) ends the pass with
+:class:`ReadingWorkerDied`; since the workers read ahead, the slide being encoded is not
+necessarily the culprit, so the caller reads it again alone (:meth:`TileStream.isolate`) and
+fails it only if a worker dies again.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from extract.tiling import TileGrid
 # tiles are read (its speed per tile hardly depends on the batch size on a CPU; a GPU gets
 # full batches after the first).
 FIRST_BATCH_SIZE = 4
+
+
+class ReadingWorkerDied(SlideReadError):
+    """A tile-reading worker process died (e.g. a segfault in the slide library)."""
 
 
 class TileKey(NamedTuple):
@@ -109,11 +115,13 @@ class CohortTileBatches(Sampler[list[TileKey]]):
     """Batches of keys of ``slides[start:]`` in order; a slide whose grid raises is passed over
     (its error reaches the encoding loop from the planner)."""
 
-    def __init__(self, slides: Sequence[Path], grid_of: Callable[[Path], TileGrid], batch_size: int, start: int = 0) -> None:
-        self.slides, self.grid_of, self.batch_size, self.start = list(slides), grid_of, batch_size, start
+    def __init__(self, slides: Sequence[Path], grid_of: Callable[[Path], TileGrid], batch_size: int, start: int = 0,
+                 stop: int | None = None) -> None:
+        self.slides, self.grid_of, self.batch_size = list(slides), grid_of, batch_size
+        self.start, self.stop = start, len(self.slides) if stop is None else stop
 
     def __iter__(self) -> Iterator[list[TileKey]]:
-        for position in range(self.start, len(self.slides)):
+        for position in range(self.start, self.stop):
             path = self.slides[position]
             try:
                 grid = self.grid_of(path)
@@ -148,19 +156,27 @@ class TileStream:
         self._batches: Iterator[TileBatch] | None = None
         self._pending: TileBatch | None = None  # a batch read ahead of the slide it belongs to
         self._dataset: TileReads | None = None
+        self._isolated: int | None = None  # position of a slide to read in a pass of its own
+
+    def isolate(self, path: Path) -> None:
+        """Read ``path`` next in a pass of its own (nothing read ahead), then go on as before."""
+        self.close()
+        self._next = self._position_of(path, start=max(0, self._next - 1))  # the slide just begun, or a later one
+        self._isolated = self._next
 
     def _start(self, position: int) -> Iterator[TileBatch]:
         self._dataset = TileReads()
         workers = self.num_workers > 0
+        stop = position + 1 if self._isolated == position else None
         loader = DataLoader(
-            self._dataset, batch_sampler=CohortTileBatches(self.slides, self.grid_of, self.batch_size, position),
+            self._dataset, batch_sampler=CohortTileBatches(self.slides, self.grid_of, self.batch_size, position, stop),
             collate_fn=collate_tiles, num_workers=self.num_workers, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if workers else None,
         )
         return iter(loader)
 
-    def _position_of(self, path: Path) -> int:
-        for position in range(self._next, len(self.slides)):
+    def _position_of(self, path: Path, start: int | None = None) -> int:
+        for position in range(self._next if start is None else start, len(self.slides)):
             if self.slides[position] == path:
                 return position
         raise ValueError(f"{path} is not one of the slides still to come in this job")
@@ -175,8 +191,8 @@ class TileStream:
     def tiles(self, path: Path, grid: TileGrid) -> Iterator[torch.Tensor]:
         """Yield the tile batches of ``path`` (whose grid is ``grid``) in grid order.
 
-        Raises :class:`SlideReadError` naming the file when a tile cannot be read, or when a
-        reading worker dies while this slide is read.
+        Raises :class:`SlideReadError` naming the file when a tile cannot be read, and
+        :class:`ReadingWorkerDied` when a reading worker dies meanwhile (see :meth:`isolate`).
         """
         position = self._position_of(path)
         self._next = position + 1
@@ -189,7 +205,7 @@ class TileStream:
                 batch = self._take()
             except RuntimeError as error:  # a worker died: this pass is over
                 self.close()
-                raise SlideReadError(f"{path}: a tile-reading worker died while reading this slide ({error})") from None
+                raise ReadingWorkerDied(f"{path}: a tile-reading worker died while this slide was read ({error})") from None
             if batch is None:
                 raise RuntimeError(f"{path}: the tile stream ended {len(bounds) - received} batches early")
             if batch.slide < position:
@@ -203,6 +219,9 @@ class TileStream:
                 raise RuntimeError(f"{path}: tiles out of order (row {batch.row}, expected {bounds[received][0]})")
             received += 1
             yield batch.tiles
+        if self._isolated == position:  # read alone: the next slides get a pass with read-ahead again
+            self._isolated = None
+            self.close()
         if self.num_workers == 0 and self._dataset is not None:
             self._dataset.close()  # read in this process: release the slide now
 
