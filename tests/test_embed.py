@@ -13,6 +13,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 
+from extract.checkpoint_io import save_atomic
 from extract.encoder import file_sha256
 from gigassl.cli import main as cli_main
 from gigassl.config import EmbedConfig, TrainConfig
@@ -27,7 +28,7 @@ from gigassl.embed import (
 )
 from gigassl.model import GigaSSLModel
 from gigassl.synthetic import write_synthetic_cohort
-from gigassl.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_checkpoint
+from gigassl.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from gigassl.train import config_to_dict
 
 
@@ -36,8 +37,8 @@ def write_checkpoint(path: Path, n_tiles_per_view: int = 5, seed: int = 0) -> Pa
     torch.manual_seed(seed)
     model = GigaSSLModel(None, 256, "cpu")
     config = config_to_dict(TrainConfig(features=path.parent, out=path.parent, n_tiles_per_view=n_tiles_per_view))
-    save_checkpoint(dict(format=CHECKPOINT_FORMAT, format_version=CHECKPOINT_VERSION, epoch=0, config=config,
-                         model={k: v.detach().cpu() for k, v in model.state_dict().items()}), path)
+    save_atomic(dict(format=CHECKPOINT_FORMAT, format_version=CHECKPOINT_VERSION, epoch=0, config=config,
+                     model={k: v.detach().cpu() for k, v in model.state_dict().items()}), path)
     return path
 
 

@@ -58,6 +58,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from extract.augment import TileAugmentation
+from extract.checkpoint_io import write_epoch_snapshot
 from extract.config import MocoConfig
 from extract.device import autocast, autocast_dtype, resolve_device
 from extract.encoder import IMAGE_MEAN, IMAGE_STD, ResNet18, load_weights_only, save_encoder_checkpoint
@@ -210,29 +211,6 @@ def representation_monitors(
 def settings_of(config: MocoConfig) -> dict[str, Any]:
     """The settings as plain data (paths as str), for checkpoints and logs."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
-
-
-def _atomic_save(payload: dict[str, Any], path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.partial")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
-
-
-def _prune_checkpoints(folder: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` ``epoch_NNNN.pt`` of ``folder`` (``last.pt`` is a separate link)."""
-    for old in sorted(folder.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-keep]:
-        old.unlink()
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """``target`` becomes the same file as ``source`` (a hard link saves 140 MB; copy elsewhere)."""
-    temporary = target.with_name(f".{target.name}.partial")
-    temporary.unlink(missing_ok=True)
-    try:
-        os.link(source, temporary)
-    except OSError:
-        temporary.write_bytes(source.read_bytes())
-    os.replace(temporary, target)
 
 
 def encoder_resnet18(model: MoCo) -> ResNet18:
@@ -462,10 +440,7 @@ def _train(
         if (epoch + 1) % config.checkpoint_every == 0 or last:
             payload = checkpoint_payload(model, optimizer, scaler, generator, config, epoch + 1, step, monitors, slide_names)
             if main_process:
-                snapshot = out / "checkpoints" / f"epoch_{epoch + 1:04d}.pt"
-                _atomic_save(payload, snapshot)
-                _link_or_copy(snapshot, checkpoint_path)
-                _prune_checkpoints(out / "checkpoints", config.keep_checkpoints)
+                write_epoch_snapshot(out / "checkpoints", epoch + 1, payload, checkpoint_path, config.keep_checkpoints)
                 save_encoder(model, encoder_path, config, epoch + 1)
         if main_process:
             _write_monitors(out, monitors)

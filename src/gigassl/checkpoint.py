@@ -9,12 +9,12 @@ from), ``model`` (``GigaSSLModel`` state dict), ``optimizer``, ``scheduler``, ``
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from extract.checkpoint_io import write_epoch_snapshot
 from extract.encoder import load_weights_only
 from gigassl.model import GigaSSLModel
 
@@ -28,17 +28,6 @@ RESUME_FREE_KEYS = frozenset({
     "monitor_slides", "skip_bad_files", "check_finite",
 })
 
-
-
-def save_checkpoint(payload: Mapping[str, Any], path: Path) -> None:
-    """``torch.save`` of plain data to a temporary file beside ``path``, then an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    try:
-        torch.save(dict(payload), temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -71,19 +60,7 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
 
 def write_checkpoint(out: Path, epoch: int, payload: dict[str, Any], keep: int) -> Path:
     """``checkpoints/epoch_NNNN.pt``, ``checkpoint.pt`` pointing at it, older ones pruned."""
-    folder = out / "checkpoints"
-    path = folder / f"epoch_{epoch:04d}.pt"
-    save_checkpoint(payload, path)
-    latest = out / LATEST_CHECKPOINT
-    temp = latest.with_name(f"{latest.name}.{os.getpid()}.partial")
-    try:
-        os.link(path, temp)  # a hard link: no second copy of a 100 MB file
-    except OSError:
-        temp.write_bytes(path.read_bytes())
-    os.replace(temp, latest)
-    for old in sorted(folder.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-keep]:
-        old.unlink()
-    return latest
+    return write_epoch_snapshot(out / "checkpoints", epoch, payload, out / LATEST_CHECKPOINT, keep)
 
 
 def rng_state() -> dict[str, Any]:
