@@ -89,36 +89,27 @@ def test_a_slide_whose_grid_fails_is_passed_over(slides):
     stream.close()
 
 
-def test_an_unreadable_tile_fails_its_slide_only(slides, monkeypatch):
+@pytest.mark.parametrize("failure", ["error", "crash"])
+def test_a_slide_that_fails_to_read_does_not_stop_the_next(slides, monkeypatch, failure):
+    """A tile that cannot be read fails its slide; a segfault in the slide library (a killed
+    reading worker) ends the pass with ReadingWorkerDied; either way the next slide reads."""
     original = SlideReader.read_tile
 
     def broken_for_a(self, x0, y0, size_level0, out_px):
         if self.path.name == "a.tif":
+            if failure == "crash":
+                os._exit(11)
             raise SlideReadError(f"{self.path}: cannot read a tile at ({x0}, {y0}): boom")
         return original(self, x0, y0, size_level0, out_px)
 
     monkeypatch.setattr(SlideReader, "read_tile", broken_for_a)  # forked workers inherit it
     grids = {path: _grid(path) for path in slides}
     stream = TileStream(slides, grids.__getitem__, batch_size=4, num_workers=2)
-    with pytest.raises(SlideReadError, match=r"a\.tif: cannot read a tile at .*boom"):
-        _read(stream, slides[0], grids[slides[0]])
-    np.testing.assert_array_equal(_read(stream, slides[1], grids[slides[1]]), _expected(slides[1], grids[slides[1]]))
-    stream.close()
-
-
-def test_a_worker_killed_by_a_slide_fails_it_and_a_new_pass_reads_the_next(slides, monkeypatch):
-    """A segfault in the slide library kills a reading worker: that slide fails, the next reads."""
-    original = SlideReader.read_tile
-
-    def crash_on_a(self, x0, y0, size_level0, out_px):
-        if self.path.name == "a.tif":
-            os._exit(11)
-        return original(self, x0, y0, size_level0, out_px)
-
-    monkeypatch.setattr(SlideReader, "read_tile", crash_on_a)  # forked workers inherit it
-    grids = {path: _grid(path) for path in slides}
-    stream = TileStream(slides, grids.__getitem__, batch_size=4, num_workers=2)
-    with pytest.raises(ReadingWorkerDied, match=r"a\.tif: a tile-reading worker died"):
+    expected_error, match = {
+        "error": (SlideReadError, r"a\.tif: cannot read a tile at .*boom"),
+        "crash": (ReadingWorkerDied, r"a\.tif: a tile-reading worker died"),
+    }[failure]
+    with pytest.raises(expected_error, match=match):
         _read(stream, slides[0], grids[slides[0]])
     np.testing.assert_array_equal(_read(stream, slides[1], grids[slides[1]]), _expected(slides[1], grids[slides[1]]))
     stream.close()
