@@ -5,7 +5,7 @@ folder holding the slide under ``--copies`` names, and the rate is that of the c
 first, i.e. the slide's own time (thumbnail, tissue mask, grid, reading, encoding, HDF5 writing)
 at the rate a cohort runs at; the first slide, which also starts the reading workers, and the
 whole command with the encoder's set-up are printed below the table; (2) tile reading alone
-through the job's loader; (3) the encoder alone on tiles already in memory; and the ratio
+through a tile stream of its own; (3) the encoder alone on tiles already in memory; and the ratio
 end-to-end / min(read, encode) (target ≥ 0.8: the pipeline hides the faster stage). In each
 round every measure is the mean of ``copies − 1`` passes; the best round of each is kept.
 
@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=4, help="names the slide is linked under (≥ 2)")
     parser.add_argument("--repeats", type=int, default=5, help="rounds of the three measures (best of each kept)")
     args = parser.parse_args()
+    copies = max(2, args.copies)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -62,7 +63,7 @@ def main() -> None:
     try:
         slides = work / "slides"
         slides.mkdir()
-        for copy in range(max(2, args.copies)):
+        for copy in range(copies):
             (slides / f"{args.slide.stem}-{copy}{args.slide.suffix}").symlink_to(args.slide.resolve())
         config = ExtractConfig(
             slides=slides, out=work / "out", encoder="random", mpp=args.mpp, tile_size=args.tile_size,
@@ -96,7 +97,7 @@ def main() -> None:
             started = time.perf_counter()
             summary = run_extraction(config)
             end_to_end.append(time.perf_counter() - started)
-            assert len(summary.done) == max(2, args.copies)
+            assert len(summary.done) == copies
             first_slide.append(summary.done[0].seconds)
             per_slide.append(sum(o.seconds for o in summary.done[1:]) / len(summary.done[1:]))
 
@@ -123,7 +124,7 @@ def main() -> None:
         f"encoder alone ({device}, {args.threads} threads)": best_rate(n_tiles, encoding),
     }
     slower = min(list(rates.values())[1:])
-    command_rate = best_rate(n_tiles * max(2, args.copies), end_to_end)
+    command_rate = best_rate(n_tiles * copies, end_to_end)
     print(f"\n{args.slide.name}: {n_tiles} tissue tiles of {args.tile_size} px at {args.mpp} µm/px, "
           f"batch {args.batch_size}, best of {args.repeats}")
     print(f"{'measure':<44} {'tiles/s':>9}")

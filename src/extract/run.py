@@ -4,10 +4,11 @@ For the slides of this process's share, a background process opens each slide at
 finds the tissue tile grid and writes a QC thumbnail ahead of time (:mod:`extract.slide_plan`);
 one DataLoader pass reads the tiles of all the slides in turn (:mod:`extract.tile_loader`), and
 the main process encodes them in batches under autocast, channels_last, into
-``OUT/features/{stem}.h5`` — plain features and/or the shared-augmentation bank. Files are written to a temporary name and renamed
-when complete, so a killed run leaves nothing that looks finished; a rerun skips slides whose
-complete output exists. A bad slide is logged on one line and listed in the end-of-run summary
-(printed and written to ``OUT/summary[-shardI].json``); the others are still processed.
+``OUT/features/{stem}.h5`` — plain features and/or the shared-augmentation bank. Files are
+written to a temporary name and renamed when complete, so a killed run leaves nothing that
+looks finished; a rerun skips slides whose complete output exists. A bad slide is logged on one
+line and listed in the end-of-run summary (written to ``OUT/summary[-shardI].json``, printed by
+the CLI); the others are still processed.
 
 Scale-out: ``--shard i/n`` (SLURM arrays) and torchrun ranks (``RANK``/``WORLD_SIZE``) each
 take an interleaved share of the sorted slide list; no process group is needed because ranks
