@@ -63,7 +63,7 @@ def bench_loss(pairs: int, dim: int, repeats: int, pml_repeats: int, temperature
 def bench_layer4(slides: int, tiles: int, repeats: int, seed: int = 0) -> None:
     from gigassl.loss import nt_xent
     from gigassl.model import GigaSSLModel
-    from gigassl.sparse_map import augment_cells, collate_views, to_sparse_tensor
+    from gigassl.sparse_map import augment_cells, collate_views
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -78,7 +78,7 @@ def bench_layer4(slides: int, tiles: int, repeats: int, seed: int = 0) -> None:
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        z = model(to_sparse_tensor(batch))
+        z = model(batch)
         nt_xent(z[:slides], z[slides:]).backward()
 
     median, best = _time_ms(step, repeats)

@@ -24,12 +24,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extract.device import spconv_algorithm
 from extract.encoder import ResNet18
-from gigassl.model import GigaSSLModel, SparseLayer4, dense_to_spconv_weight, sum_pool_3x3_stride2
-from gigassl.sparse_map import MAP_MARGIN, collate_views, to_sparse_tensor
+from gigassl.model import GigaSSLModel, SparseLayer4
+from gigassl.sparse_conv import dense_to_sparse_weight, make_sparse_tensor, strided_conv3x3, submanifold_conv3x3, sum_pool_3x3_stride2
+from gigassl.sparse_map import MAP_MARGIN, SparseBatch, collate_views
 
 TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+@pytest.fixture(params=["torch", pytest.param("spconv", marks=pytest.mark.spconv)])
+def backend(request) -> str:
+    """Every test taking this runs on both sparse backends (spconv where installed)."""
+    return request.param
+
+
+def to_tensor(batch: SparseBatch, backend: str):
+    return make_sparse_tensor(batch.features, batch.indices, batch.spatial_shape, batch.batch_size, backend)
 
 
 def _randomise_batch_norms(module: nn.Module, generator: torch.Generator) -> None:
@@ -62,48 +72,42 @@ def _full_map(height: int, width: int, channels: int, n_maps: int = 1, seed: int
     return dense, views
 
 
-def _unpadded(tensor):  # spconv.SparseConvTensor → its dense (B, C, H, W) without the margin
-    return tensor.dense()[:, :, MAP_MARGIN:, MAP_MARGIN:]
-
-
-def _sparse_from_dense(dense: torch.Tensor):
-    """A fully active spconv tensor with cell (y, x) at index (b, y, x): no margin, any shape."""
-    import spconv.pytorch as spconv
-
+def _sparse_from_dense(dense: torch.Tensor, backend: str):
+    """A fully active sparse tensor with cell (y, x) at index (b, y, x): no margin, any shape."""
     n, c, h, w = dense.shape
     b, y, x = torch.meshgrid(torch.arange(n), torch.arange(h), torch.arange(w), indexing="ij")
     indices = torch.stack([b.ravel(), y.ravel(), x.ravel()], 1).int()
-    return spconv.SparseConvTensor(dense.permute(0, 2, 3, 1).reshape(-1, c), indices, [h, w], n)
+    return make_sparse_tensor(dense.permute(0, 2, 3, 1).reshape(-1, c), indices, [h, w], n, backend)
 
 
 def test_weight_conversion_is_a_permutation() -> None:
     weight = torch.randn(5, 4, 3, 3)
-    converted = dense_to_spconv_weight(weight)
+    converted = dense_to_sparse_weight(weight)
     assert converted.shape == (5, 3, 3, 4)
     assert converted[2, 0, 1, 3] == weight[2, 3, 0, 1]
 
 
 @pytest.mark.parametrize("height, width", [(6, 7), (5, 5)])
-def test_submanifold_conv_on_full_map_is_dense_conv_with_padding_1(height: int, width: int) -> None:
-    import spconv.pytorch as spconv
-
+def test_submanifold_conv_on_full_map_is_dense_conv_with_padding_1(height: int, width: int, backend: str) -> None:
     dense, _ = _full_map(height, width, 8)
     weight = torch.randn(6, 8, 3, 3)
-    conv = spconv.SubMConv2d(8, 6, 3, bias=False, algo=spconv_algorithm(torch.device("cpu")))
-    conv.weight.data = dense_to_spconv_weight(weight)
-    torch.testing.assert_close(conv(_sparse_from_dense(dense)).dense(), F.conv2d(dense, weight, padding=1), **TOL)
+    conv = submanifold_conv3x3(8, 6, backend)
+    conv.weight.data = dense_to_sparse_weight(weight)
+    torch.testing.assert_close(conv(_sparse_from_dense(dense, backend)).dense(), F.conv2d(dense, weight, padding=1), **TOL)
 
 
 @pytest.mark.parametrize("height, width", [(6, 7), (5, 8)])
-def test_strided_sparse_conv_is_unpadded_dense_conv_and_with_margin_the_padded_one(resnet: ResNet18, height: int, width: int) -> None:
-    layer4 = SparseLayer4("cpu").load_dense(resnet.layer4)
+def test_strided_sparse_conv_is_unpadded_dense_conv_and_with_margin_the_padded_one(
+    resnet: ResNet18, height: int, width: int, backend: str,
+) -> None:
+    layer4 = SparseLayer4(backend).load_dense(resnet.layer4)
     weight = resnet.layer4[0].conv1.weight
     dense, views = _full_map(height, width, 256)
     # without margin: no padding
-    unpadded = layer4.block0.conv1(_sparse_from_dense(dense)).dense()
+    unpadded = layer4.block0.conv1(_sparse_from_dense(dense, backend)).dense()
     torch.testing.assert_close(unpadded, F.conv2d(dense, weight, stride=2, padding=0), **TOL)
     # with collate's one-cell margin: the inactive cells are the dense conv's zero padding
-    sparse = layer4.block0.conv1(to_sparse_tensor(collate_views(views))).dense()
+    sparse = layer4.block0.conv1(to_tensor(collate_views(views), backend)).dense()
     expected = resnet.layer4[0].conv1(dense)  # stride 2, padding 1
     out_h, out_w = expected.shape[2:]
     torch.testing.assert_close(sparse[:, :, :out_h, :out_w], expected, **TOL)
@@ -113,7 +117,7 @@ def test_strided_sparse_conv_is_unpadded_dense_conv_and_with_margin_the_padded_o
     assert sparse[:, :, :, out_w + (width % 2 == 0):].abs().sum() == 0
 
 
-def test_shortcut_pool_divides_by_nine_like_dense_avg_pool() -> None:
+def test_shortcut_pool_divides_by_nine_like_dense_avg_pool(backend: str) -> None:
     generator = torch.Generator().manual_seed(1)
     dense = torch.randn(2, 4, 9, 7, generator=generator)
     dense[:, :, ::3, 1::2] = 0.0  # inactive cells (zero in the dense map)
@@ -122,11 +126,9 @@ def test_shortcut_pool_divides_by_nine_like_dense_avg_pool() -> None:
     b, y, x = active.nonzero(as_tuple=True)
     indices = torch.stack([b, y, x], 1).int()
     features = dense[b, :, y, x]
-    import spconv.pytorch as spconv
-
-    conv = spconv.SparseConv2d(4, 1, 3, stride=2, bias=False, algo=spconv.ConvAlgo.Native)
-    out = conv(spconv.SparseConvTensor(features, indices, [9, 7], 2))
-    pooled = sum_pool_3x3_stride2(features, indices, out.indices, out.spatial_shape) / 9
+    x_in = make_sparse_tensor(features, indices, [9, 7], 2, backend)
+    out = strided_conv3x3(4, 1, backend)(x_in)
+    pooled = sum_pool_3x3_stride2(x_in, out) / 9
     expected = F.avg_pool2d(dense, 3, 2)  # padding 0: always ÷9
     ob, oy, ox = out.indices.long().unbind(1)
     torch.testing.assert_close(pooled, expected[ob, :, oy, ox], **TOL)
@@ -134,10 +136,10 @@ def test_shortcut_pool_divides_by_nine_like_dense_avg_pool() -> None:
     assert (expected.abs().sum(1) > 0).sum().item() <= len(out.indices)
 
 
-def test_sparse_block1_is_the_dense_block1_module(resnet: ResNet18) -> None:
-    layer4 = SparseLayer4("cpu").load_dense(resnet.layer4).eval()
+def test_sparse_block1_is_the_dense_block1_module(resnet: ResNet18, backend: str) -> None:
+    layer4 = SparseLayer4(backend).load_dense(resnet.layer4).eval()
     dense, _ = _full_map(5, 6, 512, n_maps=2)
-    out = layer4.block1(_sparse_from_dense(dense))
+    out = layer4.block1(_sparse_from_dense(dense, backend))
     with torch.no_grad():
         torch.testing.assert_close(out.dense(), resnet.layer4[1](dense), **TOL)
 
@@ -152,12 +154,14 @@ def _dense_layer4_with_average_shortcut(layer4: nn.Sequential) -> nn.Sequential:
 
 
 @pytest.mark.parametrize("height, width", [(5, 7), (7, 3)])
-def test_sparse_layer4_equals_dense_layer4_with_average_shortcut_on_full_map(resnet: ResNet18, height: int, width: int) -> None:
-    layer4 = SparseLayer4("cpu").load_dense(resnet.layer4).eval()
+def test_sparse_layer4_equals_dense_layer4_with_average_shortcut_on_full_map(
+    resnet: ResNet18, height: int, width: int, backend: str,
+) -> None:
+    layer4 = SparseLayer4(backend).load_dense(resnet.layer4).eval()
     dense_reference = _dense_layer4_with_average_shortcut(resnet.layer4).eval()
     dense, views = _full_map(height, width, 256, n_maps=2, seed=3)
     with torch.no_grad():
-        sparse = layer4(to_sparse_tensor(collate_views(views))).dense()
+        sparse = layer4(to_tensor(collate_views(views), backend)).dense()
         expected = dense_reference(dense)
         out_h, out_w = expected.shape[2:]
         assert sparse[:, :, out_h:].abs().sum() == 0 and sparse[:, :, :, out_w:].abs().sum() == 0
@@ -167,38 +171,36 @@ def test_sparse_layer4_equals_dense_layer4_with_average_shortcut_on_full_map(res
         assert not torch.allclose(sparse, resnet.layer4(dense), **TOL)
 
 
-def test_training_mode_batch_norm_matches_dense_on_full_maps(resnet: ResNet18) -> None:
-    layer4 = SparseLayer4("cpu").load_dense(resnet.layer4).train()
+def test_training_mode_batch_norm_matches_dense_on_full_maps(resnet: ResNet18, backend: str) -> None:
+    layer4 = SparseLayer4(backend).load_dense(resnet.layer4).train()
     dense_reference = _dense_layer4_with_average_shortcut(resnet.layer4).train()
     dense, views = _full_map(5, 5, 256, n_maps=3, seed=4)
-    sparse = layer4(to_sparse_tensor(collate_views(views))).dense()[:, :, :3, :3]
+    sparse = layer4(to_tensor(collate_views(views), backend)).dense()[:, :, :3, :3]
     torch.testing.assert_close(sparse, dense_reference(dense), **TOL)
 
 
-def test_pool_is_the_mean_over_active_sites_and_maps_do_not_mix(resnet: ResNet18) -> None:
-    model = GigaSSLModel(resnet, device="cpu").eval()
+def test_pool_is_the_mean_over_active_sites_and_maps_do_not_mix(resnet: ResNet18, backend: str) -> None:
+    model = GigaSSLModel(resnet, device="cpu", sparse_backend=backend).eval()
     rng = np.random.default_rng(0)
     views = [(rng.standard_normal((t, 256)).astype(np.float32), rng.integers(0, 12, size=(t, 2))) for t in (1, 5, 9)]
     with torch.no_grad():
         batch = collate_views(views)
         pooled = model.pool(batch)
-        out = model.layer4(to_sparse_tensor(batch))
+        out = model.layer4(to_tensor(batch, backend))
         for i, view in enumerate(views):
             on_map = out.indices[:, 0] == i
             torch.testing.assert_close(pooled[i], out.features[on_map].mean(0), **TOL)
             torch.testing.assert_close(pooled[i : i + 1], model.pool(collate_views([view])), **TOL)
 
 
-def test_model_shapes_no_nans_and_gradients_reach_every_parameter() -> None:
+def test_model_shapes_no_nans_and_gradients_reach_every_parameter(backend: str) -> None:
     torch.manual_seed(0)
-    model = GigaSSLModel(None, projector_dim=64, device="cpu").train()
+    model = GigaSSLModel(None, projector_dim=64, device="cpu", sparse_backend=backend).train()
     rng = np.random.default_rng(1)
     views = [(rng.standard_normal((5, 256)).astype(np.float32), rng.integers(0, 40, size=(5, 2))) for _ in range(6)]
     batch = collate_views(views)
     features = batch.features.clone().requires_grad_(True)
-    import spconv.pytorch as spconv
-
-    tensor = spconv.SparseConvTensor(features, batch.indices, batch.spatial_shape, batch.batch_size)
+    tensor = make_sparse_tensor(features, batch.indices, batch.spatial_shape, batch.batch_size, backend)
     z = model(tensor)
     assert z.shape == (6, 64) and torch.isfinite(z).all()
     assert model.pool(batch).shape == (6, 512)
@@ -226,15 +228,15 @@ def test_state_dict_is_plain_tensors_and_round_trips_weights_only(resnet: ResNet
 
 def test_layer4_initialisation_copies_the_dense_weights(resnet: ResNet18) -> None:
     model = GigaSSLModel(resnet, device="cpu")
-    torch.testing.assert_close(model.layer4.block1.conv2.weight, dense_to_spconv_weight(resnet.layer4[1].conv2.weight))
+    torch.testing.assert_close(model.layer4.block1.conv2.weight, dense_to_sparse_weight(resnet.layer4[1].conv2.weight))
     torch.testing.assert_close(model.layer4.block0.shortcut_bn.running_var, resnet.layer4[0].downsample[1].running_var)
     with pytest.raises(ValueError, match="layer4"):
-        SparseLayer4("cpu").load_dense(resnet.layer3)
+        SparseLayer4().load_dense(resnet.layer3)
 
 
-def test_runs_under_cpu_autocast_close_to_fp32(resnet: ResNet18) -> None:
-    # spconv has no bf16 kernels; the sparse convs run in fp32 inside a bf16 autocast region
-    model = GigaSSLModel(resnet, device="cpu").eval()
+def test_runs_under_cpu_autocast_close_to_fp32(resnet: ResNet18, backend: str) -> None:
+    # torch: the products in bf16, sums in fp32; spconv (no bf16 kernels): the sparse convs in fp32
+    model = GigaSSLModel(resnet, device="cpu", sparse_backend=backend).eval()
     rng = np.random.default_rng(3)
     batch = collate_views([(rng.standard_normal((5, 256)).astype(np.float32), rng.integers(0, 9, size=(5, 2))) for _ in range(4)])
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Grid cells, slide-level augmentation invariants, duplicate merging and spconv batching."""
+"""Grid cells, slide-level augmentation invariants, duplicate merging and batching for sparse convs."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from gigassl.sparse_map import (
     flip_cells,
     merge_duplicates,
     tile_cells,
-    to_sparse_tensor,
 )
+from gigassl.sparse_conv import make_sparse_tensor, strided_conv3x3
 
 
 def _random_cells(rng: np.random.Generator, n: int = 40, extent: int = 30) -> np.ndarray:
@@ -145,14 +145,13 @@ def test_collate_swaps_to_batch_y_x_with_margin_and_room_for_the_strided_conv() 
     assert batch.spatial_shape == [2 + m + 3, 5 + m + 3]
 
 
-def test_a_maps_strided_conv_output_does_not_depend_on_the_batch_grid() -> None:
-    import spconv.pytorch as spconv
-
-    conv = spconv.SparseConv2d(1, 1, 3, stride=2, bias=False, algo=spconv.ConvAlgo.Native)
+@pytest.mark.parametrize("backend", ["torch", pytest.param("spconv", marks=pytest.mark.spconv)])
+def test_a_maps_strided_conv_output_does_not_depend_on_the_batch_grid(backend: str) -> None:
+    conv = strided_conv3x3(1, 1, backend)
     small = (np.ones((2, 1), np.float32), np.array([[0, 0], [0, 7]]))  # last cell on an even row
     large = (np.ones((2, 1), np.float32), np.array([[0, 0], [0, 30]]))
-    alone = conv(to_sparse_tensor(collate_views([small]))).indices
-    together = conv(to_sparse_tensor(collate_views([small, large]))).indices
+    alone = conv(_tensor(collate_views([small]), backend)).indices
+    together = conv(_tensor(collate_views([small, large]), backend)).indices
     assert sorted(alone.tolist()) == sorted(i for i in together.tolist() if i[0] == 0)
 
 
@@ -165,12 +164,17 @@ def test_collate_rejects_empty_and_mismatched_views() -> None:
         collate_views([(np.zeros((0, 4)), np.zeros((0, 2)))])
 
 
-def test_to_sparse_tensor_places_features_on_their_cells() -> None:
+@pytest.mark.parametrize("backend", ["torch", pytest.param("spconv", marks=pytest.mark.spconv)])
+def test_sparse_tensor_places_features_on_their_cells(backend: str) -> None:
     features = np.array([[1.0, 0.0], [0.0, 2.0]], dtype=np.float32)
     cells = np.array([[3, 0], [0, 1]])  # (x, y)
-    tensor = to_sparse_tensor(collate_views([(features, cells)]), "cpu")
+    tensor = _tensor(collate_views([(features, cells)]), backend)
     dense = tensor.dense()  # (B, C, H, W)
     m = MAP_MARGIN
     torch.testing.assert_close(dense[0, :, 0 + m, 3 + m], torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(dense[0, :, 1 + m, 0 + m], torch.tensor([0.0, 2.0]))
     assert dense.abs().sum().item() == pytest.approx(3.0)
+
+
+def _tensor(batch, backend: str):
+    return make_sparse_tensor(batch.features, batch.indices, batch.spatial_shape, batch.batch_size, backend)

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -194,3 +195,68 @@ def test_two_rank_torchrun_step_equals_one_process(small_cohort, tmp_path):
     for key in one["model"]:
         if "running" in key:
             torch.testing.assert_close(ddp["model"][key], one["model"][key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.spconv
+def test_a_checkpoint_trained_with_spconv_embeds_the_same_with_the_torch_backend(small_cohort, tmp_path):
+    from gigassl.embed import embed_slides, feature_files_in
+
+    result = run_training(_config(small_cohort, tmp_path / "run", epochs=2, sparse_backend="spconv"))
+    assert load_checkpoint(result.checkpoint)["config"]["sparse_backend"] == "spconv"
+    files = feature_files_in(small_cohort)
+    embeddings = {}
+    for backend in ("spconv", "torch"):
+        model, _ = load_model(result.checkpoint, "cpu", sparse_backend=backend)
+        assert model.sparse_backend == backend
+        embeddings[backend] = embed_slides(model, files, n_views=4, n_tiles_per_view=3, seed=0)[1]
+    assert embeddings["torch"].shape == (6, 512)
+    np.testing.assert_allclose(embeddings["torch"], embeddings["spconv"], rtol=1e-5, atol=1e-6)
+    # and a run resumes on the other backend (the backend is not a learned setting)
+    resumed = run_training(_config(small_cohort, tmp_path / "resumed", epochs=2, sparse_backend="torch",
+                                   resume=tmp_path / "run" / "checkpoints" / "epoch_0001.pt"))
+    final_spconv, final_torch = load_checkpoint(result.checkpoint), load_checkpoint(resumed.checkpoint)
+    assert final_torch["global_step"] == final_spconv["global_step"] == 4
+    for key, value in final_spconv["model"].items():
+        if key in ("projector.0.bias", "projector.3.bias"):
+            continue  # biases before batch norm: zero gradients up to rounding, which Adam amplifies
+        torch.testing.assert_close(final_torch["model"][key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_a_checkpoint_naming_an_unknown_backend_is_refused_in_one_line(small_cohort, tmp_path):
+    result = run_training(_config(small_cohort, tmp_path / "run", epochs=1))
+    payload = load_checkpoint(result.checkpoint)
+    payload["config"]["sparse_backend"] = "minkowski"
+    torch.save(payload, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match=r"future\.pt: the checkpoint names an unknown sparse backend 'minkowski'"):
+        load_model(tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="--sparse-backend must be one of auto, torch, spconv"):
+        run_training(_config(small_cohort, tmp_path / "bad", sparse_backend="minkowski"))
+
+
+def test_a_scaler_less_checkpoint_resumes_with_a_scaler():
+    # a run started on the CPU (no loss scaling) resumed on a GPU in fp16 (scaling): the saved
+    # state of a disabled scaler is empty and must not be loaded into an enabled one
+    saved = torch.amp.GradScaler("cpu", enabled=False).state_dict()
+    assert saved == {}
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=True)
+    train_module.restore_scaler(scaler, saved)
+    assert scaler.is_enabled() and scaler.get_scale() == 1024.0
+    enabled_state = torch.amp.GradScaler("cpu", init_scale=8.0).state_dict()
+    train_module.restore_scaler(scaler, enabled_state)
+    assert scaler.get_scale() == 8.0
+    # scaling only where part of the forward runs in fp16
+    assert train_module.needs_grad_scaling(torch.float16, "torch")
+    assert not train_module.needs_grad_scaling(torch.bfloat16, "torch")
+    assert train_module.needs_grad_scaling(torch.bfloat16, "spconv")
+    assert not train_module.needs_grad_scaling(None, "spconv")
+
+
+def test_rng_state_restores_on_a_node_with_any_number_of_gpus():
+    from gigassl.checkpoint import rng_state, set_rng_state
+
+    state = rng_state()
+    assert set(state) == {"torch"}  # no per-GPU states that a smaller node could not restore
+    expected = torch.rand(3)
+    # an older checkpoint written on an 8-GPU node: its CUDA states are ignored, the CPU one restored
+    set_rng_state({"torch": state["torch"], "cuda": [torch.zeros(16, dtype=torch.uint8)] * 8})
+    torch.testing.assert_close(torch.rand(3), expected)

@@ -1,4 +1,4 @@
-"""One place that decides the device, the autocast dtype and the spconv algorithm.
+"""One place that decides the device and the autocast dtype.
 
 Everything else takes a ``torch.device`` and lets tensors follow their inputs, so the same
 code path serves the CPU and CUDA.
@@ -16,9 +16,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     """``"auto"`` → CUDA when available, else CPU; otherwise ``torch.device(name)``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for but CUDA is not available; use --device cpu or auto")
+        raise ValueError(f"device {name!r} asked for but CUDA is not available to this torch ({torch.__version__}); "
+                         "install a CUDA build of torch or use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} asked for but this node has {torch.cuda.device_count()} GPU(s); use cuda:0 … or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} asked for but Apple MPS is not available here; use --device cpu or auto")
     return device
 
 
@@ -40,11 +48,3 @@ def autocast(device: torch.device, enabled: bool = True) -> Iterator[None]:
         return
     with torch.autocast(device_type=device.type, dtype=dtype):
         yield
-
-
-def spconv_algorithm(device: torch.device):  # -> spconv.ConvAlgo
-    """spconv's convolution algorithm for a device: Native runs everywhere (CPU included);
-    on CUDA the implicit-GEMM kernels are faster."""
-    import spconv.pytorch as spconv
-
-    return spconv.ConvAlgo.MaskImplicitGemm if device.type == "cuda" else spconv.ConvAlgo.Native

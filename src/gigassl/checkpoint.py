@@ -17,6 +17,7 @@ import torch
 from extract.checkpoint_io import write_epoch_snapshot
 from extract.encoder import load_weights_only
 from gigassl.model import GigaSSLModel
+from gigassl.sparse_conv import BACKENDS
 
 CHECKPOINT_FORMAT = "gigassl-slide-encoder"
 CHECKPOINT_VERSION = 1
@@ -25,7 +26,7 @@ LATEST_CHECKPOINT = "checkpoint.pt"
 # (views depend only on the seed, so workers and devices do not change them).
 RESUME_FREE_KEYS = frozenset({
     "out", "resume", "features", "num_workers", "device", "checkpoint_every", "keep_checkpoints",
-    "monitor_slides", "skip_bad_files", "check_finite",
+    "monitor_slides", "skip_bad_files", "check_finite", "sparse_backend",
 })
 
 
@@ -44,10 +45,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GigaSSLModel, dict[str, Any]]:
-    """The trained :class:`GigaSSLModel` of a checkpoint (eval mode) and the checkpoint dict."""
+def load_model(path: str | Path, device: torch.device | str = "cpu", sparse_backend: str = "auto") -> tuple[GigaSSLModel, dict[str, Any]]:
+    """The trained :class:`GigaSSLModel` of a checkpoint (eval mode) and the checkpoint dict.
+
+    ``sparse_backend`` may differ from the one the checkpoint was trained with: the weights are
+    the same for both backends.
+    """
     payload = load_checkpoint(path)
-    model = GigaSSLModel(None, int(payload["config"]["projector_dim"]), device)
+    saved_backend = payload["config"].get("sparse_backend", "spconv")  # checkpoints before the option
+    if saved_backend not in BACKENDS:
+        raise ValueError(f"{path}: the checkpoint names an unknown sparse backend {saved_backend!r} "
+                         f"(this package knows {', '.join(BACKENDS)}); was it written by a newer gigassl?")
+    model = GigaSSLModel(None, int(payload["config"]["projector_dim"]), device, sparse_backend)
     model.load_state_dict(payload["model"])
     return model.eval(), payload
 
@@ -64,15 +73,12 @@ def write_checkpoint(out: Path, epoch: int, payload: dict[str, Any], keep: int) 
 
 
 def rng_state() -> dict[str, Any]:
-    """torch's (and CUDA's) generator states, for an exact resume."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    """torch's CPU generator state, for an exact resume. Training draws no CUDA random numbers
+    (views are drawn from seeded NumPy generators), so no GPU state is saved: a checkpoint resumes
+    on a node with any number of GPUs."""
+    return {"torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what :func:`rng_state` saved."""
+    """Restore what :func:`rng_state` saved (a ``"cuda"`` entry of older checkpoints is ignored)."""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))

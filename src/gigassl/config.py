@@ -12,6 +12,11 @@ from pathlib import Path
 from typing import Optional
 
 
+SPARSE_BACKEND_HELP = (
+    "sparse convolutions: auto (torch), torch (plain PyTorch, any device) or spconv (needs the "
+    "spconv extra, x86-64 Linux/Windows); checkpoints run with either")
+
+
 def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
 
@@ -38,6 +43,7 @@ class TrainConfig:
         "DataLoader worker processes reading views while the model steps (0: read in the training process)"))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
     mixed_precision: bool = field(default=True, metadata=_help("autocast on CUDA"))
+    sparse_backend: str = field(default="auto", metadata=_help(SPARSE_BACKEND_HELP))
     checkpoint_every: int = field(default=50, metadata=_help("write a checkpoint every N epochs (and at the end)"))
     keep_checkpoints: int = field(default=2, metadata=_help("periodic checkpoints kept in OUT/checkpoints (older ones are deleted; OUT/checkpoint.pt is always the latest)"))
     monitor_slides: int = field(default=64, metadata=_help("fixed slides used for the label-free monitors"))
@@ -58,6 +64,7 @@ class EmbedConfig:
     batch_size: int = field(default=64, metadata=_help("slides per forward batch"))
     seed: int = field(default=0, metadata=_help("random seed of the view sampling"))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
+    sparse_backend: str = field(default="auto", metadata=_help(SPARSE_BACKEND_HELP))
     export: str = field(default="", metadata=_help("comma-separated extra exports: npz,csv"))
     strict: bool = field(default=False, metadata=_help("exit non-zero when any slide file failed (failed files are always listed)"))
 
@@ -97,6 +104,7 @@ class DemoConfig:
     n_slides: int = field(default=40, metadata=_help("slides in the demo cohort (half with tumour texture)"))
     seed: int = field(default=0, metadata=_help("random seed of the cohort and of every stage"))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
+    sparse_backend: str = field(default="auto", metadata=_help(SPARSE_BACKEND_HELP))
     encoder: str = field(default="random", metadata=_help("tile encoder: a ResNet18 checkpoint (e.g. from `gigassl pretrain-tiles`) or 'random'"))
     mpp: float = field(default=1.0, metadata=_help("extraction resolution in µm/px (the slides are at 0.495)"))
     tile_size: int = field(default=64, metadata=_help("tile side in pixels at --mpp (small, so the demo runs on a laptop CPU)"))

@@ -114,7 +114,7 @@ def train_settings(config: DemoConfig, features: Path) -> Any:
     return TrainConfig(
         features=features, out=Path(config.out) / "train", epochs=config.epochs,
         batch_size=config.batch_size, warmup_epochs=max(1, config.epochs // 10), seed=config.seed,
-        device=config.device, checkpoint_every=config.epochs, keep_checkpoints=1,
+        device=config.device, sparse_backend=config.sparse_backend, checkpoint_every=config.epochs, keep_checkpoints=1,
         monitor_slides=min(config.n_slides, 16),
     )
 
@@ -125,7 +125,7 @@ def embed_settings(config: DemoConfig, checkpoint: Path, features: Path) -> Any:
 
     return EmbedConfig(
         model=checkpoint, features=features, out=Path(config.out) / "embeddings.h5",
-        n_views=config.n_views, seed=config.seed, device=config.device,
+        n_views=config.n_views, seed=config.seed, device=config.device, sparse_backend=config.sparse_backend,
     )
 
 

@@ -277,11 +277,11 @@ def feature_files_in(folder: str | Path) -> list[Path]:
     return files
 
 
-def load_slide_encoder(checkpoint: str | Path, device: torch.device | str = "cpu"):
+def load_slide_encoder(checkpoint: str | Path, device: torch.device | str = "cpu", sparse_backend: str = "auto"):
     """(GigaSSLModel in eval mode, checkpoint dict) of a `gigassl train` checkpoint."""
     from gigassl.checkpoint import load_model
 
-    return load_model(checkpoint, device)
+    return load_model(checkpoint, device, sparse_backend)
 
 
 def _parse_exports(text: str) -> list[str]:
@@ -301,13 +301,13 @@ def run_embedding(config: EmbedConfig) -> EmbedResult:
     exports = _parse_exports(config.export)
     files = feature_files_in(config.features)
     device = resolve_device(config.device)
-    model, checkpoint = load_slide_encoder(config.model, device)
+    model, checkpoint = load_slide_encoder(config.model, device, config.sparse_backend)
     n_tiles = config.n_tiles_per_view or int(checkpoint["config"]["n_tiles_per_view"])
     encoder = checkpoint.get("encoder") or {}
     provenance = dict(
         checkpoint=str(config.model), checkpoint_sha256=file_sha256(config.model),
         checkpoint_epoch=int(checkpoint.get("epoch", -1)), n_views=config.n_views, n_tiles_per_view=n_tiles,
-        seed=config.seed, features=str(config.features),
+        seed=config.seed, features=str(config.features), sparse_backend=model.sparse_backend,
         encoder_sha256=str(encoder.get("sha256", "")) if isinstance(encoder, dict) else "",
         settings={k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()},
     )
@@ -329,9 +329,9 @@ def run_embedding(config: EmbedConfig) -> EmbedResult:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_slide_encoder(path: str, mtime_ns: int, device: str) -> tuple[Any, int]:
+def _cached_slide_encoder(path: str, mtime_ns: int, device: str, sparse_backend: str) -> tuple[Any, int]:
     # cross_val_score clones and re-transforms many times; the file's mtime keys out stale copies
-    model, checkpoint = load_slide_encoder(path, device)
+    model, checkpoint = load_slide_encoder(path, device, sparse_backend)
     return model, int(checkpoint["config"]["n_tiles_per_view"])
 
 
@@ -344,13 +344,14 @@ class SlideEmbedder(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, model: Any = None, n_views: int = 50, n_tiles_per_view: int | None = None, seed: int = 0,
-                 batch_size: int = 64, device: str = "cpu") -> None:
+                 batch_size: int = 64, device: str = "cpu", sparse_backend: str = "auto") -> None:
         self.model = model
         self.n_views = n_views
         self.n_tiles_per_view = n_tiles_per_view
         self.seed = seed
         self.batch_size = batch_size
         self.device = device
+        self.sparse_backend = sparse_backend
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -369,7 +370,7 @@ class SlideEmbedder(TransformerMixin, BaseEstimator):
             path = Path(self.model).resolve()
             if not path.is_file():
                 raise FileNotFoundError(f"SlideEmbedder: checkpoint {path} does not exist")
-            model, n_tiles = _cached_slide_encoder(str(path), path.stat().st_mtime_ns, self.device)
+            model, n_tiles = _cached_slide_encoder(str(path), path.stat().st_mtime_ns, self.device, self.sparse_backend)
             return model, self.n_tiles_per_view or n_tiles
         return self.model.eval(), self.n_tiles_per_view or 5
 

@@ -1,6 +1,7 @@
 """The slide encoder of Giga-SSL: ResNet18's layer4 as a sparse network, then a projector.
 
-``SparseLayer4`` (spconv 2.x, DESIGN.md §2), for input maps of 256-d tiles:
+``SparseLayer4`` (DESIGN.md §2), for input maps of 256-d tiles, on either sparse backend of
+:mod:`gigassl.sparse_conv` (plain PyTorch, or spconv where installed):
 
 - block 0: strided 3×3 sparse conv (stride 2, no padding) → BN → ReLU → submanifold 3×3 → BN;
   shortcut = 3×3 average pool, stride 2, dividing by 9 (not by the number of active cells) →
@@ -9,8 +10,8 @@
 
 BN is ``BatchNorm1d`` over the active sites. The 1×1 conv of the shortcut acts on each site's
 features alone, so it is a bias-free ``nn.Linear`` (weight = the dense conv's (out, in, 0, 0)).
-spconv's ``SparseAvgPool2d`` runs on CUDA only and divides by the active count, so the ÷9 pool
-is done here in plain torch (:func:`sum_pool_3x3_stride2`).
+The ÷9 pool is :func:`~gigassl.sparse_conv.sum_pool_3x3_stride2` (spconv's ``SparseAvgPool2d``
+divides by the active count and runs on CUDA only).
 
 Correspondence with the dense layer4 (checked in ``tests/test_model.py``). ``collate_views``
 places each map one cell from the origin. On a map where every cell of an H×W grid is active,
@@ -28,69 +29,25 @@ paper's sparse network uses the average.
 representation → projector 512 → 512 → 512 → ``projector_dim`` (Linear-BN-ReLU twice, then a
 Linear), the output fed to NT-Xent.
 
-Weight layouts: dense conv (out, in, kh, kw) → spconv (out, kh, kw, in), no spatial flip
-(spconv convolutions are cross-correlations like ``F.conv2d``).
+Weight layouts: dense conv (out, in, kh, kw) → sparse (out, kh, kw, in) for both backends, no
+spatial flip (sparse convolutions are cross-correlations like ``F.conv2d``).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from extract.device import spconv_algorithm
 from extract.encoder import SLIDE_FEATURE_DIM, TILE_FEATURE_DIM, ResNet18
-from gigassl.sparse_map import SparseBatch, to_sparse_tensor
-
-# Two spconv modules sharing a key reuse one rulebook; every submanifold conv of layer4 runs on
-# the same (downsampled) sites.
-_SUBM_KEY = "layer4_subm"
-
-
-def dense_to_spconv_weight(weight: torch.Tensor) -> torch.Tensor:
-    """Dense conv weight (out, in, kh, kw) → spconv 2.x weight (out, kh, kw, in)."""
-    return weight.detach().permute(0, 2, 3, 1).contiguous()
-
-
-def sum_pool_3x3_stride2(features: torch.Tensor, indices: torch.Tensor, out_indices: torch.Tensor, out_spatial_shape: list[int]) -> torch.Tensor:
-    """Sum of the active input sites in each 3×3, stride-2, unpadded window.
-
-    features (N, C) at ``indices`` (N, 3) (batch, y, x) → (M, C) at ``out_indices`` (M, 3), the
-    output sites of a strided 3×3 sparse conv on the same input (every window holding an active
-    site is one of them). Divide by 9 for the average that counts inactive cells as zeros.
-    Differentiable (``index_add``), runs on any device.
-    """
-    out_h, out_w = int(out_spatial_shape[0]), int(out_spatial_shape[1])
-    indices = indices.long()
-    out_keys = (out_indices[:, 0].long() * out_h + out_indices[:, 1].long()) * out_w + out_indices[:, 2].long()
-    sorted_keys, order = torch.sort(out_keys)
-    src_rows, dst_keys = [], []
-    rows = torch.arange(len(indices), device=indices.device)
-    for ky in range(3):
-        oy2 = indices[:, 1] - ky
-        for kx in range(3):
-            ox2 = indices[:, 2] - kx
-            # input (y, x) is tap (ky, kx) of output (oy, ox) when y = 2·oy + ky, x = 2·ox + kx
-            valid = (oy2 >= 0) & (ox2 >= 0) & (oy2 % 2 == 0) & (ox2 % 2 == 0) & (oy2 < 2 * out_h) & (ox2 < 2 * out_w)
-            src_rows.append(rows[valid])
-            dst_keys.append((indices[valid, 0] * out_h + oy2[valid] // 2) * out_w + ox2[valid] // 2)
-    src, keys = torch.cat(src_rows), torch.cat(dst_keys)
-    position = torch.searchsorted(sorted_keys, keys).clamp_(max=max(len(sorted_keys) - 1, 0))
-    if not torch.equal(sorted_keys[position], keys):
-        raise RuntimeError("sum_pool_3x3_stride2: out_indices are not the strided conv's output sites of indices")
-    dst = order[position]
-    out = features.new_zeros((len(out_indices), features.shape[1]))
-    return out.index_add_(0, dst, features[src])
-
-
-def _sparse_conv(conv: nn.Module, x):  # spconv.SparseConvTensor → spconv.SparseConvTensor
-    """Run a spconv layer; under CPU autocast in fp32, since spconv has no bf16 kernels (CUDA
-    autocast is handled inside spconv, whose functions cast their inputs to fp16)."""
-    if x.features.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        with torch.autocast("cpu", enabled=False):
-            return conv(x.replace_feature(x.features.float()))
-    return conv(x)
+from gigassl.sparse_conv import (
+    dense_to_sparse_weight,
+    make_sparse_tensor,
+    resolve_backend,
+    strided_conv3x3,
+    submanifold_conv3x3,
+    sum_pool_3x3_stride2,
+)
+from gigassl.sparse_map import SparseBatch
 
 
 def mean_per_map(features: torch.Tensor, batch_index: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -104,61 +61,56 @@ def mean_per_map(features: torch.Tensor, batch_index: torch.Tensor, batch_size: 
 class _SparseDownBlock(nn.Module):
     """Block 0 of the sparse layer4 (strided conv, ÷9 average-pool shortcut)."""
 
-    def __init__(self, in_channels: int, out_channels: int, algo: Any) -> None:
+    def __init__(self, in_channels: int, out_channels: int, backend: str) -> None:
         super().__init__()
-        import spconv.pytorch as spconv
-
-        self.conv1 = spconv.SparseConv2d(in_channels, out_channels, 3, stride=2, padding=0, bias=False, algo=algo)
+        self.conv1 = strided_conv3x3(in_channels, out_channels, backend)
         self.bn1 = nn.BatchNorm1d(out_channels)
-        self.conv2 = spconv.SubMConv2d(out_channels, out_channels, 3, bias=False, indice_key=_SUBM_KEY, algo=algo)
+        self.conv2 = submanifold_conv3x3(out_channels, out_channels, backend)
         self.bn2 = nn.BatchNorm1d(out_channels)
         self.shortcut_conv = nn.Linear(in_channels, out_channels, bias=False)  # the 1×1 conv
         self.shortcut_bn = nn.BatchNorm1d(out_channels)
 
-    def forward(self, x):  # spconv.SparseConvTensor → spconv.SparseConvTensor
-        out = _sparse_conv(self.conv1, x)
-        pooled = sum_pool_3x3_stride2(x.features, x.indices, out.indices, out.spatial_shape) / 9.0
+    def forward(self, x):  # sparse tensor (N, in) → sparse tensor (M, out)
+        out = self.conv1(x)
+        pooled = sum_pool_3x3_stride2(x, out) / 9.0
         shortcut = self.shortcut_bn(self.shortcut_conv(pooled))
         out = out.replace_feature(torch.relu(self.bn1(out.features)))
-        out = _sparse_conv(self.conv2, out)
+        out = self.conv2(out)
         return out.replace_feature(torch.relu(self.bn2(out.features) + shortcut))
 
 
 class _SparseBlock(nn.Module):
     """Block 1 of the sparse layer4 (two submanifold convs, identity shortcut)."""
 
-    def __init__(self, channels: int, algo: Any) -> None:
+    def __init__(self, channels: int, backend: str) -> None:
         super().__init__()
-        import spconv.pytorch as spconv
-
-        self.conv1 = spconv.SubMConv2d(channels, channels, 3, bias=False, indice_key=_SUBM_KEY, algo=algo)
+        self.conv1 = submanifold_conv3x3(channels, channels, backend)
         self.bn1 = nn.BatchNorm1d(channels)
-        self.conv2 = spconv.SubMConv2d(channels, channels, 3, bias=False, indice_key=_SUBM_KEY, algo=algo)
+        self.conv2 = submanifold_conv3x3(channels, channels, backend)
         self.bn2 = nn.BatchNorm1d(channels)
 
-    def forward(self, x):  # spconv.SparseConvTensor → spconv.SparseConvTensor
-        out = _sparse_conv(self.conv1, x)
+    def forward(self, x):  # sparse tensor (M, C) → sparse tensor (M, C)
+        out = self.conv1(x)
         out = out.replace_feature(torch.relu(self.bn1(out.features)))
-        out = _sparse_conv(self.conv2, out)
+        out = self.conv2(out)
         return out.replace_feature(torch.relu(self.bn2(out.features) + x.features))
 
 
 class SparseLayer4(nn.Module):
-    """ResNet18's layer4 on sparse maps: SparseConvTensor (N, 256) → SparseConvTensor (M, 512).
+    """ResNet18's layer4 on sparse maps: sparse tensor (N, 256) → sparse tensor (M, 512).
 
-    Built for ``device`` (spconv's algorithm is chosen from it: Native on the CPU) and moved
-    there. Randomly initialised; :meth:`load_dense` copies a dense layer4's weights.
+    ``backend``: ``auto``, ``torch`` or ``spconv`` (:func:`gigassl.sparse_conv.resolve_backend`);
+    the state dict is the same for both. Randomly initialised; :meth:`load_dense` copies a dense
+    layer4's weights. Runs on whatever device its parameters are on.
     """
 
-    def __init__(self, device: torch.device | str = "cpu", in_channels: int = TILE_FEATURE_DIM, out_channels: int = SLIDE_FEATURE_DIM) -> None:
+    def __init__(self, backend: str = "auto", in_channels: int = TILE_FEATURE_DIM, out_channels: int = SLIDE_FEATURE_DIM) -> None:
         super().__init__()
-        device = torch.device(device)
-        algo = spconv_algorithm(device)
-        self.block0 = _SparseDownBlock(in_channels, out_channels, algo)
-        self.block1 = _SparseBlock(out_channels, algo)
-        self.to(device)
+        self.backend = backend = resolve_backend(backend)
+        self.block0 = _SparseDownBlock(in_channels, out_channels, backend)
+        self.block1 = _SparseBlock(out_channels, backend)
 
-    def forward(self, x):  # spconv.SparseConvTensor → spconv.SparseConvTensor
+    def forward(self, x):  # sparse tensor → sparse tensor
         return self.block1(self.block0(x))
 
     @torch.no_grad()
@@ -176,7 +128,7 @@ class SparseLayer4(nn.Module):
                 raise ValueError(f"not a ResNet18 layer4: {key} has shape {found}, expected {expected}")
         for block, dense_prefix in ((self.block0, "0"), (self.block1, "1")):
             for conv in ("conv1", "conv2"):
-                getattr(block, conv).weight.copy_(dense_to_spconv_weight(state[f"{dense_prefix}.{conv}.weight"]))
+                getattr(block, conv).weight.copy_(dense_to_sparse_weight(state[f"{dense_prefix}.{conv}.weight"]))
             for bn in ("bn1", "bn2"):
                 getattr(block, bn).load_state_dict(_bn_state(state, f"{dense_prefix}.{bn}"))
         self.block0.shortcut_conv.weight.copy_(state["0.downsample.0.weight"][:, :, 0, 0])
@@ -197,18 +149,24 @@ class GigaSSLModel(nn.Module):
             one — the tile encoder's own, by default; ``None``: a freshly initialised ResNet18's
             (He init, drawn from torch's global generator).
         projector_dim: output size of the projector (256).
-        device: where the model lives; decides spconv's algorithm.
+        device: where the model is placed (it may be moved later; nothing depends on it).
+        sparse_backend: ``auto``, ``torch`` or ``spconv`` (:mod:`gigassl.sparse_conv`).
 
     ``pool`` gives the slide representation (B, 512) used at inference; ``forward`` the (B,
-    projector_dim) projection used by the loss. Both take a ``spconv.SparseConvTensor`` or a
-    :class:`~gigassl.sparse_map.SparseBatch`. The state dict holds plain tensors only.
+    projector_dim) projection used by the loss. Both take a :class:`~gigassl.sparse_map.SparseBatch`
+    or the backend's sparse tensor. The state dict holds plain tensors only, the same for both
+    backends.
     """
 
-    def __init__(self, layer4_source: ResNet18 | nn.Module | None = None, projector_dim: int = 256, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, layer4_source: ResNet18 | nn.Module | None = None, projector_dim: int = 256,
+        device: torch.device | str = "cpu", sparse_backend: str = "auto",
+    ) -> None:
         super().__init__()
         device = torch.device(device)
         self.projector_dim = projector_dim
-        self.layer4 = SparseLayer4(device)
+        self.sparse_backend = resolve_backend(sparse_backend, device)
+        self.layer4 = SparseLayer4(self.sparse_backend)
         source = ResNet18() if layer4_source is None else layer4_source
         self.layer4.load_dense(source.layer4 if hasattr(source, "layer4") else source)
         width = SLIDE_FEATURE_DIM
@@ -220,8 +178,11 @@ class GigaSSLModel(nn.Module):
         self.to(device)
 
     def _as_sparse(self, x):
+        if not isinstance(x, SparseBatch):
+            return x
         # the parameters' device, not the one given at construction: the model may have moved
-        return to_sparse_tensor(x, self.projector[0].weight.device) if isinstance(x, SparseBatch) else x
+        x = x.to(self.projector[0].weight.device, non_blocking=True)
+        return make_sparse_tensor(x.features, x.indices, x.spatial_shape, x.batch_size, self.sparse_backend)
 
     def pool(self, x) -> torch.Tensor:
         """Sparse maps → (B, 512) slide representations (mean over each map's active sites)."""

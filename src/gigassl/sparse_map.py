@@ -1,16 +1,16 @@
-"""Sparse maps of tiles: grid cells, slide-level augmentation, batching for spconv.
+"""Sparse maps of tiles: grid cells, slide-level augmentation, batching for the sparse convs.
 
 Conventions (one place for them):
 
 - Coordinates read from the feature files are level-0 pixels in **(x, y)** order (TRIDENT/CLAM).
 - Cells returned by :func:`tile_cells` and :func:`augment_cells` keep the **(x, y)** column order,
   as int64, shifted so that each axis starts at 0.
-- spconv indices are **(batch, y, x)** int32; :func:`collate_views` does the swap. It also places
+- sparse-conv indices are **(batch, y, x)** int32; :func:`collate_views` does the swap. It also places
   every map one cell away from the origin (``MAP_MARGIN``), so that the strided 3×3 convolution
   of the sparse layer4 (stride 2, no padding) sees the cells before the map as the zero padding
   of the dense ResNet18 layer4, and it leaves two empty cells after the last one on each axis,
   so that every stride-2 window holding a tile fits in the output: a map's output never depends
-  on the size of the batch's grid (with less room, spconv silently drops the windows that hang
+  on the size of the batch's grid (with less room, a strided conv drops the windows that hang
   past the grid's end).
 
 Neighbouring tiles are neighbouring cells: coords are divided by the tile's size in level-0
@@ -124,7 +124,7 @@ def merge_duplicates(cells: np.ndarray, features: np.ndarray) -> tuple[np.ndarra
 
 
 class SparseBatch(NamedTuple):
-    """A batch of sparse maps in spconv's layout (plain tensors, on the CPU until moved).
+    """A batch of sparse maps, (batch, y, x) layout (plain tensors, on the CPU until moved).
 
     features: (N, D) float32, N = active sites of all maps; indices: (N, 3) int32 (batch, y, x);
     spatial_shape: [H, W] (≥ last cell + 3 on each axis); batch_size: number of maps.
@@ -161,7 +161,7 @@ def collate_views(views: Sequence[tuple[np.ndarray, np.ndarray]]) -> SparseBatch
 
     ``views``: a sequence of (features (t_i, D) float, cells (t_i, 2) int in (x, y) order).
     Tiles sharing a cell are averaged first. Cells are shifted by ``MAP_MARGIN`` and swapped
-    to spconv's (batch, y, x).
+    to (batch, y, x).
     """
     if len(views) == 0:
         raise ValueError("collate_views needs at least one view")
@@ -192,12 +192,3 @@ def collate_views(views: Sequence[tuple[np.ndarray, np.ndarray]]) -> SparseBatch
         [_grid_side(extent_y), _grid_side(extent_x)],
         len(views),
     )
-
-
-def to_sparse_tensor(batch: SparseBatch, device: torch.device | str | None = None):  # -> spconv.SparseConvTensor
-    """A :class:`SparseBatch` → ``spconv.SparseConvTensor`` on ``device`` (default: where it is)."""
-    import spconv.pytorch as spconv
-
-    if device is not None:
-        batch = batch.to(device, non_blocking=True)
-    return spconv.SparseConvTensor(batch.features, batch.indices, list(batch.spatial_shape), batch.batch_size)

@@ -33,7 +33,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -73,6 +73,7 @@ from gigassl.distributed import (
     use_global_batch_norm,
 )
 from gigassl.model import GigaSSLModel
+from gigassl.sparse_conv import BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,8 @@ def check_config(config: TrainConfig) -> None:
         problems.append("--checkpoint-every and --keep-checkpoints must be ≥ 1")
     if config.num_workers < 0:
         problems.append(f"--num-workers must be ≥ 0 (got {config.num_workers})")
+    if config.sparse_backend not in BACKENDS:
+        problems.append(f"--sparse-backend must be one of {', '.join(BACKENDS)} (got {config.sparse_backend!r})")
     if problems:
         raise ValueError("invalid training settings: " + "; ".join(problems))
 
@@ -308,6 +311,19 @@ def stall_warning(train_loss: float, train_accuracy: float, batch: int) -> Optio
     )
 
 
+def needs_grad_scaling(amp_dtype: Optional[torch.dtype], sparse_backend: str) -> bool:
+    """Loss scaling is needed when some of the forward pass runs in float16: autocast in fp16,
+    or spconv under any CUDA autocast (its convolutions cast to fp16 even inside bf16 autocast)."""
+    return amp_dtype == torch.float16 or (amp_dtype is not None and sparse_backend == "spconv")
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, saved: Mapping[str, Any]) -> None:
+    """Load a checkpoint's GradScaler state when it has one; a run saved without scaling (on the
+    CPU, or in bf16) resumed with scaling starts from a fresh scaler instead of an empty state."""
+    if scaler.is_enabled() and saved:
+        scaler.load_state_dict(saved)
+
+
 def _grad_norm(model: nn.Module) -> float:
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
@@ -342,7 +358,7 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
 
     torch.manual_seed(config.seed)  # the projector's initial weights
     resnet, init_info = initial_resnet(config, cohort)
-    model = GigaSSLModel(resnet, config.projector_dim, device)
+    model = GigaSSLModel(resnet, config.projector_dim, device, config.sparse_backend)
     del resnet
     if context.world_size > 1:
         use_global_batch_norm(model)
@@ -365,9 +381,7 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupCosine(config.warmup_epochs * steps_per_epoch, total_steps))
     amp_dtype = autocast_dtype(device) if config.mixed_precision and device.type == "cuda" else None
-    # spconv casts its convolutions to float16 under CUDA autocast (even when the rest runs in
-    # bfloat16), so gradients are scaled whenever autocast is on
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is not None)
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaling(amp_dtype, model.sparse_backend))
 
     monitor_dataset = SlideViewDataset(cohort, config.n_tiles_per_view, scale_range, config.seed, STREAM_MONITOR)
     monitor_order = np.random.default_rng([config.seed, STREAM_MONITOR]).permutation(len(cohort.slides))
@@ -379,7 +393,7 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
+        restore_scaler(scaler, resume["scaler"])
         set_rng_state(resume["rng"])
         history = [dict(row) for row in resume["history"]]
         start_epoch, global_step = int(resume["epoch"]), int(resume["global_step"])
