@@ -132,7 +132,7 @@ def _check_one_grid(folder: Path, slides: Sequence[SlideEntry], allow_mixed_grid
         grids.setdefault(entry.grid, []).append(entry)
     if len(grids) < 2:
         return
-    described = "; ".join(f"{size} px at {mpp} µm/px: {len(members)} files (e.g. {members[0].path.name})"
+    described = "; ".join(f"{size} px at {mpp} µm/px: {len(members)} file{'s' * (len(members) != 1)} (e.g. {members[0].path.name})"
                           for (size, mpp), members in sorted(grids.items(), key=lambda item: -len(item[1])))
     if not allow_mixed_grids:
         raise FeatureFileError(
