@@ -401,6 +401,17 @@ def _grad_norm(model: nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
+def _start_output(out: Path, previous_run: list[Path], config: TrainConfig) -> None:
+    """(Main rank) delete the run ``--overwrite`` replaces, report a warm-up as long as the run, create ``out``."""
+    if previous_run:
+        log.warning("--overwrite: deleting the previous run in %s (%d files)", out, len(previous_run))
+        for path in previous_run:
+            path.unlink(missing_ok=True)
+    if (warning := warmup_warning(config.warmup_epochs, config.epochs)) is not None:
+        log.warning("%s", warning)
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def run_training(config: TrainConfig) -> TrainResult:
     """Train, checkpoint and monitor as described in the module docstring."""
     check_config(config)
@@ -479,13 +490,7 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     )
     latest = out / LATEST_CHECKPOINT
     if context.is_main:
-        if previous_run:
-            log.warning("--overwrite: deleting the previous run in %s (%d files)", out, len(previous_run))
-            for path in previous_run:
-                path.unlink(missing_ok=True)
-        if (warning := warmup_warning(config.warmup_epochs, config.epochs)) is not None:
-            log.warning("%s", warning)
-        out.mkdir(parents=True, exist_ok=True)
+        _start_output(out, previous_run, config)
         log.info("training on %d slides (%s), %d ranks, global batch %d, %d steps/epoch, lr %.4g, device %s",
                  len(cohort.slides), cohort.folder, context.world_size, batch, steps_per_epoch,
                  optimizer.param_groups[0]["initial_lr"], device)
