@@ -246,7 +246,7 @@ def _plain(config: Any, drop: Sequence[str] = ()) -> dict[str, Any]:
 
 # Fields that only say where things are, or how fast they run, not what is computed.
 NOT_KEYED = ("slides", "out", "features", "model", "embeddings", "labels", "num_workers", "device", "resume", "init",
-             "keep_checkpoints")
+             "keep_checkpoints", "overwrite", "allow_mixed_grids", "allow_other_encoder")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,6 +458,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         epochs=plan.epochs, warmup_epochs=min(10, max(1, plan.epochs // 10)), temperature=args.temperature,
         scale_min=args.scale_min, scale_max=args.scale_max, seed=args.seed, device=args.device,
         checkpoint_every=plan.epochs, keep_checkpoints=1, monitor_slides=MONITOR_SLIDES,
+        overwrite=True,  # a stage is redone in its folder when it did not finish there
     )
     train_settings = dict(_plain(train, NOT_KEYED + ("checkpoint_every", "keep_checkpoints")), upstream=extract_dir.name)
 

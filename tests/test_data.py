@@ -198,3 +198,30 @@ def test_workers_give_the_same_batches(cohort_dir):
     for a, b in zip(batches[0], batches[2]):
         torch.testing.assert_close(a.sparse.features, b.sparse.features, rtol=0, atol=0)
         torch.testing.assert_close(a.sparse.indices, b.sparse.indices, rtol=0, atol=0)
+
+
+def test_bank_only_files_carry_their_grid_and_old_ones_are_named(tmp_path):
+    folder = tmp_path / "bank_only"
+    paths = write_synthetic_cohort(folder, n_slides=3, n_tiles=10, n_augmentations=2, bank_size=4, plain=False)
+    cohort = scan_features_folder(folder, 3)  # was a KeyError: 'patch_size_level0'
+    assert [s.tile_step_level0 for s in cohort.slides] == [448.0] * 3
+    with h5py.File(paths[1], "a") as handle:  # as written by `extract --no-plain` before the fix
+        for key in list(handle["aug_coords"].attrs):
+            del handle["aug_coords"].attrs[key]
+    with pytest.raises(FeatureFileError, match=r"slide_001\.h5: no tile size in level-0 pixels .* re-extract it"):
+        scan_features_folder(folder, 3)
+
+
+def test_mixed_tile_grids_are_refused_unless_allowed(tmp_path, caplog):
+    write_synthetic_cohort(tmp_path, n_slides=3, n_tiles=10, n_augmentations=1, bank_size=4)
+    other = write_synthetic_cohort(tmp_path / "other", n_slides=4, n_tiles=10, n_augmentations=1, bank_size=4,
+                                   grid_attrs=dict(patch_size=256, target_mpp=1.0))
+    other[3].rename(tmp_path / "slide_900.h5")
+    with pytest.raises(FeatureFileError, match=r"2 different tile grids \(224 px at 0\.5 µm/px: 3 files \(e\.g\. "
+                                               r"slide_000\.h5\); 256 px at 1\.0 µm/px: 1 file \(e\.g\. "
+                                               r"slide_900\.h5\)\).*--allow-mixed-grids"):
+        scan_features_folder(tmp_path, 3)
+    with caplog.at_level(logging.WARNING):
+        cohort = scan_features_folder(tmp_path, 3, allow_mixed_grids=True)
+    assert "training on 2 different tile grids" in caplog.text
+    assert cohort.grids() == [dict(tile_size_px=224, mpp=0.5, n_slides=3), dict(tile_size_px=256, mpp=1.0, n_slides=1)]

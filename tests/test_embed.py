@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from sklearn.pipeline import make_pipeline
 
 from extract.checkpoint_io import save_atomic
 from extract.encoder import file_sha256
+from extract.errors import UserError
+from extract.features_file import FeatureFileError
 from gigassl.cli import main as cli_main
 from gigassl.config import EmbedConfig, TrainConfig
 from gigassl.embed import (
@@ -27,19 +30,31 @@ from gigassl.embed import (
     slide_generator,
 )
 from gigassl.model import GigaSSLModel
-from gigassl.synthetic import write_synthetic_cohort
+from gigassl.synthetic import random_encoder_info, write_synthetic_cohort
 from gigassl.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from gigassl.train import config_to_dict
+from test_plain_features import write_trident_file
 
 
-def write_checkpoint(path: Path, n_tiles_per_view: int = 5, seed: int = 0) -> Path:
-    """A checkpoint of a randomly initialised model, in `gigassl train`'s layout."""
+def write_checkpoint(path: Path, n_tiles_per_view: int = 5, seed: int = 0, encoder: dict | None = None) -> Path:
+    """A checkpoint of a randomly initialised model, in `gigassl train`'s layout (``encoder``:
+    the tile encoder of its training features, as training records it)."""
     torch.manual_seed(seed)
     model = GigaSSLModel(None, 256, "cpu")
     config = config_to_dict(TrainConfig(features=path.parent, out=path.parent, n_tiles_per_view=n_tiles_per_view))
-    save_atomic(dict(format=CHECKPOINT_FORMAT, format_version=CHECKPOINT_VERSION, epoch=0, config=config,
-                     model={k: v.detach().cpu() for k, v in model.state_dict().items()}), path)
+    payload = dict(format=CHECKPOINT_FORMAT, format_version=CHECKPOINT_VERSION, epoch=0, config=config,
+                   model={k: v.detach().cpu() for k, v in model.state_dict().items()})
+    if encoder is not None:
+        payload["encoder"] = encoder
+    save_atomic(payload, path)
     return path
+
+
+def _copy(paths, folder: Path) -> Path:
+    folder.mkdir()
+    for path in paths:
+        (folder / path.name).write_bytes(path.read_bytes())
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +177,72 @@ def test_slide_embedder_in_a_pipeline_and_cross_val_score(cohort):
     assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 1))
     # the planted class signal survives a random slide encoder
     assert scores.mean() > 0.6
+
+
+def test_nan_plain_features_fail_their_slide_and_slide_embedder_names_it(cohort, tmp_path):
+    paths, checkpoint = cohort
+    folder = _copy(paths[:3], tmp_path / "features")
+    with h5py.File(folder / "slide_001.h5", "a") as handle:
+        handle["features"][2, 5] = np.nan
+    result = run_embedding(EmbedConfig(model=checkpoint, features=folder, out=tmp_path / "e.h5", n_views=2,
+                                       device="cpu"))
+    assert result.n_slides == 2 and [Path(p).name for p, _ in result.failed] == ["slide_001.h5"]
+    assert "NaN or inf in the plain features of 1 of 24 tiles" in result.failed[0][1]
+    written = read_embeddings(tmp_path / "e.h5")
+    assert written.slide_ids == ["slide_000", "slide_002"] and np.isfinite(written.embeddings).all()
+    with pytest.raises(FeatureFileError, match=r"slide_001\.h5: NaN .*\(slide slide_001\)"):
+        SlideEmbedder(checkpoint, n_views=2).transform([folder / "slide_000.h5", folder / "slide_001.h5"])
+
+
+def test_trident_files_are_embedded_and_another_width_is_one_line(cohort, tmp_path, caplog):
+    _, checkpoint = cohort
+    folder = tmp_path / "trident"
+    folder.mkdir()
+    write_trident_file(folder / "TCGA-A.h5", width=256, seed=1)
+    write_trident_file(folder / "TCGA-B.h5", width=1024, seed=2)
+    result = run_embedding(EmbedConfig(model=checkpoint, features=folder, out=tmp_path / "e.h5", n_views=2,
+                                       device="cpu"))
+    assert result.n_slides == 1 and read_embeddings(tmp_path / "e.h5").slide_ids == ["TCGA-A"]
+    assert result.failed == [(str(folder / "TCGA-B.h5"), f"{folder / 'TCGA-B.h5'}: features are 1024-d, this model "
+                              "expects 256-d; embed features extracted with the tile encoder the model was trained on")]
+    (folder / "TCGA-A.h5").unlink()
+    with pytest.raises(UserError, match=r"no slide .* could be embedded: 1 file\(s\) failed.*features are 1024-d, "
+                                        r"this model expects 256-d"):
+        run_embedding(EmbedConfig(model=checkpoint, features=folder, out=tmp_path / "f.h5", device="cpu"))
+    caplog.clear()
+    code = cli_main(["embed", "--model", str(checkpoint), "--features", str(folder), "--out", str(tmp_path / "g.h5"),
+                     "--device", "cpu"])
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert code == 2 and len(errors) == 1 and errors[0].exc_info is None
+    assert "\n" not in errors[0].getMessage() and "1024-d, this model expects 256-d" in errors[0].getMessage()
+
+
+def test_features_of_another_tile_encoder_are_refused_unless_allowed(cohort, tmp_path):
+    paths, _ = cohort
+    other = dict(name="moco.pt", sha256="ab" * 32, source="file")
+    checkpoint = write_checkpoint(tmp_path / "moco_model.pt", n_tiles_per_view=4, encoder=other)
+    folder = _copy(paths[:2], tmp_path / "features")
+    config = EmbedConfig(model=checkpoint, features=folder, out=tmp_path / "e.h5", n_views=2, device="cpu")
+    with pytest.raises(UserError, match=r"slide_000\.h5: features made by the tile encoder 'random' .* trained on "
+                                        r"features of 'moco\.pt' \(sha256 abababababab…\).*--allow-other-encoder"):
+        run_embedding(config)
+    result = run_embedding(dataclasses.replace(config, allow_other_encoder=True))
+    assert result.n_slides == 2 and not result.failed
+    provenance = read_embeddings(tmp_path / "e.h5").provenance
+    # the features' own encoder is recorded, not the checkpoint's
+    assert provenance["encoder_sha256"] == random_encoder_info().sha256
+    assert provenance["checkpoint_encoder_sha256"] == "ab" * 32
+    assert json.loads(provenance["features_encoders"]) == [["random", random_encoder_info().sha256, 2]]
+
+
+def test_a_copied_feature_file_is_listed_not_embedded_twice(cohort, tmp_path):
+    paths, checkpoint = cohort
+    folder = _copy(paths[:2], tmp_path / "features")
+    (folder / "slide_000 (copy).h5").write_bytes(paths[0].read_bytes())
+    result = run_embedding(EmbedConfig(model=checkpoint, features=folder, out=tmp_path / "e.h5", n_views=2,
+                                       device="cpu", strict=True))
+    assert read_embeddings(tmp_path / "e.h5").slide_ids == ["slide_000", "slide_001"]
+    assert result.exit_code == 1 and len(result.failed) == 1
+    path, reason = result.failed[0]
+    assert Path(path).name == "slide_000 (copy).h5" and "also the id of slide_000.h5" in reason
+    assert "slide_000 (copy).h5" in result.format()

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
 from extract.encoder import load_resnet18
+from extract.errors import UserError
+from extract.features_file import FeatureFileError
 from extract.features_file import SlideFileWriter
 from extract.reader import open_slide
 from gigassl.cli import main as cli_main
@@ -30,6 +34,7 @@ from gigassl.protocol import (
 from gigassl.synthetic import write_synthetic_cohort
 
 from test_embed import write_checkpoint
+from test_plain_features import write_trident_file
 
 
 def write_labels(path: Path, rows: list[tuple], header=("slide", "label", "patient")) -> Path:
@@ -205,6 +210,46 @@ def test_bad_budget_is_a_clear_cli_error(tmp_path, caplog):
     code = cli_main(["evaluate", "--embeddings", str(embeddings), "--labels", str(csv_path), "--budgets", "100",
                      "--out", str(tmp_path / "o")])
     assert code == 2 and "asks for 100 training slides" in caplog.text
+
+
+def test_non_finite_vectors_and_repeated_ids_are_named(tmp_path, caplog):
+    ids, labels, vectors = clustered(10, ["a", "b"])
+    vectors[3] = np.nan
+    csv_path = write_labels(tmp_path / "l.csv", list(zip(ids, labels)), header=("slide", "label"))
+    config = EvaluateConfig(embeddings=write_embeddings(tmp_path / "e.h5", ids, vectors), labels=csv_path,
+                            out=tmp_path / "o", n_splits=2)
+    with pytest.raises(UserError, match=r"e\.h5: the vectors of 1 labelled slide\(s\) hold NaN or inf: a_03; "
+                                        r"re-embed them"):
+        run_evaluation(config)
+    vectors[3] = vectors[4]
+    repeated = write_embeddings(tmp_path / "r.h5", ids + ["a_01"], np.concatenate([vectors, vectors[1:2]]))
+    with pytest.raises(UserError, match=r"r\.h5: 1 slide id\(s\) appear more than once: a_01 \(rows 1, 20\)"):
+        run_evaluation(dataclasses.replace(config, embeddings=repeated))
+    caplog.clear()
+    assert cli_main(["evaluate", "--embeddings", str(repeated), "--labels", str(csv_path)]) == 2
+    assert "appear more than once" in caplog.text and "Traceback" not in caplog.text
+
+
+def test_baselines_read_trident_files_and_refuse_nan_features(tmp_path):
+    folder = tmp_path / "trident"
+    folder.mkdir()
+    ids, labels = [f"TCGA-{i:02d}" for i in range(12)], ["x", "y"] * 6
+    rng = np.random.default_rng(0)
+    for slide_id, label in zip(ids, labels):
+        path = write_trident_file(folder / f"{slide_id}.h5", n_tiles=8, width=1024, seed=int(slide_id[-2:]))
+        with h5py.File(path, "a") as handle:  # a class signal the mean of the tiles carries
+            handle["features"][...] += 2.0 * (label == "y") + 0.1 * rng.standard_normal((8, 1024))
+    csv_path = write_labels(tmp_path / "l.csv", list(zip(ids, labels)), header=("slide", "label"))
+    embeddings = write_embeddings(tmp_path / "e.h5", ids, clustered(6, ["x", "y"])[2])
+    config = EvaluateConfig(embeddings=embeddings, labels=csv_path, features=folder, baselines="average,abmil",
+                            out=tmp_path / "o", n_splits=2, budgets="100%", mil_epochs=3, device="cpu")
+    result = run_evaluation(config)
+    average = next(r for r in result.summary if r["method"] == "average")
+    assert {r["method"] for r in result.summary} == {"gigassl", "average", "abmil"} and average["auc_mean"] > 0.9
+    with h5py.File(folder / "TCGA-05.h5", "a") as handle:
+        handle["features"][0, 0] = np.nan
+    with pytest.raises(FeatureFileError, match=r"TCGA-05\.h5: NaN or inf in the plain features of 1 of 8 tiles"):
+        run_evaluation(config)
 
 
 @pytest.fixture(scope="module")

@@ -473,3 +473,4 @@ def test_bank_reuses_the_plain_pass_tiles(cohort: Path, tmp_path: Path, monkeypa
             SlideFeatures(tmp_path / "bank_only" / "features" / "synthetic_a.h5") as b:
         for index in range(2):
             np.testing.assert_array_equal(a.augmentation(index)[0], b.augmentation(index)[0])
+        assert b.tile_step_level0 == a.tile_step_level0  # the bank carries the grid without plain features

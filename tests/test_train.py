@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -10,13 +11,14 @@ import pytest
 import torch
 
 from extract.encoder import load_resnet18, save_encoder_checkpoint
+from extract.errors import UserError
 from gigassl import cli
 from gigassl import train as train_module
 from gigassl.config import TrainConfig
 from gigassl.synthetic import write_synthetic_cohort
 from gigassl.checkpoint import config_differences, load_checkpoint, load_model
 from gigassl.distributed import GlobalBatchNorm1d, use_global_batch_norm
-from gigassl.train import TrainingDivergedError, WarmupCosine, run_training, stall_warning
+from gigassl.train import TrainingDivergedError, WarmupCosine, run_training, stall_warning, warmup_warning
 
 # T = 3 and 6 slides keep the sparse layer4's work (and the tests) small
 FAST = dict(n_tiles_per_view=3, warmup_epochs=1, monitor_slides=4, check_finite=True)
@@ -69,6 +71,8 @@ def test_stall_warning_at_the_constant_output_level_only():
     # the demo cohort's collapsed run: mean loss of the last epochs 3.56 for batch 20 (log 39 = 3.66)
     message = stall_warning(3.56, 0.06, 20)
     assert message is not None and "3.664" in message and "constant output" in message
+    # labelled as the training batches' accuracy (the epoch line also reports the monitor slides')
+    assert "train positive-pair accuracy 0.060, chance 0.026" in message
     assert stall_warning(2.5, 0.4, 20) is None  # a loss well below log(2B − 1): learning
     assert stall_warning(float("nan"), 0.0, 20) is None
 
@@ -160,16 +164,65 @@ def test_global_batch_norm_without_distributed_is_batch_norm():
     torch.testing.assert_close(swapped[1].running_var, plain[1].running_var)
 
 
-def test_cli_train_end_to_end(small_cohort, tmp_path, capsys):
+def test_cli_train_end_to_end(small_cohort, tmp_path, capsys, caplog):
     out = tmp_path / "out"
-    status = cli.main(["train", "--features", str(small_cohort), "--out", str(out), "--epochs", "1",
-                       "--batch-size", "3", "--n-tiles-per-view", "3", "--warmup-epochs", "0", "--monitor-slides", "4"])
+    with caplog.at_level(logging.INFO, logger="gigassl"):
+        status = cli.main(["train", "--features", str(small_cohort), "--out", str(out), "--epochs", "1",
+                           "--batch-size", "3", "--n-tiles-per-view", "3", "--warmup-epochs", "2",
+                           "--monitor-slides", "4"])
     assert status == 0
     assert (out / "checkpoint.pt").is_file() and (out / "curves.png").is_file()
     assert len(_rows(out)) == 2
     printed = capsys.readouterr().out  # the CLI prints the run's report; run_training only returns it
     assert "trained 1 epochs (2 steps)" in printed and str(out / "checkpoint.pt") in printed
-    assert cli.main(["train", "--features", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "monitor positive-pair accuracy" in printed
+    # the warm-up longer than the run is reported; the epoch line labels its two accuracies
+    assert "--warmup-epochs 2 ≥ --epochs 1: the run ends during the linear warm-up" in caplog.text
+    epoch_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1/1:"))
+    assert "train positive-pair accuracy" in epoch_line and "(chance 0.200, batches of 3 slides)" in epoch_line
+    assert "monitor positive-pair accuracy" in epoch_line and "(chance 0.143, 4 fixed slides)" in epoch_line
+    assert cli.main(["train", "--features", str(tmp_path / "missing"), "--out", str(tmp_path / "other")]) == 2
+
+
+def test_warmup_warning_only_when_the_run_ends_in_the_warm_up():
+    assert warmup_warning(10, 1000) is None and warmup_warning(0, 1) is None
+    assert "reaches only 50% of --lr" in warmup_warning(10, 5)
+    assert "reaches only 100% of --lr and the cosine decay never starts" in warmup_warning(3, 3)
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(small_cohort, tmp_path):
+    out = tmp_path / "out"
+    run_training(_config(small_cohort, out, epochs=2, keep_checkpoints=5))
+    before = (out / "monitors.json").read_text()
+    with pytest.raises(UserError, match=r"out already holds a training run \(epoch 2 of 2\); pass --resume "
+                                        r".*checkpoint\.pt to continue it .*--overwrite to replace it"):
+        run_training(_config(small_cohort, out, epochs=1, lr=0.1))
+    assert (out / "monitors.json").read_text() == before  # untouched
+    run_training(_config(small_cohort, out, epochs=1, lr=0.1, overwrite=True))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001.pt"]  # the old run's are gone
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["lr"] == 0.1 and len(_rows(out)) == 2
+
+
+@pytest.mark.slow
+def test_resume_with_more_epochs_follows_the_longer_runs_schedule(small_cohort, tmp_path, caplog):
+    # warm-up = epoch 1, identical whatever the total: a 2-epoch run's epoch-1 checkpoint, resumed
+    # with --epochs 3, must end exactly where a 3-epoch run ends (same views, same lr from there on)
+    longer = run_training(_config(small_cohort, tmp_path / "longer", epochs=3))
+    run_training(_config(small_cohort, tmp_path / "short", epochs=2))
+    with caplog.at_level(logging.INFO, logger="gigassl"):
+        extended = run_training(_config(small_cohort, tmp_path / "short", epochs=3,
+                                        resume=tmp_path / "short" / "checkpoints" / "epoch_0001.pt", overwrite=False))
+    assert "the run planned 2 epochs, now 3: schedule re-planned over 3 epochs" in caplog.text
+    a, b = load_checkpoint(longer.checkpoint), load_checkpoint(extended.checkpoint)
+    assert b["epoch"] == 3 and b["global_step"] == a["global_step"] == 6 and b["config"]["epochs"] == 3
+    for key in a["model"]:
+        torch.testing.assert_close(b["model"][key], a["model"][key], rtol=0, atol=0, msg=key)
+    assert b["scheduler"]["lr_lambdas"][0]["total_steps"] == 6
+    # a finished run can be trained longer; fewer epochs than already trained is refused
+    more = run_training(_config(small_cohort, tmp_path / "longer", epochs=4, resume=longer.checkpoint))
+    assert load_checkpoint(more.checkpoint)["epoch"] == 4 and len(_rows(more)) == 5
+    with pytest.raises(UserError, match="it has trained 4 epochs, more than --epochs 2; --epochs is the total"):
+        run_training(_config(small_cohort, tmp_path / "longer", epochs=2, resume=more.checkpoint))
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ import numpy as np
 
 from extract import __version__
 from extract.encoder import TILE_FEATURE_DIM, EncoderInfo
+from extract.errors import UserError
 
 FORMAT_NAME = "gigassl-slide-features"
 FORMAT_VERSION = 2  # 2: bank stored feature-major (A, 256, K)
@@ -40,7 +41,7 @@ TEMP_SUFFIX = ".partial"
 BANK_LAYOUT = "augmentation,feature,tile"
 
 
-class FeatureFileError(ValueError):
+class FeatureFileError(UserError):
     """A slide feature file that is missing, incomplete, of another version or malformed."""
 
 
@@ -107,17 +108,27 @@ class SlideFileWriter:
         """Fill ``features[start:start+len(rows)]``."""
         self.file["features"][start : start + len(rows)] = rows
 
-    def create_bank(self, n_augmentations: int, n_tiles: int, bank_attrs: Mapping[str, Any]) -> None:
-        """Create the bank: ``aug_features`` float16 stored (A, 256, K), ``aug_coords`` (A, K, 2) int64."""
+    def create_bank(
+        self, n_augmentations: int, n_tiles: int, bank_attrs: Mapping[str, Any],
+        grid_attrs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Create the bank: ``aug_features`` float16 stored (A, 256, K), ``aug_coords`` (A, K, 2) int64.
+
+        ``grid_attrs`` (tile size, µm/px …, as on ``coords``) go on ``aug_coords``, so that a file
+        written without plain features still tells training how to place its tiles on a grid.
+        """
         feats = self.file.create_dataset(
             "aug_features", shape=(n_augmentations, TILE_FEATURE_DIM, n_tiles), dtype=np.float16,
             chunks=(1, TILE_FEATURE_DIM, n_tiles), compression="gzip", compression_opts=4, shuffle=True,
         )
         feats.attrs["layout"] = BANK_LAYOUT
-        self.file.create_dataset(
+        coords = self.file.create_dataset(
             "aug_coords", shape=(n_augmentations, n_tiles, 2), dtype=np.int64,
             chunks=(1, n_tiles, 2), compression="gzip", compression_opts=4, shuffle=True,
         )
+        for key, value in (grid_attrs or {}).items():
+            if value is not None:
+                coords.attrs[key] = value
         feats.attrs["n_augmentations"] = n_augmentations
         feats.attrs["n_tiles"] = n_tiles
         feats.attrs["encoder"] = self._encoder.name
@@ -235,7 +246,13 @@ class SlideFeatures:
     def tile_step_level0(self) -> float:
         """A tile's side in level-0 pixels: grid cells are coords divided by this."""
         attrs = self.grid_attrs
-        return float(attrs.get("patch_size_level0_exact", attrs["patch_size_level0"]))
+        step = attrs.get("patch_size_level0_exact", attrs.get("patch_size_level0"))
+        if step is None:
+            raise FeatureFileError(
+                f"{self.path}: no tile size in level-0 pixels (patch_size_level0) on its coords; it was written "
+                "without plain features by an older version: re-extract it (`gigassl extract --overwrite`)"
+            )
+        return float(step)
 
     @property
     def encoder_sha256(self) -> str:

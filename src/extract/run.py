@@ -319,7 +319,7 @@ def _write_bank(
 
     result = build_bank(source, grid, job.trunk, job.config, job.device, slide_id=source.slide_id, progress=bar.update)
     n_augmentations, n_tiles = result.features.shape[:2]
-    writer.create_bank(n_augmentations, n_tiles, result.attrs)
+    writer.create_bank(n_augmentations, n_tiles, result.attrs, grid.attrs())
     for index in range(n_augmentations):
         writer.write_augmentation(index, result.features[index], result.coords[index])
     logger.debug("%s bank timings: %s", source.slide_id, result.timings)

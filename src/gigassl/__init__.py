@@ -6,5 +6,8 @@ embeddings for few-label classification.
 """
 
 from extract import __version__
+from gigassl.quiet_warnings import silence_third_party_warnings
+
+silence_third_party_warnings()  # before anything imports spconv
 
 __all__ = ["__version__"]

@@ -3,6 +3,14 @@
 Flags are generated from the dataclass fields (``n_tiles_per_view`` → ``--n-tiles-per-view``,
 booleans as ``--x/--no-x``), so the CLI and the Python API cannot drift apart. Heavy modules
 are imported only when their subcommand runs.
+
+Errors: a user error is printed as one line and exits with status 2; anything else is a bug,
+printed with its traceback, status 1; ``-v`` shows the traceback of user errors too. User
+errors are :class:`extract.errors.UserError`, a path that is missing or not writable
+(``FileNotFoundError``, ``PermissionError`` …), and — so that the validation messages written
+before ``UserError`` existed stay one line — a ``ValueError`` raised by a ``raise`` statement of
+the package itself (a ``ValueError`` raised inside numpy, torch or by an operation of ours is a
+bug). Ctrl-C ends with one line and status 130.
 """
 
 from __future__ import annotations
@@ -11,12 +19,16 @@ import argparse
 import dataclasses
 import importlib
 import logging
+import linecache
+import os
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any, Sequence
 
 from extract.config import ExtractConfig, MocoConfig
+from extract.errors import UserError
 from gigassl.config import DemoConfig, EmbedConfig, EvaluateConfig, TrainConfig
 
 # subcommand → (settings dataclass, "module:function" taking that dataclass, one-line help).
@@ -77,6 +89,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# where the package's own code lives: a ValueError raised by a `raise` line in here is a user error
+PACKAGE_DIRS = tuple(str(Path(module_file).resolve().parent) + os.sep
+                     for module_file in (sys.modules[UserError.__module__].__file__, __file__))
+PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+EXIT_USER_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def is_user_error(error: BaseException) -> bool:
+    """True for bad input or settings (one line), False for a bug (traceback); see the module docstring."""
+    if isinstance(error, (UserError,) + PATH_ERRORS):
+        return True
+    if type(error) is not ValueError or error.__traceback__ is None:
+        return False
+    innermost = error.__traceback__
+    while innermost.tb_next is not None:
+        innermost = innermost.tb_next
+    filename = str(Path(innermost.tb_frame.f_code.co_filename).resolve())
+    line = linecache.getline(innermost.tb_frame.f_code.co_filename, innermost.tb_lineno).strip()
+    return filename.startswith(PACKAGE_DIRS) and line.startswith("raise ")
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (for an error re-raised from a DataLoader worker, whose
+    message carries the worker's traceback, the original "Type: message" line)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if any(line.startswith("Original Traceback") for line in lines):
+        return lines[-1]
+    return " ".join(lines) or type(error).__name__
+
+
+def run_command(command: str, function: Any, config: Any, verbose: bool) -> Any:
+    """Call the subcommand's function; user errors, bugs and Ctrl-C become an exit status."""
+    log = logging.getLogger("gigassl")
+    try:
+        return function(config)
+    except KeyboardInterrupt:
+        log.error("gigassl %s: interrupted (Ctrl-C); files being written were discarded, finished ones are kept",
+                  command)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 — classified below: one line, or the traceback of a bug
+        if is_user_error(error):
+            log.error("%s", one_line(error), exc_info=error if verbose else None)
+            return EXIT_USER_ERROR
+        log.critical("gigassl %s failed on an internal error (a bug; please report it with this traceback): "
+                     "%s: %s", command, type(error).__name__, error, exc_info=error)
+        return EXIT_BUG
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gigassl`` console command; returns the exit status."""
     parser = build_parser()
@@ -91,12 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TypeError, ValueError) as error:
         parser.error(str(error))
     module_name, function_name = target.split(":")
-    function = getattr(importlib.import_module(module_name), function_name)
     try:
-        result = function(config)
-    except (FileNotFoundError, ValueError, PermissionError) as error:
-        logging.getLogger("gigassl").error("%s", error)
-        return 2
+        function = getattr(importlib.import_module(module_name), function_name)
+    except KeyboardInterrupt:
+        logging.getLogger("gigassl").error("gigassl %s: interrupted (Ctrl-C)", args.command)
+        return EXIT_INTERRUPTED
+    result = run_command(args.command, function, config, args.verbose)
     if isinstance(result, int):
         return result
     if callable(getattr(result, "format", None)):

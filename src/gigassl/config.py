@@ -30,7 +30,7 @@ class TrainConfig:
     init: Optional[str] = field(default=None, metadata=_help("ResNet18 checkpoint whose layer4 initialises the sparse layer4 (default: the tile encoder named in the feature files, or random when that was random)"))
     n_tiles_per_view: int = field(default=5, metadata=_help("T: tiles sampled per view (the paper's best is 5)"))
     batch_size: int = field(default=256, metadata=_help("slides per step across all ranks (two views each); capped at the cohort size"))
-    epochs: int = field(default=1000, metadata=_help("training epochs"))
+    epochs: int = field(default=1000, metadata=_help("training epochs in all (with --resume it may differ from the run's, to train longer or stop sooner: the warm-up + cosine schedule is then re-planned over the new total)"))
     lr: float = field(default=0.03, metadata=_help("Adam learning rate at batch 256 (scaled linearly)"))
     weight_decay: float = field(default=0.0, metadata=_help("Adam weight decay"))
     warmup_epochs: int = field(default=10, metadata=_help("linear warm-up epochs before the cosine decay"))
@@ -47,9 +47,11 @@ class TrainConfig:
     checkpoint_every: int = field(default=50, metadata=_help("write a checkpoint every N epochs (and at the end)"))
     keep_checkpoints: int = field(default=2, metadata=_help("periodic checkpoints kept in OUT/checkpoints (older ones are deleted; OUT/checkpoint.pt is always the latest)"))
     monitor_slides: int = field(default=64, metadata=_help("fixed slides used for the label-free monitors"))
-    resume: Optional[Path] = field(default=None, metadata=_help("checkpoint to resume from (same configuration)"))
+    resume: Optional[Path] = field(default=None, metadata=_help("checkpoint to resume from (same settings, except --epochs and where outputs go)"))
     skip_bad_files: bool = field(default=False, metadata=_help("skip feature files without a bank or unreadable (logged) instead of refusing the folder"))
     check_finite: bool = field(default=True, metadata=_help("read every bank once before training and refuse files with NaN/inf features"))
+    overwrite: bool = field(default=False, metadata=_help("replace a run already in --out (its checkpoints and monitors are deleted); without it, such a folder is refused unless --resume"))
+    allow_mixed_grids: bool = field(default=False, metadata=_help("train on feature files extracted at different tile sizes or µm/px (refused otherwise; the grids are recorded in the checkpoint)"))
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class EmbedConfig:
     sparse_backend: str = field(default="auto", metadata=_help(SPARSE_BACKEND_HELP))
     export: str = field(default="", metadata=_help("comma-separated extra exports: npz,csv"))
     strict: bool = field(default=False, metadata=_help("exit non-zero when any slide file failed (failed files are always listed)"))
+    allow_other_encoder: bool = field(default=False, metadata=_help("embed features made by another tile encoder than the checkpoint was trained on (refused otherwise; recorded in the output)"))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,10 @@ Bad input, decided once here:
 - banks with fewer than T tiles per augmentation: views sample with replacement (warning
   listing the slides);
 - NaN or inf in a bank: ``FeatureFileError`` naming the file (checked for every bank up front
-  with ``check_finite``, and for every augmentation read during training in any case).
+  with ``check_finite``, and for every augmentation read during training in any case);
+- files extracted on different tile grids (tile size in pixels, µm/px): ``FeatureFileError``
+  listing the grids and a file of each — a grid cell must mean the same tissue for every
+  slide — unless ``allow_mixed_grids`` (a warning; the grids are recorded in the checkpoint).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from torch.utils.data import Dataset, Sampler
 
 from extract.bank_chunks import BankChunkReader, BankChunks, locate_bank_chunks
 from extract.encoder import EncoderInfo
+from extract.errors import UserError
 from extract.features_file import FeatureFileError, SlideFeatures
 from gigassl.sparse_map import SparseBatch, augment_cells, collate_views, tile_cells
 
@@ -57,6 +61,7 @@ class SlideEntry:
     bank_size: int
     tile_step_level0: float
     encoder: EncoderInfo
+    grid: tuple[int | None, float | None] = (None, None)  # (tile size px, µm/px of the tiles)
     # Byte offsets of the bank's chunks for direct reads; None when the file's bank is stored
     # otherwise (then views are read through h5py).
     chunks: BankChunks | None = field(default=None, compare=False, repr=False)
@@ -78,6 +83,14 @@ class Cohort:
     def encoder(self) -> EncoderInfo:
         """The tile encoder that embedded every slide (the scan refuses mixed encoders)."""
         return self.slides[0].encoder
+
+    def grids(self) -> list[dict[str, float | int | None]]:
+        """The tile grids of the slides: [{"tile_size_px", "mpp", "n_slides"}], most common first."""
+        counts: dict[tuple[int | None, float | None], int] = {}
+        for entry in self.slides:
+            counts[entry.grid] = counts.get(entry.grid, 0) + 1
+        return [dict(tile_size_px=size, mpp=mpp, n_slides=n)
+                for (size, mpp), n in sorted(counts.items(), key=lambda item: -item[1])]
 
 
 def _list_reasons(items: Sequence[tuple[Path, str]], limit: int = 10) -> str:
@@ -103,7 +116,30 @@ def _scan_one(path: Path, check_finite: bool) -> SlideEntry:
                         "(`gigassl extract --overwrite`) or move the file out of the folder"
                     )
         return SlideEntry(path, slide.slide_id, slide.n_augmentations, slide.bank_size,
-                          slide.tile_step_level0, encoder, locate_bank_chunks(slide))
+                          slide.tile_step_level0, encoder, _grid(slide.grid_attrs), locate_bank_chunks(slide))
+
+
+def _grid(attrs: dict) -> tuple[int | None, float | None]:
+    """(tile size in pixels, µm/px of the tiles) of a file's grid attributes (None where unsaid)."""
+    size, mpp = attrs.get("patch_size"), attrs.get("target_mpp")
+    return (None if size is None else int(size), None if mpp is None else round(float(mpp), 4))
+
+
+def _check_one_grid(folder: Path, slides: Sequence[SlideEntry], allow_mixed_grids: bool) -> None:
+    """Refuse (or, when allowed, warn about) slides extracted on different tile grids."""
+    grids: dict[tuple[int | None, float | None], list[SlideEntry]] = {}
+    for entry in slides:
+        grids.setdefault(entry.grid, []).append(entry)
+    if len(grids) < 2:
+        return
+    described = "; ".join(f"{size} px at {mpp} µm/px: {len(members)} file{'s' * (len(members) != 1)} (e.g. {members[0].path.name})"
+                          for (size, mpp), members in sorted(grids.items(), key=lambda item: -len(item[1])))
+    if not allow_mixed_grids:
+        raise FeatureFileError(
+            f"the files in {folder} were extracted on {len(grids)} different tile grids ({described}); a grid "
+            "cell must be the same size of tissue for every slide: re-extract them with one --mpp and --tile-size, "
+            "or pass --allow-mixed-grids to train on them anyway (recorded in the checkpoint)")
+    log.warning("training on %d different tile grids (--allow-mixed-grids): %s", len(grids), described)
 
 
 def scan_features_folder(
@@ -112,6 +148,7 @@ def scan_features_folder(
     *,
     skip_bad_files: bool = False,
     check_finite: bool = True,
+    allow_mixed_grids: bool = False,
 ) -> Cohort:
     """Validate the per-slide HDF5 files of ``folder`` for training (see the module docstring)."""
     folder = Path(folder)
@@ -124,7 +161,7 @@ def scan_features_folder(
             "the `features` folder written by `gigassl extract`"
         )
     if n_tiles_per_view < 1:
-        raise ValueError(f"n_tiles_per_view must be ≥ 1, got {n_tiles_per_view}")
+        raise UserError(f"n_tiles_per_view must be ≥ 1, got {n_tiles_per_view}")
     slides, bad = [], []
     for path in paths:
         try:
@@ -151,6 +188,7 @@ def scan_features_folder(
             f"the files in {folder} were embedded by {len(encoders)} different tile encoders:\n"
             f"{_list_reasons(by_encoder)}\ntrain on features of one encoder only"
         )
+    _check_one_grid(folder, slides, allow_mixed_grids)
     small = [s for s in slides if s.bank_size < n_tiles_per_view]
     if small:
         log.warning(
@@ -277,7 +315,7 @@ def global_batch_size(requested: int, n_slides: int, world_size: int) -> int:
     batch = min(requested, n_slides)
     batch -= batch % world_size
     if batch < 2:
-        raise ValueError(
+        raise UserError(
             f"a step needs at least 2 slides (NT-Xent contrasts slides) and a multiple of the "
             f"{world_size} ranks; the cohort has {n_slides} slides and batch_size is {requested}"
         )

@@ -115,7 +115,7 @@ def train_settings(config: DemoConfig, features: Path) -> Any:
         features=features, out=Path(config.out) / "train", epochs=config.epochs,
         batch_size=config.batch_size, warmup_epochs=max(1, config.epochs // 10), seed=config.seed,
         device=config.device, sparse_backend=config.sparse_backend, checkpoint_every=config.epochs, keep_checkpoints=1,
-        monitor_slides=min(config.n_slides, 16),
+        monitor_slides=min(config.n_slides, 16), overwrite=True,  # the demo always retrains
     )
 
 

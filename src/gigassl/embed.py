@@ -15,10 +15,21 @@ Output HDF5 (written to a temporary file, renamed when complete)::
     /embeddings  (S, 512)  float32, unit L2 norm
     root attrs: format, format_version, package_version, checkpoint, checkpoint_sha256,
                 checkpoint_epoch, n_views, n_tiles_per_view, seed, features, encoder_sha256
-                (tile encoder of the features), settings (JSON), failed (JSON), complete
+                (tile encoder of the features), checkpoint_encoder_sha256, features_encoders
+                (JSON), settings (JSON), failed (JSON), complete
 
 ``--export npz,csv`` also writes ``OUT.npz`` (slide_ids, embeddings, provenance JSON) and
 ``OUT.csv`` (slide_id, e000 … e511).
+
+Inputs are checked per slide, and a slide that fails is listed in ``failed`` (the run goes on;
+``--strict`` makes the exit status non-zero): unreadable files, files without tiles, NaN or inf
+features (:mod:`gigassl.plain_features`, which also reads TRIDENT/CLAM-layout files), features
+of another width than the model takes ("features are 1024-d, this model expects 256-d"),
+features made by another tile encoder than the checkpoint was trained on (by the hash both
+record; ``--allow-other-encoder`` embeds them anyway) and a slide id already taken by another
+file of the folder (a copied file: the file named after the id is kept, else the first by
+name). ``encoder_sha256`` in the output is the features' own tile encoder (comma-separated
+when several were allowed); ``checkpoint_encoder_sha256`` the one the checkpoint was trained on.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -40,9 +52,11 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from extract import __version__
-from extract.encoder import SLIDE_FEATURE_DIM, file_sha256
-from extract.features_file import FeatureFileError, SlideFeatures
+from extract.encoder import SLIDE_FEATURE_DIM, TILE_FEATURE_DIM, file_sha256
+from extract.errors import UserError
+from extract.features_file import FeatureFileError
 from gigassl.config import EmbedConfig
+from gigassl.plain_features import PlainFeatures, read_plain_features, split_duplicate_ids
 from gigassl.sparse_map import collate_views, tile_cells
 
 logger = logging.getLogger(__name__)
@@ -53,7 +67,7 @@ FEATURE_SUFFIX = ".h5"
 EXPORTS = ("npz", "csv")
 
 
-class EmbeddingFileError(ValueError):
+class EmbeddingFileError(UserError):
     """An embeddings file that is missing, incomplete, of another version or malformed."""
 
 
@@ -119,56 +133,101 @@ def pool_views(model, views: Sequence[tuple[np.ndarray, np.ndarray]], n_views: i
     return torch.nn.functional.normalize(mean, dim=1).cpu().numpy().astype(np.float32)
 
 
-def _read_slide(path: Path) -> tuple[str, np.ndarray, np.ndarray, float]:
-    with SlideFeatures(path, require_plain=True) as slide:
-        if slide.n_tiles == 0:
-            raise FeatureFileError(f"{path}: no tissue tiles; nothing to embed")
-        return slide.slide_id, slide.features(), slide.coords(), slide.tile_step_level0
+def model_feature_dim(model) -> int:
+    """The tile feature width ``model`` takes (the input channels of its sparse layer4)."""
+    width = getattr(model, "feature_dim", None)
+    if width is not None:
+        return int(width)
+    shortcut = model.state_dict().get("layer4.block0.shortcut_conv.weight")  # (512, D): the 1×1 conv
+    return int(shortcut.shape[1]) if shortcut is not None else TILE_FEATURE_DIM
+
+
+@dataclass(frozen=True)
+class FeatureContract:
+    """What a checkpoint needs of the plain features it embeds: their width and, when the
+    checkpoint records it, the tile encoder that made them (``encoder_sha256`` "" = unchecked)."""
+
+    feature_dim: int
+    encoder_name: str = ""
+    encoder_sha256: str = ""
+    allow_other_encoder: bool = False
+
+    @classmethod
+    def of(cls, model, checkpoint: dict[str, Any] | None = None, allow_other_encoder: bool = False) -> "FeatureContract":
+        """The contract of ``model`` and its checkpoint dict (whose ``encoder`` names the features' encoder)."""
+        encoder = (checkpoint or {}).get("encoder") or {}
+        encoder = encoder if isinstance(encoder, dict) else {}
+        return cls(model_feature_dim(model), str(encoder.get("name", "")), str(encoder.get("sha256", "")),
+                   allow_other_encoder)
+
+    def check(self, slide: PlainFeatures) -> None:
+        """Raise a one-line :class:`FeatureFileError` when ``slide`` breaks the contract."""
+        if slide.feature_dim != self.feature_dim:
+            raise FeatureFileError(
+                f"{slide.path}: features are {slide.feature_dim}-d, this model expects {self.feature_dim}-d; embed "
+                "features extracted with the tile encoder the model was trained on")
+        if (self.encoder_sha256 and slide.encoder_sha256 and slide.encoder_sha256 != self.encoder_sha256
+                and not self.allow_other_encoder):
+            raise FeatureFileError(
+                f"{slide.path}: features made by the tile encoder {slide.encoder_name!r} (sha256 "
+                f"{slide.encoder_sha256[:12]}…), but the model was trained on features of {self.encoder_name!r} "
+                f"(sha256 {self.encoder_sha256[:12]}…); embed features of that encoder, or pass --allow-other-encoder "
+                "to embed these anyway (recorded in the output)")
 
 
 def iter_embeddings(
     model, feature_files: Sequence[str | Path], n_views: int, n_tiles_per_view: int, seed: int = 0,
-    batch_size: int = 64, failed: list[tuple[str, str]] | None = None,
+    batch_size: int = 64, failed: list[tuple[str, str]] | None = None, contract: FeatureContract | None = None,
+    encoders: Counter | None = None,
 ) -> Iterator[tuple[list[str], np.ndarray]]:
     """Yield (ids, (s, 512) float32) per batch of ``batch_size`` slides.
 
-    Unreadable files are logged and appended to ``failed`` as (path, reason) when a list is
-    given; otherwise they raise.
+    Each file is read with :func:`~gigassl.plain_features.read_plain_features` and checked
+    against ``contract`` (default: the model's feature width only). Files that fail are logged
+    and appended to ``failed`` as (path, reason) when a list is given; otherwise they raise.
+    ``encoders``, when given, counts the embedded slides per (encoder name, sha256).
     """
     if n_views < 1 or n_tiles_per_view < 1 or batch_size < 1:
-        raise ValueError(f"n_views ({n_views}), n_tiles_per_view ({n_tiles_per_view}) and batch_size ({batch_size}) must be ≥ 1")
+        raise UserError(f"n_views ({n_views}), n_tiles_per_view ({n_tiles_per_view}) and batch_size ({batch_size}) must be ≥ 1")
+    contract = contract or FeatureContract(model_feature_dim(model))
     files = [Path(p) for p in feature_files]
     for start in range(0, len(files), batch_size):
         ids, views = [], []
         for path in files[start : start + batch_size]:
             try:
-                slide_id, features, coords, step = _read_slide(path)
+                slide = read_plain_features(path)
+                contract.check(slide)
             except (FeatureFileError, OSError, KeyError) as error:
                 if failed is None:
                     raise
                 logger.warning("skipping %s: %s", path, error)
                 failed.append((str(path), str(error)))
                 continue
-            ids.append(slide_id)
-            views.extend(sample_views(features, coords, step, n_views, n_tiles_per_view, slide_generator(seed, slide_id)))
+            ids.append(slide.slide_id)
+            if encoders is not None:
+                encoders[(slide.encoder_name, slide.encoder_sha256)] += 1
+            views.extend(sample_views(slide.features, slide.coords, slide.tile_step_level0, n_views, n_tiles_per_view,
+                                      slide_generator(seed, slide.slide_id)))
         if ids:
             yield ids, pool_views(model, views, n_views)
 
 
 def embed_slides(
     model, feature_files: Sequence[str | Path], n_views: int = 50, n_tiles_per_view: int = 5, seed: int = 0,
-    batch_size: int = 64, device: torch.device | str | None = None,
+    batch_size: int = 64, device: torch.device | str | None = None, contract: FeatureContract | None = None,
 ) -> tuple[list[str], np.ndarray]:
     """Slide ids and (S, 512) float32 unit-norm embeddings of ``feature_files`` (in memory).
 
     ``model`` is a :class:`~gigassl.model.GigaSSLModel` in eval mode; ``device`` moves it
-    there first (default: where it is). Raises on an unreadable file.
+    there first (default: where it is). Raises on an unreadable file, NaN features or a
+    file that breaks ``contract`` (default: the model's feature width), naming the file.
     """
     if device is not None:
         model = model.to(torch.device(device))
     ids: list[str] = []
     chunks: list[np.ndarray] = []
-    for chunk_ids, chunk in iter_embeddings(model, feature_files, n_views, n_tiles_per_view, seed, batch_size):
+    for chunk_ids, chunk in iter_embeddings(model, feature_files, n_views, n_tiles_per_view, seed, batch_size,
+                                            contract=contract):
         ids.extend(chunk_ids)
         chunks.append(chunk)
     return ids, (np.concatenate(chunks) if chunks else np.zeros((0, SLIDE_FEATURE_DIM), np.float32))
@@ -251,7 +310,7 @@ def read_embeddings(path: str | Path) -> SlideEmbeddings:
 def export_embeddings(embeddings: SlideEmbeddings, path: str | Path, kind: str) -> Path:
     """Write ``path`` with suffix ``.npz`` (ids, embeddings, provenance JSON) or ``.csv``."""
     if kind not in EXPORTS:
-        raise ValueError(f"unknown export {kind!r}; choose among {', '.join(EXPORTS)}")
+        raise UserError(f"unknown export {kind!r}; choose among {', '.join(EXPORTS)}")
     target = Path(path).with_suffix(f".{kind}")
     if kind == "npz":
         np.savez(target, slide_ids=np.array(embeddings.slide_ids, dtype=str), embeddings=embeddings.embeddings,
@@ -288,8 +347,21 @@ def _parse_exports(text: str) -> list[str]:
     kinds = [k.strip().lower() for k in text.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in EXPORTS]
     if unknown:
-        raise ValueError(f"--export {text!r}: unknown {unknown}; choose among {', '.join(EXPORTS)}")
+        raise UserError(f"--export {text!r}: unknown {unknown}; choose among {', '.join(EXPORTS)}")
     return kinds
+
+
+def _features_encoders(encoders: Counter, contract: FeatureContract) -> tuple[str, list[list[Any]]]:
+    """(``encoder_sha256`` attribute: the features' own encoder(s), [[name, sha256, n_slides], …])."""
+    unknown = sum(n for (_, sha), n in encoders.items() if not sha)
+    if unknown and contract.encoder_sha256:
+        logger.warning("%d slide file(s) do not record their tile encoder's sha256, so they could not be checked "
+                       "against the checkpoint's (%s, %.12s…)", unknown, contract.encoder_name, contract.encoder_sha256)
+    if contract.allow_other_encoder and {sha for _, sha in encoders} - {contract.encoder_sha256, ""}:
+        logger.warning("embedded features of another tile encoder than the checkpoint's (--allow-other-encoder): %s",
+                       ", ".join(f"{name} ({sha[:12]}…): {n} slides" for (name, sha), n in encoders.items()))
+    hashes = sorted({sha for _, sha in encoders if sha})
+    return ",".join(hashes), [[name, sha, n] for (name, sha), n in sorted(encoders.items())]
 
 
 def run_embedding(config: EmbedConfig) -> EmbedResult:
@@ -299,40 +371,44 @@ def run_embedding(config: EmbedConfig) -> EmbedResult:
     from extract.device import resolve_device
 
     exports = _parse_exports(config.export)
-    files = feature_files_in(config.features)
+    files, failed = split_duplicate_ids(feature_files_in(config.features))
     device = resolve_device(config.device)
     model, checkpoint = load_slide_encoder(config.model, device, config.sparse_backend)
     n_tiles = config.n_tiles_per_view or int(checkpoint["config"]["n_tiles_per_view"])
-    encoder = checkpoint.get("encoder") or {}
+    contract = FeatureContract.of(model, checkpoint, config.allow_other_encoder)
     provenance = dict(
         checkpoint=str(config.model), checkpoint_sha256=file_sha256(config.model),
         checkpoint_epoch=int(checkpoint.get("epoch", -1)), n_views=config.n_views, n_tiles_per_view=n_tiles,
-        seed=config.seed, features=str(config.features), sparse_backend=model.sparse_backend,
-        encoder_sha256=str(encoder.get("sha256", "")) if isinstance(encoder, dict) else "",
+        seed=config.seed, features=str(config.features), checkpoint_encoder_sha256=contract.encoder_sha256,
+        sparse_backend=model.sparse_backend,
         settings={k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()},
     )
     logger.info("embedding %d slides from %s: R=%d views of T=%d tiles, seed %d, on %s",
                 len(files), config.features, config.n_views, n_tiles, config.seed, device)
-    failed: list[tuple[str, str]] = []
-    progress = tqdm(total=len(files), unit="slide", desc="embed")
+    encoders: Counter = Counter()
+    progress = tqdm(total=len(files) + len(failed), initial=len(failed), unit="slide", desc="embed")
     with EmbeddingWriter(config.out, provenance) as writer:
-        for ids, chunk in iter_embeddings(model, files, config.n_views, n_tiles, config.seed, config.batch_size, failed):
+        for ids, chunk in iter_embeddings(model, files, config.n_views, n_tiles, config.seed, config.batch_size, failed,
+                                          contract, encoders):
             writer.append(ids, chunk)
-            progress.update(len(ids))
-        progress.update(len(failed))
+            progress.update(writer.n_slides + len(failed) - progress.n)
+        encoder_sha256, features_encoders = _features_encoders(encoders, contract)
+        writer.set_attr("encoder_sha256", encoder_sha256)
+        writer.set_attr("features_encoders", features_encoders)
         writer.set_attr("failed", failed)
         if writer.n_slides == 0:
-            raise ValueError(f"no slide of {config.features} could be embedded ({len(failed)} failed); see the warnings")
+            raise UserError(f"no slide of {config.features} could be embedded: {len(failed)} file(s) failed, the first "
+                            f"{failed[0][0]}: {failed[0][1]}" if failed else f"no slide of {config.features} to embed")
     progress.close()
     written = [export_embeddings(read_embeddings(config.out), config.out, kind) for kind in exports] if exports else []
     return EmbedResult(Path(config.out), writer.n_slides, failed, written, int(bool(failed) and config.strict))
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_slide_encoder(path: str, mtime_ns: int, device: str, sparse_backend: str) -> tuple[Any, int]:
+def _cached_slide_encoder(path: str, mtime_ns: int, device: str, sparse_backend: str) -> tuple[Any, int, FeatureContract]:
     # cross_val_score clones and re-transforms many times; the file's mtime keys out stale copies
     model, checkpoint = load_slide_encoder(path, device, sparse_backend)
-    return model, int(checkpoint["config"]["n_tiles_per_view"])
+    return model, int(checkpoint["config"]["n_tiles_per_view"]), FeatureContract.of(model, checkpoint)
 
 
 class SlideEmbedder(TransformerMixin, BaseEstimator):
@@ -363,19 +439,22 @@ class SlideEmbedder(TransformerMixin, BaseEstimator):
     def fit(self, X: Sequence[str | Path], y: Any = None) -> "SlideEmbedder":
         return self
 
-    def _model(self) -> tuple[Any, int]:
+    def _model(self) -> tuple[Any, int, FeatureContract]:
         if self.model is None:
-            raise ValueError("SlideEmbedder needs model=<checkpoint path or GigaSSLModel>")
+            raise UserError("SlideEmbedder needs model=<checkpoint path or GigaSSLModel>")
         if isinstance(self.model, (str, Path)):
             path = Path(self.model).resolve()
             if not path.is_file():
                 raise FileNotFoundError(f"SlideEmbedder: checkpoint {path} does not exist")
-            model, n_tiles = _cached_slide_encoder(str(path), path.stat().st_mtime_ns, self.device, self.sparse_backend)
-            return model, self.n_tiles_per_view or n_tiles
-        return self.model.eval(), self.n_tiles_per_view or 5
+            model, n_tiles, contract = _cached_slide_encoder(str(path), path.stat().st_mtime_ns, self.device, self.sparse_backend)
+            return model, self.n_tiles_per_view or n_tiles, contract
+        model = self.model.eval()
+        return model, self.n_tiles_per_view or 5, FeatureContract.of(model)
 
     def transform(self, X: Sequence[str | Path]) -> np.ndarray:
-        model, n_tiles = self._model()
+        """(S, 512) embeddings of the feature files ``X``; raises naming the first file that fails."""
+        model, n_tiles, contract = self._model()
         paths = [str(p) for p in np.asarray(X, dtype=object).ravel()]
-        _, embeddings = embed_slides(model, paths, self.n_views, n_tiles, self.seed, self.batch_size, self.device)
+        _, embeddings = embed_slides(model, paths, self.n_views, n_tiles, self.seed, self.batch_size, self.device,
+                                     contract)
         return embeddings

@@ -34,13 +34,14 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import h5py
 import numpy as np
 from sklearn.base import clone
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
+from extract.errors import UserError
 from gigassl.config import EvaluateConfig
 from gigassl.protocol import (
     Budget,
@@ -53,6 +54,9 @@ from gigassl.protocol import (
     read_labels,
 )
 from gigassl.mil import AttentionMIL, SlideTiles, TopKFineTuner, make_logistic_regression, mean_features
+
+if TYPE_CHECKING:
+    from gigassl.embed import SlideEmbeddings
 
 logger = logging.getLogger(__name__)
 
@@ -255,24 +259,52 @@ class EvaluationResult:
 
 
 def feature_paths(folder: str | Path) -> dict[str, Path]:
-    """slide id (file stem) → per-slide features file of ``folder``."""
+    """slide id → per-slide features file of ``folder`` (gigassl or TRIDENT/CLAM layout).
+
+    The id is the file's ``slide_id`` attribute, else its stem, as ``gigassl embed`` names the
+    rows; of two files with one id (a copied file), the one named after the id is used and the
+    collision is logged.
+    """
+    from gigassl.plain_features import read_slide_id, split_duplicate_ids
+
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--features {folder} is not a folder; point it at the `features` folder of `gigassl extract`")
-    return {p.stem: p for p in sorted(folder.glob("*.h5"))}
+    kept, _ = split_duplicate_ids(sorted(folder.glob("*.h5")))
+    return {read_slide_id(p): p for p in kept}
 
 
 def load_bags(paths: Sequence[Path]) -> list[np.ndarray]:
-    """(N_i, 256) plain tile features of each file."""
-    from extract.features_file import SlideFeatures
+    """(N_i, D) plain tile features of each file, checked (finite, one width D for all)."""
+    from gigassl.plain_features import read_plain_features
 
-    bags = []
+    bags, first = [], None
     for path in paths:
-        with SlideFeatures(path, require_plain=True) as slide:
-            if slide.n_tiles == 0:
-                raise ValueError(f"{path}: no tiles; drop the slide from the labels CSV")
-            bags.append(slide.features())
+        slide = read_plain_features(path)  # refuses no tiles and NaN/inf features, naming the file
+        if first is not None and slide.feature_dim != first.feature_dim:
+            raise UserError(f"{path}: features are {slide.feature_dim}-d, but {first.path.name}'s are "
+                            f"{first.feature_dim}-d; the baselines need features of one tile encoder")
+        first = first or slide
+        bags.append(slide.features)
     return bags
+
+
+def check_embeddings(embeddings: SlideEmbeddings, path: str | Path, slide_ids: Sequence[str]) -> None:
+    """Refuse an embeddings file holding a slide id twice, or non-finite vectors for ``slide_ids``."""
+    rows: dict[str, list[int]] = {}
+    for row, slide_id in enumerate(embeddings.slide_ids):
+        rows.setdefault(slide_id, []).append(row)
+    repeated = [f"{s} (rows {', '.join(map(str, r))})" for s, r in rows.items() if len(r) > 1]
+    if repeated:
+        raise UserError(f"{path}: {len(repeated)} slide id(s) appear more than once: {', '.join(repeated[:10])}"
+                        f"{' …' if len(repeated) > 10 else ''}; two feature files carried one slide id (a copied "
+                        "file?): re-run `gigassl embed`, which keeps one file per id and lists the others")
+    finite = np.isfinite(embeddings.embeddings).all(axis=1)
+    bad = [s for s in slide_ids if s in rows and not finite[rows[s][0]]]
+    if bad:
+        raise UserError(f"{path}: the vectors of {len(bad)} labelled slide(s) hold NaN or inf: {', '.join(bad[:10])}"
+                        f"{' …' if len(bad) > 10 else ''}; re-embed them with `gigassl embed` (which lists slides "
+                        "with NaN features as failed) or drop them from the labels CSV")
 
 
 def slide_tiles(paths: Sequence[Path], slides_folder: Path | None) -> list[SlideTiles]:
@@ -306,7 +338,7 @@ def trunk_factory(encoder: str, feature_file: Path):
     if encoder == "auto":
         _, info = load_resnet18("random", seed=seed)
         if info.sha256 != expected:
-            raise ValueError(f"{feature_file}: its features come from a tile encoder checkpoint (sha256 {expected[:12]}…); "
+            raise UserError(f"{feature_file}: its features come from a tile encoder checkpoint (sha256 {expected[:12]}…); "
                              "top-k fine-tunes that encoder: pass it with --encoder PATH")
         source, load_seed = "random", seed
     else:
@@ -326,12 +358,13 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
     baselines = [b.strip() for b in config.baselines.split(",") if b.strip()]
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
-        raise ValueError(f"--baselines: unknown {unknown}; choose among {', '.join(BASELINES)}")
+        raise UserError(f"--baselines: unknown {unknown}; choose among {', '.join(BASELINES)}")
     if baselines and config.features is None:
         logger.info("no --features given: baselines %s skipped (they need the tile features)", baselines)
         baselines = []
     embeddings = read_embeddings(config.embeddings)
     labels = read_labels(config.labels, config.slide_column, config.label_column, config.patient_column)
+    check_embeddings(embeddings, config.embeddings, labels.slide_ids)
     labels, missing = keep_available(labels, set(embeddings.slide_ids), f"the embeddings {config.embeddings}", config.strict)
     files: dict[str, Path] = {}
     if baselines:

@@ -71,13 +71,17 @@ def write_synthetic_cohort(
     *,
     signature_strength: float = 1.0,
     class_strength: float = 1.0,
+    plain: bool = True,
+    grid_attrs: dict | None = None,
 ) -> list[Path]:
     """Write ``n_slides`` feature files (plain features + bank) into ``folder``.
 
     Slide ``i`` is ``folder/slide_{i:03d}.h5`` with ``n_tiles`` plain tiles (N, 256) and a bank of
     ``n_augmentations`` × ``bank_size`` tiles (sampled with replacement when
     ``bank_size > n_tiles``). With ``planted=False`` the features are pure noise (no slide
-    signature, no class signal). Returns the paths in slide order.
+    signature, no class signal). ``plain=False`` writes the bank only (as ``gigassl extract
+    --no-plain``); ``grid_attrs`` overrides attributes of the tile grid (``patch_size``,
+    ``target_mpp`` …). Returns the paths in slide order.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -99,17 +103,18 @@ def write_synthetic_cohort(
             signature *= signature_strength / np.linalg.norm(signature) * np.sqrt(TILE_FEATURE_DIM) / 4
             features += signature + class_strength * synthetic_label(index) * class_direction * 4
         grid = dict(GRID_ATTRS, level0_width=int(coords[:, 0].max() + TILE_STEP_LEVEL0),
-                    level0_height=int(coords[:, 1].max() + TILE_STEP_LEVEL0))
+                    level0_height=int(coords[:, 1].max() + TILE_STEP_LEVEL0), **(grid_attrs or {}))
         with_replacement = bank_size > n_tiles
         path = folder / f"{slide_id}.h5"
         with SlideFileWriter(path, slide_id=slide_id, source=f"{slide_id}.synthetic",
                              settings={"synthetic": True, "seed": seed, "planted": planted},
                              encoder=encoder) as writer:
-            writer.create_plain(coords, grid)
-            writer.write_plain_rows(0, features)
+            if plain:
+                writer.create_plain(coords, grid)
+                writer.write_plain_rows(0, features)
             writer.create_bank(n_augmentations, bank_size, {
                 "seed": seed, "sampled_with_replacement": with_replacement, "augmentation": {"synthetic": True},
-            })
+            }, grid)
             for a in range(n_augmentations):
                 rows = slide_rng.choice(n_tiles, size=bank_size, replace=with_replacement)
                 shift = 0.3 * slide_rng.standard_normal(TILE_FEATURE_DIM).astype(np.float32)

@@ -15,6 +15,18 @@ Outputs in ``config.out``:
   fixed views (model in eval mode): loss, positive-pair top-1 accuracy, collapse level,
   RankMe and ODCorr of the 512-d slide representations. ``curves.png`` at the end.
 
+An ``out`` folder that already holds a run (``checkpoint.pt``, ``checkpoints/``, monitors) is
+refused unless ``--resume`` continues it or ``--overwrite`` deletes it first.
+
+Resuming: every setting must be the checkpoint's except where outputs go (see
+:data:`gigassl.checkpoint.RESUME_FREE_KEYS`) and ``epochs``, which may grow (train a finished
+run longer) or shrink down to the epochs already done. The schedule is then re-planned, not
+continued: from the resumed step on, the learning rate is the one a run started with the new
+``--epochs`` would use at that step (same warm-up, cosine stretched over the new total). So
+extending an unfinished run follows exactly the longer run's schedule (views depend only on
+the seed and the epoch); extending a finished run raises its learning rate again from ~0 to
+the new schedule's value at that step (logged), e.g. from 1000 to 2000 epochs to half the peak.
+
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is joined
 (:mod:`gigassl.distributed`), each rank takes its contiguous share of every global batch,
 the loss is NT-Xent over the global batch (embeddings gathered with gradients), gradients
@@ -43,6 +55,7 @@ from torch import nn
 from extract import __version__
 from extract.device import autocast, autocast_dtype
 from extract.encoder import EncoderInfo, ResNet18, load_resnet18
+from extract.errors import UserError
 from gigassl.config import TrainConfig
 from gigassl.data import (
     STREAM_MONITOR,
@@ -83,7 +96,7 @@ MONITOR_COLUMNS = (
 )
 
 
-class TrainingDivergedError(ValueError):
+class TrainingDivergedError(UserError):
     """The loss became NaN or inf; the run stopped and the last good checkpoint was kept."""
 
 
@@ -102,8 +115,8 @@ class TrainResult:
 
     def format(self) -> str:
         """Where the run ended and what it wrote."""
-        monitored = ", ".join(f"{key} {self.final[key]:.4g}" for key in ("train_loss", "positive_pair_accuracy", "rankme")
-                              if key in self.final)
+        labels = dict(train_loss="train loss", positive_pair_accuracy="monitor positive-pair accuracy", rankme="RankMe")
+        monitored = ", ".join(f"{label} {self.final[key]:.4g}" for key, label in labels.items() if key in self.final)
         return (f"trained {self.epochs} epochs ({self.global_step} steps){': ' + monitored if monitored else ''}\n"
                 f"written: {self.checkpoint}, {self.monitors_csv}" + (f", {self.curves}" if self.curves else ""))
 
@@ -141,7 +154,82 @@ def check_config(config: TrainConfig) -> None:
     if config.sparse_backend not in BACKENDS:
         problems.append(f"--sparse-backend must be one of {', '.join(BACKENDS)} (got {config.sparse_backend!r})")
     if problems:
-        raise ValueError("invalid training settings: " + "; ".join(problems))
+        raise UserError("invalid training settings: " + "; ".join(problems))
+
+
+def warmup_warning(warmup_epochs: int, epochs: int) -> Optional[str]:
+    """A message when the run ends inside its linear warm-up, else None."""
+    if warmup_epochs < max(epochs, 1) or warmup_epochs == 0:
+        return None
+    return (f"--warmup-epochs {warmup_epochs} ≥ --epochs {epochs}: the run ends during the linear warm-up, so the "
+            f"learning rate reaches only {100 * min(1.0, epochs / warmup_epochs):.0f}% of --lr and the cosine decay "
+            "never starts; lower --warmup-epochs (the original: 10 of 1000 epochs)")
+
+
+# Run files in ``out``; a folder holding any of them holds a run (see claim_output_folder).
+RUN_FILES = (LATEST_CHECKPOINT, "monitors.csv", "monitors.json", "curves.png")
+# Settings a resume may change beyond gigassl.checkpoint.RESUME_FREE_KEYS: permissions that
+# do not change what is learned (the slides are checked by id), and ``epochs`` (re-planned).
+RESUME_EXTRA_FREE_KEYS = frozenset({"epochs", "overwrite", "allow_mixed_grids"})
+
+
+def existing_run(out: Path) -> list[Path]:
+    """The files of a training run already in ``out`` (empty when there is none)."""
+    found = [out / name for name in RUN_FILES if (out / name).exists()]
+    if (out / "checkpoints").is_dir():
+        found += sorted((out / "checkpoints").glob("epoch_*.pt"))
+    return found
+
+
+def claim_output_folder(out: Path, config: TrainConfig) -> list[Path]:
+    """The files ``--overwrite`` will delete; refuses a folder that holds another run unless
+    ``--overwrite``, or ``--resume`` from a checkpoint inside it."""
+    found = existing_run(out)
+    if not found:
+        return []
+    if config.resume is not None and Path(config.resume).resolve().is_relative_to(out.resolve()):
+        return []
+    if config.overwrite:
+        return found
+    try:
+        payload = load_checkpoint(out / LATEST_CHECKPOINT)
+        what = f"epoch {payload['epoch']} of {payload['config']['epochs']}"
+    except (OSError, ValueError, KeyError):
+        what = f"{len(found)} files"
+    raise UserError(f"{out} already holds a training run ({what}); pass --resume {out / LATEST_CHECKPOINT} to continue "
+                    "it (with a larger --epochs to train it longer), --overwrite to replace it, or another --out")
+
+
+def check_resume(resume: dict[str, Any], config: TrainConfig, cohort: Cohort) -> None:
+    """Refuse a resume whose settings (but ``epochs``) or slides differ from the checkpoint's,
+    or whose ``epochs`` is fewer than the epochs already trained."""
+    saved = {k: v for k, v in resume["config"].items() if k not in RESUME_EXTRA_FREE_KEYS}
+    current = {k: v for k, v in config_to_dict(config).items() if k not in RESUME_EXTRA_FREE_KEYS}
+    differences = config_differences(saved, current)
+    if differences:
+        raise UserError(f"cannot resume from {config.resume}: its settings differ from these ("
+                        + "; ".join(differences) + "); resume with the same settings (only --epochs may change) "
+                        "or start a new run")
+    if list(resume["slide_ids"]) != cohort.slide_ids:
+        raise UserError(f"cannot resume from {config.resume}: it was trained on other slides "
+                        f"({len(resume['slide_ids'])} slides, now {len(cohort.slides)})")
+    done = int(resume["epoch"])
+    if config.epochs < done:
+        raise UserError(f"cannot resume from {config.resume}: it has trained {done} epochs, more than --epochs "
+                        f"{config.epochs}; --epochs is the total, pass --epochs ≥ {done}")
+
+
+def replan_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, warmup_steps: int, total_steps: int) -> tuple[float, float]:
+    """Plan a loaded scheduler over ``total_steps`` (``load_state_dict`` restores the saved run's
+    total) and set the learning rate of the resumed step; returns (lr before, lr now)."""
+    before = float(scheduler.get_last_lr()[0])
+    lrs = []
+    for group, schedule in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        schedule.warmup_steps, schedule.total_steps = warmup_steps, total_steps
+        group["lr"] = group["initial_lr"] * schedule(scheduler.last_epoch)
+        lrs.append(group["lr"])
+    scheduler._last_lr = lrs  # what get_last_lr() reports until the next step
+    return before, float(lrs[0])
 
 
 def initial_resnet(config: TrainConfig, cohort: Cohort) -> tuple[ResNet18, EncoderInfo]:
@@ -159,14 +247,14 @@ def initial_resnet(config: TrainConfig, cohort: Cohort) -> tuple[ResNet18, Encod
                         "(sha256 %.12s)", info.name, info.sha256, features_encoder.name, features_encoder.sha256)
         return resnet, info
     if features_encoder.name != "random":
-        raise ValueError(
+        raise UserError(
             f"the features in {cohort.folder} were embedded by the tile encoder {features_encoder.name!r} "
             f"(sha256 {features_encoder.sha256[:12]}…); pass --init PATH to that checkpoint so that its "
             "layer4 initialises the sparse layer4 (or --init random)"
         )
     resnet, info = load_resnet18("random")
     if info.sha256 != features_encoder.sha256:
-        raise ValueError(
+        raise UserError(
             f"the features in {cohort.folder} say encoder 'random' with sha256 {features_encoder.sha256[:12]}…, "
             f"but load_resnet18('random') (seed 0) gives {info.sha256[:12]}…; they were embedded with another "
             "seed or torch version. Pass --init random to accept a different random layer4, or --init PATH"
@@ -304,7 +392,7 @@ def stall_warning(train_loss: float, train_accuracy: float, batch: int) -> Optio
         return None
     return (
         f"the training loss {train_loss:.3f} is at the level of a constant output, log(2B − 1) = {level:.3f} "
-        f"for a batch of {batch} slides (positive-pair accuracy {train_accuracy:.3f}, chance {1 / (2 * batch - 1):.3f}): "
+        f"for a batch of {batch} slides (train positive-pair accuracy {train_accuracy:.3f}, chance {1 / (2 * batch - 1):.3f}): "
         "the model does not tell a slide's two views from other slides' views and is collapsing. Usual causes: tile "
         "features whose bank augmentations move a slide more than slides differ (a random or weak tile encoder), "
         "too few tiles per view, or too high a learning rate"
@@ -329,6 +417,17 @@ def _grad_norm(model: nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
+def _start_output(out: Path, previous_run: list[Path], config: TrainConfig) -> None:
+    """(Main rank) delete the run ``--overwrite`` replaces, report a warm-up as long as the run, create ``out``."""
+    if previous_run:
+        log.warning("--overwrite: deleting the previous run in %s (%d files)", out, len(previous_run))
+        for path in previous_run:
+            path.unlink(missing_ok=True)
+    if (warning := warmup_warning(config.warmup_epochs, config.epochs)) is not None:
+        log.warning("%s", warning)
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def run_training(config: TrainConfig) -> TrainResult:
     """Train, checkpoint and monitor as described in the module docstring."""
     check_config(config)
@@ -343,18 +442,13 @@ def run_training(config: TrainConfig) -> TrainResult:
 def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     device = context.device
     out = Path(config.out)
-    cohort = scan_features_folder(config.features, config.n_tiles_per_view,
-                                  skip_bad_files=config.skip_bad_files, check_finite=config.check_finite)
+    previous_run = claim_output_folder(out, config)
+    cohort = scan_features_folder(config.features, config.n_tiles_per_view, skip_bad_files=config.skip_bad_files,
+                                  check_finite=config.check_finite, allow_mixed_grids=config.allow_mixed_grids)
     batch = global_batch_size(config.batch_size, len(cohort.slides), context.world_size)
     resume = load_checkpoint(config.resume) if config.resume is not None else None
     if resume is not None:
-        differences = config_differences(resume["config"], config_to_dict(config))
-        if differences:
-            raise ValueError(f"cannot resume from {config.resume}: its settings differ from these ("
-                             + "; ".join(differences) + "); resume with the same settings or start a new run")
-        if list(resume["slide_ids"]) != cohort.slide_ids:
-            raise ValueError(f"cannot resume from {config.resume}: it was trained on other slides "
-                             f"({len(resume['slide_ids'])} slides, now {len(cohort.slides)})")
+        check_resume(resume, config, cohort)
 
     torch.manual_seed(config.seed)  # the projector's initial weights
     resnet, init_info = initial_resnet(config, cohort)
@@ -398,15 +492,19 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
         history = [dict(row) for row in resume["history"]]
         start_epoch, global_step = int(resume["epoch"]), int(resume["global_step"])
         log.info("resuming from %s at epoch %d (step %d)", config.resume, start_epoch, global_step)
+        if int(resume["config"]["epochs"]) != config.epochs:
+            before, now = replan_schedule(scheduler, config.warmup_epochs * steps_per_epoch, total_steps)
+            log.info("the run planned %d epochs, now %d: schedule re-planned over %d epochs; lr at step %d: %.4g → %.4g",
+                     int(resume["config"]["epochs"]), config.epochs, config.epochs, global_step, before, now)
 
     base = dict(
         format=CHECKPOINT_FORMAT, format_version=CHECKPOINT_VERSION, package_version=__version__,
         config=config_to_dict(config), slide_ids=cohort.slide_ids, world_size=context.world_size,
-        encoder=dataclasses.asdict(cohort.encoder), init=dataclasses.asdict(init_info),
+        encoder=dataclasses.asdict(cohort.encoder), init=dataclasses.asdict(init_info), grids=cohort.grids(),
     )
     latest = out / LATEST_CHECKPOINT
     if context.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        _start_output(out, previous_run, config)
         log.info("training on %d slides (%s), %d ranks, global batch %d, %d steps/epoch, lr %.4g, device %s",
                  len(cohort.slides), cohort.folder, context.world_size, batch, steps_per_epoch,
                  optimizer.param_groups[0]["initial_lr"], device)
@@ -461,10 +559,12 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
             history.append(row)
             if context.is_main:
                 write_monitors(history, out)
-                log.info("epoch %d/%d: train loss %.4f (constant output: %.4f), monitor loss %.4f, positive-pair "
-                         "accuracy %.3f (chance %.3f), RankMe %.1f, data %.0f%%", epoch, config.epochs,
-                         row["train_loss"], losses.constant_output_loss(batch), row["loss"],
-                         row["positive_pair_accuracy"], 1 / (2 * len(monitor_indices) - 1), row["rankme"],
+                log.info("epoch %d/%d: train loss %.4f (constant output %.4f), train positive-pair accuracy %.3f "
+                         "(chance %.3f, batches of %d slides); monitor loss %.4f, monitor positive-pair accuracy %.3f "
+                         "(chance %.3f, %d fixed slides), RankMe %.1f, data %.0f%%", epoch, config.epochs,
+                         row["train_loss"], losses.constant_output_loss(batch), row["train_accuracy"],
+                         1 / (2 * batch - 1), batch, row["loss"], row["positive_pair_accuracy"],
+                         1 / (2 * len(monitor_indices) - 1), len(monitor_indices), row["rankme"],
                          100 * row["data_share"])
                 # once, after the warm-up, on the last epochs' mean (one epoch of few steps is noisy)
                 if epoch == config.warmup_epochs + max(1, config.epochs // 10) or epoch == config.epochs:

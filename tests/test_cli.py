@@ -1,0 +1,90 @@
+"""The ``gigassl`` command's error policy: user errors in one line, bugs with a traceback, Ctrl-C, quiet imports."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from extract.errors import UserError
+from gigassl import cli, embed, protocol
+
+EMBED_FLAGS = ["--model", "m.pt", "--features", "features", "--out", "e.h5"]
+
+
+def _run(monkeypatch, caplog, failure, *flags: str) -> tuple[int, list[logging.LogRecord]]:
+    """Run ``gigassl embed`` with its function replaced by ``failure``; the records logged."""
+    def fake(config):
+        failure()
+
+    monkeypatch.setattr(embed, "run_embedding", fake)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gigassl"):
+        code = cli.main([*flags, "embed", *EMBED_FLAGS])
+    return code, [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def _raise(error: BaseException):
+    def failure():
+        raise error
+    return failure
+
+
+def test_a_user_error_is_one_line_and_its_traceback_shows_with_verbose(monkeypatch, caplog):
+    code, records = _run(monkeypatch, caplog, _raise(UserError("features/x.h5: bad; re-extract it")))
+    assert code == 2 and len(records) == 1 and records[0].exc_info is None
+    assert records[0].getMessage() == "features/x.h5: bad; re-extract it"
+    code, records = _run(monkeypatch, caplog, _raise(UserError("bad")), "-v")
+    assert code == 2 and records[0].exc_info is not None  # -v: always the traceback
+    code, records = _run(monkeypatch, caplog, _raise(FileNotFoundError("no such folder features")))
+    assert code == 2 and records[0].exc_info is None
+
+
+def test_validation_raised_by_the_package_stays_a_user_error(monkeypatch, caplog):
+    # protocol raises a plain ValueError from its own `raise` statement: a message for the user
+    code, records = _run(monkeypatch, caplog, lambda: protocol.n_folds_for(5.0))
+    assert code == 2 and records[0].exc_info is None and "--test-fraction 5.0" in records[0].getMessage()
+
+
+def test_an_internal_bug_shows_its_traceback(monkeypatch, caplog):
+    code, records = _run(monkeypatch, caplog, lambda: np.zeros(3) + np.zeros(4))  # a ValueError from numpy
+    assert code == 1 and len(records) == 1 and records[0].exc_info is not None
+    assert "internal error" in records[0].getMessage() and "operands could not be broadcast" in records[0].getMessage()
+    code, records = _run(monkeypatch, caplog, lambda: {}["patch_size_level0"])
+    assert code == 1 and records[0].exc_info is not None and "KeyError" in records[0].getMessage()
+
+
+def test_ctrl_c_ends_with_one_line(monkeypatch, caplog):
+    code, records = _run(monkeypatch, caplog, _raise(KeyboardInterrupt()))
+    assert code == 130 and len(records) == 1 and records[0].exc_info is None
+    assert records[0].getMessage().startswith("gigassl embed: interrupted (Ctrl-C)")
+
+
+def test_an_error_from_a_dataloader_worker_keeps_only_the_original_line():
+    text = ("Caught FeatureFileError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+            '  File "x.py", line 1, in f\nextract.features_file.FeatureFileError: a.h5: NaN; re-extract this slide')
+    assert cli.one_line(UserError(text)) == "extract.features_file.FeatureFileError: a.h5: NaN; re-extract this slide"
+
+
+@pytest.mark.slow
+def test_importing_and_running_the_slide_encoder_prints_no_third_party_warning(tmp_path):
+    script = textwrap.dedent(f"""
+        from gigassl.embed import SlideEmbedder, embed_slides
+        import gigassl.train
+        from gigassl.model import GigaSSLModel
+        from gigassl.synthetic import write_synthetic_cohort
+        paths = write_synthetic_cohort({str(tmp_path)!r}, n_slides=2, n_tiles=6, n_augmentations=1, bank_size=4)
+        ids, vectors = embed_slides(GigaSSLModel(None, 256, "cpu").eval(), paths, n_views=2, n_tiles_per_view=3)
+        print(len(ids))
+    """)
+    src = Path(cli.__file__).resolve().parents[1]
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                               env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip() == "2"
+    assert "Warning" not in completed.stderr and "is_fx_tracing" not in completed.stderr, completed.stderr
