@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -38,7 +39,7 @@ __all__ = [
     "ARCHITECTURES", "BasicBlock", "Bottleneck", "ENCODER_CHECKPOINT_FORMAT", "EncoderInfo", "IMAGE_MEAN", "IMAGE_STD",
     "LoadedEncoder", "ResNet", "ResNet18", "ResNet34", "ResNet50", "SLIDE_FEATURE_DIM", "TILE_FEATURE_DIM",
     "TileEncoder", "TileTrunk", "build_resnet", "file_sha256", "load_encoder", "load_resnet", "load_resnet18",
-    "load_weights_only", "save_encoder_checkpoint", "state_dict_sha256",
+    "load_weights_only", "parse_channel_stats", "save_encoder_checkpoint", "state_dict_sha256",
 ]
 
 TILE_FEATURE_DIM = 256  # ResNet18's trunk; other encoders say theirs (TileEncoder.feature_dim)
@@ -193,6 +194,22 @@ def load_weights_only(path: str | Path, label: str) -> Any:
         raise ValueError(f"{label}: not a loadable weights-only torch checkpoint ({error})") from error
 
 
+def parse_channel_stats(value: str | Sequence[float] | None, label: str, positive: bool = False) -> tuple[float, float, float] | None:
+    """``"0.485,0.456,0.406"`` or three numbers → a tuple of three finite floats (all > 0 with
+    ``positive``); None stays None. ``label`` (a flag or file) starts the error's one line."""
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        stats = tuple(float(v) for v in parts)
+    except (TypeError, ValueError):
+        stats = ()
+    if len(stats) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in stats):
+        raise ValueError(f"{label} {value!r}: give three finite numbers R,G,B{' > 0' if positive else ''}, e.g. "
+                         + ("0.229,0.224,0.225" if positive else "0.485,0.456,0.406"))
+    return stats  # type: ignore[return-value]
+
+
 def _random_arch(source: str) -> str | None:
     """``"random"`` → resnet18, ``"random:resnet50"`` → resnet50; None for anything else."""
     if source == RANDOM:
@@ -253,6 +270,8 @@ def load_encoder(
     ``input_size_px``, ``mean``, ``std`` override the encoder's preprocessing (a ``.pt2``
     program's sidecar JSON, else ImageNet statistics and any size for the ResNets).
     """
+    if input_size_px is not None and input_size_px < 16:
+        raise ValueError(f"--encoder-input-size-px {input_size_px}: must be at least 16 px")
     if str(source).endswith(".pt2"):
         from extract.exported import load_exported  # torch.export is imported only when used
 

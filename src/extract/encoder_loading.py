@@ -162,9 +162,13 @@ def find_resnet(raw: Any, label: str) -> FoundResNet:
     if declared is not None and declared != arch:
         raise ValueError(f"{label}: says arch {declared!r} but its weights are a {arch}; re-save it with save_encoder_checkpoint")
     with torch.device("meta"):  # shapes only: no memory, no random initialisation
-        reference = {k: v for k, v in build_resnet(arch).state_dict().items() if not k.startswith("fc.")}
+        full = build_resnet(arch).state_dict()
+    reference = {k: v for k, v in full.items() if not k.startswith("fc.")}
     _check_keys(weights, reference, arch, prefix, label)
     kept = {k: weights[k] for k in reference if k in weights}
+    # A plain 1000-class fc (torchvision, this package) is kept as it is; other heads are not read.
+    if all(k in weights and weights[k].shape == full[k].shape for k in ("fc.weight", "fc.bias")):
+        kept.update({"fc.weight": weights["fc.weight"], "fc.bias": weights["fc.bias"]})
     layout = "/".join(part for part in (container if container != "plain" else "", prefix) if part) or "plain"
     return FoundResNet(kept, arch, _source_of(container, prefix, raw), layout,
                        sum(torch.is_tensor(v) for v in state.values()) - len(kept))
@@ -190,11 +194,21 @@ def _check_keys(weights: Mapping[str, torch.Tensor], reference: Mapping[str, tor
 
 
 def load_found(found: FoundResNet) -> ResNet:
-    """A ResNet of ``found.arch`` holding ``found.state`` (its unused ``fc`` freshly initialised)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # the fc nothing uses, reproducible, without touching the caller's RNG
+    """A ResNet of ``found.arch`` holding ``found.state`` as float32 (eval mode).
+
+    Built on the meta device and filled by assignment, so no random initialisation is spent on
+    weights about to be replaced; only a missing ``fc`` (never used) is initialised, with seed 0.
+    """
+    with torch.device("meta"):
         model = build_resnet(found.arch)
-    state = model.state_dict()
-    state.update(found.state)
-    model.load_state_dict(state, strict=True)
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in found.state.items()}
+    for key in model.state_dict():
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = torch.zeros((), dtype=torch.long)
+    if "fc.weight" not in state:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            fc = torch.nn.Linear(model.fc.in_features, model.fc.out_features)
+        state["fc.weight"], state["fc.bias"] = fc.weight.detach(), fc.bias.detach()
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval()

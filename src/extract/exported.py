@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import zipfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +26,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from extract.encoder import EncoderInfo, TileEncoder, file_sha256
+from extract.encoder import EncoderInfo, TileEncoder, file_sha256, parse_channel_stats
 
 SIDECAR_SUFFIX = ".json"
 PROBE_SIZE_PX = 224  # side used to probe a program whose spatial sizes are dynamic
@@ -37,16 +36,6 @@ TENSOR_CONSTANT_PREFIX = "tensor_"  # constants stored as raw tensors (not pickl
 def sidecar_path(path: Path) -> Path:
     """Where a program's preprocessing is stored: ``PATH.pt2`` → ``PATH.json``."""
     return path.with_suffix(SIDECAR_SUFFIX)
-
-
-def _channel_stats(value: Any, what: str, label: str) -> tuple[float, float, float]:
-    try:
-        stats = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        stats = ()
-    if len(stats) != 3 or not all(math.isfinite(v) for v in stats) or (what == "std" and min(stats) <= 0):
-        raise ValueError(f"{label}: {what} {value!r} must be three finite numbers (R, G, B){', all > 0' if what == 'std' else ''}")
-    return stats  # type: ignore[return-value]
 
 
 def read_sidecar(path: Path) -> dict[str, Any]:
@@ -174,8 +163,8 @@ def load_exported(
             f"{path}: no normalisation given; write {sidecar_path(path)} with mean and std, or pass --encoder-mean "
             "and --encoder-std (e.g. ImageNet's 0.485,0.456,0.406 and 0.229,0.224,0.225)"
         )
-    mean = _channel_stats(mean or side["mean"], "mean", str(path))
-    std = _channel_stats(std or side["std"], "std", str(path))
+    mean = parse_channel_stats(mean or side["mean"], f"{path}: mean")
+    std = parse_channel_stats(std or side["std"], f"{path}: std", positive=True)
     module = program.module()
     width = _probe(module, size or PROBE_SIZE_PX, path)
     trunk = ExportedTrunk(module, width, mean, std, size)
