@@ -3,6 +3,7 @@ and the encoder's provenance in the files."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -62,7 +63,7 @@ def test_exported_program_through_extract(one_slide: Path, tmp_path: Path) -> No
             attrs = handle[name].attrs
             assert (attrs["encoder"], attrs["encoder_arch"], attrs["encoder_layout"]) == ("fm.pt2", "tiny-fm", "torch.export")
             assert attrs["encoder_width"] == 12 and attrs["encoder_sha256"] == file_sha256(program)
-            assert attrs["encoder_input_size_px"] == 32 and np.allclose(attrs["encoder_mean"], MEAN)
+            assert attrs["encoder_input_size_px"] == 32 and np.allclose(json.loads(attrs["encoder_mean"]), MEAN)
     # The stored features are the program's output on the 64 px tiles resized to its 32 px input.
     with open_slide(one_slide / "synthetic_a.tif") as reader:
         grid = tile_grid(reader, 2.0, 64, 0.5)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -120,12 +121,13 @@ class EncoderInfo:
     def attrs(self) -> dict[str, Any]:
         """HDF5 attributes of a features dataset: ``encoder`` (the name, as TRIDENT writes it),
         ``encoder_sha256``, ``encoder_source``, ``encoder_arch``, ``encoder_width``,
-        ``encoder_layout``, ``encoder_input_size_px``, ``encoder_mean``, ``encoder_std``."""
+        ``encoder_layout``, ``encoder_input_size_px``, ``encoder_mean``, ``encoder_std`` (JSON lists)."""
         return {
             "encoder": self.name, "encoder_sha256": self.sha256, "encoder_source": self.source,
             "encoder_arch": self.arch, "encoder_width": int(self.width), "encoder_layout": self.layout,
             "encoder_input_size_px": int(self.input_size_px),
-            "encoder_mean": [float(v) for v in self.mean], "encoder_std": [float(v) for v in self.std],
+            # JSON text, not arrays: every attribute stays a scalar for readers that call .item()
+            "encoder_mean": json.dumps([float(v) for v in self.mean]), "encoder_std": json.dumps([float(v) for v in self.std]),
         }
 
     def to_dict(self) -> dict[str, Any]:

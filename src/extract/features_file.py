@@ -252,7 +252,7 @@ class SlideFeatures:
         :meth:`extract.encoder.EncoderInfo.attrs`); files of older versions hold only some."""
         name = "features" if "features" in self._file else "aug_features"
         attrs = self._file[name].attrs
-        return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in attrs.items() if k.startswith("encoder")}
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items() if k.startswith("encoder")}
 
     def features(self) -> np.ndarray:
         """(N, D) float32 plain tile features."""
