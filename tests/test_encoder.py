@@ -101,5 +101,5 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
         load_resnet18(garbage)
     wrong = tmp_path / "wrong.pt"
     torch.save(nn.Linear(3, 4).state_dict(), wrong)
-    with pytest.raises(ValueError, match="not a ResNet18"):
+    with pytest.raises(ValueError, match="wrong.pt: no ResNet stem"):
         load_resnet18(wrong)

@@ -255,3 +255,44 @@ def test_two_processes_under_torchrun_share_one_queue(trained, tmp_path):
     assert int(raw["state_dict"]["queue.ptr"]) == (2 * 8) % 12  # 2 steps of the global batch of 8
     encoder, _ = load_resnet18(out / "encoder.pt")
     assert torch.isfinite(encoder.layer4[0].conv1.weight).all()
+
+
+# ----------------------------------------------------------------------------- --arch
+
+
+@pytest.mark.parametrize(("arch", "width"), [("resnet34", 512), ("resnet50", 2048)])
+def test_one_step_of_each_arch_and_its_encoder_loads(arch, width, tmp_path):
+    from extract.encoder import load_encoder
+    from extract.moco import encoder_resnet, save_encoder
+
+    torch.manual_seed(0)
+    tiles = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    view_q, view_k = make_views(tiles, TileAugmentation(), torch.Generator().manual_seed(0), CPU)
+    model = MoCo(queue_size=8, seed=0, arch=arch)
+    assert model.encoder_q.fc[0].in_features == width and model.encoder_q.fc[2].out_features == 128
+    before = model.encoder_q.layer3[0].conv1.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.05, momentum=0.9)
+    result = train_step(model, view_q, view_k, optimizer, momentum=0.9, temperature=0.2, device=CPU, mixed_precision=False)
+    assert math.isfinite(result.loss) and not torch.equal(before, model.encoder_q.layer3[0].conv1.weight)
+    assert encoder_resnet(model).arch == arch
+    save_encoder(model, tmp_path / "encoder.pt", MocoConfig(slides=tmp_path, out=tmp_path, arch=arch), epoch=1)
+    loaded = load_encoder(tmp_path / "encoder.pt")
+    assert (loaded.info.arch, loaded.info.source, loaded.layer4_width) == (arch, "gigassl", width)
+    assert torch.equal(loaded.layer4[0].conv1.weight, model.encoder_q.layer4[0].conv1.weight)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "last.pt")  # the training checkpoint's layout
+    assert load_encoder(tmp_path / "last.pt").info.source == "moco"
+
+
+def test_pretrain_tiles_arch_resnet50_writes_a_resnet50_encoder(trained, tmp_path):
+    from extract.encoder import load_encoder
+
+    folder, out, _ = trained
+    result = run_pretraining(_tiny_config(folder, tmp_path / "r50", arch="resnet50", epochs=1, monitor_tiles=0))
+    assert result.epochs_done == 1
+    loaded = load_encoder(result.encoder_path)
+    assert (loaded.info.arch, loaded.feature_dim) == ("resnet50", 1024)
+    assert torch.load(result.checkpoint_path, map_location="cpu", weights_only=True)["arch"] == "resnet50"
+    with pytest.raises(ValueError, match=r"--arch resnet18 \(checkpoint\) vs resnet34"):
+        run_pretraining(_tiny_config(folder, tmp_path / "x", arch="resnet34", resume=out / "last.pt"))
+    with pytest.raises(ValueError, match="--arch 'vit': choose one of resnet18, resnet34, resnet50"):
+        _tiny_config(folder, tmp_path, arch="vit")

@@ -5,7 +5,9 @@ For each augmentation ``a`` (DESIGN.md §1, stage 1 step 2):
 1. sample K of the slide's N tissue tiles, without replacement when N ≥ K, with replacement
    otherwise (``attrs['sampled_with_replacement']``);
 2. draw one tile augmentation (:mod:`extract.augment`) and apply it to all K tiles;
-3. embed them with the frozen trunk → (K, 256), stored with the tiles' level-0 coords.
+3. embed them with the frozen tile encoder → (K, D), stored with the tiles' level-0 coords
+   (D = the encoder's ``feature_dim``: 256 for ResNet18/34, 1024 for ResNet50, any for an
+   exported program; images normalised with the encoder's ``mean`` / ``std``).
 
 Randomness comes from one ``numpy.random.SeedSequence`` of (``config.seed``, slide id): the
 same seed gives identical arrays on the same machine, different slides get different draws,
@@ -35,7 +37,7 @@ import torch
 from extract.augment import AugmentationParams, TileAugmentation
 from extract.config import ExtractConfig
 from extract.device import autocast, autocast_dtype
-from extract.encoder import IMAGE_MEAN, IMAGE_STD, TILE_FEATURE_DIM
+from extract.encoder import TileEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ class Grid(Protocol):
 class BankResult:
     """One slide's bank, ready for :meth:`SlideFileWriter.create_bank` / ``write_augmentation``."""
 
-    features: np.ndarray  # (A, K, 256) float16
+    features: np.ndarray  # (A, K, D) float16
     coords: np.ndarray  # (A, K, 2) int64 level-0 top-left x, y
     indices: np.ndarray  # (A, K) int64 rows of grid.coords
     attrs: dict[str, Any]  # plain JSON-able values, stored on aug_features
@@ -135,7 +137,7 @@ class _Clock:
 def build_bank(
     reader: TileSource,
     grid: Grid,
-    trunk: torch.nn.Module,
+    trunk: TileEncoder,
     config: ExtractConfig,
     device: torch.device,
     *,
@@ -145,9 +147,9 @@ def build_bank(
     progress: Callable[[int], None] | None = None,
 ) -> BankResult:
     """Embed ``config.n_augmentations`` shared augmentations of ``config.n_tiles_per_augmentation``
-    tiles of one slide → :class:`BankResult` with features (A, K, 256) float16.
+    tiles of one slide → :class:`BankResult` with features (A, K, D) float16.
 
-    ``trunk``: the frozen tile embedder in eval mode on ``device``. ``slide_id`` seeds the draws
+    ``trunk``: the frozen tile encoder (D = ``trunk.feature_dim``) in eval mode on ``device``. ``slide_id`` seeds the draws
     (default ``reader.slide_id``). ``progress`` is called with K after each augmentation.
     """
     n_augmentations, n_tiles, tile_px = config.n_augmentations, config.n_tiles_per_augmentation, config.tile_size
@@ -185,8 +187,8 @@ def build_bank(
         for a, (rows, _) in enumerate(distinct)
         for start in range(0, len(rows), config.batch_size)
     ]
-    embedded = [np.empty((len(rows), TILE_FEATURE_DIM), dtype=np.float16) for rows, _ in distinct]
-    features = np.empty((n_augmentations, n_tiles, TILE_FEATURE_DIM), dtype=np.float16)
+    embedded = [np.empty((len(rows), trunk.feature_dim), dtype=np.float16) for rows, _ in distinct]
+    features = np.empty((n_augmentations, n_tiles, trunk.feature_dim), dtype=np.float16)
     clock = _Clock(device)
     # The next batch is read in background threads while this one is augmented and encoded.
     with ThreadPoolExecutor(1) as prefetch, ThreadPoolExecutor(max(1, config.num_workers)) as readers:
@@ -225,15 +227,15 @@ def _embed(
     tiles: np.ndarray,
     params: AugmentationParams,
     augmentation: TileAugmentation,
-    trunk: torch.nn.Module,
+    trunk: TileEncoder,
     device: torch.device,
     work_dtype: torch.dtype,
     mixed_precision: bool,
     clock: _Clock,
 ) -> np.ndarray:
-    """Augment (b, H, W, 3) uint8 tiles with one shared draw and embed them → (b, 256) float16."""
+    """Augment (b, H, W, 3) uint8 tiles with one shared draw and embed them → (b, D) float16."""
     images = torch.from_numpy(tiles).to(device, non_blocking=True).permute(0, 3, 1, 2)
-    images = augmentation.apply(images, params, normalize=(IMAGE_MEAN, IMAGE_STD), dtype=work_dtype)
+    images = augmentation.apply(images, params, normalize=(trunk.mean, trunk.std), dtype=work_dtype)
     images = images.contiguous(memory_format=torch.channels_last)
     clock.lap("augment")
     with torch.inference_mode(), autocast(device, enabled=mixed_precision):

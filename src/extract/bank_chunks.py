@@ -24,7 +24,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from extract.encoder import TILE_FEATURE_DIM
 from extract.features_file import FeatureFileError, SlideFeatures
 
 try:  # libdeflate inflates a whole buffer of known size ~3× faster than zlib
@@ -63,6 +62,7 @@ class BankChunks:
     coord_offsets: np.ndarray = field(repr=False)  # (A,) of aug_coords chunks
     coord_sizes: np.ndarray = field(repr=False)
     identity: tuple[int, int, int] = (0, 0, 0)
+    n_features: int = 256  # D, the width of the tile features (ResNet18's 256 by default)
 
     @property
     def n_augmentations(self) -> int:
@@ -90,12 +90,13 @@ def _chunk_table(dataset: h5py.Dataset, chunk_shape: tuple[int, ...], dtype: np.
 def locate_bank_chunks(slide: SlideFeatures) -> BankChunks | None:
     """The chunk index of ``slide``'s bank, or None when it is not stored as the writer stores it."""
     features, coords = slide.file["aug_features"], slide.file["aug_coords"]
-    n_tiles = int(features.shape[2])
-    feature_table = _chunk_table(features, (1, TILE_FEATURE_DIM, n_tiles), np.dtype("<f2"))
+    n_features, n_tiles = int(features.shape[1]), int(features.shape[2])
+    feature_table = _chunk_table(features, (1, n_features, n_tiles), np.dtype("<f2"))
     coord_table = _chunk_table(coords, (1, n_tiles, 2), np.dtype("<i8"))
     if feature_table is None or coord_table is None:
         return None
-    return BankChunks(slide.path, n_tiles, *feature_table, *coord_table, identity=file_identity(slide.path))
+    return BankChunks(slide.path, n_tiles, *feature_table, *coord_table, identity=file_identity(slide.path),
+                      n_features=n_features)
 
 
 def _unshuffle_columns(raw: bytes, itemsize: int, n_elements: int, elements: np.ndarray) -> np.ndarray:
@@ -140,18 +141,18 @@ class BankChunkReader:
             raise FeatureFileError(f"{chunks.path}: cannot decompress {what} ({error}); re-extract this slide") from error
 
     def read(self, chunks: BankChunks, index: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Augmentation ``index``: (t, 256) float32 features and (t, 2) int64 coords of ``rows`` (all K when None)."""
+        """Augmentation ``index``: (t, D) float32 features and (t, 2) int64 coords of ``rows`` (all K when None)."""
         if not 0 <= index < chunks.n_augmentations:
             raise IndexError(f"{chunks.path}: augmentation {index} of {chunks.n_augmentations}")
-        k = chunks.n_tiles
+        k, width = chunks.n_tiles, chunks.n_features
         rows = np.arange(k) if rows is None else np.asarray(rows, dtype=np.int64)
         fd = self._descriptor(chunks)
         raw = self._read_chunk(fd, chunks, chunks.feature_offsets[index], chunks.feature_sizes[index],
-                               TILE_FEATURE_DIM * k * 2, f"augmentation {index} of the bank")
-        # Chunk (1, 256, K) float16: element (f, r) is f·K + r; gather the columns of ``rows``.
-        elements = (np.arange(TILE_FEATURE_DIM)[None, :] * k + rows[:, None]).ravel()
-        features = _unshuffle_columns(raw, 2, TILE_FEATURE_DIM * k, elements).view("<f2")
-        features = features.reshape(len(rows), TILE_FEATURE_DIM).astype(np.float32)
+                               width * k * 2, f"augmentation {index} of the bank")
+        # Chunk (1, D, K) float16: element (f, r) is f·K + r; gather the columns of ``rows``.
+        elements = (np.arange(width)[None, :] * k + rows[:, None]).ravel()
+        features = _unshuffle_columns(raw, 2, width * k, elements).view("<f2")
+        features = features.reshape(len(rows), width).astype(np.float32)
         raw = self._read_chunk(fd, chunks, chunks.coord_offsets[index], chunks.coord_sizes[index],
                                k * 2 * 8, f"coords of augmentation {index}")
         elements = (2 * rows[:, None] + np.arange(2)[None, :]).ravel()

@@ -22,7 +22,10 @@ class ExtractConfig:
 
     slides: Path = field(metadata=_help("folder of slides (OpenSlide formats, or jpg/png/tif with --mpp-csv or --default-mpp)", required=True))
     out: Path = field(metadata=_help("output folder; features go to OUT/features/{slide}.h5", required=True))
-    encoder: Optional[str] = field(default=None, metadata=_help("required: ResNet18 checkpoint (torchvision, MoCo or gigassl pretrain-tiles), or 'random' (an untrained network, said so in the files)"))
+    encoder: Optional[str] = field(default=None, metadata=_help("required: a ResNet18/34/50 checkpoint (torchvision, MoCo, Lightning or gigassl pretrain-tiles; architecture read from its keys), a torch.export program PATH.pt2 (preprocessing in PATH.json or the flags below), or 'random' / 'random:resnet50' (an untrained network, said so in the files)"))
+    encoder_input_size_px: Optional[int] = field(default=None, metadata=_help("side in px the encoder takes; tiles of another --tile-size are resized to it (default: a .pt2 program's sidecar or static input, any size for ResNets)"))
+    encoder_mean: Optional[str] = field(default=None, metadata=_help("R,G,B mean the encoder's inputs are normalised with (default: a .pt2 program's sidecar, ImageNet's for ResNets)"))
+    encoder_std: Optional[str] = field(default=None, metadata=_help("R,G,B standard deviation of that normalisation (default: as --encoder-mean)"))
     mpp: float = field(default=0.5, metadata=_help("target resolution in µm/px (0.5 ≈ 20×, 1.0 ≈ 10× as in the paper)"))
     tile_size: int = field(default=224, metadata=_help("tile side in pixels at the target resolution"))
     tissue_threshold: float = field(default=0.5, metadata=_help("keep tiles whose tissue fraction is at least this"))
@@ -60,9 +63,12 @@ MOCO_PROFILES: dict[str, dict[str, object]] = {
 }
 
 
+MOCO_ARCHITECTURES = ("resnet18", "resnet34", "resnet50")  # extract.resnet.ARCHITECTURES, without importing torch
+
+
 @dataclass(frozen=True)
 class MocoConfig:
-    """MoCo v2 pre-training of the ResNet18 tile encoder, tiles sampled online from slides.
+    """MoCo v2 pre-training of a ResNet tile encoder (--arch), tiles sampled online from slides.
 
     ``--profile small-cpu`` replaces the defaults of the fields listed in ``MOCO_PROFILES``
     (a flag given explicitly with a value other than its default wins over the profile).
@@ -70,6 +76,7 @@ class MocoConfig:
 
     slides: Path = field(metadata=_help("folder of slides (OpenSlide formats, or jpg/png/tif with --mpp-csv or --default-mpp)", required=True))
     out: Path = field(metadata=_help("output folder: OUT/encoder.pt, OUT/last.pt, OUT/checkpoints/, OUT/monitors.csv|json", required=True))
+    arch: str = field(default="resnet18", metadata=_help("the ResNet trained: resnet18, resnet34 or resnet50 (tile features of 256, 256, 1024 dims)"))
     mpp: float = field(default=0.5, metadata=_help("resolution of the sampled tiles in µm/px (0.5 ≈ 20×, 1.0 ≈ 10× as in the paper)"))
     tile_size: int = field(default=224, metadata=_help("tile side in pixels at the target resolution (small-cpu: 96)"))
     mpp_csv: Optional[Path] = field(default=None, metadata=_help("CSV slide,mpp overriding the slides' metadata"))
@@ -95,6 +102,8 @@ class MocoConfig:
     resume: Optional[Path] = field(default=None, metadata=_help("training checkpoint (OUT/last.pt) to resume from, exactly"))
 
     def __post_init__(self) -> None:
+        if self.arch not in MOCO_ARCHITECTURES:
+            raise ValueError(f"--arch {self.arch!r}: choose one of {', '.join(MOCO_ARCHITECTURES)}")
         if self.profile not in MOCO_PROFILES:
             raise ValueError(f"--profile {self.profile!r}: choose one of {sorted(MOCO_PROFILES)}")
         for name in ("tile_size", "epochs", "tiles_per_epoch", "tiles_per_visit", "batch_size", "queue_size", "checkpoint_every",

@@ -1,133 +1,170 @@
-"""ResNet18 with torchvision's parameter names, its tile trunk, and weight loaders.
+"""The tile encoder: what stage 1 runs on every tile, where it came from, and how it is loaded.
 
-The tile embedder of Giga-SSL is ResNet18 cut before its fourth residual block:
-conv1 … layer3 followed by a spatial mean gives 256 numbers per tile. The network's own
-layer4 is kept, because stage 2 starts its sparse layer4 from those weights.
+Two kinds of tile encoders, both :class:`TileEncoder` modules mapping normalised
+(B, 3, H, W) images to (B, D) features:
 
-Weights are untrusted input: every loader uses ``torch.load(..., weights_only=True)``.
-Accepted layouts (all loaded with ``strict=True`` after a key remap):
+- a ResNet18 / ResNet34 / ResNet50 (:mod:`extract.resnet`) cut before its fourth stage —
+  conv1 … layer3 then a spatial mean (:class:`TileTrunk`), D = 256 (R18/R34) or 1024 (R50);
+  its layer4 is kept for stage 2 (:attr:`LoadedEncoder.layer4`, 512-d / 2048-d). Weights come
+  from ``"random"`` (``"random:resnet50"`` …), or a checkpoint in any published layout
+  (:mod:`extract.encoder_loading`: torchvision, ``module.``, MoCo, Lightning, this package's);
+- any other network exported with ``torch.export`` to a ``.pt2`` file (:mod:`extract.exported`).
 
-- a torchvision-style state dict (``conv1.weight``, ``layer1.0.bn1.running_mean``, …);
-- a MoCo checkpoint (``{"state_dict": {"module.encoder_q.conv1.weight": …}}``), head dropped;
-- this package's own checkpoints (``{"format": "gigassl-tile-encoder", "resnet18": …}``),
-  as written by :func:`save_encoder_checkpoint` and by ``gigassl pretrain-tiles``.
-
-``"random"`` builds a randomly initialised network; outputs then say ``encoder="random"``.
+:func:`load_encoder` takes either and returns a :class:`LoadedEncoder`; its
+:class:`EncoderInfo` (name, sha256, architecture, width, layout, normalisation) is written into
+every output file (:meth:`EncoderInfo.attrs`). Checkpoints are untrusted input, read with
+``torch.load(weights_only=True)`` only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-TILE_FEATURE_DIM = 256
-SLIDE_FEATURE_DIM = 512
-ENCODER_CHECKPOINT_FORMAT = "gigassl-tile-encoder"
+from extract.encoder_loading import ENCODER_CHECKPOINT_FORMAT, find_resnet, load_found, read_checkpoint
+from extract.resnet import ARCHITECTURES, BasicBlock, Bottleneck, ResNet, ResNet18, ResNet34, ResNet50, build_resnet
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ARCHITECTURES", "BasicBlock", "Bottleneck", "ENCODER_CHECKPOINT_FORMAT", "EncoderInfo", "IMAGE_MEAN", "IMAGE_STD",
+    "LoadedEncoder", "ResNet", "ResNet18", "ResNet34", "ResNet50", "SLIDE_FEATURE_DIM", "TILE_FEATURE_DIM",
+    "TileEncoder", "TileTrunk", "build_resnet", "file_sha256", "load_encoder", "load_resnet", "load_resnet18",
+    "load_weights_only", "parse_channel_stats", "save_encoder_checkpoint", "state_dict_sha256",
+]
+
+TILE_FEATURE_DIM = 256  # ResNet18's trunk; other encoders say theirs (TileEncoder.feature_dim)
+SLIDE_FEATURE_DIM = 512  # ResNet18's layer4
 # ImageNet statistics; the MoCo weights trained here use the same normalisation.
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
+RANDOM = "random"
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block (two 3×3 convs), named as in torchvision."""
+class TileEncoder(nn.Module):
+    """Normalised (B, 3, H, W) images → (B, ``feature_dim``) tile features.
 
-    expansion = 1
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
-
-
-def _make_layer(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(
-        BasicBlock(in_channels, out_channels, stride),
-        BasicBlock(out_channels, out_channels, 1),
-    )
-
-
-class ResNet18(nn.Module):
-    """ResNet18 (He et al. 2016) with torchvision's module names.
-
-    ``forward_features`` runs conv1 … layer3 (the tile trunk, before the spatial mean),
-    ``forward`` runs the whole network to ``fc``.
+    ``mean`` / ``std`` are the per-channel statistics the images must be normalised with;
+    ``input_size_px`` (None: any) the side the encoder takes — other sizes are resized to it
+    (bilinear, antialiased) before :meth:`embed`.
     """
 
-    def __init__(self, num_classes: int = 1000) -> None:
+    def __init__(self, feature_dim: int, mean: Sequence[float] = IMAGE_MEAN, std: Sequence[float] = IMAGE_STD,
+                 input_size_px: int | None = None) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = _make_layer(64, 64, 1)
-        self.layer2 = _make_layer(64, 128, 2)
-        self.layer3 = _make_layer(128, 256, 2)
-        self.layer4 = _make_layer(256, 512, 2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.feature_dim, self.input_size_px = int(feature_dim), input_size_px
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) images → (B, 256, H/16, W/16) layer3 maps."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer3(self.layer2(self.layer1(x)))
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, input_size_px, input_size_px) → (B, feature_dim)."""
+        raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer4(self.forward_features(x))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images → (B, feature_dim)."""
+        size = self.input_size_px
+        if size is not None and tuple(images.shape[-2:]) != (size, size):
+            dtype = images.dtype
+            images = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            images = images.to(dtype).contiguous(memory_format=torch.channels_last)
+        return self.embed(images)
 
 
-class TileTrunk(nn.Module):
-    """The tile embedder ``e``: conv1 … layer3 of a ResNet18, then a spatial mean.
+class TileTrunk(TileEncoder):
+    """The tile embedder ``e``: conv1 … layer3 of a ResNet, then a spatial mean.
 
-    Input (B, 3, H, W) normalised images, output (B, 256). Shares its modules with the
-    ResNet18 it is cut from (no copy).
+    Input (B, 3, H, W) normalised images, output (B, 256) for ResNet18/34, (B, 1024) for
+    ResNet50. Shares its modules with the ResNet it is cut from (no copy).
     """
 
-    def __init__(self, resnet: ResNet18) -> None:
-        super().__init__()
+    def __init__(self, resnet: ResNet, mean: Sequence[float] = IMAGE_MEAN, std: Sequence[float] = IMAGE_STD,
+                 input_size_px: int | None = None) -> None:
+        super().__init__(resnet.trunk_width, mean, std, input_size_px)
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
         self.layer1, self.layer2, self.layer3 = resnet.layer1, resnet.layer2, resnet.layer3
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
         x = self.layer3(self.layer2(self.layer1(x)))
         return x.mean(dim=(2, 3))
 
 
 @dataclass(frozen=True)
 class EncoderInfo:
-    """Where the tile encoder's weights came from; written into every output file."""
+    """Where the tile encoder came from and what it gives; written into every output file.
 
-    name: str  # "random", or the checkpoint's file name
-    sha256: str  # of the checkpoint file, or of the random weights
-    source: str  # "random", "torchvision", "moco", "gigassl"
+    ``sha256`` is that of the checkpoint / program file (of the weights for ``random``);
+    ``source`` the family of its layout: "random", "torchvision", "moco", "lightning",
+    "gigassl" or "export"; ``layout`` the container and key prefix found, e.g.
+    ``"state_dict/model.resnet."``; ``input_size_px`` 0 when any size is taken.
+    """
+
+    name: str  # "random", "random:resnet50", or the file's name
+    sha256: str
+    source: str
+    arch: str = "resnet18"  # resnet18 | resnet34 | resnet50 | the exported program's name
+    width: int = TILE_FEATURE_DIM  # D of the tile features
+    layout: str = ""
+    input_size_px: int = 0
+    mean: tuple[float, ...] = IMAGE_MEAN
+    std: tuple[float, ...] = IMAGE_STD
+
+    def attrs(self) -> dict[str, Any]:
+        """HDF5 attributes of a features dataset: ``encoder`` (the name, as TRIDENT writes it),
+        ``encoder_sha256``, ``encoder_source``, ``encoder_arch``, ``encoder_width``,
+        ``encoder_layout``, ``encoder_input_size_px``, ``encoder_mean``, ``encoder_std`` (JSON lists)."""
+        return {
+            "encoder": self.name, "encoder_sha256": self.sha256, "encoder_source": self.source,
+            "encoder_arch": self.arch, "encoder_width": int(self.width), "encoder_layout": self.layout,
+            "encoder_input_size_px": int(self.input_size_px),
+            # JSON text, not arrays: every attribute stays a scalar for readers that call .item()
+            "encoder_mean": json.dumps([float(v) for v in self.mean]), "encoder_std": json.dumps([float(v) for v in self.std]),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON, weights_only checkpoints)."""
+        data = asdict(self)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedEncoder:
+    """A tile encoder ready to run: ``trunk`` (B, 3, H, W) → (B, ``feature_dim``), and its provenance.
+
+    ``resnet`` is the whole network for ResNet encoders (None for exported programs): its
+    dense ``layer4`` is where stage 2 starts its sparse head.
+    """
+
+    trunk: TileEncoder
+    info: EncoderInfo
+    resnet: ResNet | None = None
+
+    @property
+    def feature_dim(self) -> int:
+        """D, the width of the tile features (256, 1024, or the exported program's)."""
+        return self.trunk.feature_dim
+
+    @property
+    def layer4(self) -> nn.Sequential:
+        """The ResNet's dense layer4 (R18/R34: 256 → 512 channels; R50: 1024 → 2048)."""
+        if self.resnet is None:
+            raise ValueError(f"tile encoder {self.info.name} is an exported program: it has no ResNet layer4")
+        return self.resnet.layer4
+
+    @property
+    def layer4_width(self) -> int | None:
+        """Channels out of ``layer4`` (512 or 2048), None for exported programs."""
+        return None if self.resnet is None else self.resnet.layer4_width
 
 
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -150,33 +187,6 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def remap_state_dict(raw: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
-    """Bring a checkpoint of any accepted layout to torchvision's ResNet18 keys.
-
-    Returns the state dict and the layout's name ("torchvision", "moco" or "gigassl").
-    MoCo's projection head (``encoder_q.fc.*`` of an MLP head) is dropped and replaced by the
-    freshly initialised ``fc`` of a 1000-class ResNet18, which nothing downstream uses.
-    """
-    if raw.get("format") == ENCODER_CHECKPOINT_FORMAT:
-        return dict(raw["resnet18"]), "gigassl"
-    state = raw.get("state_dict", raw)
-    if not isinstance(state, Mapping):
-        raise ValueError("checkpoint holds no state dict")
-    layout = "torchvision"
-    for prefix in ("module.encoder_q.", "encoder_q."):
-        if any(key.startswith(prefix) for key in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            layout = "moco"
-            break
-    else:
-        if state and all(key.startswith("module.") for key in state):  # saved from DataParallel
-            state = {k[len("module."):]: v for k, v in state.items()}
-    if layout == "moco":
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        state.update({f"fc.{k}": v for k, v in nn.Linear(512, 1000).state_dict().items()})
-    return {k: v for k, v in state.items() if torch.is_tensor(v)}, layout
-
-
 def load_weights_only(path: str | Path, label: str) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU; any failure becomes a ValueError
     starting with ``label`` (checkpoints are untrusted input: tensors and plain data only)."""
@@ -186,40 +196,105 @@ def load_weights_only(path: str | Path, label: str) -> Any:
         raise ValueError(f"{label}: not a loadable weights-only torch checkpoint ({error})") from error
 
 
-def load_resnet18(source: str | Path, seed: int = 0) -> tuple[ResNet18, EncoderInfo]:
-    """Build a ResNet18 from ``"random"`` or a checkpoint path (any accepted layout).
+def parse_channel_stats(value: str | Sequence[float] | None, label: str, positive: bool = False) -> tuple[float, float, float] | None:
+    """``"0.485,0.456,0.406"`` or three numbers → a tuple of three finite floats (all > 0 with
+    ``positive``); None stays None. ``label`` (a flag or file) starts the error's one line."""
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        stats = tuple(float(v) for v in parts)
+    except (TypeError, ValueError):
+        stats = ()
+    if len(stats) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in stats):
+        raise ValueError(f"{label} {value!r}: give three finite numbers R,G,B{' > 0' if positive else ''}, e.g. "
+                         + ("0.229,0.224,0.225" if positive else "0.485,0.456,0.406"))
+    return stats  # type: ignore[return-value]
 
-    Raises ``FileNotFoundError`` / ``ValueError`` naming the file and what to do.
+
+def _random_arch(source: str) -> str | None:
+    """``"random"`` → resnet18, ``"random:resnet50"`` → resnet50; None for anything else."""
+    if source == RANDOM:
+        return "resnet18"
+    if source.startswith(RANDOM + ":"):
+        arch = source.split(":", 1)[1]
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"--encoder {source}: unknown architecture; use random, {', '.join('random:' + a for a in ARCHITECTURES)}")
+        return arch
+    return None
+
+
+def load_resnet(source: str | Path, seed: int = 0) -> tuple[ResNet, EncoderInfo]:
+    """A ResNet (eval mode) from ``"random"`` / ``"random:ARCH"`` or a checkpoint of any accepted layout.
+
+    The architecture (ResNet18/34/50) is read from the checkpoint's keys. Raises
+    ``FileNotFoundError`` / ``ValueError`` naming the file and what to do.
     """
-    if str(source) == "random":
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        model = ResNet18()
-        torch.random.set_rng_state(generator_state)
-        return model.eval(), EncoderInfo("random", state_dict_sha256(model.state_dict()), "random")
+    arch = _random_arch(str(source))
+    if arch is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_resnet(arch)
+        info = EncoderInfo(str(source), state_dict_sha256(model.state_dict()), "random", arch, model.trunk_width, "random")
+        return model.eval(), info
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(
-            f"tile encoder checkpoint {path} does not exist; pass a ResNet18 checkpoint "
-            "(torchvision, MoCo or `gigassl pretrain-tiles` output) or --encoder random"
+            f"tile encoder checkpoint {path} does not exist; pass a ResNet18/34/50 checkpoint "
+            "(torchvision, MoCo, Lightning or `gigassl pretrain-tiles` output), a torch.export .pt2 program, "
+            "or --encoder random"
         )
-    raw = load_weights_only(path, str(path))
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"{path}: expected a dict of weights, found {type(raw).__name__}")
-    state, layout = remap_state_dict(raw)
-    model = ResNet18()
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise ValueError(f"{path}: not a ResNet18 checkpoint in a known layout: {error}") from error
-    return model.eval(), EncoderInfo(path.name, file_sha256(path), layout)
+    found = find_resnet(read_checkpoint(path), str(path))
+    if found.n_ignored:
+        logger.debug("%s: %d tensors outside conv1 … layer4 (heads) ignored", path, found.n_ignored)
+    model = load_found(found)
+    return model, EncoderInfo(path.name, file_sha256(path), found.source, found.arch, model.trunk_width, found.layout)
 
 
-def save_encoder_checkpoint(model: ResNet18, path: str | Path, extra: Mapping[str, Any] | None = None) -> None:
-    """Write the package's own encoder checkpoint (plain tensors and data, weights_only-loadable)."""
+def load_resnet18(source: str | Path, seed: int = 0) -> tuple[ResNet18, EncoderInfo]:
+    """:func:`load_resnet` for callers that need a ResNet18 (refuses the other architectures)."""
+    model, info = load_resnet(source, seed)
+    if info.arch != "resnet18":
+        raise ValueError(f"{source}: a {info.arch} checkpoint, where a ResNet18 is needed here")
+    return model, info  # type: ignore[return-value]
+
+
+def load_encoder(
+    source: str | Path,
+    seed: int = 0,
+    *,
+    input_size_px: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> LoadedEncoder:
+    """Any tile encoder: ``"random[:ARCH]"``, a ResNet checkpoint, or a ``.pt2`` exported program.
+
+    ``input_size_px``, ``mean``, ``std`` override the encoder's preprocessing (a ``.pt2``
+    program's sidecar JSON, else ImageNet statistics and any size for the ResNets).
+    """
+    if input_size_px is not None and input_size_px < 16:
+        raise ValueError(f"--encoder-input-size-px {input_size_px}: must be at least 16 px")
+    if str(source).endswith(".pt2"):
+        from extract.exported import load_exported  # torch.export is imported only when used
+
+        trunk, info = load_exported(Path(source), input_size_px=input_size_px, mean=mean, std=std)
+        return LoadedEncoder(trunk, info)
+    model, info = load_resnet(source, seed)
+    mean, std = tuple(mean or IMAGE_MEAN), tuple(std or IMAGE_STD)
+    trunk = TileTrunk(model, mean, std, input_size_px).eval()
+    info = EncoderInfo(info.name, info.sha256, info.source, info.arch, info.width, info.layout,
+                       input_size_px or 0, mean, std)
+    return LoadedEncoder(trunk, info, model)
+
+
+def save_encoder_checkpoint(model: ResNet, path: str | Path, extra: Mapping[str, Any] | None = None) -> None:
+    """Write the package's own encoder checkpoint (plain tensors and data, weights_only-loadable):
+    ``{"format": "gigassl-tile-encoder", "arch": A, A: state dict, **extra}``."""
+    arch = getattr(model, "arch", "resnet18")
     payload: dict[str, Any] = {
         "format": ENCODER_CHECKPOINT_FORMAT,
-        "resnet18": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "arch": arch,
+        arch: {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     if extra:
         payload.update(extra)

@@ -2,17 +2,22 @@
 
 Layout (TRIDENT / CLAM compatible for the first two datasets)::
 
-    /features      (N, 256) float32   attrs: encoder, encoder_sha256, encoder_source
+    /features      (N, D) float32     attrs: encoder (name), encoder_sha256, encoder_source,
+                                      encoder_arch, encoder_width (D), encoder_layout,
+                                      encoder_input_size_px, encoder_mean, encoder_std
+                                      (EncoderInfo.attrs; D = 256 for ResNet18/34, 1024 for
+                                      ResNet50, any for an exported program)
     /coords        (N, 2)   int64     level-0 top-left (x, y); attrs: patch_size,
                                       patch_size_level0, patch_size_level0_exact, mpp,
                                       target_mpp, level0_width, level0_height,
                                       level0_magnification (when known), tissue_threshold
-    /aug_features  (A, 256, K) float16, one compressed chunk per augmentation, stored
+    /aug_features  (A, D, K) float16, one compressed chunk per augmentation, stored
                                       feature-major (layout attr) because a feature's K
                                       values compress ~11 % better side by side than a
                                       tile's 256 values; read it with SlideFeatures.augmentation
     /aug_coords    (A, K, 2)   int64   attrs on aug_features: n_augmentations, n_tiles,
-                                      seed, sampled_with_replacement, augmentation (JSON)
+                                      seed, sampled_with_replacement, augmentation (JSON),
+                                      and the encoder attrs of /features
     root attrs: format, format_version, package_version, slide_id, source, settings (JSON),
                 complete (written last; a file without it is never read)
 
@@ -32,7 +37,7 @@ import h5py
 import numpy as np
 
 from extract import __version__
-from extract.encoder import TILE_FEATURE_DIM, EncoderInfo
+from extract.encoder import EncoderInfo
 from extract.errors import UserError
 
 FORMAT_NAME = "gigassl-slide-features"
@@ -89,19 +94,18 @@ class SlideFileWriter:
         return self._file
 
     def create_plain(self, coords: np.ndarray, grid_attrs: Mapping[str, Any]) -> h5py.Dataset:
-        """Create ``coords`` (N, 2) and an empty ``features`` (N, 256) to be filled by rows."""
+        """Create ``coords`` (N, 2) and an empty ``features`` (N, D) to be filled by rows."""
         coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         coords_ds = self.file.create_dataset("coords", data=coords)
         for key, value in grid_attrs.items():
             if value is not None:
                 coords_ds.attrs[key] = value
+        width = self._encoder.width
         features = self.file.create_dataset(
-            "features", shape=(len(coords), TILE_FEATURE_DIM), dtype=np.float32,
-            chunks=(min(max(len(coords), 1), 1024), TILE_FEATURE_DIM) if len(coords) else None,
+            "features", shape=(len(coords), width), dtype=np.float32,
+            chunks=(min(max(len(coords), 1), 1024), width) if len(coords) else None,
         )
-        features.attrs["encoder"] = self._encoder.name
-        features.attrs["encoder_sha256"] = self._encoder.sha256
-        features.attrs["encoder_source"] = self._encoder.source
+        features.attrs.update(self._encoder.attrs())
         return features
 
     def write_plain_rows(self, start: int, rows: np.ndarray) -> None:
@@ -112,14 +116,14 @@ class SlideFileWriter:
         self, n_augmentations: int, n_tiles: int, bank_attrs: Mapping[str, Any],
         grid_attrs: Mapping[str, Any] | None = None,
     ) -> None:
-        """Create the bank: ``aug_features`` float16 stored (A, 256, K), ``aug_coords`` (A, K, 2) int64.
+        """Create the bank: ``aug_features`` float16 stored (A, D, K), ``aug_coords`` (A, K, 2) int64.
 
         ``grid_attrs`` (tile size, µm/px …, as on ``coords``) go on ``aug_coords``, so that a file
         written without plain features still tells training how to place its tiles on a grid.
         """
         feats = self.file.create_dataset(
-            "aug_features", shape=(n_augmentations, TILE_FEATURE_DIM, n_tiles), dtype=np.float16,
-            chunks=(1, TILE_FEATURE_DIM, n_tiles), compression="gzip", compression_opts=4, shuffle=True,
+            "aug_features", shape=(n_augmentations, width, n_tiles), dtype=np.float16,
+            chunks=(1, width, n_tiles), compression="gzip", compression_opts=4, shuffle=True,
         )
         feats.attrs["layout"] = BANK_LAYOUT
         coords = self.file.create_dataset(
@@ -131,13 +135,12 @@ class SlideFileWriter:
                 coords.attrs[key] = value
         feats.attrs["n_augmentations"] = n_augmentations
         feats.attrs["n_tiles"] = n_tiles
-        feats.attrs["encoder"] = self._encoder.name
-        feats.attrs["encoder_sha256"] = self._encoder.sha256
+        feats.attrs.update(self._encoder.attrs())
         for key, value in bank_attrs.items():
             feats.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
 
     def write_augmentation(self, index: int, features: np.ndarray, coords: np.ndarray) -> None:
-        """Store augmentation ``index``: (K, 256) features and their (K, 2) level-0 coords.
+        """Store augmentation ``index``: (K, D) features and their (K, 2) level-0 coords.
 
         The K tiles are a sample whose order carries no meaning; they are stored sorted by
         position, so that a tile sampled several times (slides with fewer than K tiles) fills
@@ -259,8 +262,16 @@ class SlideFeatures:
         name = "features" if "features" in self._file else "aug_features"
         return str(self._file[name].attrs.get("encoder_sha256", ""))
 
+    @property
+    def encoder_attrs(self) -> dict[str, Any]:
+        """The tile encoder's provenance (``encoder``, ``encoder_arch``, ``encoder_width`` …, see
+        :meth:`extract.encoder.EncoderInfo.attrs`); files of older versions hold only some."""
+        name = "features" if "features" in self._file else "aug_features"
+        attrs = self._file[name].attrs
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items() if k.startswith("encoder")}
+
     def features(self) -> np.ndarray:
-        """(N, 256) float32 plain tile features."""
+        """(N, D) float32 plain tile features."""
         return self._file["features"][...].astype(np.float32, copy=False)
 
     def coords(self) -> np.ndarray:
@@ -285,12 +296,12 @@ class SlideFeatures:
         return {k: (v.item() if hasattr(v, "item") else v) for k, v in self._file["aug_features"].attrs.items()}
 
     def augmentation(self, index: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Augmentation ``index`` of the bank: (K, 256) float32 features, (K, 2) int64 coords.
+        """Augmentation ``index`` of the bank: (K, D) float32 features, (K, 2) int64 coords.
 
         Reads only that augmentation's chunk from disk; with ``rows`` (indices into K) only
-        those tiles are converted and returned, (len(rows), 256) and (len(rows), 2).
+        those tiles are converted and returned, (len(rows), D) and (len(rows), 2).
         """
-        stored = self._file["aug_features"][index]  # (256, K) float16
+        stored = self._file["aug_features"][index]  # (D, K) float16
         coords = self._file["aug_coords"][index]
         if rows is not None:
             stored, coords = stored[:, rows], coords[rows]

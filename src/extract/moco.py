@@ -1,9 +1,10 @@
-"""MoCo v2 pre-training of the ResNet18 tile encoder (He et al. 2020; Chen et al. 2020).
+"""MoCo v2 pre-training of a ResNet tile encoder (He et al. 2020; Chen et al. 2020).
 
 The model (:mod:`extract.moco_model`), with its defaults (``MocoConfig``; ``--profile
 small-cpu`` changes some):
 
-- query encoder ``encoder_q``: a full ResNet18 whose ``fc`` is the MLP head 512 → 512 → 128;
+- query encoder ``encoder_q``: a full ResNet18 (``--arch resnet34|resnet50`` for the others)
+  whose ``fc`` is the MLP head 512 → 512 → 128 (ResNet50: 2048 → 2048 → 128);
 - key encoder ``encoder_k``: a copy, never back-propagated, moved after every step by
   θ_k ← m·θ_k + (1 − m)·θ_q with m = 0.999 (parameters only; its BatchNorm statistics come
   from its own forward passes, as in MoCo);
@@ -27,13 +28,14 @@ Outputs in ``OUT``:
 - ``last.pt`` and ``checkpoints/epoch_NNNN.pt``: training checkpoints, plain dicts readable with
   ``torch.load(weights_only=True)``: ``state_dict`` (``encoder_q.*``, ``encoder_k.*``,
   ``queue.keys``, ``queue.ptr`` — the original MoCo layout, so
-  :func:`extract.encoder.load_resnet18` accepts them as they are), ``optimizer``, ``scaler``,
+  :func:`extract.encoder.load_encoder` accepts them as they are), ``optimizer``, ``scaler``,
   per-rank RNG states, ``epoch``, ``step``, ``config``, ``monitors``;
-- ``encoder.pt``: the query encoder's ResNet18 in the package's encoder format
+- ``encoder.pt``: the query encoder's ResNet in the package's encoder format (with its ``arch``)
   (``gigassl extract --encoder OUT/encoder.pt``, and stage 2's layer4 initialisation);
 - ``monitors.csv`` / ``monitors.json``: per epoch loss, positive-key accuracy, lr, tiles/s
-  and label-free quality monitors on a fixed set of tiles (RankMe of the 256-d tile features
-  and of the 512-d backbone output; alignment and uniformity of the head's output).
+  and label-free quality monitors on a fixed set of tiles (RankMe of the tile features and of
+  the backbone output — columns named after ResNet18's widths, ``rankme_tile256`` and
+  ``rankme_backbone512``, whatever the architecture; alignment and uniformity of the head's output).
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ from extract.augment import TileAugmentation
 from extract.checkpoint_io import write_epoch_snapshot
 from extract.config import MocoConfig
 from extract.device import autocast, autocast_dtype, resolve_device
-from extract.encoder import IMAGE_MEAN, IMAGE_STD, ResNet18, load_weights_only, save_encoder_checkpoint
+from extract.encoder import IMAGE_MEAN, IMAGE_STD, load_weights_only, save_encoder_checkpoint
+from extract.resnet import ResNet, build_resnet
 from extract.moco_data import EpochTileBatches, SlideTiles, epoch_plan, fixed_tiles, index_slides
 from extract.moco_model import MoCo, all_gather, info_nce_logits, momentum_update
 
@@ -72,7 +75,7 @@ CHECKPOINT_VERSION = 1
 SGD_MOMENTUM = 0.9
 # Settings that change what is computed: a resumed run must use the same ones to be exact.
 RESUME_MUST_MATCH = (
-    "mpp", "tile_size", "tissue_threshold", "epochs", "tiles_per_epoch", "tiles_per_visit", "batch_size",
+    "arch", "mpp", "tile_size", "tissue_threshold", "epochs", "tiles_per_epoch", "tiles_per_visit", "batch_size",
     "queue_size", "momentum", "temperature", "lr", "weight_decay", "seed",
 )
 # Monitors: alignment needs two views per tile, computed on at most this many tiles.
@@ -168,9 +171,9 @@ def uniformity(z: torch.Tensor, t: float = 2.0) -> float:
 
 @torch.no_grad()
 def _embed_for_monitors(
-    encoder: ResNet18, images: torch.Tensor, device: torch.device, mixed_precision: bool
+    encoder: ResNet, images: torch.Tensor, device: torch.device, mixed_precision: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalised (N, 3, H, W) → trunk (N, 256), backbone (N, 512), normalised head (N, 128)."""
+    """Normalised (N, 3, H, W) → trunk (N, 256|1024), backbone (N, 512|2048), normalised head (N, 128)."""
     outputs: list[tuple[torch.Tensor, ...]] = []
     for chunk in images.split(MONITOR_BATCH):
         with autocast(device, mixed_precision):
@@ -182,10 +185,10 @@ def _embed_for_monitors(
 
 
 def representation_monitors(
-    encoder: ResNet18, tiles: torch.Tensor, augmentation: TileAugmentation, device: torch.device,
+    encoder: ResNet, tiles: torch.Tensor, augmentation: TileAugmentation, device: torch.device,
     mixed_precision: bool = True, seed: int = 0,
 ) -> dict[str, float]:
-    """Label-free quality of ``encoder`` (query ResNet18 with MLP head) on fixed uint8 tiles."""
+    """Label-free quality of ``encoder`` (query ResNet with MLP head) on fixed uint8 tiles."""
     was_training = encoder.training
     encoder.eval()
     try:
@@ -213,23 +216,26 @@ def settings_of(config: MocoConfig) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
 
 
-def encoder_resnet18(model: MoCo) -> ResNet18:
-    """The query encoder as a plain ResNet18 (the MLP head left out; ``fc`` a fixed Linear)."""
+def encoder_resnet(model: MoCo) -> ResNet:
+    """The query encoder as a plain ResNet of its arch (the MLP head left out; ``fc`` a fixed Linear)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the unused 1000-class fc, reproducible, without touching the run's RNG
-        resnet = ResNet18()
+        resnet = build_resnet(model.arch)
     state = {k: v for k, v in model.encoder_q.state_dict().items() if not k.startswith("fc.")}
     missing, unexpected = resnet.load_state_dict(state, strict=False)
     if unexpected or set(missing) != {"fc.weight", "fc.bias"}:
-        raise RuntimeError(f"query encoder does not match ResNet18: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"query encoder does not match {model.arch}: missing {missing}, unexpected {unexpected}")
     return resnet
 
 
+encoder_resnet18 = encoder_resnet  # the name before ResNet34/50 existed
+
+
 def save_encoder(model: MoCo, path: Path, config: MocoConfig, epoch: int) -> None:
-    """``encoder.pt``: accepted by :func:`extract.encoder.load_resnet18` (atomic write)."""
+    """``encoder.pt``: accepted by :func:`extract.encoder.load_encoder` (atomic write)."""
     temporary = path.with_name(f".{path.name}.partial")
     save_encoder_checkpoint(
-        encoder_resnet18(model), temporary,
+        encoder_resnet(model), temporary,
         extra={"trained_by": "gigassl pretrain-tiles (MoCo v2)", "epoch": epoch, "config": settings_of(config)},
     )
     os.replace(temporary, path)
@@ -252,7 +258,7 @@ def checkpoint_payload(
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
-        "arch": "resnet18",
+        "arch": model.arch,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler.is_enabled() else {},
@@ -274,7 +280,7 @@ def load_training_checkpoint(path: Path, config: MocoConfig) -> dict[str, Any]:
         raise ValueError(f"--resume {path}: not a `gigassl pretrain-tiles` training checkpoint (OUT/last.pt)")
     if raw.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"--resume {path}: checkpoint version {raw.get('version')}, this package reads {CHECKPOINT_VERSION}")
-    saved, current = raw["config"], settings_of(config)
+    saved, current = {"arch": "resnet18", **raw["config"]}, settings_of(config)  # checkpoints before --arch: resnet18
     differ = [f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {current[k]}" for k in RESUME_MUST_MATCH if saved.get(k) != current[k]]
     if differ:
         raise ValueError(f"--resume {path}: settings differ from the checkpoint's; pass the same values: " + "; ".join(differ))
@@ -372,7 +378,7 @@ def _train(
     main_process = rank == 0
     slide_names = [s.path.name for s in slides]
     torch.manual_seed(config.seed)
-    model = MoCo(config.queue_size, seed=config.seed).to(device, memory_format=torch.channels_last)
+    model = MoCo(config.queue_size, seed=config.seed, arch=config.arch).to(device, memory_format=torch.channels_last)
     base_lr = config.lr * config.batch_size / 256
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=base_lr, momentum=SGD_MOMENTUM, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision and autocast_dtype(device) == torch.float16)

@@ -12,14 +12,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from extract.encoder import ResNet18
+from extract.resnet import build_resnet
 
-HEAD_HIDDEN_DIM = 512
 HEAD_OUT_DIM = 128
 
 
-def mlp_head(in_dim: int = 512, hidden_dim: int = HEAD_HIDDEN_DIM, out_dim: int = HEAD_OUT_DIM) -> nn.Sequential:
-    """MoCo v2's projection head, stored as the ResNet's ``fc`` (keys ``fc.0.*``, ``fc.2.*``)."""
+def mlp_head(in_dim: int = 512, hidden_dim: int | None = None, out_dim: int = HEAD_OUT_DIM) -> nn.Sequential:
+    """MoCo v2's projection head in_dim → hidden_dim (default in_dim) → out_dim, stored as the
+    ResNet's ``fc`` (keys ``fc.0.*``, ``fc.2.*``): 512 → 512 → 128 for ResNet18/34, 2048 → 2048 → 128 for ResNet50."""
+    hidden_dim = hidden_dim or in_dim
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
@@ -62,12 +63,16 @@ def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tempera
 
 
 class MoCo(nn.Module):
-    """Query encoder, momentum key encoder and queue (state-dict keys as in the MoCo repository)."""
+    """Query encoder, momentum key encoder and queue (state-dict keys as in the MoCo repository).
 
-    def __init__(self, queue_size: int, seed: int = 0) -> None:
+    ``arch``: resnet18, resnet34 or resnet50 (:mod:`extract.resnet`).
+    """
+
+    def __init__(self, queue_size: int, seed: int = 0, arch: str = "resnet18") -> None:
         super().__init__()
-        self.encoder_q = ResNet18()
-        self.encoder_q.fc = mlp_head()
+        self.arch = arch
+        self.encoder_q = build_resnet(arch)
+        self.encoder_q.fc = mlp_head(self.encoder_q.layer4_width)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for param in self.encoder_k.parameters():
             param.requires_grad_(False)

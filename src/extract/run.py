@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from extract.config import ExtractConfig
 from extract.device import autocast, resolve_device
-from extract.encoder import IMAGE_MEAN, IMAGE_STD, EncoderInfo, TileTrunk, load_resnet18
+from extract.encoder import IMAGE_MEAN, IMAGE_STD, EncoderInfo, TileEncoder, load_encoder, parse_channel_stats
 from extract.features_file import TEMP_SUFFIX, SlideFeatures, SlideFileWriter, is_complete
 from extract.reader import SLIDE_SUFFIXES, SlideReader, load_mpp_overrides, open_slide
 from extract.slide_plan import PlanSettings, SlidePlanner
@@ -200,7 +200,8 @@ RUN_CONTROL_FIELDS = frozenset({"out", "overwrite", "strict", "shard", "num_work
 
 
 # Settings whose change makes an existing file a different result (checked when skipping).
-CONTENT_FIELDS = ("encoder", "mpp", "tile_size", "tissue_threshold", "n_augmentations", "n_tiles_per_augmentation", "seed")
+CONTENT_FIELDS = ("encoder", "encoder_input_size_px", "encoder_mean", "encoder_std", "mpp", "tile_size", "tissue_threshold",
+                  "n_augmentations", "n_tiles_per_augmentation", "seed")
 
 
 def settings_mismatch(path: Path, settings: dict[str, Any]) -> list[str]:
@@ -225,27 +226,28 @@ def settings_of(config: ExtractConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- tiles → features
 
 
-def prepare_batch(tiles: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(B, H, W, 3) uint8 → (B, 3, H, W) float normalised, channels_last, on ``device``."""
+def prepare_batch(tiles: torch.Tensor, device: torch.device, mean: tuple[float, ...] = IMAGE_MEAN,
+                  std: tuple[float, ...] = IMAGE_STD) -> torch.Tensor:
+    """(B, H, W, 3) uint8 → (B, 3, H, W) float normalised with ``mean``/``std``, channels_last, on ``device``."""
     x = tiles.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(IMAGE_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGE_STD, device=device).view(1, 3, 1, 1)
+    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
     # NHWC storage permuted to NCHW is already channels_last; contiguous() keeps it so.
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 @torch.inference_mode()
-def encode_batch(tiles: torch.Tensor, trunk: TileTrunk, device: torch.device, mixed_precision: bool = True) -> np.ndarray:
-    """(B, H, W, 3) uint8 tiles → (B, 256) float32 features."""
+def encode_batch(tiles: torch.Tensor, trunk: TileEncoder, device: torch.device, mixed_precision: bool = True) -> np.ndarray:
+    """(B, H, W, 3) uint8 tiles → (B, D) float32 features (D = ``trunk.feature_dim``)."""
     with autocast(device, mixed_precision):
-        features = trunk(prepare_batch(tiles, device))
+        features = trunk(prepare_batch(tiles, device, trunk.mean, trunk.std))
     return features.float().cpu().numpy()
 
 
 def encode_batches(
-    loader: Iterable[torch.Tensor], trunk: TileTrunk, device: torch.device, mixed_precision: bool = True
+    loader: Iterable[torch.Tensor], trunk: TileEncoder, device: torch.device, mixed_precision: bool = True
 ) -> Iterator[np.ndarray]:
-    """Yield (B, 256) float32 features batch by batch (memory bounded by the batch size)."""
+    """Yield (B, D) float32 features batch by batch (memory bounded by the batch size)."""
     for tiles in loader:
         yield encode_batch(tiles, trunk, device, mixed_precision)
 
@@ -258,7 +260,7 @@ class _Job:
     """What every slide of the run shares."""
 
     config: ExtractConfig
-    trunk: TileTrunk
+    trunk: TileEncoder
     encoder: EncoderInfo
     device: torch.device
     settings: dict[str, Any]
@@ -368,8 +370,8 @@ def _one_line(error: BaseException) -> str:
 def _validate(config: ExtractConfig) -> None:
     if not config.encoder:
         raise ValueError(
-            "--encoder is required: a ResNet18 checkpoint (torchvision, MoCo, or `gigassl pretrain-tiles` "
-            "output), or 'random' for an untrained network"
+            "--encoder is required: a ResNet18/34/50 checkpoint (torchvision, MoCo, Lightning, or `gigassl "
+            "pretrain-tiles` output), a torch.export .pt2 program, or 'random' for an untrained network"
         )
     if not (config.plain or config.bank):
         raise ValueError("nothing to do: both --no-plain and --no-bank given")
@@ -472,8 +474,12 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     overrides = load_mpp_overrides(config.mpp_csv) if config.mpp_csv is not None else {}
 
     device = _device_for_rank(config.device)
-    model, encoder = load_resnet18(config.encoder, seed=config.seed)
-    trunk = TileTrunk(model).to(device).eval().to(memory_format=torch.channels_last)
+    loaded = load_encoder(config.encoder, seed=config.seed, input_size_px=config.encoder_input_size_px,
+                          mean=parse_channel_stats(config.encoder_mean, "--encoder-mean"),
+                          std=parse_channel_stats(config.encoder_std, "--encoder-std", positive=True))
+    trunk, encoder = loaded.trunk.to(device).eval().to(memory_format=torch.channels_last), loaded.info
+    if trunk.input_size_px is not None and trunk.input_size_px != config.tile_size:
+        logger.info("tiles of %d px are resized to the encoder's input of %d px", config.tile_size, trunk.input_size_px)
     settings = settings_of(config)
     mine = select_part(slides, part, n_parts)
     summary = ExtractionSummary(part=part, n_parts=n_parts, strict=config.strict)
@@ -486,7 +492,8 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     ]
     for outcome in summary.ignored:
         logger.warning("ignoring %s: %s", outcome.slide, outcome.reason)
-    logger.info("extract: %d slides for part %d/%d, encoder %s on %s", len(mine), part + 1, n_parts, encoder.name, device)
+    logger.info("extract: %d slides for part %d/%d, encoder %s (%s, %d-d) on %s", len(mine), part + 1, n_parts,
+                encoder.name, encoder.arch, encoder.width, device)
 
     decided = {path: _not_to_extract(path, config, settings, features_dir, first_with_stem[path.stem]) for path in mine}
     todo = [path for path in mine if decided[path] is None]

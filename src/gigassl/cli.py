@@ -35,7 +35,7 @@ from gigassl.config import DemoConfig, EmbedConfig, EvaluateConfig, TrainConfig
 # The function returns an exit status, or an object whose ``exit_code`` is one.
 COMMANDS: dict[str, tuple[type, str, str]] = {
     "extract": (ExtractConfig, "extract.run:run_extraction", "slides → plain tile features and augmented bank (HDF5 per slide)"),
-    "pretrain-tiles": (MocoConfig, "extract.moco:run_pretraining", "MoCo v2 pre-training of the ResNet18 tile encoder from slides"),
+    "pretrain-tiles": (MocoConfig, "extract.moco:run_pretraining", "MoCo v2 pre-training of a ResNet18/34/50 tile encoder (--arch) from slides"),
     "train": (TrainConfig, "gigassl.train:run_training", "Giga-SSL training of the sparse slide encoder"),
     "embed": (EmbedConfig, "gigassl.embed:run_embedding", "slide embeddings from a trained checkpoint"),
     "evaluate": (EvaluateConfig, "gigassl.evaluate:run_evaluation", "few-label evaluation against MIL baselines"),
