@@ -246,3 +246,15 @@ def test_a_copied_feature_file_is_listed_not_embedded_twice(cohort, tmp_path):
     path, reason = result.failed[0]
     assert Path(path).name == "slide_000 (copy).h5" and "also the id of slide_000.h5" in reason
     assert "slide_000 (copy).h5" in result.format()
+
+
+def test_mixed_precision_embeddings_are_the_fp32_ones_to_a_cosine_of_0_999(cohort, model, monkeypatch):
+    from extract import device as device_module
+
+    paths, _ = cohort
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: True)  # bf16 autocast on any CPU
+    _, exact = embed_slides(model, paths, n_views=8, n_tiles_per_view=4, mixed_precision=False)
+    _, mixed = embed_slides(model, paths, n_views=8, n_tiles_per_view=4, mixed_precision=True)
+    assert not np.array_equal(exact, mixed)  # autocast did run
+    cosines = np.sum(exact * mixed, axis=1)
+    assert cosines.min() > 0.999, cosines

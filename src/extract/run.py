@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from extract.config import ExtractConfig
-from extract.device import autocast, resolve_device
+from extract.device import autocast, rank_device
 from extract.encoder import IMAGE_MEAN, IMAGE_STD, EncoderInfo, TileEncoder, load_encoder, parse_channel_stats
 from extract.features_file import TEMP_SUFFIX, SlideFeatures, SlideFileWriter, is_complete
 from extract.reader import SLIDE_SUFFIXES, SlideReader, load_mpp_overrides, open_slide
@@ -389,14 +389,6 @@ def _validate(config: ExtractConfig) -> None:
         raise ValueError("--n-augmentations and --n-tiles-per-augmentation must be ≥ 1")
 
 
-def _device_for_rank(name: str) -> torch.device:
-    device = resolve_device(name)
-    local_rank = os.environ.get("LOCAL_RANK")
-    if device.type == "cuda" and device.index is None and local_rank is not None:
-        device = torch.device("cuda", int(local_rank))  # one GPU per torchrun rank
-    return device
-
-
 def _write_summary(path: Path, summary: ExtractionSummary) -> None:
     temp = path.with_name(path.name + TEMP_SUFFIX)
     temp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
@@ -473,7 +465,7 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
         ensure_writable(qc_dir)
     overrides = load_mpp_overrides(config.mpp_csv) if config.mpp_csv is not None else {}
 
-    device = _device_for_rank(config.device)
+    device = rank_device(config.device)
     loaded = load_encoder(config.encoder, seed=config.seed, input_size_px=config.encoder_input_size_px,
                           mean=parse_channel_stats(config.encoder_mean, "--encoder-mean"),
                           std=parse_channel_stats(config.encoder_std, "--encoder-std", positive=True))
