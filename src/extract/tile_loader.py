@@ -13,11 +13,14 @@ takes the slides in order with :meth:`TileStream.tiles`; batches of a slide it g
 are dropped. A worker killed by a slide library (a segfault) ends the pass with
 :class:`ReadingWorkerDied`; since the workers read ahead, the slide being encoded is not
 necessarily the culprit, so the caller reads it again alone (:meth:`TileStream.isolate`) and
-fails it only if a worker dies again.
+fails it only if a worker dies again. The workers die with the job, even one killed with
+SIGKILL (:mod:`extract.child_process`).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
 
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from extract.child_process import die_with_parent_worker
 from extract.reader import SlideReader, SlideReadError, open_slide
 from extract.tiling import TileGrid
 
@@ -172,6 +176,7 @@ class TileStream:
             self._dataset, batch_sampler=CohortTileBatches(self.slides, self.grid_of, self.batch_size, position, stop),
             collate_fn=collate_tiles, num_workers=self.num_workers, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if workers else None,
+            worker_init_fn=functools.partial(die_with_parent_worker, os.getpid()) if workers else None,
         )
         return iter(loader)
 
