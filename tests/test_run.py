@@ -25,6 +25,7 @@ from extract.reader import open_slide
 from extract.run import parse_shard, prepare_batch, process_part, run_extraction, select_part
 from extract.tiling import tile_grid
 from fixtures.make_slides import write_blank_slide, write_tissue_slide
+from fixtures.processes import alive, describe, descendants, wait_until_gone
 from gigassl.cli import main
 
 # Small tiles at a coarse resolution keep every run to a few hundred tiles.
@@ -296,18 +297,21 @@ def test_corrupt_and_truncated_outputs_are_redone(cohort: Path, tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_sigkill_mid_slide_leaves_nothing_complete_and_rerun_redoes_it(tmp_path: Path, slides_dir: Path) -> None:
+def test_sigkill_mid_slide_leaves_nothing_complete_nor_running_and_rerun_redoes_it(tmp_path: Path, slides_dir: Path) -> None:
+    """SIGKILL (a SLURM time limit) runs no cleanup: the planner and the reading workers must
+    still end with the job, and neither a features file nor a QC image may look finished."""
     folder = tmp_path / "slides"
     folder.mkdir()
     shutil.copy(slides_dir / "CMU-1-Small-Region.svs", folder)
     out = tmp_path / "out"
     # ~700 tiles of 32 px: long enough to be killed inside the slide, quick to redo.
     args = ["--slides", str(folder), "--out", str(out), "--encoder", "random", "--tile-size", "32", "--mpp", "1.0", "--no-bank",
-            "--num-workers", "0", "--batch-size", "16", "--no-qc"]
+            "--num-workers", "2", "--batch-size", "16"]
     process = subprocess.Popen([sys.executable, "-m", "gigassl.cli", "extract", *args],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     features_dir = out / "features"
     deadline = time.monotonic() + 60
+    job: list[int] = []
     try:
         while time.monotonic() < deadline and not list(features_dir.glob("*.partial")):
             assert process.poll() is None, "extraction ended before it could be killed"
@@ -315,18 +319,28 @@ def test_sigkill_mid_slide_leaves_nothing_complete_and_rerun_redoes_it(tmp_path:
         partials = list(features_dir.glob("*.partial"))
         assert partials, "no temporary file appeared within 60 s"
         time.sleep(0.1)  # the writer is open: the slide's tiles are being encoded
+        job = descendants(process.pid)
+        assert len(job) >= 3, f"expected the planner and two reading workers, found {[describe(p) for p in job]}"
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
+        left = wait_until_gone(job, timeout_s=10.0)
+        assert not left, "processes of the killed job still run:\n" + "\n".join(describe(p) for p in left)
     finally:
         if process.poll() is None:
             process.kill()
+            process.wait()
+        for pid in job:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
     assert process.returncode == -signal.SIGKILL
     final = features_dir / "CMU-1-Small-Region.h5"
     assert not final.exists() and not is_complete(final)
+    assert not (out / "qc" / "CMU-1-Small-Region.png").exists()  # planned, never finished
     assert list(features_dir.glob("*.partial"))  # the killed run's leftovers are still there
     assert main(["extract", *args]) == 0
     assert summary_of(out)["n_done"] == 1
     assert is_complete(final, require_plain=True) and not list(features_dir.glob("*.partial"))
+    assert (out / "qc" / "CMU-1-Small-Region.png").is_file() and not list((out / "qc").glob("*.partial"))
 
 
 @pytest.mark.slow

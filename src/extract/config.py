@@ -58,6 +58,7 @@ class ExtractConfig:
     mpp: float = field(default=0.5, metadata=_help("target resolution in µm/px (0.5 ≈ 20×, 1.0 ≈ 10× as in the paper)"))
     tile_size: int = field(default=224, metadata=_help("tile side in pixels at the target resolution"))
     tissue_threshold: float = field(default=0.5, metadata=_help("keep tiles whose tissue fraction is at least this"))
+    max_ink_fraction: float = field(default=0.1, metadata=_help("leave out tiles with more than this share of pen ink (blue, green, black marker)"))
     mpp_csv: Optional[Path] = field(default=None, metadata=_help("CSV with columns slide,mpp overriding the slides' metadata"))
     default_mpp: Optional[float] = field(default=None, metadata=_help("µm/px of level 0 for slides without metadata (plain images); a CSV entry wins"))
     plain: bool = field(default=True, metadata=_help("write plain (non-augmented) features of every tissue tile"))
@@ -81,6 +82,8 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         self.grid_limits()  # validates the bounds
+        if not 0.0 <= self.max_ink_fraction <= 1.0:
+            raise ValueError(f"--max-ink-fraction {self.max_ink_fraction}: must lie in [0, 1]")
         if not self.progress_interval_s >= 0:
             raise ValueError(f"--progress-interval-s {self.progress_interval_s}: must be ≥ 0")
 

@@ -200,7 +200,8 @@ RUN_CONTROL_FIELDS = frozenset({"out", "overwrite", "strict", "shard", "num_work
 
 
 # Settings whose change makes an existing file a different result (checked when skipping).
-CONTENT_FIELDS = ("encoder", "mpp", "tile_size", "tissue_threshold", "n_augmentations", "n_tiles_per_augmentation", "seed")
+CONTENT_FIELDS = ("encoder", "mpp", "tile_size", "tissue_threshold", "max_ink_fraction", "n_augmentations",
+                  "n_tiles_per_augmentation", "seed")
 
 
 def settings_mismatch(path: Path, settings: dict[str, Any]) -> list[str]:
@@ -512,7 +513,7 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     # through every slide of the job in one pass.
     planner = SlidePlanner(todo, overrides, PlanSettings(config.mpp, config.tile_size, config.tissue_threshold,
                                                          config.default_mpp, qc_dir if config.qc else None,
-                                                         config.grid_limits()))
+                                                         config.grid_limits(), config.max_ink_fraction))
     tiles = TileStream(todo if config.plain else [], planner.plan, config.batch_size, config.num_workers,
                        pin_memory=device.type == "cuda")
     job = _Job(config, trunk, encoder, device, settings, features_dir, tiles, planner)

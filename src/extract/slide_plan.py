@@ -30,7 +30,7 @@ from extract.child_process import die_with_parent
 from extract.config import GridLimits
 from extract.partial_files import temporary_path
 from extract.reader import SlideReadError, open_slide
-from extract.tiling import TileGrid, tile_grid
+from extract.tiling import MAX_INK_FRACTION, TileGrid, tile_grid
 from extract.tissue import save_qc_image
 
 
@@ -44,6 +44,7 @@ class PlanSettings:
     default_mpp: float | None = None
     qc_dir: Path | None = None  # write {stem}.png there when set
     limits: GridLimits = GridLimits()
+    max_ink_fraction: float = MAX_INK_FRACTION
 
 
 def plan_slide(path: Path, mpp_override: float | None, settings: PlanSettings) -> tuple[TileGrid, Path | None]:
@@ -52,7 +53,8 @@ def plan_slide(path: Path, mpp_override: float | None, settings: PlanSettings) -
     Returns the grid without the thumbnail, and the temporary QC image (None without ``qc_dir``).
     """
     with open_slide(path, mpp_override, default_mpp=settings.default_mpp) as reader:
-        grid = tile_grid(reader, settings.mpp, settings.tile_size, settings.tissue_threshold, settings.limits)
+        grid = tile_grid(reader, settings.mpp, settings.tile_size, settings.tissue_threshold, settings.limits,
+                         settings.max_ink_fraction)
     qc_partial = None
     if settings.qc_dir is not None:
         tissue = grid.tissue
@@ -128,6 +130,11 @@ class SlidePlanner:
                 "check that the file opens in another viewer, or move it out of the folder"
             )
         except Exception as error:  # noqa: BLE001 - the slide's own error, raised to each asker
+            if not future.done() or future.exception() is not error:
+                # Raised while waiting by a signal handler (DataLoader's, when a reading worker
+                # dies): not this slide's answer, which is still to come.
+                self._futures[path] = future
+                raise
             return False, error
         if qc_partial is not None:
             self._qc[path] = qc_partial

@@ -42,6 +42,12 @@ class ReadingWorkerDied(SlideReadError):
     """A tile-reading worker process died (e.g. a segfault in the slide library)."""
 
 
+def is_worker_death(error: BaseException) -> bool:
+    """A reading worker died: DataLoader's SIGCHLD handler raises this RuntimeError wherever the
+    main thread happens to be."""
+    return isinstance(error, RuntimeError) and "DataLoader worker" in str(error) and "exited unexpectedly" in str(error)
+
+
 class TileKey(NamedTuple):
     """One tile to read: the slide (its position in the job, path, µm/px), its row in the
     slide's grid, and its level-0 square and output size."""
@@ -129,7 +135,9 @@ class CohortTileBatches(Sampler[list[TileKey]]):
             path = self.slides[position]
             try:
                 grid = self.grid_of(path)
-            except Exception:  # noqa: BLE001 - the slide fails in the encoding loop, not here
+            except Exception as error:  # noqa: BLE001 - the slide fails in the encoding loop, not here
+                if is_worker_death(error):
+                    raise  # a reading worker died while the grid was awaited: the pass is over
                 continue
             keys = slide_keys(position, path, grid)
             for start, end in batch_bounds(len(keys), self.batch_size):

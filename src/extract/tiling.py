@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from extract.config import GridLimits
+from extract.config import ExtractConfig, GridLimits
 from extract.reader import SlideReader, SlideReadError
 from extract.tissue import pen_ink_mask, tile_tissue_fraction, tissue_mask
 
@@ -29,6 +29,8 @@ from extract.tissue import pen_ink_mask, tile_tissue_fraction, tissue_mask
 MAX_THUMBNAIL_SIDE = 4096
 MIN_THUMBNAIL_SIDE = 1536
 MASK_PX_PER_TILE = 8
+# Tiles with more pen ink than this (a share of the tile) are left out (--max-ink-fraction).
+MAX_INK_FRACTION = ExtractConfig.max_ink_fraction
 
 
 class NoTissueError(SlideReadError):
@@ -153,9 +155,10 @@ def check_grid(reader: SlideReader, target_mpp: float, tile_size_px: int, limits
 
 def tile_grid(
     reader: SlideReader, target_mpp: float, tile_size_px: int, tissue_threshold: float,
-    limits: GridLimits = GridLimits(),
+    limits: GridLimits = GridLimits(), max_ink_fraction: float = MAX_INK_FRACTION,
 ) -> TileGrid:
-    """Tissue tiles of ``reader``'s slide at ``target_mpp`` µm/px and ``tile_size_px`` px.
+    """Tissue tiles of ``reader``'s slide at ``target_mpp`` µm/px and ``tile_size_px`` px, with
+    at most ``max_ink_fraction`` of pen ink.
 
     Raises :class:`ImplausibleGridError` (before reading anything), :class:`SlideTooSmallError`
     or :class:`NoTissueError` naming the slide.
@@ -182,6 +185,8 @@ def tile_grid(
     all_coords = np.stack([grid_x.ravel(), grid_y.ravel()], axis=1).astype(np.int64)
     fraction = tile_tissue_fraction(mask, downsample, all_coords, size_level0)
     keep = fraction >= tissue_threshold if tissue_threshold > 0 else np.ones(len(fraction), dtype=bool)
+    if ink.any():  # a tile half tissue, half marker has enough tissue, but its features show the ink
+        keep &= tile_tissue_fraction(ink, downsample, all_coords, size_level0) <= max_ink_fraction
     if not keep.any():
         raise NoTissueError(
             f"{reader.path}: no tile has tissue fraction ≥ {tissue_threshold:g} "
