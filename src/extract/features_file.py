@@ -121,6 +121,7 @@ class SlideFileWriter:
         ``grid_attrs`` (tile size, µm/px …, as on ``coords``) go on ``aug_coords``, so that a file
         written without plain features still tells training how to place its tiles on a grid.
         """
+        width = self._encoder.width
         feats = self.file.create_dataset(
             "aug_features", shape=(n_augmentations, width, n_tiles), dtype=np.float16,
             chunks=(1, width, n_tiles), compression="gzip", compression_opts=4, shuffle=True,
