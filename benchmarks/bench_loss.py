@@ -1,8 +1,8 @@
-"""NT-Xent forward + backward, ours vs pytorch-metric-learning's NTXentLoss, in one run; and the
-sparse layer4 + projector forward + backward on a training-sized batch.
+"""NT-Xent forward + backward, ours vs pytorch-metric-learning's NTXentLoss, in one run (the
+sparse layer4 + projector step is ``benchmarks/bench_sparse.py``).
 
-    python benchmarks/bench_loss.py                  # 256 pairs (512 views), D = 256; 256 slides × 2 views × T = 5
-    python benchmarks/bench_loss.py --pairs 64 --slides 32 --repeats 3   # a quick check
+    python benchmarks/bench_loss.py                  # 256 pairs (512 views), D = 256
+    python benchmarks/bench_loss.py --pairs 64 --repeats 3   # a quick check
 
 Prints median and best wall-clock times in ms (target for the loss: ours < 20 ms at 512 views).
 PML builds all pairs explicitly; at 256 pairs it takes seconds and a few GB, so it runs
@@ -60,49 +60,19 @@ def bench_loss(pairs: int, dim: int, repeats: int, pml_repeats: int, temperature
         print(f"speed-up (median): {pml_median / median:.0f}×")
 
 
-def bench_layer4(slides: int, tiles: int, repeats: int, seed: int = 0) -> None:
-    from gigassl.loss import nt_xent
-    from gigassl.model import GigaSSLModel
-    from gigassl.sparse_map import augment_cells, collate_views
-
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    model = GigaSSLModel(None, device="cpu").train()
-    views = []
-    for _ in range(2 * slides):
-        cells = rng.integers(0, 80, size=(tiles, 2))  # tiles of a ~80×80-tile slide
-        views.append((rng.standard_normal((tiles, 256)).astype(np.float32), augment_cells(cells, rng)))
-    start = time.perf_counter()
-    batch = collate_views(views)
-    collate_ms = 1e3 * (time.perf_counter() - start)
-
-    def step() -> None:
-        model.zero_grad(set_to_none=True)
-        z = model(batch)
-        nt_xent(z[:slides], z[slides:]).backward()
-
-    median, best = _time_ms(step, repeats)
-    print(f"collate_views, {slides} slides × 2 views × T={tiles}: {collate_ms:.1f} ms")
-    print(f"sparse layer4 + projector + loss fwd+bwd, {slides} slides × 2 views × T={tiles}: "
-          f"median {median:.1f} ms  best {best:.1f} ms  ({slides / (median / 1e3):.0f} slides/s)")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=256, help="slides in the loss batch (views = 2 × pairs)")
     parser.add_argument("--dim", type=int, default=256, help="projection size")
     parser.add_argument("--temperature", type=float, default=0.05)
-    parser.add_argument("--repeats", type=int, default=20, help="timed repeats of our loss and of the model step")
+    parser.add_argument("--repeats", type=int, default=20, help="timed repeats of our loss")
     parser.add_argument("--pml-repeats", type=int, default=2, help="timed repeats of PML (slow); 0 skips it")
-    parser.add_argument("--slides", type=int, default=256, help="slides in the model batch")
-    parser.add_argument("--tiles", type=int, default=5, help="T: tiles per view")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     bench_loss(args.pairs, args.dim, args.repeats, args.pml_repeats, args.temperature)
-    bench_layer4(args.slides, args.tiles, max(1, args.repeats // 4))
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def main() -> None:
           f"batch {min(args.batch, args.slides)} slides, T = {args.tiles_per_view}")
     print(f"{'measure':<44}{'value':>12}")
     print(f"{'data pipeline alone (slides/s, 2 views each)':<44}{load_rate:>12.1f}")
-    print(f"{'first epoch (s, includes spconv warm-up)':<44}{rows[0]['epoch_time_s']:>12.2f}")
+    print(f"{'first epoch (s, includes warm-up)':<44}{rows[0]['epoch_time_s']:>12.2f}")
     print(f"{'training step (s)':<44}{step_time:>12.2f}")
     print(f"{'training throughput (slides/s)':<44}{slides_per_epoch / epoch_time:>12.1f}")
     print(f"{'share of the step waiting for data (%)':<44}{100 * data_share:>12.1f}   (target ≤ 15 %)")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from fixtures.processes import describe, descendants, wait_until_gone
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("GIGASSL_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -25,6 +29,28 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def slides_dir(shared_data: Path) -> Path:
     return shared_data / "slides"
+
+
+# Helpers of the interpreter itself that end with it (multiprocessing's resource tracker and
+# fork server); anything else still running when the session ends was left by a test.
+_INTERPRETER_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind():
+    """At the end of the session, fail if the suite left a process running (a planner, a
+    DataLoader worker, a job a test started): each gets a few seconds to end first.
+
+    On Linux the session is made a child subreaper, so that the helpers of a job a test killed
+    are re-parented to it (not to init) and are seen here.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    yield
+    left = [pid for pid in descendants(os.getpid()) if not any(h in describe(pid) for h in _INTERPRETER_HELPERS)]
+    left = wait_until_gone(left, timeout_s=10.0)
+    if left:
+        pytest.fail("the test session left processes running:\n" + "\n".join(describe(pid) for pid in left), pytrace=False)
 
 
 def _spconv_imports() -> bool:

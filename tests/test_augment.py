@@ -245,3 +245,16 @@ def test_bad_inputs_are_refused() -> None:
         AUG.apply(torch.rand(2, 3, 16, 16), params)
     with pytest.raises(ValueError, match="odd"):
         AugmentationSettings(blur_kernel_px=6)
+
+
+def test_per_tile_operators_can_be_built_on_the_images_device_in_float32():
+    # MoCo draws one augmentation per tile: n (S, S) operators, which a GPU builds itself
+    from extract.augment import spatial_matrices
+
+    params = TileAugmentation().sample(6, 32, torch.Generator().manual_seed(3))
+    left64, right64, transpose64 = spatial_matrices(params, 9)
+    left32, right32, transpose32 = spatial_matrices(params, 9, torch.device("cpu"), torch.float32)
+    assert left32.dtype == torch.float32 and left64.dtype == torch.float64
+    torch.testing.assert_close(left32.double(), left64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(right32.double(), right64, rtol=1e-5, atol=1e-6)
+    assert torch.equal(transpose32, transpose64)

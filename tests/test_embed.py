@@ -291,3 +291,15 @@ def test_a_resnet50_head_writes_2048_d_embeddings(cohort, tmp_path):
     assert result.exports[0].read_text().splitlines()[0].endswith(",e2047")
     embedded = SlideEmbedder(checkpoint, n_views=2).transform([folder / "A.h5"])
     assert embedded.shape == (1, 2048) and np.isfinite(embedded).all()
+
+
+def test_mixed_precision_embeddings_are_the_fp32_ones_to_a_cosine_of_0_999(cohort, model, monkeypatch):
+    from extract import device as device_module
+
+    paths, _ = cohort
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: True)  # bf16 autocast on any CPU
+    _, exact = embed_slides(model, paths, n_views=8, n_tiles_per_view=4, mixed_precision=False)
+    _, mixed = embed_slides(model, paths, n_views=8, n_tiles_per_view=4, mixed_precision=True)
+    assert not np.array_equal(exact, mixed)  # autocast did run
+    cosines = np.sum(exact * mixed, axis=1)
+    assert cosines.min() > 0.999, cosines

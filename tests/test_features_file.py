@@ -9,6 +9,7 @@ from extract.features_file import (
     SlideFeatures,
     SlideFileWriter,
     is_complete,
+    why_incomplete,
 )
 
 ENCODER = EncoderInfo("random", "0" * 64, "random")
@@ -102,3 +103,30 @@ def test_refuses_incomplete_other_version_and_missing_bank(tmp_path):
     with pytest.raises(FeatureFileError, match="corrupt.h5"):
         SlideFeatures(corrupt)
     assert not is_complete(corrupt)
+
+
+def flip_bytes(path, dataset: str) -> None:
+    """Overwrite 16 bytes in the middle of ``dataset``'s first chunk on disk (bit rot, a bad copy)."""
+    with h5py.File(path, "r") as handle:
+        info = handle[dataset].id.get_chunk_info(0)
+    data = bytearray(path.read_bytes())
+    middle = info.byte_offset + info.size // 2
+    data[middle : middle + 16] = bytes(255 - b for b in data[middle : middle + 16])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("dataset", ["features", "coords", "aug_features", "aug_coords"])
+def test_flipped_bytes_in_any_dataset_are_detected(tmp_path, dataset):
+    path = tmp_path / "s1.h5"
+    _write(path)
+    assert why_incomplete(path, require_plain=True, require_bank=True, verify=True) is None
+    flip_bytes(path, dataset)
+    assert is_complete(path, require_plain=True, require_bank=True)  # the layout still looks whole …
+    reason = why_incomplete(path, require_plain=True, require_bank=True, verify=True)  # … its checksums do not
+    assert reason is not None and "s1.h5" in reason and f"dataset '{dataset}' is damaged" in reason
+
+
+def test_a_missing_file_is_not_told_to_delete_it(tmp_path):
+    with pytest.raises(FeatureFileError) as refusal:
+        SlideFeatures(tmp_path / "absent.h5")
+    assert "absent.h5: no such file" in str(refusal.value) and "delete" not in str(refusal.value)

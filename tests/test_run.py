@@ -25,6 +25,7 @@ from extract.reader import open_slide
 from extract.run import parse_shard, prepare_batch, process_part, run_extraction, select_part
 from extract.tiling import tile_grid
 from fixtures.make_slides import write_blank_slide, write_tissue_slide
+from fixtures.processes import alive, describe, descendants, wait_until_gone
 from gigassl.cli import main
 
 # Small tiles at a coarse resolution keep every run to a few hundred tiles.
@@ -296,18 +297,21 @@ def test_corrupt_and_truncated_outputs_are_redone(cohort: Path, tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_sigkill_mid_slide_leaves_nothing_complete_and_rerun_redoes_it(tmp_path: Path, slides_dir: Path) -> None:
+def test_sigkill_mid_slide_leaves_nothing_complete_nor_running_and_rerun_redoes_it(tmp_path: Path, slides_dir: Path) -> None:
+    """SIGKILL (a SLURM time limit) runs no cleanup: the planner and the reading workers must
+    still end with the job, and neither a features file nor a QC image may look finished."""
     folder = tmp_path / "slides"
     folder.mkdir()
     shutil.copy(slides_dir / "CMU-1-Small-Region.svs", folder)
     out = tmp_path / "out"
     # ~700 tiles of 32 px: long enough to be killed inside the slide, quick to redo.
     args = ["--slides", str(folder), "--out", str(out), "--encoder", "random", "--tile-size", "32", "--mpp", "1.0", "--no-bank",
-            "--num-workers", "0", "--batch-size", "16", "--no-qc"]
+            "--num-workers", "2", "--batch-size", "16"]
     process = subprocess.Popen([sys.executable, "-m", "gigassl.cli", "extract", *args],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     features_dir = out / "features"
     deadline = time.monotonic() + 60
+    job: list[int] = []
     try:
         while time.monotonic() < deadline and not list(features_dir.glob("*.partial")):
             assert process.poll() is None, "extraction ended before it could be killed"
@@ -315,18 +319,28 @@ def test_sigkill_mid_slide_leaves_nothing_complete_and_rerun_redoes_it(tmp_path:
         partials = list(features_dir.glob("*.partial"))
         assert partials, "no temporary file appeared within 60 s"
         time.sleep(0.1)  # the writer is open: the slide's tiles are being encoded
+        job = descendants(process.pid)
+        assert len(job) >= 3, f"expected the planner and two reading workers, found {[describe(p) for p in job]}"
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
+        left = wait_until_gone(job, timeout_s=10.0)
+        assert not left, "processes of the killed job still run:\n" + "\n".join(describe(p) for p in left)
     finally:
         if process.poll() is None:
             process.kill()
+            process.wait()
+        for pid in job:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
     assert process.returncode == -signal.SIGKILL
     final = features_dir / "CMU-1-Small-Region.h5"
     assert not final.exists() and not is_complete(final)
+    assert not (out / "qc" / "CMU-1-Small-Region.png").exists()  # planned, never finished
     assert list(features_dir.glob("*.partial"))  # the killed run's leftovers are still there
     assert main(["extract", *args]) == 0
     assert summary_of(out)["n_done"] == 1
     assert is_complete(final, require_plain=True) and not list(features_dir.glob("*.partial"))
+    assert (out / "qc" / "CMU-1-Small-Region.png").is_file() and not list((out / "qc").glob("*.partial"))
 
 
 @pytest.mark.slow
@@ -474,3 +488,150 @@ def test_bank_reuses_the_plain_pass_tiles(cohort: Path, tmp_path: Path, monkeypa
         for index in range(2):
             np.testing.assert_array_equal(a.augmentation(index)[0], b.augmentation(index)[0])
         assert b.tile_step_level0 == a.tile_step_level0  # the bank carries the grid without plain features
+
+
+# ----------------------------------------------------------------------------- issue 13: reliability
+
+
+def test_absurd_resolutions_fail_in_seconds_with_bounded_memory(tmp_path: Path, slides_dir: Path) -> None:
+    """boxes.tiff (a 72-dpi tag, 352.8 µm/px) and a 1000-px PNG at --default-mpp 500 were planned
+    as hundreds of thousands of tiles; a real slide like them took a node down. Both now fail on
+    one line before any tile is planned, and the job goes on."""
+    from PIL import Image
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(slides_dir / "fixtures" / "boxes.tiff", folder)
+    Image.new("RGB", (1000, 1000), (200, 110, 170)).save(folder / "photo.png")
+    write_tissue_slide(folder / "good.tif", seed=1)
+    out = tmp_path / "out"
+    code = ("import resource, sys; from gigassl.cli import main; code = main(sys.argv[1:]); "
+            "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+            "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code, "extract", "--slides", str(folder), "--out", str(out), *FAST,
+                             "--default-mpp", "500"], capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - started < 60 and result.returncode == 0, result.stderr[-2000:]
+    main_kb, children_kb = map(int, result.stdout.split("PEAK_KB")[1].split())
+    assert main_kb < 1_500_000 and children_kb < 500_000  # the job, and its planner and workers
+    by_name = {s["slide"]: s for s in summary_of(out)["slides"]}
+    assert by_name["good.tif"]["status"] == "done"
+    assert "352.778 µm/px from the TIFF resolution tag" in by_name["boxes.tiff"]["reason"]
+    assert "500 µm/px from --default-mpp" in by_name["photo.png"]["reason"]
+    assert sorted(p.name for p in (out / "features").iterdir()) == ["good.h5"]
+
+
+def test_damaged_output_is_redone_and_the_log_says_why(cohort: Path, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    from test_features_file import flip_bytes
+
+    out = tmp_path / "out"
+    assert extract(cohort, out) == 0
+    flipped, truncated = out / "features" / "synthetic_a.h5", out / "features" / "synthetic_b.h5"
+    flip_bytes(flipped, "features")  # the file still opens, every attribute says complete
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    with caplog.at_level(logging.INFO, logger="extract"):
+        assert extract(cohort, out) == 0
+    by_name = {s["slide"]: s["status"] for s in summary_of(out)["slides"]}
+    assert by_name == {"synthetic_a.tif": "done", "synthetic_b.tif": "done", "synthetic_c.tif": "skipped"}
+    redone = [r.getMessage() for r in caplog.records if r.getMessage().startswith("redoing")]
+    assert any("synthetic_a.h5" in m and "dataset 'features' is damaged" in m for m in redone), redone
+    assert any("synthetic_b.h5" in m and "not a readable HDF5 file" in m for m in redone), redone
+    assert is_complete(flipped, require_plain=True, verify=True)
+
+
+def test_stale_partials_of_ended_jobs_are_removed_and_running_ones_kept(cohort: Path, tmp_path: Path) -> None:
+    from extract.partial_files import FOREIGN_STALE_S, temporary_path
+
+    out = tmp_path / "out"
+    assert extract(cohort, out) == 0  # every slide complete: the next run skips them all
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        features, qc = out / "features", out / "qc"
+        dead = temporary_path(features / "synthetic_a.h5", pid=int(ended.stdout))
+        dead_qc = temporary_path(qc / "synthetic_b.png", pid=int(ended.stdout))
+        live = temporary_path(features / "synthetic_c.h5", pid=running.pid)  # another shard, still writing
+        foreign = features / "synthetic_a.h5.othernode-123.partial"  # another node: only its age tells
+        old_foreign = features / "synthetic_b.h5.othernode-456.partial"
+        for path in (dead, dead_qc, live, foreign, old_foreign):
+            path.write_bytes(b"partial")
+        os.utime(old_foreign, (time.time() - FOREIGN_STALE_S - 60,) * 2)
+        assert extract(cohort, out) == 0 and summary_of(out)["n_skipped"] == 3
+        assert not dead.exists() and not dead_qc.exists() and not old_foreign.exists()
+        assert live.exists() and foreign.exists()
+    finally:
+        running.kill()
+        running.wait()
+
+
+def test_stale_partials_of_a_slide_whose_name_is_a_glob_pattern(tmp_path: Path) -> None:
+    from extract.partial_files import remove_stale_partials, temporary_path
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    mine = temporary_path(tmp_path / "s[1].h5", pid=int(ended.stdout))
+    other = temporary_path(tmp_path / "s1.h5", pid=int(ended.stdout))  # what "s[1].h5.*" would match
+    mine.write_bytes(b"x")
+    other.write_bytes(b"x")
+    assert remove_stale_partials(tmp_path, "s[1].h5.") == [mine]
+    assert other.exists()
+
+
+def test_a_failed_slide_leaves_no_qc_image(tmp_path: Path, slides_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from extract.reader import SlideReader, SlideReadError
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    write_tissue_slide(folder / "a.tif", seed=1)
+    write_tissue_slide(folder / "b.tif", seed=2)
+    original = SlideReader.read_tile
+
+    def broken_for_b(self, *args):
+        if self.path.name == "b.tif":
+            raise SlideReadError(f"{self.path}: boom")
+        return original(self, *args)
+
+    monkeypatch.setattr(SlideReader, "read_tile", broken_for_b)
+    out = tmp_path / "out"
+    assert extract(folder, out) == 0
+    assert sorted(p.name for p in (out / "qc").iterdir()) == ["a.png"]  # b was planned, then failed
+
+
+def test_a_run_whose_every_attempt_failed_exits_1_even_with_skipped_slides(cohort: Path, tmp_path: Path,
+                                                                          slides_dir: Path) -> None:
+    out = tmp_path / "out"
+    assert extract(cohort, out) == 0
+    shutil.copy(slides_dir / "fixtures" / "unopenable.tiff", cohort)
+    assert extract(cohort, out) == 1  # three skipped, the only slide tried failed
+    assert summary_of(out)["exit_code"] == 1 and summary_of(out)["n_skipped"] == 3
+
+
+def test_logs_get_plain_progress_lines_not_bars(cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """stderr is a file here (as on a cluster): no carriage returns or cursor escapes."""
+    with caplog.at_level(logging.INFO, logger="extract"):
+        assert extract(cohort, tmp_path / "out", "--progress-interval-s", "0") == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.out + captured.err and "\x1b[" not in captured.out + captured.err
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("synthetic_a: ") and " tiles (" in line and "tiles/s, ETA" in line for line in lines)
+    assert any(line.startswith("slides: 3/3 slides (100 %)") for line in lines)
+
+
+def test_counts_are_singular_for_one_slide(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    write_tissue_slide(folder / "one.tif", seed=1)
+    with caplog.at_level(logging.INFO, logger="extract"):
+        assert extract(folder, tmp_path / "out") == 0
+    assert any(r.getMessage().startswith("extract: 1 slide for part 1/1") for r in caplog.records)
+    from extract.run import ExtractionSummary, SlideOutcome
+
+    assert ExtractionSummary([SlideOutcome("one.tif", "done")]).format().startswith("extract: 1 slide: 1 done")
+
+
+def test_help_shows_the_default_of_boolean_flags(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["extract", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: --plain)" in text and "(default: --no-overwrite)" in text and "(default: --qc)" in text

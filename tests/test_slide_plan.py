@@ -36,8 +36,24 @@ def test_plans_match_the_grid_and_errors_stay_with_their_slide(slides, tmp_path)
             expected = tile_grid(reader, 1.0, 32, 0.5)
         np.testing.assert_array_equal(grid.coords, expected.coords)
         assert grid.mpp == expected.mpp and grid.size_level0 == expected.size_level0 and grid.tissue is None
+        assert not (qc / f"{path.stem}.png").exists()  # published only when the slide's features are complete
+        planner.publish_qc(path)
         assert (qc / f"{path.stem}.png").stat().st_size > 0
+        planner.forget(path)
     planner.close()
+    assert not list(qc.glob("*.partial"))
+
+
+def test_qc_image_of_a_slide_never_finished_is_not_left(slides, tmp_path):
+    qc = tmp_path / "qc"
+    qc.mkdir()
+    planner = SlidePlanner(slides, {}, PlanSettings(**SETTINGS, qc_dir=qc), ahead=3)
+    planner.plan(slides[0])
+    assert len(list(qc.glob("a.png.*.partial"))) == 1
+    planner.forget(slides[0])  # its slide failed
+    planner.plan(slides[2])  # c and d were planned ahead
+    planner.close()  # the job ends (or is interrupted) before they are finished
+    assert not list(qc.iterdir())
 
 
 def test_a_slide_that_kills_the_planner_fails_alone(slides, monkeypatch):

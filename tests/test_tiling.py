@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from extract.config import ExtractConfig, GridLimits
 from extract.reader import open_slide
-from extract.tiling import NoTissueError, SlideTooSmallError, grid_positions, tile_grid
+from extract.tiling import ImplausibleGridError, NoTissueError, SlideTooSmallError, grid_positions, tile_grid
 from fixtures.make_slides import write_blank_slide, write_tissue_slide
 
 
@@ -66,3 +70,55 @@ def test_slide_smaller_than_a_tile_is_a_clear_error(slides_dir: Path) -> None:
     with open_slide(slides_dir / "fixtures" / "small.svs") as reader:
         with pytest.raises(SlideTooSmallError, match="small.svs.*smaller than one tile.*--tile-size"):
             tile_grid(reader, target_mpp=0.5, tile_size_px=224, tissue_threshold=0.5)
+
+
+def _refused_quickly(path: Path, limits: GridLimits = GridLimits(), **open_kwargs) -> str:
+    """tile_grid's refusal of ``path``: within a second and 20 MB of Python/numpy allocations."""
+    started = time.perf_counter()
+    tracemalloc.start()
+    try:
+        with open_slide(path, **open_kwargs) as reader:
+            with pytest.raises(ImplausibleGridError) as refusal:
+                tile_grid(reader, target_mpp=0.5, tile_size_px=224, tissue_threshold=0.5, limits=limits)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 1.0 and peak < 20e6
+    message = str(refusal.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+def test_absurd_resolution_tag_is_refused_before_planning(slides_dir: Path) -> None:
+    # boxes.tiff says 72 dpi (352.8 µm/px): today's planner made 366,397 tiles of it.
+    message = _refused_quickly(slides_dir / "fixtures" / "boxes.tiff")
+    assert "352.778 µm/px from the TIFF resolution tag (72 dpi" in message
+    assert "--mpp-csv" in message and "slide=boxes" in message and "--max-level0-mpp" in message
+
+
+def test_absurd_default_mpp_and_csv_are_refused_naming_their_source(tmp_path: Path) -> None:
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (1000, 1000), (200, 110, 170)).save(image)  # --default-mpp 500 wrote 339 MB of tiles
+    message = _refused_quickly(image, default_mpp=500.0)
+    assert "500 µm/px from --default-mpp" in message and "correct --default-mpp" in message
+    message = _refused_quickly(image, mpp_override=0.001)
+    assert "0.001 µm/px from --mpp-csv" in message and "slide=photo of --mpp-csv" in message
+
+
+def test_up_scaling_and_tile_count_are_bounded(tmp_path: Path, slides_dir: Path) -> None:
+    image = tmp_path / "coarse.png"
+    Image.new("RGB", (1000, 1000), (200, 110, 170)).save(image)
+    message = _refused_quickly(image, default_mpp=10.0)  # plausible, but tiles would be 20× enlarged
+    assert "enlarge the slide 20.0×" in message and "--max-upscale 4" in message
+    message = _refused_quickly(slides_dir / "CMU-1-Small-Region.svs", GridLimits(max_tiles_per_slide=100))
+    assert "grid of 117 tiles" in message and "--max-tiles-per-slide 100" in message
+    with open_slide(image, default_mpp=10.0) as reader:  # the bounds are settings
+        assert len(tile_grid(reader, 0.5, 224, 0.5, GridLimits(max_upscale=20.0))) > 0
+
+
+def test_grid_limits_are_extract_settings() -> None:
+    assert ExtractConfig(slides=Path("s"), out=Path("o")).grid_limits() == GridLimits()
+    with pytest.raises(ValueError, match="--max-upscale 0.5"):
+        ExtractConfig(slides=Path("s"), out=Path("o"), max_upscale=0.5)
+    with pytest.raises(ValueError, match="--min-level0-mpp 30"):
+        ExtractConfig(slides=Path("s"), out=Path("o"), min_level0_mpp=30.0)

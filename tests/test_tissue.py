@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from extract.reader import open_slide
-from extract.tissue import otsu_threshold, save_qc_image, tile_tissue_fraction, tissue_mask
-from fixtures.make_slides import synthetic_image
+from extract.tissue import otsu_threshold, pen_ink_mask, save_qc_image, tile_tissue_fraction, tissue_mask
+from fixtures.make_slides import MARKERS, paint_marker, synthetic_image
 
 
 def test_otsu_separates_two_modes() -> None:
@@ -78,3 +78,48 @@ def test_an_image_that_is_all_tissue_is_not_split_in_two(shared_data: Path) -> N
     with open_slide(shared_data / "bach-dev" / "b001.jpg", default_mpp=0.42) as reader:
         thumb, _ = reader.thumbnail(512)
     assert tissue_mask(thumb).mean() > 0.8  # a microscopy field of breast tissue, no glass
+
+
+@pytest.mark.parametrize("marker", sorted(MARKERS))
+def test_pen_ink_over_real_tissue_is_not_tissue(slides_dir: Path, marker: str) -> None:
+    """Marker strokes 150 µm wide (a fine tip) painted over CMU-1-Small-Region at the mask's
+    scale: before, every inked tissue pixel was kept; now (nearly) none is, and the clean
+    tissue beside the strokes stays."""
+    with open_slide(slides_dir / "CMU-1-Small-Region.svs") as reader:
+        thumb, downsample = reader.thumbnail(1536)
+        mpp = reader.mpp * downsample
+    clean = tissue_mask(thumb, ink=pen_ink_mask(thumb, mpp))
+    for seed in (1, 2):
+        inked, stroke = paint_marker(thumb, MARKERS[marker], round(150 / mpp), seed)
+        under_ink, beside = stroke & clean, clean & ~stroke
+        assert under_ink.sum() > 10_000
+        mask = tissue_mask(inked, ink=pen_ink_mask(inked, mpp))
+        assert mask[under_ink].mean() < 0.05  # share of inked tissue kept (1.0 without the ink rule)
+        assert mask[beside].mean() > 0.98
+
+
+def test_pen_ink_rule_keeps_clean_tissue(slides_dir: Path, shared_data: Path) -> None:
+    """Dense nuclei look like ink pixel by pixel; the rule must not cut clean H&E."""
+    images = [(slides_dir / "CMU-1-Small-Region.svs", None), (slides_dir / "TCGA-CR-7395-01A-01-TS1.svs", 3.0)]
+    images += [(shared_data / "bach-dev" / f"{name}.jpg", 0.42) for name in ("iv009", "is015", "n023", "b029")]
+    for path, default_mpp in images:
+        with open_slide(path, default_mpp=default_mpp) as reader:
+            thumb, downsample = reader.thumbnail(1536)
+            ink = pen_ink_mask(thumb, reader.mpp * downsample)
+        tissue = tissue_mask(thumb, ink=np.zeros(thumb.shape[:2], dtype=bool))
+        assert (tissue & ink).sum() <= 0.005 * tissue.sum(), path.name
+
+
+def test_qc_image_is_large_enough_to_judge_and_shows_ink(slides_dir: Path, tmp_path: Path) -> None:
+    from extract.slide_plan import PlanSettings, plan_slide
+
+    _, qc_partial = plan_slide(slides_dir / "CMU-1-Small-Region.svs", None,
+                               PlanSettings(mpp=0.5, tile_size=224, tissue_threshold=0.5, qc_dir=tmp_path))
+    with Image.open(qc_partial) as picture:
+        assert max(picture.size) >= 1500  # was 768: pen marks and borders could not be judged
+    thumb = np.full((100, 120, 3), 255, dtype=np.uint8)
+    ink = np.zeros((100, 120), dtype=bool)
+    ink[:, 60:] = True
+    save_qc_image(tmp_path / "ink.png", thumb, ~ink, 1.0, np.empty((0, 2)), 10.0, ink=ink)
+    picture = np.asarray(Image.open(tmp_path / "ink.png").convert("RGB"))
+    assert (picture[:, 60:] == (230, 0, 0)).all(axis=2).mean() > 0.2 and not (picture[:, :60] == (230, 0, 0)).all(axis=2).any()

@@ -240,10 +240,14 @@ class TileAugmentation:
 
     def _apply_spatial(self, x: torch.Tensor, params: AugmentationParams, scale: float) -> tuple[torch.Tensor, float]:
         """``L · X' · Rᵀ`` (crop, resize, flips, rotation, blur) → images and the scale left to apply."""
-        if self._last_spatial is None or self._last_spatial[0] is not params:
-            self._last_spatial = (params, spatial_matrices(params, self.settings.blur_kernel_px))
-        left, right, transpose = self._last_spatial[1]
         device, dtype = x.device, x.dtype
+        if self._last_spatial is None or self._last_spatial[0] is not params:
+            # one draw per tile: n operators, built where the images are (float64 on the CPU;
+            # float32 on accelerators, where float64 is slow or, on MPS, missing)
+            on = device if len(params) > 1 else None
+            precision = torch.float64 if on is None or on.type == "cpu" else torch.float32
+            self._last_spatial = (params, spatial_matrices(params, self.settings.blur_kernel_px, on, precision))
+        left, right, transpose = self._last_spatial[1]
         if len(params) > 1:
             x = torch.where(transpose.to(device)[:, None, None, None], x.transpose(-1, -2), x)
             left = (left * scale).to(device=device, dtype=dtype)[:, None]
@@ -312,41 +316,41 @@ def _support(matrix: torch.Tensor) -> tuple[int, int]:
     return int(used[0]), int(used[-1]) + 1
 
 
-def resize_matrices(start: torch.Tensor, length: torch.Tensor, size: int) -> torch.Tensor:
-    """(n,) crop starts and lengths (px) → (n, size, size) float64 row operators that crop
+def resize_matrices(start: torch.Tensor, length: torch.Tensor, size: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """(n,) crop starts and lengths (px) → (n, size, size) row operators (on their device) that crop
     ``[start, start + length)`` and resize it to ``size`` bilinearly with corners aligned
     (``F.interpolate(..., align_corners=True)``, kornia's RandomResizedCrop in slice mode)."""
     n = len(start)
-    step = (length.double() - 1) / max(size - 1, 1)
-    position = start.double()[:, None] + torch.arange(size, dtype=torch.float64)[None, :] * step[:, None]
+    step = (length.to(dtype) - 1) / max(size - 1, 1)
+    position = start.to(dtype)[:, None] + torch.arange(size, dtype=dtype, device=start.device)[None, :] * step[:, None]
     last = (start + length - 1)[:, None]
     low = position.floor().long().clamp(max=size - 1)
     low = torch.minimum(low, last)
     frac = position - low
     high = torch.minimum(low + 1, last)
-    matrix = torch.zeros(n, size, size, dtype=torch.float64)
+    matrix = torch.zeros(n, size, size, dtype=dtype, device=start.device)
     matrix.scatter_add_(2, low[..., None], (1 - frac)[..., None])
     matrix.scatter_add_(2, high[..., None], frac[..., None])
     return matrix
 
 
-def gaussian_kernel(sigma: torch.Tensor, kernel_px: int) -> torch.Tensor:
-    """(n,) σ in px → (n, kernel_px) float64 normalised 1-D Gaussian kernels."""
-    offsets = torch.arange(kernel_px, dtype=torch.float64) - kernel_px // 2
-    kernel = torch.exp(-(offsets[None, :] ** 2) / (2 * sigma.double()[:, None] ** 2))
+def gaussian_kernel(sigma: torch.Tensor, kernel_px: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """(n,) σ in px → (n, kernel_px) normalised 1-D Gaussian kernels (on σ's device)."""
+    offsets = torch.arange(kernel_px, dtype=dtype, device=sigma.device) - kernel_px // 2
+    kernel = torch.exp(-(offsets[None, :] ** 2) / (2 * sigma.to(dtype)[:, None] ** 2))
     return kernel / kernel.sum(dim=1, keepdim=True)
 
 
-def blur_matrices(sigma: torch.Tensor, size: int, kernel_px: int) -> torch.Tensor:
-    """(n,) σ → (n, size, size) float64 operators of a 1-D Gaussian blur, reflect border."""
+def blur_matrices(sigma: torch.Tensor, size: int, kernel_px: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """(n,) σ → (n, size, size) operators of a 1-D Gaussian blur, reflect border (on σ's device)."""
     radius = kernel_px // 2
     if radius >= size:
         raise ValueError(f"blur kernel of {kernel_px}px needs tiles larger than {radius}px, got {size}px")
-    source = torch.arange(size)[:, None] + torch.arange(kernel_px)[None, :] - radius  # (size, kernel)
+    source = torch.arange(size, device=sigma.device)[:, None] + torch.arange(kernel_px, device=sigma.device)[None, :] - radius
     source = source.abs()
     source = torch.where(source > size - 1, 2 * (size - 1) - source, source)
-    kernel = gaussian_kernel(sigma, kernel_px)
-    matrix = torch.zeros(len(sigma), size, size, dtype=torch.float64)
+    kernel = gaussian_kernel(sigma, kernel_px, dtype)
+    matrix = torch.zeros(len(sigma), size, size, dtype=dtype, device=sigma.device)
     matrix.scatter_add_(2, source.expand(len(sigma), size, kernel_px), kernel[:, None, :].expand(-1, size, -1))
     return matrix
 
@@ -361,25 +365,28 @@ def _dihedral(hflip: bool, quarter_turns: int) -> tuple[bool, bool, bool]:
     return transpose, flip_rows, flip_cols
 
 
-def spatial_matrices(params: AugmentationParams, kernel_px: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def spatial_matrices(
+    params: AugmentationParams, kernel_px: int, device: torch.device | None = None, dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The spatial steps as ``out = L · X' · Rᵀ`` with ``X' = Xᵀ`` where ``transpose``.
 
-    Returns L (n, S, S), R (n, S, S) float64 and transpose (n,) bool.
+    Returns L (n, S, S), R (n, S, S) in ``dtype`` on ``device`` (default CPU) and transpose (n,) bool.
+    One draw per tile (MoCo) makes n of these, so on a GPU they are built there.
     """
     size = params.size_px
-    x0, y0, width, height = params.crop_box.unbind(dim=1)
-    rows, cols = resize_matrices(y0, height, size), resize_matrices(x0, width, size)
-    dihedral = torch.tensor([_dihedral(f, t) for f, t in zip(params.hflip.tolist(), params.rot90.tolist())])
+    x0, y0, width, height = params.crop_box.to(device).unbind(dim=1)
+    rows, cols = resize_matrices(y0, height, size, dtype), resize_matrices(x0, width, size, dtype)
+    dihedral = torch.tensor([_dihedral(f, t) for f, t in zip(params.hflip.tolist(), params.rot90.tolist())], device=device)
     transpose, flip_rows, flip_cols = (dihedral[:, j, None, None] for j in range(3))
     # Zᵀ = (Rows X Colsᵀ)ᵀ = Cols Xᵀ Rowsᵀ: the operators swap sides.
     left, right = torch.where(transpose, cols, rows), torch.where(transpose, rows, cols)
     left = torch.where(flip_rows, left.flip(1), left)
     right = torch.where(flip_cols, right.flip(1), right)
     if bool(params.blur.any()):
-        blur = blur_matrices(params.blur_sigma, size, kernel_px)
-        on = params.blur[:, None, None]
+        blur = blur_matrices(params.blur_sigma.to(device), size, kernel_px, dtype)
+        on = params.blur.to(device)[:, None, None]
         left, right = torch.where(on, blur @ left, left), torch.where(on, blur @ right, right)
-    return left, right, dihedral[:, 0].clone()
+    return left, right, dihedral[:, 0].cpu()
 
 
 def hue_matrix(turns: torch.Tensor) -> torch.Tensor:

@@ -31,8 +31,11 @@ try:  # libdeflate inflates a whole buffer of known size ~3× faster than zlib
 except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
     _libdeflate = None
 
-# The filter pipeline the writer uses, in order: byte shuffle, then deflate (gzip).
+# The filter pipeline the writer uses, in order: byte shuffle, then deflate (gzip), then (files
+# written since issue 13) a Fletcher-32 checksum appended to each compressed chunk — skipped by
+# these direct reads, whose zlib stream carries its own Adler-32 check.
 BANK_FILTERS = (h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_DEFLATE)
+CHECKSUM_BYTES = 4
 
 
 def inflate(data: bytes, size: int) -> bytes:
@@ -75,7 +78,8 @@ def _chunk_table(dataset: h5py.Dataset, chunk_shape: tuple[int, ...], dtype: np.
         return None
     plist = dataset.id.get_create_plist()
     filters = tuple(plist.get_filter(i)[0] for i in range(plist.get_nfilters()))
-    if filters != BANK_FILTERS:
+    checksummed = filters == BANK_FILTERS + (h5py.h5z.FILTER_FLETCHER32,)
+    if filters != BANK_FILTERS and not checksummed:
         return None
     n = dataset.shape[0]
     offsets, sizes = np.empty(n, np.int64), np.empty(n, np.int64)
@@ -83,7 +87,7 @@ def _chunk_table(dataset: h5py.Dataset, chunk_shape: tuple[int, ...], dtype: np.
         info = dataset.id.get_chunk_info_by_coord((a,) + (0,) * (dataset.ndim - 1))
         if info.byte_offset is None or info.filter_mask != 0:  # unwritten, or a filter was skipped
             return None
-        offsets[a], sizes[a] = info.byte_offset, info.size
+        offsets[a], sizes[a] = info.byte_offset, info.size - (CHECKSUM_BYTES if checksummed else 0)
     return offsets, sizes
 
 

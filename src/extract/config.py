@@ -17,6 +17,38 @@ def _help(text: str, **extra) -> dict:
 
 
 @dataclass(frozen=True)
+class GridLimits:
+    """Bounds that refuse a slide before its tile grid is planned, so that a wrong µm/px can
+    cost neither a node's memory nor hours of work.
+
+    ``min_level0_mpp``/``max_level0_mpp`` (0.05, 20): the µm/px of level 0 must lie in this
+    range — scanners and microscope cameras give 0.1–2, and a TIFF resolution tag of 72 or
+    96 dpi (352.8 or 264.6 µm/px) is image software's default, not a measurement.
+    ``max_upscale`` (4): the target µm/px may be at most this many times finer than level 0.
+    ``max_tiles_per_slide`` (1,000,000): the grid of candidate tiles (tissue or not) may have
+    at most this many positions. Planning costs ~100 bytes per position (measured: 88), so
+    ~100 MB at most, and the job's list of tiles to read a few hundred bytes per kept tile; a
+    whole TCGA slide at 0.5 µm/px and 224 px has ~100,000 positions.
+    """
+
+    min_level0_mpp: float = 0.05
+    max_level0_mpp: float = 20.0
+    max_upscale: float = 4.0
+    max_tiles_per_slide: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_level0_mpp < self.max_level0_mpp:
+            raise ValueError(
+                f"--min-level0-mpp {self.min_level0_mpp} and --max-level0-mpp {self.max_level0_mpp}: "
+                "need 0 < min < max"
+            )
+        if not self.max_upscale >= 1:
+            raise ValueError(f"--max-upscale {self.max_upscale}: must be at least 1 (1 = never up-scale level 0)")
+        if self.max_tiles_per_slide < 1:
+            raise ValueError(f"--max-tiles-per-slide {self.max_tiles_per_slide}: must be at least 1")
+
+
+@dataclass(frozen=True)
 class ExtractConfig:
     """Tile extraction: slides → tissue → tile grid → plain features and/or augmented bank."""
 
@@ -29,6 +61,7 @@ class ExtractConfig:
     mpp: float = field(default=0.5, metadata=_help("target resolution in µm/px (0.5 ≈ 20×, 1.0 ≈ 10× as in the paper)"))
     tile_size: int = field(default=224, metadata=_help("tile side in pixels at the target resolution"))
     tissue_threshold: float = field(default=0.5, metadata=_help("keep tiles whose tissue fraction is at least this"))
+    max_ink_fraction: float = field(default=0.1, metadata=_help("leave out tiles with more than this share of pen ink (blue, green, black marker)"))
     mpp_csv: Optional[Path] = field(default=None, metadata=_help("CSV with columns slide,mpp overriding the slides' metadata"))
     default_mpp: Optional[float] = field(default=None, metadata=_help("µm/px of level 0 for slides without metadata (plain images); a CSV entry wins"))
     plain: bool = field(default=True, metadata=_help("write plain (non-augmented) features of every tissue tile"))
@@ -44,6 +77,22 @@ class ExtractConfig:
     strict: bool = field(default=False, metadata=_help("exit non-zero when any slide failed"))
     shard: str = field(default="0/1", metadata=_help("i/n: process the i-th of n interleaved parts of the slide list (SLURM arrays: $SLURM_ARRAY_TASK_ID/N)"))
     qc: bool = field(default=True, metadata=_help("write a QC thumbnail PNG per slide with the kept tiles drawn"))
+    min_level0_mpp: float = field(default=GridLimits.min_level0_mpp, metadata=_help("refuse a slide whose level-0 µm/px (metadata, CSV or default) is below this"))
+    max_level0_mpp: float = field(default=GridLimits.max_level0_mpp, metadata=_help("refuse a slide whose level-0 µm/px is above this (72 dpi image-software tags say 352.8)"))
+    max_upscale: float = field(default=GridLimits.max_upscale, metadata=_help("refuse a slide whose level 0 would be enlarged more than this to reach --mpp"))
+    max_tiles_per_slide: int = field(default=GridLimits.max_tiles_per_slide, metadata=_help("refuse a slide whose tile grid has more positions than this (bounds the planner's memory, ~100 bytes each)"))
+    progress_interval_s: float = field(default=30.0, metadata=_help("seconds between plain progress lines when stderr is not a terminal (cluster logs)"))
+
+    def __post_init__(self) -> None:
+        self.grid_limits()  # validates the bounds
+        if not 0.0 <= self.max_ink_fraction <= 1.0:
+            raise ValueError(f"--max-ink-fraction {self.max_ink_fraction}: must lie in [0, 1]")
+        if not self.progress_interval_s >= 0:
+            raise ValueError(f"--progress-interval-s {self.progress_interval_s}: must be ≥ 0")
+
+    def grid_limits(self) -> GridLimits:
+        """The bounds a slide must meet before its grid is planned."""
+        return GridLimits(self.min_level0_mpp, self.max_level0_mpp, self.max_upscale, self.max_tiles_per_slide)
 
 
 # Settings a profile changes, applied to the fields left at their class default (see

@@ -7,6 +7,10 @@ code path serves the CPU and CUDA.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import platform
+import sys
 from typing import Iterator
 
 import torch
@@ -30,12 +34,45 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def rank_device(name: str = "auto") -> torch.device:
+    """The device of this process: :func:`resolve_device`, and under torchrun (``LOCAL_RANK`` set) an
+    unindexed ``cuda`` becomes ``cuda:LOCAL_RANK``, made the current device so that pinned memory,
+    NCCL and every kernel of the rank use its own GPU rather than GPU 0."""
+    device = resolve_device(name)
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device.type == "cuda" and device.index is None and local_rank is not None:
+        device = torch.device("cuda", int(local_rank))
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s): "
+                             "start at most one torchrun process per GPU (--nproc-per-node)")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 arithmetic (x86 AVX512-BF16 or AMX, Arm BF16), read from /proc/cpuinfo
+    on Linux; False elsewhere (bf16 would be emulated there, slower than fp32)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            flags = set(info.read().split())
+    except OSError:
+        return False
+    if platform.machine() in ("aarch64", "arm64"):
+        return "bf16" in flags
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The reduced precision this device runs fast: bf16 where supported, fp16 on older GPUs."""
+    """The reduced precision this device runs fast: bf16 where supported, fp16 on older GPUs;
+    on the CPU bf16 only where it has bf16 units (:func:`cpu_has_native_bf16`), else none (fp32)."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
-        return torch.bfloat16
+        return torch.bfloat16 if cpu_has_native_bf16() else None
     return None
 
 

@@ -22,7 +22,9 @@ Layout (TRIDENT / CLAM compatible for the first two datasets)::
                 complete (written last; a file without it is never read)
 
 Files are written to a temporary name beside the target and renamed when complete, so an
-interrupted run never leaves a file that looks finished.
+interrupted run never leaves a file that looks finished (:mod:`extract.partial_files`). Every
+dataset carries HDF5's Fletcher-32 checksum per chunk: a damaged chunk fails to read, and
+:func:`why_incomplete` with ``verify=True`` reads every chunk before a file is reused.
 """
 
 from __future__ import annotations
@@ -39,10 +41,10 @@ import numpy as np
 from extract import __version__
 from extract.encoder import EncoderInfo
 from extract.errors import UserError
+from extract.partial_files import temporary_path
 
 FORMAT_NAME = "gigassl-slide-features"
 FORMAT_VERSION = 2  # 2: bank stored feature-major (A, 256, K)
-TEMP_SUFFIX = ".partial"
 BANK_LAYOUT = "augmentation,feature,tile"
 
 
@@ -50,9 +52,24 @@ class FeatureFileError(UserError):
     """A slide feature file that is missing, incomplete, of another version or malformed."""
 
 
-def temporary_path(path: Path) -> Path:
-    """Where a file is written before it is complete (same folder, so rename is atomic)."""
-    return path.with_name(f"{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+def _checksummed(n_rows: int) -> dict[str, Any]:
+    """Dataset options adding a Fletcher-32 checksum (it needs chunks, which need ≥ 1 row)."""
+    return {"chunks": True, "fletcher32": True} if n_rows else {}
+
+
+def verify_checksums(file: h5py.File, path: Path) -> None:
+    """Read every chunk of every dataset (one chunk in memory at a time), so that HDF5 checks
+    each checksum; raises :class:`FeatureFileError` naming the first damaged dataset."""
+    for name, dataset in file.items():
+        if not isinstance(dataset, h5py.Dataset) or dataset.size == 0:
+            continue
+        try:
+            chunks = dataset.iter_chunks() if dataset.chunks else [()]
+            for selection in chunks:
+                dataset[selection]
+        except (OSError, ValueError) as error:
+            raise FeatureFileError(f"{path}: dataset {name!r} is damaged (checksum or decompression fails: "
+                                   f"{' '.join(str(error).split())})") from error
 
 
 class SlideFileWriter:
@@ -96,7 +113,7 @@ class SlideFileWriter:
     def create_plain(self, coords: np.ndarray, grid_attrs: Mapping[str, Any]) -> h5py.Dataset:
         """Create ``coords`` (N, 2) and an empty ``features`` (N, D) to be filled by rows."""
         coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
-        coords_ds = self.file.create_dataset("coords", data=coords)
+        coords_ds = self.file.create_dataset("coords", data=coords, **_checksummed(len(coords)))
         for key, value in grid_attrs.items():
             if value is not None:
                 coords_ds.attrs[key] = value
@@ -104,6 +121,7 @@ class SlideFileWriter:
         features = self.file.create_dataset(
             "features", shape=(len(coords), width), dtype=np.float32,
             chunks=(min(max(len(coords), 1), 1024), width) if len(coords) else None,
+            fletcher32=bool(len(coords)),
         )
         features.attrs.update(self._encoder.attrs())
         return features
@@ -125,11 +143,12 @@ class SlideFileWriter:
         feats = self.file.create_dataset(
             "aug_features", shape=(n_augmentations, width, n_tiles), dtype=np.float16,
             chunks=(1, width, n_tiles), compression="gzip", compression_opts=4, shuffle=True,
+            fletcher32=True,
         )
         feats.attrs["layout"] = BANK_LAYOUT
         coords = self.file.create_dataset(
             "aug_coords", shape=(n_augmentations, n_tiles, 2), dtype=np.int64,
-            chunks=(1, n_tiles, 2), compression="gzip", compression_opts=4, shuffle=True,
+            chunks=(1, n_tiles, 2), compression="gzip", compression_opts=4, shuffle=True, fletcher32=True,
         )
         for key, value in (grid_attrs or {}).items():
             if value is not None:
@@ -177,6 +196,8 @@ class SlideFeatures:
 
     def __init__(self, path: str | Path, *, require_plain: bool = False, require_bank: bool = False) -> None:
         self.path = Path(path)
+        if not self.path.is_file():
+            raise FeatureFileError(f"{self.path}: no such file; check the path, or write it with `gigassl extract`")
         try:
             self._file = h5py.File(self.path, "r")
         except (OSError, ValueError) as error:
@@ -309,12 +330,26 @@ class SlideFeatures:
         return np.ascontiguousarray(stored.T, dtype=np.float32), coords
 
 
-def is_complete(path: str | Path, *, require_plain: bool = False, require_bank: bool = False) -> bool:
-    """True when ``path`` is a complete, valid file holding what is asked for."""
-    if not Path(path).is_file():
-        return False
+def why_incomplete(
+    path: str | Path, *, require_plain: bool = False, require_bank: bool = False, verify: bool = False
+) -> str | None:
+    """None when ``path`` is a complete, valid file holding what is asked for, else why not.
+
+    With ``verify`` every chunk is read and its checksum checked (a whole read of the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return "no such file"
     try:
-        with SlideFeatures(path, require_plain=require_plain, require_bank=require_bank):
-            return True
-    except FeatureFileError:
-        return False
+        with SlideFeatures(path, require_plain=require_plain, require_bank=require_bank) as features:
+            if verify:
+                verify_checksums(features.file, path)
+    except FeatureFileError as error:
+        return str(error)
+    return None
+
+
+def is_complete(path: str | Path, *, require_plain: bool = False, require_bank: bool = False,
+                verify: bool = False) -> bool:
+    """True when ``path`` is a complete, valid file holding what is asked for (see :func:`why_incomplete`)."""
+    return why_incomplete(path, require_plain=require_plain, require_bank=require_bank, verify=verify) is None

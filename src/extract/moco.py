@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 from extract.augment import TileAugmentation
 from extract.checkpoint_io import write_epoch_snapshot
 from extract.config import MocoConfig
-from extract.device import autocast, autocast_dtype, resolve_device
+from extract.device import autocast, autocast_dtype, rank_device, resolve_device
 from extract.encoder import IMAGE_MEAN, IMAGE_STD, load_weights_only, save_encoder_checkpoint
 from extract.resnet import ResNet, build_resnet
 from extract.moco_data import EpochTileBatches, SlideTiles, epoch_plan, fixed_tiles, index_slides
@@ -316,12 +316,7 @@ def _distributed_setup(config: MocoConfig) -> tuple[int, int, torch.device, bool
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world <= 1:
         return 0, 1, resolve_device(config.device), False
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = resolve_device(config.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = rank_device(config.device)
     initialised_here = not dist.is_initialized()
     if initialised_here:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

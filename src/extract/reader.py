@@ -55,13 +55,15 @@ def _missing_mpp(path: Path) -> MissingMppError:
 class SlideReader:
     """An open slide (context manager). Subclasses provide the pyramid and region reads.
 
-    Attributes: ``path``, ``slide_id`` (file stem), ``mpp`` (level-0 µm/px),
-    ``dimensions`` (level-0 width, height), ``magnification`` (objective power or None),
-    ``level_downsamples`` (one float per pyramid level, level 0 first).
+    Attributes: ``path``, ``slide_id`` (file stem), ``mpp`` (level-0 µm/px), ``mpp_source``
+    (where that value came from, for messages: "--mpp-csv", "--default-mpp", "the TIFF
+    resolution tag" …), ``dimensions`` (level-0 width, height), ``magnification`` (objective
+    power or None), ``level_downsamples`` (one float per pyramid level, level 0 first).
     """
 
     path: Path
     mpp: float
+    mpp_source: str = "the caller"
     dimensions: tuple[int, int]
     magnification: float | None
     level_downsamples: tuple[float, ...]
@@ -160,10 +162,11 @@ def _flatten_on_white(image: Image.Image) -> Image.Image:
 class OpenSlideReader(SlideReader):
     """A pyramidal slide read through OpenSlide."""
 
-    def __init__(self, path: Path, handle, mpp: float, magnification: float | None) -> None:  # handle: openslide.OpenSlide
+    def __init__(self, path: Path, handle, mpp: float, magnification: float | None,  # handle: openslide.OpenSlide
+                 mpp_source: str = "the slide metadata") -> None:
         self.path = path
         self._slide = handle
-        self.mpp = mpp
+        self.mpp, self.mpp_source = mpp, mpp_source
         self.magnification = magnification
         self.dimensions = tuple(int(v) for v in handle.dimensions)
         self.level_downsamples = tuple(float(d) for d in handle.level_downsamples)
@@ -194,10 +197,10 @@ class OpenSlideReader(SlideReader):
 class ImageReader(SlideReader):
     """A plain image (jpg, png, single-level tif) held in memory as RGB; one level."""
 
-    def __init__(self, path: Path, image: Image.Image, mpp: float) -> None:
+    def __init__(self, path: Path, image: Image.Image, mpp: float, mpp_source: str = "the caller") -> None:
         self.path = path
         self._image = image
-        self.mpp = mpp
+        self.mpp, self.mpp_source = mpp, mpp_source
         self.magnification = None
         self.dimensions = (int(image.width), int(image.height))
         self.level_downsamples = (1.0,)
@@ -226,6 +229,14 @@ def _metadata_mpp(properties) -> float | None:
         if value > 0 and math.isfinite(value):
             return value
     return None
+
+
+def _metadata_origin(properties) -> str:
+    """Where OpenSlide's ``openslide.mpp-x`` came from, in words."""
+    vendor = properties.get("openslide.vendor", "")
+    if vendor == "generic-tiff" or (not vendor and "tiff.XResolution" in properties):
+        return "the TIFF resolution tag"
+    return f"the {vendor} metadata" if vendor else "the slide metadata"
 
 
 def _metadata_magnification(properties) -> float | None:
@@ -261,13 +272,14 @@ def open_slide(path: str | Path, mpp_override: float | None = None, *, default_m
         raise SlideReadError(f"{path}: OpenSlide cannot open this file ({error}); is it a complete slide?") from error
     if handle is not None:
         mpp = mpp_override if mpp_override is not None else _metadata_mpp(handle.properties)
-        origin = "--mpp-csv" if mpp_override is not None else "the slide metadata"
+        origin = "--mpp-csv" if mpp_override is not None else _metadata_origin(handle.properties)
         if mpp is None and default_mpp is not None:
             mpp, origin = default_mpp, "--default-mpp"
         if mpp is None:
             handle.close()
             raise _missing_mpp(path)
-        return OpenSlideReader(path, handle, _check_mpp(path, mpp, origin), _metadata_magnification(handle.properties))
+        return OpenSlideReader(path, handle, _check_mpp(path, mpp, origin), _metadata_magnification(handle.properties),
+                               mpp_source=origin)
     if path.suffix.lower() not in PLAIN_IMAGE_SUFFIXES:
         raise SlideReadError(
             f"{path}: not a slide format OpenSlide or Pillow reads (plain images: "
@@ -286,7 +298,7 @@ def open_slide(path: str | Path, mpp_override: float | None = None, *, default_m
     rgb = _flatten_on_white(image)
     if rgb is not image:
         image.close()
-    return ImageReader(path, rgb, _check_mpp(path, mpp, origin))
+    return ImageReader(path, rgb, _check_mpp(path, mpp, origin), mpp_source=origin)
 
 
 def load_mpp_overrides(path: str | Path) -> dict[str, float]:

@@ -6,9 +6,11 @@ one DataLoader pass reads the tiles of all the slides in turn (:mod:`extract.til
 the main process encodes them in batches under autocast, channels_last, into
 ``OUT/features/{stem}.h5`` — plain features and/or the shared-augmentation bank. Files are
 written to a temporary name and renamed when complete, so a killed run leaves nothing that
-looks finished; a rerun skips slides whose complete output exists. A bad slide is logged on one
-line and listed in the end-of-run summary (written to ``OUT/summary[-shardI].json``, printed by
-the CLI); the others are still processed.
+looks finished (its QC image is published only then too); a rerun deletes the temporary files
+of jobs that have ended, and skips slides whose complete output exists and passes its
+checksums — any other existing file is redone, and the log says why. A bad slide is logged on
+one line and listed in the end-of-run summary (written to ``OUT/summary[-shardI].json``,
+printed by the CLI); the others are still processed.
 
 Scale-out: ``--shard i/n`` (SLURM arrays) and torchrun ranks (``RANK``/``WORLD_SIZE``) each
 take an interleaved share of the sorted slide list; no process group is needed because ranks
@@ -31,12 +33,12 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 from extract.config import ExtractConfig
-from extract.device import autocast, resolve_device
+from extract.device import autocast, rank_device
 from extract.encoder import IMAGE_MEAN, IMAGE_STD, EncoderInfo, TileEncoder, load_encoder, parse_channel_stats
-from extract.features_file import TEMP_SUFFIX, SlideFeatures, SlideFileWriter, is_complete
+from extract.features_file import SlideFeatures, SlideFileWriter, why_incomplete
+from extract.partial_files import remove_stale_partials, temporary_path
+from extract.progress import progress
 from extract.reader import SLIDE_SUFFIXES, SlideReader, load_mpp_overrides, open_slide
 from extract.slide_plan import PlanSettings, SlidePlanner
 from extract.tile_loader import ReadingWorkerDied, TileStream
@@ -98,12 +100,11 @@ class ExtractionSummary:
 
     @property
     def exit_code(self) -> int:
-        """1 when every slide attempted failed, or with ``strict`` when any failed; else 0."""
+        """1 when every slide this run tried failed (skipped slides were not tried), or with
+        ``strict`` when any failed; else 0."""
         if not self.failed:
             return 0
-        if self.strict or not (self.done or self.skipped):
-            return 1
-        return 0
+        return 1 if self.strict or not self.done else 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -122,14 +123,20 @@ class ExtractionSummary:
     def format(self) -> str:
         """A short human-readable report."""
         lines = [
-            f"extract: {len(self.done)} done, {len(self.skipped)} skipped, {len(self.failed)} failed"
-            + (f", {len(self.ignored)} ignored" if self.ignored else "")
+            f"extract: {count(len(self.outcomes) - len(self.ignored), 'slide')}: {len(self.done)} done, "
+            f"{len(self.skipped)} skipped, {len(self.failed)} failed"
+            + (f", {count(len(self.ignored), 'other file')} ignored" if self.ignored else "")
             + f" in {self.seconds:.1f} s ({self.tiles_per_second:.1f} tiles/s)"
             + (f" [part {self.part + 1}/{self.n_parts}]" if self.n_parts > 1 else "")
         ]
         lines += [f"  FAILED  {o.slide}: {o.reason}" for o in self.failed]
         lines += [f"  ignored {o.slide}: {o.reason}" for o in self.ignored]
         return "\n".join(lines)
+
+
+def count(n: int, noun: str) -> str:
+    """``count(1, "slide")`` → "1 slide", ``count(3, "slide")`` → "3 slides"."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 # ----------------------------------------------------------------------------- slide list
@@ -187,21 +194,14 @@ def ensure_writable(folder: Path) -> None:
         ) from error
 
 
-def remove_stale_partials(features_dir: Path, stem: str) -> None:
-    """Delete temporary files left by a killed run for this slide (only this process writes it)."""
-    for stale in features_dir.glob(f"{stem}.h5.*{TEMP_SUFFIX}"):
-        logger.info("removing %s left by an interrupted run", stale.name)
-        stale.unlink(missing_ok=True)
-
-
 # Fields that say how a batch was run, not what a file holds: left out of the settings written
 # into each file, so that two shards and one process write the same files.
-RUN_CONTROL_FIELDS = frozenset({"out", "overwrite", "strict", "shard", "num_workers", "qc"})
+RUN_CONTROL_FIELDS = frozenset({"out", "overwrite", "strict", "shard", "num_workers", "qc", "progress_interval_s"})
 
 
 # Settings whose change makes an existing file a different result (checked when skipping).
 CONTENT_FIELDS = ("encoder", "encoder_input_size_px", "encoder_mean", "encoder_std", "mpp", "tile_size", "tissue_threshold",
-                  "n_augmentations", "n_tiles_per_augmentation", "seed")
+                  "max_ink_fraction", "n_augmentations", "n_tiles_per_augmentation", "seed")
 
 
 def settings_mismatch(path: Path, settings: dict[str, Any]) -> list[str]:
@@ -293,7 +293,7 @@ KEEP_DECODED_BYTES = 512 << 20
 
 
 def _write_plain(
-    writer: SlideFileWriter, path: Path, grid: TileGrid, job: _Job, bar: tqdm, keep_tiles: bool
+    writer: SlideFileWriter, path: Path, grid: TileGrid, job: _Job, bar: Any, keep_tiles: bool
 ) -> np.ndarray | None:
     """Encode every tile into ``features``; returns the decoded tiles (N, H, W, 3) when asked to keep them."""
     config = job.config
@@ -315,7 +315,7 @@ def _write_plain(
 
 
 def _write_bank(
-    writer: SlideFileWriter, source: SlideReader | DecodedTiles, grid: TileGrid, job: _Job, bar: tqdm
+    writer: SlideFileWriter, source: SlideReader | DecodedTiles, grid: TileGrid, job: _Job, bar: Any
 ) -> int:
     from extract.bank import build_bank  # the bank pulls in the augmentations; import only when asked for
 
@@ -329,15 +329,16 @@ def _write_bank(
 
 
 def extract_slide(path: Path, job: _Job, position: int = 1) -> SlideOutcome:
-    """Extract one slide to ``features_dir/{stem}.h5`` (raises on any problem)."""
+    """Extract one slide to ``features_dir/{stem}.h5`` and publish its QC image (raises on any problem)."""
     config = job.config
     started = time.perf_counter()
-    remove_stale_partials(job.features_dir, path.stem)
+    remove_stale_partials(job.features_dir, f"{path.stem}.h5.")
     grid = job.planner.plan(path)  # planned in the background while the previous slide was encoded
     bank_total = config.n_augmentations * config.n_tiles_per_augmentation if config.bank else 0
     total = (len(grid) if config.plain else 0) + bank_total
     n_bank = 0
-    with tqdm(total=total, desc=path.stem[:40], unit="tile", position=position, leave=False) as bar, \
+    with progress(total=total, desc=path.stem[:40], unit="tile", position=position, leave=False,
+                  interval_s=config.progress_interval_s, log=logger) as bar, \
             SlideFileWriter(job.features_dir / f"{path.stem}.h5", slide_id=path.stem, source=str(path),
                             settings=job.settings, encoder=job.encoder) as writer:
         tile_bytes = grid.tile_size_px**2 * 3
@@ -347,6 +348,7 @@ def extract_slide(path: Path, job: _Job, position: int = 1) -> SlideOutcome:
             with open_slide(path, grid.mpp) as reader:
                 source = DecodedTiles(reader, grid, kept) if kept is not None else reader
                 n_bank = _write_bank(writer, source, grid, job, bar)
+    job.planner.publish_qc(path)
     return SlideOutcome(
         path.name, "done", n_tiles=len(grid) if config.plain else 0, n_bank_tiles=n_bank,
         seconds=time.perf_counter() - started,
@@ -389,36 +391,39 @@ def _validate(config: ExtractConfig) -> None:
         raise ValueError("--n-augmentations and --n-tiles-per-augmentation must be ≥ 1")
 
 
-def _device_for_rank(name: str) -> torch.device:
-    device = resolve_device(name)
-    local_rank = os.environ.get("LOCAL_RANK")
-    if device.type == "cuda" and device.index is None and local_rank is not None:
-        device = torch.device("cuda", int(local_rank))  # one GPU per torchrun rank
-    return device
-
-
 def _write_summary(path: Path, summary: ExtractionSummary) -> None:
-    temp = path.with_name(path.name + TEMP_SUFFIX)
+    temp = temporary_path(path)
     temp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
     temp.replace(path)
 
 
 def _not_to_extract(path: Path, config: ExtractConfig, settings: dict[str, Any], features_dir: Path,
                     owner: Path) -> SlideOutcome | None:
-    """The outcome of a slide that is not extracted (its stem is taken, its output exists), else None."""
+    """The outcome of a slide that is not extracted (its stem is taken, its output exists), else None.
+
+    An existing file that is redone is logged with the reason (damaged, incomplete, lacking
+    what is asked for, or ``--overwrite``).
+    """
     target = features_dir / f"{path.stem}.h5"
     if owner != path:
         reason = f"{path}: same file stem as {owner.name}, both would write {target.name}; rename one"
         logger.error("failed %s: %s", path.name, reason)
         return SlideOutcome(path.name, "failed", reason=reason)
-    if not config.overwrite and is_complete(target, require_plain=config.plain, require_bank=config.bank):
-        reason = "complete output exists"
-        changed = settings_mismatch(target, settings)
-        if changed:
-            reason += f" with other settings ({', '.join(changed)}); --overwrite or another --out to redo"
-            logger.warning("skipping %s: %s", path.name, reason)
-        return SlideOutcome(path.name, "skipped", reason=reason)
-    return None
+    if not target.exists():
+        return None
+    if config.overwrite:
+        logger.info("redoing %s: --overwrite", target)
+        return None
+    why_not = why_incomplete(target, require_plain=config.plain, require_bank=config.bank, verify=True)
+    if why_not is not None:
+        logger.warning("redoing %s: %s", target, why_not)
+        return None
+    reason = "complete output exists"
+    changed = settings_mismatch(target, settings)
+    if changed:
+        reason += f" with other settings ({', '.join(changed)}); --overwrite or another --out to redo"
+        logger.warning("skipping %s: %s", path.name, reason)
+    return SlideOutcome(path.name, "skipped", reason=reason)
 
 
 def _worker_died(error: BaseException) -> bool:
@@ -471,9 +476,12 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     ensure_writable(features_dir)
     if config.qc:
         ensure_writable(qc_dir)
+    for folder in (out, features_dir, qc_dir):  # left by jobs that ended; a running job's survive
+        if folder.is_dir():
+            remove_stale_partials(folder)
     overrides = load_mpp_overrides(config.mpp_csv) if config.mpp_csv is not None else {}
 
-    device = _device_for_rank(config.device)
+    device = rank_device(config.device)
     loaded = load_encoder(config.encoder, seed=config.seed, input_size_px=config.encoder_input_size_px,
                           mean=parse_channel_stats(config.encoder_mean, "--encoder-mean"),
                           std=parse_channel_stats(config.encoder_std, "--encoder-std", positive=True))
@@ -492,7 +500,7 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     ]
     for outcome in summary.ignored:
         logger.warning("ignoring %s: %s", outcome.slide, outcome.reason)
-    logger.info("extract: %d slides for part %d/%d, encoder %s (%s, %d-d) on %s", len(mine), part + 1, n_parts,
+    logger.info("extract: %s for part %d/%d, encoder %s (%s, %d-d) on %s", count(len(mine), "slide"), part + 1, n_parts,
                 encoder.name, encoder.arch, encoder.width, device)
 
     decided = {path: _not_to_extract(path, config, settings, features_dir, first_with_stem[path.stem]) for path in mine}
@@ -501,12 +509,14 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     # The next slides are planned in the background, and the reading workers read ahead
     # through every slide of the job in one pass.
     planner = SlidePlanner(todo, overrides, PlanSettings(config.mpp, config.tile_size, config.tissue_threshold,
-                                                         config.default_mpp, qc_dir if config.qc else None))
+                                                         config.default_mpp, qc_dir if config.qc else None,
+                                                         config.grid_limits(), config.max_ink_fraction))
     tiles = TileStream(todo if config.plain else [], planner.plan, config.batch_size, config.num_workers,
                        pin_memory=device.type == "cuda")
     job = _Job(config, trunk, encoder, device, settings, features_dir, tiles, planner)
     try:
-        for path in tqdm(mine, desc="slides", unit="slide", position=0):
+        for path in progress(mine, desc="slides", unit="slide", position=0, interval_s=config.progress_interval_s,
+                             log=logger):
             outcome = decided[path]
             summary.outcomes.append(outcome if outcome is not None else _extract_or_fail(path, job))
             planner.forget(path)

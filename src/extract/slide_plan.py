@@ -9,19 +9,28 @@ advance, so the encoding loop only collects the grids.
 A slide the planner cannot handle raises its own error (missing µm/px, no tissue, unreadable
 file …) when its plan is collected; a slide that crashes the planner process (a segfault in
 a slide library) fails with a message saying so, and the planner restarts for the others.
+
+The QC image is written under a temporary name (:func:`extract.partial_files.temporary_path`);
+the job publishes it with :meth:`SlidePlanner.publish_qc` once the slide's features are
+complete, so a slide that fails or is interrupted leaves no QC image that looks finished.
+The planner process dies with the job (:mod:`extract.child_process`).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from extract.child_process import die_with_parent
+from extract.config import GridLimits
+from extract.partial_files import temporary_path
 from extract.reader import SlideReadError, open_slide
-from extract.tiling import TileGrid, tile_grid
+from extract.tiling import MAX_INK_FRACTION, TileGrid, tile_grid
 from extract.tissue import save_qc_image
 
 
@@ -34,17 +43,25 @@ class PlanSettings:
     tissue_threshold: float
     default_mpp: float | None = None
     qc_dir: Path | None = None  # write {stem}.png there when set
+    limits: GridLimits = GridLimits()
+    max_ink_fraction: float = MAX_INK_FRACTION
 
 
-def plan_slide(path: Path, mpp_override: float | None, settings: PlanSettings) -> TileGrid:
-    """Open ``path``, compute its tile grid, write its QC image; the grid comes back without the thumbnail."""
+def plan_slide(path: Path, mpp_override: float | None, settings: PlanSettings) -> tuple[TileGrid, Path | None]:
+    """Open ``path``, compute its tile grid, write its QC image under a temporary name.
+
+    Returns the grid without the thumbnail, and the temporary QC image (None without ``qc_dir``).
+    """
     with open_slide(path, mpp_override, default_mpp=settings.default_mpp) as reader:
-        grid = tile_grid(reader, settings.mpp, settings.tile_size, settings.tissue_threshold)
+        grid = tile_grid(reader, settings.mpp, settings.tile_size, settings.tissue_threshold, settings.limits,
+                         settings.max_ink_fraction)
+    qc_partial = None
     if settings.qc_dir is not None:
         tissue = grid.tissue
-        save_qc_image(settings.qc_dir / f"{path.stem}.png", tissue.thumbnail, tissue.mask, tissue.downsample,
-                      grid.coords, grid.size_level0)
-    return replace(grid, tissue=None)  # the thumbnail is not needed past this point
+        qc_partial = temporary_path(settings.qc_dir / f"{path.stem}.png")
+        save_qc_image(qc_partial, tissue.thumbnail, tissue.mask, tissue.downsample, grid.coords, grid.size_level0,
+                      ink=tissue.ink)
+    return replace(grid, tissue=None), qc_partial  # the thumbnail is not needed past this point
 
 
 class SlidePlanner:
@@ -62,13 +79,15 @@ class SlidePlanner:
         self._position = {path: i for i, path in enumerate(self.slides)}
         self._futures: dict[Path, Future] = {}
         self._results: dict[Path, tuple[bool, object]] = {}  # path → (ok, grid or error) until forgotten
+        self._qc: dict[Path, Path] = {}  # path → its temporary QC image, until published or discarded
         self._next = 0  # index of the first slide not yet submitted
         self._pool: ProcessPoolExecutor | None = None
 
     def _start_pool(self) -> ProcessPoolExecutor:
         # fork starts at once on Linux (the planner never touches torch); spawn elsewhere
         context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        return ProcessPoolExecutor(1, mp_context=context)
+        # Started from the main thread, which lives as long as the job (see extract.child_process).
+        return ProcessPoolExecutor(1, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),))
 
     def _submit(self, path: Path) -> Future:
         if self._pool is None:
@@ -103,7 +122,7 @@ class SlidePlanner:
             future = self._submit(path)
             del self._futures[path]
         try:
-            return True, future.result()
+            grid, qc_partial = future.result()
         except BrokenProcessPool:
             self._restart()
             return False, SlideReadError(
@@ -111,11 +130,28 @@ class SlidePlanner:
                 "check that the file opens in another viewer, or move it out of the folder"
             )
         except Exception as error:  # noqa: BLE001 - the slide's own error, raised to each asker
+            if not future.done() or future.exception() is not error:
+                # Raised while waiting by a signal handler (DataLoader's, when a reading worker
+                # dies): not this slide's answer, which is still to come.
+                self._futures[path] = future
+                raise
             return False, error
+        if qc_partial is not None:
+            self._qc[path] = qc_partial
+        return True, grid
+
+    def publish_qc(self, path: Path) -> None:
+        """Give the QC image of ``path`` (whose output is complete) its final name."""
+        partial = self._qc.pop(path, None)
+        if partial is not None and self.settings.qc_dir is not None:
+            os.replace(partial, self.settings.qc_dir / f"{path.stem}.png")
 
     def forget(self, path: Path) -> None:
-        """Drop the kept answer for ``path`` (its slide is finished)."""
+        """Drop the kept answer for ``path`` (its slide is finished); an unpublished QC image is deleted."""
         self._results.pop(path, None)
+        partial = self._qc.pop(path, None)
+        if partial is not None:
+            partial.unlink(missing_ok=True)
 
     def _restart(self) -> None:
         """Replace a broken pool and submit again what it had not finished."""
@@ -128,8 +164,17 @@ class SlidePlanner:
             self._submit(path)
 
     def close(self) -> None:
+        """Stop the planner; QC images of slides planned but not published are deleted."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self._pool = None
+        for future in self._futures.values():
+            if future.done() and not future.cancelled() and future.exception() is None:
+                partial = future.result()[1]  # planned ahead, never collected
+                if partial is not None:
+                    partial.unlink(missing_ok=True)
+        for partial in self._qc.values():
+            partial.unlink(missing_ok=True)
         self._futures.clear()
         self._results.clear()
+        self._qc.clear()

@@ -13,11 +13,14 @@ takes the slides in order with :meth:`TileStream.tiles`; batches of a slide it g
 are dropped. A worker killed by a slide library (a segfault) ends the pass with
 :class:`ReadingWorkerDied`; since the workers read ahead, the slide being encoded is not
 necessarily the culprit, so the caller reads it again alone (:meth:`TileStream.isolate`) and
-fails it only if a worker dies again.
+fails it only if a worker dies again. The workers die with the job, even one killed with
+SIGKILL (:mod:`extract.child_process`).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
 
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from extract.child_process import die_with_parent_worker
 from extract.reader import SlideReader, SlideReadError, open_slide
 from extract.tiling import TileGrid
 
@@ -36,6 +40,12 @@ FIRST_BATCH_SIZE = 4
 
 class ReadingWorkerDied(SlideReadError):
     """A tile-reading worker process died (e.g. a segfault in the slide library)."""
+
+
+def is_worker_death(error: BaseException) -> bool:
+    """A reading worker died: DataLoader's SIGCHLD handler raises this RuntimeError wherever the
+    main thread happens to be."""
+    return isinstance(error, RuntimeError) and "DataLoader worker" in str(error) and "exited unexpectedly" in str(error)
 
 
 class TileKey(NamedTuple):
@@ -125,7 +135,9 @@ class CohortTileBatches(Sampler[list[TileKey]]):
             path = self.slides[position]
             try:
                 grid = self.grid_of(path)
-            except Exception:  # noqa: BLE001 - the slide fails in the encoding loop, not here
+            except Exception as error:  # noqa: BLE001 - the slide fails in the encoding loop, not here
+                if is_worker_death(error):
+                    raise  # a reading worker died while the grid was awaited: the pass is over
                 continue
             keys = slide_keys(position, path, grid)
             for start, end in batch_bounds(len(keys), self.batch_size):
@@ -172,6 +184,7 @@ class TileStream:
             self._dataset, batch_sampler=CohortTileBatches(self.slides, self.grid_of, self.batch_size, position, stop),
             collate_fn=collate_tiles, num_workers=self.num_workers, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if workers else None,
+            worker_init_fn=functools.partial(die_with_parent_worker, os.getpid()) if workers else None,
         )
         return iter(loader)
 

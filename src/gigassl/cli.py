@@ -62,7 +62,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type)
         default = None if spec.default is dataclasses.MISSING else spec.default
         help_text = spec.metadata.get("help", "")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            shown = flag if default else "--no-" + flag[2:]
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=(help_text + f" (default: {shown})").replace("%", "%%"))
         else:
             parser.add_argument(
                 flag, type=kind, default=default, required=required,

@@ -17,6 +17,11 @@ SPARSE_BACKEND_HELP = (
     "spconv extra, x86-64 Linux/Windows); checkpoints run with either")
 
 
+MIXED_PRECISION_HELP = (
+    "autocast: bf16 (fp16 on GPUs without bf16) on CUDA, bf16 on CPUs with bf16 units (AVX512-BF16, "
+    "AMX, Arm BF16), none elsewhere")
+
+
 def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
 
@@ -42,7 +47,7 @@ class TrainConfig:
     num_workers: int = field(default=2, metadata=_help(
         "DataLoader worker processes reading views while the model steps (0: read in the training process)"))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
-    mixed_precision: bool = field(default=True, metadata=_help("autocast on CUDA"))
+    mixed_precision: bool = field(default=True, metadata=_help(MIXED_PRECISION_HELP))
     sparse_backend: str = field(default="auto", metadata=_help(SPARSE_BACKEND_HELP))
     checkpoint_every: int = field(default=50, metadata=_help("write a checkpoint every N epochs (and at the end)"))
     keep_checkpoints: int = field(default=2, metadata=_help("periodic checkpoints kept in OUT/checkpoints (older ones are deleted; OUT/checkpoint.pt is always the latest)"))
@@ -67,6 +72,7 @@ class EmbedConfig:
     seed: int = field(default=0, metadata=_help("random seed of the view sampling"))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
     sparse_backend: str = field(default="auto", metadata=_help(SPARSE_BACKEND_HELP))
+    mixed_precision: bool = field(default=True, metadata=_help(MIXED_PRECISION_HELP))
     export: str = field(default="", metadata=_help("comma-separated extra exports: npz,csv"))
     strict: bool = field(default=False, metadata=_help("exit non-zero when any slide file failed (failed files are always listed)"))
     allow_other_encoder: bool = field(default=False, metadata=_help("embed features made by another tile encoder than the checkpoint was trained on (refused otherwise; recorded in the output)"))

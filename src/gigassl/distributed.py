@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from extract.device import resolve_device
+from extract.device import rank_device, resolve_device
 
 
 
@@ -38,10 +38,7 @@ def init_distributed(device_name: str) -> DistContext:
     device = resolve_device(device_name)
     if world_size <= 1:
         return DistContext(device=device)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank if device.index is None else device.index)
-        torch.cuda.set_device(device)
+    device = rank_device(device_name)
     initialised_here = not dist.is_initialized()
     if initialised_here:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

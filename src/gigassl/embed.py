@@ -57,6 +57,7 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from extract import __version__
+from extract.device import autocast
 from extract.encoder import SLIDE_FEATURE_DIM, TILE_FEATURE_DIM, file_sha256
 from extract.errors import UserError
 from extract.features_file import FeatureFileError
@@ -136,6 +137,11 @@ def pool_views(model, views: Sequence[tuple[np.ndarray, np.ndarray]], n_views: i
     pooled = model.pool(collate_views(views)).float()  # (S·R, W)
     mean = pooled.view(-1, n_views, pooled.shape[1]).mean(dim=1)
     return torch.nn.functional.normalize(mean, dim=1).cpu().numpy().astype(np.float32)
+
+
+def model_device(model) -> torch.device:
+    """Where ``model``'s parameters are."""
+    return next(model.parameters()).device
 
 
 def model_feature_dim(model) -> int:
@@ -231,21 +237,25 @@ def iter_embeddings(
 def embed_slides(
     model, feature_files: Sequence[str | Path], n_views: int = 50, n_tiles_per_view: int = 5, seed: int = 0,
     batch_size: int = 64, device: torch.device | str | None = None, contract: FeatureContract | None = None,
+    mixed_precision: bool = True,
 ) -> tuple[list[str], np.ndarray]:
     """Slide ids and (S, W) float32 unit-norm embeddings of ``feature_files`` (in memory).
 
     ``model`` is a :class:`~gigassl.model.GigaSSLModel` in eval mode; ``device`` moves it
-    there first (default: where it is). Raises on an unreadable file, NaN features or a
-    file that breaks ``contract`` (default: the model's feature width), naming the file.
+    there first (default: where it is). ``mixed_precision``: the device's autocast (bf16 on GPUs
+    and on CPUs with bf16 units; see :func:`extract.device.autocast_dtype`). Raises on an
+    unreadable file, NaN features or a file that breaks ``contract`` (default: the model's
+    feature width), naming the file.
     """
     if device is not None:
         model = model.to(torch.device(device))
     ids: list[str] = []
     chunks: list[np.ndarray] = []
-    for chunk_ids, chunk in iter_embeddings(model, feature_files, n_views, n_tiles_per_view, seed, batch_size,
-                                            contract=contract):
-        ids.extend(chunk_ids)
-        chunks.append(chunk)
+    with autocast(model_device(model), mixed_precision):
+        for chunk_ids, chunk in iter_embeddings(model, feature_files, n_views, n_tiles_per_view, seed, batch_size,
+                                                contract=contract):
+            ids.extend(chunk_ids)
+            chunks.append(chunk)
     return ids, (np.concatenate(chunks) if chunks else np.zeros((0, model_slide_dim(model)), np.float32))
 
 
@@ -409,7 +419,8 @@ def run_embedding(config: EmbedConfig) -> EmbedResult:
     encoders: Counter = Counter()
     unverified: list[str] = []
     progress = tqdm(total=len(files) + len(failed), initial=len(failed), unit="slide", desc="embed")
-    with EmbeddingWriter(config.out, provenance, model_slide_dim(model)) as writer:
+    writer = EmbeddingWriter(config.out, provenance, model_slide_dim(model))
+    with writer, autocast(device, config.mixed_precision):
         for ids, chunk in iter_embeddings(model, files, config.n_views, n_tiles, config.seed, config.batch_size, failed,
                                           contract, encoders, unverified):
             writer.append(ids, chunk)
@@ -443,7 +454,7 @@ class SlideEmbedder(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, model: Any = None, n_views: int = 50, n_tiles_per_view: int | None = None, seed: int = 0,
-                 batch_size: int = 64, device: str = "cpu", sparse_backend: str = "auto") -> None:
+                 batch_size: int = 64, device: str = "cpu", sparse_backend: str = "auto", mixed_precision: bool = True) -> None:
         self.model = model
         self.n_views = n_views
         self.n_tiles_per_view = n_tiles_per_view
@@ -451,6 +462,7 @@ class SlideEmbedder(TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
         self.device = device
         self.sparse_backend = sparse_backend
+        self.mixed_precision = mixed_precision
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -479,5 +491,5 @@ class SlideEmbedder(TransformerMixin, BaseEstimator):
         model, n_tiles, contract = self._model()
         paths = [str(p) for p in np.asarray(X, dtype=object).ravel()]
         _, embeddings = embed_slides(model, paths, self.n_views, n_tiles, self.seed, self.batch_size, self.device,
-                                     contract)
+                                     contract, self.mixed_precision)
         return embeddings

@@ -156,39 +156,52 @@ def _grid_side(extent: int) -> int:
     return extent + 2
 
 
+def _checked_views(views: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The views' (t_i, D) features and (t_i, 2) cells, refused when empty or inconsistent."""
+    if len(views) == 0:
+        raise ValueError("collate_views needs at least one view")
+    all_features, all_cells = [], []
+    for i, (features, cells) in enumerate(views):
+        features, cells = np.asarray(features), np.asarray(cells)
+        if features.ndim != 2 or len(features) == 0:
+            raise ValueError(f"view {i}: features must have shape (t, D) with t ≥ 1, got {features.shape}")
+        if len(cells) != len(features):
+            raise ValueError(f"view {i}: {len(features)} feature rows for {len(cells)} cells")
+        if all_features and features.shape[1] != all_features[0].shape[1]:
+            raise ValueError(f"view {i}: feature size {features.shape[1]} differs from the first view's {all_features[0].shape[1]}")
+        all_features.append(features)
+        all_cells.append(_check_cells(cells))
+    return all_features, all_cells
+
+
 def collate_views(views: Sequence[tuple[np.ndarray, np.ndarray]]) -> SparseBatch:
     """Stack maps into one :class:`SparseBatch`; map ``i`` becomes batch index ``i``.
 
     ``views``: a sequence of (features (t_i, D) float, cells (t_i, 2) int in (x, y) order).
-    Tiles sharing a cell are averaged first. Cells are shifted by ``MAP_MARGIN`` and swapped
-    to (batch, y, x).
+    Each map is shifted to start at ``MAP_MARGIN``; tiles sharing a cell are averaged (as
+    :func:`merge_duplicates`); sites come out sorted by (batch, y, x). Vectorised over the
+    batch: embedding collates thousands of views at a time.
     """
-    if len(views) == 0:
-        raise ValueError("collate_views needs at least one view")
-    all_features, all_indices = [], []
-    extent_y = extent_x = 0
-    dim = None
-    for i, (features, cells) in enumerate(views):
-        features = np.asarray(features)
-        if features.ndim != 2 or len(features) == 0:
-            raise ValueError(f"view {i}: features must have shape (t, D) with t ≥ 1, got {features.shape}")
-        if len(np.asarray(cells)) != len(features):
-            raise ValueError(f"view {i}: {len(features)} feature rows for {len(np.asarray(cells))} cells")
-        if dim is None:
-            dim = features.shape[1]
-        elif features.shape[1] != dim:
-            raise ValueError(f"view {i}: feature size {features.shape[1]} differs from the first view's {dim}")
-        cells, features = merge_duplicates(shift_to_origin(cells), features)
-        cells = cells + MAP_MARGIN
-        extent_x = max(extent_x, int(cells[:, 0].max()) + 1)
-        extent_y = max(extent_y, int(cells[:, 1].max()) + 1)
-        index = np.empty((len(cells), 3), dtype=np.int32)
-        index[:, 0], index[:, 1], index[:, 2] = i, cells[:, 1], cells[:, 0]
-        all_features.append(features)
-        all_indices.append(index)
+    all_features, all_cells = _checked_views(views)
+    lengths = np.array([len(f) for f in all_features])
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    view_of = np.repeat(np.arange(len(views)), lengths)
+    cells = np.concatenate(all_cells).astype(np.int64)
+    cells = cells - np.minimum.reduceat(cells, starts, axis=0)[view_of] + MAP_MARGIN
+    extent_x, extent_y = (int(cells[:, axis].max()) + 1 for axis in (0, 1))
+    keys = (view_of * extent_y + cells[:, 1]) * extent_x + cells[:, 0]
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    first = np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
+    features = np.concatenate(all_features)[order]
+    if len(first) < len(features):  # tiles on one cell: their mean, summed in float64
+        counts = np.diff(np.append(first, len(features)))
+        features = np.add.reduceat(features.astype(np.float64), first, axis=0) / counts[:, None]
+    sites = order[first]
+    index = np.stack((view_of[sites], cells[sites, 1], cells[sites, 0]), axis=1).astype(np.int32)
     return SparseBatch(
-        torch.from_numpy(np.concatenate(all_features).astype(np.float32, copy=False)),
-        torch.from_numpy(np.concatenate(all_indices)),
+        torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)),
+        torch.from_numpy(index),
         [_grid_side(extent_y), _grid_side(extent_x)],
         len(views),
     )

@@ -496,7 +496,7 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr * batch / 256, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupCosine(config.warmup_epochs * steps_per_epoch, total_steps))
-    amp_dtype = autocast_dtype(device) if config.mixed_precision and device.type == "cuda" else None
+    amp_dtype = autocast_dtype(device) if config.mixed_precision else None
     scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaling(amp_dtype, model.sparse_backend))
 
     monitor_dataset = SlideViewDataset(cohort, config.n_tiles_per_view, scale_range, config.seed, STREAM_MONITOR)

@@ -1,0 +1,104 @@
+"""Temporary files: how they are named, and when one is stale and may be deleted.
+
+Every output (slide HDF5 file, QC image, summary) is written to ``{name}.{host}-{pid}.partial``
+beside its final path and renamed when complete, so nothing half-written looks finished. A
+partial whose writer has ended is stale: a killed job leaves them, and the next job in the
+same folder deletes them. A partial may belong to another job still running (another shard,
+on this node or another), so one is deleted only when its writer is known to be gone:
+
+- written on this host: its process no longer exists (or the pid now names a process started
+  after the file was last written, i.e. a reused pid);
+- written on another host, or by an older version that did not record the host: it has not
+  been modified for ``FOREIGN_STALE_S`` (a day; a running writer touches its file far more often).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+TEMP_SUFFIX = ".partial"
+FOREIGN_STALE_S = 24 * 3600.0
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_").replace("-", "_") or "localhost"
+
+
+def temporary_path(path: str | Path, pid: int | None = None) -> Path:
+    """Where ``path`` is written before it is complete (same folder, so the rename is atomic)."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{_host()}-{os.getpid() if pid is None else pid}{TEMP_SUFFIX}")
+
+
+def writer_of(partial: Path) -> tuple[str | None, int | None]:
+    """(host, pid) recorded in a partial's name; (None, pid) for the older ``{name}.{pid}.partial``."""
+    owner = partial.name[: -len(TEMP_SUFFIX)].rsplit(".", 1)[-1]
+    host, _, pid_text = owner.rpartition("-")
+    pid = int(pid_text) if pid_text.isdigit() else None
+    return (host or None), pid
+
+
+def _start_time(pid: int) -> float | None:
+    """Epoch seconds at which process ``pid`` started (Linux /proc), None when unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _writer_alive(pid: int, written_at: float) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    if _zombie(pid):
+        return False
+    started = _start_time(pid)
+    # /proc/stat's btime is rounded to the second: allow that much before calling the pid reused.
+    return started is None or started <= written_at + 2.0
+
+
+def stale_reason(partial: Path, now: float | None = None) -> str | None:
+    """Why ``partial`` is stale (its writer is gone), or None when it may still be written."""
+    try:
+        written_at = partial.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    host, pid = writer_of(partial)
+    if host == _host() and pid is not None:
+        return None if _writer_alive(pid, written_at) else f"its writer (pid {pid} on this host) has ended"
+    idle_s = (time.time() if now is None else now) - written_at
+    if idle_s > FOREIGN_STALE_S:
+        return f"untouched for {idle_s / 3600:.0f} h by its writer ({host or 'unknown host'}, pid {pid})"
+    return None
+
+
+def remove_stale_partials(folder: Path, name_prefix: str = "") -> list[Path]:
+    """Delete the stale partials in ``folder`` whose name starts with ``name_prefix``; returns them."""
+    removed = []
+    for partial in sorted(Path(folder).glob(f"{glob.escape(name_prefix)}*{TEMP_SUFFIX}")):
+        reason = stale_reason(partial)
+        if reason is not None:
+            logger.info("removing %s left by an interrupted run: %s", partial, reason)
+            partial.unlink(missing_ok=True)
+            removed.append(partial)
+    return removed

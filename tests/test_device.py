@@ -1,0 +1,43 @@
+"""Device decisions: torchrun ranks on their own GPU, bf16 only on CPUs that have it, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from extract import device as device_module
+from extract.device import autocast_dtype, rank_device, resolve_device
+
+
+def test_each_torchrun_rank_is_made_current_on_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert rank_device("auto") == torch.device("cuda", 2)
+    assert current == [torch.device("cuda", 2)]  # pinned memory and kernels then go to GPU 2, not 0
+    assert rank_device("cuda:1") == torch.device("cuda", 1)  # an explicit index wins
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    with pytest.raises(ValueError, match="LOCAL_RANK=5 but this node has 4 GPU"):
+        rank_device("cuda")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert rank_device("cpu") == torch.device("cpu")
+
+
+def test_absent_devices_are_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available.*--device cpu"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="MPS is not available.*--device cpu"):
+        resolve_device("mps")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+
+
+def test_cpu_autocast_only_where_the_cpu_has_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: False)
+    assert autocast_dtype(torch.device("cpu")) is None
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: True)
+    assert autocast_dtype(torch.device("cpu")) == torch.bfloat16
