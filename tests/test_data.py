@@ -225,3 +225,24 @@ def test_mixed_tile_grids_are_refused_unless_allowed(tmp_path, caplog):
         cohort = scan_features_folder(tmp_path, 3, allow_mixed_grids=True)
     assert "training on 2 different tile grids" in caplog.text
     assert cohort.grids() == [dict(tile_size_px=224, mpp=0.5, n_slides=3), dict(tile_size_px=256, mpp=1.0, n_slides=1)]
+
+
+def test_a_folder_of_trident_files_says_train_needs_the_bank_of_gigassl_extract(tmp_path):
+    from test_plain_features import write_trident_file
+
+    for name in ("TCGA-A", "TCGA-B"):
+        write_trident_file(tmp_path / f"{name}.h5", width=32)
+    with pytest.raises(FeatureFileError) as error:
+        scan_features_folder(tmp_path, 5)
+    message = str(error.value)
+    assert "2 of 2 files" in message and "TCGA-A.h5" in message
+    assert "`gigassl extract --bank`" in message and "same tile encoder" in message
+
+
+def test_the_cohort_encoder_carries_the_banks_architecture_and_width(tmp_path):
+    from extract.encoder import EncoderInfo
+
+    encoder = EncoderInfo("fm.pt2", "ab" * 32, "export", "some-vit", 20, "torch.export")
+    write_synthetic_cohort(tmp_path, n_slides=2, n_tiles=10, n_augmentations=2, bank_size=6, encoder=encoder)
+    found = scan_features_folder(tmp_path, 5).encoder
+    assert (found.name, found.sha256, found.source, found.arch, found.width) == ("fm.pt2", "ab" * 32, "export", "some-vit", 20)

@@ -29,23 +29,27 @@ from gigassl.embed import (
     sample_views,
     slide_generator,
 )
-from gigassl.model import GigaSSLModel
+from gigassl.model import GigaSSLModel, HeadSpec
 from gigassl.synthetic import random_encoder_info, write_synthetic_cohort
 from gigassl.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from gigassl.train import config_to_dict
 from test_plain_features import write_trident_file
 
 
-def write_checkpoint(path: Path, n_tiles_per_view: int = 5, seed: int = 0, encoder: dict | None = None) -> Path:
+def write_checkpoint(path: Path, n_tiles_per_view: int = 5, seed: int = 0, encoder: dict | None = None,
+                     head: HeadSpec | None = None) -> Path:
     """A checkpoint of a randomly initialised model, in `gigassl train`'s layout (``encoder``:
-    the tile encoder of its training features, as training records it)."""
+    the tile encoder of its training features, as training records it; ``head``: its
+    architecture, none recorded when not given, as in older checkpoints)."""
     torch.manual_seed(seed)
-    model = GigaSSLModel(None, 256, "cpu")
+    model = GigaSSLModel(None, 256, "cpu", head=head)
     config = config_to_dict(TrainConfig(features=path.parent, out=path.parent, n_tiles_per_view=n_tiles_per_view))
     payload = dict(format=CHECKPOINT_FORMAT, format_version=CHECKPOINT_VERSION, epoch=0, config=config,
                    model={k: v.detach().cpu() for k, v in model.state_dict().items()})
     if encoder is not None:
         payload["encoder"] = encoder
+    if head is not None:
+        payload["architecture"] = head.to_dict()
     save_atomic(payload, path)
     return path
 
@@ -246,6 +250,47 @@ def test_a_copied_feature_file_is_listed_not_embedded_twice(cohort, tmp_path):
     path, reason = result.failed[0]
     assert Path(path).name == "slide_000 (copy).h5" and "also the id of slide_000.h5" in reason
     assert "slide_000 (copy).h5" in result.format()
+
+
+def test_trident_files_of_the_checkpoints_width_are_embedded_as_unverified(tmp_path, caplog):
+    fm = dict(name="uni.pt2", sha256="cd" * 32, source="export", arch="uni", width=24)
+    checkpoint = write_checkpoint(tmp_path / "fm_model.pt", n_tiles_per_view=4, encoder=fm, head=HeadSpec.generic(24))
+    folder = tmp_path / "trident"
+    folder.mkdir()
+    write_trident_file(folder / "TCGA-A.h5", width=24, seed=1, encoder="uni_v1")
+    write_trident_file(folder / "TCGA-B.h5", width=24, seed=2)
+    write_trident_file(folder / "TCGA-C.h5", width=32, seed=3)
+    with caplog.at_level("WARNING", logger="gigassl"):
+        result = run_embedding(EmbedConfig(model=checkpoint, features=folder, out=tmp_path / "e.h5", n_views=3, device="cpu"))
+    written = read_embeddings(tmp_path / "e.h5")
+    assert written.slide_ids == ["TCGA-A", "TCGA-B"] and written.embeddings.shape == (2, 512)
+    np.testing.assert_allclose(np.linalg.norm(written.embeddings, axis=1), 1.0, rtol=1e-5)
+    assert json.loads(written.provenance["unverified"]) == ["TCGA-A", "TCGA-B"]
+    assert written.provenance["feature_dim"] == 24 and json.loads(written.provenance["architecture"])["width"] == 512
+    assert result.failed == [(str(folder / "TCGA-C.h5"), f"{folder / 'TCGA-C.h5'}: features are 32-d, this model "
+                              "expects 24-d; embed features extracted with the tile encoder the model was trained on")]
+    warnings = [r.getMessage() for r in caplog.records if "cannot be verified" in r.getMessage()]
+    assert len(warnings) == 1 and "2 slide file(s)" in warnings[0] and "uni.pt2" in warnings[0]
+    # files with this package's provenance are verified: nothing listed
+    paths = write_synthetic_cohort(tmp_path / "own", n_slides=2, n_tiles=12, n_augmentations=1, bank_size=4)
+    own = write_checkpoint(tmp_path / "own.pt", n_tiles_per_view=4, encoder=random_encoder_info().to_dict())
+    run_embedding(EmbedConfig(model=own, features=paths[0].parent, out=tmp_path / "o.h5", n_views=2, device="cpu"))
+    assert json.loads(read_embeddings(tmp_path / "o.h5").provenance["unverified"]) == []
+
+
+def test_a_resnet50_head_writes_2048_d_embeddings(cohort, tmp_path):
+    head = HeadSpec.for_resnet("resnet50")
+    checkpoint = write_checkpoint(tmp_path / "r50.pt", n_tiles_per_view=3, head=head)
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    for name in ("A", "B"):
+        write_trident_file(folder / f"{name}.h5", width=1024, seed=ord(name))
+    result = run_embedding(EmbedConfig(model=checkpoint, features=folder, out=tmp_path / "e.h5", n_views=2,
+                                       device="cpu", export="csv"))
+    assert read_embeddings(tmp_path / "e.h5").embeddings.shape == (2, 2048)
+    assert result.exports[0].read_text().splitlines()[0].endswith(",e2047")
+    embedded = SlideEmbedder(checkpoint, n_views=2).transform([folder / "A.h5"])
+    assert embedded.shape == (1, 2048) and np.isfinite(embedded).all()
 
 
 def test_mixed_precision_embeddings_are_the_fp32_ones_to_a_cosine_of_0_999(cohort, model, monkeypatch):

@@ -328,3 +328,34 @@ def test_cli_help_renders_percent_signs(capsys):
         cli_main(["evaluate", "--help"])
     assert exit_info.value.code == 0
     assert "(default: 100%,25%)" in capsys.readouterr().out
+
+
+def test_baselines_on_trident_files_of_the_checkpoints_width_and_another_width_is_one_line(tmp_path, caplog):
+    from gigassl.model import HeadSpec
+
+    folder = tmp_path / "trident"
+    folder.mkdir()
+    ids, labels = [f"TCGA-{i:02d}" for i in range(12)], ["x", "y"] * 6
+    for slide_id, label in zip(ids, labels):
+        path = write_trident_file(folder / f"{slide_id}.h5", n_tiles=8, width=24, seed=int(slide_id[-2:]))
+        with h5py.File(path, "a") as handle:  # a class signal the mean of the tiles carries
+            handle["features"][...] += 2.0 * (label == "y")
+    checkpoint = write_checkpoint(tmp_path / "fm.pt", n_tiles_per_view=4, head=HeadSpec.generic(24))
+    run_embedding(EmbedConfig(model=checkpoint, features=folder, out=tmp_path / "e.h5", n_views=3, device="cpu"))
+    csv_path = write_labels(tmp_path / "l.csv", list(zip(ids, labels)), header=("slide", "label"))
+    config = EvaluateConfig(embeddings=tmp_path / "e.h5", labels=csv_path, features=folder, baselines="average,abmil",
+                            out=tmp_path / "o", n_splits=2, budgets="100%", mil_epochs=2, device="cpu")
+    result = run_evaluation(config)
+    assert {r["method"] for r in result.summary} == {"gigassl", "average", "abmil"}
+    other = tmp_path / "wider"
+    other.mkdir()
+    for slide_id in ids:
+        write_trident_file(other / f"{slide_id}.h5", n_tiles=8, width=32, seed=int(slide_id[-2:]))
+    with pytest.raises(UserError) as error:
+        run_evaluation(dataclasses.replace(config, features=other))
+    message = str(error.value)
+    assert "\n" not in message and "features are 32-d" in message and "takes 24-d features" in message
+    caplog.clear()
+    assert cli_main(["evaluate", "--embeddings", str(tmp_path / "e.h5"), "--labels", str(csv_path), "--features",
+                     str(other), "--baselines", "average", "--out", str(tmp_path / "p")]) == 2
+    assert "takes 24-d features" in caplog.text and "Traceback" not in caplog.text

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extract.encoder import ResNet18
-from gigassl.model import GigaSSLModel, SparseLayer4
+from extract.encoder import ResNet18, build_resnet
+from gigassl.model import GigaSSLModel, HeadSpec, SparseLayer4
+from gigassl.sparse_layer4 import dense_layer4
 from gigassl.sparse_conv import dense_to_sparse_weight, make_sparse_tensor, strided_conv3x3, submanifold_conv3x3, sum_pool_3x3_stride2
 from gigassl.sparse_map import MAP_MARGIN, SparseBatch, collate_views
 
@@ -272,3 +273,105 @@ def test_a_few_adam_steps_lower_the_nt_xent_loss_on_fixed_views() -> None:
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------------------------
+# ResNet34 / ResNet50 layer4 and the generic head (any width D)
+
+
+@pytest.fixture(scope="module")
+def deep_resnets() -> dict[str, nn.Module]:
+    """ResNet34 and ResNet50 (v1.5, as extract.resnet builds it) with non-trivial BN statistics."""
+    generator = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    models = {}
+    for arch in ("resnet34", "resnet50"):
+        model = build_resnet(arch)
+        _randomise_batch_norms(model, generator)
+        models[arch] = model.eval()
+    return models
+
+
+def test_resnet50_puts_the_stride_on_the_3x3_conv(deep_resnets: dict[str, nn.Module]) -> None:
+    block0 = deep_resnets["resnet50"].layer4[0]
+    assert block0.conv1.stride == (1, 1) and block0.conv2.stride == (2, 2)  # v1.5: the sparse strided conv is conv2
+
+
+@pytest.mark.parametrize("arch, height, width", [("resnet34", 5, 7), ("resnet50", 5, 7), ("resnet50", 7, 3)])
+def test_deeper_sparse_layer4_equals_dense_layer4_with_average_shortcut_on_full_map(
+    deep_resnets: dict[str, nn.Module], arch: str, height: int, width: int, backend: str,
+) -> None:
+    resnet = deep_resnets[arch]
+    head = HeadSpec.for_resnet(arch)
+    layer4 = SparseLayer4(backend, head.feature_dim, head.width, head.block, head.n_blocks).load_dense(resnet.layer4).eval()
+    dense_reference = _dense_layer4_with_average_shortcut(resnet.layer4).eval()
+    dense, views = _full_map(height, width, resnet.trunk_width, n_maps=2, seed=5)
+    with torch.no_grad():
+        sparse = layer4(to_tensor(collate_views(views), backend)).dense()
+        expected = dense_reference(dense)
+        out_h, out_w = expected.shape[2:]
+        assert sparse.shape[1] == resnet.layer4_width
+        assert sparse[:, :, out_h:].abs().sum() == 0 and sparse[:, :, :, out_w:].abs().sum() == 0
+        torch.testing.assert_close(sparse[:, :, :out_h, :out_w], expected, **TOL)
+        assert not torch.allclose(sparse[:, :, :out_h, :out_w], resnet.layer4(dense), **TOL)
+
+
+def test_bottleneck_training_mode_batch_norm_matches_dense_on_full_maps(deep_resnets: dict[str, nn.Module], backend: str) -> None:
+    resnet = deep_resnets["resnet50"]
+    layer4 = SparseLayer4(backend, 1024, 2048, "bottleneck", 3).load_dense(resnet.layer4).train()
+    dense_reference = _dense_layer4_with_average_shortcut(resnet.layer4).train()
+    dense, views = _full_map(5, 5, 1024, n_maps=2, seed=6)
+    sparse = layer4(to_tensor(collate_views(views), backend)).dense()[:, :, :3, :3]
+    torch.testing.assert_close(sparse, dense_reference(dense), **TOL)
+
+
+def test_head_spec_is_read_from_the_dense_layer4(resnet: ResNet18, deep_resnets: dict[str, nn.Module]) -> None:
+    assert HeadSpec.of_layer4(resnet.layer4) == HeadSpec() == HeadSpec.for_resnet("resnet18")
+    assert HeadSpec.of_layer4(deep_resnets["resnet34"].layer4) == HeadSpec(256, "basic", 3, 512, "resnet34")
+    assert HeadSpec.of_layer4(deep_resnets["resnet50"].layer4) == HeadSpec(1024, "bottleneck", 3, 2048, "resnet50")
+    assert HeadSpec.of_layer4(dense_layer4(12, 512)) == HeadSpec.generic(12)
+    with pytest.raises(ValueError, match="layer4 of 3 basic blocks: the dense stage has 2"):
+        SparseLayer4("torch", 256, 512, "basic", 3).load_dense(resnet.layer4)
+
+
+def test_resnet50_model_pools_2048_d_and_its_state_round_trips_through_its_head(deep_resnets: dict[str, nn.Module]) -> None:
+    model = GigaSSLModel(deep_resnets["resnet50"], projector_dim=32, device="cpu", sparse_backend="torch").eval()
+    assert (model.head.source, model.feature_dim, model.slide_dim) == ("resnet50", 1024, 2048)
+    rng = np.random.default_rng(5)
+    batch = collate_views([(rng.standard_normal((5, 1024)).astype(np.float32), rng.integers(0, 9, size=(5, 2))) for _ in range(3)])
+    buffer = io.BytesIO()
+    torch.save({"architecture": model.head.to_dict(), "model": model.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    restored = GigaSSLModel(None, 32, "cpu", "torch", head=HeadSpec.from_dict(saved["architecture"])).eval()
+    restored.load_state_dict(saved["model"], strict=True)
+    with torch.no_grad():
+        pooled = model.pool(batch)
+        assert pooled.shape == (3, 2048) and torch.isfinite(pooled).all()
+        torch.testing.assert_close(restored(batch), model(batch))
+
+
+@pytest.mark.parametrize("projection", [0, 16])
+def test_generic_head_takes_any_width_and_trains_every_parameter(projection: int, backend: str) -> None:
+    torch.manual_seed(2)
+    head = HeadSpec.generic(12, input_projection_dim=projection)
+    model = GigaSSLModel(None, projector_dim=16, device="cpu", sparse_backend=backend, head=head).train()
+    assert (model.feature_dim, model.slide_dim, model.input_projection is not None) == (12, 512, projection > 0)
+    assert model.layer4.block0.shortcut_conv.weight.shape == (512, projection or 12)
+    rng = np.random.default_rng(6)
+    batch = collate_views([(rng.standard_normal((5, 12)).astype(np.float32), rng.integers(0, 20, size=(5, 2))) for _ in range(4)])
+    z = model(batch)
+    assert z.shape == (4, 16) and torch.isfinite(z).all()
+    z.square().sum().backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_head_spec_refuses_bad_data_in_one_line(resnet: ResNet18) -> None:
+    assert HeadSpec.from_dict(None) == HeadSpec()  # checkpoints written before the field: ResNet18's
+    with pytest.raises(ValueError, match="ckpt.pt: unknown sparse head fields \\['kernel'\\]"):
+        HeadSpec.from_dict({**HeadSpec().to_dict(), "kernel": 5}, "ckpt.pt")
+    with pytest.raises(ValueError, match="ckpt.pt: invalid sparse head: block 'dense'"):
+        HeadSpec.from_dict({**HeadSpec().to_dict(), "block": "dense"}, "ckpt.pt")
+    with pytest.raises(ValueError, match="does not have the shape of the head"):
+        GigaSSLModel(resnet, head=HeadSpec.for_resnet("resnet50"))

@@ -10,11 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from extract.encoder import load_resnet18, save_encoder_checkpoint
+from extract.encoder import EncoderInfo, file_sha256, load_resnet, load_resnet18, save_encoder_checkpoint
 from extract.errors import UserError
+from extract.exported import export_tile_encoder
+from fixtures.make_slides import write_tissue_slide
+from gigassl.embed import read_embeddings, run_embedding
+from gigassl.model import HeadSpec
+from test_exported import MEAN, STD, tiny_model
 from gigassl import cli
 from gigassl import train as train_module
-from gigassl.config import TrainConfig
+from gigassl.config import EmbedConfig, TrainConfig
 from gigassl.synthetic import write_synthetic_cohort
 from gigassl.checkpoint import config_differences, load_checkpoint, load_model
 from gigassl.distributed import GlobalBatchNorm1d, use_global_batch_norm
@@ -315,3 +320,62 @@ def test_rng_state_restores_on_a_node_with_any_number_of_gpus():
     # an older checkpoint written on an 8-GPU node: its CUDA states are ignored, the CPU one restored
     set_rng_state({"torch": state["torch"], "cuda": [torch.zeros(16, dtype=torch.uint8)] * 8})
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2 for any tile encoder
+
+
+def test_resnet50_features_train_its_own_layer4_and_embed_to_2048_d(tmp_path):
+    resnet, encoder = load_resnet("random:resnet50")
+    features = tmp_path / "features"
+    write_synthetic_cohort(features, n_slides=4, n_tiles=12, n_augmentations=2, bank_size=6, encoder=encoder)
+    result = run_training(_config(features, tmp_path / "out", epochs=1, batch_size=2, monitor_slides=2))
+    payload = load_checkpoint(result.checkpoint)
+    assert result.global_step == 2
+    assert payload["architecture"] == HeadSpec.for_resnet("resnet50").to_dict()
+    assert (payload["init"]["arch"], payload["init"]["sha256"]) == ("resnet50", encoder.sha256)
+    # two Adam steps from the encoder's own layer4 (bottleneck 1×1 conv3 of block 2 as a Linear)
+    trained = payload["model"]["layer4.block2.conv3.weight"]
+    dense = resnet.layer4[2].conv3.weight.detach()[:, :, 0, 0]
+    assert not torch.equal(trained, dense)
+    torch.testing.assert_close(trained, dense, atol=0.01, rtol=0)
+    model, _ = load_model(result.checkpoint)
+    assert (model.feature_dim, model.slide_dim) == (1024, 2048)
+    run_embedding(EmbedConfig(model=result.checkpoint, features=features, out=tmp_path / "e.h5", n_views=2, device="cpu"))
+    written = read_embeddings(tmp_path / "e.h5")
+    assert written.embeddings.shape == (4, 2048) and np.isfinite(written.embeddings).all()
+    np.testing.assert_allclose(np.linalg.norm(written.embeddings, axis=1), 1.0, rtol=1e-5)
+
+
+def test_an_exported_program_runs_through_extract_train_and_embed(tmp_path):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for seed in range(3):
+        write_tissue_slide(slides / f"slide_{seed}.tif", mpp=0.5, seed=seed)
+    program = export_tile_encoder(tiny_model(), tmp_path / "fm.pt2", 32, MEAN, STD, name="tiny-fm")
+    assert cli.main(["extract", "--slides", str(slides), "--out", str(tmp_path / "x"), "--encoder", str(program),
+                     "--tile-size", "64", "--mpp", "2.0", "--num-workers", "0", "--batch-size", "32", "--bank",
+                     "--n-augmentations", "2", "--n-tiles-per-augmentation", "8", "--no-mixed-precision"]) == 0
+    features = tmp_path / "x" / "features"
+    result = run_training(_config(features, tmp_path / "out", epochs=1))
+    payload = load_checkpoint(result.checkpoint)
+    assert payload["architecture"] == HeadSpec.generic(12).to_dict() and payload["init"] is None
+    assert (payload["encoder"]["arch"], payload["encoder"]["width"]) == ("tiny-fm", 12)
+    run_embedding(EmbedConfig(model=result.checkpoint, features=features, out=tmp_path / "e.h5", n_views=2, device="cpu"))
+    written = read_embeddings(tmp_path / "e.h5")
+    assert written.slide_ids == ["slide_0", "slide_1", "slide_2"] and written.embeddings.shape == (3, 512)
+    assert written.provenance["encoder_sha256"] == file_sha256(program)
+    assert json.loads(written.provenance["unverified"]) == []
+
+
+def test_an_init_of_another_width_than_the_features_is_one_line(tmp_path):
+    encoder = EncoderInfo("fm.pt2", "ef" * 32, "export", "some-vit", 12, "torch.export")
+    features = tmp_path / "features"
+    write_synthetic_cohort(features, n_slides=4, n_tiles=12, n_augmentations=2, bank_size=6, encoder=encoder)
+    save_encoder_checkpoint(load_resnet18("random", seed=5)[0], tmp_path / "r18.pt")
+    with pytest.raises(UserError) as error:
+        run_training(_config(features, tmp_path / "a", epochs=1, init=str(tmp_path / "r18.pt")))
+    message = str(error.value)
+    assert "\n" not in message
+    assert "--init " in message and "resnet18 layer4 takes 256-d tile features" in message and "are 12-d" in message

@@ -1,7 +1,8 @@
 """Stage 2 of Giga-SSL: slide-level self-supervised learning on sparse maps of tiles.
 
-Reads the per-slide HDF5 files written by :mod:`extract`, trains ResNet18's layer4 as a
-submanifold sparse convolutional network with NT-Xent, and turns slides into compact
+Reads the per-slide HDF5 files written by :mod:`extract`, trains the tile encoder's own
+layer4 (ResNet18/34/50; a randomly initialised head of the features' width for other encoders)
+as a submanifold sparse convolutional network with NT-Xent, and turns slides into compact
 embeddings for few-label classification.
 """
 

@@ -3,7 +3,9 @@
 A checkpoint is a dict of tensors and plain data (``torch.load(..., weights_only=True)``):
 ``format``, ``format_version``, ``package_version``, ``epoch``, ``global_step``, ``config``,
 ``slide_ids``, ``encoder`` (tile encoder of the features), ``init`` (weights layer4 started
-from), ``model`` (``GigaSSLModel`` state dict), ``optimizer``, ``scheduler``, ``scaler``,
+from; None for a randomly initialised generic head), ``architecture`` (the sparse head,
+:meth:`gigassl.model.HeadSpec.to_dict`: feature_dim, block, n_blocks, width, source,
+input_projection_dim; absent in older checkpoints, which are ResNet18's), ``model`` (``GigaSSLModel`` state dict), ``optimizer``, ``scheduler``, ``scaler``,
 ``rng``, ``history`` (the monitor rows), ``world_size``.
 """
 
@@ -16,7 +18,7 @@ import torch
 
 from extract.checkpoint_io import write_epoch_snapshot
 from extract.encoder import load_weights_only
-from gigassl.model import GigaSSLModel
+from gigassl.model import GigaSSLModel, HeadSpec
 from gigassl.sparse_conv import BACKENDS
 
 CHECKPOINT_FORMAT = "gigassl-slide-encoder"
@@ -46,7 +48,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", sparse_backend: str = "auto") -> tuple[GigaSSLModel, dict[str, Any]]:
-    """The trained :class:`GigaSSLModel` of a checkpoint (eval mode) and the checkpoint dict.
+    """The trained :class:`GigaSSLModel` of a checkpoint (eval mode) and the checkpoint dict;
+    the network is rebuilt from the checkpoint's ``architecture``.
 
     ``sparse_backend`` may differ from the one the checkpoint was trained with: the weights are
     the same for both backends.
@@ -56,7 +59,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", sparse_back
     if saved_backend not in BACKENDS:
         raise ValueError(f"{path}: the checkpoint names an unknown sparse backend {saved_backend!r} "
                          f"(this package knows {', '.join(BACKENDS)}); was it written by a newer gigassl?")
-    model = GigaSSLModel(None, int(payload["config"]["projector_dim"]), device, sparse_backend)
+    head = HeadSpec.from_dict(payload.get("architecture"), str(path))  # older checkpoints: ResNet18's
+    model = GigaSSLModel(None, int(payload["config"]["projector_dim"]), device, sparse_backend, head)
     model.load_state_dict(payload["model"])
     return model.eval(), payload
 

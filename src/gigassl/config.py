@@ -32,7 +32,7 @@ class TrainConfig:
 
     features: Path = field(metadata=_help("folder of per-slide HDF5 files with the augmented bank", required=True))
     out: Path = field(metadata=_help("output folder for checkpoints, monitors and curves", required=True))
-    init: Optional[str] = field(default=None, metadata=_help("ResNet18 checkpoint whose layer4 initialises the sparse layer4 (default: the tile encoder named in the feature files, or random when that was random)"))
+    init: Optional[str] = field(default=None, metadata=_help("ResNet18/34/50 checkpoint whose layer4 initialises the sparse head, or 'random' (default: the tile encoder named in the feature files when it was random; features of other encoders, e.g. exported programs, get a randomly initialised head of their width)"))
     n_tiles_per_view: int = field(default=5, metadata=_help("T: tiles sampled per view (the paper's best is 5)"))
     batch_size: int = field(default=256, metadata=_help("slides per step across all ranks (two views each); capped at the cohort size"))
     epochs: int = field(default=1000, metadata=_help("training epochs in all (with --resume it may differ from the run's, to train longer or stop sooner: the warm-up + cosine schedule is then re-planned over the new total)"))

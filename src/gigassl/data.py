@@ -103,8 +103,7 @@ def _list_reasons(items: Sequence[tuple[Path, str]], limit: int = 10) -> str:
 def _scan_one(path: Path, check_finite: bool) -> SlideEntry:
     with SlideFeatures(path, require_bank=True) as slide:
         attrs = slide.bank_attrs
-        name = str(attrs.get("encoder", "unknown"))
-        encoder = EncoderInfo(name, str(attrs.get("encoder_sha256", "")), "random" if name == "random" else "file")
+        encoder = _bank_encoder(attrs, int(slide.file["aug_features"].shape[1]))
         if slide.bank_size < 1 or slide.n_augmentations < 1:
             raise FeatureFileError(f"{path}: empty bank ({slide.n_augmentations} × {slide.bank_size})")
         if check_finite:
@@ -117,6 +116,15 @@ def _scan_one(path: Path, check_finite: bool) -> SlideEntry:
                     )
         return SlideEntry(path, slide.slide_id, slide.n_augmentations, slide.bank_size,
                           slide.tile_step_level0, encoder, _grid(slide.grid_attrs), locate_bank_chunks(slide))
+
+
+def _bank_encoder(attrs: dict, width: int) -> EncoderInfo:
+    """The tile encoder a bank's attributes name; files from before the architecture attributes
+    were ResNet18s. ``width`` (D) is the bank's own."""
+    name = str(attrs.get("encoder", "unknown"))
+    source = str(attrs.get("encoder_source", "random" if name == "random" else "file"))
+    return EncoderInfo(name, str(attrs.get("encoder_sha256", "")), source, str(attrs.get("encoder_arch", "resnet18")),
+                       width, str(attrs.get("encoder_layout", "")))
 
 
 def _grid(attrs: dict) -> tuple[int | None, float | None]:
@@ -174,16 +182,17 @@ def scan_features_folder(
     if bad and not skip_bad_files:
         raise FeatureFileError(
             f"{len(bad)} of {len(paths)} files in {folder} cannot be used for training:\n"
-            f"{_list_reasons(bad)}\nre-run `gigassl extract` (with the bank) on them, move them out "
-            "of the folder, or pass --skip-bad-files to train on the others"
+            f"{_list_reasons(bad)}\ntraining reads the augmented bank, which only `gigassl extract --bank` writes "
+            "(TRIDENT/CLAM feature files have none: embed and evaluate read those); extract the bank with the same "
+            "tile encoder as the other files, move them out of the folder, or pass --skip-bad-files to train on the others"
         )
     if bad:
         log.warning("skipping %d of %d files in %s:\n%s", len(bad), len(paths), folder, _list_reasons(bad))
     if not slides:
         raise FileNotFoundError(f"no usable feature file in {folder}")
-    encoders = {(s.encoder.name, s.encoder.sha256) for s in slides}
+    encoders = {(s.encoder.name, s.encoder.sha256, s.encoder.width) for s in slides}
     if len(encoders) > 1:
-        by_encoder = [(s.path, f"encoder {s.encoder.name} ({s.encoder.sha256[:12]})") for s in slides]
+        by_encoder = [(s.path, f"encoder {s.encoder.name} ({s.encoder.sha256[:12]}, {s.encoder.width}-d)") for s in slides]
         raise FeatureFileError(
             f"the files in {folder} were embedded by {len(encoders)} different tile encoders:\n"
             f"{_list_reasons(by_encoder)}\ntrain on features of one encoder only"

@@ -1,10 +1,11 @@
-"""``gigassl embed``: one L2-normalised 512-d vector per slide from a trained checkpoint.
+"""``gigassl embed``: one L2-normalised W-d vector per slide from a trained checkpoint.
 
 For every slide, ``n_views`` (R, default 50) views of ``n_tiles_per_view`` (T, default the
 checkpoint's) tiles are drawn from the *plain* features — no tile augmentation, no slide-level
 augmentation (the original's "plain" features were augmented; DESIGN.md §2) — placed on their
 grid cells with the features file's ``tile_step_level0`` (the divisor training uses), run
-through the sparse layer4 and pooled to 512-d (before the projector), averaged over the R views
+through the sparse head and pooled to W-d (before the projector; W = 512, or 2048 for a ResNet50
+head: the checkpoint's ``architecture``), averaged over the R views
 and L2-normalised. A slide's views depend only on the seed and its id (its own generator), so
 embeddings do not depend on the batch or the order of the folder. Slides are processed
 ``batch_size`` at a time and appended to the output, so memory does not grow with the cohort.
@@ -12,14 +13,15 @@ embeddings do not depend on the batch or the order of the folder. Slides are pro
 Output HDF5 (written to a temporary file, renamed when complete)::
 
     /slide_ids   (S,)      utf-8 strings
-    /embeddings  (S, 512)  float32, unit L2 norm
+    /embeddings  (S, W)    float32, unit L2 norm
     root attrs: format, format_version, package_version, checkpoint, checkpoint_sha256,
                 checkpoint_epoch, n_views, n_tiles_per_view, seed, features, encoder_sha256
                 (tile encoder of the features), checkpoint_encoder_sha256, features_encoders
-                (JSON), settings (JSON), failed (JSON), complete
+                (JSON), feature_dim (D), architecture (JSON, the sparse head), unverified
+                (JSON slide ids), settings (JSON), failed (JSON), complete
 
 ``--export npz,csv`` also writes ``OUT.npz`` (slide_ids, embeddings, provenance JSON) and
-``OUT.csv`` (slide_id, e000 … e511).
+``OUT.csv`` (slide_id, e000 … e511, or … e2047).
 
 Inputs are checked per slide, and a slide that fails is listed in ``failed`` (the run goes on;
 ``--strict`` makes the exit status non-zero): unreadable files, files without tiles, NaN or inf
@@ -30,6 +32,9 @@ record; ``--allow-other-encoder`` embeds them anyway) and a slide id already tak
 file of the folder (a copied file: the file named after the id is kept, else the first by
 name). ``encoder_sha256`` in the output is the features' own tile encoder (comma-separated
 when several were allowed); ``checkpoint_encoder_sha256`` the one the checkpoint was trained on.
+Files that do not record their tile encoder's sha256 (TRIDENT/CLAM files, which lack this
+package's provenance) are embedded when their width matches, with a warning that their encoder
+cannot be verified; their slide ids are listed in ``unverified``.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ class EmbeddingFileError(UserError):
 
 @dataclass(frozen=True)
 class SlideEmbeddings:
-    """A cohort of slide embeddings: ids (S,), (S, 512) float32 and the provenance attributes."""
+    """A cohort of slide embeddings: ids (S,), (S, W) float32 and the provenance attributes."""
 
     slide_ids: list[str]
     embeddings: np.ndarray
@@ -128,8 +133,8 @@ def sample_views(
 
 @torch.no_grad()
 def pool_views(model, views: Sequence[tuple[np.ndarray, np.ndarray]], n_views: int) -> np.ndarray:
-    """Views of S slides (R consecutive views each) → (S, 512) float32 unit-norm embeddings."""
-    pooled = model.pool(collate_views(views)).float()  # (S·R, 512)
+    """Views of S slides (R consecutive views each) → (S, W) float32 unit-norm embeddings."""
+    pooled = model.pool(collate_views(views)).float()  # (S·R, W)
     mean = pooled.view(-1, n_views, pooled.shape[1]).mean(dim=1)
     return torch.nn.functional.normalize(mean, dim=1).cpu().numpy().astype(np.float32)
 
@@ -146,6 +151,11 @@ def model_feature_dim(model) -> int:
         return int(width)
     shortcut = model.state_dict().get("layer4.block0.shortcut_conv.weight")  # (512, D): the 1×1 conv
     return int(shortcut.shape[1]) if shortcut is not None else TILE_FEATURE_DIM
+
+
+def model_slide_dim(model) -> int:
+    """W, the width of the slide vectors ``model`` pools (512, 2048 for a ResNet50 head)."""
+    return int(getattr(model, "slide_dim", SLIDE_FEATURE_DIM))
 
 
 @dataclass(frozen=True)
@@ -166,8 +176,10 @@ class FeatureContract:
         return cls(model_feature_dim(model), str(encoder.get("name", "")), str(encoder.get("sha256", "")),
                    allow_other_encoder)
 
-    def check(self, slide: PlainFeatures) -> None:
-        """Raise a one-line :class:`FeatureFileError` when ``slide`` breaks the contract."""
+    def check(self, slide: PlainFeatures) -> bool:
+        """Raise a one-line :class:`FeatureFileError` when ``slide`` breaks the contract; else
+        whether its tile encoder was verified (False when the file or the checkpoint records no
+        encoder sha256, e.g. a TRIDENT/CLAM file)."""
         if slide.feature_dim != self.feature_dim:
             raise FeatureFileError(
                 f"{slide.path}: features are {slide.feature_dim}-d, this model expects {self.feature_dim}-d; embed "
@@ -179,19 +191,21 @@ class FeatureContract:
                 f"{slide.encoder_sha256[:12]}…), but the model was trained on features of {self.encoder_name!r} "
                 f"(sha256 {self.encoder_sha256[:12]}…); embed features of that encoder, or pass --allow-other-encoder "
                 "to embed these anyway (recorded in the output)")
+        return bool(self.encoder_sha256 and slide.encoder_sha256)
 
 
 def iter_embeddings(
     model, feature_files: Sequence[str | Path], n_views: int, n_tiles_per_view: int, seed: int = 0,
     batch_size: int = 64, failed: list[tuple[str, str]] | None = None, contract: FeatureContract | None = None,
-    encoders: Counter | None = None,
+    encoders: Counter | None = None, unverified: list[str] | None = None,
 ) -> Iterator[tuple[list[str], np.ndarray]]:
-    """Yield (ids, (s, 512) float32) per batch of ``batch_size`` slides.
+    """Yield (ids, (s, W) float32) per batch of ``batch_size`` slides.
 
     Each file is read with :func:`~gigassl.plain_features.read_plain_features` and checked
     against ``contract`` (default: the model's feature width only). Files that fail are logged
     and appended to ``failed`` as (path, reason) when a list is given; otherwise they raise.
-    ``encoders``, when given, counts the embedded slides per (encoder name, sha256).
+    ``encoders``, when given, counts the embedded slides per (encoder name, sha256);
+    ``unverified`` collects the ids of the slides whose tile encoder could not be verified.
     """
     if n_views < 1 or n_tiles_per_view < 1 or batch_size < 1:
         raise UserError(f"n_views ({n_views}), n_tiles_per_view ({n_tiles_per_view}) and batch_size ({batch_size}) must be ≥ 1")
@@ -202,7 +216,7 @@ def iter_embeddings(
         for path in files[start : start + batch_size]:
             try:
                 slide = read_plain_features(path)
-                contract.check(slide)
+                verified = contract.check(slide)
             except (FeatureFileError, OSError, KeyError) as error:
                 if failed is None:
                     raise
@@ -212,6 +226,8 @@ def iter_embeddings(
             ids.append(slide.slide_id)
             if encoders is not None:
                 encoders[(slide.encoder_name, slide.encoder_sha256)] += 1
+            if unverified is not None and not verified:
+                unverified.append(slide.slide_id)
             views.extend(sample_views(slide.features, slide.coords, slide.tile_step_level0, n_views, n_tiles_per_view,
                                       slide_generator(seed, slide.slide_id)))
         if ids:
@@ -223,7 +239,7 @@ def embed_slides(
     batch_size: int = 64, device: torch.device | str | None = None, contract: FeatureContract | None = None,
     mixed_precision: bool = True,
 ) -> tuple[list[str], np.ndarray]:
-    """Slide ids and (S, 512) float32 unit-norm embeddings of ``feature_files`` (in memory).
+    """Slide ids and (S, W) float32 unit-norm embeddings of ``feature_files`` (in memory).
 
     ``model`` is a :class:`~gigassl.model.GigaSSLModel` in eval mode; ``device`` moves it
     there first (default: where it is). ``mixed_precision``: the device's autocast (bf16 on GPUs
@@ -240,14 +256,16 @@ def embed_slides(
                                                 contract=contract):
             ids.extend(chunk_ids)
             chunks.append(chunk)
-    return ids, (np.concatenate(chunks) if chunks else np.zeros((0, SLIDE_FEATURE_DIM), np.float32))
+    return ids, (np.concatenate(chunks) if chunks else np.zeros((0, model_slide_dim(model)), np.float32))
 
 
 class EmbeddingWriter:
-    """Appends slide embeddings to an HDF5 file; atomic (temporary file, renamed on success)."""
+    """Appends (s, ``embedding_dim``) slide embeddings to an HDF5 file; atomic (temporary file,
+    renamed on success)."""
 
-    def __init__(self, path: str | Path, provenance: dict[str, Any]) -> None:
+    def __init__(self, path: str | Path, provenance: dict[str, Any], embedding_dim: int = SLIDE_FEATURE_DIM) -> None:
         self.path = Path(path)
+        self.embedding_dim = int(embedding_dim)
         self.temp_path = self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")
         self.provenance = provenance
         self._file: h5py.File | None = None
@@ -257,8 +275,9 @@ class EmbeddingWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = h5py.File(self.temp_path, "w")
         self._file.create_dataset("slide_ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(1024,))
-        self._file.create_dataset("embeddings", shape=(0, SLIDE_FEATURE_DIM), maxshape=(None, SLIDE_FEATURE_DIM),
-                                  dtype=np.float32, chunks=(256, SLIDE_FEATURE_DIM))
+        width = self.embedding_dim
+        self._file.create_dataset("embeddings", shape=(0, width), maxshape=(None, width), dtype=np.float32,
+                                  chunks=(256, width))
         self._file.attrs["format"] = FORMAT_NAME
         self._file.attrs["format_version"] = FORMAT_VERSION
         self._file.attrs["package_version"] = __version__
@@ -267,7 +286,7 @@ class EmbeddingWriter:
         return self
 
     def append(self, slide_ids: Sequence[str], embeddings: np.ndarray) -> None:
-        """Add rows: ids (s,), embeddings (s, 512)."""
+        """Add rows: ids (s,), embeddings (s, W)."""
         assert self._file is not None, "use EmbeddingWriter as a context manager"
         start, end = self.n_slides, self.n_slides + len(slide_ids)
         for name in ("slide_ids", "embeddings"):
@@ -361,12 +380,13 @@ def _parse_exports(text: str) -> list[str]:
     return kinds
 
 
-def _features_encoders(encoders: Counter, contract: FeatureContract) -> tuple[str, list[list[Any]]]:
+def _features_encoders(encoders: Counter, contract: FeatureContract, unverified: Sequence[str], out: Path) -> tuple[str, list[list[Any]]]:
     """(``encoder_sha256`` attribute: the features' own encoder(s), [[name, sha256, n_slides], …])."""
-    unknown = sum(n for (_, sha), n in encoders.items() if not sha)
-    if unknown and contract.encoder_sha256:
-        logger.warning("%d slide file(s) do not record their tile encoder's sha256, so they could not be checked "
-                       "against the checkpoint's (%s, %.12s…)", unknown, contract.encoder_name, contract.encoder_sha256)
+    if unverified:
+        logger.warning("%d slide file(s) without this package's provenance (e.g. TRIDENT/CLAM files: %s): their tile "
+                       "encoder cannot be verified against the checkpoint's (%s); embedded because their width matches, "
+                       "listed as `unverified` in %s", len(unverified), ", ".join(unverified[:3]) + (" …" if len(unverified) > 3 else ""),
+                       f"{contract.encoder_name}, {contract.encoder_sha256[:12]}…" if contract.encoder_sha256 else "it records none", out)
     if contract.allow_other_encoder and {sha for _, sha in encoders} - {contract.encoder_sha256, ""}:
         logger.warning("embedded features of another tile encoder than the checkpoint's (--allow-other-encoder): %s",
                        ", ".join(f"{name} ({sha[:12]}…): {n} slides" for (name, sha), n in encoders.items()))
@@ -390,19 +410,23 @@ def run_embedding(config: EmbedConfig) -> EmbedResult:
         checkpoint=str(config.model), checkpoint_sha256=file_sha256(config.model),
         checkpoint_epoch=int(checkpoint.get("epoch", -1)), n_views=config.n_views, n_tiles_per_view=n_tiles,
         seed=config.seed, features=str(config.features), checkpoint_encoder_sha256=contract.encoder_sha256,
-        sparse_backend=model.sparse_backend,
+        sparse_backend=model.sparse_backend, feature_dim=contract.feature_dim,
+        architecture=checkpoint.get("architecture") or {},
         settings={k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()},
     )
     logger.info("embedding %d slides from %s: R=%d views of T=%d tiles, seed %d, on %s",
                 len(files), config.features, config.n_views, n_tiles, config.seed, device)
     encoders: Counter = Counter()
+    unverified: list[str] = []
     progress = tqdm(total=len(files) + len(failed), initial=len(failed), unit="slide", desc="embed")
-    with EmbeddingWriter(config.out, provenance) as writer, autocast(device, config.mixed_precision):
+    writer = EmbeddingWriter(config.out, provenance, model_slide_dim(model))
+    with writer, autocast(device, config.mixed_precision):
         for ids, chunk in iter_embeddings(model, files, config.n_views, n_tiles, config.seed, config.batch_size, failed,
-                                          contract, encoders):
+                                          contract, encoders, unverified):
             writer.append(ids, chunk)
             progress.update(writer.n_slides + len(failed) - progress.n)
-        encoder_sha256, features_encoders = _features_encoders(encoders, contract)
+        encoder_sha256, features_encoders = _features_encoders(encoders, contract, unverified, Path(config.out))
+        writer.set_attr("unverified", unverified)
         writer.set_attr("encoder_sha256", encoder_sha256)
         writer.set_attr("features_encoders", features_encoders)
         writer.set_attr("failed", failed)
@@ -422,7 +446,7 @@ def _cached_slide_encoder(path: str, mtime_ns: int, device: str, sparse_backend:
 
 
 class SlideEmbedder(TransformerMixin, BaseEstimator):
-    """scikit-learn transformer: slide feature files → (S, 512) Giga-SSL embeddings.
+    """scikit-learn transformer: slide feature files → (S, W) Giga-SSL embeddings (W = 512, 2048 for ResNet50).
 
     ``model``: a `gigassl train` checkpoint path, or a ``GigaSSLModel``. ``fit`` learns nothing
     (returns ``self``); ``transform(paths)`` embeds the files, so the transformer fits in
@@ -463,7 +487,7 @@ class SlideEmbedder(TransformerMixin, BaseEstimator):
         return model, self.n_tiles_per_view or 5, FeatureContract.of(model)
 
     def transform(self, X: Sequence[str | Path]) -> np.ndarray:
-        """(S, 512) embeddings of the feature files ``X``; raises naming the first file that fails."""
+        """(S, W) embeddings of the feature files ``X``; raises naming the first file that fails."""
         model, n_tiles, contract = self._model()
         paths = [str(p) for p in np.asarray(X, dtype=object).ravel()]
         _, embeddings = embed_slides(model, paths, self.n_views, n_tiles, self.seed, self.batch_size, self.device,

@@ -307,6 +307,21 @@ def check_embeddings(embeddings: SlideEmbeddings, path: str | Path, slide_ids: S
                         "with NaN features as failed) or drop them from the labels CSV")
 
 
+def check_feature_width(feature_file: Path, embeddings: SlideEmbeddings, path: str | Path) -> None:
+    """Refuse baselines on tile features of another width than the checkpoint behind the
+    embeddings took (its ``feature_dim`` provenance; files without it are not checked)."""
+    from gigassl.plain_features import read_plain_features
+
+    expected = embeddings.provenance.get("feature_dim")
+    if expected is None:
+        return
+    found = read_plain_features(feature_file).feature_dim
+    if found != int(expected):
+        raise UserError(f"{feature_file}: features are {found}-d, but the embeddings {path} come from a checkpoint "
+                        f"that takes {int(expected)}-d features; give --features the folder of the tile features "
+                        "that were embedded, so that the baselines see the same tile encoder")
+
+
 def slide_tiles(paths: Sequence[Path], slides_folder: Path | None) -> list[SlideTiles]:
     """Where each slide's tiles are re-read from (the feature file's source and tile grid)."""
     from extract.features_file import SlideFeatures
@@ -383,6 +398,7 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
                                           config.c, config.tune_c, standardize=True)]
     if baselines:
         paths = [files[s] for s in labels.slide_ids]
+        check_feature_width(paths[0], embeddings, config.embeddings)
         device = str(resolve_device(config.device))
         bags = load_bags(paths) if {"abmil", "topk"} & set(baselines) else None
         mil = AttentionMIL(max_epochs=config.mil_epochs, device=device)

@@ -1,53 +1,48 @@
-"""The slide encoder of Giga-SSL: ResNet18's layer4 as a sparse network, then a projector.
+"""The slide encoder of Giga-SSL: a ResNet's layer4 as a sparse network, then a projector.
 
-``SparseLayer4`` (DESIGN.md §2), for input maps of 256-d tiles, on either sparse backend of
-:mod:`gigassl.sparse_conv` (plain PyTorch, or spconv where installed):
+``GigaSSLModel`` = [per-site linear D → P, the linear-first head only] → :class:`SparseLayer4`
+(:mod:`gigassl.sparse_layer4`) → mean over each slide's active sites (B, W), the slide
+representation → projector W → W → W → ``projector_dim`` (Linear-BN-ReLU twice, then a Linear),
+the output fed to NT-Xent. W is the layer4's width: 512 for basic blocks, 2048 for bottlenecks.
 
-- block 0: strided 3×3 sparse conv (stride 2, no padding) → BN → ReLU → submanifold 3×3 → BN;
-  shortcut = 3×3 average pool, stride 2, dividing by 9 (not by the number of active cells) →
-  1×1 conv → BN; sum → ReLU;
-- block 1: submanifold 3×3 → BN → ReLU → submanifold 3×3 → BN; identity shortcut; ReLU.
+Which head (:class:`HeadSpec`, recorded in checkpoints as ``architecture``):
 
-BN is ``BatchNorm1d`` over the active sites. The 1×1 conv of the shortcut acts on each site's
-features alone, so it is a bias-free ``nn.Linear`` (weight = the dense conv's (out, in, 0, 0)).
-The ÷9 pool is :func:`~gigassl.sparse_conv.sum_pool_3x3_stride2` (spconv's ``SparseAvgPool2d``
-divides by the active count and runs on CUDA only).
+- a ResNet tile encoder (R18, R34, R50): that network's own layer4, converted dense → sparse
+  (R18: 2 basic blocks, R34: 3 basic blocks, both 256 → 512; R50: 3 bottlenecks, 1024 → 2048);
+- any other encoder (an exported program, foreign features) of width D: a ResNet18-layer4-shaped
+  head (2 basic blocks, 512 wide) whose first convolutions take D channels, randomly initialised
+  (``source`` = ``generic``). ``input_projection_dim`` P > 0 puts a per-site linear D → P first
+  instead (compared in ``docs/encoders_stage2.md``; not the default).
 
 Correspondence with the dense layer4 (checked in ``tests/test_model.py``). ``collate_views``
 places each map one cell from the origin. On a map where every cell of an H×W grid is active,
-H and W odd, the sparse layer4 equals the dense ``ResNet18.layer4`` with the same weights in
-which the shortcut's strided 1×1 conv is replaced by ``AvgPool2d(3, 2, padding=1,
-count_include_pad=True)`` followed by the same 1×1 conv at stride 1: the strided sparse conv
-without padding, shifted by the one-cell margin, is the dense conv with padding 1 (inactive
-cells play the zero padding), and submanifold convs on a fully active map are dense convs with
-padding 1. On an even side the dense conv drops the last stride-2 window (it hangs past the
-padding) while the sparse conv keeps every window that holds a tile. The dense shortcut
-(sampling every other cell) and the sparse one (averaging 3×3) are different functions; the
-paper's sparse network uses the average.
-
-``GigaSSLModel`` = ``SparseLayer4`` → mean over each slide's active sites (B, 512), the slide
-representation → projector 512 → 512 → 512 → ``projector_dim`` (Linear-BN-ReLU twice, then a
-Linear), the output fed to NT-Xent.
-
-Weight layouts: dense conv (out, in, kh, kw) → sparse (out, kh, kw, in) for both backends, no
-spatial flip (sparse convolutions are cross-correlations like ``F.conv2d``).
+H and W odd, the sparse layer4 equals the dense layer4 with the same weights in which the
+shortcut's strided 1×1 conv is replaced by ``AvgPool2d(3, 2, padding=1, count_include_pad=True)``
+followed by the same 1×1 conv at stride 1: the strided sparse conv without padding, shifted by
+the one-cell margin, is the dense conv with padding 1 (inactive cells play the zero padding),
+and submanifold convs on a fully active map are dense convs with padding 1. On an even side the
+dense conv drops the last stride-2 window (it hangs past the padding) while the sparse conv
+keeps every window that holds a tile. The dense shortcut (sampling every other cell) and the
+sparse one (averaging 3×3) are different functions; the paper's sparse network uses the average.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
 import torch
 from torch import nn
 
-from extract.encoder import SLIDE_FEATURE_DIM, TILE_FEATURE_DIM, ResNet18
-from gigassl.sparse_conv import (
-    dense_to_sparse_weight,
-    make_sparse_tensor,
-    resolve_backend,
-    strided_conv3x3,
-    submanifold_conv3x3,
-    sum_pool_3x3_stride2,
-)
+from extract.resnet import ARCHITECTURES, Bottleneck
+from gigassl.sparse_conv import make_sparse_tensor, resolve_backend
+from gigassl.sparse_layer4 import BLOCKS, SparseLayer4, dense_layer4
 from gigassl.sparse_map import SparseBatch
+
+__all__ = ["GENERIC", "GigaSSLModel", "HeadSpec", "SparseLayer4", "mean_per_map"]
+
+GENERIC = "generic"  # HeadSpec.source of the randomly initialised head for non-ResNet encoders
 
 
 def mean_per_map(features: torch.Tensor, batch_index: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -58,118 +53,128 @@ def mean_per_map(features: torch.Tensor, batch_index: torch.Tensor, batch_size: 
     return sums / counts[:, None]
 
 
-class _SparseDownBlock(nn.Module):
-    """Block 0 of the sparse layer4 (strided conv, ÷9 average-pool shortcut)."""
+@dataclass(frozen=True)
+class HeadSpec:
+    """The architecture of the sparse head: plain data, written into checkpoints (``architecture``).
 
-    def __init__(self, in_channels: int, out_channels: int, backend: str) -> None:
-        super().__init__()
-        self.conv1 = strided_conv3x3(in_channels, out_channels, backend)
-        self.bn1 = nn.BatchNorm1d(out_channels)
-        self.conv2 = submanifold_conv3x3(out_channels, out_channels, backend)
-        self.bn2 = nn.BatchNorm1d(out_channels)
-        self.shortcut_conv = nn.Linear(in_channels, out_channels, bias=False)  # the 1×1 conv
-        self.shortcut_bn = nn.BatchNorm1d(out_channels)
-
-    def forward(self, x):  # sparse tensor (N, in) → sparse tensor (M, out)
-        out = self.conv1(x)
-        pooled = sum_pool_3x3_stride2(x, out) / 9.0
-        shortcut = self.shortcut_bn(self.shortcut_conv(pooled))
-        out = out.replace_feature(torch.relu(self.bn1(out.features)))
-        out = self.conv2(out)
-        return out.replace_feature(torch.relu(self.bn2(out.features) + shortcut))
-
-
-class _SparseBlock(nn.Module):
-    """Block 1 of the sparse layer4 (two submanifold convs, identity shortcut)."""
-
-    def __init__(self, channels: int, backend: str) -> None:
-        super().__init__()
-        self.conv1 = submanifold_conv3x3(channels, channels, backend)
-        self.bn1 = nn.BatchNorm1d(channels)
-        self.conv2 = submanifold_conv3x3(channels, channels, backend)
-        self.bn2 = nn.BatchNorm1d(channels)
-
-    def forward(self, x):  # sparse tensor (M, C) → sparse tensor (M, C)
-        out = self.conv1(x)
-        out = out.replace_feature(torch.relu(self.bn1(out.features)))
-        out = self.conv2(out)
-        return out.replace_feature(torch.relu(self.bn2(out.features) + x.features))
-
-
-class SparseLayer4(nn.Module):
-    """ResNet18's layer4 on sparse maps: sparse tensor (N, 256) → sparse tensor (M, 512).
-
-    ``backend``: ``auto``, ``torch`` or ``spconv`` (:func:`gigassl.sparse_conv.resolve_backend`);
-    the state dict is the same for both. Randomly initialised; :meth:`load_dense` copies a dense
-    layer4's weights. Runs on whatever device its parameters are on.
+    ``feature_dim``: D of the tile features; ``block`` / ``n_blocks`` / ``width``: the layer4
+    (basic 2 × 512 for ResNet18); ``source``: the ResNet whose layer4 shape it has, or
+    ``generic``; ``input_projection_dim``: P > 0 puts a per-site linear D → P before the layer4.
     """
 
-    def __init__(self, backend: str = "auto", in_channels: int = TILE_FEATURE_DIM, out_channels: int = SLIDE_FEATURE_DIM) -> None:
-        super().__init__()
-        self.backend = backend = resolve_backend(backend)
-        self.block0 = _SparseDownBlock(in_channels, out_channels, backend)
-        self.block1 = _SparseBlock(out_channels, backend)
+    feature_dim: int = 256
+    block: str = "basic"
+    n_blocks: int = 2
+    width: int = 512
+    source: str = "resnet18"
+    input_projection_dim: int = 0
 
-    def forward(self, x):  # sparse tensor → sparse tensor
-        return self.block1(self.block0(x))
+    def __post_init__(self) -> None:
+        problems = []
+        if self.block not in BLOCKS:
+            problems.append(f"block {self.block!r} (choose {', '.join(BLOCKS)})")
+        if min(self.feature_dim, self.n_blocks, self.width) < 1 or self.input_projection_dim < 0:
+            problems.append(f"sizes feature_dim={self.feature_dim}, n_blocks={self.n_blocks}, width={self.width}, "
+                            f"input_projection_dim={self.input_projection_dim}")
+        if self.block == "bottleneck" and self.width % 4:
+            problems.append(f"bottleneck width {self.width} (a multiple of 4)")
+        if self.source not in (*ARCHITECTURES, GENERIC):
+            problems.append(f"source {self.source!r} (choose {', '.join((*ARCHITECTURES, GENERIC))})")
+        if problems:
+            raise ValueError("invalid sparse head: " + "; ".join(problems))
 
-    @torch.no_grad()
-    def load_dense(self, layer4: nn.Module) -> "SparseLayer4":
-        """Copy the weights of a dense ResNet18 ``layer4`` (torchvision names) into this network."""
-        state = layer4.state_dict()
-        own = {
-            "0.conv1.weight": self.block0.conv1.weight, "0.conv2.weight": self.block0.conv2.weight,
-            "1.conv1.weight": self.block1.conv1.weight, "1.conv2.weight": self.block1.conv2.weight,
-        }
-        for key, target in own.items():
-            found = tuple(state[key].shape) if key in state else None
-            expected = tuple(target.shape[i] for i in (0, 3, 1, 2))
-            if found != expected:
-                raise ValueError(f"not a ResNet18 layer4: {key} has shape {found}, expected {expected}")
-        for block, dense_prefix in ((self.block0, "0"), (self.block1, "1")):
-            for conv in ("conv1", "conv2"):
-                getattr(block, conv).weight.copy_(dense_to_sparse_weight(state[f"{dense_prefix}.{conv}.weight"]))
-            for bn in ("bn1", "bn2"):
-                getattr(block, bn).load_state_dict(_bn_state(state, f"{dense_prefix}.{bn}"))
-        self.block0.shortcut_conv.weight.copy_(state["0.downsample.0.weight"][:, :, 0, 0])
-        self.block0.shortcut_bn.load_state_dict(_bn_state(state, "0.downsample.1"))
-        return self
+    @property
+    def layer4_in(self) -> int:
+        """Channels entering the layer4: P with an input projection, else D."""
+        return self.input_projection_dim or self.feature_dim
 
+    @classmethod
+    def for_resnet(cls, arch: str) -> "HeadSpec":
+        """The head made of ``arch``'s own layer4 (resnet18, resnet34, resnet50)."""
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"no ResNet head for {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+        spec = ARCHITECTURES[arch]
+        block = "bottleneck" if spec.block is Bottleneck else "basic"
+        return cls(spec.trunk_width, block, spec.blocks_per_stage[3], spec.layer4_width, arch)
 
-def _bn_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    names = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-    return {name: state[f"{prefix}.{name}"] for name in names}
+    @classmethod
+    def generic(cls, feature_dim: int, input_projection_dim: int = 0) -> "HeadSpec":
+        """The randomly initialised ResNet18-layer4-shaped head for D-wide features of any encoder."""
+        return cls(feature_dim, "basic", 2, 512, GENERIC, input_projection_dim)
+
+    @classmethod
+    def of_layer4(cls, layer4: nn.Sequential) -> "HeadSpec":
+        """The head a dense layer4 (torchvision names) converts to."""
+        first = layer4[0]
+        block = "bottleneck" if isinstance(first, Bottleneck) else "basic"
+        width = first.bn3.num_features if block == "bottleneck" else first.bn2.num_features
+        spec = cls(first.conv1.in_channels, block, len(layer4), width, GENERIC)
+        known = [arch for arch in ARCHITECTURES if cls.for_resnet(arch) == dataclasses.replace(spec, source=arch)]
+        return dataclasses.replace(spec, source=known[0]) if known else spec
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (weights-only checkpoints)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, label: str = "checkpoint") -> "HeadSpec":
+        """A spec from :meth:`to_dict`'s data; ``None`` (checkpoints before the field): ResNet18's."""
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{label}: the sparse head is {type(data).__name__}, not a mapping; re-save the checkpoint")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{label}: unknown sparse head fields {unknown}; was it written by a newer gigassl?")
+        try:
+            return cls(**dict(data))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{label}: {error}") from error
 
 
 class GigaSSLModel(nn.Module):
-    """Sparse layer4 → per-slide mean (512) → projector MLP (``projector_dim``).
+    """[linear D → P] → sparse layer4 → per-slide mean (W) → projector MLP (``projector_dim``).
 
     Args:
-        layer4_source: a ``ResNet18`` (or its ``layer4``) whose dense layer4 initialises the sparse
-            one — the tile encoder's own, by default; ``None``: a freshly initialised ResNet18's
-            (He init, drawn from torch's global generator).
+        layer4_source: a ResNet (or its dense ``layer4``) whose layer4 initialises the sparse one —
+            the tile encoder's own, by default; its shape sets the head (``head`` may then only
+            repeat it). ``None``: a freshly initialised layer4 of ``head``'s shape (He init,
+            drawn from torch's global generator).
         projector_dim: output size of the projector (256).
         device: where the model is placed (it may be moved later; nothing depends on it).
         sparse_backend: ``auto``, ``torch`` or ``spconv`` (:mod:`gigassl.sparse_conv`).
+        head: the architecture (:class:`HeadSpec`); default ResNet18's, or ``layer4_source``'s.
 
-    ``pool`` gives the slide representation (B, 512) used at inference; ``forward`` the (B,
+    ``pool`` gives the slide representation (B, W) used at inference; ``forward`` the (B,
     projector_dim) projection used by the loss. Both take a :class:`~gigassl.sparse_map.SparseBatch`
-    or the backend's sparse tensor. The state dict holds plain tensors only, the same for both
-    backends.
+    or the backend's sparse tensor of (N, D) features. ``feature_dim`` (D) and ``slide_dim`` (W)
+    say what goes in and out. The state dict holds plain tensors only, the same for both backends.
     """
 
     def __init__(
-        self, layer4_source: ResNet18 | nn.Module | None = None, projector_dim: int = 256,
-        device: torch.device | str = "cpu", sparse_backend: str = "auto",
+        self, layer4_source: nn.Module | None = None, projector_dim: int = 256,
+        device: torch.device | str = "cpu", sparse_backend: str = "auto", head: HeadSpec | None = None,
     ) -> None:
         super().__init__()
         device = torch.device(device)
-        self.projector_dim = projector_dim
+        dense = None if layer4_source is None else getattr(layer4_source, "layer4", layer4_source)
+        if dense is not None:
+            found = HeadSpec.of_layer4(dense)
+            if head is not None and dataclasses.replace(head, feature_dim=head.layer4_in, input_projection_dim=0,
+                                                        source=found.source) != found:
+                raise ValueError(f"the layer4 given ({found}) does not have the shape of the head asked for ({head})")
+            head = head or found
+        head = head or HeadSpec()
+        self.head, self.projector_dim = head, projector_dim
+        self.feature_dim, self.slide_dim = head.feature_dim, head.width
         self.sparse_backend = resolve_backend(sparse_backend, device)
-        self.layer4 = SparseLayer4(self.sparse_backend)
-        source = ResNet18() if layer4_source is None else layer4_source
-        self.layer4.load_dense(source.layer4 if hasattr(source, "layer4") else source)
-        width = SLIDE_FEATURE_DIM
+        self.input_projection = (nn.Linear(head.feature_dim, head.input_projection_dim, bias=False)
+                                 if head.input_projection_dim else None)
+        self.layer4 = SparseLayer4(self.sparse_backend, head.layer4_in, head.width, head.block, head.n_blocks)
+        if dense is None:
+            dense = dense_layer4(head.layer4_in, head.width, head.block, head.n_blocks)
+        self.layer4.load_dense(dense)
+        width = head.width
         self.projector = nn.Sequential(
             nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
             nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
@@ -185,8 +190,10 @@ class GigaSSLModel(nn.Module):
         return make_sparse_tensor(x.features, x.indices, x.spatial_shape, x.batch_size, self.sparse_backend)
 
     def pool(self, x) -> torch.Tensor:
-        """Sparse maps → (B, 512) slide representations (mean over each map's active sites)."""
+        """Sparse maps of (N, D) tiles → (B, W) slide representations (mean over each map's active sites)."""
         x = self._as_sparse(x)
+        if self.input_projection is not None:
+            x = x.replace_feature(self.input_projection(x.features))  # (N, D) → (N, P), per site
         out = self.layer4(x)
         return mean_per_map(out.features, out.indices[:, 0], x.batch_size)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from extract.encoder import TILE_FEATURE_DIM, EncoderInfo
+from extract.encoder import EncoderInfo
 from extract.features_file import SlideFileWriter
 
 # A tile of 224 px at 0.5 µm/px from a 0.25 µm/px level 0 spans 448 level-0 pixels.
@@ -73,21 +73,24 @@ def write_synthetic_cohort(
     class_strength: float = 1.0,
     plain: bool = True,
     grid_attrs: dict | None = None,
+    encoder: EncoderInfo | None = None,
 ) -> list[Path]:
     """Write ``n_slides`` feature files (plain features + bank) into ``folder``.
 
-    Slide ``i`` is ``folder/slide_{i:03d}.h5`` with ``n_tiles`` plain tiles (N, 256) and a bank of
+    Slide ``i`` is ``folder/slide_{i:03d}.h5`` with ``n_tiles`` plain tiles (N, D) and a bank of
     ``n_augmentations`` × ``bank_size`` tiles (sampled with replacement when
     ``bank_size > n_tiles``). With ``planted=False`` the features are pure noise (no slide
     signature, no class signal). ``plain=False`` writes the bank only (as ``gigassl extract
     --no-plain``); ``grid_attrs`` overrides attributes of the tile grid (``patch_size``,
-    ``target_mpp`` …). Returns the paths in slide order.
+    ``target_mpp`` …). ``encoder``: the provenance written (default: ``load_resnet18("random")``'s,
+    D = 256); its ``width`` is D. Returns the paths in slide order.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    encoder = random_encoder_info()
-    class_direction = rng.standard_normal(TILE_FEATURE_DIM).astype(np.float32)
+    encoder = encoder or random_encoder_info()
+    width = encoder.width
+    class_direction = rng.standard_normal(width).astype(np.float32)
     class_direction /= np.linalg.norm(class_direction)
     paths = []
     for index in range(n_slides):
@@ -96,11 +99,11 @@ def write_synthetic_cohort(
         cells = _tissue_cells(slide_rng, n_tiles)
         offset = slide_rng.integers(0, 50, size=2) * TILE_STEP_LEVEL0
         coords = cells * TILE_STEP_LEVEL0 + offset
-        noise = 0.5 * slide_rng.standard_normal((n_tiles, TILE_FEATURE_DIM)).astype(np.float32)
+        noise = 0.5 * slide_rng.standard_normal((n_tiles, width)).astype(np.float32)
         features = 1.0 + noise
         if planted:
-            signature = slide_rng.standard_normal(TILE_FEATURE_DIM).astype(np.float32)
-            signature *= signature_strength / np.linalg.norm(signature) * np.sqrt(TILE_FEATURE_DIM) / 4
+            signature = slide_rng.standard_normal(width).astype(np.float32)
+            signature *= signature_strength / np.linalg.norm(signature) * np.sqrt(width) / 4
             features += signature + class_strength * synthetic_label(index) * class_direction * 4
         grid = dict(GRID_ATTRS, level0_width=int(coords[:, 0].max() + TILE_STEP_LEVEL0),
                     level0_height=int(coords[:, 1].max() + TILE_STEP_LEVEL0), **(grid_attrs or {}))
@@ -117,8 +120,8 @@ def write_synthetic_cohort(
             }, grid)
             for a in range(n_augmentations):
                 rows = slide_rng.choice(n_tiles, size=bank_size, replace=with_replacement)
-                shift = 0.3 * slide_rng.standard_normal(TILE_FEATURE_DIM).astype(np.float32)
-                jitter = 0.1 * slide_rng.standard_normal((bank_size, TILE_FEATURE_DIM)).astype(np.float32)
+                shift = 0.3 * slide_rng.standard_normal(width).astype(np.float32)
+                jitter = 0.1 * slide_rng.standard_normal((bank_size, width)).astype(np.float32)
                 writer.write_augmentation(a, features[rows] + shift + jitter, coords[rows])
         paths.append(path)
     with open(folder / LABELS_FILE, "w", newline="") as handle:

@@ -13,7 +13,7 @@ Outputs in ``config.out``:
   training loss, positive-pair accuracy and gradient norm of the epoch's steps, the share of
   the step time spent waiting for data, and, on a fixed set of ``monitor_slides`` slides with
   fixed views (model in eval mode): loss, positive-pair top-1 accuracy, collapse level,
-  RankMe and ODCorr of the 512-d slide representations. ``curves.png`` at the end.
+  RankMe and ODCorr of the slide representations (512-d, 2048-d for ResNet50). ``curves.png`` at the end.
 
 An ``out`` folder that already holds a run (``checkpoint.pt``, ``checkpoints/``, monitors) is
 refused unless ``--resume`` continues it or ``--overwrite`` deletes it first.
@@ -54,7 +54,7 @@ from torch import nn
 
 from extract import __version__
 from extract.device import autocast, autocast_dtype
-from extract.encoder import EncoderInfo, ResNet18, load_resnet18
+from extract.encoder import ARCHITECTURES, EncoderInfo, ResNet, load_resnet
 from extract.errors import UserError
 from gigassl.config import TrainConfig
 from gigassl.data import (
@@ -85,7 +85,7 @@ from gigassl.distributed import (
     init_distributed,
     use_global_batch_norm,
 )
-from gigassl.model import GigaSSLModel
+from gigassl.model import GigaSSLModel, HeadSpec
 from gigassl.sparse_conv import BACKENDS
 
 log = logging.getLogger(__name__)
@@ -232,34 +232,56 @@ def replan_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, warmup_steps: 
     return before, float(lrs[0])
 
 
-def initial_resnet(config: TrainConfig, cohort: Cohort) -> tuple[ResNet18, EncoderInfo]:
-    """The ResNet18 whose dense layer4 initialises the sparse layer4.
+def _resnet_of(encoder: EncoderInfo) -> str | None:
+    """The ResNet architecture of a tile encoder whose features are that ResNet's trunk, else None."""
+    spec = ARCHITECTURES.get(encoder.arch)
+    if spec is None or encoder.source == "export" or encoder.width != spec.trunk_width:
+        return None
+    return encoder.arch
 
-    ``config.init`` when given (a checkpoint path or "random"); otherwise the tile encoder
-    recorded in the feature files, which can be re-created only when it was ``random``
-    (``load_resnet18("random")`` with its default seed 0, as extraction uses it).
+
+def initial_head(config: TrainConfig, cohort: Cohort) -> tuple[ResNet | None, HeadSpec, EncoderInfo | None]:
+    """(the ResNet whose dense layer4 initialises the sparse head or None, the head, its provenance).
+
+    Features of a ResNet tile encoder (R18/R34/R50): that network's own layer4 — ``config.init``
+    when given (a checkpoint path, ``random`` or ``random:ARCH``), else the encoder recorded in
+    the feature files, which can be re-created only when it was random (``load_resnet`` with its
+    default seed 0, as extraction uses it). Features of any other encoder (an exported program):
+    the generic head of :class:`~gigassl.model.HeadSpec`, randomly initialised, unless ``init``
+    names a ResNet whose layer4 takes features of their width.
     """
-    features_encoder = cohort.encoder
-    if config.init is not None:
-        resnet, info = load_resnet18(config.init)
+    features_encoder, width = cohort.encoder, cohort.encoder.width
+    arch = _resnet_of(features_encoder)
+    if config.init is not None and not (arch is None and config.init == "random"):
+        source = f"random:{arch}" if config.init == "random" and arch is not None else config.init
+        resnet, info = load_resnet(source)
+        if resnet.trunk_width != width:
+            raise UserError(
+                f"--init {config.init}: its {info.arch} layer4 takes {resnet.trunk_width}-d tile features, but the "
+                f"features in {cohort.folder} are {width}-d ({features_encoder.name}); pass the checkpoint of the "
+                "encoder that embedded them" + (", or --init random for a randomly initialised head" if arch is None else ""))
         if info.sha256 != features_encoder.sha256:
             log.warning("layer4 initialised from %s (sha256 %.12s) while the features were embedded by %s "
                         "(sha256 %.12s)", info.name, info.sha256, features_encoder.name, features_encoder.sha256)
-        return resnet, info
-    if features_encoder.name != "random":
+        return resnet, HeadSpec.of_layer4(resnet.layer4), info
+    if arch is None:
+        log.info("features of %s (%s, %d-d) are not a ResNet trunk's: training a randomly initialised %d-channel "
+                 "sparse head", features_encoder.name, features_encoder.arch, width, width)
+        return None, HeadSpec.generic(width), None
+    if features_encoder.name != "random" and not features_encoder.name.startswith("random:"):
         raise UserError(
             f"the features in {cohort.folder} were embedded by the tile encoder {features_encoder.name!r} "
             f"(sha256 {features_encoder.sha256[:12]}…); pass --init PATH to that checkpoint so that its "
             "layer4 initialises the sparse layer4 (or --init random)"
         )
-    resnet, info = load_resnet18("random")
+    resnet, info = load_resnet(features_encoder.name)
     if info.sha256 != features_encoder.sha256:
         raise UserError(
-            f"the features in {cohort.folder} say encoder 'random' with sha256 {features_encoder.sha256[:12]}…, "
-            f"but load_resnet18('random') (seed 0) gives {info.sha256[:12]}…; they were embedded with another "
+            f"the features in {cohort.folder} say encoder {features_encoder.name!r} with sha256 {features_encoder.sha256[:12]}…, "
+            f"but load_resnet({features_encoder.name!r}) (seed 0) gives {info.sha256[:12]}…; they were embedded with another "
             "seed or torch version. Pass --init random to accept a different random layer4, or --init PATH"
         )
-    return resnet, info
+    return resnet, HeadSpec.of_layer4(resnet.layer4), info
 
 
 class WarmupCosine:
@@ -356,7 +378,7 @@ def monitor_metrics(
         for start in range(0, len(indices), batch):
             chunk = indices[start : start + batch]
             views = collate_slide_views([dataset[(0, index)] for index in chunk])
-            h = model.pool(views.sparse.to(device))  # (2b, 512)
+            h = model.pool(views.sparse.to(device))  # (2b, W)
             pooled.append(h.float())
             projected.append(model.projector(h).float())
     n = len(indices)
@@ -451,8 +473,8 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
         check_resume(resume, config, cohort)
 
     torch.manual_seed(config.seed)  # the projector's initial weights
-    resnet, init_info = initial_resnet(config, cohort)
-    model = GigaSSLModel(resnet, config.projector_dim, device, config.sparse_backend)
+    resnet, head, init_info = initial_head(config, cohort)
+    model = GigaSSLModel(resnet, config.projector_dim, device, config.sparse_backend, head)
     del resnet
     if context.world_size > 1:
         use_global_batch_norm(model)
@@ -500,7 +522,8 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     base = dict(
         format=CHECKPOINT_FORMAT, format_version=CHECKPOINT_VERSION, package_version=__version__,
         config=config_to_dict(config), slide_ids=cohort.slide_ids, world_size=context.world_size,
-        encoder=dataclasses.asdict(cohort.encoder), init=dataclasses.asdict(init_info), grids=cohort.grids(),
+        encoder=cohort.encoder.to_dict(), init=None if init_info is None else init_info.to_dict(),
+        architecture=model.head.to_dict(), grids=cohort.grids(),
     )
     latest = out / LATEST_CHECKPOINT
     if context.is_main:
