@@ -170,3 +170,19 @@ def test_spconv_algorithm_follows_the_input_device_not_the_construction_device()
     conv.algo = spconv.ConvAlgo.MaskImplicitGemm  # as if built for a GPU, then moved to the CPU
     out = conv(_tensor(batch, "spconv"))
     assert conv.algo == spconv.ConvAlgo.Native and torch.isfinite(out.features).all()
+
+
+def test_the_torch_backend_is_deterministic_forward_and_backward() -> None:
+    # a row gathered by several taps must not be accumulated in a thread-dependent order in the
+    # backward pass (advanced indexing's backward is; index_select's is not): resume is bit-exact
+    batch = random_batch(6)
+    torch.manual_seed(0)
+    model = GigaSSLModel(None, sparse_backend="torch").train()
+    runs = []
+    for _ in range(3):
+        model.zero_grad()
+        z = model(batch)
+        z.square().sum().backward()
+        runs.append([z.detach().clone()] + [p.grad.clone() for p in model.parameters()])
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))

@@ -214,7 +214,7 @@ def _convolve(features: torch.Tensor, weight: torch.Tensor, book: Rulebook) -> t
     taps = weight.permute(1, 2, 3, 0).reshape(9, weight.shape[3], weight.shape[0])  # (9, in, out), contiguous
     out = torch.matmul(features, taps[book.full_tap]) if book.full_tap is not None else None
     if book.taps:
-        for rows, tap in zip(torch.split(features[book.gather], book.tap_sizes), book.taps):
+        for rows, tap in zip(torch.split(features.index_select(0, book.gather), book.tap_sizes), book.taps):
             product = torch.matmul(rows, taps[tap])
             if out is None:
                 out = product.new_zeros((book.n_out, weight.shape[0]))
@@ -323,7 +323,7 @@ def sum_pool_3x3_stride2(x, out) -> torch.Tensor:
     counts inactive cells as zeros. Differentiable; any device; either backend's tensors."""
     if isinstance(x, SparseMaps):
         book, _, _ = strided_rulebook(x)
-        return x.features.new_zeros((book.n_out, x.features.shape[1])).index_add_(0, book.scatter, x.features[book.gather])
+        return x.features.new_zeros((book.n_out, x.features.shape[1])).index_add_(0, book.scatter, x.features.index_select(0, book.gather))
     return _sum_pool_by_lookup(x.features, x.indices, out.indices, out.spatial_shape)
 
 
@@ -338,4 +338,4 @@ def _sum_pool_by_lookup(features: torch.Tensor, indices: torch.Tensor, out_indic
     position = torch.searchsorted(sorted_keys, mine).clamp_(max=max(len(sorted_keys) - 1, 0))
     if len(mine) != len(theirs) or not torch.equal(sorted_keys[position], mine):
         raise RuntimeError("sum_pool_3x3_stride2: the output sites are not the strided conv's output sites of the input")
-    return features.new_zeros((len(theirs), features.shape[1])).index_add_(0, order[position][book.scatter], features[book.gather])
+    return features.new_zeros((len(theirs), features.shape[1])).index_add_(0, order[position][book.scatter], features.index_select(0, book.gather))
