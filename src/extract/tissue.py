@@ -156,7 +156,7 @@ def save_qc_image(
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = temporary_path(path)
     try:
-        base.save(temp, format="PNG")
+        base.save(temp, format="PNG", compress_level=1)  # fast: the QC image of a small slide is on the planner's critical path
         temp.replace(path)
     finally:
         temp.unlink(missing_ok=True)
