@@ -379,3 +379,11 @@ def test_an_init_of_another_width_than_the_features_is_one_line(tmp_path):
     message = str(error.value)
     assert "\n" not in message
     assert "--init " in message and "resnet18 layer4 takes 256-d tile features" in message and "are 12-d" in message
+
+
+def test_a_run_resumes_in_another_precision(small_cohort, tmp_path):
+    # a run started in fp32 (a CPU without bf16 units) goes on under autocast (a GPU node), and back
+    run_training(_config(small_cohort, tmp_path / "run", epochs=2, mixed_precision=False))
+    resumed = run_training(_config(small_cohort, tmp_path / "other", epochs=2, mixed_precision=True,
+                                   resume=tmp_path / "run" / "checkpoints" / "epoch_0001.pt"))
+    assert load_checkpoint(resumed.checkpoint)["global_step"] == 4

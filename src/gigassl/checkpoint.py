@@ -24,11 +24,12 @@ from gigassl.sparse_conv import BACKENDS
 CHECKPOINT_FORMAT = "gigassl-slide-encoder"
 CHECKPOINT_VERSION = 1
 LATEST_CHECKPOINT = "checkpoint.pt"
-# Settings that may change on --resume: where and how outputs are written, not what is learned
-# (views depend only on the seed, so workers and devices do not change them).
+# Settings that may change on --resume: where and how outputs are written and how the arithmetic
+# runs, not what is learned (views depend only on the seed, so workers, devices, the sparse backend
+# and the precision do not change them: a run started on a CPU may go on on a GPU).
 RESUME_FREE_KEYS = frozenset({
     "out", "resume", "features", "num_workers", "device", "checkpoint_every", "keep_checkpoints",
-    "monitor_slides", "skip_bad_files", "check_finite", "sparse_backend",
+    "monitor_slides", "skip_bad_files", "check_finite", "sparse_backend", "mixed_precision",
 })
 
 
