@@ -99,6 +99,16 @@ ARCHITECTURES: dict[str, ResNetSpec] = {
 }
 
 
+def init_resnet_weights(module: nn.Module) -> None:
+    """torchvision's ResNet initialisation, in place: He (fan-out) normal convs, BN weight 1, bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class ResNet(nn.Module):
     """A ResNet of :data:`ARCHITECTURES` with torchvision's module names.
 
@@ -125,12 +135,7 @@ class ResNet(nn.Module):
             self.add_module(f"layer{index + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_resnet_weights(self)
 
     layer1: nn.Sequential
     layer2: nn.Sequential

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from extract.resnet import BasicBlock, Bottleneck
+from extract.resnet import BasicBlock, Bottleneck, init_resnet_weights
 from gigassl.sparse_conv import (
     dense_to_sparse_weight,
     resolve_backend,
@@ -219,10 +219,5 @@ def dense_layer4(in_channels: int, out_channels: int, block: str = "basic", n_bl
     planes = out_channels // dense_block.expansion
     stage = nn.Sequential(dense_block(in_channels, planes, 2),
                           *(dense_block(out_channels, planes, 1) for _ in range(n_blocks - 1)))
-    for module in stage.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+    init_resnet_weights(stage)
     return stage

@@ -113,14 +113,24 @@ def merge_duplicates(cells: np.ndarray, features: np.ndarray) -> tuple[np.ndarra
     features = np.asarray(features)
     if features.ndim != 2 or len(features) != len(cells):
         raise ValueError(f"features must have shape (T, D) with T = {len(cells)} cells, got {features.shape}")
-    unique, inverse = np.unique(cells, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    if len(unique) == len(cells):
-        return unique, features[np.argsort(inverse)].astype(np.float32, copy=False)
-    sums = np.zeros((len(unique), features.shape[1]), dtype=np.float64)
-    np.add.at(sums, inverse, features)
-    counts = np.bincount(inverse, minlength=len(unique)).astype(np.float64)
-    return unique, (sums / counts[:, None]).astype(np.float32)
+    if len(cells) == 0:
+        return cells.reshape(0, 2), features.astype(np.float32)
+    shifted = cells - cells.min(axis=0)
+    representatives, means = _mean_per_key(shifted[:, 0] * (int(shifted[:, 1].max()) + 1) + shifted[:, 1], features)
+    return cells[representatives], means
+
+
+def _mean_per_key(keys: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows sharing a key averaged: (N,) int keys, (N, D) features → one row index per distinct
+    key, in key order, and the (U, D) float32 means (summed in float64 when keys repeat)."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    first = np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
+    features = np.asarray(features)[order]
+    if len(first) < len(features):
+        counts = np.diff(np.append(first, len(features)))
+        features = np.add.reduceat(features.astype(np.float64), first, axis=0) / counts[:, None]
+    return order[first], np.ascontiguousarray(features, dtype=np.float32)
 
 
 class SparseBatch(NamedTuple):
@@ -190,17 +200,10 @@ def collate_views(views: Sequence[tuple[np.ndarray, np.ndarray]]) -> SparseBatch
     cells = cells - np.minimum.reduceat(cells, starts, axis=0)[view_of] + MAP_MARGIN
     extent_x, extent_y = (int(cells[:, axis].max()) + 1 for axis in (0, 1))
     keys = (view_of * extent_y + cells[:, 1]) * extent_x + cells[:, 0]
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    first = np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
-    features = np.concatenate(all_features)[order]
-    if len(first) < len(features):  # tiles on one cell: their mean, summed in float64
-        counts = np.diff(np.append(first, len(features)))
-        features = np.add.reduceat(features.astype(np.float64), first, axis=0) / counts[:, None]
-    sites = order[first]
+    sites, features = _mean_per_key(keys, np.concatenate(all_features))  # tiles on one cell averaged
     index = np.stack((view_of[sites], cells[sites, 1], cells[sites, 0]), axis=1).astype(np.int32)
     return SparseBatch(
-        torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)),
+        torch.from_numpy(features),
         torch.from_numpy(index),
         [_grid_side(extent_y), _grid_side(extent_x)],
         len(views),
