@@ -38,7 +38,6 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 BACKENDS = ("auto", "torch", "spconv")
 # ``auto``: the torch backend everywhere. It installs everywhere, and on the 2-core CPU with bf16
