@@ -258,7 +258,8 @@ def test_two_rank_torchrun_step_equals_one_process(small_cohort, tmp_path):
 
 @pytest.mark.spconv
 def test_a_checkpoint_trained_with_spconv_embeds_the_same_with_the_torch_backend(small_cohort, tmp_path):
-    from gigassl.embed import embed_slides, feature_files_in
+    from gigassl.data import feature_files_in
+    from gigassl.embed import embed_slides
 
     # fp32 throughout: the comparison is of the backends, not of bf16 (spconv has no bf16 kernels)
     result = run_training(_config(small_cohort, tmp_path / "run", epochs=2, sparse_backend="spconv", mixed_precision=False))

@@ -7,9 +7,16 @@ flag ``--foo-bar``. The settings used are written into every output file.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
+
+
+def settings_dict(config: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A settings dataclass as plain data for checkpoints, file attributes and logs (paths as
+    str), the fields in ``drop`` left out."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items() if k not in drop}
 
 
 def _help(text: str, **extra) -> dict:

@@ -41,7 +41,6 @@ Outputs in ``OUT``:
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import logging
 import math
@@ -61,6 +60,7 @@ from tqdm.auto import tqdm
 
 from extract.augment import TileAugmentation
 from extract.checkpoint_io import write_epoch_snapshot
+from extract.config import settings_dict
 from extract.config import MocoConfig
 from extract.device import autocast, autocast_dtype, rank_device, resolve_device
 from extract.encoder import IMAGE_MEAN, IMAGE_STD, load_weights_only, save_encoder_checkpoint
@@ -213,7 +213,7 @@ def representation_monitors(
 
 def settings_of(config: MocoConfig) -> dict[str, Any]:
     """The settings as plain data (paths as str), for checkpoints and logs."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
+    return settings_dict(config)
 
 
 def encoder_resnet(model: MoCo) -> ResNet:

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
+from extract.config import settings_dict
 from extract.config import ExtractConfig
 from extract.device import autocast, rank_device
 from extract.encoder import IMAGE_MEAN, IMAGE_STD, EncoderInfo, TileEncoder, load_encoder, parse_channel_stats
@@ -217,10 +218,7 @@ def settings_mismatch(path: Path, settings: dict[str, Any]) -> list[str]:
 
 def settings_of(config: ExtractConfig) -> dict[str, Any]:
     """The settings that shape a slide's file, as plain JSON-able data (paths as str)."""
-    return {
-        k: (str(v) if isinstance(v, Path) else v)
-        for k, v in dataclasses.asdict(config).items() if k not in RUN_CONTROL_FIELDS
-    }
+    return settings_dict(config, drop=RUN_CONTROL_FIELDS)
 
 
 # ----------------------------------------------------------------------------- tiles → features

@@ -45,6 +45,19 @@ from gigassl.sparse_map import SparseBatch, augment_cells, collate_views, tile_c
 log = logging.getLogger(__name__)
 
 FEATURE_SUFFIX = ".h5"
+
+
+def feature_files_in(folder: str | Path) -> list[Path]:
+    """The per-slide feature files (``*.h5``) of a folder, sorted by name; a missing or empty
+    folder is a one-line error saying where the features come from."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"features folder {folder} does not exist; run `gigassl extract` first")
+    files = sorted(folder.glob(f"*{FEATURE_SUFFIX}"))
+    if not files:
+        raise FileNotFoundError(f"features folder {folder} holds no *{FEATURE_SUFFIX} files; point --features "
+                                "at the `features` folder written by `gigassl extract`")
+    return files
 STREAM_TRAIN = 0  # seed streams: training views, monitor views, epoch permutations
 STREAM_MONITOR = 1
 STREAM_PERMUTATION = 2
@@ -159,15 +172,7 @@ def scan_features_folder(
     allow_mixed_grids: bool = False,
 ) -> Cohort:
     """Validate the per-slide HDF5 files of ``folder`` for training (see the module docstring)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"features folder {folder} does not exist; run `gigassl extract` first")
-    paths = sorted(folder.glob(f"*{FEATURE_SUFFIX}"))
-    if not paths:
-        raise FileNotFoundError(
-            f"features folder {folder} holds no *{FEATURE_SUFFIX} files; point --features at "
-            "the `features` folder written by `gigassl extract`"
-        )
+    paths = feature_files_in(folder)
     if n_tiles_per_view < 1:
         raise UserError(f"n_tiles_per_view must be ≥ 1, got {n_tiles_per_view}")
     slides, bad = [], []

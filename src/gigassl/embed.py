@@ -40,7 +40,6 @@ cannot be verified; their slide ids are listed in ``unverified``.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import functools
 import hashlib
 import json
@@ -57,11 +56,13 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from extract import __version__
+from extract.config import settings_dict
 from extract.device import autocast
 from extract.encoder import SLIDE_FEATURE_DIM, TILE_FEATURE_DIM, file_sha256
 from extract.errors import UserError
 from extract.features_file import FeatureFileError
 from gigassl.config import EmbedConfig
+from gigassl.data import feature_files_in
 from gigassl.plain_features import PlainFeatures, read_plain_features, split_duplicate_ids
 from gigassl.sparse_map import collate_views, tile_cells
 
@@ -69,7 +70,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "gigassl-slide-embeddings"
 FORMAT_VERSION = 1
-FEATURE_SUFFIX = ".h5"
 EXPORTS = ("npz", "csv")
 
 
@@ -353,18 +353,6 @@ def export_embeddings(embeddings: SlideEmbeddings, path: str | Path, kind: str) 
     return target
 
 
-def feature_files_in(folder: str | Path) -> list[Path]:
-    """The per-slide feature files of a folder, sorted by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"features folder {folder} does not exist; run `gigassl extract` first")
-    files = sorted(folder.glob(f"*{FEATURE_SUFFIX}"))
-    if not files:
-        raise FileNotFoundError(f"features folder {folder} holds no *{FEATURE_SUFFIX} files; point --features "
-                                "at the `features` folder written by `gigassl extract`")
-    return files
-
-
 def load_slide_encoder(checkpoint: str | Path, device: torch.device | str = "cpu", sparse_backend: str = "auto"):
     """(GigaSSLModel in eval mode, checkpoint dict) of a `gigassl train` checkpoint."""
     from gigassl.checkpoint import load_model
@@ -412,7 +400,7 @@ def run_embedding(config: EmbedConfig) -> EmbedResult:
         seed=config.seed, features=str(config.features), checkpoint_encoder_sha256=contract.encoder_sha256,
         sparse_backend=model.sparse_backend, feature_dim=contract.feature_dim,
         architecture=checkpoint.get("architecture") or {},
-        settings={k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()},
+        settings=settings_dict(config),
     )
     logger.info("embedding %d slides from %s: R=%d views of T=%d tiles, seed %d, on %s",
                 len(files), config.features, config.n_views, n_tiles, config.seed, device)

@@ -28,7 +28,6 @@ iterations), and BLAS runs on one thread (parallel BLAS on 700 × 512 only burns
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import logging
 import math
@@ -41,8 +40,10 @@ import numpy as np
 from sklearn.base import clone
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
+from extract.config import settings_dict
 from extract.errors import UserError
 from gigassl.config import EvaluateConfig
+from gigassl.data import feature_files_in
 from gigassl.protocol import (
     Budget,
     budget_subset,
@@ -270,7 +271,7 @@ def feature_paths(folder: str | Path) -> dict[str, Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--features {folder} is not a folder; point it at the `features` folder of `gigassl extract`")
-    kept, _ = split_duplicate_ids(sorted(folder.glob("*.h5")))
+    kept, _ = split_duplicate_ids(feature_files_in(folder))
     return {read_slide_id(p): p for p in kept}
 
 
@@ -420,7 +421,7 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
     csv_path = _write_csv(summary, out / RESULTS_CSV)
     json_path = out / RESULTS_JSON
     json_path.write_text(json.dumps(dict(
-        settings={k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()},
+        settings=settings_dict(config),
         embeddings_provenance={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                for k, v in embeddings.provenance.items()},
         classes=classes.tolist(), n_slides=len(y), missing=missing, summary=summary, splits=rows,

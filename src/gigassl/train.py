@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import json
 import logging
 import math
@@ -55,6 +54,7 @@ from torch import nn
 from extract import __version__
 from extract.device import autocast, autocast_dtype
 from extract.encoder import ARCHITECTURES, EncoderInfo, ResNet, load_resnet
+from extract.config import settings_dict
 from extract.errors import UserError
 from gigassl.config import TrainConfig
 from gigassl.data import (
@@ -126,8 +126,7 @@ class TrainResult:
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     """The settings as plain JSON-able data (paths as strings)."""
-    return {key: (str(value) if isinstance(value, Path) else value)
-            for key, value in dataclasses.asdict(config).items()}
+    return settings_dict(config)
 
 
 def check_config(config: TrainConfig) -> None:
