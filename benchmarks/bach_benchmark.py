@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 LABEL_PATTERN = re.compile(r"([A-Za-z]+)(\d+)")
 STAGE_FILE = "stage.json"
@@ -231,22 +233,16 @@ def run_stage(name: str, out: Path, settings: dict[str, Any], work: Callable[[Pa
     return folder, record
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _plain(config: Any, drop: Sequence[str] = ()) -> dict[str, Any]:
     """A settings dataclass as JSON-able data, without the fields that do not change outputs."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items() if k not in drop}
+    from extract.config import settings_dict
+
+    return settings_dict(config, tuple(drop))
 
 
 # Fields that only say where things are, or how fast they run, not what is computed.
 NOT_KEYED = ("slides", "out", "features", "model", "embeddings", "labels", "num_workers", "device", "resume", "init",
-             "keep_checkpoints", "overwrite", "allow_mixed_grids", "allow_other_encoder")
+             "keep_checkpoints", "overwrite", "allow_mixed_grids", "allow_other_encoder", "probe_labels")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +315,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--moco-epochs", type=int, default=None, help="override the small-cpu profile's MoCo epochs (smoke runs)")
     add("--moco-tiles-per-epoch", type=int, default=None, help="override the small-cpu profile's tiles per epoch (smoke runs)")
     add("--limit-per-class", type=int, default=None, help="use only the first N images of each class (smoke runs; linked into OUT)")
-    add("--seed", type=int, default=0, help="seed of every stage")
+    add("--seed", type=int, default=0, help="seed of every stage (one run; see --seeds)")
+    add("--seeds", default=None, help="comma-separated seeds: the whole pipeline (bank, training, embedding, splits) once per seed, "
+        "then the paired differences pooled over seeds (cluster bootstrap); e.g. 0,1,2")
+    add("--moco-per-seed", action="store_true", help="with --encoder moco: pre-train MoCo once per seed (default: once, with the first seed)")
     add("--threads", type=int, default=2, help="torch CPU threads")
     add("--num-workers", type=int, default=1, help="DataLoader workers reading tiles")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -328,18 +327,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def tile_encoder(args: argparse.Namespace, folder: Path, fingerprint: str, out: Path,
-                 times: dict[str, dict[str, Any]]) -> tuple[str, str]:
+                 times: dict[str, dict[str, Any]], seed: int, labels_csv: Path) -> tuple[str, str]:
     """(source for ``load_resnet18``, its sha256 or 'random'): ``--encoder`` resolved; ``moco``
-    trains (or reuses) ``gigassl pretrain-tiles --profile small-cpu`` on ``folder``."""
+    trains (or reuses) ``gigassl pretrain-tiles --profile small-cpu`` on ``folder`` with
+    ``seed``; the labels only score it each epoch (``--probe-labels``), training stays label-free."""
     from extract.config import MocoConfig
+    from extract.encoder import file_sha256
 
     if args.encoder == "random":
         encoder, encoder_id = "random", "random"
     elif args.encoder == "moco":
         overrides = {k: v for k, v in (("epochs", args.moco_epochs), ("tiles_per_epoch", args.moco_tiles_per_epoch)) if v}
         moco = MocoConfig(slides=folder, out=Path("."), profile="small-cpu", mpp=args.mpp, default_mpp=args.image_mpp,
-                          tissue_threshold=args.tissue_threshold, seed=args.seed, num_workers=args.num_workers,
-                          device=args.device, **overrides).resolved()
+                          tissue_threshold=args.tissue_threshold, seed=seed, num_workers=args.num_workers,
+                          device=args.device, probe_labels=labels_csv, **overrides).resolved()
         moco_settings = dict(_plain(moco, NOT_KEYED), images=fingerprint)
 
         def pretrain(where: Path) -> dict[str, Any]:
@@ -369,6 +370,7 @@ def write_report(results: dict[str, Any], out: Path) -> None:
               f"{', '.join(results['classes'])}), encoder {results['encoder']}, A={plan['n_augmentations']}, "
               f"K={plan['n_tiles_per_augmentation']}, T={arguments['n_tiles_per_view']}, {plan['epochs']} epochs, "
               f"R={arguments['n_views']}, {arguments['n_splits']} splits; commit {results['commit']}")
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "results.md").write_text(header + "\n\n" + tables + "\n")
     print(f"\n{header}\n\n{tables}\n")
@@ -378,8 +380,9 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     print(f"written: {out / 'results.json'}, {out / 'results.md'}")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """The benchmark (module docstring); returns what ``OUT/results.json`` holds."""
+def run(args: argparse.Namespace, seed: int, moco_seed: int, report_to: Path) -> dict[str, Any]:
+    """The benchmark (module docstring) with one seed; writes ``report_to/results.json|md`` and
+    returns what ``results.json`` holds."""
     import torch
 
     from extract.config import ExtractConfig
@@ -421,14 +424,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(json.dumps(dict(plan=dataclasses.asdict(plan), tiles=sum(counts), images=len(counts)), indent=1))
         return {}
 
-    encoder, encoder_id = tile_encoder(args, folder, fingerprint, out, times)
+    encoder, encoder_id = tile_encoder(args, folder, fingerprint, out, times, moco_seed, labels_csv)
 
     # plain features and bank
     extract = ExtractConfig(
         slides=folder, out=Path("."), encoder=encoder, mpp=args.mpp, tile_size=args.tile_size,
         tissue_threshold=args.tissue_threshold, default_mpp=args.image_mpp,
         n_augmentations=plan.n_augmentations, n_tiles_per_augmentation=plan.n_tiles_per_augmentation,
-        seed=args.seed, num_workers=args.num_workers, device=args.device,
+        seed=seed, num_workers=args.num_workers, device=args.device,
     )
     extract_settings = dict(_plain(extract, NOT_KEYED + ("encoder", "overwrite", "strict", "shard", "qc", "batch_size")),
                             encoder=encoder_id, images=fingerprint)
@@ -456,7 +459,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         features=features, out=Path("."), init=None if encoder == "random" else encoder,  # layer4 of the tile encoder
         n_tiles_per_view=args.n_tiles_per_view, batch_size=args.batch_size,
         epochs=plan.epochs, warmup_epochs=min(10, max(1, plan.epochs // 10)), temperature=args.temperature,
-        scale_min=args.scale_min, scale_max=args.scale_max, seed=args.seed, device=args.device,
+        scale_min=args.scale_min, scale_max=args.scale_max, seed=seed, device=args.device,
         checkpoint_every=plan.epochs, keep_checkpoints=1, monitor_slides=MONITOR_SLIDES,
         overwrite=True,  # a stage is redone in its folder when it did not finish there
     )
@@ -473,7 +476,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     checkpoint = train_dir / Path(train_record["facts"]["checkpoint"]).name
 
     # embeddings
-    embed = EmbedConfig(model=checkpoint, features=features, out=Path("."), n_views=args.n_views, seed=args.seed,
+    embed = EmbedConfig(model=checkpoint, features=features, out=Path("."), n_views=args.n_views, seed=seed,
                         device=args.device)
     embed_settings = dict(_plain(embed, NOT_KEYED), upstream=train_dir.name)
 
@@ -489,7 +492,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # evaluation
     evaluate = EvaluateConfig(
         embeddings=embed_dir / "embeddings.h5", labels=labels_csv, out=Path("."), features=features,
-        baselines=args.baselines, n_splits=args.n_splits, budgets=args.budgets, seed=args.seed, device=args.device,
+        baselines=args.baselines, n_splits=args.n_splits, budgets=args.budgets, seed=seed, device=args.device,
         mil_epochs=args.mil_epochs, encoder=encoder,
     )
     evaluate_settings = dict(_plain(evaluate, NOT_KEYED + ("encoder",)), upstream=embed_dir.name,
@@ -506,7 +509,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary = evaluation_json["summary"]
 
     results = dict(
-        images=str(args.images), n_images=len(images), classes=classes, commit=git_commit(),
+        images=str(args.images), n_images=len(images), classes=classes, commit=git_commit(), seed=seed, moco_seed=moco_seed,
         arguments={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         encoder=args.encoder, encoder_sha256=encoder_id,
         plan=dataclasses.asdict(plan), tiles=dict(total=sum(counts), median_per_image=sorted(counts)[len(counts) // 2]),
@@ -514,17 +517,64 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         extraction_failed=extract_record["facts"].get("failed", []),
         training_final=train_record["facts"].get("final", {}),
         stage_seconds=times, total_seconds=round(time.perf_counter() - started, 1),
-        summary=summary, folders={k: str(v) for k, v in dict(extract=extract_dir, train=train_dir, embed=embed_dir,
+        summary=summary, paired=evaluation_json.get("paired", []), splits=evaluation_json["splits"], folders={k: str(v) for k, v in dict(extract=extract_dir, train=train_dir, embed=embed_dir,
                                                                evaluate=evaluate_dir).items()},
     )
-    write_report(results, out)
+    write_report(results, report_to)
     return results
+
+
+def run_seeds(args: argparse.Namespace) -> dict[str, Any]:
+    """``--seeds``: :func:`run` per seed (reports in ``OUT/seed-N``), then the paired
+    differences to AverageMIL pooled over seeds in ``OUT/results.json|md``."""
+    from gigassl.paired import pooled_paired_differences
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out)
+    per_seed = [run(args, seed, seed if args.moco_per_seed else seeds[0], out / f"seed-{seed}") for seed in seeds]
+    if args.plan_only:
+        return {}
+    pooled = pooled_paired_differences([r["splits"] for r in per_seed], "average")
+    results = dict(seeds=seeds, moco_per_seed=args.moco_per_seed, commit=git_commit(), pooled=pooled,
+                   per_seed=[{k: v for k, v in r.items() if k != "splits"} for r in per_seed])
+    text = pooled_markdown(pooled, per_seed)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "results.md").write_text(text + "\n")
+    print(f"\n{text}\n\nwritten: {out / 'results.json'}, {out / 'results.md'}")
+    return results
+
+
+def pooled_markdown(pooled: Sequence[dict[str, Any]], per_seed: Sequence[dict[str, Any]]) -> str:
+    """Mean AUC per method and budget over seeds, and the pooled paired differences."""
+    budgets = list(dict.fromkeys(e["budget"] for e in pooled))
+    n_train = {r["budget"]: r["n_train"] for r in per_seed[0]["summary"]}
+    head = "| | " + " | ".join(f"{b} (n={n_train[b]:.0f})" for b in budgets) + " |\n|---|" + "---|" * len(budgets)
+    lines = [f"Seeds {', '.join(str(r['seed']) for r in per_seed)} (MoCo seed(s) "
+             f"{sorted({r['moco_seed'] for r in per_seed})}); macro ROC-AUC, mean over seeds of the mean over splits:", "", head]
+    for method in dict.fromkeys(r["method"] for r in per_seed[0]["summary"]):
+        means = [np.mean([next(x["auc_mean"] for x in r["summary"] if x["method"] == method and x["budget"] == b)
+                          for r in per_seed]) for b in budgets]
+        lines.append(f"| {METHOD_NAMES.get(method, method)} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+    for metric, name in (("auc", "ROC-AUC"), ("balanced_accuracy", "balanced accuracy")):
+        lines += ["", f"Paired Δ {name} against AverageMIL, points: pooled mean over seeds × splits [95 % cluster-bootstrap "
+                  "interval], splits ahead, per-seed means", "", head]
+        for method in dict.fromkeys(e["method"] for e in pooled):
+            cells = []
+            for b in budgets:
+                d = next(e[metric] for e in pooled if e["method"] == method and e["budget"] == b)
+                cells.append(f"{100 * d['mean']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}], "
+                             f"{d['wins']}/{d['n']}; " + " / ".join(f"{100 * v:+.1f}" for v in d["per_run"]))
+            lines.append(f"| {METHOD_NAMES.get(method, method)} − AverageMIL | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    run(args)
+    if args.seeds:
+        run_seeds(args)
+    else:
+        run(args, args.seed, args.seed, Path(args.out))
     return 0
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from extract.encoder import file_sha256
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -154,6 +156,11 @@ def test_markdown_tables_have_every_method_budget_and_the_delta():
     assert "| Δ AUC Giga-SSL − AverageMIL | +5.0 pt | +5.0 pt |" in text
 
 
+def _run(argv):
+    args = bench.parse_args(argv)
+    return bench.run(args, args.seed, args.seed, Path(args.out))
+
+
 @pytest.mark.slow
 def test_whole_command_on_a_tiny_fake_folder_then_reuses_every_stage(tmp_path, capsys):
     images = write_fake_bach(tmp_path / "images", n_per_class=5, size=(220, 160))
@@ -162,7 +169,7 @@ def test_whole_command_on_a_tiny_fake_folder_then_reuses_every_stage(tmp_path, c
             "--n-tiles-per-augmentation", "4", "--epochs", "1", "--batch-size", "8", "--n-views", "2",
             "--n-splits", "2", "--budgets", "100%,2/class", "--mil-epochs", "2", "--num-workers", "0",
             "--limit-per-class", "3"]
-    results = bench.run(bench.parse_args(argv))
+    results = _run(argv)
     printed = capsys.readouterr().out
     assert results["n_images"] == 12 and results["classes"] == sorted(CLASSES)
     methods = {(r["method"], r["budget"]) for r in results["summary"]}
@@ -173,10 +180,10 @@ def test_whole_command_on_a_tiny_fake_folder_then_reuses_every_stage(tmp_path, c
     assert "| attention-MIL |" in (out / "results.md").read_text()
     assert not any(t["cached"] for t in results["stage_seconds"].values())
 
-    again = bench.run(bench.parse_args(argv))
+    again = _run(argv)
     assert all(t["cached"] for t in again["stage_seconds"].values())
     assert again["summary"] == results["summary"]
-    changed = bench.run(bench.parse_args(argv + ["--n-views", "3"]))  # the last flag wins
+    changed = _run(argv + ["--n-views", "3"])  # the last flag wins
     cached = {name: t["cached"] for name, t in changed["stage_seconds"].items()}
     assert cached == dict(grids=True, extract=True, train=True, embed=False, evaluate=False)
 
@@ -185,7 +192,18 @@ def test_whole_command_on_a_tiny_fake_folder_then_reuses_every_stage(tmp_path, c
 
     checkpoint = tmp_path / "encoder.pt"
     save_encoder_checkpoint(load_resnet18("random", seed=1)[0], checkpoint)
-    other = bench.run(bench.parse_args(argv + ["--encoder", str(checkpoint)]))
+    other = _run(argv + ["--encoder", str(checkpoint)])
     cached = {name: t["cached"] for name, t in other["stage_seconds"].items()}
     assert cached == dict(grids=True, extract=False, train=False, embed=False, evaluate=False)
-    assert other["encoder_sha256"] == bench.file_sha256(checkpoint)
+    assert other["encoder_sha256"] == file_sha256(checkpoint)
+
+    # --seeds: seed 0's stages are reused, seed 1 runs its own; the paired differences are pooled
+    pooled = bench.run_seeds(bench.parse_args(argv + ["--seeds", "0,1"]))
+    assert pooled["seeds"] == [0, 1] and [r["seed"] for r in pooled["per_seed"]] == [0, 1]
+    assert all(t["cached"] for t in pooled["per_seed"][0]["stage_seconds"].values())
+    assert not pooled["per_seed"][1]["stage_seconds"]["extract"]["cached"]
+    entry = next(e for e in pooled["pooled"] if e["method"] == "gigassl" and e["budget"] == "100%")
+    assert entry["auc"]["n"] == 4 and len(entry["auc"]["per_run"]) == 2
+    assert entry["auc"]["mean"] == pytest.approx(np.mean(entry["auc"]["per_run"]))
+    text = (out / "results.md").read_text()
+    assert "Giga-SSL + LR − AverageMIL" in text and "cluster-bootstrap" in text

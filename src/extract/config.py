@@ -153,6 +153,8 @@ class MocoConfig:
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)"))
     mixed_precision: bool = field(default=True, metadata=_help("bf16/fp16 autocast (CUDA, and bf16 on CPU)"))
     monitor_tiles: int = field(default=1024, metadata=_help("fixed tiles on which RankMe, alignment and uniformity are logged each epoch (0: off; small-cpu: 512)"))
+    probe_labels: Optional[Path] = field(default=None, metadata=_help("CSV slide,label: each epoch, a linear probe on slide-mean tile features scores the encoder (monitor only; training stays label-free)"))
+    probe_tiles_per_slide: int = field(default=16, metadata=_help("fixed tiles per labelled slide for --probe-labels"))
     checkpoint_every: int = field(default=10, metadata=_help("write a checkpoint every N epochs (and at the end) (small-cpu: 5)"))
     keep_checkpoints: int = field(default=3, metadata=_help("periodic checkpoints kept in OUT/checkpoints (older ones are deleted; OUT/last.pt is always the latest)"))
     resume: Optional[Path] = field(default=None, metadata=_help("training checkpoint (OUT/last.pt) to resume from, exactly"))
@@ -163,7 +165,7 @@ class MocoConfig:
         if self.profile not in MOCO_PROFILES:
             raise ValueError(f"--profile {self.profile!r}: choose one of {sorted(MOCO_PROFILES)}")
         for name in ("tile_size", "epochs", "tiles_per_epoch", "tiles_per_visit", "batch_size", "queue_size", "checkpoint_every",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "probe_tiles_per_slide"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if not 0.0 <= self.momentum < 1.0:

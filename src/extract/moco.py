@@ -67,6 +67,7 @@ from extract.encoder import IMAGE_MEAN, IMAGE_STD, load_weights_only, save_encod
 from extract.resnet import ResNet, build_resnet
 from extract.moco_data import EpochTileBatches, SlideTiles, epoch_plan, fixed_tiles, index_slides
 from extract.moco_model import MoCo, all_gather, info_nce_logits, momentum_update
+from extract.moco_probe import probe_auc, probe_set, slide_mean_features
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,8 @@ def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
 class StepResult:
     loss: float
     accuracy: float  # fraction of queries whose positive key has the largest logit
+    positive_cosine: float = 0.0  # mean q·k⁺
+    negative_cosine: float = 0.0  # mean q·queue: how close the (possibly stale) negatives are
 
 
 def train_step(
@@ -146,7 +149,8 @@ def train_step(
         optimizer.step()
     model.queue.enqueue(all_keys)
     accuracy = (logits.argmax(dim=1) == 0).float().mean()
-    return StepResult(float(loss.detach()), float(accuracy))
+    cosines = logits.detach() * temperature
+    return StepResult(float(loss.detach()), float(accuracy), float(cosines[:, 0].mean()), float(cosines[:, 1:].mean()))
 
 
 # ----------------------------------------------------------------------------- monitors
@@ -184,9 +188,16 @@ def _embed_for_monitors(
     return tuple(torch.cat(parts).cpu() for parts in zip(*outputs))  # type: ignore[return-value]
 
 
+def fresh_info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> float:
+    """InfoNCE of normalised (N, D) view pairs against each other (no queue): every negative
+    comes from the current encoder, so unlike the training loss it does not move with the queue."""
+    logits = z1.double() @ z2.double().T / temperature
+    return float(F.cross_entropy(logits, torch.arange(len(z1))))
+
+
 def representation_monitors(
     encoder: ResNet, tiles: torch.Tensor, augmentation: TileAugmentation, device: torch.device,
-    mixed_precision: bool = True, seed: int = 0,
+    mixed_precision: bool = True, seed: int = 0, temperature: float = 0.2,
 ) -> dict[str, float]:
     """Label-free quality of ``encoder`` (query ResNet with MLP head) on fixed uint8 tiles."""
     was_training = encoder.training
@@ -205,6 +216,7 @@ def representation_monitors(
         "rankme_backbone512": rankme(backbone),
         "alignment": alignment(z1, z2),
         "uniformity": uniformity(head),
+        "fresh_infonce": fresh_info_nce(z1, z2, temperature),
     }
 
 
@@ -323,6 +335,18 @@ def _distributed_setup(config: MocoConfig) -> tuple[int, int, torch.device, bool
     return dist.get_rank(), dist.get_world_size(), device, initialised_here
 
 
+def _epoch_row(epoch: int, step: int, steps: list[StepResult], lr: float, batch_size: int, seconds: float) -> dict[str, Any]:
+    """The epoch's means of the per-step figures, with the last lr and the throughput."""
+    def mean(name: str) -> float:
+        return sum(getattr(r, name) for r in steps) / max(len(steps), 1)
+
+    return {
+        "epoch": epoch + 1, "step": step, "loss": mean("loss"), "positive_accuracy": mean("accuracy"),
+        "positive_cosine": mean("positive_cosine"), "negative_cosine": mean("negative_cosine"), "lr": lr,
+        "tiles_per_s": len(steps) * batch_size / max(seconds, 1e-9), "seconds": seconds,
+    }
+
+
 def _write_monitors(out: Path, monitors: list[dict[str, Any]]) -> None:
     (out / "monitors.json").write_text(json.dumps(monitors, indent=1))
     if monitors:
@@ -399,6 +423,8 @@ def _train(
     if world > 1:
         query_encoder = DistributedDataParallel(model.encoder_q, device_ids=[device.index] if device.type == "cuda" else None)
     monitor_tiles = fixed_tiles(slides, config.monitor_tiles, config.tile_size, config.seed) if config.monitor_tiles and main_process else None
+    probe = probe_set(slides, config.probe_labels, config.probe_tiles_per_slide, config.tile_size, config.seed) \
+        if config.probe_labels is not None and main_process else None
     steps_per_epoch = config.tiles_per_epoch // config.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"--tiles-per-epoch {config.tiles_per_epoch} is smaller than --batch-size {config.batch_size}")
@@ -411,7 +437,7 @@ def _train(
             dataset, batch_size=None, num_workers=config.num_workers, pin_memory=device.type == "cuda",
             prefetch_factor=4 if config.num_workers else None,
         )
-        started, losses, accuracies = time.perf_counter(), [], []
+        started, steps = time.perf_counter(), []
         bar = tqdm(loader, total=len(dataset), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not main_process)
         for tiles in bar:
             lr = cosine_lr(base_lr, step, total_steps)
@@ -424,18 +450,17 @@ def _train(
             )
             if not math.isfinite(result.loss):
                 raise FloatingPointError(f"MoCo loss became {result.loss} at epoch {epoch + 1} step {step}; lower --lr or disable --mixed-precision")
-            losses.append(result.loss)
-            accuracies.append(result.accuracy)
+            steps.append(result)
             step += 1
             bar.set_postfix(loss=f"{result.loss:.3f}", acc=f"{result.accuracy:.2f}", lr=f"{lr:.2g}")
         seconds = time.perf_counter() - started
-        row: dict[str, Any] = {
-            "epoch": epoch + 1, "step": step, "loss": sum(losses) / max(len(losses), 1),
-            "positive_accuracy": sum(accuracies) / max(len(accuracies), 1), "lr": lr,
-            "tiles_per_s": len(losses) * config.batch_size / max(seconds, 1e-9), "seconds": seconds,
-        }
+        row = _epoch_row(epoch, step, steps, lr, config.batch_size, seconds)
         if monitor_tiles is not None:
-            row.update(representation_monitors(model.encoder_q, monitor_tiles, augmentation, device, config.mixed_precision, config.seed))
+            row.update(representation_monitors(model.encoder_q, monitor_tiles, augmentation, device, config.mixed_precision,
+                                               config.seed, config.temperature))
+        if probe is not None:
+            row["probe_auc"] = probe_auc(slide_mean_features(model.encoder_q, probe, device, config.mixed_precision),
+                                         probe.labels, config.seed)
         monitors.append(row)
         last = epoch + 1 == config.epochs
         if (epoch + 1) % config.checkpoint_every == 0 or last:

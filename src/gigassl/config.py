@@ -87,6 +87,7 @@ class EvaluateConfig:
     out: Path = field(default=Path("evaluation"), metadata=_help("output folder for the table (CSV, JSON) and the plot"))
     features: Optional[Path] = field(default=None, metadata=_help("folder of per-slide HDF5 files, needed by the baselines"))
     baselines: str = field(default="average", metadata=_help("comma-separated baselines: average,abmil,topk"))
+    reference: str = field(default="average", metadata=_help("method every other one is compared with, split by split (paired differences with 95 % intervals): gigassl, average, abmil or topk"))
     slide_column: str = field(default="slide", metadata=_help("name of the slide id column"))
     label_column: str = field(default="label", metadata=_help("name of the label column"))
     patient_column: str = field(default="patient", metadata=_help("name of the patient column (used when present)"))

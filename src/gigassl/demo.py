@@ -185,7 +185,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
 def _auc_table(evaluation: Any) -> tuple[str, dict[str, float]]:
     """(printable table, method → mean AUC with the most training slides) from the evaluation."""
-    from gigassl.evaluate import format_table
+    from gigassl.evaluation_report import format_table
 
     largest: dict[str, dict[str, Any]] = {}
     for row in evaluation.summary:

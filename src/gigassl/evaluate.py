@@ -27,11 +27,8 @@ iterations), and BLAS runs on one thread (parallel BLAS on 700 × 512 only burns
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
@@ -44,6 +41,8 @@ from extract.config import settings_dict
 from extract.errors import UserError
 from gigassl.config import EvaluateConfig
 from gigassl.data import feature_files_in
+from gigassl.evaluation_report import format_report, plot_auc, write_csv, write_json
+from gigassl.paired import paired_differences
 from gigassl.protocol import (
     Budget,
     budget_subset,
@@ -202,43 +201,6 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-def format_table(summary: Sequence[dict[str, Any]]) -> str:
-    """The summary as an aligned text table."""
-    lines = [f"{'method':<9} {'budget':>8} {'n_train':>8}  {'ROC-AUC':>15}  {'balanced acc.':>15}"]
-    for r in summary:
-        lines.append(f"{r['method']:<9} {r['budget']:>8} {r['n_train']:>8.0f}  "
-                     f"{r['auc_mean']:.3f} ± {r['auc_std']:.3f}    "
-                     f"{r['balanced_accuracy_mean']:.3f} ± {r['balanced_accuracy_std']:.3f}")
-    return "\n".join(lines)
-
-
-def plot_auc(summary: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """AUC (mean ± s.d.) against the number of training slides, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4.2))
-    for method in dict.fromkeys(r["method"] for r in summary):
-        points = sorted((r["n_train"], r["auc_mean"], r["auc_std"]) for r in summary if r["method"] == method)
-        x, mean, std = (np.array(v) for v in zip(*points))
-        axis.plot(x, mean, marker="o", label=method)
-        axis.fill_between(x, mean - std, mean + std, alpha=0.2)
-    all_x = [r["n_train"] for r in summary]
-    if max(all_x) > 4 * min(all_x):
-        axis.set_xscale("log")
-    axis.set_xlabel("training slides")
-    axis.set_ylabel("ROC-AUC (mean ± s.d. over splits)")
-    axis.set_title(title or "AUC vs number of training slides")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return Path(path)
-
-
 @dataclass(frozen=True)
 class EvaluationResult:
     summary: list[dict[str, Any]]
@@ -249,10 +211,11 @@ class EvaluationResult:
     json_path: Path
     plot_path: Path
     exit_code: int = 0
+    paired: list[dict[str, Any]] = field(default_factory=list)
 
     def format(self) -> str:
-        """The AUC / balanced-accuracy table and the files written."""
-        return f"{format_table(self.summary)}\nwritten: {self.csv_path}, {self.json_path}, {self.plot_path}"
+        """The AUC / balanced-accuracy table, the paired differences and the files written."""
+        return f"{format_report(self.summary, self.paired)}\nwritten: {self.csv_path}, {self.json_path}, {self.plot_path}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,6 +338,8 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise UserError(f"--baselines: unknown {unknown}; choose among {', '.join(BASELINES)}")
+    if config.reference not in METHODS:
+        raise UserError(f"--reference {config.reference!r}: choose one of {', '.join(METHODS)}")
     if baselines and config.features is None:
         logger.info("no --features given: baselines %s skipped (they need the tile features)", baselines)
         baselines = []
@@ -415,38 +380,24 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
     logger.info("%d slides, classes %s, %d splits, budgets %s, methods %s", len(y), classes.tolist(),
                 len(splits), [b.text for b in budgets], [m.name for m in methods])
     rows = run_protocol(methods, y, splits, budgets, config.seed, classes.tolist())
-    summary = summarise(rows)
+    summary, paired = summarise(rows), paired_differences(rows, config.reference)
+    if not paired:
+        logger.info("--reference %s was not run: no paired differences (methods: %s)", config.reference,
+                    ", ".join(m.name for m in methods))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    csv_path = _write_csv(summary, out / RESULTS_CSV)
-    json_path = out / RESULTS_JSON
-    json_path.write_text(json.dumps(dict(
+    csv_path = write_csv(summary, out / RESULTS_CSV)
+    json_path = write_json(dict(
         settings=settings_dict(config),
         embeddings_provenance={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                for k, v in embeddings.provenance.items()},
-        classes=classes.tolist(), n_slides=len(y), missing=missing, summary=summary, splits=rows,
-    ), indent=2, default=_json_default))
-    plot_path = plot_auc(summary, out / PLOT_PNG, title=f"{Path(config.labels).stem}: AUC vs training slides")
-    return EvaluationResult(summary, rows, classes.tolist(), missing, csv_path, json_path, plot_path)
+        classes=classes.tolist(), n_slides=len(y), missing=missing, summary=summary, paired=paired, splits=rows,
+    ), out / RESULTS_JSON)
+    plot_path = plot_auc(summary, out / PLOT_PNG, f"{Path(config.labels).stem}: AUC vs training slides", paired)
+    return EvaluationResult(summary, rows, classes.tolist(), missing, csv_path, json_path, plot_path, paired=paired)
 
 
 def load_bags_one_by_one(paths: Sequence[Path]):
     """Yield each file's plain features, one file in memory at a time."""
     for path in paths:
         yield load_bags([path])[0]
-
-
-def _write_csv(summary: Sequence[dict[str, Any]], path: Path) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(summary[0]))
-        writer.writeheader()
-        writer.writerows(summary)
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return None if math.isnan(value) else float(value)
-    return str(value)

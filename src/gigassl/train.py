@@ -231,6 +231,14 @@ def replan_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, warmup_steps: 
     return before, float(lrs[0])
 
 
+def _extraction_seed(cohort: Cohort) -> int:
+    """The seed `gigassl extract` ran with (a random tile encoder is drawn from it); 0 if unrecorded."""
+    from extract.features_file import SlideFeatures
+
+    with SlideFeatures(cohort.slides[0].path) as slide:
+        return int(slide.settings.get("seed", 0))
+
+
 def _resnet_of(encoder: EncoderInfo) -> str | None:
     """The ResNet architecture of a tile encoder whose features are that ResNet's trunk, else None."""
     spec = ARCHITECTURES.get(encoder.arch)
@@ -273,11 +281,11 @@ def initial_head(config: TrainConfig, cohort: Cohort) -> tuple[ResNet | None, He
             f"(sha256 {features_encoder.sha256[:12]}…); pass --init PATH to that checkpoint so that its "
             "layer4 initialises the sparse layer4 (or --init random)"
         )
-    resnet, info = load_resnet(features_encoder.name)
+    resnet, info = load_resnet(features_encoder.name, seed=_extraction_seed(cohort))
     if info.sha256 != features_encoder.sha256:
         raise UserError(
             f"the features in {cohort.folder} say encoder {features_encoder.name!r} with sha256 {features_encoder.sha256[:12]}…, "
-            f"but load_resnet({features_encoder.name!r}) (seed 0) gives {info.sha256[:12]}…; they were embedded with another "
+            f"but load_resnet({features_encoder.name!r}) with the extraction's seed gives {info.sha256[:12]}…; they were embedded with another "
             "seed or torch version. Pass --init random to accept a different random layer4, or --init PATH"
         )
     return resnet, HeadSpec.of_layer4(resnet.layer4), info
