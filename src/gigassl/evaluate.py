@@ -79,38 +79,24 @@ class Method(Protocol):
 
 
 class LinearMethod:
-    """Logistic regression on fixed per-slide vectors (embeddings, or mean features).
-
-    ``key`` names the budget: one estimator per key is refitted across splits with a warm
-    start (same optimum, fewer lbfgs iterations).
-    """
+    """Logistic regression on fixed per-slide vectors (embeddings, or mean features), a fresh
+    estimator per fit — exactly what a plain scikit-learn loop over the splits computes."""
 
     def __init__(self, name: str, vectors: np.ndarray, c: float = 10.0, tune_c: bool = False,
                  standardize: bool = False) -> None:
         self.name = name
         self.vectors = np.asarray(vectors, dtype=np.float64)
         self.c, self.tune_c, self.standardize = c, tune_c, standardize
-        self._estimators: dict[str, Any] = {}
 
     def fit_predict(self, train: np.ndarray, test: np.ndarray, y: np.ndarray, key: str = "", seed: int = 0) -> np.ndarray:
-        estimator = self._estimators.get(key)
-        if estimator is None:
-            estimator = make_logistic_regression(self.c, standardize=self.standardize, tune_c=self.tune_c,
-                                                 warm_start=not self.tune_c, seed=seed,
-                                                 n_inner_folds=_inner_folds(y[train]))
-            self._estimators[key] = estimator
-        elif self.tune_c:
-            estimator.set_params(**_cv_param(estimator, _inner_folds(y[train])))
+        estimator = make_logistic_regression(self.c, standardize=self.standardize, tune_c=self.tune_c, seed=seed,
+                                             n_inner_folds=_inner_folds(y[train]))
         estimator.fit(self.vectors[train], y[train])
         return _full_proba(estimator.predict_proba(self.vectors[test]), estimator.classes_, int(y.max()) + 1)
 
 
 def _inner_folds(y_train: np.ndarray) -> int:
     return int(max(2, min(3, np.bincount(y_train)[np.bincount(y_train) > 0].min())))
-
-
-def _cv_param(estimator, folds: int) -> dict[str, int]:
-    return {"logisticregressioncv__cv" if hasattr(estimator, "steps") else "cv": folds}
 
 
 def _full_proba(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
