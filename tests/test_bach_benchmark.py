@@ -207,3 +207,23 @@ def test_whole_command_on_a_tiny_fake_folder_then_reuses_every_stage(tmp_path, c
     assert entry["auc"]["mean"] == pytest.approx(np.mean(entry["auc"]["per_run"]))
     text = (out / "results.md").read_text()
     assert "Giga-SSL + LR − AverageMIL" in text and "cluster-bootstrap" in text
+
+
+@pytest.mark.slow
+def test_sweep_pairs_each_variant_with_the_default_on_the_same_splits(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bach_sweep", SCRIPT.parent / "bach_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    assert sweep.parse_variant("s:--scale-min=0.7,--scale-max=1.3") == ("s", ["--scale-min", "0.7", "--scale-max", "1.3"])
+    images = write_fake_bach(tmp_path / "images", n_per_class=3, size=(220, 160))
+    out = tmp_path / "out"
+    argv = ["--images", str(images), "--out", str(out), "--tile-size", "32", "--n-augmentations", "2",
+            "--n-tiles-per-augmentation", "4", "--epochs", "1", "--batch-size", "8", "--n-views", "2",
+            "--n-splits", "2", "--budgets", "100%,2/class", "--mil-epochs", "2", "--num-workers", "0",
+            "--variant", "same:--n-views=2", "--variant", "R3:--n-views=3"]
+    assert sweep.main(argv) == 0
+    saved = json.loads((out / "sweep.json").read_text())
+    same = saved["table"]["same"]["vs_default"]
+    assert all(e["auc"]["mean"] == 0.0 and e["auc"]["wins"] == 0 and e["auc"]["n"] == 2 for e in same)
+    text = (out / "sweep.md").read_text()
+    assert "| R3 − default |" in text and "| R3 − AverageMIL |" in text and "| default − AverageMIL |" in text

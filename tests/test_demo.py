@@ -47,6 +47,9 @@ def test_demo_runs_every_stage_and_gigassl_beats_chance(tmp_path):
 
     printed = result.format()
     assert "ROC-AUC" in printed and "gigassl" in printed
+    # the reading: paired differences, and with the random encoder the cause and the fix
+    assert "paired Δ ROC-AUC vs average" in printed and "ahead in" in printed
+    assert "the tile encoder is random" in printed and "gigassl pretrain-tiles --slides" in printed
     for path in (result.checkpoint, result.curves, result.embeddings, result.labels):
         assert str(path) in printed
     assert set(result.seconds) == {"cohort", "extract", "train", "embed", "evaluate"}
@@ -70,3 +73,15 @@ def test_demo_flags_map_onto_the_settings():
     assert (str(config.out), config.n_slides, config.epochs, config.encoder) == ("x", 20, 3, "enc.pt")
     defaults = DemoConfig()
     assert dataclasses.replace(config, out=defaults.out, n_slides=40, epochs=defaults.epochs, encoder="random") == defaults
+
+
+def test_the_reading_names_the_tile_encoder_only_when_it_is_random():
+    from gigassl.demo import how_to_read
+
+    paired = [dict(method="gigassl", budget="100%", reference="average",
+                   auc=dict(mean=-0.05, ci_low=-0.1, ci_high=0.0, wins=1, n=5, interval="t over splits"))]
+    random_text = how_to_read(paired, "random", 3.6, 20)
+    assert "-5.0 pt [-10.0, +0.0]  ahead in 1/5" in random_text
+    assert "3.60, against 3.66 for a constant output" in random_text  # log(2·20 − 1) = 3.66
+    trained_text = how_to_read(paired, "runs/moco/encoder.pt", 2.0, 20)
+    assert "ahead in 1/5" in trained_text and "random" not in trained_text
