@@ -61,8 +61,11 @@ def test_numpy_and_torch_inputs_agree() -> None:
 
 
 def test_bad_inputs_are_refused() -> None:
-    with pytest.raises(ValueError, match=r"\(B, D\)"):
-        rankme(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"\(B, D\) batch with B ≥ 2"):
+        collapse_level(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"\(B, D\) batch with B ≥ 1"):
+        rankme(torch.zeros(0, 4))
+    assert rankme(torch.ones(1, 4)) == pytest.approx(1.0, abs=1e-4)  # one row (MoCo with --monitor-tiles 1): rank 1
     with pytest.raises(ValueError, match="NaN"):
         collapse_level(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
     with pytest.raises(ValueError, match="two dimensions"):

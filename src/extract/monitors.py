@@ -25,19 +25,19 @@ MONITORS_CSV = "monitors.csv"
 MONITORS_JSON = "monitors.json"
 
 
-def monitor_batch(z: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
-    """``z`` as a finite float64 (B, D) tensor with B ≥ 2, or a ValueError naming the monitor."""
+def monitor_batch(z: torch.Tensor | np.ndarray, name: str, min_rows: int = 2) -> torch.Tensor:
+    """``z`` as a finite float64 (B, D) tensor with B ≥ ``min_rows``, or a ValueError naming the monitor."""
     z = torch.as_tensor(z).detach().to(dtype=torch.float64)
-    if z.ndim != 2 or z.shape[0] < 2 or z.shape[1] < 1:
-        raise ValueError(f"{name} needs a (B, D) batch with B ≥ 2, got shape {tuple(z.shape)}")
+    if z.ndim != 2 or z.shape[0] < min_rows or z.shape[1] < 1:
+        raise ValueError(f"{name} needs a (B, D) batch with B ≥ {min_rows}, got shape {tuple(z.shape)}")
     if not torch.isfinite(z).all():
         raise ValueError(f"{name}: the outputs hold NaN or inf")
     return z
 
 
 def rankme(z: torch.Tensor | np.ndarray) -> float:
-    """exp(entropy of σ / ‖σ‖₁) of the singular values σ of the (B, D) outputs (float64)."""
-    z = monitor_batch(z, "rankme")
+    """exp(entropy of σ / ‖σ‖₁) of the singular values σ of the (B, D) outputs (float64); 1 for one row."""
+    z = monitor_batch(z, "rankme", min_rows=1)
     singular = torch.linalg.svdvals(z)
     p = singular / (singular.sum() + RANKME_EPS) + RANKME_EPS
     return float(torch.exp(-(p * torch.log(p)).sum()).item())
