@@ -40,7 +40,7 @@ def auc(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 def run_head(name: str, projection: int, features: Path, out: Path, args: argparse.Namespace, y: dict[str, int]) -> dict:
     original = HeadSpec.generic
-    train_module.HeadSpec.generic = functools.partial(original, input_projection_dim=projection)  # type: ignore[method-assign]
+    HeadSpec.generic = functools.partial(original, input_projection_dim=projection)  # type: ignore[method-assign]
     try:
         config = TrainConfig(features=features, out=out / name, epochs=args.epochs, batch_size=16, lr=0.03,
                              warmup_epochs=2, num_workers=0, device="cpu", monitor_slides=32, checkpoint_every=args.epochs)
@@ -48,7 +48,7 @@ def run_head(name: str, projection: int, features: Path, out: Path, args: argpar
         result = train_module.run_training(config)
         seconds = time.perf_counter() - start
     finally:
-        train_module.HeadSpec.generic = original  # type: ignore[method-assign]
+        HeadSpec.generic = original  # type: ignore[method-assign]
     run_embedding(EmbedConfig(model=result.checkpoint, features=features, out=out / f"{name}.h5", n_views=20, device="cpu"))
     embeddings = read_embeddings(out / f"{name}.h5")
     labels = np.array([y[s] for s in embeddings.slide_ids])

@@ -71,6 +71,17 @@ def test_an_error_from_a_dataloader_worker_keeps_only_the_original_line():
     assert cli.one_line(UserError(text)) == "extract.features_file.FeatureFileError: a.h5: NaN; re-extract this slide"
 
 
+def test_flags_map_onto_the_dataclass_tuples_from_commas_and_old_names_as_aliases():
+    parser = cli.build_parser()
+    args = parser.parse_args(["embed", *EMBED_FLAGS, "--export", "npz, csv"])
+    assert cli.config_from_args(cli.COMMANDS["embed"][0], args).export == ("npz", "csv")
+    evaluate = ["evaluate", "--embeddings", "e.h5", "--labels", "labels.csv"]
+    for flag in ("--logistic-c", "--c"):  # --c: the flag's name before it said what it is
+        config = cli.config_from_args(cli.COMMANDS["evaluate"][0], parser.parse_args([*evaluate, flag, "3"]))
+        assert config.logistic_c == 3.0
+    assert "(default: none)" in parser._subparsers._group_actions[0].choices["embed"].format_help()
+
+
 @pytest.mark.slow
 def test_importing_and_running_the_slide_encoder_prints_no_third_party_warning(tmp_path):
     script = textwrap.dedent(f"""

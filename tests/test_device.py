@@ -1,4 +1,5 @@
-"""Device decisions: torchrun ranks on their own GPU, bf16 only on CPUs that have it, clear errors."""
+"""Device decisions: torchrun ranks on their own GPU, bf16 only on CPUs that have it, clear errors,
+one torchrun set-up for both training jobs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from extract import device as device_module
-from extract.device import autocast_dtype, rank_device, resolve_device
+from extract.device import DistContext, autocast_dtype, init_distributed, rank_device, resolve_device
 
 
 def test_each_torchrun_rank_is_made_current_on_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -23,6 +24,20 @@ def test_each_torchrun_rank_is_made_current_on_its_own_gpu(monkeypatch: pytest.M
         rank_device("cuda")
     monkeypatch.delenv("LOCAL_RANK")
     assert rank_device("cpu") == torch.device("cpu")
+
+
+def test_one_process_is_rank_0_of_1_without_a_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    context = init_distributed("cpu")
+    assert context == DistContext(0, 1, torch.device("cpu"), False) and context.is_main
+    assert not torch.distributed.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one process: nothing to join either
+    assert init_distributed("cpu") == context
+    # MoCo's job and Giga-SSL training share this one set-up (the multi-rank runs are in test_moco, test_train)
+    import extract.moco
+    import gigassl.train
+
+    assert extract.moco.init_distributed is gigassl.train.init_distributed is init_distributed
 
 
 def test_absent_devices_are_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,5 @@
-"""Slide embeddings: unit norm, seeded reproducibility, the HDF5 file, exports, the sklearn transformer."""
+"""Slide embeddings: unit norm, seeded reproducibility, the HDF5 file, exports, the sklearn transformer,
+the settings' checks."""
 
 from __future__ import annotations
 
@@ -20,15 +21,8 @@ from extract.errors import UserError
 from extract.features_file import FeatureFileError
 from gigassl.cli import main as cli_main
 from gigassl.config import EmbedConfig, TrainConfig
-from gigassl.embed import (
-    EmbeddingFileError,
-    SlideEmbedder,
-    embed_slides,
-    read_embeddings,
-    run_embedding,
-    sample_views,
-    slide_generator,
-)
+from gigassl.embed import SlideEmbedder, embed_slides, run_embedding, sample_views, slide_generator
+from gigassl.embeddings_file import EmbeddingFileError, read_embeddings
 from gigassl.model import GigaSSLModel, HeadSpec
 from gigassl.synthetic import random_encoder_info, write_synthetic_cohort
 from gigassl.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
@@ -119,7 +113,7 @@ def test_run_embedding_writes_provenance_and_exports(cohort, tmp_path):
     paths, checkpoint = cohort
     out = tmp_path / "emb.h5"
     result = run_embedding(EmbedConfig(model=checkpoint, features=paths[0].parent, out=out, n_views=3,
-                                       batch_size=4, device="cpu", export="npz,csv"))
+                                       batch_size=4, device="cpu", export=("npz", "csv")))
     assert result.exit_code == 0 and result.n_slides == 12 and not result.failed
     loaded = read_embeddings(out)
     assert loaded.slide_ids[0] == "slide_000" and loaded.embeddings.shape == (12, 512)
@@ -158,12 +152,26 @@ def test_read_embeddings_refuses_other_files(tmp_path):
         read_embeddings(tmp_path / "missing.h5")
 
 
+def test_embed_settings_are_checked_when_made_and_exports_are_a_tuple(tmp_path):
+    base = dict(model=tmp_path / "m.pt", features=tmp_path, out=tmp_path / "e.h5")
+    assert EmbedConfig(**base).export == ()
+    assert EmbedConfig(**base, export=["csv"]).export == ("csv",)
+    assert EmbedConfig(**base, export="NPZ, csv").export == ("npz", "csv")  # the comma string of the command line
+    with pytest.raises(UserError, match=r"invalid embedding settings: --n-views must be ≥ 1 \(got 0\); "
+                                        r"--export xlsx: unknown \['xlsx'\]; choose among npz, csv"):
+        EmbedConfig(**base, n_views=0, export=("xlsx",))
+    with pytest.raises(UserError, match="--n-tiles-per-view must be ≥ 1.*--sparse-backend must be one of auto, torch, spconv"):
+        EmbedConfig(**base, n_tiles_per_view=0, sparse_backend="minkowski")
+
+
 def test_cli_embed(cohort, tmp_path):
     paths, checkpoint = cohort
     out = tmp_path / "cli.h5"
     code = cli_main(["embed", "--model", str(checkpoint), "--features", str(paths[0].parent), "--out", str(out),
-                     "--n-views", "2", "--device", "cpu"])
+                     "--n-views", "2", "--device", "cpu", "--export", "npz,csv"])
     assert code == 0 and len(read_embeddings(out).slide_ids) == 12
+    assert (tmp_path / "cli.npz").is_file() and (tmp_path / "cli.csv").is_file()
+    assert json.loads(read_embeddings(out).provenance["settings"])["export"] == ["npz", "csv"]
 
 
 def test_slide_embedder_in_a_pipeline_and_cross_val_score(cohort):
@@ -286,7 +294,7 @@ def test_a_resnet50_head_writes_2048_d_embeddings(cohort, tmp_path):
     for name in ("A", "B"):
         write_trident_file(folder / f"{name}.h5", width=1024, seed=ord(name))
     result = run_embedding(EmbedConfig(model=checkpoint, features=folder, out=tmp_path / "e.h5", n_views=2,
-                                       device="cpu", export="csv"))
+                                       device="cpu", export=("csv",)))
     assert read_embeddings(tmp_path / "e.h5").embeddings.shape == (2, 2048)
     assert result.exports[0].read_text().splitlines()[0].endswith(",e2047")
     embedded = SlideEmbedder(checkpoint, n_views=2).transform([folder / "A.h5"])

@@ -1,13 +1,18 @@
-"""Label-free monitors against analytic values."""
+"""Label-free monitors against analytic values; RankMe and the monitors files shared by both stages."""
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
+import extract.moco
+import extract.monitors
+from extract.monitors import write_monitors
 from gigassl.monitors import collapse_level, odcorr, rankme
 
 
@@ -56,9 +61,33 @@ def test_numpy_and_torch_inputs_agree() -> None:
 
 
 def test_bad_inputs_are_refused() -> None:
-    with pytest.raises(ValueError, match=r"\(B, D\)"):
-        rankme(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"\(B, D\) batch with B ≥ 2"):
+        collapse_level(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"\(B, D\) batch with B ≥ 1"):
+        rankme(torch.zeros(0, 4))
+    assert rankme(torch.ones(1, 4)) == pytest.approx(1.0, abs=1e-4)  # one row (MoCo with --monitor-tiles 1): rank 1
     with pytest.raises(ValueError, match="NaN"):
         collapse_level(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
     with pytest.raises(ValueError, match="two dimensions"):
         odcorr(torch.zeros(4, 1))
+
+
+def test_rankme_is_one_function_for_both_stages_with_the_papers_epsilon() -> None:
+    assert extract.moco.rankme is extract.monitors.rankme is rankme
+    # Garrido et al.: p = σ / ‖σ‖₁ + ε (and ε beside ‖σ‖₁, for an all-zero batch); σ = (3, 1)
+    z = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    eps = extract.monitors.RANKME_EPS
+    p = np.array([3.0, 1.0]) / (4.0 + eps) + eps
+    assert rankme(z) == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-9)
+    assert rankme(torch.zeros(3, 4)) == pytest.approx(1.0, abs=1e-4)  # finite on an all-zero batch
+
+
+def test_monitors_files_keep_the_columns_asked_for(tmp_path) -> None:
+    rows = [dict(epoch=0, loss=2.0), dict(epoch=1, train_loss=3.0, loss=1.5)]
+    csv_path, json_path = write_monitors(tmp_path, rows, ("epoch", "train_loss", "loss"))
+    assert json.loads(json_path.read_text()) == rows
+    assert csv_path.read_text().splitlines() == ["epoch,train_loss,loss", "0,,2.0", "1,3.0,1.5"]
+    # default: the last row's keys (MoCo's rows all have the same)
+    write_monitors(tmp_path, rows[1:])
+    with open(csv_path, newline="") as handle:
+        assert list(csv.DictReader(handle)) == [{"epoch": "1", "train_loss": "3.0", "loss": "1.5"}]

@@ -23,7 +23,9 @@ from gigassl.config import EmbedConfig, TrainConfig
 from gigassl.synthetic import write_synthetic_cohort
 from gigassl.checkpoint import config_differences, load_checkpoint, load_model
 from gigassl.distributed import GlobalBatchNorm1d, use_global_batch_norm
-from gigassl.train import TrainingDivergedError, WarmupCosine, run_training, stall_warning, warmup_warning
+from gigassl.monitors import batch_statistics, stall_warning
+from gigassl.schedule import WarmupCosine, warmup_warning
+from gigassl.train import MONITOR_COLUMNS, TrainingDivergedError, run_training
 
 # T = 3 and 6 slides keep the sparse layer4's work (and the tests) small
 FAST = dict(n_tiles_per_view=3, warmup_epochs=1, monitor_slides=4, check_finite=True)
@@ -158,6 +160,29 @@ def test_features_of_another_encoder_need_init(tmp_path):
     assert (trained - seed0).abs().max() > 0.05
 
 
+def test_training_settings_are_checked_when_made_naming_the_flags(tmp_path):
+    with pytest.raises(UserError, match=r"invalid training settings: --batch-size must be ≥ 2 slides \(got 1\); "
+                                        r"need 0 < --scale-min ≤ --scale-max \(got 2\.0, 1\.0\); "
+                                        r"--keep-checkpoints must be ≥ 1 \(got 0\)"):
+        TrainConfig(features=tmp_path, out=tmp_path, batch_size=1, scale_min=2.0, scale_max=1.0, keep_checkpoints=0)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--features", str(tmp_path), "--out", str(tmp_path), "--lr", "0"])
+    assert exit_.value.code == 2
+
+
+def test_batch_statistics_leave_the_running_statistics_alone():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(10, 4)
+    with batch_statistics(model):
+        out = model(x)
+    torch.testing.assert_close(out.mean(0), torch.zeros(6), atol=1e-5, rtol=0)  # the batch's own statistics
+    assert not model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 def test_global_batch_norm_without_distributed_is_batch_norm():
     torch.manual_seed(0)
     plain = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6))
@@ -178,6 +203,9 @@ def test_cli_train_end_to_end(small_cohort, tmp_path, capsys, caplog):
     assert status == 0
     assert (out / "checkpoint.pt").is_file() and (out / "curves.png").is_file()
     assert len(_rows(out)) == 2
+    header, before, after = (out / "monitors.csv").read_text().splitlines()
+    assert header.split(",") == list(MONITOR_COLUMNS)  # row 0 (before training) leaves the train_* cells empty
+    assert before.startswith("0,0,") and ",,,,,," in before and ",," not in after
     printed = capsys.readouterr().out  # the CLI prints the run's report; run_training only returns it
     assert "trained 1 epochs (2 steps)" in printed and str(out / "checkpoint.pt") in printed
     assert "monitor positive-pair accuracy" in printed

@@ -1,7 +1,8 @@
-"""One place that decides the device and the autocast dtype.
+"""One place that decides the device, the autocast dtype and, under torchrun, the rank.
 
 Everything else takes a ``torch.device`` and lets tensors follow their inputs, so the same
-code path serves the CPU and CUDA.
+code path serves the CPU and CUDA. :func:`init_distributed` is the torchrun set-up of both
+training jobs (MoCo and Giga-SSL): rank, world size, this rank's device, the process group.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import functools
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -48,6 +51,33 @@ def rank_device(name: str = "auto") -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: rank 0 of 1 on the device asked for, unless under torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    initialised_here: bool = False  # this process joined the group, so it destroys it at the end
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str = "auto") -> DistContext:
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (nccl on CUDA, gloo on the CPU),
+    on this rank's device (:func:`rank_device`); else rank 0 of 1 on :func:`resolve_device`."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext(device=resolve_device(device_name))
+    device = rank_device(device_name)
+    initialised_here = not dist.is_initialized()
+    if initialised_here:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size(), device, initialised_here)
 
 
 @functools.lru_cache(maxsize=None)

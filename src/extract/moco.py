@@ -40,8 +40,6 @@ Outputs in ``OUT``:
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import os
@@ -62,12 +60,13 @@ from extract.augment import TileAugmentation
 from extract.checkpoint_io import write_epoch_snapshot
 from extract.config import settings_dict
 from extract.config import MocoConfig
-from extract.device import autocast, autocast_dtype, rank_device, resolve_device
+from extract.device import autocast, autocast_dtype, init_distributed
 from extract.encoder import IMAGE_MEAN, IMAGE_STD, load_weights_only, save_encoder_checkpoint
 from extract.resnet import ResNet, build_resnet
 from extract.moco_data import EpochTileBatches, SlideTiles, epoch_plan, fixed_tiles, index_slides
 from extract.moco_model import MoCo, all_gather, info_nce_logits, momentum_update
 from extract.moco_probe import probe_auc, probe_set, slide_mean_features
+from extract.monitors import rankme, write_monitors
 
 logger = logging.getLogger(__name__)
 
@@ -154,13 +153,6 @@ def train_step(
 
 
 # ----------------------------------------------------------------------------- monitors
-
-
-def rankme(features: torch.Tensor, eps: float = 1e-7) -> float:
-    """RankMe (Garrido et al. 2023): exp of the entropy of the normalised singular values of (N, D)."""
-    singular = torch.linalg.svdvals(features.double())
-    p = singular / singular.sum() + eps
-    return float(torch.exp(-(p * p.log()).sum()))
 
 
 def alignment(z1: torch.Tensor, z2: torch.Tensor) -> float:
@@ -323,18 +315,6 @@ class PretrainingResult:
         return "\n".join(lines)
 
 
-def _distributed_setup(config: MocoConfig) -> tuple[int, int, torch.device, bool]:
-    """(rank, world size, device, whether this call initialised torch.distributed)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world <= 1:
-        return 0, 1, resolve_device(config.device), False
-    device = rank_device(config.device)
-    initialised_here = not dist.is_initialized()
-    if initialised_here:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device, initialised_here
-
-
 def _epoch_row(epoch: int, step: int, steps: list[StepResult], lr: float, batch_size: int, seconds: float) -> dict[str, Any]:
     """The epoch's means of the per-step figures, with the last lr and the throughput."""
     def mean(name: str) -> float:
@@ -345,15 +325,6 @@ def _epoch_row(epoch: int, step: int, steps: list[StepResult], lr: float, batch_
         "positive_cosine": mean("positive_cosine"), "negative_cosine": mean("negative_cosine"), "lr": lr,
         "tiles_per_s": len(steps) * batch_size / max(seconds, 1e-9), "seconds": seconds,
     }
-
-
-def _write_monitors(out: Path, monitors: list[dict[str, Any]]) -> None:
-    (out / "monitors.json").write_text(json.dumps(monitors, indent=1))
-    if monitors:
-        with open(out / "monitors.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(monitors[-1]))
-            writer.writeheader()
-            writer.writerows(monitors)
 
 
 def _list_slide_files(folder: Path) -> list[Path]:
@@ -368,7 +339,8 @@ def _list_slide_files(folder: Path) -> list[Path]:
 def run_pretraining(config: MocoConfig) -> PretrainingResult:
     """Train MoCo v2 on tiles sampled online from ``config.slides``; write OUT (see module doc)."""
     config = config.resolved()
-    rank, world, device, initialised_here = _distributed_setup(config)
+    context = init_distributed(config.device)
+    rank, world, device, initialised_here = context.rank, context.world_size, context.device, context.initialised_here
     main_process = rank == 0
     out = Path(config.out)
     try:
@@ -469,7 +441,7 @@ def _train(
                 write_epoch_snapshot(out / "checkpoints", epoch + 1, payload, checkpoint_path, config.keep_checkpoints)
                 save_encoder(model, encoder_path, config, epoch + 1)
         if main_process:
-            _write_monitors(out, monitors)
+            write_monitors(out, monitors)
             logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step")))
     return PretrainingResult(
         out=out, encoder_path=encoder_path, checkpoint_path=checkpoint_path, epochs_done=config.epochs,

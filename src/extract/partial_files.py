@@ -1,10 +1,11 @@
 """Temporary files: how they are named, and when one is stale and may be deleted.
 
 Every output (slide HDF5 file, QC image, summary) is written to ``{name}.{host}-{pid}.partial``
-beside its final path and renamed when complete, so nothing half-written looks finished. A
-partial whose writer has ended is stale: a killed job leaves them, and the next job in the
-same folder deletes them. A partial may belong to another job still running (another shard,
-on this node or another), so one is deleted only when its writer is known to be gone:
+beside its final path and renamed when complete (:func:`finish_hdf5` for HDF5 writers), so
+nothing half-written looks finished. A partial whose writer has ended is stale: a killed job
+leaves them, and the next job in the same folder deletes them. A partial may belong to another
+job still running (another shard, on this node or another), so one is deleted only when its
+writer is known to be gone:
 
 - written on this host: its process no longer exists (or the pid now names a process started
   after the file was last written, i.e. a reused pid);
@@ -20,6 +21,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,19 @@ def temporary_path(path: str | Path, pid: int | None = None) -> Path:
     """Where ``path`` is written before it is complete (same folder, so the rename is atomic)."""
     path = Path(path)
     return path.with_name(f"{path.name}.{_host()}-{os.getpid() if pid is None else pid}{TEMP_SUFFIX}")
+
+
+def finish_hdf5(handle: Any, temp_path: Path, path: Path, succeeded: bool) -> None:
+    """Close an open ``h5py.File`` written at ``temp_path``: when ``succeeded``, marked
+    ``complete`` (readers refuse files without it) and renamed to ``path``; else deleted."""
+    if succeeded:
+        handle.attrs["complete"] = True
+        handle.flush()
+        handle.close()
+        os.replace(temp_path, path)
+    else:
+        handle.close()
+        temp_path.unlink(missing_ok=True)
 
 
 def writer_of(partial: Path) -> tuple[str | None, int | None]:

@@ -7,6 +7,10 @@ from; None for a randomly initialised generic head), ``architecture`` (the spars
 :meth:`gigassl.model.HeadSpec.to_dict`: feature_dim, block, n_blocks, width, source,
 input_projection_dim; absent in older checkpoints, which are ResNet18's), ``model`` (``GigaSSLModel`` state dict), ``optimizer``, ``scheduler``, ``scaler``,
 ``rng``, ``history`` (the monitor rows), ``world_size``.
+
+The run folder: :func:`claim_output_folder` refuses an ``out`` that holds another run (unless
+``--overwrite`` or ``--resume`` from inside it); :func:`check_resume` refuses a resume whose
+settings or slides differ from the checkpoint's.
 """
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ from typing import Any, Mapping
 import torch
 
 from extract.checkpoint_io import write_epoch_snapshot
+from extract.config import settings_dict
 from extract.encoder import load_weights_only
+from extract.errors import UserError
+from extract.monitors import MONITORS_CSV, MONITORS_JSON
+from gigassl.config import TrainConfig
 from gigassl.model import GigaSSLModel, HeadSpec
 from gigassl.sparse_conv import BACKENDS
 
@@ -31,7 +39,11 @@ RESUME_FREE_KEYS = frozenset({
     "out", "resume", "features", "num_workers", "device", "checkpoint_every", "keep_checkpoints",
     "monitor_slides", "skip_bad_files", "check_finite", "sparse_backend", "mixed_precision",
 })
-
+# Settings a resume may change beyond RESUME_FREE_KEYS: permissions that do not change what is
+# learned (the slides are checked by id), and ``epochs`` (the schedule is re-planned).
+RESUME_EXTRA_FREE_KEYS = frozenset({"epochs", "overwrite", "allow_mixed_grids"})
+# Run files in ``out``; a folder holding any of them holds a run (see claim_output_folder).
+RUN_FILES = (LATEST_CHECKPOINT, MONITORS_CSV, MONITORS_JSON, "curves.png")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -87,3 +99,49 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: Mapping[str, Any]) -> None:
     """Restore what :func:`rng_state` saved (a ``"cuda"`` entry of older checkpoints is ignored)."""
     torch.set_rng_state(state["torch"])
+
+
+def existing_run(out: Path) -> list[Path]:
+    """The files of a training run already in ``out`` (empty when there is none)."""
+    found = [out / name for name in RUN_FILES if (out / name).exists()]
+    if (out / "checkpoints").is_dir():
+        found += sorted((out / "checkpoints").glob("epoch_*.pt"))
+    return found
+
+
+def claim_output_folder(out: Path, config: TrainConfig) -> list[Path]:
+    """The files ``--overwrite`` will delete; refuses a folder that holds another run unless
+    ``--overwrite``, or ``--resume`` from a checkpoint inside it."""
+    found = existing_run(out)
+    if not found:
+        return []
+    if config.resume is not None and Path(config.resume).resolve().is_relative_to(out.resolve()):
+        return []
+    if config.overwrite:
+        return found
+    try:
+        payload = load_checkpoint(out / LATEST_CHECKPOINT)
+        what = f"epoch {payload['epoch']} of {payload['config']['epochs']}"
+    except (OSError, ValueError, KeyError):
+        what = f"{len(found)} files"
+    raise UserError(f"{out} already holds a training run ({what}); pass --resume {out / LATEST_CHECKPOINT} to continue "
+                    "it (with a larger --epochs to train it longer), --overwrite to replace it, or another --out")
+
+
+def check_resume(resume: Mapping[str, Any], config: TrainConfig, slide_ids: list[str]) -> None:
+    """Refuse a resume whose settings (but ``epochs``) or slides differ from the checkpoint's,
+    or whose ``epochs`` is fewer than the epochs already trained."""
+    saved = {k: v for k, v in resume["config"].items() if k not in RESUME_EXTRA_FREE_KEYS}
+    current = {k: v for k, v in settings_dict(config).items() if k not in RESUME_EXTRA_FREE_KEYS}
+    differences = config_differences(saved, current)
+    if differences:
+        raise UserError(f"cannot resume from {config.resume}: its settings differ from these ("
+                        + "; ".join(differences) + "); resume with the same settings (only --epochs may change) "
+                        "or start a new run")
+    if list(resume["slide_ids"]) != slide_ids:
+        raise UserError(f"cannot resume from {config.resume}: it was trained on other slides "
+                        f"({len(resume['slide_ids'])} slides, now {len(slide_ids)})")
+    done = int(resume["epoch"])
+    if config.epochs < done:
+        raise UserError(f"cannot resume from {config.resume}: it has trained {done} epochs, more than --epochs "
+                        f"{config.epochs}; --epochs is the total, pass --epochs ≥ {done}")

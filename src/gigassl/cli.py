@@ -1,8 +1,10 @@
 """The ``gigassl`` command: one subcommand per job, each mapped onto its settings dataclass.
 
 Flags are generated from the dataclass fields (``n_tiles_per_view`` → ``--n-tiles-per-view``,
-booleans as ``--x/--no-x``), so the CLI and the Python API cannot drift apart. Heavy modules
-are imported only when their subcommand runs.
+booleans as ``--x/--no-x``, tuples as comma-separated lists, a field's ``aliases`` metadata as
+further names), so the CLI and the Python API cannot drift apart. Settings are checked by the
+dataclass; a refused value ends with the usage line and status 2. Heavy modules are imported
+only when their subcommand runs.
 
 Errors: a user error is printed as one line and exits with status 2; anything else is a bug,
 printed with its traceback, status 1; ``-v`` shows the traceback of user errors too. User
@@ -29,7 +31,7 @@ from typing import Any, Sequence
 
 from extract.config import ExtractConfig, MocoConfig
 from extract.errors import UserError
-from gigassl.config import DemoConfig, EmbedConfig, EvaluateConfig, TrainConfig
+from gigassl.config import DemoConfig, EmbedConfig, EvaluateConfig, TrainConfig, comma_separated
 
 # subcommand → (settings dataclass, "module:function" taking that dataclass, one-line help).
 # The function returns an exit status, or an object whose ``exit_code`` is one.
@@ -57,19 +59,23 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type)
     hints = typing.get_type_hints(config_class)
     for spec in dataclasses.fields(config_class):
         flag = "--" + spec.name.replace("_", "-")
+        names = (flag, *spec.metadata.get("aliases", ()))
         kind = _field_type(hints[spec.name])
         required = spec.metadata.get("required", False)
         default = None if spec.default is dataclasses.MISSING else spec.default
         help_text = spec.metadata.get("help", "")
         if kind is bool:
-            shown = flag if default else "--no-" + flag[2:]
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=(help_text + f" (default: {shown})").replace("%", "%%"))
-        else:
-            parser.add_argument(
-                flag, type=kind, default=default, required=required,
-                help=(help_text + ("" if required or default is None else f" (default: {default})")).replace("%", "%%"),
-            )
+            switch = flag if default else "--no-" + flag[2:]
+            parser.add_argument(*names, dest=spec.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=(help_text + f" (default: {switch})").replace("%", "%%"))
+            continue
+        shown = default
+        if typing.get_origin(kind) is tuple:
+            kind, shown = comma_separated, ",".join(default or ()) or "none"
+        parser.add_argument(
+            *names, dest=spec.name, type=kind, default=default, required=required,
+            help=(help_text + ("" if required or default is None else f" (default: {shown})")).replace("%", "%%"),
+        )
 
 
 def config_from_args(config_class: type, args: argparse.Namespace) -> Any:

@@ -1,15 +1,22 @@
 """Settings of stage 2, one frozen dataclass per job, shared by the CLI and the Python API.
 
 Imports nothing heavy. Each field's ``help`` metadata documents it and becomes the
-command-line help; field ``foo_bar`` is the flag ``--foo-bar``. The settings used are
-written into every checkpoint and output file.
+command-line help; field ``foo_bar`` is the flag ``--foo-bar`` (``aliases`` metadata: older
+flags that still work). List-valued settings are tuples, comma-separated on the command line.
+The settings used are written into every checkpoint and output file. ``TrainConfig`` and
+``EmbedConfig`` check themselves when made, so the Python API gets the command's messages.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterable, Optional
+
+from extract.errors import UserError
+
+SPARSE_BACKENDS = ("auto", "torch", "spconv")  # gigassl.sparse_conv implements them
+EMBED_EXPORTS = ("npz", "csv")  # files `gigassl embed --export` writes beside the HDF5 file
 
 
 SPARSE_BACKEND_HELP = (
@@ -24,6 +31,33 @@ MIXED_PRECISION_HELP = (
 
 def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _too_small(config: Any, minimum: int, names: Iterable[str]) -> list[str]:
+    """'--flag must be ≥ minimum (got value)' for each field of ``names`` below ``minimum``."""
+    return [f"{_flag(name)} must be ≥ {minimum} (got {getattr(config, name)})"
+            for name in names if getattr(config, name) < minimum]
+
+
+def _backend_problems(backend: str) -> list[str]:
+    return [] if backend in SPARSE_BACKENDS else [
+        f"--sparse-backend must be one of {', '.join(SPARSE_BACKENDS)} (got {backend!r})"]
+
+
+def _refuse(what: str, problems: list[str]) -> None:
+    if problems:
+        raise UserError(f"invalid {what} settings: " + "; ".join(problems))
+
+
+def comma_separated(value: str | Iterable[str]) -> tuple[str, ...]:
+    """``"npz, csv"`` → ``("npz", "csv")``: how the command line gives a list-valued setting;
+    a list or tuple is kept as a tuple of its stripped items."""
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(item.strip() for item in items if item.strip())
 
 
 @dataclass(frozen=True)
@@ -58,6 +92,22 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata=_help("replace a run already in --out (its checkpoints and monitors are deleted); without it, such a folder is refused unless --resume"))
     allow_mixed_grids: bool = field(default=False, metadata=_help("train on feature files extracted at different tile sizes or µm/px (refused otherwise; the grids are recorded in the checkpoint)"))
 
+    def __post_init__(self) -> None:
+        problems = _too_small(self, 1, ("n_tiles_per_view",))
+        if self.batch_size < 2:
+            problems.append(f"--batch-size must be ≥ 2 slides (got {self.batch_size})")
+        problems += _too_small(self, 1, ("epochs",))
+        if not self.lr > 0:
+            problems.append(f"--lr must be > 0 (got {self.lr})")
+        problems += _too_small(self, 0, ("warmup_epochs",))
+        if not self.temperature > 0:
+            problems.append(f"--temperature must be > 0 (got {self.temperature})")
+        if not 0 < self.scale_min <= self.scale_max:
+            problems.append(f"need 0 < --scale-min ≤ --scale-max (got {self.scale_min}, {self.scale_max})")
+        problems += _too_small(self, 1, ("checkpoint_every", "keep_checkpoints"))
+        problems += _too_small(self, 0, ("num_workers",))
+        _refuse("training", problems + _backend_problems(self.sparse_backend))
+
 
 @dataclass(frozen=True)
 class EmbedConfig:
@@ -73,9 +123,20 @@ class EmbedConfig:
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
     sparse_backend: str = field(default="auto", metadata=_help(SPARSE_BACKEND_HELP))
     mixed_precision: bool = field(default=True, metadata=_help(MIXED_PRECISION_HELP))
-    export: str = field(default="", metadata=_help("comma-separated extra exports: npz,csv"))
+    export: tuple[str, ...] = field(default=(), metadata=_help("extra files beside OUT: npz, csv (comma-separated)"))
     strict: bool = field(default=False, metadata=_help("exit non-zero when any slide file failed (failed files are always listed)"))
     allow_other_encoder: bool = field(default=False, metadata=_help("embed features made by another tile encoder than the checkpoint was trained on (refused otherwise; recorded in the output)"))
+
+    def __post_init__(self) -> None:
+        # a comma-separated string (the form before the tuple) is taken too
+        object.__setattr__(self, "export", tuple(kind.lower() for kind in comma_separated(self.export)))
+        problems = _too_small(self, 1, ("n_views", "batch_size"))
+        if self.n_tiles_per_view is not None:
+            problems += _too_small(self, 1, ("n_tiles_per_view",))
+        unknown = [kind for kind in self.export if kind not in EMBED_EXPORTS]
+        if unknown:
+            problems.append(f"--export {','.join(self.export)}: unknown {unknown}; choose among {', '.join(EMBED_EXPORTS)}")
+        _refuse("embedding", problems + _backend_problems(self.sparse_backend))
 
 
 @dataclass(frozen=True)
@@ -94,7 +155,7 @@ class EvaluateConfig:
     n_splits: int = field(default=10, metadata=_help("repeated stratified splits"))
     test_fraction: float = field(default=0.3, metadata=_help("share of slides (or patients) held out per split"))
     budgets: str = field(default="100%,25%", metadata=_help("training budgets: percentages (25%), slide counts (50) or per-class counts (4/class)"))
-    c: float = field(default=10.0, metadata=_help("logistic regression C (the original's 10)"))
+    logistic_c: float = field(default=10.0, metadata=_help("C of the logistic regression, the inverse of its L2 regularisation strength (the original's 10)", aliases=("--c",)))
     tune_c: bool = field(default=False, metadata=_help("choose C by inner cross-validation instead"))
     seed: int = field(default=0, metadata=_help("random seed of the splits"))
     strict: bool = field(default=False, metadata=_help("error when label ids are missing from the embeddings"))
@@ -104,6 +165,11 @@ class EvaluateConfig:
     mil_epochs: int = field(default=50, metadata=_help("most epochs of attention-MIL training (early stopping on an inner validation split)"))
     slides: Optional[Path] = field(default=None, metadata=_help("folder of the slide files, for top-k (default: the paths recorded in the feature files)"))
     encoder: str = field(default="auto", metadata=_help("tile encoder checkpoint fine-tuned by top-k ('auto': 'random' when the features say so, else required)"))
+
+    @property
+    def c(self) -> float:
+        """The former name of :attr:`logistic_c` (the flag ``--c`` remains an alias)."""
+        return self.logistic_c
 
 
 @dataclass(frozen=True)

@@ -1,48 +1,19 @@
-"""Running under torchrun: the process group, and batch norm over the global batch.
+"""Giga-SSL training under torchrun: batch norm over the global batch, and means over ranks.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`init_distributed` joins the process group (gloo
-on the CPU, nccl on CUDA, one GPU per local rank). :class:`GlobalBatchNorm1d` normalises with
-the statistics of the global batch through a differentiable all-reduce, which also runs on
-gloo (``SyncBatchNorm`` does not), so a training step on R ranks equals the one-process step
-on the same global batch.
+The process group is joined by :func:`extract.device.init_distributed` (the torchrun set-up
+shared with MoCo: gloo on the CPU, nccl on CUDA, one GPU per local rank).
+:class:`GlobalBatchNorm1d` normalises with the statistics of the global batch through a
+differentiable all-reduce, which also runs on gloo (``SyncBatchNorm`` does not), so a training
+step on R ranks equals the one-process step on the same global batch.
 """
 
 from __future__ import annotations
-
-import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from extract.device import rank_device, resolve_device
-
-
-
-@dataclass(frozen=True)
-class DistContext:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-    initialised_here: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_name: str) -> DistContext:
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (gloo on CPU, nccl on CUDA)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(device_name)
-    if world_size <= 1:
-        return DistContext(device=device)
-    device = rank_device(device_name)
-    initialised_here = not dist.is_initialized()
-    if initialised_here:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistContext(dist.get_rank(), dist.get_world_size(), device, initialised_here)
+from extract.device import DistContext
 
 
 class _AllReduceSum(torch.autograd.Function):

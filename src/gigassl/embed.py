@@ -10,18 +10,8 @@ and L2-normalised. A slide's views depend only on the seed and its id (its own g
 embeddings do not depend on the batch or the order of the folder. Slides are processed
 ``batch_size`` at a time and appended to the output, so memory does not grow with the cohort.
 
-Output HDF5 (written to a temporary file, renamed when complete)::
-
-    /slide_ids   (S,)      utf-8 strings
-    /embeddings  (S, W)    float32, unit L2 norm
-    root attrs: format, format_version, package_version, checkpoint, checkpoint_sha256,
-                checkpoint_epoch, n_views, n_tiles_per_view, seed, features, encoder_sha256
-                (tile encoder of the features), checkpoint_encoder_sha256, features_encoders
-                (JSON), feature_dim (D), architecture (JSON, the sparse head), unverified
-                (JSON slide ids), settings (JSON), failed (JSON), complete
-
-``--export npz,csv`` also writes ``OUT.npz`` (slide_ids, embeddings, provenance JSON) and
-``OUT.csv`` (slide_id, e000 … e511, or … e2047).
+The output file (an HDF5 file of slide ids, (S, W) embeddings and their provenance) and its
+``--export npz,csv`` copies are described, written and read by :mod:`gigassl.embeddings_file`.
 
 Inputs are checked per slide, and a slide that fails is listed in ``failed`` (the run goes on;
 ``--strict`` makes the exit status non-zero): unreadable files, files without tiles, NaN or inf
@@ -39,55 +29,42 @@ cannot be verified; their slide ids are listed in ``unverified``.
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
-import json
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import h5py
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 
-from extract import __version__
 from extract.config import settings_dict
 from extract.device import autocast
 from extract.encoder import SLIDE_FEATURE_DIM, TILE_FEATURE_DIM, file_sha256
 from extract.errors import UserError
 from extract.features_file import FeatureFileError
+from gigassl.checkpoint import load_model
 from gigassl.config import EmbedConfig
 from gigassl.data import feature_files_in
+from gigassl.embeddings_file import (  # also offered here: gigassl.evaluate and user code import them from embed
+    EmbeddingFileError,
+    EmbeddingWriter,
+    SlideEmbeddings,
+    export_embeddings,
+    read_embeddings,
+)
 from gigassl.plain_features import PlainFeatures, read_plain_features, split_duplicate_ids
 from gigassl.sparse_map import collate_views, tile_cells
 
+__all__ = [
+    "EmbedResult", "EmbeddingFileError", "EmbeddingWriter", "FeatureContract", "SlideEmbedder", "SlideEmbeddings",
+    "embed_slides", "export_embeddings", "iter_embeddings", "read_embeddings", "run_embedding",
+]
+
 logger = logging.getLogger(__name__)
-
-FORMAT_NAME = "gigassl-slide-embeddings"
-FORMAT_VERSION = 1
-EXPORTS = ("npz", "csv")
-
-
-class EmbeddingFileError(UserError):
-    """An embeddings file that is missing, incomplete, of another version or malformed."""
-
-
-@dataclass(frozen=True)
-class SlideEmbeddings:
-    """A cohort of slide embeddings: ids (S,), (S, W) float32 and the provenance attributes."""
-
-    slide_ids: list[str]
-    embeddings: np.ndarray
-    provenance: dict[str, Any]
-
-    def index(self) -> dict[str, int]:
-        """slide id → row."""
-        return {slide_id: row for row, slide_id in enumerate(self.slide_ids)}
 
 
 @dataclass(frozen=True)
@@ -259,115 +236,6 @@ def embed_slides(
     return ids, (np.concatenate(chunks) if chunks else np.zeros((0, model_slide_dim(model)), np.float32))
 
 
-class EmbeddingWriter:
-    """Appends (s, ``embedding_dim``) slide embeddings to an HDF5 file; atomic (temporary file,
-    renamed on success)."""
-
-    def __init__(self, path: str | Path, provenance: dict[str, Any], embedding_dim: int = SLIDE_FEATURE_DIM) -> None:
-        self.path = Path(path)
-        self.embedding_dim = int(embedding_dim)
-        self.temp_path = self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")
-        self.provenance = provenance
-        self._file: h5py.File | None = None
-        self.n_slides = 0
-
-    def __enter__(self) -> "EmbeddingWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = h5py.File(self.temp_path, "w")
-        self._file.create_dataset("slide_ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(1024,))
-        width = self.embedding_dim
-        self._file.create_dataset("embeddings", shape=(0, width), maxshape=(None, width), dtype=np.float32,
-                                  chunks=(256, width))
-        self._file.attrs["format"] = FORMAT_NAME
-        self._file.attrs["format_version"] = FORMAT_VERSION
-        self._file.attrs["package_version"] = __version__
-        for key, value in self.provenance.items():
-            self._file.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
-        return self
-
-    def append(self, slide_ids: Sequence[str], embeddings: np.ndarray) -> None:
-        """Add rows: ids (s,), embeddings (s, W)."""
-        assert self._file is not None, "use EmbeddingWriter as a context manager"
-        start, end = self.n_slides, self.n_slides + len(slide_ids)
-        for name in ("slide_ids", "embeddings"):
-            self._file[name].resize(end, axis=0)
-        self._file["slide_ids"][start:end] = list(slide_ids)
-        self._file["embeddings"][start:end] = embeddings
-        self.n_slides = end
-
-    def set_attr(self, key: str, value: Any) -> None:
-        assert self._file is not None
-        self._file.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        handle, self._file = self._file, None
-        if handle is None:
-            return
-        if exc_type is None:
-            handle.attrs["complete"] = True
-            handle.close()
-            os.replace(self.temp_path, self.path)
-        else:
-            handle.close()
-            self.temp_path.unlink(missing_ok=True)
-
-
-def read_embeddings(path: str | Path) -> SlideEmbeddings:
-    """Read a file written by :func:`run_embedding`; refuses other formats, versions, partial files."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"embeddings file {path} does not exist; write it with `gigassl embed`")
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as error:
-        raise EmbeddingFileError(f"{path}: not a readable HDF5 file ({error})") from error
-    with handle:
-        attrs = dict(handle.attrs)
-        if attrs.get("format") != FORMAT_NAME:
-            raise EmbeddingFileError(f"{path}: not a slide embeddings file (no format={FORMAT_NAME!r}); write it with `gigassl embed`")
-        if int(attrs.get("format_version", -1)) != FORMAT_VERSION:
-            raise EmbeddingFileError(f"{path}: format version {attrs.get('format_version')}, this package reads "
-                                     f"{FORMAT_VERSION}; re-run `gigassl embed`")
-        if not bool(attrs.get("complete", False)) or not {"slide_ids", "embeddings"} <= set(handle):
-            raise EmbeddingFileError(f"{path}: incomplete file; re-run `gigassl embed`")
-        ids = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in handle["slide_ids"][...]]
-        embeddings = handle["embeddings"][...].astype(np.float32, copy=False)
-    provenance = {k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()}
-    return SlideEmbeddings(ids, embeddings, provenance)
-
-
-def export_embeddings(embeddings: SlideEmbeddings, path: str | Path, kind: str) -> Path:
-    """Write ``path`` with suffix ``.npz`` (ids, embeddings, provenance JSON) or ``.csv``."""
-    if kind not in EXPORTS:
-        raise UserError(f"unknown export {kind!r}; choose among {', '.join(EXPORTS)}")
-    target = Path(path).with_suffix(f".{kind}")
-    if kind == "npz":
-        np.savez(target, slide_ids=np.array(embeddings.slide_ids, dtype=str), embeddings=embeddings.embeddings,
-                 provenance=np.array(json.dumps(embeddings.provenance, default=str)))
-    else:
-        with open(target, "w", newline="", encoding="utf-8") as handle:
-            table = csv.writer(handle)
-            table.writerow(["slide_id", *(f"e{j:03d}" for j in range(embeddings.embeddings.shape[1]))])
-            for slide_id, row in zip(embeddings.slide_ids, embeddings.embeddings):
-                table.writerow([slide_id, *(f"{v:.7g}" for v in row)])
-    return target
-
-
-def load_slide_encoder(checkpoint: str | Path, device: torch.device | str = "cpu", sparse_backend: str = "auto"):
-    """(GigaSSLModel in eval mode, checkpoint dict) of a `gigassl train` checkpoint."""
-    from gigassl.checkpoint import load_model
-
-    return load_model(checkpoint, device, sparse_backend)
-
-
-def _parse_exports(text: str) -> list[str]:
-    kinds = [k.strip().lower() for k in text.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in EXPORTS]
-    if unknown:
-        raise UserError(f"--export {text!r}: unknown {unknown}; choose among {', '.join(EXPORTS)}")
-    return kinds
-
-
 def _features_encoders(encoders: Counter, contract: FeatureContract, unverified: Sequence[str], out: Path) -> tuple[str, list[list[Any]]]:
     """(``encoder_sha256`` attribute: the features' own encoder(s), [[name, sha256, n_slides], …])."""
     if unverified:
@@ -388,10 +256,9 @@ def run_embedding(config: EmbedConfig) -> EmbedResult:
 
     from extract.device import resolve_device
 
-    exports = _parse_exports(config.export)
     files, failed = split_duplicate_ids(feature_files_in(config.features))
     device = resolve_device(config.device)
-    model, checkpoint = load_slide_encoder(config.model, device, config.sparse_backend)
+    model, checkpoint = load_model(config.model, device, config.sparse_backend)
     n_tiles = config.n_tiles_per_view or int(checkpoint["config"]["n_tiles_per_view"])
     contract = FeatureContract.of(model, checkpoint, config.allow_other_encoder)
     provenance = dict(
@@ -422,14 +289,15 @@ def run_embedding(config: EmbedConfig) -> EmbedResult:
             raise UserError(f"no slide of {config.features} could be embedded: {len(failed)} file(s) failed, the first "
                             f"{failed[0][0]}: {failed[0][1]}" if failed else f"no slide of {config.features} to embed")
     progress.close()
-    written = [export_embeddings(read_embeddings(config.out), config.out, kind) for kind in exports] if exports else []
+    exported = read_embeddings(config.out) if config.export else None
+    written = [export_embeddings(exported, config.out, kind) for kind in config.export] if exported is not None else []
     return EmbedResult(Path(config.out), writer.n_slides, failed, written, int(bool(failed) and config.strict))
 
 
 @functools.lru_cache(maxsize=2)
 def _cached_slide_encoder(path: str, mtime_ns: int, device: str, sparse_backend: str) -> tuple[Any, int, FeatureContract]:
     # cross_val_score clones and re-transforms many times; the file's mtime keys out stale copies
-    model, checkpoint = load_slide_encoder(path, device, sparse_backend)
+    model, checkpoint = load_model(path, device, sparse_backend)
     return model, int(checkpoint["config"]["n_tiles_per_view"]), FeatureContract.of(model, checkpoint)
 
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from extract.resnet import ARCHITECTURES, Bottleneck
-from gigassl.sparse_conv import make_sparse_tensor, resolve_backend
+from gigassl.sparse_conv import SparseTensor, make_sparse_tensor, resolve_backend
 from gigassl.sparse_layer4 import BLOCKS, SparseLayer4, dense_layer4
 from gigassl.sparse_map import SparseBatch
 
@@ -182,14 +182,14 @@ class GigaSSLModel(nn.Module):
         )
         self.to(device)
 
-    def _as_sparse(self, x):
+    def _as_sparse(self, x: SparseBatch | SparseTensor) -> SparseTensor:
         if not isinstance(x, SparseBatch):
             return x
         # the parameters' device, not the one given at construction: the model may have moved
         x = x.to(self.projector[0].weight.device, non_blocking=True)
         return make_sparse_tensor(x.features, x.indices, x.spatial_shape, x.batch_size, self.sparse_backend)
 
-    def pool(self, x) -> torch.Tensor:
+    def pool(self, x: SparseBatch | SparseTensor) -> torch.Tensor:
         """Sparse maps of (N, D) tiles → (B, W) slide representations (mean over each map's active sites)."""
         x = self._as_sparse(x)
         if self.input_projection is not None:
@@ -197,6 +197,6 @@ class GigaSSLModel(nn.Module):
         out = self.layer4(x)
         return mean_per_map(out.features, out.indices[:, 0], x.batch_size)
 
-    def forward(self, x) -> torch.Tensor:
+    def forward(self, x: SparseBatch | SparseTensor) -> torch.Tensor:
         """Sparse maps → (B, projector_dim) projections."""
         return self.projector(self.pool(x))

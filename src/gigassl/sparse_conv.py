@@ -34,12 +34,13 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
 
-BACKENDS = ("auto", "torch", "spconv")
+from gigassl.config import SPARSE_BACKENDS as BACKENDS  # the names the settings accept
+
 # ``auto``: the torch backend everywhere. It installs everywhere, and on the 2-core CPU with bf16
 # autocast (the default where the CPU has bf16 units) it takes 0.6× spconv Native's time per
 # training step and embeds 1.7–1.9× faster; in fp32 it is 4–10 % slower (README, "Sparse
@@ -51,6 +52,35 @@ _SUBM_KEY = "subm3x3"  # spconv's indice_key shared by the submanifold convs on 
 
 class SparseBackendError(ValueError):
     """A sparse backend that cannot be used here (not installed, unknown, wrong device)."""
+
+
+class SparseTensor(Protocol):
+    """What the model uses of either backend's sparse tensor: :class:`SparseMaps` (torch) or
+    ``spconv.pytorch.SparseConvTensor`` (spconv, typed here without importing it).
+
+    features (N, C); indices (N, 3) (batch, y, x), int64 for torch and int32 for spconv;
+    spatial_shape [H, W]; batch_size maps.
+    """
+
+    @property
+    def features(self) -> torch.Tensor: ...
+
+    @property
+    def indices(self) -> torch.Tensor: ...
+
+    @property
+    def spatial_shape(self) -> Sequence[int]: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+    def replace_feature(self, features: torch.Tensor) -> "SparseTensor":
+        """The same sites with other (N, C') features."""
+        ...
+
+
+# spconv's own forward of a conv class, as ``_run_spconv`` calls it
+SpconvForward = Callable[[nn.Module, SparseTensor], SparseTensor]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,8 +285,9 @@ class TorchStridedConv3x3(_TorchSparseConv3x3):
 # the spconv backend
 
 
-def _run_spconv(conv_forward: Callable, module: nn.Module, x):  # spconv.SparseConvTensor → same
-    """Pick spconv's algorithm from the input's device, and run fp32 under CPU autocast."""
+def _run_spconv(conv_forward: SpconvForward, module: nn.Module, x: SparseTensor) -> SparseTensor:
+    """Pick spconv's algorithm from the input's device, and run fp32 under CPU autocast
+    (spconv.SparseConvTensor → the same)."""
     import spconv.pytorch as spconv
 
     on_cuda = x.features.device.type == "cuda"
@@ -268,21 +299,22 @@ def _run_spconv(conv_forward: Callable, module: nn.Module, x):  # spconv.SparseC
 
 
 @functools.lru_cache(maxsize=None)
-def _spconv_classes() -> tuple[type, type]:
+def _spconv_classes() -> tuple[type[nn.Module], type[nn.Module]]:
+    """spconv's submanifold and strided 3×3 conv classes with this module's settings (spconv imported here)."""
     import spconv.pytorch as spconv
 
     class SpconvSubMConv3x3(spconv.SubMConv2d):
         def __init__(self, in_channels: int, out_channels: int) -> None:
             super().__init__(in_channels, out_channels, 3, bias=False, indice_key=_SUBM_KEY, algo=spconv.ConvAlgo.Native)
 
-        def forward(self, x):
+        def forward(self, x: SparseTensor) -> SparseTensor:
             return _run_spconv(spconv.SubMConv2d.forward, self, x)
 
     class SpconvStridedConv3x3(spconv.SparseConv2d):
         def __init__(self, in_channels: int, out_channels: int) -> None:
             super().__init__(in_channels, out_channels, 3, stride=2, padding=0, bias=False, algo=spconv.ConvAlgo.Native)
 
-        def forward(self, x):
+        def forward(self, x: SparseTensor) -> SparseTensor:
             return _run_spconv(spconv.SparseConv2d.forward, self, x)
 
     return SpconvSubMConv3x3, SpconvStridedConv3x3
@@ -302,7 +334,9 @@ def strided_conv3x3(in_channels: int, out_channels: int, backend: str) -> nn.Mod
     return TorchStridedConv3x3(in_channels, out_channels) if backend == "torch" else _spconv_classes()[1](in_channels, out_channels)
 
 
-def make_sparse_tensor(features: torch.Tensor, indices: torch.Tensor, spatial_shape: list[int], batch_size: int, backend: str):
+def make_sparse_tensor(
+    features: torch.Tensor, indices: torch.Tensor, spatial_shape: Sequence[int], batch_size: int, backend: str
+) -> SparseTensor:
     """(N, C) features at (N, 3) (batch, y, x) indices → the backend's sparse tensor."""
     if backend == "torch":
         return SparseMaps(features, indices.long(), [int(s) for s in spatial_shape], int(batch_size))
@@ -316,7 +350,7 @@ def dense_to_sparse_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().permute(0, 2, 3, 1).contiguous()
 
 
-def sum_pool_3x3_stride2(x, out) -> torch.Tensor:
+def sum_pool_3x3_stride2(x: SparseTensor, out: SparseTensor) -> torch.Tensor:
     """Sum of the active input sites of ``x`` in each 3×3, stride-2, unpadded window → (M, C) at
     the sites of ``out``, the strided conv's output on ``x``. Divide by 9 for the average that
     counts inactive cells as zeros. Differentiable; any device; either backend's tensors."""
@@ -326,7 +360,8 @@ def sum_pool_3x3_stride2(x, out) -> torch.Tensor:
     return _sum_pool_by_lookup(x.features, x.indices, out.indices, out.spatial_shape)
 
 
-def _sum_pool_by_lookup(features: torch.Tensor, indices: torch.Tensor, out_indices: torch.Tensor, out_shape: list[int]) -> torch.Tensor:
+def _sum_pool_by_lookup(features: torch.Tensor, indices: torch.Tensor, out_indices: torch.Tensor,
+                        out_shape: Sequence[int]) -> torch.Tensor:
     """:func:`sum_pool_3x3_stride2` for output sites given in any order (spconv's)."""
     out_h, out_w = int(out_shape[0]), int(out_shape[1])
     maps = SparseMaps(features, indices.long(), [2 * out_h + 1, 2 * out_w + 1], 0)

@@ -28,11 +28,14 @@ Weight layouts: dense conv (out, in, kh, kw) → sparse (out, kh, kw, in), no sp
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from extract.resnet import BasicBlock, Bottleneck, init_resnet_weights
 from gigassl.sparse_conv import (
+    SparseTensor,
     dense_to_sparse_weight,
     resolve_backend,
     strided_conv3x3,
@@ -44,7 +47,7 @@ BLOCKS = ("basic", "bottleneck")
 BOTTLENECK_EXPANSION = 4
 
 
-def _relu_bn(bn: nn.Module, x):
+def _relu_bn(bn: nn.Module, x: SparseTensor) -> SparseTensor:
     return x.replace_feature(torch.relu(bn(x.features)))
 
 
@@ -63,7 +66,7 @@ class _BasicDown(nn.Module):
         self.shortcut_conv = nn.Linear(in_channels, out_channels, bias=False)  # the 1×1 conv
         self.shortcut_bn = nn.BatchNorm1d(out_channels)
 
-    def forward(self, x):
+    def forward(self, x: SparseTensor) -> SparseTensor:
         out = self.conv1(x)
         shortcut = self.shortcut_bn(self.shortcut_conv(sum_pool_3x3_stride2(x, out) / 9.0))
         out = self.conv2(_relu_bn(self.bn1, out))
@@ -82,55 +85,60 @@ class _BasicBlock(nn.Module):
         self.conv2 = submanifold_conv3x3(channels, channels, backend)
         self.bn2 = nn.BatchNorm1d(channels)
 
-    def forward(self, x):
+    def forward(self, x: SparseTensor) -> SparseTensor:
         out = self.conv2(_relu_bn(self.bn1, self.conv1(x)))
         return out.replace_feature(torch.relu(self.bn2(out.features) + x.features))
 
 
-class _BottleneckDown(nn.Module):
+class _Bottleneck(nn.Module):
+    """The residual branch of both bottleneck blocks: 1×1 → BN → ReLU → 3×3 (``conv3x3``) → BN →
+    ReLU → 1×1 → BN, ``out_channels // 4`` channels inside."""
+
+    def __init__(self, in_channels: int, out_channels: int, conv3x3: Callable[[int, int], nn.Module]) -> None:
+        super().__init__()
+        planes = out_channels // BOTTLENECK_EXPANSION
+        self.conv1 = nn.Linear(in_channels, planes, bias=False)
+        self.bn1 = nn.BatchNorm1d(planes)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm1d(planes)
+        self.conv3 = nn.Linear(planes, out_channels, bias=False)
+        self.bn3 = nn.BatchNorm1d(out_channels)
+
+    def _branch(self, x: SparseTensor) -> tuple[SparseTensor, torch.Tensor]:
+        """(the sites after the 3×3 conv, the branch's (M, out) features before the sum)."""
+        reduced = x.replace_feature(torch.relu(self.bn1(self.conv1(x.features))))  # same sites as x
+        out = _relu_bn(self.bn2, self.conv2(reduced))
+        return out, self.bn3(self.conv3(out.features))
+
+
+class _BottleneckDown(_Bottleneck):
     """Bottleneck block 0 (v1.5): 1×1, strided 3×3, 1×1; ÷9 average-pool shortcut. (N, in) → (M, out)."""
 
     DENSE_NAMES = (("conv1", "conv1"), ("bn1", "bn1"), ("conv2", "conv2"), ("bn2", "bn2"), ("conv3", "conv3"),
                    ("bn3", "bn3"), ("shortcut_conv", "downsample.0"), ("shortcut_bn", "downsample.1"))
 
     def __init__(self, in_channels: int, out_channels: int, backend: str) -> None:
-        super().__init__()
-        planes = out_channels // BOTTLENECK_EXPANSION
-        self.conv1 = nn.Linear(in_channels, planes, bias=False)
-        self.bn1 = nn.BatchNorm1d(planes)
-        self.conv2 = strided_conv3x3(planes, planes, backend)
-        self.bn2 = nn.BatchNorm1d(planes)
-        self.conv3 = nn.Linear(planes, out_channels, bias=False)
-        self.bn3 = nn.BatchNorm1d(out_channels)
+        super().__init__(in_channels, out_channels, lambda cin, cout: strided_conv3x3(cin, cout, backend))
         self.shortcut_conv = nn.Linear(in_channels, out_channels, bias=False)
         self.shortcut_bn = nn.BatchNorm1d(out_channels)
 
-    def forward(self, x):
-        reduced = x.replace_feature(torch.relu(self.bn1(self.conv1(x.features))))  # same sites as x
-        out = _relu_bn(self.bn2, self.conv2(reduced))
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        out, branch = self._branch(x)
         shortcut = self.shortcut_bn(self.shortcut_conv(sum_pool_3x3_stride2(x, out) / 9.0))
-        return out.replace_feature(torch.relu(self.bn3(self.conv3(out.features)) + shortcut))
+        return out.replace_feature(torch.relu(branch + shortcut))
 
 
-class _BottleneckBlock(nn.Module):
+class _BottleneckBlock(_Bottleneck):
     """Bottleneck block 1…N−1: 1×1, submanifold 3×3, 1×1; identity shortcut. (M, C) → (M, C)."""
 
     DENSE_NAMES = (("conv1", "conv1"), ("bn1", "bn1"), ("conv2", "conv2"), ("bn2", "bn2"), ("conv3", "conv3"), ("bn3", "bn3"))
 
     def __init__(self, channels: int, backend: str) -> None:
-        super().__init__()
-        planes = channels // BOTTLENECK_EXPANSION
-        self.conv1 = nn.Linear(channels, planes, bias=False)
-        self.bn1 = nn.BatchNorm1d(planes)
-        self.conv2 = submanifold_conv3x3(planes, planes, backend)
-        self.bn2 = nn.BatchNorm1d(planes)
-        self.conv3 = nn.Linear(planes, channels, bias=False)
-        self.bn3 = nn.BatchNorm1d(channels)
+        super().__init__(channels, channels, lambda cin, cout: submanifold_conv3x3(cin, cout, backend))
 
-    def forward(self, x):
-        out = x.replace_feature(torch.relu(self.bn1(self.conv1(x.features))))
-        out = _relu_bn(self.bn2, self.conv2(out))
-        return out.replace_feature(torch.relu(self.bn3(self.conv3(out.features)) + x.features))
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        out, branch = self._branch(x)
+        return out.replace_feature(torch.relu(branch + x.features))
 
 
 _SPARSE_BLOCKS = {"basic": (_BasicDown, _BasicBlock), "bottleneck": (_BottleneckDown, _BottleneckBlock)}
@@ -169,7 +177,7 @@ class SparseLayer4(nn.Module):
         """block0 … block{n_blocks-1}, in order."""
         return [getattr(self, f"block{index}") for index in range(self.n_blocks)]
 
-    def forward(self, x):  # sparse tensor → sparse tensor
+    def forward(self, x: SparseTensor) -> SparseTensor:
         for block in self.blocks():
             x = block(x)
         return x
