@@ -175,16 +175,22 @@ class SlideFileWriter:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         handle, self._file = self._file, None
-        if handle is None:
-            return
-        if exc_type is None:
-            handle.attrs["complete"] = True
-            handle.flush()
-            handle.close()
-            os.replace(self.temp_path, self.path)
-        else:
-            handle.close()
-            self.temp_path.unlink(missing_ok=True)
+        if handle is not None:
+            finish_atomic_write(handle, self.temp_path, self.path, succeeded=exc_type is None)
+
+
+def finish_atomic_write(handle: h5py.File, temp_path: Path, path: Path, *, succeeded: bool) -> None:
+    """End the write of an HDF5 file written at ``temp_path``: when it ``succeeded``, mark it
+    ``complete``, close it and rename it to ``path``; otherwise close and delete it, so that
+    nothing half-written is left that looks finished. Used by every writer of the package."""
+    if succeeded:
+        handle.attrs["complete"] = True
+        handle.flush()
+        handle.close()
+        os.replace(temp_path, path)
+    else:
+        handle.close()
+        temp_path.unlink(missing_ok=True)
 
 
 class SlideFeatures:
@@ -301,7 +307,8 @@ class SlideFeatures:
         return self._file["coords"][...]
 
     @property
-    def n_tiles(self) -> int:
+    def n_plain_tiles(self) -> int:
+        """N, the number of plain tiles (rows of ``features``)."""
         return int(self._file["features"].shape[0])
 
     @property

@@ -1,8 +1,10 @@
 """The ``gigassl`` command: one subcommand per job, each mapped onto its settings dataclass.
 
 Flags are generated from the dataclass fields (``n_tiles_per_view`` → ``--n-tiles-per-view``,
-booleans as ``--x/--no-x``), so the CLI and the Python API cannot drift apart. Heavy modules
-are imported only when their subcommand runs.
+booleans as ``--x/--no-x``, tuples as comma-separated values), so the CLI and the Python API
+cannot drift apart; a field's ``aliases`` metadata adds the flags it had under an older name
+(``--mpp`` for ``--target-mpp``). The dataclasses validate themselves, so the API and the CLI
+give the same messages. Heavy modules are imported only when their subcommand runs.
 
 Errors: a user error is printed as one line and exits with status 2; anything else is a bug,
 printed with its traceback, status 1; ``-v`` shows the traceback of user errors too. User
@@ -52,24 +54,35 @@ def _field_type(tp: Any) -> Any:
     return tp
 
 
+def comma_separated(text: str) -> tuple[str, ...]:
+    """``"a, b,c"`` → ``("a", "b", "c")``: the value of a tuple field on the command line (the
+    settings dataclass converts and checks the items)."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
-    """One flag per field of ``config_class``, typed, with its ``help`` metadata and default."""
+    """One flag per field of ``config_class`` (plus its ``aliases``), typed, with its ``help`` metadata and default."""
     hints = typing.get_type_hints(config_class)
     for spec in dataclasses.fields(config_class):
-        flag = "--" + spec.name.replace("_", "-")
+        flags = ["--" + spec.name.replace("_", "-"), *spec.metadata.get("aliases", ())]
         kind = _field_type(hints[spec.name])
         required = spec.metadata.get("required", False)
         default = None if spec.default is dataclasses.MISSING else spec.default
         help_text = spec.metadata.get("help", "")
         if kind is bool:
-            shown = flag if default else "--no-" + flag[2:]
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+            shown = flags[0] if default else "--no-" + flags[0][2:]
+            parser.add_argument(*flags, dest=spec.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=(help_text + f" (default: {shown})").replace("%", "%%"))
+            continue
+        if typing.get_origin(kind) is tuple:
+            kind, shown_default = comma_separated, default if default is None else ",".join(map(str, default))
         else:
-            parser.add_argument(
-                flag, type=kind, default=default, required=required,
-                help=(help_text + ("" if required or default is None else f" (default: {default})")).replace("%", "%%"),
-            )
+            shown_default = default
+        parser.add_argument(
+            *flags, dest=spec.name, type=kind, default=default, required=required,
+            metavar=spec.metadata.get("metavar"),
+            help=(help_text + ("" if required or default is None else f" (default: {shown_default})")).replace("%", "%%"),
+        )
 
 
 def config_from_args(config_class: type, args: argparse.Namespace) -> Any:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -60,7 +59,8 @@ from extract.config import settings_dict
 from extract.device import autocast
 from extract.encoder import SLIDE_FEATURE_DIM, TILE_FEATURE_DIM, file_sha256
 from extract.errors import UserError
-from extract.features_file import FeatureFileError
+from extract.features_file import FeatureFileError, finish_atomic_write
+from extract.seeding import slide_seed_sequence
 from gigassl.config import EmbedConfig
 from gigassl.data import feature_files_in
 from gigassl.plain_features import PlainFeatures, read_plain_features, split_duplicate_ids
@@ -112,8 +112,7 @@ class EmbedResult:
 
 def slide_generator(seed: int, slide_id: str) -> np.random.Generator:
     """The generator of one slide's views, from (seed, slide id) only."""
-    digest = hashlib.sha256(slide_id.encode("utf-8")).digest()
-    return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
+    return np.random.default_rng(slide_seed_sequence(seed, slide_id))
 
 
 def sample_views(
@@ -301,15 +300,8 @@ class EmbeddingWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         handle, self._file = self._file, None
-        if handle is None:
-            return
-        if exc_type is None:
-            handle.attrs["complete"] = True
-            handle.close()
-            os.replace(self.temp_path, self.path)
-        else:
-            handle.close()
-            self.temp_path.unlink(missing_ok=True)
+        if handle is not None:
+            finish_atomic_write(handle, self.temp_path, self.path, succeeded=exc_type is None)
 
 
 def read_embeddings(path: str | Path) -> SlideEmbeddings:
@@ -353,13 +345,6 @@ def export_embeddings(embeddings: SlideEmbeddings, path: str | Path, kind: str) 
     return target
 
 
-def load_slide_encoder(checkpoint: str | Path, device: torch.device | str = "cpu", sparse_backend: str = "auto"):
-    """(GigaSSLModel in eval mode, checkpoint dict) of a `gigassl train` checkpoint."""
-    from gigassl.checkpoint import load_model
-
-    return load_model(checkpoint, device, sparse_backend)
-
-
 def _parse_exports(text: str) -> list[str]:
     kinds = [k.strip().lower() for k in text.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in EXPORTS]
@@ -387,11 +372,12 @@ def run_embedding(config: EmbedConfig) -> EmbedResult:
     from tqdm.auto import tqdm
 
     from extract.device import resolve_device
+    from gigassl.checkpoint import load_model
 
     exports = _parse_exports(config.export)
     files, failed = split_duplicate_ids(feature_files_in(config.features))
     device = resolve_device(config.device)
-    model, checkpoint = load_slide_encoder(config.model, device, config.sparse_backend)
+    model, checkpoint = load_model(config.model, device, config.sparse_backend)
     n_tiles = config.n_tiles_per_view or int(checkpoint["config"]["n_tiles_per_view"])
     contract = FeatureContract.of(model, checkpoint, config.allow_other_encoder)
     provenance = dict(
@@ -429,7 +415,9 @@ def run_embedding(config: EmbedConfig) -> EmbedResult:
 @functools.lru_cache(maxsize=2)
 def _cached_slide_encoder(path: str, mtime_ns: int, device: str, sparse_backend: str) -> tuple[Any, int, FeatureContract]:
     # cross_val_score clones and re-transforms many times; the file's mtime keys out stale copies
-    model, checkpoint = load_slide_encoder(path, device, sparse_backend)
+    from gigassl.checkpoint import load_model
+
+    model, checkpoint = load_model(path, device, sparse_backend)
     return model, int(checkpoint["config"]["n_tiles_per_view"]), FeatureContract.of(model, checkpoint)
 
 
