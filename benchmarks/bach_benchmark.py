@@ -88,7 +88,7 @@ def label_of(path: Path) -> str:
 
 def list_images(folder: Path) -> list[Path]:
     """The folder's image files (the extensions extraction reads), sorted; every one must be labelled."""
-    from extract.run import list_slides
+    from extract.slide_list import list_slides
 
     images, others = list_slides(Path(folder))
     if not images:
@@ -234,10 +234,13 @@ def run_stage(name: str, out: Path, settings: dict[str, Any], work: Callable[[Pa
 
 
 def _plain(config: Any, drop: Sequence[str] = ()) -> dict[str, Any]:
-    """A settings dataclass as JSON-able data, without the fields that do not change outputs."""
-    from extract.config import settings_dict
+    """A settings dataclass as JSON-able data, without the fields that do not change outputs (renamed
+    fields under their old names, so that the cache keys of earlier runs still match)."""
+    from extract.config import RENAMED_FIELDS
 
-    return settings_dict(config, tuple(drop))
+    old_name = {current: old for old, current in RENAMED_FIELDS.items()}
+    return {old_name.get(k, k): (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()
+            if k not in drop}
 
 
 # Fields that only say where things are, or how fast they run, not what is computed.
@@ -338,7 +341,7 @@ def tile_encoder(args: argparse.Namespace, folder: Path, fingerprint: str, out: 
         encoder, encoder_id = "random", "random"
     elif args.encoder == "moco":
         overrides = {k: v for k, v in (("epochs", args.moco_epochs), ("tiles_per_epoch", args.moco_tiles_per_epoch)) if v}
-        moco = MocoConfig(slides=folder, out=Path("."), profile="small-cpu", mpp=args.mpp, default_mpp=args.image_mpp,
+        moco = MocoConfig(slides=folder, out=Path("."), profile="small-cpu", target_mpp=args.mpp, default_mpp=args.image_mpp,
                           tissue_threshold=args.tissue_threshold, seed=seed, num_workers=args.num_workers,
                           device=args.device, probe_labels=labels_csv, **overrides).resolved()
         moco_settings = dict(_plain(moco, NOT_KEYED), images=fingerprint)
@@ -428,7 +431,7 @@ def run(args: argparse.Namespace, seed: int, moco_seed: int, report_to: Path) ->
 
     # plain features and bank
     extract = ExtractConfig(
-        slides=folder, out=Path("."), encoder=encoder, mpp=args.mpp, tile_size=args.tile_size,
+        slides=folder, out=Path("."), encoder=encoder, target_mpp=args.mpp, tile_size_px=args.tile_size,
         tissue_threshold=args.tissue_threshold, default_mpp=args.image_mpp,
         n_augmentations=plan.n_augmentations, n_tiles_per_augmentation=plan.n_tiles_per_augmentation,
         seed=seed, num_workers=args.num_workers, device=args.device,

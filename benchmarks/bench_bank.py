@@ -119,7 +119,7 @@ def main() -> None:
     work_dtype = autocast_dtype(device) or torch.float32
 
     config = ExtractConfig(
-        slides=args.slide.parent, out=Path(tempfile.gettempdir()), mpp=args.mpp, tile_size=args.tile_size,
+        slides=args.slide.parent, out=Path(tempfile.gettempdir()), target_mpp=args.mpp, tile_size_px=args.tile_size,
         n_augmentations=args.n_augmentations, n_tiles_per_augmentation=args.n_tiles, batch_size=args.batch_size,
         device="cpu",
     )

@@ -29,9 +29,9 @@ import torch
 
 from extract.config import ExtractConfig
 from extract.device import resolve_device
-from extract.encoder import load_encoder
+from extract.encoder import encode_batches, load_encoder
 from extract.reader import open_slide
-from extract.run import encode_batches, run_extraction
+from extract.run import run_extraction
 from extract.tile_loader import TileStream
 from extract.tiling import tile_grid
 
@@ -75,7 +75,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         for copy in range(copies):
             (slides / f"{args.slide.stem}-{copy}{args.slide.suffix}").symlink_to(args.slide.resolve())
         config = ExtractConfig(
-            slides=slides, out=work / "out", encoder=str(args.encoder), mpp=args.mpp, tile_size=args.tile_size,
+            slides=slides, out=work / "out", encoder=str(args.encoder), target_mpp=args.mpp, tile_size_px=args.tile_size,
             tissue_threshold=args.tissue_threshold, bank=False, qc=False, overwrite=True,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
         )

@@ -37,11 +37,11 @@ from sklearn.preprocessing import StandardScaler
 
 from extract.config import MOCO_PROFILES, MocoConfig
 from extract.device import resolve_device
-from extract.encoder import TileTrunk, load_resnet18
+from extract.encoder import TileTrunk, encode_batch, load_resnet18
 from extract.moco import run_pretraining
-from extract.moco_data import SlideTiles, index_slides
+from extract.moco_data import IndexedSlide, index_slides
 from extract.reader import open_slide
-from extract.run import encode_batch, list_slides
+from extract.slide_list import list_slides
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "bach-dev"
@@ -75,7 +75,7 @@ def train_or_reuse(config: MocoConfig, retrain: bool) -> tuple[Path, float | Non
 
 
 @torch.no_grad()
-def mean_tile_features(encoder_source: str | Path, slides: list[SlideTiles], args: argparse.Namespace) -> np.ndarray:
+def mean_tile_features(encoder_source: str | Path, slides: list[IndexedSlide], args: argparse.Namespace) -> np.ndarray:
     """(n_images, 256) mean trunk feature of each image's tissue tiles."""
     model, _ = load_resnet18(encoder_source)
     device = resolve_device(args.device)
@@ -86,7 +86,7 @@ def mean_tile_features(encoder_source: str | Path, slides: list[SlideTiles], arg
         coords = slide.coords
         if args.probe_tiles_per_image and len(coords) > args.probe_tiles_per_image:
             coords = coords[np.sort(rng.choice(len(coords), args.probe_tiles_per_image, replace=False))]
-        with open_slide(slide.path, mpp_override=slide.mpp) as reader:
+        with open_slide(slide.path, mpp_override=slide.level0_mpp) as reader:
             tiles = np.stack([reader.read_tile(int(x), int(y), slide.size_level0, args.tile_size) for x, y in coords])
         features = np.concatenate([encode_batch(torch.from_numpy(tiles[i : i + 256]), trunk, device)
                                    for i in range(0, len(tiles), 256)])
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=REPO / "bench_out" / "moco_bach", help="training run and features (never commit)")
     parser.add_argument("--image-mpp", type=float, default=0.42, help="µm/px of the images (BACH: 0.42)")
     parser.add_argument("--mpp", type=float, default=1.0, help="µm/px of the tiles, training and probe (1.0 ≈ 10×, the paper's)")
-    parser.add_argument("--tile-size", type=int, default=MOCO_PROFILES["small-cpu"]["tile_size"], help="tile px (the small-cpu profile's)")
+    parser.add_argument("--tile-size", type=int, default=MOCO_PROFILES["small-cpu"]["tile_size_px"], help="tile px (the small-cpu profile's)")
     # BACH images are fields a pathologist chose, all relevant; some benign ones are so pale that
     # the saturation-based tissue mask finds almost nothing, so every tile is kept by default.
     parser.add_argument("--tissue-threshold", type=float, default=0.0)
@@ -137,7 +137,7 @@ def main() -> None:
     labels = np.array([label_of(p) for p in images])
     overrides = {k: v for k, v in (("epochs", args.epochs), ("tiles_per_epoch", args.tiles_per_epoch)) if v is not None}
     config = MocoConfig(
-        slides=args.images, out=args.cache / "pretrain", profile="small-cpu", mpp=args.mpp, tile_size=args.tile_size,
+        slides=args.images, out=args.cache / "pretrain", profile="small-cpu", target_mpp=args.mpp, tile_size_px=args.tile_size,
         default_mpp=args.image_mpp, tissue_threshold=args.tissue_threshold, num_workers=args.num_workers,
         device=args.device, **overrides,
     )

@@ -51,7 +51,7 @@ def main() -> None:
     for path, default_mpp in IMAGES:
         with open_slide(path, default_mpp=default_mpp) as reader:
             thumb, downsample = reader.thumbnail(1536)
-            mpp, dimensions = reader.mpp * downsample, reader.dimensions
+            mpp, dimensions = reader.level0_mpp * downsample, reader.dimensions
         size_level0 = 224 * 0.5 / (mpp / downsample)
         no_ink = np.zeros(thumb.shape[:2], dtype=bool)
         clean = tissue_mask(thumb, ink=no_ink)

@@ -26,7 +26,7 @@ def test_direct_reads_equal_h5py_reads(slide_path, monkeypatch, inflater):
     rng = np.random.default_rng(0)
     with SlideFeatures(slide_path) as slide:
         chunks = locate_bank_chunks(slide)
-        assert chunks is not None and chunks.n_augmentations == 4 and chunks.n_tiles == 16
+        assert chunks is not None and chunks.n_augmentations == 4 and chunks.bank_size == 16
         for a in range(4):
             expected = slide.augmentation(a)
             got = reader.read(chunks, a)
@@ -76,7 +76,7 @@ def test_a_damaged_chunk_names_the_file(slide_path):
         handle.seek(offset)
         handle.write(b"\xff" * 64)
     stat = os.stat(slide_path)
-    chunks = bank_chunks.BankChunks(chunks.path, chunks.n_tiles, chunks.feature_offsets, chunks.feature_sizes,
+    chunks = bank_chunks.BankChunks(chunks.path, chunks.bank_size, chunks.feature_offsets, chunks.feature_sizes,
                                     chunks.coord_offsets, chunks.coord_sizes,
                                     identity=(stat.st_ino, stat.st_size, stat.st_mtime_ns))
     reader = BankChunkReader()

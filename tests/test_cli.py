@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from extract.config import ExtractConfig, MocoConfig
 from extract.errors import UserError
 from gigassl import cli, embed, protocol
 
@@ -80,6 +81,26 @@ def test_flags_map_onto_the_dataclass_tuples_from_commas_and_old_names_as_aliase
         config = cli.config_from_args(cli.COMMANDS["evaluate"][0], parser.parse_args([*evaluate, flag, "3"]))
         assert config.logistic_c == 3.0
     assert "(default: none)" in parser._subparsers._group_actions[0].choices["embed"].format_help()
+def test_renamed_flags_keep_their_old_names_and_tuples_are_comma_separated():
+    parser = cli.build_parser()
+    args = parser.parse_args(["extract", "--slides", "s", "--out", "o", "--mpp", "1.0", "--tile-size", "64",
+                              "--encoder-mean", "0.5, 0.5,0.5"])
+    config = cli.config_from_args(ExtractConfig, args)
+    assert (config.target_mpp, config.tile_size_px, config.encoder_mean) == (1.0, 64, (0.5, 0.5, 0.5))
+    args = parser.parse_args(["pretrain-tiles", "--slides", "s", "--out", "o", "--target-mpp", "2.0", "--tile-size-px", "32"])
+    config = cli.config_from_args(MocoConfig, args)
+    assert (config.target_mpp, config.tile_size_px) == (2.0, 32)
+
+
+def test_the_settings_check_themselves_with_the_flags_messages():
+    with pytest.raises(ValueError, match="--target-mpp 0"):
+        ExtractConfig(slides="s", out="o", target_mpp=0)
+    with pytest.raises(ValueError, match="--encoder-std"):
+        ExtractConfig(slides="s", out="o", encoder_std=(0.2, 0.0, 0.2))
+    with pytest.raises(ValueError, match="nothing to do"):
+        ExtractConfig(slides="s", out="o", plain=False, bank=False)
+    with pytest.raises(ValueError, match="--tissue-threshold 2"):
+        MocoConfig(slides="s", out="o", tissue_threshold=2.0)
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ def test_demo_runs_every_stage_and_gigassl_beats_chance(tmp_path):
     assert [p.stem for p in result.qc] == [p.stem for p in result.slides]
     with SlideFeatures(result.features[0], require_plain=True, require_bank=True) as features:
         assert (features.n_augmentations, features.bank_size) == (4, 16)
-        assert features.n_tiles > 5
+        assert features.n_plain_tiles > 5
     assert result.checkpoint.is_file() and result.monitors.is_file()
     assert result.curves is not None and result.curves.is_file()
     with h5py.File(result.embeddings, "r") as handle:
@@ -56,14 +56,15 @@ def test_demo_runs_every_stage_and_gigassl_beats_chance(tmp_path):
 
 
 def test_demo_refuses_a_cohort_too_small_to_evaluate(tmp_path):
-    with pytest.raises(ValueError, match="n-slides 4"):
-        run_demo(DemoConfig(out=tmp_path, n_slides=4))
+    with pytest.raises(ValueError, match=r"--n-slides must be ≥ 10 \(got 4\)"):
+        DemoConfig(out=tmp_path, n_slides=4)
     assert not (tmp_path / "slides").exists()
 
 
 def test_demo_refuses_unknown_baselines(tmp_path):
     with pytest.raises(ValueError, match="transformer"):
-        run_demo(DemoConfig(out=tmp_path, baselines="average,transformer"))
+        DemoConfig(out=tmp_path, baselines="average,transformer")
+    assert DemoConfig(baselines="average, abmil").baselines == ("average", "abmil")
 
 
 def test_demo_flags_map_onto_the_settings():

@@ -68,7 +68,7 @@ def test_package_reader_gets_the_mpp(cohort):
     from extract.reader import open_slide
 
     with open_slide(cohort[0][0]) as reader:
-        assert reader.mpp == pytest.approx(KATHER_MPP, rel=1e-4)
+        assert reader.level0_mpp == pytest.approx(KATHER_MPP, rel=1e-4)
 
 
 def test_labels_are_balanced_and_match_the_manifest(cohort):

@@ -8,7 +8,9 @@ from torch import nn
 from extract.augment import TileAugmentation
 from extract.config import MOCO_PROFILES, MocoConfig
 from extract.encoder import load_resnet18
-from extract.moco import alignment, cosine_lr, make_views, rankme, run_pretraining, train_step, uniformity
+from extract.moco import (
+    alignment, cosine_lr, load_training_checkpoint, make_views, rankme, run_pretraining, train_step, uniformity,
+)
 from extract.moco_model import KeyQueue, MoCo, info_nce_logits, info_nce_loss, momentum_update
 from extract.moco_data import EpochTileBatches, epoch_plan, fixed_tiles, index_slides
 
@@ -93,9 +95,9 @@ def test_monitors_analytic():
 def test_small_cpu_profile_replaces_defaults_only():
     config = MocoConfig(slides="s", out="o", profile="small-cpu", batch_size=32).resolved()
     profile = MOCO_PROFILES["small-cpu"]
-    assert config.tile_size == profile["tile_size"] and config.queue_size == profile["queue_size"]
+    assert config.tile_size_px == profile["tile_size_px"] and config.queue_size == profile["queue_size"]
     assert config.batch_size == 32  # an explicit value wins
-    assert MocoConfig(slides="s", out="o").resolved().tile_size == 224
+    assert MocoConfig(slides="s", out="o").resolved().tile_size_px == 224
     with pytest.raises(ValueError, match="profile"):
         MocoConfig(slides="s", out="o", profile="tiny")
     with pytest.raises(ValueError, match="momentum"):
@@ -160,7 +162,7 @@ def test_few_steps_on_real_tiles_lower_the_loss(slide_tiles):
 
 def _tiny_config(slides_dir, out, **changes):
     settings = dict(
-        slides=slides_dir, out=out, mpp=1.0, tile_size=32, batch_size=8, queue_size=12, tiles_per_epoch=16,
+        slides=slides_dir, out=out, target_mpp=1.0, tile_size_px=32, batch_size=8, queue_size=12, tiles_per_epoch=16,
         tiles_per_visit=4, epochs=2, monitor_tiles=8, num_workers=0, checkpoint_every=1, device="cpu", lr=0.1,
     )
     settings.update(changes)
@@ -181,7 +183,7 @@ def test_run_writes_checkpoints_and_monitors(trained):
     assert result.exit_code == 0 and result.epochs_done == 2 and result.n_slides == 1
     assert f"2 epochs on 1 slides → encoder {result.encoder_path}" in result.format()
     raw = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-    assert raw["epoch"] == 2 and raw["step"] == 4 and raw["config"]["tile_size"] == 32
+    assert raw["epoch"] == 2 and raw["step"] == 4 and raw["config"]["tile_size_px"] == 32
     assert raw["state_dict"]["queue.keys"].shape == (12, 128)
     assert int(raw["state_dict"]["queue.ptr"]) == (4 * 8) % 12
     assert {"optimizer", "rng", "monitors"} <= set(raw)
@@ -189,6 +191,17 @@ def test_run_writes_checkpoints_and_monitors(trained):
     lines = (out / "monitors.csv").read_text().splitlines()
     assert len(lines) == 3 and "rankme_tile256" in lines[0] and "uniformity" in lines[0]
     assert all(math.isfinite(row["rankme_tile256"]) and row["rankme_tile256"] >= 1 for row in result.monitors)
+
+
+def test_a_checkpoint_with_the_settings_old_names_still_resumes(trained, tmp_path):
+    folder, out, _ = trained
+    raw = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    config = raw["config"]  # as written before target_mpp and tile_size_px had these names
+    config["mpp"], config["tile_size"] = config.pop("target_mpp"), config.pop("tile_size_px")
+    torch.save(raw, tmp_path / "old.pt")
+    assert load_training_checkpoint(tmp_path / "old.pt", _tiny_config(folder, tmp_path))["epoch"] == 2
+    with pytest.raises(ValueError, match=r"--tile-size-px 32 \(checkpoint\) vs 64"):
+        load_training_checkpoint(tmp_path / "old.pt", _tiny_config(folder, tmp_path, tile_size_px=64))
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ def _levels_marked_tiff(path: Path) -> Path:
 def test_cmu_metadata(slides_dir: Path) -> None:
     with open_slide(slides_dir / "CMU-1-Small-Region.svs") as reader:
         assert reader.slide_id == "CMU-1-Small-Region"
-        assert reader.mpp == pytest.approx(0.499)
+        assert reader.level0_mpp == pytest.approx(0.499)
         assert reader.dimensions == (2220, 2967)
         assert reader.magnification == 20.0
         tile = reader.read_tile(1000, 1500, 224.4, 224)
@@ -43,7 +43,7 @@ def test_cmu_metadata(slides_dir: Path) -> None:
 )
 def test_reads_the_closest_finer_level(tmp_path: Path, size_level0: int, out_px: int, expected_level: int) -> None:
     with open_slide(_levels_marked_tiff(tmp_path / "levels.tif")) as reader:
-        assert reader.mpp == pytest.approx(0.25)
+        assert reader.level0_mpp == pytest.approx(0.25)
         assert reader.level_downsamples == pytest.approx((1.0, 2.0, 4.0))
         tile = reader.read_tile(0, 0, size_level0, out_px)
     assert tile.shape == (out_px, out_px, 3)
@@ -87,13 +87,13 @@ def test_plain_image_needs_mpp_and_reads_with_it(tmp_path: Path) -> None:
     with pytest.raises(MissingMppError, match="--mpp-csv.*--default-mpp"):
         open_slide(path)
     with open_slide(path, default_mpp=0.42) as reader:
-        assert (reader.mpp, reader.dimensions, reader.magnification) == (0.42, (400, 300), None)
+        assert (reader.level0_mpp, reader.dimensions, reader.magnification) == (0.42, (400, 300), None)
         tile = reader.read_tile(300, 200, 200, 50)
         thumb, downsample = reader.thumbnail(100)
     assert np.all(tile[:20, :20] == 80) and np.all(tile[30:, 30:] == 255)
     assert thumb.shape == (75, 100, 3) and downsample == pytest.approx(4.0)
     with open_slide(path, mpp_override=1.5, default_mpp=0.42) as reader:
-        assert reader.mpp == 1.5
+        assert reader.level0_mpp == 1.5
 
 
 def test_slide_without_mpp_names_the_options(slides_dir: Path) -> None:
@@ -103,14 +103,14 @@ def test_slide_without_mpp_names_the_options(slides_dir: Path) -> None:
     message = str(error.value)
     assert "TCGA-CR-7395-01A-01-TS1" in message and "--mpp-csv" in message and "--default-mpp" in message
     with open_slide(path, mpp_override=3.0) as reader:
-        assert reader.mpp == 3.0 and reader.dimensions == (4443, 3567) and len(reader.level_downsamples) == 2
+        assert reader.level0_mpp == 3.0 and reader.dimensions == (4443, 3567) and len(reader.level_downsamples) == 2
 
 
 def test_metadata_wins_over_default_but_not_over_csv(slides_dir: Path) -> None:
     with open_slide(slides_dir / "CMU-1-Small-Region.svs", default_mpp=2.0) as reader:
-        assert reader.mpp == pytest.approx(0.499)
+        assert reader.level0_mpp == pytest.approx(0.499)
     with open_slide(slides_dir / "CMU-1-Small-Region.svs", mpp_override=0.6) as reader:
-        assert reader.mpp == 0.6
+        assert reader.level0_mpp == 0.6
 
 
 def test_unopenable_file_is_a_clear_error(slides_dir: Path) -> None:

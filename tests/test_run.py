@@ -19,10 +19,11 @@ import torch
 
 from extract.config import ExtractConfig
 from extract.device import autocast
-from extract.encoder import TileTrunk, load_resnet18
+from extract.encoder import TileTrunk, load_resnet18, prepare_batch
 from extract.features_file import SlideFeatures, is_complete
 from extract.reader import open_slide
-from extract.run import parse_shard, prepare_batch, process_part, run_extraction, select_part
+from extract.run import run_extraction
+from extract.slide_list import parse_shard, process_part, select_part
 from extract.tiling import tile_grid
 from fixtures.make_slides import write_blank_slide, write_tissue_slide
 from fixtures.processes import alive, describe, descendants, wait_until_gone
@@ -96,7 +97,7 @@ def test_end_to_end_writes_valid_files(real_cohort: Path, tmp_path: Path, slides
 
 def test_python_api_and_dataloader_workers_agree(cohort: Path, tmp_path: Path) -> None:
     (cohort / "synthetic_c.tif").unlink()
-    base = dict(slides=cohort, out=tmp_path / "w0", encoder="random", tile_size=64, mpp=2.0, bank=False, batch_size=16, num_workers=0)
+    base = dict(slides=cohort, out=tmp_path / "w0", encoder="random", tile_size_px=64, target_mpp=2.0, bank=False, batch_size=16, num_workers=0)
     assert run_extraction(ExtractConfig(**base)).exit_code == 0
     summary = run_extraction(ExtractConfig(**{**base, "out": tmp_path / "w2", "num_workers": 2}))
     assert len(summary.done) == 2
@@ -419,7 +420,7 @@ def test_plain_features_and_bank_in_one_file(cohort: Path, tmp_path: Path) -> No
     target = tmp_path / "a" / "features" / "synthetic_a.h5"
     assert is_complete(target, require_plain=True, require_bank=True)
     with SlideFeatures(target) as slide:
-        assert (slide.n_tiles, slide.n_augmentations, slide.bank_size) == (48, 3, 16)
+        assert (slide.n_plain_tiles, slide.n_augmentations, slide.bank_size) == (48, 3, 16)
         plain = {tuple(c) for c in slide.coords().tolist()}
         attrs = slide.bank_attrs
         assert attrs["seed"] == 0 and not attrs["sampled_with_replacement"]
@@ -448,7 +449,7 @@ def test_bank_of_a_slide_with_fewer_tissue_tiles_than_k(
     assert extract(folder, tmp_path / "out", "--bank", "--n-augmentations", "2",
                    "--n-tiles-per-augmentation", "64", "--mpp", mpp) == 0
     with SlideFeatures(tmp_path / "out" / "features" / "synthetic_a.h5", require_bank=True) as slide:
-        assert slide.n_tiles == n_tissue_tiles and slide.bank_size == 64
+        assert slide.n_plain_tiles == n_tissue_tiles and slide.bank_size == 64
         assert slide.bank_attrs["sampled_with_replacement"]
         plain = {tuple(c) for c in slide.coords().tolist()}
         features, coords = slide.augmentation(1)
@@ -627,7 +628,7 @@ def test_counts_are_singular_for_one_slide(tmp_path: Path, caplog: pytest.LogCap
     with caplog.at_level(logging.INFO, logger="extract"):
         assert extract(folder, tmp_path / "out") == 0
     assert any(r.getMessage().startswith("extract: 1 slide for part 1/1") for r in caplog.records)
-    from extract.run import ExtractionSummary, SlideOutcome
+    from extract.summary import ExtractionSummary, SlideOutcome
 
     assert ExtractionSummary([SlideOutcome("one.tif", "done")]).format().startswith("extract: 1 slide: 1 done")
 

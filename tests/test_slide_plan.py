@@ -10,7 +10,7 @@ from extract.slide_plan import PlanSettings, SlidePlanner
 from extract.tiling import NoTissueError, tile_grid
 from fixtures.make_slides import write_blank_slide, write_tissue_slide
 
-SETTINGS = dict(mpp=1.0, tile_size=32, tissue_threshold=0.5)
+SETTINGS = dict(target_mpp=1.0, tile_size_px=32, tissue_threshold=0.5)
 
 
 @pytest.fixture()
@@ -35,7 +35,7 @@ def test_plans_match_the_grid_and_errors_stay_with_their_slide(slides, tmp_path)
         with open_slide(path, 0.4 if path.stem == "d" else None) as reader:
             expected = tile_grid(reader, 1.0, 32, 0.5)
         np.testing.assert_array_equal(grid.coords, expected.coords)
-        assert grid.mpp == expected.mpp and grid.size_level0 == expected.size_level0 and grid.tissue is None
+        assert grid.level0_mpp == expected.level0_mpp and grid.size_level0 == expected.size_level0 and grid.tissue is None
         assert not (qc / f"{path.stem}.png").exists()  # published only when the slide's features are complete
         planner.publish_qc(path)
         assert (qc / f"{path.stem}.png").stat().st_size > 0

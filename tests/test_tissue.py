@@ -87,7 +87,7 @@ def test_pen_ink_over_real_tissue_is_not_tissue(slides_dir: Path, marker: str) -
     tissue beside the strokes stays."""
     with open_slide(slides_dir / "CMU-1-Small-Region.svs") as reader:
         thumb, downsample = reader.thumbnail(1536)
-        mpp = reader.mpp * downsample
+        mpp = reader.level0_mpp * downsample
     clean = tissue_mask(thumb, ink=pen_ink_mask(thumb, mpp))
     for seed in (1, 2):
         inked, stroke = paint_marker(thumb, MARKERS[marker], round(150 / mpp), seed)
@@ -105,7 +105,7 @@ def test_pen_ink_rule_keeps_clean_tissue(slides_dir: Path, shared_data: Path) ->
     for path, default_mpp in images:
         with open_slide(path, default_mpp=default_mpp) as reader:
             thumb, downsample = reader.thumbnail(1536)
-            ink = pen_ink_mask(thumb, reader.mpp * downsample)
+            ink = pen_ink_mask(thumb, reader.level0_mpp * downsample)
         tissue = tissue_mask(thumb, ink=np.zeros(thumb.shape[:2], dtype=bool))
         assert (tissue & ink).sum() <= 0.005 * tissue.sum(), path.name
 
@@ -114,7 +114,7 @@ def test_qc_image_is_large_enough_to_judge_and_shows_ink(slides_dir: Path, tmp_p
     from extract.slide_plan import PlanSettings, plan_slide
 
     _, qc_partial = plan_slide(slides_dir / "CMU-1-Small-Region.svs", None,
-                               PlanSettings(mpp=0.5, tile_size=224, tissue_threshold=0.5, qc_dir=tmp_path))
+                               PlanSettings(target_mpp=0.5, tile_size_px=224, tissue_threshold=0.5, qc_dir=tmp_path))
     with Image.open(qc_partial) as picture:
         assert max(picture.size) >= 1500  # was 768: pen marks and borders could not be judged
     thumb = np.full((100, 120, 3), 255, dtype=np.uint8)

@@ -23,13 +23,12 @@ and encoded. Peak memory is two batches of tiles plus that budget, whatever the 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -38,11 +37,18 @@ from extract.augment import AugmentationParams, TileAugmentation
 from extract.config import ExtractConfig
 from extract.device import autocast, autocast_dtype
 from extract.encoder import TileEncoder
+from extract.seeding import slide_seed_sequence
+
+if TYPE_CHECKING:
+    from extract.reader import SlideReader
+    from extract.tiling import TileGrid
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BUDGET_BYTES = 1 << 30
 FEW_TILES_WARNING = 5
+# Decoded tiles kept between the plain pass and the bank (a constant, not the slide's size).
+KEEP_DECODED_BYTES = 512 << 20
 
 
 class TileSource(Protocol):
@@ -69,20 +75,15 @@ class BankResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds reading, augmenting, encoding
 
 
-def slide_seed_sequence(seed: int, slide_id: str) -> np.random.SeedSequence:
-    """The bank's root of randomness for one slide (stable across runs and machines)."""
-    digest = hashlib.sha256(slide_id.encode("utf-8")).digest()
-    return np.random.SeedSequence([int(seed), int.from_bytes(digest[:8], "little")])
-
-
 def sample_tile_indices(
-    n_tissue_tiles: int, n_augmentations: int, n_tiles: int, rng: np.random.Generator
+    n_tissue_tiles: int, n_augmentations: int, n_tiles_per_augmentation: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, bool]:
     """(A, K) int64 tile rows, one uniform draw per augmentation, and whether with replacement."""
     if n_tissue_tiles < 1:
         raise ValueError("no tissue tiles to sample a bank from")
-    with_replacement = n_tissue_tiles < n_tiles
-    rows = [rng.choice(n_tissue_tiles, size=n_tiles, replace=with_replacement) for _ in range(n_augmentations)]
+    with_replacement = n_tissue_tiles < n_tiles_per_augmentation
+    rows = [rng.choice(n_tissue_tiles, size=n_tiles_per_augmentation, replace=with_replacement)
+            for _ in range(n_augmentations)]
     return np.stack(rows).astype(np.int64), with_replacement
 
 
@@ -134,6 +135,68 @@ class _Clock:
         self._last = now
 
 
+class DecodedTiles:
+    """A tile source answering from tiles decoded by the plain pass, else from the slide.
+
+    Lets the bank reuse the plain pass's pixels, so each tile is decoded once per slide when
+    the slide's tiles fit ``KEEP_DECODED_BYTES``. ``tiles`` (N, H, W, 3) uint8 are the rows of
+    ``grid.coords``.
+    """
+
+    def __init__(self, reader: SlideReader, grid: TileGrid, tiles: np.ndarray) -> None:
+        self.reader, self.slide_id = reader, reader.slide_id
+        self._tiles, self._size_level0, self._tile_px = tiles, grid.size_level0, grid.tile_size_px
+        self._rows = {(int(x), int(y)): row for row, (x, y) in enumerate(grid.coords)}
+
+    def read_tile(self, x0: int, y0: int, size_level0: float, out_px: int) -> np.ndarray:
+        row = self._rows.get((int(x0), int(y0)))
+        if row is None or out_px != self._tile_px or abs(size_level0 - self._size_level0) > 1e-9:
+            return self.reader.read_tile(x0, y0, size_level0, out_px)
+        return self._tiles[row]
+
+
+class _DrawEmbedder:
+    """Applies one augmentation draw to a batch of tiles and embeds them, timing both on ``clock``."""
+
+    def __init__(self, trunk: TileEncoder, augmentation: TileAugmentation, device: torch.device,
+                 mixed_precision: bool) -> None:
+        self.trunk, self.augmentation, self.device, self.mixed_precision = trunk, augmentation, device, mixed_precision
+        self.work_dtype = (autocast_dtype(device) if mixed_precision else None) or torch.float32
+        self.clock = _Clock(device)
+
+    def __call__(self, tiles: np.ndarray, params: AugmentationParams) -> np.ndarray:
+        """Augment (b, H, W, 3) uint8 tiles with one shared draw and embed them → (b, D) float16."""
+        images = torch.from_numpy(tiles).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        images = self.augmentation.apply(images, params, normalize=(self.trunk.mean, self.trunk.std), dtype=self.work_dtype)
+        images = images.contiguous(memory_format=torch.channels_last)
+        self.clock.lap("augment")
+        with torch.inference_mode(), autocast(self.device, enabled=self.mixed_precision):
+            out = self.trunk(images)
+        out = out.float().cpu().numpy().astype(np.float16)
+        self.clock.lap("encode")
+        return out
+
+
+def _check_inputs(reader: TileSource, grid: Grid, trunk: TileEncoder, config: ExtractConfig, slide_id: str | None) -> str:
+    """The slide id that seeds the draws; raises on a bank that cannot be built."""
+    if config.n_augmentations < 1 or config.n_tiles_per_augmentation < 1:
+        raise ValueError(f"bank of {config.n_augmentations} augmentations × {config.n_tiles_per_augmentation} tiles: "
+                         "both must be ≥ 1")
+    if trunk.training:
+        raise ValueError("the trunk is in training mode (batch-norm would use batch statistics); call trunk.eval()")
+    slide_id = slide_id if slide_id is not None else getattr(reader, "slide_id", None)
+    if slide_id is None:
+        raise ValueError("build_bank needs the slide id to seed its draws: pass slide_id= or a reader with .slide_id")
+    if len(grid.coords) == 0:
+        raise ValueError(
+            f"{slide_id}: no tissue tiles, so no bank can be sampled; lower --tissue-threshold or check the slide"
+        )
+    if len(grid.coords) < FEW_TILES_WARNING:
+        logger.warning("%s: only %d tissue tiles; the bank repeats them (sampled with replacement)", slide_id,
+                       len(grid.coords))
+    return slide_id
+
+
 def build_bank(
     reader: TileSource,
     grid: Grid,
@@ -152,64 +215,22 @@ def build_bank(
     ``trunk``: the frozen tile encoder (D = ``trunk.feature_dim``) in eval mode on ``device``. ``slide_id`` seeds the draws
     (default ``reader.slide_id``). ``progress`` is called with K after each augmentation.
     """
-    n_augmentations, n_tiles, tile_px = config.n_augmentations, config.n_tiles_per_augmentation, config.tile_size
-    if n_augmentations < 1 or n_tiles < 1:
-        raise ValueError(f"bank of {n_augmentations} augmentations × {n_tiles} tiles: both must be ≥ 1")
-    if trunk.training:
-        raise ValueError("the trunk is in training mode (batch-norm would use batch statistics); call trunk.eval()")
-    slide_id = slide_id if slide_id is not None else getattr(reader, "slide_id", None)
-    if slide_id is None:
-        raise ValueError("build_bank needs the slide id to seed its draws: pass slide_id= or a reader with .slide_id")
+    slide_id = _check_inputs(reader, grid, trunk, config, slide_id)
     coords = np.asarray(grid.coords, dtype=np.int64).reshape(-1, 2)
-    if len(coords) == 0:
-        raise ValueError(
-            f"{slide_id}: no tissue tiles, so no bank can be sampled; lower --tissue-threshold or check the slide"
-        )
     augmentation = augmentation or TileAugmentation()
-
     tile_seeds, augmentation_seed = slide_seed_sequence(config.seed, slide_id).spawn(2)
     indices, with_replacement = sample_tile_indices(
-        len(coords), n_augmentations, n_tiles, np.random.default_rng(tile_seeds)
+        len(coords), config.n_augmentations, config.n_tiles_per_augmentation, np.random.default_rng(tile_seeds)
     )
-    if len(coords) < FEW_TILES_WARNING:
-        logger.warning("%s: only %d tissue tiles; the bank repeats them (sampled with replacement)", slide_id, len(coords))
     generator = torch.Generator().manual_seed(int(augmentation_seed.generate_state(1, np.uint64)[0] >> 1))
-    sampled = np.unique(indices)
-    keep = len(sampled) * tile_px * tile_px * 3 <= cache_budget_bytes
-    cache = _TileCache(reader, grid, tile_px, keep)
-
-    work_dtype = (autocast_dtype(device) if config.mixed_precision else None) or torch.float32
-    draws = [augmentation.sample(1, tile_px, generator) for _ in range(n_augmentations)]
-    # Each augmentation embeds its distinct tiles once (sorted: reads in grid order).
-    distinct = [np.unique(indices[a], return_inverse=True) for a in range(n_augmentations)]
-    batches = [
-        (a, start, rows[start : start + config.batch_size])
-        for a, (rows, _) in enumerate(distinct)
-        for start in range(0, len(rows), config.batch_size)
-    ]
-    embedded = [np.empty((len(rows), trunk.feature_dim), dtype=np.float16) for rows, _ in distinct]
-    features = np.empty((n_augmentations, n_tiles, trunk.feature_dim), dtype=np.float16)
-    clock = _Clock(device)
-    # The next batch is read in background threads while this one is augmented and encoded.
-    with ThreadPoolExecutor(1) as prefetch, ThreadPoolExecutor(max(1, config.num_workers)) as readers:
-        pending = prefetch.submit(cache.read_batch, batches[0][2], readers)
-        for i, (a, start, rows) in enumerate(batches):
-            clock.start()
-            tiles = pending.result()
-            clock.lap("read")
-            if i + 1 < len(batches):
-                pending = prefetch.submit(cache.read_batch, batches[i + 1][2], readers)
-            embedded[a][start : start + len(rows)] = _embed(
-                tiles, draws[a], augmentation, trunk, device, work_dtype, config.mixed_precision, clock
-            )
-            if start + len(rows) == len(embedded[a]):
-                features[a] = embedded[a][distinct[a][1].reshape(-1)]
-                if progress is not None:
-                    progress(n_tiles)
-
+    draws = [augmentation.sample(1, config.tile_size_px, generator) for _ in range(config.n_augmentations)]
+    keep = len(np.unique(indices)) * config.tile_size_px**2 * 3 <= cache_budget_bytes
+    cache = _TileCache(reader, grid, config.tile_size_px, keep)
+    embed = _DrawEmbedder(trunk, augmentation, device, config.mixed_precision)
+    features, n_encoded = _embed_augmentations(indices, draws, cache, embed, config, progress)
     attrs = {
-        "n_augmentations": n_augmentations,
-        "n_tiles": n_tiles,
+        "n_augmentations": config.n_augmentations,
+        "n_tiles": config.n_tiles_per_augmentation,  # K, under the attribute name of the file format
         "seed": int(config.seed),
         "sampled_with_replacement": bool(with_replacement),
         "n_tissue_tiles": int(len(coords)),
@@ -218,28 +239,41 @@ def build_bank(
             "draws": [draw for params in draws for draw in params.to_json()],
         },
     }
-    n_encoded = sum(len(rows) for rows, _ in distinct)
-    timings = dict(clock.seconds, n_encoded=float(n_encoded), n_reads=float(cache.n_reads))
+    timings = dict(embed.clock.seconds, n_encoded=float(n_encoded), n_reads=float(cache.n_reads))
     return BankResult(features=features, coords=coords[indices], indices=indices, attrs=attrs, timings=timings)
 
 
-def _embed(
-    tiles: np.ndarray,
-    params: AugmentationParams,
-    augmentation: TileAugmentation,
-    trunk: TileEncoder,
-    device: torch.device,
-    work_dtype: torch.dtype,
-    mixed_precision: bool,
-    clock: _Clock,
-) -> np.ndarray:
-    """Augment (b, H, W, 3) uint8 tiles with one shared draw and embed them → (b, D) float16."""
-    images = torch.from_numpy(tiles).to(device, non_blocking=True).permute(0, 3, 1, 2)
-    images = augmentation.apply(images, params, normalize=(trunk.mean, trunk.std), dtype=work_dtype)
-    images = images.contiguous(memory_format=torch.channels_last)
-    clock.lap("augment")
-    with torch.inference_mode(), autocast(device, enabled=mixed_precision):
-        out = trunk(images)
-    out = out.float().cpu().numpy().astype(np.float16)
-    clock.lap("encode")
-    return out
+def _embed_augmentations(
+    indices: np.ndarray, draws: list[AugmentationParams], cache: _TileCache, embed: _DrawEmbedder,
+    config: ExtractConfig, progress: Callable[[int], None] | None,
+) -> tuple[np.ndarray, int]:
+    """(A, K, D) float16 features of the (A, K) tile rows ``indices``, and the number of tiles encoded.
+
+    Each augmentation embeds its distinct tiles once (sorted: reads in grid order); the next
+    batch is read in background threads while this one is augmented and encoded.
+    """
+    distinct = [np.unique(rows, return_inverse=True) for rows in indices]
+    batch_size = config.batch_size
+    batches = [
+        (a, start, rows[start : start + batch_size])
+        for a, (rows, _) in enumerate(distinct)
+        for start in range(0, len(rows), batch_size)
+    ]
+    width = embed.trunk.feature_dim
+    embedded = [np.empty((len(rows), width), dtype=np.float16) for rows, _ in distinct]
+    features = np.empty((*indices.shape, width), dtype=np.float16)
+    clock = embed.clock
+    with ThreadPoolExecutor(1) as prefetch, ThreadPoolExecutor(max(1, config.num_workers)) as readers:
+        pending = prefetch.submit(cache.read_batch, batches[0][2], readers)
+        for i, (a, start, rows) in enumerate(batches):
+            clock.start()
+            tiles = pending.result()
+            clock.lap("read")
+            if i + 1 < len(batches):
+                pending = prefetch.submit(cache.read_batch, batches[i + 1][2], readers)
+            embedded[a][start : start + len(rows)] = embed(tiles, draws[a])
+            if start + len(rows) == len(embedded[a]):
+                features[a] = embedded[a][distinct[a][1].reshape(-1)]
+                if progress is not None:
+                    progress(indices.shape[1])
+    return features, sum(len(rows) for rows, _ in distinct)

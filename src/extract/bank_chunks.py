@@ -59,7 +59,7 @@ class BankChunks:
     """Where the compressed chunks of each augmentation lie in one slide file."""
 
     path: Path
-    n_tiles: int
+    bank_size: int  # K, tiles per augmentation
     feature_offsets: np.ndarray = field(repr=False)  # (A,) int64 byte offsets of aug_features chunks
     feature_sizes: np.ndarray = field(repr=False)  # (A,) int64 compressed sizes
     coord_offsets: np.ndarray = field(repr=False)  # (A,) of aug_coords chunks
@@ -94,12 +94,12 @@ def _chunk_table(dataset: h5py.Dataset, chunk_shape: tuple[int, ...], dtype: np.
 def locate_bank_chunks(slide: SlideFeatures) -> BankChunks | None:
     """The chunk index of ``slide``'s bank, or None when it is not stored as the writer stores it."""
     features, coords = slide.file["aug_features"], slide.file["aug_coords"]
-    n_features, n_tiles = int(features.shape[1]), int(features.shape[2])
-    feature_table = _chunk_table(features, (1, n_features, n_tiles), np.dtype("<f2"))
-    coord_table = _chunk_table(coords, (1, n_tiles, 2), np.dtype("<i8"))
+    n_features, bank_size = int(features.shape[1]), int(features.shape[2])
+    feature_table = _chunk_table(features, (1, n_features, bank_size), np.dtype("<f2"))
+    coord_table = _chunk_table(coords, (1, bank_size, 2), np.dtype("<i8"))
     if feature_table is None or coord_table is None:
         return None
-    return BankChunks(slide.path, n_tiles, *feature_table, *coord_table, identity=file_identity(slide.path),
+    return BankChunks(slide.path, bank_size, *feature_table, *coord_table, identity=file_identity(slide.path),
                       n_features=n_features)
 
 
@@ -148,7 +148,7 @@ class BankChunkReader:
         """Augmentation ``index``: (t, D) float32 features and (t, 2) int64 coords of ``rows`` (all K when None)."""
         if not 0 <= index < chunks.n_augmentations:
             raise IndexError(f"{chunks.path}: augmentation {index} of {chunks.n_augmentations}")
-        k, width = chunks.n_tiles, chunks.n_features
+        k, width = chunks.bank_size, chunks.n_features
         rows = np.arange(k) if rows is None else np.asarray(rows, dtype=np.int64)
         fd = self._descriptor(chunks)
         raw = self._read_chunk(fd, chunks, chunks.feature_offsets[index], chunks.feature_sizes[index],

@@ -2,15 +2,18 @@
 
 This module imports nothing heavy, so ``gigassl --help`` stays fast. Each field's ``help``
 metadata is its documentation and becomes the command-line help; field ``foo_bar`` is the
-flag ``--foo-bar``. The settings used are written into every output file.
+flag ``--foo-bar`` (``aliases``: older flags still accepted), a tuple field takes comma-separated
+values. Each dataclass checks its values when built, so the Python API and the CLI give the same
+messages. The settings used are written into every output file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 
 def settings_dict(config: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -19,8 +22,45 @@ def settings_dict(config: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items() if k not in drop}
 
 
+# Fields renamed so that their names carry their units: old name → current name. Files keep the
+# old names in their ``settings`` attribute; checkpoints written before the rename are read
+# through :func:`with_current_names`; the command line accepts the old flags as aliases.
+RENAMED_FIELDS = {"mpp": "target_mpp", "tile_size": "tile_size_px"}
+
+
+def with_current_names(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` (e.g. a checkpoint's ``config``) with the fields of :data:`RENAMED_FIELDS` under their current names."""
+    return {RENAMED_FIELDS.get(k, k): v for k, v in settings.items()}
+
+
 def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
+
+
+def parse_channel_stats(value: str | Sequence[float] | None, label: str, positive: bool = False) -> tuple[float, float, float] | None:
+    """``"0.485,0.456,0.406"`` or three numbers → a tuple of three finite floats (all > 0 with
+    ``positive``); None stays None. ``label`` (a flag or file) starts the error's one line."""
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        stats = tuple(float(v) for v in parts)
+    except (TypeError, ValueError):
+        stats = ()
+    if len(stats) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in stats):
+        raise ValueError(f"{label} {value!r}: give three finite numbers R,G,B{' > 0' if positive else ''}, e.g. "
+                         + ("0.229,0.224,0.225" if positive else "0.485,0.456,0.406"))
+    return stats  # type: ignore[return-value]
+
+
+def _check_resolution(target_mpp: float, default_mpp: float | None, tissue_threshold: float) -> None:
+    """The checks ExtractConfig and MocoConfig share: the resolutions, and which tiles are kept."""
+    if not (target_mpp > 0 and math.isfinite(target_mpp)):
+        raise ValueError(f"--target-mpp {target_mpp}: must be a positive µm/px (0.5 ≈ 20×, 1.0 ≈ 10×)")
+    if default_mpp is not None and not (default_mpp > 0 and math.isfinite(default_mpp)):
+        raise ValueError(f"--default-mpp {default_mpp}: must be a positive µm/px")
+    if not 0.0 <= tissue_threshold <= 1.0:
+        raise ValueError(f"--tissue-threshold {tissue_threshold}: must lie in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -62,11 +102,11 @@ class ExtractConfig:
     slides: Path = field(metadata=_help("folder of slides (OpenSlide formats, or jpg/png/tif with --mpp-csv or --default-mpp)", required=True))
     out: Path = field(metadata=_help("output folder; features go to OUT/features/{slide}.h5", required=True))
     encoder: Optional[str] = field(default=None, metadata=_help("required: a ResNet18/34/50 checkpoint (torchvision, MoCo, Lightning or gigassl pretrain-tiles; architecture read from its keys), a torch.export program PATH.pt2 (preprocessing in PATH.json or the flags below), or 'random' / 'random:resnet50' (an untrained network, said so in the files)"))
-    encoder_input_size_px: Optional[int] = field(default=None, metadata=_help("side in px the encoder takes; tiles of another --tile-size are resized to it (default: a .pt2 program's sidecar or static input, any size for ResNets)"))
-    encoder_mean: Optional[str] = field(default=None, metadata=_help("R,G,B mean the encoder's inputs are normalised with (default: a .pt2 program's sidecar, ImageNet's for ResNets)"))
-    encoder_std: Optional[str] = field(default=None, metadata=_help("R,G,B standard deviation of that normalisation (default: as --encoder-mean)"))
-    mpp: float = field(default=0.5, metadata=_help("target resolution in µm/px (0.5 ≈ 20×, 1.0 ≈ 10× as in the paper)"))
-    tile_size: int = field(default=224, metadata=_help("tile side in pixels at the target resolution"))
+    encoder_input_size_px: Optional[int] = field(default=None, metadata=_help("side in px the encoder takes; tiles of another --tile-size-px are resized to it (default: a .pt2 program's sidecar or static input, any size for ResNets)"))
+    encoder_mean: Optional[tuple[float, ...]] = field(default=None, metadata=_help("R,G,B mean the encoder's inputs are normalised with (default: a .pt2 program's sidecar, ImageNet's for ResNets)", metavar="R,G,B"))
+    encoder_std: Optional[tuple[float, ...]] = field(default=None, metadata=_help("R,G,B standard deviation of that normalisation (default: as --encoder-mean)", metavar="R,G,B"))
+    target_mpp: float = field(default=0.5, metadata=_help("target resolution in µm/px (0.5 ≈ 20×, 1.0 ≈ 10× as in the paper)", aliases=("--mpp",)))
+    tile_size_px: int = field(default=224, metadata=_help("tile side in pixels at the target resolution", aliases=("--tile-size",)))
     tissue_threshold: float = field(default=0.5, metadata=_help("keep tiles whose tissue fraction is at least this"))
     max_ink_fraction: float = field(default=0.1, metadata=_help("leave out tiles with more than this share of pen ink (blue, green, black marker)"))
     mpp_csv: Optional[Path] = field(default=None, metadata=_help("CSV with columns slide,mpp overriding the slides' metadata"))
@@ -86,11 +126,23 @@ class ExtractConfig:
     qc: bool = field(default=True, metadata=_help("write a QC thumbnail PNG per slide with the kept tiles drawn"))
     min_level0_mpp: float = field(default=GridLimits.min_level0_mpp, metadata=_help("refuse a slide whose level-0 µm/px (metadata, CSV or default) is below this"))
     max_level0_mpp: float = field(default=GridLimits.max_level0_mpp, metadata=_help("refuse a slide whose level-0 µm/px is above this (72 dpi image-software tags say 352.8)"))
-    max_upscale: float = field(default=GridLimits.max_upscale, metadata=_help("refuse a slide whose level 0 would be enlarged more than this to reach --mpp"))
+    max_upscale: float = field(default=GridLimits.max_upscale, metadata=_help("refuse a slide whose level 0 would be enlarged more than this to reach --target-mpp"))
     max_tiles_per_slide: int = field(default=GridLimits.max_tiles_per_slide, metadata=_help("refuse a slide whose tile grid has more positions than this (bounds the planner's memory, ~100 bytes each)"))
     progress_interval_s: float = field(default=30.0, metadata=_help("seconds between plain progress lines when stderr is not a terminal (cluster logs)"))
 
     def __post_init__(self) -> None:
+        """Check every value (the API and the CLI get the same messages); R,G,B strings become tuples."""
+        object.__setattr__(self, "encoder_mean", parse_channel_stats(self.encoder_mean, "--encoder-mean"))
+        object.__setattr__(self, "encoder_std", parse_channel_stats(self.encoder_std, "--encoder-std", positive=True))
+        if not (self.plain or self.bank):
+            raise ValueError("nothing to do: both --no-plain and --no-bank given")
+        _check_resolution(self.target_mpp, self.default_mpp, self.tissue_threshold)
+        if self.tile_size_px < 16:
+            raise ValueError(f"--tile-size-px {self.tile_size_px}: must be at least 16 px")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError(f"--batch-size {self.batch_size} must be ≥ 1 and --num-workers {self.num_workers} ≥ 0")
+        if self.bank and (self.n_augmentations < 1 or self.n_tiles_per_augmentation < 1):
+            raise ValueError("--n-augmentations and --n-tiles-per-augmentation must be ≥ 1")
         self.grid_limits()  # validates the bounds
         if not 0.0 <= self.max_ink_fraction <= 1.0:
             raise ValueError(f"--max-ink-fraction {self.max_ink_fraction}: must lie in [0, 1]")
@@ -107,7 +159,7 @@ class ExtractConfig:
 MOCO_PROFILES: dict[str, dict[str, object]] = {
     "default": {},
     "small-cpu": {
-        "tile_size": 96,
+        "tile_size_px": 96,
         "batch_size": 64,
         "queue_size": 4096,
         "tiles_per_epoch": 8192,
@@ -133,8 +185,8 @@ class MocoConfig:
     slides: Path = field(metadata=_help("folder of slides (OpenSlide formats, or jpg/png/tif with --mpp-csv or --default-mpp)", required=True))
     out: Path = field(metadata=_help("output folder: OUT/encoder.pt, OUT/last.pt, OUT/checkpoints/, OUT/monitors.csv|json", required=True))
     arch: str = field(default="resnet18", metadata=_help("the ResNet trained: resnet18, resnet34 or resnet50 (tile features of 256, 256, 1024 dims)"))
-    mpp: float = field(default=0.5, metadata=_help("resolution of the sampled tiles in µm/px (0.5 ≈ 20×, 1.0 ≈ 10× as in the paper)"))
-    tile_size: int = field(default=224, metadata=_help("tile side in pixels at the target resolution (small-cpu: 96)"))
+    target_mpp: float = field(default=0.5, metadata=_help("resolution of the sampled tiles in µm/px (0.5 ≈ 20×, 1.0 ≈ 10× as in the paper)", aliases=("--mpp",)))
+    tile_size_px: int = field(default=224, metadata=_help("tile side in pixels at the target resolution (small-cpu: 96)", aliases=("--tile-size",)))
     mpp_csv: Optional[Path] = field(default=None, metadata=_help("CSV slide,mpp overriding the slides' metadata"))
     default_mpp: Optional[float] = field(default=None, metadata=_help("µm/px of level 0 for slides without metadata (plain images); a CSV entry wins"))
     tissue_threshold: float = field(default=0.5, metadata=_help("keep tiles whose tissue fraction is at least this"))
@@ -160,18 +212,20 @@ class MocoConfig:
     resume: Optional[Path] = field(default=None, metadata=_help("training checkpoint (OUT/last.pt) to resume from, exactly"))
 
     def __post_init__(self) -> None:
+        """Check every value, so that the API and the CLI get the same messages."""
         if self.arch not in MOCO_ARCHITECTURES:
             raise ValueError(f"--arch {self.arch!r}: choose one of {', '.join(MOCO_ARCHITECTURES)}")
         if self.profile not in MOCO_PROFILES:
             raise ValueError(f"--profile {self.profile!r}: choose one of {sorted(MOCO_PROFILES)}")
-        for name in ("tile_size", "epochs", "tiles_per_epoch", "tiles_per_visit", "batch_size", "queue_size", "checkpoint_every",
+        _check_resolution(self.target_mpp, self.default_mpp, self.tissue_threshold)
+        for name in ("tile_size_px", "epochs", "tiles_per_epoch", "tiles_per_visit", "batch_size", "queue_size", "checkpoint_every",
                      "keep_checkpoints", "probe_tiles_per_slide"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"--momentum {self.momentum}: must lie in [0, 1)")
-        if self.temperature <= 0 or self.lr <= 0 or self.mpp <= 0:
-            raise ValueError("--temperature, --lr and --mpp must be positive")
+        if self.temperature <= 0 or self.lr <= 0:
+            raise ValueError("--temperature and --lr must be positive")
         if self.monitor_tiles < 0 or self.num_workers < 0:
             raise ValueError("--monitor-tiles and --num-workers must be ≥ 0")
 

@@ -22,15 +22,16 @@ import hashlib
 import io
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from extract.device import autocast
 from extract.encoder_loading import ENCODER_CHECKPOINT_FORMAT, find_resnet, load_found, read_checkpoint
 from extract.resnet import ARCHITECTURES, BasicBlock, Bottleneck, ResNet, ResNet18, ResNet34, ResNet50, build_resnet
 
@@ -40,7 +41,8 @@ __all__ = [
     "ARCHITECTURES", "BasicBlock", "Bottleneck", "ENCODER_CHECKPOINT_FORMAT", "EncoderInfo", "IMAGE_MEAN", "IMAGE_STD",
     "LoadedEncoder", "ResNet", "ResNet18", "ResNet34", "ResNet50", "SLIDE_FEATURE_DIM", "TILE_FEATURE_DIM",
     "TileEncoder", "TileTrunk", "build_resnet", "file_sha256", "load_encoder", "load_resnet", "load_resnet18",
-    "load_weights_only", "parse_channel_stats", "save_encoder_checkpoint", "state_dict_sha256",
+    "encode_batch", "encode_batches", "load_weights_only", "normalise", "prepare_batch", "save_encoder_checkpoint",
+    "state_dict_sha256",
 ]
 
 TILE_FEATURE_DIM = 256  # ResNet18's trunk; other encoders say theirs (TileEncoder.feature_dim)
@@ -49,6 +51,14 @@ SLIDE_FEATURE_DIM = 512  # ResNet18's layer4
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 RANDOM = "random"
+
+
+def normalise(images: torch.Tensor, mean: Sequence[float] = IMAGE_MEAN, std: Sequence[float] = IMAGE_STD) -> torch.Tensor:
+    """Float (B, 3, H, W) in [0, 1] → normalised per channel with ``mean``/``std`` (ImageNet's by
+    default, as every ResNet here expects), channels_last, on the images' device."""
+    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return ((images - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
 
 
 class TileEncoder(nn.Module):
@@ -167,6 +177,29 @@ class LoadedEncoder:
         return None if self.resnet is None else self.resnet.layer4_width
 
 
+def prepare_batch(tiles: torch.Tensor, device: torch.device, mean: Sequence[float] = IMAGE_MEAN,
+                  std: Sequence[float] = IMAGE_STD) -> torch.Tensor:
+    """(B, H, W, 3) uint8 → (B, 3, H, W) float normalised with ``mean``/``std``, channels_last, on ``device``."""
+    # NHWC storage permuted to NCHW is already channels_last; normalise keeps it so.
+    return normalise(tiles.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0), mean, std)
+
+
+@torch.inference_mode()
+def encode_batch(tiles: torch.Tensor, trunk: TileEncoder, device: torch.device, mixed_precision: bool = True) -> np.ndarray:
+    """(B, H, W, 3) uint8 tiles → (B, D) float32 features (D = ``trunk.feature_dim``)."""
+    with autocast(device, mixed_precision):
+        features = trunk(prepare_batch(tiles, device, trunk.mean, trunk.std))
+    return features.float().cpu().numpy()
+
+
+def encode_batches(
+    loader: Iterable[torch.Tensor], trunk: TileEncoder, device: torch.device, mixed_precision: bool = True
+) -> Iterator[np.ndarray]:
+    """Yield (B, D) float32 features batch by batch (memory bounded by the batch size)."""
+    for tiles in loader:
+        yield encode_batch(tiles, trunk, device, mixed_precision)
+
+
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     """A stable hash of a state dict's tensors (names and values)."""
     digest = hashlib.sha256()
@@ -194,22 +227,6 @@ def load_weights_only(path: str | Path, label: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to a user
         raise ValueError(f"{label}: not a loadable weights-only torch checkpoint ({error})") from error
-
-
-def parse_channel_stats(value: str | Sequence[float] | None, label: str, positive: bool = False) -> tuple[float, float, float] | None:
-    """``"0.485,0.456,0.406"`` or three numbers → a tuple of three finite floats (all > 0 with
-    ``positive``); None stays None. ``label`` (a flag or file) starts the error's one line."""
-    if value is None:
-        return None
-    parts = value.split(",") if isinstance(value, str) else value
-    try:
-        stats = tuple(float(v) for v in parts)
-    except (TypeError, ValueError):
-        stats = ()
-    if len(stats) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in stats):
-        raise ValueError(f"{label} {value!r}: give three finite numbers R,G,B{' > 0' if positive else ''}, e.g. "
-                         + ("0.229,0.224,0.225" if positive else "0.485,0.456,0.406"))
-    return stats  # type: ignore[return-value]
 
 
 def _random_arch(source: str) -> str | None:

@@ -26,7 +26,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from extract.encoder import EncoderInfo, TileEncoder, file_sha256, parse_channel_stats
+from extract.config import parse_channel_stats
+from extract.encoder import EncoderInfo, TileEncoder, file_sha256
 
 SIDECAR_SUFFIX = ".json"
 PROBE_SIZE_PX = 224  # side used to probe a program whose spatial sizes are dynamic

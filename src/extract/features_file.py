@@ -30,7 +30,6 @@ dataset carries HDF5's Fletcher-32 checksum per chunk: a damaged chunk fails to 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Mapping
@@ -41,7 +40,7 @@ import numpy as np
 from extract import __version__
 from extract.encoder import EncoderInfo
 from extract.errors import UserError
-from extract.partial_files import temporary_path
+from extract.partial_files import finish_hdf5, temporary_path
 
 FORMAT_NAME = "gigassl-slide-features"
 FORMAT_VERSION = 2  # 2: bank stored feature-major (A, 256, K)
@@ -175,16 +174,8 @@ class SlideFileWriter:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         handle, self._file = self._file, None
-        if handle is None:
-            return
-        if exc_type is None:
-            handle.attrs["complete"] = True
-            handle.flush()
-            handle.close()
-            os.replace(self.temp_path, self.path)
-        else:
-            handle.close()
-            self.temp_path.unlink(missing_ok=True)
+        if handle is not None:
+            finish_hdf5(handle, self.temp_path, self.path, succeeded=exc_type is None)
 
 
 class SlideFeatures:
@@ -301,7 +292,8 @@ class SlideFeatures:
         return self._file["coords"][...]
 
     @property
-    def n_tiles(self) -> int:
+    def n_plain_tiles(self) -> int:
+        """N, the number of plain tiles (rows of ``features``)."""
         return int(self._file["features"].shape[0])
 
     @property

@@ -58,15 +58,16 @@ from tqdm.auto import tqdm
 
 from extract.augment import TileAugmentation
 from extract.checkpoint_io import write_epoch_snapshot
-from extract.config import settings_dict
+from extract.config import settings_dict, with_current_names
 from extract.config import MocoConfig
 from extract.device import autocast, autocast_dtype, init_distributed
-from extract.encoder import IMAGE_MEAN, IMAGE_STD, load_weights_only, save_encoder_checkpoint
+from extract.encoder import load_weights_only, normalise, save_encoder_checkpoint
 from extract.resnet import ResNet, build_resnet
-from extract.moco_data import EpochTileBatches, SlideTiles, epoch_plan, fixed_tiles, index_slides
+from extract.moco_data import EpochTileBatches, IndexedSlide, epoch_plan, fixed_tiles, index_slides
 from extract.moco_model import MoCo, all_gather, info_nce_logits, momentum_update
 from extract.moco_probe import probe_auc, probe_set, slide_mean_features
 from extract.monitors import rankme, write_monitors
+from extract.slide_list import list_slides
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ CHECKPOINT_VERSION = 1
 SGD_MOMENTUM = 0.9
 # Settings that change what is computed: a resumed run must use the same ones to be exact.
 RESUME_MUST_MATCH = (
-    "arch", "mpp", "tile_size", "tissue_threshold", "epochs", "tiles_per_epoch", "tiles_per_visit", "batch_size",
+    "arch", "target_mpp", "tile_size_px", "tissue_threshold", "epochs", "tiles_per_epoch", "tiles_per_visit", "batch_size",
     "queue_size", "momentum", "temperature", "lr", "weight_decay", "seed",
 )
 # Monitors: alignment needs two views per tile, computed on at most this many tiles.
@@ -84,13 +85,6 @@ MONITOR_BATCH = 256
 
 
 # ----------------------------------------------------------------------------- one step
-
-
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """Float (B, 3, H, W) in [0, 1] → ImageNet-normalised, channels_last."""
-    mean = torch.tensor(IMAGE_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGE_STD, device=images.device).view(1, 3, 1, 1)
-    return ((images - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 def make_views(
@@ -284,7 +278,7 @@ def load_training_checkpoint(path: Path, config: MocoConfig) -> dict[str, Any]:
         raise ValueError(f"--resume {path}: not a `gigassl pretrain-tiles` training checkpoint (OUT/last.pt)")
     if raw.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"--resume {path}: checkpoint version {raw.get('version')}, this package reads {CHECKPOINT_VERSION}")
-    saved, current = {"arch": "resnet18", **raw["config"]}, settings_of(config)  # checkpoints before --arch: resnet18
+    saved, current = {"arch": "resnet18", **with_current_names(raw["config"])}, settings_of(config)  # before --arch: resnet18
     differ = [f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {current[k]}" for k in RESUME_MUST_MATCH if saved.get(k) != current[k]]
     if differ:
         raise ValueError(f"--resume {path}: settings differ from the checkpoint's; pass the same values: " + "; ".join(differ))
@@ -328,8 +322,6 @@ def _epoch_row(epoch: int, step: int, steps: list[StepResult], lr: float, batch_
 
 
 def _list_slide_files(folder: Path) -> list[Path]:
-    from extract.run import list_slides
-
     slides, others = list_slides(Path(folder))
     if others:
         logger.info("ignoring %d files that are not slides in %s", len(others), folder)
@@ -350,12 +342,12 @@ def run_pretraining(config: MocoConfig) -> PretrainingResult:
         if not paths:
             raise FileNotFoundError(f"--slides {config.slides}: no slide or image files found")
         slides, skipped = index_slides(
-            paths, config.mpp, config.tile_size, config.tissue_threshold, config.mpp_csv, config.default_mpp,
+            paths, config.target_mpp, config.tile_size_px, config.tissue_threshold, config.mpp_csv, config.default_mpp,
             progress=main_process,
         )
         if not slides:
             raise ValueError(f"--slides {config.slides}: none of the {len(paths)} files gave tissue tiles (see warnings)")
-        logger.info("%d slides, %d tissue tiles of %d px at %g µm/px", len(slides), sum(map(len, slides)), config.tile_size, config.mpp)
+        logger.info("%d slides, %d tissue tiles of %d px at %g µm/px", len(slides), sum(map(len, slides)), config.tile_size_px, config.target_mpp)
         return _train(config, slides, skipped, rank, world, device, out)
     finally:
         if initialised_here:
@@ -363,7 +355,7 @@ def run_pretraining(config: MocoConfig) -> PretrainingResult:
 
 
 def _train(
-    config: MocoConfig, slides: list[SlideTiles], skipped: list[tuple[Path, str]],
+    config: MocoConfig, slides: list[IndexedSlide], skipped: list[tuple[Path, str]],
     rank: int, world: int, device: torch.device, out: Path,
 ) -> PretrainingResult:
     main_process = rank == 0
@@ -394,8 +386,8 @@ def _train(
     query_encoder: nn.Module = model.encoder_q
     if world > 1:
         query_encoder = DistributedDataParallel(model.encoder_q, device_ids=[device.index] if device.type == "cuda" else None)
-    monitor_tiles = fixed_tiles(slides, config.monitor_tiles, config.tile_size, config.seed) if config.monitor_tiles and main_process else None
-    probe = probe_set(slides, config.probe_labels, config.probe_tiles_per_slide, config.tile_size, config.seed) \
+    monitor_tiles = fixed_tiles(slides, config.monitor_tiles, config.tile_size_px, config.seed) if config.monitor_tiles and main_process else None
+    probe = probe_set(slides, config.probe_labels, config.probe_tiles_per_slide, config.tile_size_px, config.seed) \
         if config.probe_labels is not None and main_process else None
     steps_per_epoch = config.tiles_per_epoch // config.batch_size
     if steps_per_epoch < 1:
@@ -404,7 +396,7 @@ def _train(
     checkpoint_path, encoder_path = out / "last.pt", out / "encoder.pt"
     for epoch in range(start_epoch, config.epochs):
         plan = epoch_plan([len(s) for s in slides], config.tiles_per_epoch, config.tiles_per_visit, config.seed, epoch)
-        dataset = EpochTileBatches(slides, plan, config.batch_size, config.tile_size, rank, world)
+        dataset = EpochTileBatches(slides, plan, config.batch_size, config.tile_size_px, rank, world)
         loader = DataLoader(
             dataset, batch_size=None, num_workers=config.num_workers, pin_memory=device.type == "cuda",
             prefetch_factor=4 if config.num_workers else None,

@@ -35,11 +35,11 @@ READER_CACHE_SIZE = 8
 
 
 @dataclass(frozen=True)
-class SlideTiles:
-    """One slide's tissue tiles: ``coords`` (N, 2) int64 level-0 top-left x, y."""
+class IndexedSlide:
+    """One slide's tissue tiles, as :func:`index_slides` found them: ``coords`` (N, 2) int64 level-0 top-left x, y."""
 
     path: Path
-    mpp: float  # level-0 µm/px as resolved at indexing (metadata, CSV or default)
+    level0_mpp: float  # as resolved at indexing (metadata, CSV or default)
     coords: np.ndarray
     size_level0: float
 
@@ -55,16 +55,16 @@ def index_slides(
     mpp_csv: Path | None = None,
     default_mpp: float | None = None,
     progress: bool = True,
-) -> tuple[list[SlideTiles], list[tuple[Path, str]]]:
+) -> tuple[list[IndexedSlide], list[tuple[Path, str]]]:
     """Tissue tile grids of ``paths``; returns (usable slides, [(path, reason) skipped])."""
     overrides = load_mpp_overrides(mpp_csv) if mpp_csv is not None else {}
-    slides: list[SlideTiles] = []
+    slides: list[IndexedSlide] = []
     skipped: list[tuple[Path, str]] = []
     for path in tqdm(paths, desc="tissue grids", unit="slide", disable=not progress):
         try:
             with open_slide(path, mpp_override=overrides.get(path.stem), default_mpp=default_mpp) as reader:
                 grid = tile_grid(reader, target_mpp, tile_size_px, tissue_threshold)
-                slides.append(SlideTiles(path, float(reader.mpp), grid.coords, grid.size_level0))
+                slides.append(IndexedSlide(path, float(reader.level0_mpp), grid.coords, grid.size_level0))
         except SlideReadError as error:
             logger.warning("skipping %s", error)
             skipped.append((path, str(error)))
@@ -93,7 +93,7 @@ def epoch_plan(
 class TileReaders:
     """A small LRU of open slide readers (one per process; handles never cross processes)."""
 
-    def __init__(self, slides: list[SlideTiles], capacity: int = READER_CACHE_SIZE) -> None:
+    def __init__(self, slides: list[IndexedSlide], capacity: int = READER_CACHE_SIZE) -> None:
         self.slides, self.capacity = slides, capacity
         self._open: OrderedDict[int, SlideReader] = OrderedDict()
 
@@ -102,7 +102,7 @@ class TileReaders:
         reader = self._open.pop(slide, None)
         if reader is None:
             entry = self.slides[slide]
-            reader = open_slide(entry.path, mpp_override=entry.mpp)
+            reader = open_slide(entry.path, mpp_override=entry.level0_mpp)
         self._open[slide] = reader
         while len(self._open) > self.capacity:
             self._open.popitem(last=False)[1].close()
@@ -129,7 +129,7 @@ class EpochTileBatches(IterableDataset):
     """
 
     def __init__(
-        self, slides: list[SlideTiles], plan: np.ndarray, batch_size: int, tile_size_px: int,
+        self, slides: list[IndexedSlide], plan: np.ndarray, batch_size: int, tile_size_px: int,
         rank: int = 0, world_size: int = 1,
     ) -> None:
         if batch_size % world_size:
@@ -153,7 +153,7 @@ class EpochTileBatches(IterableDataset):
             readers.close()
 
 
-def fixed_tiles(slides: list[SlideTiles], n_tiles: int, tile_size_px: int, seed: int) -> torch.Tensor:
+def fixed_tiles(slides: list[IndexedSlide], n_tiles: int, tile_size_px: int, seed: int) -> torch.Tensor:
     """(n_tiles, 3, px, px) uint8: the same tiles every epoch, for the label-free monitors."""
     rng = np.random.default_rng([seed, 7919])  # a stream apart from the epochs' plans
     slide_of = rng.integers(0, len(slides), size=n_tiles)

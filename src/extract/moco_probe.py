@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from extract.device import autocast
+from extract.encoder import normalise
 from extract.errors import UserError
-from extract.moco_data import SlideTiles, TileReaders, read_tiles
+from extract.moco_data import IndexedSlide, TileReaders, read_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def read_probe_labels(path: Path) -> dict[str, str]:
 
 
 def probe_set(
-    slides: list[SlideTiles], labels_csv: Path, tiles_per_slide: int, tile_size_px: int, seed: int
+    slides: list[IndexedSlide], labels_csv: Path, tiles_per_slide: int, tile_size_px: int, seed: int
 ) -> ProbeSet | None:
     """Up to ``tiles_per_slide`` seeded tiles of each labelled slide; None (with a warning) when
     fewer than two classes with ``PROBE_FOLDS`` slides each are found among ``slides``."""
@@ -80,8 +81,6 @@ def probe_set(
 def slide_mean_features(encoder: torch.nn.Module, probe: ProbeSet, device: torch.device, mixed_precision: bool,
                         batch: int = 256) -> np.ndarray:
     """(S, C) mean trunk feature of each labelled slide (eval mode; the encoder's mode is restored)."""
-    from extract.moco import normalise
-
     was_training = encoder.training
     encoder.eval()
     try:

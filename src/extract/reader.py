@@ -55,14 +55,14 @@ def _missing_mpp(path: Path) -> MissingMppError:
 class SlideReader:
     """An open slide (context manager). Subclasses provide the pyramid and region reads.
 
-    Attributes: ``path``, ``slide_id`` (file stem), ``mpp`` (level-0 µm/px), ``mpp_source``
+    Attributes: ``path``, ``slide_id`` (file stem), ``level0_mpp`` (µm/px of level 0), ``mpp_source``
     (where that value came from, for messages: "--mpp-csv", "--default-mpp", "the TIFF
     resolution tag" …), ``dimensions`` (level-0 width, height), ``magnification`` (objective
     power or None), ``level_downsamples`` (one float per pyramid level, level 0 first).
     """
 
     path: Path
-    mpp: float
+    level0_mpp: float
     mpp_source: str = "the caller"
     dimensions: tuple[int, int]
     magnification: float | None
@@ -162,11 +162,11 @@ def _flatten_on_white(image: Image.Image) -> Image.Image:
 class OpenSlideReader(SlideReader):
     """A pyramidal slide read through OpenSlide."""
 
-    def __init__(self, path: Path, handle, mpp: float, magnification: float | None,  # handle: openslide.OpenSlide
+    def __init__(self, path: Path, handle, level0_mpp: float, magnification: float | None,  # handle: openslide.OpenSlide
                  mpp_source: str = "the slide metadata") -> None:
         self.path = path
         self._slide = handle
-        self.mpp, self.mpp_source = mpp, mpp_source
+        self.level0_mpp, self.mpp_source = level0_mpp, mpp_source
         self.magnification = magnification
         self.dimensions = tuple(int(v) for v in handle.dimensions)
         self.level_downsamples = tuple(float(d) for d in handle.level_downsamples)
@@ -197,10 +197,10 @@ class OpenSlideReader(SlideReader):
 class ImageReader(SlideReader):
     """A plain image (jpg, png, single-level tif) held in memory as RGB; one level."""
 
-    def __init__(self, path: Path, image: Image.Image, mpp: float, mpp_source: str = "the caller") -> None:
+    def __init__(self, path: Path, image: Image.Image, level0_mpp: float, mpp_source: str = "the caller") -> None:
         self.path = path
         self._image = image
-        self.mpp, self.mpp_source = mpp, mpp_source
+        self.level0_mpp, self.mpp_source = level0_mpp, mpp_source
         self.magnification = None
         self.dimensions = (int(image.width), int(image.height))
         self.level_downsamples = (1.0,)

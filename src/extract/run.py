@@ -9,190 +9,48 @@ written to a temporary name and renamed when complete, so a killed run leaves no
 looks finished (its QC image is published only then too); a rerun deletes the temporary files
 of jobs that have ended, and skips slides whose complete output exists and passes its
 checksums — any other existing file is redone, and the log says why. A bad slide is logged on
-one line and listed in the end-of-run summary (written to ``OUT/summary[-shardI].json``,
-printed by the CLI); the others are still processed.
+one line and listed in the end-of-run summary (:mod:`extract.summary`, written to
+``OUT/summary[-shardI].json``, printed by the CLI); the others are still processed.
 
 Scale-out: ``--shard i/n`` (SLURM arrays) and torchrun ranks (``RANK``/``WORLD_SIZE``) each
-take an interleaved share of the sorted slide list; no process group is needed because ranks
-share nothing but the output folder, where each writes only its own slides' files.
+take an interleaved share of the sorted slide list (:mod:`extract.slide_list`); no process
+group is needed because ranks share nothing but the output folder
+(:mod:`extract.output_folder`), where each writes only its own slides' files.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
-import math
-import os
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from extract.config import settings_dict
-from extract.config import ExtractConfig
-from extract.device import autocast, rank_device
-from extract.encoder import IMAGE_MEAN, IMAGE_STD, EncoderInfo, TileEncoder, load_encoder, parse_channel_stats
+
+from extract.config import RENAMED_FIELDS, ExtractConfig, settings_dict
+from extract.device import rank_device
+from extract.encoder import EncoderInfo, TileEncoder, encode_batch, load_encoder
 from extract.features_file import SlideFeatures, SlideFileWriter, why_incomplete
-from extract.partial_files import remove_stale_partials, temporary_path
+from extract.output_folder import prepare_output
+from extract.partial_files import remove_stale_partials
 from extract.progress import progress
 from extract.reader import SLIDE_SUFFIXES, SlideReader, load_mpp_overrides, open_slide
+from extract.slide_list import list_slides, process_part, select_part
 from extract.slide_plan import PlanSettings, SlidePlanner
-from extract.tile_loader import ReadingWorkerDied, TileStream
+from extract.summary import ExtractionSummary, SlideOutcome, count
+from extract.tile_loader import ReadingWorkerDied, TileStream, is_worker_death
 from extract.tiling import TileGrid
+
+if TYPE_CHECKING:  # the bank pulls in the augmentations: imported only when a bank is asked for
+    from extract.bank import DecodedTiles
 
 logger = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------- bookkeeping
-
-
-@dataclass
-class SlideOutcome:
-    """What happened to one slide: status is ``done``, ``skipped``, ``failed`` or ``ignored``."""
-
-    slide: str
-    status: str
-    n_tiles: int = 0
-    n_bank_tiles: int = 0
-    seconds: float = 0.0
-    reason: str = ""
-
-
-@dataclass
-class ExtractionSummary:
-    """End-of-run summary of one process's share; ``exit_code`` is the command's status."""
-
-    outcomes: list[SlideOutcome] = field(default_factory=list)
-    part: int = 0
-    n_parts: int = 1
-    seconds: float = 0.0
-    strict: bool = False
-
-    def _with(self, status: str) -> list[SlideOutcome]:
-        return [o for o in self.outcomes if o.status == status]
-
-    @property
-    def done(self) -> list[SlideOutcome]:
-        return self._with("done")
-
-    @property
-    def skipped(self) -> list[SlideOutcome]:
-        return self._with("skipped")
-
-    @property
-    def failed(self) -> list[SlideOutcome]:
-        return self._with("failed")
-
-    @property
-    def ignored(self) -> list[SlideOutcome]:
-        return self._with("ignored")
-
-    @property
-    def tiles_per_second(self) -> float:
-        """Tiles encoded (plain + bank) per second of slide processing."""
-        seconds = sum(o.seconds for o in self.done)
-        tiles = sum(o.n_tiles + o.n_bank_tiles for o in self.done)
-        return tiles / seconds if seconds > 0 else 0.0
-
-    @property
-    def exit_code(self) -> int:
-        """1 when every slide this run tried failed (skipped slides were not tried), or with
-        ``strict`` when any failed; else 0."""
-        if not self.failed:
-            return 0
-        return 1 if self.strict or not self.done else 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "part": self.part,
-            "n_parts": self.n_parts,
-            "seconds": round(self.seconds, 3),
-            "n_done": len(self.done),
-            "n_skipped": len(self.skipped),
-            "n_failed": len(self.failed),
-            "n_ignored": len(self.ignored),
-            "tiles_per_second": round(self.tiles_per_second, 2),
-            "exit_code": self.exit_code,
-            "slides": [dataclasses.asdict(o) for o in self.outcomes],
-        }
-
-    def format(self) -> str:
-        """A short human-readable report."""
-        lines = [
-            f"extract: {count(len(self.outcomes) - len(self.ignored), 'slide')}: {len(self.done)} done, "
-            f"{len(self.skipped)} skipped, {len(self.failed)} failed"
-            + (f", {count(len(self.ignored), 'other file')} ignored" if self.ignored else "")
-            + f" in {self.seconds:.1f} s ({self.tiles_per_second:.1f} tiles/s)"
-            + (f" [part {self.part + 1}/{self.n_parts}]" if self.n_parts > 1 else "")
-        ]
-        lines += [f"  FAILED  {o.slide}: {o.reason}" for o in self.failed]
-        lines += [f"  ignored {o.slide}: {o.reason}" for o in self.ignored]
-        return "\n".join(lines)
-
-
-def count(n: int, noun: str) -> str:
-    """``count(1, "slide")`` → "1 slide", ``count(3, "slide")`` → "3 slides"."""
-    return f"{n:,} {noun}" + ("" if n == 1 else "s")
-
-
-# ----------------------------------------------------------------------------- slide list
-
-
-def list_slides(folder: Path) -> tuple[list[Path], list[Path]]:
-    """Sorted files of ``folder``: (slide candidates by extension, other files to ignore).
-
-    Hidden files and sub-folders (e.g. MIRAX data folders) are left out of both.
-    """
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--slides {folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    slides = [p for p in files if p.suffix.lower() in SLIDE_SUFFIXES]
-    others = [p for p in files if p.suffix.lower() not in SLIDE_SUFFIXES]
-    return slides, others
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` → (i, n) with 0 ≤ i < n."""
-    try:
-        index_text, count_text = text.split("/")
-        index, count = int(index_text), int(count_text)
-    except ValueError:
-        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/4 (SLURM: $SLURM_ARRAY_TASK_ID/N)") from None
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"--shard {text!r}: need 0 ≤ i < n")
-    return index, count
-
-
-def process_part(shard: str) -> tuple[int, int]:
-    """This process's part of the slide list: the shard refined by the torchrun rank, if any."""
-    index, count = parse_shard(shard)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} / WORLD_SIZE={world} from the environment are inconsistent")
-    return index * world + rank, count * world
-
-
-def select_part(items: list[Path], part: int, n_parts: int) -> list[Path]:
-    """Interleaved split: item j goes to part j mod n_parts (balances slide sizes sorted by name)."""
-    return items[part::n_parts]
-
-
-def ensure_writable(folder: Path) -> None:
-    """Create ``folder`` and check a file can be written there, else raise a clear PermissionError."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise PermissionError(
-            f"output folder {folder} is not writable ({error.strerror or error}); "
-            "choose another --out or fix its permissions"
-        ) from error
+# ----------------------------------------------------------------------------- settings
 
 
 # Fields that say how a batch was run, not what a file holds: left out of the settings written
@@ -200,9 +58,23 @@ def ensure_writable(folder: Path) -> None:
 RUN_CONTROL_FIELDS = frozenset({"out", "overwrite", "strict", "shard", "num_workers", "qc", "progress_interval_s"})
 
 
-# Settings whose change makes an existing file a different result (checked when skipping).
+# Settings whose change makes an existing file a different result (checked when skipping), by
+# their names in the files' ``settings`` attribute.
 CONTENT_FIELDS = ("encoder", "encoder_input_size_px", "encoder_mean", "encoder_std", "mpp", "tile_size", "tissue_threshold",
                   "max_ink_fraction", "n_augmentations", "n_tiles_per_augmentation", "seed")
+# The names the files' ``settings`` attribute keeps for renamed fields (``target_mpp`` → "mpp" …).
+FILE_SETTING_NAMES = {current: old for old, current in RENAMED_FIELDS.items()}
+
+
+def _comparable(value: Any) -> Any:
+    """A setting as its JSON reads back (tuples as lists), and the "r,g,b" text older files hold
+    for ``encoder_mean``/``encoder_std`` as the numbers it means."""
+    if isinstance(value, str) and value.count(",") == 2:
+        try:
+            return [float(v) for v in value.split(",")]
+        except ValueError:
+            return value
+    return list(value) if isinstance(value, tuple) else value
 
 
 def settings_mismatch(path: Path, settings: dict[str, Any]) -> list[str]:
@@ -212,42 +84,14 @@ def settings_mismatch(path: Path, settings: dict[str, Any]) -> list[str]:
     return [
         f"{name} {stored[name]!r} → {settings[name]!r}"
         for name in CONTENT_FIELDS
-        if name in stored and name in settings and stored[name] != settings[name]
+        if name in stored and name in settings and _comparable(stored[name]) != _comparable(settings[name])
     ]
 
 
 def settings_of(config: ExtractConfig) -> dict[str, Any]:
-    """The settings that shape a slide's file, as plain JSON-able data (paths as str)."""
-    return settings_dict(config, drop=RUN_CONTROL_FIELDS)
-
-
-# ----------------------------------------------------------------------------- tiles → features
-
-
-def prepare_batch(tiles: torch.Tensor, device: torch.device, mean: tuple[float, ...] = IMAGE_MEAN,
-                  std: tuple[float, ...] = IMAGE_STD) -> torch.Tensor:
-    """(B, H, W, 3) uint8 → (B, 3, H, W) float normalised with ``mean``/``std``, channels_last, on ``device``."""
-    x = tiles.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    # NHWC storage permuted to NCHW is already channels_last; contiguous() keeps it so.
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-
-
-@torch.inference_mode()
-def encode_batch(tiles: torch.Tensor, trunk: TileEncoder, device: torch.device, mixed_precision: bool = True) -> np.ndarray:
-    """(B, H, W, 3) uint8 tiles → (B, D) float32 features (D = ``trunk.feature_dim``)."""
-    with autocast(device, mixed_precision):
-        features = trunk(prepare_batch(tiles, device, trunk.mean, trunk.std))
-    return features.float().cpu().numpy()
-
-
-def encode_batches(
-    loader: Iterable[torch.Tensor], trunk: TileEncoder, device: torch.device, mixed_precision: bool = True
-) -> Iterator[np.ndarray]:
-    """Yield (B, D) float32 features batch by batch (memory bounded by the batch size)."""
-    for tiles in loader:
-        yield encode_batch(tiles, trunk, device, mixed_precision)
+    """The settings that shape a slide's file, as plain JSON-able data (paths as str), under the
+    names the file format keeps (``mpp``, ``tile_size``)."""
+    return {FILE_SETTING_NAMES.get(k, k): v for k, v in settings_dict(config, drop=RUN_CONTROL_FIELDS).items()}
 
 
 # ----------------------------------------------------------------------------- one slide
@@ -265,29 +109,6 @@ class _Job:
     features_dir: Path
     tiles: TileStream
     planner: SlidePlanner
-
-
-class DecodedTiles:
-    """A tile source answering from tiles decoded by the plain pass, else from the slide.
-
-    Lets the bank reuse the plain pass's pixels, so each tile is decoded once per slide when
-    the slide's tiles fit ``KEEP_DECODED_BYTES``.
-    """
-
-    def __init__(self, reader: SlideReader, grid: TileGrid, tiles: np.ndarray) -> None:
-        self.reader, self.slide_id = reader, reader.slide_id
-        self._tiles, self._size_level0, self._tile_px = tiles, grid.size_level0, grid.tile_size_px
-        self._rows = {(int(x), int(y)): row for row, (x, y) in enumerate(grid.coords)}
-
-    def read_tile(self, x0: int, y0: int, size_level0: float, out_px: int) -> np.ndarray:
-        row = self._rows.get((int(x0), int(y0)))
-        if row is None or out_px != self._tile_px or abs(size_level0 - self._size_level0) > 1e-9:
-            return self.reader.read_tile(x0, y0, size_level0, out_px)
-        return self._tiles[row]
-
-
-# Decoded tiles kept between the plain pass and the bank (a constant, not the slide's size).
-KEEP_DECODED_BYTES = 512 << 20
 
 
 def _write_plain(
@@ -315,7 +136,8 @@ def _write_plain(
 def _write_bank(
     writer: SlideFileWriter, source: SlideReader | DecodedTiles, grid: TileGrid, job: _Job, bar: Any
 ) -> int:
-    from extract.bank import build_bank  # the bank pulls in the augmentations; import only when asked for
+    """Build the slide's bank from ``source`` and write it; returns A × K."""
+    from extract.bank import build_bank
 
     result = build_bank(source, grid, job.trunk, job.config, job.device, slide_id=source.slide_id, progress=bar.update)
     n_augmentations, n_tiles = result.features.shape[:2]
@@ -324,6 +146,13 @@ def _write_bank(
         writer.write_augmentation(index, result.features[index], result.coords[index])
     logger.debug("%s bank timings: %s", source.slide_id, result.timings)
     return n_augmentations * n_tiles
+
+
+def _keep_decoded(grid: TileGrid, config: ExtractConfig) -> bool:
+    """Whether the plain pass keeps its decoded tiles for the bank (both are asked for, and they fit)."""
+    from extract.bank import KEEP_DECODED_BYTES
+
+    return config.plain and config.bank and len(grid) * grid.tile_size_px**2 * 3 <= KEEP_DECODED_BYTES
 
 
 def extract_slide(path: Path, job: _Job, position: int = 1) -> SlideOutcome:
@@ -339,11 +168,11 @@ def extract_slide(path: Path, job: _Job, position: int = 1) -> SlideOutcome:
                   interval_s=config.progress_interval_s, log=logger) as bar, \
             SlideFileWriter(job.features_dir / f"{path.stem}.h5", slide_id=path.stem, source=str(path),
                             settings=job.settings, encoder=job.encoder) as writer:
-        tile_bytes = grid.tile_size_px**2 * 3
-        keep_tiles = config.plain and config.bank and len(grid) * tile_bytes <= KEEP_DECODED_BYTES
-        kept = _write_plain(writer, path, grid, job, bar, keep_tiles) if config.plain else None
+        kept = _write_plain(writer, path, grid, job, bar, _keep_decoded(grid, config)) if config.plain else None
         if config.bank:
-            with open_slide(path, grid.mpp) as reader:
+            from extract.bank import DecodedTiles
+
+            with open_slide(path, grid.level0_mpp) as reader:
                 source = DecodedTiles(reader, grid, kept) if kept is not None else reader
                 n_bank = _write_bank(writer, source, grid, job, bar)
     job.planner.publish_qc(path)
@@ -367,32 +196,13 @@ def _one_line(error: BaseException) -> str:
 # ----------------------------------------------------------------------------- the job
 
 
-def _validate(config: ExtractConfig) -> None:
+def _require_encoder(config: ExtractConfig) -> None:
+    """The job needs a tile encoder (the settings alone may leave it out, e.g. to build a bank)."""
     if not config.encoder:
         raise ValueError(
             "--encoder is required: a ResNet18/34/50 checkpoint (torchvision, MoCo, Lightning, or `gigassl "
             "pretrain-tiles` output), a torch.export .pt2 program, or 'random' for an untrained network"
         )
-    if not (config.plain or config.bank):
-        raise ValueError("nothing to do: both --no-plain and --no-bank given")
-    if config.mpp <= 0 or not math.isfinite(config.mpp):
-        raise ValueError(f"--mpp {config.mpp}: must be a positive µm/px (0.5 ≈ 20×, 1.0 ≈ 10×)")
-    if config.tile_size < 16:
-        raise ValueError(f"--tile-size {config.tile_size}: must be at least 16 px")
-    if not 0.0 <= config.tissue_threshold <= 1.0:
-        raise ValueError(f"--tissue-threshold {config.tissue_threshold}: must lie in [0, 1]")
-    if config.batch_size < 1 or config.num_workers < 0:
-        raise ValueError(f"--batch-size {config.batch_size} must be ≥ 1 and --num-workers {config.num_workers} ≥ 0")
-    if config.default_mpp is not None and not config.default_mpp > 0:
-        raise ValueError(f"--default-mpp {config.default_mpp}: must be positive")
-    if config.bank and (config.n_augmentations < 1 or config.n_tiles_per_augmentation < 1):
-        raise ValueError("--n-augmentations and --n-tiles-per-augmentation must be ≥ 1")
-
-
-def _write_summary(path: Path, summary: ExtractionSummary) -> None:
-    temp = temporary_path(path)
-    temp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
-    temp.replace(path)
 
 
 def _not_to_extract(path: Path, config: ExtractConfig, settings: dict[str, Any], features_dir: Path,
@@ -426,8 +236,7 @@ def _not_to_extract(path: Path, config: ExtractConfig, settings: dict[str, Any],
 
 def _worker_died(error: BaseException) -> bool:
     """A tile-reading worker died: raised by the stream, or by DataLoader's SIGCHLD handler."""
-    return isinstance(error, ReadingWorkerDied) or (
-        isinstance(error, RuntimeError) and "DataLoader worker" in str(error) and "exited unexpectedly" in str(error))
+    return isinstance(error, ReadingWorkerDied) or is_worker_death(error)
 
 
 def _extract_or_fail(path: Path, job: _Job) -> SlideOutcome:
@@ -453,6 +262,30 @@ def _extract_or_fail(path: Path, job: _Job) -> SlideOutcome:
     raise AssertionError("unreachable")
 
 
+def _load_trunk(config: ExtractConfig, device: torch.device) -> tuple[TileEncoder, EncoderInfo]:
+    """The tile encoder in eval mode, channels_last, on ``device``, and its provenance."""
+    loaded = load_encoder(config.encoder, seed=config.seed, input_size_px=config.encoder_input_size_px,
+                          mean=config.encoder_mean, std=config.encoder_std)
+    trunk = loaded.trunk.to(device).eval().to(memory_format=torch.channels_last)
+    if trunk.input_size_px is not None and trunk.input_size_px != config.tile_size_px:
+        logger.info("tiles of %d px are resized to the encoder's input of %d px", config.tile_size_px, trunk.input_size_px)
+    return trunk, loaded.info
+
+
+def _ignored(others: list[Path]) -> list[SlideOutcome]:
+    """``ignored`` outcomes (logged) of the files that are not slides."""
+    outcomes = [SlideOutcome(p.name, "ignored", reason=f"extension {p.suffix or '(none)'} is not a slide format")
+                for p in others]
+    for outcome in outcomes:
+        logger.warning("ignoring %s: %s", outcome.slide, outcome.reason)
+    return outcomes
+
+
+def _plan_settings(config: ExtractConfig, qc_dir: Path) -> PlanSettings:
+    return PlanSettings(config.target_mpp, config.tile_size_px, config.tissue_threshold, config.default_mpp,
+                        qc_dir if config.qc else None, config.grid_limits(), config.max_ink_fraction)
+
+
 def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     """Run ``gigassl extract`` over this process's share of ``config.slides``.
 
@@ -461,7 +294,7 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     settings, a missing slide folder or an unwritable output folder.
     """
     started = time.perf_counter()
-    _validate(config)
+    _require_encoder(config)
     part, n_parts = process_part(config.shard)
     slides, others = list_slides(Path(config.slides))
     if not slides:
@@ -469,46 +302,25 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
             f"--slides {config.slides}: no slide files (extensions {', '.join(sorted(SLIDE_SUFFIXES))})"
         )
     out = Path(config.out)
-    features_dir, qc_dir = out / "features", out / "qc"
-    ensure_writable(out)
-    ensure_writable(features_dir)
-    if config.qc:
-        ensure_writable(qc_dir)
-    for folder in (out, features_dir, qc_dir):  # left by jobs that ended; a running job's survive
-        if folder.is_dir():
-            remove_stale_partials(folder)
+    features_dir, qc_dir = prepare_output(out, config.qc)
     overrides = load_mpp_overrides(config.mpp_csv) if config.mpp_csv is not None else {}
-
     device = rank_device(config.device)
-    loaded = load_encoder(config.encoder, seed=config.seed, input_size_px=config.encoder_input_size_px,
-                          mean=parse_channel_stats(config.encoder_mean, "--encoder-mean"),
-                          std=parse_channel_stats(config.encoder_std, "--encoder-std", positive=True))
-    trunk, encoder = loaded.trunk.to(device).eval().to(memory_format=torch.channels_last), loaded.info
-    if trunk.input_size_px is not None and trunk.input_size_px != config.tile_size:
-        logger.info("tiles of %d px are resized to the encoder's input of %d px", config.tile_size, trunk.input_size_px)
+    trunk, encoder = _load_trunk(config, device)
     settings = settings_of(config)
     mine = select_part(slides, part, n_parts)
-    summary = ExtractionSummary(part=part, n_parts=n_parts, strict=config.strict)
-    first_with_stem: dict[str, Path] = {}
-    for path in slides:  # over all parts, so every shard agrees on who owns a stem
-        first_with_stem.setdefault(path.stem, path)
-    summary.outcomes += [
-        SlideOutcome(p.name, "ignored", reason=f"extension {p.suffix or '(none)'} is not a slide format")
-        for p in select_part(others, part, n_parts)
-    ]
-    for outcome in summary.ignored:
-        logger.warning("ignoring %s: %s", outcome.slide, outcome.reason)
+    summary = ExtractionSummary(_ignored(select_part(others, part, n_parts)), part, n_parts, strict=config.strict)
     logger.info("extract: %s for part %d/%d, encoder %s (%s, %d-d) on %s", count(len(mine), "slide"), part + 1, n_parts,
                 encoder.name, encoder.arch, encoder.width, device)
 
+    first_with_stem: dict[str, Path] = {}
+    for path in slides:  # over all parts, so every shard agrees on who owns a stem
+        first_with_stem.setdefault(path.stem, path)
     decided = {path: _not_to_extract(path, config, settings, features_dir, first_with_stem[path.stem]) for path in mine}
     todo = [path for path in mine if decided[path] is None]
 
     # The next slides are planned in the background, and the reading workers read ahead
     # through every slide of the job in one pass.
-    planner = SlidePlanner(todo, overrides, PlanSettings(config.mpp, config.tile_size, config.tissue_threshold,
-                                                         config.default_mpp, qc_dir if config.qc else None,
-                                                         config.grid_limits(), config.max_ink_fraction))
+    planner = SlidePlanner(todo, overrides, _plan_settings(config, qc_dir))
     tiles = TileStream(todo if config.plain else [], planner.plan, config.batch_size, config.num_workers,
                        pin_memory=device.type == "cuda")
     job = _Job(config, trunk, encoder, device, settings, features_dir, tiles, planner)
@@ -523,6 +335,5 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
         planner.close()
 
     summary.seconds = time.perf_counter() - started
-    name = "summary.json" if n_parts == 1 else f"summary-shard{part}.json"
-    _write_summary(out / name, summary)
+    summary.write(out)
     return summary

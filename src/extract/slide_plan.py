@@ -38,8 +38,8 @@ from extract.tissue import save_qc_image
 class PlanSettings:
     """What a plan depends on besides the slide."""
 
-    mpp: float
-    tile_size: int
+    target_mpp: float
+    tile_size_px: int
     tissue_threshold: float
     default_mpp: float | None = None
     qc_dir: Path | None = None  # write {stem}.png there when set
@@ -53,7 +53,7 @@ def plan_slide(path: Path, mpp_override: float | None, settings: PlanSettings) -
     Returns the grid without the thumbnail, and the temporary QC image (None without ``qc_dir``).
     """
     with open_slide(path, mpp_override, default_mpp=settings.default_mpp) as reader:
-        grid = tile_grid(reader, settings.mpp, settings.tile_size, settings.tissue_threshold, settings.limits,
+        grid = tile_grid(reader, settings.target_mpp, settings.tile_size_px, settings.tissue_threshold, settings.limits,
                          settings.max_ink_fraction)
     qc_partial = None
     if settings.qc_dir is not None:

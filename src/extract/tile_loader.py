@@ -49,13 +49,13 @@ def is_worker_death(error: BaseException) -> bool:
 
 
 class TileKey(NamedTuple):
-    """One tile to read: the slide (its position in the job, path, µm/px), its row in the
+    """One tile to read: the slide (its position in the job, path, level-0 µm/px), its row in the
     slide's grid, and its level-0 square and output size."""
 
     slide: int
     row: int
     path: str
-    mpp: float
+    level0_mpp: float
     x0: int
     y0: int
     size_level0: float
@@ -82,7 +82,7 @@ class TileReads(Dataset):
         try:
             if self._reader is None or str(self._reader.path) != key.path:
                 self.close()
-                self._reader = open_slide(Path(key.path), mpp_override=key.mpp)
+                self._reader = open_slide(Path(key.path), mpp_override=key.level0_mpp)
             tile = self._reader.read_tile(key.x0, key.y0, key.size_level0, key.out_px)
         except Exception as error:  # noqa: BLE001 - reported for this slide only, by the consumer
             reason = str(error) if isinstance(error, SlideReadError) else f"{key.path}: {type(error).__name__}: {error}"
@@ -109,7 +109,7 @@ def collate_tiles(items: Sequence[tuple[TileKey, torch.Tensor | None, str | None
 
 def slide_keys(position: int, path: Path, grid: TileGrid) -> list[TileKey]:
     """The keys of every tile of ``grid``, in grid order."""
-    return [TileKey(position, row, str(path), float(grid.mpp), int(x), int(y), float(grid.size_level0),
+    return [TileKey(position, row, str(path), float(grid.level0_mpp), int(x), int(y), float(grid.size_level0),
                     int(grid.tile_size_px))
             for row, (x, y) in enumerate(np.asarray(grid.coords, dtype=np.int64))]
 

@@ -1,6 +1,6 @@
 """The tile grid of a slide at a target µm/px, restricted to tissue.
 
-A tile of ``tile_size_px`` pixels at ``target_mpp`` covers ``tile_size_px * target_mpp / mpp``
+A tile of ``tile_size_px`` pixels at ``target_mpp`` covers ``tile_size_px * target_mpp / level0_mpp``
 level-0 pixels (``size_level0``, a float). Grid cells sit at multiples of that side (rounded to
 integer level-0 pixels), so ``coords / size_level0`` are near-integers and neighbouring tiles
 are neighbouring cells — the invariant stage 2's sparse maps rely on. Only tiles that lie
@@ -60,7 +60,8 @@ class TileGrid:
     """Kept tiles of one slide.
 
     ``coords`` (N, 2) int64 level-0 top-left x, y; ``tissue_fraction`` (N,) float;
-    ``size_level0`` the tile side in level-0 px (float).
+    ``size_level0`` the tile side in level-0 px (float); ``target_mpp`` the tiles' µm/px and
+    ``level0_mpp`` the slide's (stored as the ``mpp`` attribute of ``coords``, as TRIDENT names it).
     """
 
     coords: np.ndarray
@@ -68,7 +69,7 @@ class TileGrid:
     size_level0: float
     tile_size_px: int
     target_mpp: float
-    mpp: float
+    level0_mpp: float
     level0_width: int
     level0_height: int
     magnification: float | None
@@ -84,7 +85,7 @@ class TileGrid:
             "patch_size": int(self.tile_size_px),
             "patch_size_level0": int(round(self.size_level0)),
             "patch_size_level0_exact": float(self.size_level0),
-            "mpp": float(self.mpp),
+            "mpp": float(self.level0_mpp),
             "target_mpp": float(self.target_mpp),
             "level0_width": int(self.level0_width),
             "level0_height": int(self.level0_height),
@@ -126,30 +127,30 @@ def check_grid(reader: SlideReader, target_mpp: float, tile_size_px: int, limits
 
     Raises :class:`ImplausibleGridError` naming the file, the value, its source and the fix.
     """
-    mpp, source = reader.mpp, reader.mpp_source
-    if not limits.min_level0_mpp <= mpp <= limits.max_level0_mpp:
+    level0_mpp, source = reader.level0_mpp, reader.mpp_source
+    if not limits.min_level0_mpp <= level0_mpp <= limits.max_level0_mpp:
         dpi = [f" ({dpi} dpi, image software's default, not a scanner's resolution)"
-               for dpi, value in _SOFTWARE_DPI_MPP.items() if abs(mpp / value - 1) < 1e-3]
+               for dpi, value in _SOFTWARE_DPI_MPP.items() if abs(level0_mpp / value - 1) < 1e-3]
         raise ImplausibleGridError(
-            f"{reader.path}: level-0 resolution {mpp:g} µm/px from {source}{''.join(dpi)} is outside the plausible "
+            f"{reader.path}: level-0 resolution {level0_mpp:g} µm/px from {source}{''.join(dpi)} is outside the plausible "
             f"range for microscopy ({limits.min_level0_mpp:g}–{limits.max_level0_mpp:g} µm/px); "
             f"{_how_to_fix_mpp(reader)}, or widen --min-level0-mpp/--max-level0-mpp if it is right"
         )
-    if mpp / target_mpp > limits.max_upscale * (1 + 1e-9):
+    if level0_mpp / target_mpp > limits.max_upscale * (1 + 1e-9):
         raise ImplausibleGridError(
-            f"{reader.path}: tiles at {target_mpp:g} µm/px from a level 0 at {mpp:g} µm/px (from {source}) would "
-            f"enlarge the slide {mpp / target_mpp:.1f}× (more than --max-upscale {limits.max_upscale:g}); use a "
-            f"coarser --mpp, {_how_to_fix_mpp(reader)}, or raise --max-upscale"
+            f"{reader.path}: tiles at {target_mpp:g} µm/px from a level 0 at {level0_mpp:g} µm/px (from {source}) would "
+            f"enlarge the slide {level0_mpp / target_mpp:.1f}× (more than --max-upscale {limits.max_upscale:g}); use a "
+            f"coarser --target-mpp, {_how_to_fix_mpp(reader)}, or raise --max-upscale"
         )
-    size_level0 = tile_size_px * target_mpp / mpp
+    size_level0 = tile_size_px * target_mpp / level0_mpp
     width, height = reader.dimensions
     n_positions = math.floor(width / size_level0 + 1e-9) * math.floor(height / size_level0 + 1e-9)
     if n_positions > limits.max_tiles_per_slide:
         raise ImplausibleGridError(
-            f"{reader.path}: {width}×{height} px at {mpp:g} µm/px (from {source}) makes a grid of {n_positions:,} "
+            f"{reader.path}: {width}×{height} px at {level0_mpp:g} µm/px (from {source}) makes a grid of {n_positions:,} "
             f"tiles of {tile_size_px} px at {target_mpp:g} µm/px, more than --max-tiles-per-slide "
             f"{limits.max_tiles_per_slide:,}; check the slide's µm/px ({_how_to_fix_mpp(reader)}), use a larger "
-            "--tile-size or a coarser --mpp, or raise --max-tiles-per-slide"
+            "--tile-size-px or a coarser --target-mpp, or raise --max-tiles-per-slide"
         )
 
 
@@ -168,18 +169,18 @@ def tile_grid(
     if not 0.0 <= tissue_threshold <= 1.0:
         raise ValueError(f"tissue threshold {tissue_threshold} must lie in [0, 1]")
     check_grid(reader, target_mpp, tile_size_px, limits)
-    size_level0 = tile_size_px * target_mpp / reader.mpp
+    size_level0 = tile_size_px * target_mpp / reader.level0_mpp
     width, height = reader.dimensions
     # The thumbnail is read first: it proves the file decodes before any size judgement.
     thumbnail, downsample = reader.thumbnail(thumbnail_side(reader.dimensions, size_level0))
     xs, ys = grid_positions(width, size_level0), grid_positions(height, size_level0)
     if len(xs) == 0 or len(ys) == 0:
         raise SlideTooSmallError(
-            f"{reader.path}: {width}×{height} px at {reader.mpp:g} µm/px is smaller than one tile "
+            f"{reader.path}: {width}×{height} px at {reader.level0_mpp:g} µm/px is smaller than one tile "
             f"({tile_size_px} px at {target_mpp:g} µm/px = {size_level0:.1f} level-0 px); "
-            "use a smaller --tile-size or a finer --mpp"
+            "use a smaller --tile-size-px or a finer --target-mpp"
         )
-    ink = pen_ink_mask(thumbnail, reader.mpp * downsample)
+    ink = pen_ink_mask(thumbnail, reader.level0_mpp * downsample)
     mask = tissue_mask(thumbnail, ink=ink)
     grid_x, grid_y = np.meshgrid(xs, ys)  # row-major: y then x, reading order
     all_coords = np.stack([grid_x.ravel(), grid_y.ravel()], axis=1).astype(np.int64)
@@ -198,7 +199,7 @@ def tile_grid(
         size_level0=float(size_level0),
         tile_size_px=int(tile_size_px),
         target_mpp=float(target_mpp),
-        mpp=float(reader.mpp),
+        level0_mpp=float(reader.level0_mpp),
         level0_width=int(width),
         level0_height=int(height),
         magnification=reader.magnification,

@@ -1,10 +1,10 @@
 """The ``gigassl`` command: one subcommand per job, each mapped onto its settings dataclass.
 
 Flags are generated from the dataclass fields (``n_tiles_per_view`` → ``--n-tiles-per-view``,
-booleans as ``--x/--no-x``, tuples as comma-separated lists, a field's ``aliases`` metadata as
-further names), so the CLI and the Python API cannot drift apart. Settings are checked by the
-dataclass; a refused value ends with the usage line and status 2. Heavy modules are imported
-only when their subcommand runs.
+booleans as ``--x/--no-x``, tuples as comma-separated values), so the CLI and the Python API
+cannot drift apart; a field's ``aliases`` metadata adds the flags it had under an older name
+(``--mpp`` for ``--target-mpp``). The dataclasses validate themselves, so the API and the CLI
+give the same messages. Heavy modules are imported only when their subcommand runs.
 
 Errors: a user error is printed as one line and exits with status 2; anything else is a bug,
 printed with its traceback, status 1; ``-v`` shows the traceback of user errors too. User
@@ -55,26 +55,27 @@ def _field_type(tp: Any) -> Any:
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
-    """One flag per field of ``config_class``, typed, with its ``help`` metadata and default."""
+    """One flag per field of ``config_class`` (plus its ``aliases``), typed, with its ``help`` metadata and default."""
     hints = typing.get_type_hints(config_class)
     for spec in dataclasses.fields(config_class):
-        flag = "--" + spec.name.replace("_", "-")
-        names = (flag, *spec.metadata.get("aliases", ()))
+        flags = ["--" + spec.name.replace("_", "-"), *spec.metadata.get("aliases", ())]
         kind = _field_type(hints[spec.name])
         required = spec.metadata.get("required", False)
         default = None if spec.default is dataclasses.MISSING else spec.default
         help_text = spec.metadata.get("help", "")
         if kind is bool:
-            switch = flag if default else "--no-" + flag[2:]
-            parser.add_argument(*names, dest=spec.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=(help_text + f" (default: {switch})").replace("%", "%%"))
+            shown = flags[0] if default else "--no-" + flags[0][2:]
+            parser.add_argument(*flags, dest=spec.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=(help_text + f" (default: {shown})").replace("%", "%%"))
             continue
-        shown = default
         if typing.get_origin(kind) is tuple:
-            kind, shown = comma_separated, ",".join(default or ()) or "none"
+            kind, shown_default = comma_separated, default if default is None else ",".join(map(str, default))
+        else:
+            shown_default = default
         parser.add_argument(
-            *names, dest=spec.name, type=kind, default=default, required=required,
-            help=(help_text + ("" if required or default is None else f" (default: {shown})")).replace("%", "%%"),
+            *flags, dest=spec.name, type=kind, default=default, required=required,
+            metavar=spec.metadata.get("metavar"),
+            help=(help_text + ("" if required or default is None else f" (default: {shown_default})")).replace("%", "%%"),
         )
 
 

@@ -17,6 +17,7 @@ from extract.errors import UserError
 
 SPARSE_BACKENDS = ("auto", "torch", "spconv")  # gigassl.sparse_conv implements them
 EMBED_EXPORTS = ("npz", "csv")  # files `gigassl embed --export` writes beside the HDF5 file
+EVALUATE_BASELINES = ("average", "abmil", "topk")  # gigassl.evaluate.BASELINES, without importing it
 
 
 SPARSE_BACKEND_HELP = (
@@ -147,14 +148,14 @@ class EvaluateConfig:
     labels: Path = field(metadata=_help("CSV with a slide id column, a label column and optionally a patient column", required=True))
     out: Path = field(default=Path("evaluation"), metadata=_help("output folder for the table (CSV, JSON) and the plot"))
     features: Optional[Path] = field(default=None, metadata=_help("folder of per-slide HDF5 files, needed by the baselines"))
-    baselines: str = field(default="average", metadata=_help("comma-separated baselines: average,abmil,topk"))
+    baselines: tuple[str, ...] = field(default=("average",), metadata=_help("baselines compared with Giga-SSL, comma-separated: average,abmil,topk"))
     reference: str = field(default="average", metadata=_help("method every other one is compared with, split by split (paired differences with 95 % intervals): gigassl, average, abmil or topk"))
     slide_column: str = field(default="slide", metadata=_help("name of the slide id column"))
     label_column: str = field(default="label", metadata=_help("name of the label column"))
     patient_column: str = field(default="patient", metadata=_help("name of the patient column (used when present)"))
     n_splits: int = field(default=10, metadata=_help("repeated stratified splits"))
     test_fraction: float = field(default=0.3, metadata=_help("share of slides (or patients) held out per split"))
-    budgets: str = field(default="100%,25%", metadata=_help("training budgets: percentages (25%), slide counts (50) or per-class counts (4/class)"))
+    budgets: tuple[str, ...] = field(default=("100%", "25%"), metadata=_help("training budgets, comma-separated: percentages (25%), slide counts (50) or per-class counts (4/class)"))
     logistic_c: float = field(default=10.0, metadata=_help("C of the logistic regression, the inverse of its L2 regularisation strength (the original's 10)", aliases=("--c",)))
     tune_c: bool = field(default=False, metadata=_help("choose C by inner cross-validation instead"))
     seed: int = field(default=0, metadata=_help("random seed of the splits"))
@@ -171,6 +172,24 @@ class EvaluateConfig:
         """The former name of :attr:`logistic_c` (the flag ``--c`` remains an alias)."""
         return self.logistic_c
 
+    def __post_init__(self) -> None:
+        # comma-separated strings (the form before the tuples) are taken too
+        object.__setattr__(self, "baselines", comma_separated(self.baselines))
+        object.__setattr__(self, "budgets", comma_separated(self.budgets))
+        problems = _too_small(self, 2, ("n_splits",)) + _too_small(self, 1, ("topk", "topk_epochs", "mil_epochs"))
+        unknown = [b for b in self.baselines if b not in EVALUATE_BASELINES]
+        if unknown:
+            problems.append(f"--baselines: unknown {unknown}; choose among {', '.join(EVALUATE_BASELINES)}")
+        if self.reference not in ("gigassl", *EVALUATE_BASELINES):
+            problems.append(f"--reference {self.reference!r}: choose gigassl or one of {', '.join(EVALUATE_BASELINES)}")
+        if not self.budgets:
+            problems.append("--budgets: give at least one budget (e.g. 100%,25%,4/class)")
+        if not 0.0 < self.test_fraction < 1.0:
+            problems.append(f"--test-fraction must lie in (0, 1) (got {self.test_fraction})")
+        if not self.logistic_c > 0:
+            problems.append(f"--logistic-c must be > 0 (got {self.logistic_c})")
+        _refuse("evaluation", problems)
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -182,14 +201,26 @@ class DemoConfig:
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
     sparse_backend: str = field(default="auto", metadata=_help(SPARSE_BACKEND_HELP))
     encoder: str = field(default="random", metadata=_help("tile encoder: a ResNet18 checkpoint (e.g. from `gigassl pretrain-tiles`) or 'random'"))
-    mpp: float = field(default=1.0, metadata=_help("extraction resolution in µm/px (the slides are at 0.495)"))
-    tile_size: int = field(default=64, metadata=_help("tile side in pixels at --mpp (small, so the demo runs on a laptop CPU)"))
+    target_mpp: float = field(default=1.0, metadata=_help("extraction resolution in µm/px (the slides are at 0.495)", aliases=("--mpp",)))
+    tile_size_px: int = field(default=64, metadata=_help("tile side in pixels at --target-mpp (small, so the demo runs on a laptop CPU)", aliases=("--tile-size",)))
     n_augmentations: int = field(default=8, metadata=_help("A: augmentations per slide in the bank"))
     n_tiles_per_augmentation: int = field(default=16, metadata=_help("K: tiles per augmentation in the bank"))
     epochs: int = field(default=50, metadata=_help("Giga-SSL training epochs"))
     batch_size: int = field(default=20, metadata=_help("slides per training step (two views each)"))
     n_views: int = field(default=50, metadata=_help("R: views averaged per slide embedding"))
     n_splits: int = field(default=5, metadata=_help("repeated stratified splits of the evaluation"))
-    baselines: str = field(default="average,abmil", metadata=_help("comma-separated baselines compared with Giga-SSL: average,abmil"))
+    baselines: tuple[str, ...] = field(default=("average", "abmil"), metadata=_help("baselines compared with Giga-SSL, comma-separated: average,abmil"))
     num_workers: int = field(default=0, metadata=_help("DataLoader workers reading tiles during extraction"))
     overwrite: bool = field(default=False, metadata=_help("redraw the slides and re-extract features even when they exist"))
+
+    def __post_init__(self) -> None:
+        # a comma-separated string (the form before the tuple) is taken too
+        object.__setattr__(self, "baselines", comma_separated(self.baselines))
+        problems = _too_small(self, 10, ("n_slides",)) + _too_small(
+            self, 1, ("tile_size_px", "n_augmentations", "n_tiles_per_augmentation", "epochs", "n_views"))
+        unknown = sorted(set(self.baselines) - {"average", "abmil"})
+        if unknown:
+            problems.append(f"--baselines: unknown {unknown}; the demo compares with average,abmil")
+        if not self.target_mpp > 0:
+            problems.append(f"--target-mpp must be > 0 (got {self.target_mpp})")
+        _refuse("demo", problems + _backend_problems(self.sparse_backend))

@@ -158,7 +158,7 @@ def _check_one_grid(folder: Path, slides: Sequence[SlideEntry], allow_mixed_grid
     if not allow_mixed_grids:
         raise FeatureFileError(
             f"the files in {folder} were extracted on {len(grids)} different tile grids ({described}); a grid "
-            "cell must be the same size of tissue for every slide: re-extract them with one --mpp and --tile-size, "
+            "cell must be the same size of tissue for every slide: re-extract them with one --target-mpp and --tile-size-px, "
             "or pass --allow-mixed-grids to train on them anyway (recorded in the checkpoint)")
     log.warning("training on %d different tile grids (--allow-mixed-grids): %s", len(grids), described)
 

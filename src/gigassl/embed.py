@@ -30,7 +30,6 @@ cannot be verified; their slide ids are listed in ``unverified``.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from extract.device import autocast
 from extract.encoder import SLIDE_FEATURE_DIM, TILE_FEATURE_DIM, file_sha256
 from extract.errors import UserError
 from extract.features_file import FeatureFileError
+from extract.seeding import slide_seed_sequence
 from gigassl.checkpoint import load_model
 from gigassl.config import EmbedConfig
 from gigassl.data import feature_files_in
@@ -89,8 +89,7 @@ class EmbedResult:
 
 def slide_generator(seed: int, slide_id: str) -> np.random.Generator:
     """The generator of one slide's views, from (seed, slide id) only."""
-    digest = hashlib.sha256(slide_id.encode("utf-8")).digest()
-    return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
+    return np.random.default_rng(slide_seed_sequence(seed, slide_id))
 
 
 def sample_views(
@@ -255,6 +254,7 @@ def run_embedding(config: EmbedConfig) -> EmbedResult:
     from tqdm.auto import tqdm
 
     from extract.device import resolve_device
+    from gigassl.checkpoint import load_model
 
     files, failed = split_duplicate_ids(feature_files_in(config.features))
     device = resolve_device(config.device)

@@ -32,7 +32,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from extract.encoder import IMAGE_MEAN, IMAGE_STD, TILE_FEATURE_DIM
+from extract.encoder import TILE_FEATURE_DIM, prepare_batch
 
 logger = logging.getLogger(__name__)
 
@@ -271,21 +271,21 @@ class SlideTiles:
 
     ``coords`` (N, 2) are the level-0 top-left corners of the rows of the slide's plain
     features; a tile spans ``size_level0`` level-0 pixels and is resized to ``out_px``.
-    ``mpp`` is the level-0 µm/px used at extraction (passed as an override, so slides without
-    metadata read the same way).
+    ``level0_mpp`` is the level-0 µm/px used at extraction (passed as an override, so slides
+    without metadata read the same way).
     """
 
     slide_path: Path
     coords: np.ndarray
     size_level0: float
     out_px: int
-    mpp: float | None = None
+    level0_mpp: float | None = None
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """(k, out_px, out_px, 3) uint8 RGB tiles of the given feature rows."""
         from extract.reader import open_slide
 
-        with open_slide(self.slide_path, self.mpp) as reader:
+        with open_slide(self.slide_path, self.level0_mpp) as reader:
             return np.stack([
                 reader.read_tile(int(x), int(y), self.size_level0, self.out_px) for x, y in self.coords[rows]
             ])
@@ -293,10 +293,7 @@ class SlideTiles:
 
 def tiles_to_tensor(tiles: np.ndarray, device: torch.device) -> torch.Tensor:
     """(k, H, W, 3) uint8 RGB → (k, 3, H, W) float32 normalised as the tile encoder expects."""
-    images = torch.from_numpy(np.ascontiguousarray(tiles)).to(device).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(IMAGE_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGE_STD, device=device).view(1, 3, 1, 1)
-    return (images - mean) / std
+    return prepare_batch(torch.from_numpy(np.ascontiguousarray(tiles)), device)
 
 
 class TopKFineTuner(ClassifierMixin, BaseEstimator):

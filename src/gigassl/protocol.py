@@ -37,10 +37,10 @@ class Budget:
     value: float
 
 
-def parse_budgets(text: str) -> list[Budget]:
-    """``"100%,25%,50,4/class"`` → budgets, in the given order."""
+def parse_budgets(text: str | Sequence[str]) -> list[Budget]:
+    """``"100%,25%,50,4/class"`` (or those items as a sequence) → budgets, in the given order."""
     budgets = []
-    for item in (t.strip() for t in text.split(",")):
+    for item in (t.strip() for t in (text.split(",") if isinstance(text, str) else text)):
         if not item:
             continue
         if match := re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", item):

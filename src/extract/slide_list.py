@@ -1,0 +1,52 @@
+"""The slides of a job: the slide files of a folder, and this process's share of them.
+
+``gigassl extract`` and ``gigassl pretrain-tiles`` both list their input folder here. Scale-out
+(extraction): ``--shard i/n`` (SLURM arrays) and torchrun ranks (``RANK``/``WORLD_SIZE``) each
+take an interleaved share of the sorted list, so no process group is needed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from extract.reader import SLIDE_SUFFIXES
+
+
+def list_slides(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Sorted files of ``folder``: (slide candidates by extension, other files to ignore).
+
+    Hidden files and sub-folders (e.g. MIRAX data folders) are left out of both.
+    """
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--slides {folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    slides = [p for p in files if p.suffix.lower() in SLIDE_SUFFIXES]
+    others = [p for p in files if p.suffix.lower() not in SLIDE_SUFFIXES]
+    return slides, others
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` → (i, n) with 0 ≤ i < n."""
+    try:
+        index_text, count_text = text.split("/")
+        index, count = int(index_text), int(count_text)
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/4 (SLURM: $SLURM_ARRAY_TASK_ID/N)") from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"--shard {text!r}: need 0 ≤ i < n")
+    return index, count
+
+
+def process_part(shard: str) -> tuple[int, int]:
+    """This process's part of the slide list: the shard refined by the torchrun rank, if any."""
+    index, count = parse_shard(shard)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} / WORLD_SIZE={world} from the environment are inconsistent")
+    return index * world + rank, count * world
+
+
+def select_part(items: list[Path], part: int, n_parts: int) -> list[Path]:
+    """Interleaved split: item j goes to part j mod n_parts (balances slide sizes sorted by name)."""
+    return items[part::n_parts]
