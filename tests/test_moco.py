@@ -8,9 +8,8 @@ from torch import nn
 from extract.augment import TileAugmentation
 from extract.config import MOCO_PROFILES, MocoConfig
 from extract.encoder import load_resnet18
-from extract.moco import (
-    alignment, cosine_lr, load_training_checkpoint, make_views, rankme, run_pretraining, train_step, uniformity,
-)
+from extract.moco import cosine_lr, load_training_checkpoint, make_views, run_pretraining, train_step
+from extract.monitors import alignment, rankme, uniformity
 from extract.moco_model import KeyQueue, MoCo, info_nce_logits, info_nce_loss, momentum_update
 from extract.moco_data import EpochTileBatches, epoch_plan, fixed_tiles, index_slides
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Mapping
 
 import h5py
@@ -40,7 +39,7 @@ import numpy as np
 from extract import __version__
 from extract.encoder import EncoderInfo
 from extract.errors import UserError
-from extract.partial_files import finish_hdf5, temporary_path
+from extract.partial_files import AtomicHDF5Writer, temporary_path
 
 FORMAT_NAME = "gigassl-slide-features"
 FORMAT_VERSION = 2  # 2: bank stored feature-major (A, 256, K)
@@ -71,7 +70,7 @@ def verify_checksums(file: h5py.File, path: Path) -> None:
                                    f"{' '.join(str(error).split())})") from error
 
 
-class SlideFileWriter:
+class SlideFileWriter(AtomicHDF5Writer):
     """Writes one slide's HDF5 file atomically.
 
     Use as a context manager: on a clean exit the file is marked complete and renamed to its
@@ -169,13 +168,6 @@ class SlideFileWriter:
         order = np.lexsort((coords[:, 1], coords[:, 0]))
         self.file["aug_features"][index] = np.asarray(features, dtype=np.float16)[order].T
         self.file["aug_coords"][index] = coords[order]
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        handle, self._file = self._file, None
-        if handle is not None:
-            finish_hdf5(handle, self.temp_path, self.path, succeeded=exc_type is None)
 
 
 class SlideFeatures:

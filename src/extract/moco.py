@@ -65,8 +65,8 @@ from extract.encoder import load_weights_only, normalise, save_encoder_checkpoin
 from extract.resnet import ResNet, build_resnet
 from extract.moco_data import EpochTileBatches, IndexedSlide, epoch_plan, fixed_tiles, index_slides
 from extract.moco_model import MoCo, all_gather, info_nce_logits, momentum_update
-from extract.moco_probe import probe_auc, probe_set, slide_mean_features
-from extract.monitors import rankme, write_monitors
+from extract.moco_probe import ProbeSet, probe_auc, probe_set, slide_mean_features
+from extract.monitors import alignment, fresh_info_nce, rankme, uniformity, write_monitors
 from extract.slide_list import list_slides
 
 logger = logging.getLogger(__name__)
@@ -149,17 +149,6 @@ def train_step(
 # ----------------------------------------------------------------------------- monitors
 
 
-def alignment(z1: torch.Tensor, z2: torch.Tensor) -> float:
-    """Mean squared distance between normalised positive pairs (Wang & Isola 2020); lower is better."""
-    return float((z1 - z2).norm(dim=1).pow(2).mean())
-
-
-def uniformity(z: torch.Tensor, t: float = 2.0) -> float:
-    """log E exp(−t‖zᵢ − zⱼ‖²) over distinct pairs of normalised (N, D); lower is more uniform."""
-    return float(torch.pdist(z.double()).pow(2).mul(-t).exp().mean().log())
-
-
-@torch.no_grad()
 def _embed_for_monitors(
     encoder: ResNet, images: torch.Tensor, device: torch.device, mixed_precision: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -172,13 +161,6 @@ def _embed_for_monitors(
             head = encoder.fc(pooled)
         outputs.append((maps.float().mean(dim=(2, 3)), pooled.float(), F.normalize(head.float(), dim=1)))
     return tuple(torch.cat(parts).cpu() for parts in zip(*outputs))  # type: ignore[return-value]
-
-
-def fresh_info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> float:
-    """InfoNCE of normalised (N, D) view pairs against each other (no queue): every negative
-    comes from the current encoder, so unlike the training loss it does not move with the queue."""
-    logits = z1.double() @ z2.double().T / temperature
-    return float(F.cross_entropy(logits, torch.arange(len(z1))))
 
 
 def representation_monitors(
@@ -309,6 +291,21 @@ class PretrainingResult:
         return "\n".join(lines)
 
 
+def _quality_monitors(
+    encoder: ResNet, tiles: torch.Tensor | None, probe: ProbeSet | None, augmentation: TileAugmentation,
+    device: torch.device, config: MocoConfig,
+) -> dict[str, float]:
+    """The epoch's label-free monitors on the fixed tiles, and the probe AUC when labels were given."""
+    row: dict[str, float] = {}
+    if tiles is not None:
+        row.update(representation_monitors(encoder, tiles, augmentation, device, config.mixed_precision,
+                                           config.seed, config.temperature))
+    if probe is not None:
+        row["probe_auc"] = probe_auc(slide_mean_features(encoder, probe, device, config.mixed_precision),
+                                     probe.labels, config.seed)
+    return row
+
+
 def _epoch_row(epoch: int, step: int, steps: list[StepResult], lr: float, batch_size: int, seconds: float) -> dict[str, Any]:
     """The epoch's means of the per-step figures, with the last lr and the throughput."""
     def mean(name: str) -> float:
@@ -419,12 +416,7 @@ def _train(
             bar.set_postfix(loss=f"{result.loss:.3f}", acc=f"{result.accuracy:.2f}", lr=f"{lr:.2g}")
         seconds = time.perf_counter() - started
         row = _epoch_row(epoch, step, steps, lr, config.batch_size, seconds)
-        if monitor_tiles is not None:
-            row.update(representation_monitors(model.encoder_q, monitor_tiles, augmentation, device, config.mixed_precision,
-                                               config.seed, config.temperature))
-        if probe is not None:
-            row["probe_auc"] = probe_auc(slide_mean_features(model.encoder_q, probe, device, config.mixed_precision),
-                                         probe.labels, config.seed)
+        row.update(_quality_monitors(model.encoder_q, monitor_tiles, probe, augmentation, device, config))
         monitors.append(row)
         last = epoch + 1 == config.epochs
         if (epoch + 1) % config.checkpoint_every == 0 or last:

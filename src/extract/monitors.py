@@ -6,6 +6,8 @@
   ε = 1e-7 (the paper's ε; the one in the denominator keeps an all-zero batch finite). Between
   1 and min(B, D). Used by MoCo (:mod:`extract.moco`, tile features) and Giga-SSL training
   (:mod:`gigassl.monitors`, slide representations).
+- :func:`alignment` and :func:`uniformity` (Wang & Isola 2020) of normalised views, and
+  :func:`fresh_info_nce`, InfoNCE of view pairs against each other without a queue (MoCo).
 - :func:`write_monitors`: ``monitors.json`` (the rows as they are) and ``monitors.csv`` (one
   row per epoch, a cell left empty where a row lacks a column).
 """
@@ -19,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 RANKME_EPS = 1e-7
 MONITORS_CSV = "monitors.csv"
@@ -58,3 +61,23 @@ def write_monitors(out: Path, rows: Sequence[Mapping[str, Any]], columns: Sequen
             writer.writeheader()
             writer.writerows(rows)
     return csv_path, json_path
+
+
+def alignment(z1: torch.Tensor, z2: torch.Tensor) -> float:
+    """Mean squared distance between normalised positive pairs (Wang & Isola 2020); lower is better."""
+    return float((z1 - z2).norm(dim=1).pow(2).mean())
+
+
+def uniformity(z: torch.Tensor, t: float = 2.0) -> float:
+    """log E exp(−t‖zᵢ − zⱼ‖²) over distinct pairs of normalised (N, D); lower is more uniform."""
+    return float(torch.pdist(z.double()).pow(2).mul(-t).exp().mean().log())
+
+
+@torch.no_grad()
+
+
+def fresh_info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> float:
+    """InfoNCE of normalised (N, D) view pairs against each other (no queue): every negative
+    comes from the current encoder, so unlike the training loss it does not move with the queue."""
+    logits = z1.double() @ z2.double().T / temperature
+    return float(F.cross_entropy(logits, torch.arange(len(z1))))

@@ -21,6 +21,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,23 @@ def finish_hdf5(handle: Any, temp_path: Path, path: Path, succeeded: bool) -> No
     else:
         handle.close()
         temp_path.unlink(missing_ok=True)
+
+
+class AtomicHDF5Writer:
+    """Base of the package's HDF5 writers: the file is written at ``temp_path``; leaving the
+    ``with`` block finishes it (:func:`finish_hdf5`: renamed to ``path`` on success, deleted on
+    an exception). Subclasses open ``_file`` in ``__enter__``."""
+
+    _file: Any
+    temp_path: Path
+    path: Path
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        handle, self._file = self._file, None
+        if handle is not None:
+            finish_hdf5(handle, self.temp_path, self.path, succeeded=exc_type is None)
 
 
 def writer_of(partial: Path) -> tuple[str | None, int | None]:

@@ -21,7 +21,6 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Sequence
 
 import h5py
@@ -30,7 +29,7 @@ import numpy as np
 from extract import __version__
 from extract.encoder import SLIDE_FEATURE_DIM
 from extract.errors import UserError
-from extract.partial_files import finish_hdf5, temporary_path
+from extract.partial_files import AtomicHDF5Writer, temporary_path
 from gigassl.config import EMBED_EXPORTS as EXPORTS
 
 FORMAT_NAME = "gigassl-slide-embeddings"
@@ -59,7 +58,7 @@ def _attr_value(value: Any) -> Any:
     return value if isinstance(value, (int, float, str)) else json.dumps(value)
 
 
-class EmbeddingWriter:
+class EmbeddingWriter(AtomicHDF5Writer):
     """Appends (s, ``embedding_dim``) slide embeddings to an HDF5 file; atomic (temporary file,
     renamed on success)."""
 
@@ -99,13 +98,6 @@ class EmbeddingWriter:
         """Set a root attribute (JSON unless a number or a string)."""
         assert self._file is not None, "use EmbeddingWriter as a context manager"
         self._file.attrs[key] = _attr_value(value)
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        handle, self._file = self._file, None
-        if handle is not None:
-            finish_hdf5(handle, self.temp_path, self.path, succeeded=exc_type is None)
 
 
 def read_embeddings(path: str | Path) -> SlideEmbeddings:

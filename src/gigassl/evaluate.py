@@ -41,7 +41,8 @@ from extract.config import settings_dict
 from extract.errors import UserError
 from gigassl.config import EvaluateConfig
 from gigassl.data import feature_files_in
-from gigassl.evaluation_report import format_report, plot_auc, write_csv, write_json
+from gigassl.evaluation_report import format_report, write_csv, write_json
+from gigassl.plots import plot_auc
 from gigassl.paired import paired_differences
 from gigassl.protocol import (
     Budget,
