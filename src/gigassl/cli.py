@@ -69,7 +69,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type)
                                 help=(help_text + f" (default: {shown})").replace("%", "%%"))
             continue
         if typing.get_origin(kind) is tuple:
-            kind, shown_default = comma_separated, default if default is None else ",".join(map(str, default))
+            kind, shown_default = comma_separated, default if default is None else (",".join(map(str, default)) or "none")
         else:
             shown_default = default
         parser.add_argument(
