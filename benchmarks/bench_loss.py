@@ -17,7 +17,6 @@ import time
 import warnings
 from typing import Callable
 
-import numpy as np
 import torch
 
 

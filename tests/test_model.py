@@ -28,7 +28,7 @@ from extract.encoder import ResNet18, build_resnet
 from gigassl.model import GigaSSLModel, HeadSpec, SparseLayer4
 from gigassl.sparse_layer4 import dense_layer4
 from gigassl.sparse_conv import dense_to_sparse_weight, make_sparse_tensor, strided_conv3x3, submanifold_conv3x3, sum_pool_3x3_stride2
-from gigassl.sparse_map import MAP_MARGIN, SparseBatch, collate_views
+from gigassl.sparse_map import SparseBatch, collate_views
 
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 

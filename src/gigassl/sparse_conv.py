@@ -87,7 +87,7 @@ SpconvForward = Callable[[nn.Module, SparseTensor], SparseTensor]
 # backend choice
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def spconv_available() -> bool:
     """True when ``spconv.pytorch`` imports (x86-64 Linux/Windows with the spconv extra)."""
     try:
@@ -298,7 +298,7 @@ def _run_spconv(conv_forward: SpconvForward, module: nn.Module, x: SparseTensor)
     return conv_forward(module, x)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _spconv_classes() -> tuple[type[nn.Module], type[nn.Module]]:
     """spconv's submanifold and strided 3×3 conv classes with this module's settings (spconv imported here)."""
     import spconv.pytorch as spconv
