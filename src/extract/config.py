@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any, Optional
 
 
-def settings_dict(config: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+def settings_dict(config: Any, drop: Collection[str] = ()) -> dict[str, Any]:
     """A settings dataclass as plain data for checkpoints, file attributes and logs (paths as
     str), the fields in ``drop`` left out."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items() if k not in drop}
@@ -180,7 +181,7 @@ class MocoConfig:
         from dataclasses import fields, replace
 
         defaults = {spec.name: spec.default for spec in fields(self)}
-        changes = {
+        changes: dict[str, Any] = {  # a profile sets fields of several types
             name: value for name, value in MOCO_PROFILES[self.profile].items()
             if getattr(self, name) == defaults[name]
         }

@@ -209,7 +209,7 @@ def parse_channel_stats(value: str | Sequence[float] | None, label: str, positiv
     if len(stats) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in stats):
         raise ValueError(f"{label} {value!r}: give three finite numbers R,G,B{' > 0' if positive else ''}, e.g. "
                          + ("0.229,0.224,0.225" if positive else "0.485,0.456,0.406"))
-    return stats  # type: ignore[return-value]
+    return stats
 
 
 def _random_arch(source: str) -> str | None:
@@ -277,8 +277,7 @@ def load_encoder(
     if str(source).endswith(".pt2"):
         from extract.exported import load_exported  # torch.export is imported only when used
 
-        trunk, info = load_exported(Path(source), input_size_px=input_size_px, mean=mean, std=std)
-        return LoadedEncoder(trunk, info)
+        return LoadedEncoder(*load_exported(Path(source), input_size_px=input_size_px, mean=mean, std=std))
     model, info = load_resnet(source, seed)
     mean, std = tuple(mean or IMAGE_MEAN), tuple(std or IMAGE_STD)
     trunk = TileTrunk(model, mean, std, input_size_px).eval()

@@ -23,6 +23,7 @@ import torch
 from extract.device import autocast
 from extract.errors import UserError
 from extract.moco_data import SlideTiles, TileReaders, read_tiles
+from extract.resnet import ResNet
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def probe_set(
 
 
 @torch.no_grad()
-def slide_mean_features(encoder: torch.nn.Module, probe: ProbeSet, device: torch.device, mixed_precision: bool,
+def slide_mean_features(encoder: ResNet, probe: ProbeSet, device: torch.device, mixed_precision: bool,
                         batch: int = 256) -> np.ndarray:
     """(S, C) mean trunk feature of each labelled slide (eval mode; the encoder's mode is restored)."""
     from extract.moco import normalise

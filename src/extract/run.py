@@ -228,10 +228,10 @@ def prepare_batch(tiles: torch.Tensor, device: torch.device, mean: tuple[float, 
                   std: tuple[float, ...] = IMAGE_STD) -> torch.Tensor:
     """(B, H, W, 3) uint8 → (B, 3, H, W) float normalised with ``mean``/``std``, channels_last, on ``device``."""
     x = tiles.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     # NHWC storage permuted to NCHW is already channels_last; contiguous() keeps it so.
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+    return ((x - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
 
 
 @torch.inference_mode()
@@ -480,10 +480,11 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     overrides = load_mpp_overrides(config.mpp_csv) if config.mpp_csv is not None else {}
 
     device = rank_device(config.device)
+    assert config.encoder is not None, "_validate refuses a missing --encoder"
     loaded = load_encoder(config.encoder, seed=config.seed, input_size_px=config.encoder_input_size_px,
                           mean=parse_channel_stats(config.encoder_mean, "--encoder-mean"),
                           std=parse_channel_stats(config.encoder_std, "--encoder-std", positive=True))
-    trunk, encoder = loaded.trunk.to(device).eval().to(memory_format=torch.channels_last), loaded.info
+    trunk, encoder = loaded.trunk.to(device).eval().to(memory_format=torch.channels_last), loaded.info  # type: ignore[call-overload]  # torch's Module.to overloads omit memory_format, accepted at runtime
     if trunk.input_size_px is not None and trunk.input_size_px != config.tile_size:
         logger.info("tiles of %d px are resized to the encoder's input of %d px", config.tile_size, trunk.input_size_px)
     settings = settings_of(config)
@@ -515,8 +516,8 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     try:
         for path in progress(mine, desc="slides", unit="slide", position=0, interval_s=config.progress_interval_s,
                              log=logger):
-            outcome = decided[path]
-            summary.outcomes.append(outcome if outcome is not None else _extract_or_fail(path, job))
+            known = decided[path]
+            summary.outcomes.append(known if known is not None else _extract_or_fail(path, job))
             planner.forget(path)
     finally:
         tiles.close()
