@@ -174,7 +174,7 @@ def main() -> None:
     b = args.batch_size
     ours, encoder, ours32, kornia = (float(np.median(v)) for v in (ours_s, encoder_s, ours32_s, kornia_s))
     print(f"encoder (bf16 autocast, channels_last)   {b / encoder:8.1f} tiles/s")
-    print(f"ours, {str(work_dtype):15s} + normalise   {b / ours:8.1f} tiles/s  = {100 * ours / encoder:.1f} % of encoder time")
+    print(f"ours, {work_dtype!s:15s} + normalise   {b / ours:8.1f} tiles/s  = {100 * ours / encoder:.1f} % of encoder time")
     print(f"ours, float32                           {b / ours32:8.1f} tiles/s  = {100 * ours32 / encoder:.1f} % of encoder time")
     print(f"kornia same_on_batch, float32           {b / kornia:8.1f} tiles/s  = {100 * kornia / encoder:.1f} % of encoder time")
 

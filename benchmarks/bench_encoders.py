@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extract import build_parser, measure  # noqa: E402
+from bench_extract import build_parser, measure
 
-from extract.encoder import IMAGE_MEAN, IMAGE_STD  # noqa: E402
-from extract.exported import export_tile_encoder  # noqa: E402
+from extract.encoder import IMAGE_MEAN, IMAGE_STD
+from extract.exported import export_tile_encoder
 
 NAMES = {"random": "ResNet18 (random)", "random:resnet50": "ResNet50 (random)", "vit": "ViT-S/16 exported (.pt2)"}
 

@@ -92,7 +92,8 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
                 for _ in range(passes):
                     tiles = list(stream.tiles(args.slide, grid))
             finally:
-                    return tiles
+                stream.close()
+            return tiles
 
         trunk = load_encoder(args.encoder).trunk.to(device).eval().to(memory_format=torch.channels_last)
         # Warm-up (oneDNN kernels, page cache), then the three measures taken in turn, so that

@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 GIGASSL_EXTRAS="${GIGASSL_EXTRAS:-test,spconv}" bash scripts/setup_env.sh
 VENV="${GIGASSL_VENV:-.venv}"
 PY="$VENV/bin/python"
+echo "== lint: ruff check (settings in pyproject.toml)"
+"$PY" -m ruff check src tests benchmarks
+echo "== types: mypy over src/ (settings in pyproject.toml)"
+"$PY" -m mypy
 if "$PY" -c "import spconv.pytorch" 2>/dev/null; then
     echo "== pass 1 of 2: spconv installed (reference tests included)"
     GIGASSL_REQUIRE_SPCONV=1 "$PY" -m pytest -q "$@"

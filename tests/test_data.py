@@ -81,7 +81,7 @@ def test_fewer_tiles_than_t_sample_with_replacement(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="gigassl.data"):
         cohort = scan_features_folder(tmp_path, 5)
     assert "fewer than T = 5" in caplog.text and "slide_000 (K=3)" in caplog.text
-    index, view1, view2 = SlideViewDataset(cohort, 5)[(0, 0)]
+    index, view1, _view2 = SlideViewDataset(cohort, 5)[(0, 0)]
     assert index == 0 and view1[0].shape == (5, 256) and view1[1].shape == (5, 2)
 
 

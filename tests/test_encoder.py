@@ -80,7 +80,7 @@ def test_moco_checkpoint_loads(tmp_path):
 def test_own_checkpoint_round_trip(tmp_path):
     model, info = load_resnet18("random", seed=3)
     assert info.source == "random" and info.name == "random"
-    again, info_again = load_resnet18("random", seed=3)
+    _again, info_again = load_resnet18("random", seed=3)
     assert info.sha256 == info_again.sha256
     path = tmp_path / "enc.pt"
     save_encoder_checkpoint(model, path, extra={"epoch": 4})

@@ -164,7 +164,7 @@ def test_linear_method_equals_a_plain_scikit_learn_loop():
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    ids, labels, vectors = clustered(60, ["a", "b"], separation=0.3)
+    _ids, labels, vectors = clustered(60, ["a", "b"], separation=0.3)
     y = np.searchsorted(["a", "b"], labels)
     method = LinearMethod("gigassl", vectors, standardize=True)
     for train, test in make_splits(y, None, 4, 0.3, seed=0):
@@ -177,7 +177,7 @@ def test_c_chosen_by_inner_cross_validation():
     from sklearn.linear_model import LogisticRegressionCV
 
     for names in (["a", "b"], ["a", "b", "c"]):
-        ids, labels, vectors = clustered(15, names, separation=0.5)
+        _ids, labels, vectors = clustered(15, names, separation=0.5)
         y = np.searchsorted(names, labels)
         method = LinearMethod("gigassl", vectors, tune_c=True)
         train, test = make_splits(y, None, 1, 0.3, seed=0)[0]
@@ -192,7 +192,7 @@ def test_c_chosen_by_inner_cross_validation():
 def test_multiclass_string_labels_end_to_end(tmp_path):
     ids, labels, vectors = clustered(12, ["benign", "in situ", "invasive"], seed=1)
     embeddings = write_embeddings(tmp_path / "e.h5", ids, vectors)
-    csv_path = write_labels(tmp_path / "l.csv", [(i, l) for i, l in zip(ids, labels)] + [("ghost", "benign")],
+    csv_path = write_labels(tmp_path / "l.csv", [(i, label) for i, label in zip(ids, labels)] + [("ghost", "benign")],
                             header=("slide", "label"))
     result = run_evaluation(EvaluateConfig(embeddings=embeddings, labels=csv_path, out=tmp_path / "out",
                                            n_splits=3, budgets="100%,2/class", seed=0))

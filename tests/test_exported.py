@@ -57,7 +57,7 @@ def test_program_runs_like_the_model_and_says_what_it_is(exported: tuple[TinyEnc
     assert loaded.feature_dim == 12 and loaded.resnet is None and loaded.layer4_width is None
     assert (loaded.trunk.mean, loaded.trunk.std, loaded.trunk.input_size_px) == (MEAN, STD, 32)
     with pytest.raises(ValueError, match="exported program: it has no ResNet layer4"):
-        loaded.layer4
+        _ = loaded.layer4
     trunk = loaded.trunk.eval()  # .eval() reaches the wrapper only: the program keeps its exported mode
     for batch in (1, 5):
         images = torch.randn(batch, 3, 32, 32)

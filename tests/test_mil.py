@@ -122,7 +122,7 @@ def real_slide_cohort(slides_dir: Path):
 
 
 def test_slide_tiles_reread_the_tiles_the_features_came_from(real_slide_cohort):
-    bags, tiles, _, images, groups = real_slide_cohort
+    _bags, tiles, _, images, groups = real_slide_cohort
     reread = tiles[1].read(np.array([0, 3]))
     assert reread.dtype == np.uint8 and reread.shape == (2, 64, 64, 3)
     np.testing.assert_array_equal(reread, images[groups[1][[0, 3]]])

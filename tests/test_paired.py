@@ -72,7 +72,7 @@ def test_evaluate_prints_and_writes_paired_differences(tmp_path):
     assert result.paired == []  # only gigassl ran: nothing to compare
     # compare gigassl with itself run as the reference: rows duplicated under another name
     rows = result.rows + [dict(r, method="copy", auc=r["auc"] - 0.01) for r in result.rows]
-    (first, second) = paired_differences(rows, "copy")
+    (first, _second) = paired_differences(rows, "copy")
     assert first["auc"]["mean"] == pytest.approx(0.01) and first["auc"]["wins"] == 4
     saved = json.loads(result.json_path.read_text())
     assert saved["paired"] == [] and saved["settings"]["reference"] == "gigassl"

@@ -373,7 +373,7 @@ def test_shard_and_rank_split(monkeypatch: pytest.MonkeyPatch) -> None:
     assert process_part("1/3") == (3, 6)
     items = [Path(f"s{i}") for i in range(7)]
     parts = [select_part(items, p, 3) for p in range(3)]
-    assert sorted(sum(parts, [])) == sorted(items) and parts[1] == [Path("s1"), Path("s4")]
+    assert sorted(p for part in parts for p in part) == sorted(items) and parts[1] == [Path("s1"), Path("s4")]
 
 
 def test_torchrun_ranks_split_the_slides(cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

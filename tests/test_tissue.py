@@ -21,7 +21,7 @@ def test_otsu_separates_two_modes() -> None:
 
 def test_mask_finds_tissue_on_a_real_slide(slides_dir: Path) -> None:
     with open_slide(slides_dir / "CMU-1-Small-Region.svs") as reader:
-        thumb, downsample = reader.thumbnail(600)
+        thumb, _downsample = reader.thumbnail(600)
     mask = tissue_mask(thumb)
     assert mask.shape == thumb.shape[:2]
     assert 0.2 < mask.mean() < 0.7

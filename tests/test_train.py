@@ -1,4 +1,5 @@
 import json
+import itertools
 import logging
 import os
 import subprocess
@@ -89,7 +90,7 @@ def test_lr_schedule_warms_up_then_decays():
     factors = [schedule(step) for step in range(13)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
     assert factors[4] == 1.0 and factors[8] == pytest.approx(0.5) and factors[12] == pytest.approx(0.0)
-    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors[4:]))
 
 
 @pytest.mark.slow

@@ -145,7 +145,7 @@ class AugmentationParams:
 
     def select(self, index: int) -> "AugmentationParams":
         """Draw ``index`` alone (``n == 1``)."""
-        values = {}
+        values: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
             values[f.name] = value[index : index + 1] if isinstance(value, torch.Tensor) else value

@@ -60,8 +60,11 @@ class TileSource(Protocol):
 class Grid(Protocol):
     """What the bank needs of a tile grid (:class:`extract.tiling.TileGrid`)."""
 
-    coords: np.ndarray  # (N, 2) int64 level-0 top-left x, y
-    size_level0: float
+    @property
+    def coords(self) -> np.ndarray: ...  # (N, 2) int64 level-0 top-left x, y
+
+    @property
+    def size_level0(self) -> float: ...
 
 
 @dataclass(frozen=True)

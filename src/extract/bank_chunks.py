@@ -20,6 +20,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import h5py
 import numpy as np
@@ -27,7 +28,9 @@ import numpy as np
 from extract.features_file import FeatureFileError, SlideFeatures
 
 try:  # libdeflate inflates a whole buffer of known size ~3× faster than zlib
-    import deflate as _libdeflate
+    import deflate
+
+    _libdeflate: ModuleType | None = deflate
 except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
     _libdeflate = None
 

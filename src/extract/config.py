@@ -13,10 +13,11 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any, Mapping, Optional, Sequence
 
 
-def settings_dict(config: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+def settings_dict(config: Any, drop: Collection[str] = ()) -> dict[str, Any]:
     """A settings dataclass as plain data for checkpoints, file attributes and logs (paths as
     str), the fields in ``drop`` left out."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items() if k not in drop}
@@ -50,7 +51,7 @@ def parse_channel_stats(value: str | Sequence[float] | None, label: str, positiv
     if len(stats) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in stats):
         raise ValueError(f"{label} {value!r}: give three finite numbers R,G,B{' > 0' if positive else ''}, e.g. "
                          + ("0.229,0.224,0.225" if positive else "0.485,0.456,0.406"))
-    return stats  # type: ignore[return-value]
+    return stats
 
 
 def _check_resolution(target_mpp: float, default_mpp: float | None, tissue_threshold: float) -> None:
@@ -234,7 +235,7 @@ class MocoConfig:
         from dataclasses import fields, replace
 
         defaults = {spec.name: spec.default for spec in fields(self)}
-        changes = {
+        changes: dict[str, Any] = {  # a profile sets fields of several types
             name: value for name, value in MOCO_PROFILES[self.profile].items()
             if getattr(self, name) == defaults[name]
         }

@@ -80,7 +80,7 @@ def init_distributed(device_name: str = "auto") -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), device, initialised_here)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with bf16 arithmetic (x86 AVX512-BF16 or AMX, Arm BF16), read from /proc/cpuinfo
     on Linux; False elsewhere (bf16 would be emulated there, slower than fp32)."""

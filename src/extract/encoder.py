@@ -294,8 +294,7 @@ def load_encoder(
     if str(source).endswith(".pt2"):
         from extract.exported import load_exported  # torch.export is imported only when used
 
-        trunk, info = load_exported(Path(source), input_size_px=input_size_px, mean=mean, std=std)
-        return LoadedEncoder(trunk, info)
+        return LoadedEncoder(*load_exported(Path(source), input_size_px=input_size_px, mean=mean, std=std))
     model, info = load_resnet(source, seed)
     mean, std = tuple(mean or IMAGE_MEAN), tuple(std or IMAGE_STD)
     trunk = TileTrunk(model, mean, std, input_size_px).eval()

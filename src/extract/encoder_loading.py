@@ -206,6 +206,7 @@ def load_found(found: FoundResNet) -> ResNet:
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = torch.zeros((), dtype=torch.long)
     if "fc.weight" not in state:
+        assert isinstance(model.fc, torch.nn.Linear), "a freshly built ResNet has a Linear head"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             fc = torch.nn.Linear(model.fc.in_features, model.fc.out_features)

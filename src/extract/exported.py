@@ -166,6 +166,8 @@ def load_exported(
         )
     mean = parse_channel_stats(mean or side["mean"], f"{path}: mean")
     std = parse_channel_stats(std or side["std"], f"{path}: std", positive=True)
+    if mean is None or std is None:
+        raise ValueError(f"{path}: no normalisation given (mean and std)")
     module = program.module()
     width = _probe(module, size or PROBE_SIZE_PX, path)
     trunk = ExportedTrunk(module, width, mean, std, size)

@@ -358,7 +358,7 @@ def _train(
     main_process = rank == 0
     slide_names = [s.path.name for s in slides]
     torch.manual_seed(config.seed)
-    model = MoCo(config.queue_size, seed=config.seed, arch=config.arch).to(device, memory_format=torch.channels_last)
+    model = MoCo(config.queue_size, seed=config.seed, arch=config.arch).to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's Module.to overloads omit memory_format
     base_lr = config.lr * config.batch_size / 256
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=base_lr, momentum=SGD_MOMENTUM, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision and autocast_dtype(device) == torch.float16)

@@ -25,6 +25,9 @@ def mlp_head(in_dim: int = 512, hidden_dim: int | None = None, out_dim: int = HE
 
 
 class KeyQueue(nn.Module):
+    keys: torch.Tensor  # buffers, registered in __init__
+    ptr: torch.Tensor
+
     """Ring buffer of ``size`` negative keys (size, dim), oldest overwritten first."""
 
     def __init__(self, size: int, dim: int, generator: torch.Generator | None = None) -> None:

@@ -24,6 +24,7 @@ from extract.device import autocast
 from extract.encoder import normalise
 from extract.errors import UserError
 from extract.moco_data import IndexedSlide, TileReaders, read_tiles
+from extract.resnet import ResNet
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def probe_set(
 
 
 @torch.no_grad()
-def slide_mean_features(encoder: torch.nn.Module, probe: ProbeSet, device: torch.device, mixed_precision: bool,
+def slide_mean_features(encoder: ResNet, probe: ProbeSet, device: torch.device, mixed_precision: bool,
                         batch: int = 256) -> np.ndarray:
     """(S, C) mean trunk feature of each labelled slide (eval mode; the encoder's mode is restored)."""
     was_training = encoder.training

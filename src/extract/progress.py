@@ -13,6 +13,7 @@ import datetime
 import logging
 import sys
 import time
+from collections.abc import Sized
 from typing import Any, Iterable, Iterator
 
 
@@ -27,7 +28,7 @@ class PlainProgress:
     def __init__(self, iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "",
                  unit: str = "it", interval_s: float = 30.0, log: logging.Logger | None = None) -> None:
         self.iterable, self.desc, self.unit, self.interval_s = iterable, desc, unit, interval_s
-        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.total = total if total is not None else (len(iterable) if isinstance(iterable, Sized) else None)
         self.n = 0
         self._log = log or logging.getLogger(__name__)
         self._started = self._last = time.monotonic()

@@ -168,7 +168,7 @@ class OpenSlideReader(SlideReader):
         self._slide = handle
         self.level0_mpp, self.mpp_source = level0_mpp, mpp_source
         self.magnification = magnification
-        self.dimensions = tuple(int(v) for v in handle.dimensions)
+        self.dimensions = (int(handle.dimensions[0]), int(handle.dimensions[1]))
         self.level_downsamples = tuple(float(d) for d in handle.level_downsamples)
 
     def _read_level_region(self, x0: int, y0: int, level: int, width: int, height: int) -> Image.Image:

@@ -134,7 +134,7 @@ class ResNet(nn.Module):
             blocks += [spec.block(channels, planes, 1) for _ in range(n_blocks - 1)]
             self.add_module(f"layer{index + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
+        self.fc: nn.Linear | nn.Sequential = nn.Linear(channels, num_classes)  # MoCo swaps in an MLP head
         init_resnet_weights(self)
 
     layer1: nn.Sequential
@@ -181,4 +181,4 @@ def build_resnet(arch: str, num_classes: int = 1000) -> ResNet:
     """A randomly initialised network of ``arch`` (``"resnet18"``, ``"resnet34"``, ``"resnet50"``)."""
     if arch not in _CLASSES:
         raise ValueError(f"architecture {arch!r}: choose one of {', '.join(_CLASSES)}")
-    return _CLASSES[arch](num_classes)
+    return _CLASSES[arch](num_classes=num_classes)

@@ -264,9 +264,11 @@ def _extract_or_fail(path: Path, job: _Job) -> SlideOutcome:
 
 def _load_trunk(config: ExtractConfig, device: torch.device) -> tuple[TileEncoder, EncoderInfo]:
     """The tile encoder in eval mode, channels_last, on ``device``, and its provenance."""
+    assert config.encoder is not None, "_validate refuses a missing --encoder"
     loaded = load_encoder(config.encoder, seed=config.seed, input_size_px=config.encoder_input_size_px,
                           mean=config.encoder_mean, std=config.encoder_std)
-    trunk = loaded.trunk.to(device).eval().to(memory_format=torch.channels_last)
+    # torch's Module.to overloads omit memory_format, which it accepts at run time
+    trunk = loaded.trunk.to(device).eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if trunk.input_size_px is not None and trunk.input_size_px != config.tile_size_px:
         logger.info("tiles of %d px are resized to the encoder's input of %d px", config.tile_size_px, trunk.input_size_px)
     return trunk, loaded.info
@@ -327,8 +329,8 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     try:
         for path in progress(mine, desc="slides", unit="slide", position=0, interval_s=config.progress_interval_s,
                              log=logger):
-            outcome = decided[path]
-            summary.outcomes.append(outcome if outcome is not None else _extract_or_fail(path, job))
+            known = decided[path]
+            summary.outcomes.append(known if known is not None else _extract_or_fail(path, job))
             planner.forget(path)
     finally:
         tiles.close()

@@ -58,6 +58,8 @@ def plan_slide(path: Path, mpp_override: float | None, settings: PlanSettings) -
     qc_partial = None
     if settings.qc_dir is not None:
         tissue = grid.tissue
+        if tissue is None:
+            raise RuntimeError(f"{path}: the new grid carries no tissue map for the QC image")
         qc_partial = temporary_path(settings.qc_dir / f"{path.stem}.png")
         save_qc_image(qc_partial, tissue.thumbnail, tissue.mask, tissue.downsample, grid.coords, grid.size_level0,
                       ink=tissue.ink)

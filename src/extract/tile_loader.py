@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Generator, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -104,7 +104,10 @@ def collate_tiles(items: Sequence[tuple[TileKey, torch.Tensor | None, str | None
     errors = [error for _, _, error in items if error is not None]
     if errors:
         return TileBatch(first.slide, first.row, None, errors[0])
-    return TileBatch(first.slide, first.row, torch.stack([tile for _, tile, _ in items]), None)
+    tiles = [tile for _, tile, _ in items if tile is not None]
+    if len(tiles) != len(items):
+        raise RuntimeError(f"slide {first.slide}, row {first.row}: a tile read gave neither tiles nor an error")
+    return TileBatch(first.slide, first.row, torch.stack(tiles), None)
 
 
 def slide_keys(position: int, path: Path, grid: TileGrid) -> list[TileKey]:
@@ -201,7 +204,7 @@ class TileStream:
         assert self._batches is not None
         return next(self._batches, None)
 
-    def tiles(self, path: Path, grid: TileGrid) -> Iterator[torch.Tensor]:
+    def tiles(self, path: Path, grid: TileGrid) -> Generator[torch.Tensor, None, None]:
         """Yield the tile batches of ``path`` (whose grid is ``grid``) in grid order.
 
         Raises :class:`SlideReadError` naming the file when a tile cannot be read, and
@@ -231,6 +234,8 @@ class TileStream:
             if batch.row != bounds[received][0]:
                 raise RuntimeError(f"{path}: tiles out of order (row {batch.row}, expected {bounds[received][0]})")
             received += 1
+            if batch.tiles is None:
+                raise RuntimeError(f"{path}: a tile batch without tiles or error (row {batch.row})")
             yield batch.tiles
         if self._isolated == position:  # read alone: the next slides get a pass with read-ahead again
             self._isolated = None

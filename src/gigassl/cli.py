@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # where the package's own code lives: a ValueError raised by a `raise` line in here is a user error
 PACKAGE_DIRS = tuple(str(Path(module_file).resolve().parent) + os.sep
-                     for module_file in (sys.modules[UserError.__module__].__file__, __file__))
+                     for module_file in (typing.cast(str, sys.modules[UserError.__module__].__file__), __file__))  # a .py module: has a file
 PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 EXIT_USER_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
 

@@ -202,7 +202,7 @@ def scan_features_folder(
             f"the files in {folder} were embedded by {len(encoders)} different tile encoders:\n"
             f"{_list_reasons(by_encoder)}\ntrain on features of one encoder only"
         )
-    _check_one_grid(folder, slides, allow_mixed_grids)
+    _check_one_grid(Path(folder), slides, allow_mixed_grids)
     small = [s for s in slides if s.bank_size < n_tiles_per_view]
     if small:
         log.warning(
@@ -210,7 +210,7 @@ def scan_features_folder(
             "with replacement (duplicates are merged): %s", len(small), n_tiles_per_view,
             ", ".join(f"{s.slide_id} (K={s.bank_size})" for s in small[:10]) + (" …" if len(small) > 10 else ""),
         )
-    return Cohort(folder, tuple(slides), tuple(bad))
+    return Cohort(Path(folder), tuple(slides), tuple(bad))
 
 
 def view_seed(seed: int, stream: int, epoch: int, index: int) -> np.random.Generator:

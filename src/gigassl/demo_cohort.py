@@ -152,7 +152,7 @@ def _texture(rng: np.random.Generator, tiles: Sequence[np.ndarray], height: int,
     canvas = np.empty((rows * side, cols * side, 3), np.uint8)
     for r in range(rows):
         for c in range(cols):
-            tile = tiles[rng.integers(len(tiles))]
+            tile = tiles[int(rng.integers(len(tiles)))]
             tile = np.rot90(tile, k=int(rng.integers(4)))
             if rng.integers(2):
                 tile = tile[:, ::-1]

@@ -50,6 +50,8 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         count = total[-1]
         mean = total[: self.num_features] / count
         var = (total[self.num_features : 2 * self.num_features] / count - mean * mean).clamp_min(0)
+        if self.num_batches_tracked is None or self.running_mean is None or self.running_var is None:
+            raise ValueError("GlobalBatchNorm1d needs track_running_stats=True in training")
         with torch.no_grad():
             self.num_batches_tracked += 1
             momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)

@@ -331,6 +331,7 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
     labels, missing = keep_available(labels, set(embeddings.slide_ids), f"the embeddings {config.embeddings}", config.strict)
     files: dict[str, Path] = {}
     if baselines:
+        assert config.features is not None, "baselines were dropped above when --features is missing"
         files = feature_paths(config.features)
         labels, missing_features = keep_available(labels, set(files), f"the features folder {config.features}", config.strict)
         missing += missing_features
@@ -354,10 +355,12 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
             means = mean_features(bags) if bags is not None else mean_features(load_bags_one_by_one(paths))
             methods.append(LinearMethod("average", means, config.c, config.tune_c, standardize=True))
         if "abmil" in baselines:
+            assert bags is not None, "loaded above for abmil and topk"
             methods.append(AttentionMethod(bags, mil))
         if "topk" in baselines:
             tuner = TopKFineTuner(trunk_factory(config.encoder, paths[0]), k=config.topk, epochs=config.topk_epochs,
                                   mil=mil, device=device)
+            assert bags is not None, "loaded above for abmil and topk"
             methods.append(TopKMethod(bags, slide_tiles(paths, config.slides), tuner))
     logger.info("%d slides, classes %s, %d splits, budgets %s, methods %s", len(y), classes.tolist(),
                 len(splits), [b.text for b in budgets], [m.name for m in methods])

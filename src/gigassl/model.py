@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import torch
 from torch import nn
@@ -105,7 +105,7 @@ class HeadSpec:
     @classmethod
     def of_layer4(cls, layer4: nn.Sequential) -> "HeadSpec":
         """The head a dense layer4 (torchvision names) converts to."""
-        first = layer4[0]
+        first: Any = layer4[0]  # a BasicBlock or Bottleneck, ours or torchvision's (read by attribute names)
         block = "bottleneck" if isinstance(first, Bottleneck) else "basic"
         width = first.bn3.num_features if block == "bottleneck" else first.bn2.num_features
         spec = cls(first.conv1.in_channels, block, len(layer4), width, GENERIC)
@@ -159,7 +159,7 @@ class GigaSSLModel(nn.Module):
         device = torch.device(device)
         dense = None if layer4_source is None else getattr(layer4_source, "layer4", layer4_source)
         if dense is not None:
-            found = HeadSpec.of_layer4(dense)
+            found = HeadSpec.of_layer4(cast(nn.Sequential, dense))  # a ResNet's layer4, or that stage itself
             if head is not None and dataclasses.replace(head, feature_dim=head.layer4_in, input_projection_dim=0,
                                                         source=found.source) != found:
                 raise ValueError(f"the layer4 given ({found}) does not have the shape of the head asked for ({head})")
@@ -186,7 +186,7 @@ class GigaSSLModel(nn.Module):
         if not isinstance(x, SparseBatch):
             return x
         # the parameters' device, not the one given at construction: the model may have moved
-        x = x.to(self.projector[0].weight.device, non_blocking=True)
+        x = x.to(cast(torch.Tensor, self.projector[0].weight).device, non_blocking=True)
         return make_sparse_tensor(x.features, x.indices, x.spatial_shape, x.batch_size, self.sparse_backend)
 
     def pool(self, x: SparseBatch | SparseTensor) -> torch.Tensor:

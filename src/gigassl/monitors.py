@@ -65,7 +65,7 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
     """Batch norm normalising with the batch's statistics (as in training) while leaving the
     running statistics and every other buffer untouched."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
     was_training = model.training
     model.train()
     for m in norms:
@@ -75,7 +75,8 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
     finally:
         for m, (momentum, tracked) in zip(norms, saved):
             m.momentum = momentum
-            m.num_batches_tracked.copy_(tracked)
+            if m.num_batches_tracked is not None and tracked is not None:  # None: no running statistics
+                m.num_batches_tracked.copy_(tracked)
         model.train(was_training)
 
 

@@ -161,6 +161,6 @@ def split_duplicate_ids(files: Sequence[str | Path]) -> tuple[list[Path], list[t
             if path != kept:
                 duplicates.append((str(path), f"slide id {slide_id!r} is also the id of {kept.name}, which is used "
                                    "instead (a copied file?); remove or rename one of them"))
-    for path, reason in duplicates:
-        log.warning("skipping %s: %s", path, reason)
+    for name, reason in duplicates:
+        log.warning("skipping %s: %s", name, reason)
     return [Path(p) for p in files if Path(p) in keep], duplicates

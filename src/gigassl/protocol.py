@@ -122,7 +122,7 @@ def keep_available(labels: Labels, available: set[str], what: str, strict: bool)
 
 def check_classes(labels: Labels, n_folds_needed: int, source: str) -> np.ndarray:
     """The sorted class names; raises when a split cannot hold every class on both sides."""
-    classes, counts = np.unique(labels.labels, return_counts=True)
+    classes, _counts = np.unique(labels.labels, return_counts=True)
     if len(classes) < 2:
         raise ValueError(f"{source}: a single class {[str(c) for c in classes]} among {len(labels.slide_ids)} slides; "
                          "classification needs at least two classes — check --label-column")

@@ -87,7 +87,7 @@ SpconvForward = Callable[[nn.Module, SparseTensor], SparseTensor]
 # backend choice
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def spconv_available() -> bool:
     """True when ``spconv.pytorch`` imports (x86-64 Linux/Windows with the spconv extra)."""
     try:
@@ -243,7 +243,7 @@ def _convolve(features: torch.Tensor, weight: torch.Tensor, book: Rulebook) -> t
     taps = weight.permute(1, 2, 3, 0).reshape(9, weight.shape[3], weight.shape[0])  # (9, in, out), contiguous
     out = torch.matmul(features, taps[book.full_tap]) if book.full_tap is not None else None
     if book.taps:
-        for rows, tap in zip(torch.split(features.index_select(0, book.gather), book.tap_sizes), book.taps):
+        for rows, tap in zip(torch.split(features.index_select(0, book.gather), list(book.tap_sizes)), book.taps):
             product = torch.matmul(rows, taps[tap])
             if out is None:
                 out = product.new_zeros((book.n_out, weight.shape[0]))
@@ -298,7 +298,7 @@ def _run_spconv(conv_forward: SpconvForward, module: nn.Module, x: SparseTensor)
     return conv_forward(module, x)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _spconv_classes() -> tuple[type[nn.Module], type[nn.Module]]:
     """spconv's submanifold and strided 3×3 conv classes with this module's settings (spconv imported here)."""
     import spconv.pytorch as spconv

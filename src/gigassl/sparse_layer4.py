@@ -28,7 +28,7 @@ Weight layouts: dense conv (out, in, kh, kw) → sparse (out, kh, kw, in), no sp
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 from torch import nn
@@ -173,7 +173,7 @@ class SparseLayer4(nn.Module):
         for index in range(1, n_blocks):
             self.add_module(f"block{index}", rest(out_channels, backend))
 
-    def blocks(self) -> list[nn.Module]:
+    def blocks(self) -> list[_BasicDown | _BasicBlock | _BottleneckDown | _BottleneckBlock]:
         """block0 … block{n_blocks-1}, in order."""
         return [getattr(self, f"block{index}") for index in range(self.n_blocks)]
 
@@ -208,14 +208,15 @@ def _copy_dense(module: nn.Module, state: dict[str, torch.Tensor], key: str) -> 
     found = None if weight is None else tuple(weight.shape)
     if isinstance(module, nn.Linear):
         expected = (*module.weight.shape, 1, 1)
-        if found != expected:
+        if weight is None or found != expected:
             raise ValueError(f"not a matching layer4: {key}.weight has shape {found}, expected {expected}")
         module.weight.copy_(weight[:, :, 0, 0])
         return
-    expected = tuple(module.weight.shape[i] for i in (0, 3, 1, 2))
-    if found != expected:
+    sparse_weight = cast(torch.Tensor, module.weight)  # a sparse conv: its (3, 3, in, out) weight
+    expected = tuple(sparse_weight.shape[i] for i in (0, 3, 1, 2))
+    if weight is None or found != expected:
         raise ValueError(f"not a matching layer4: {key}.weight has shape {found}, expected {expected}")
-    module.weight.copy_(dense_to_sparse_weight(weight))
+    sparse_weight.copy_(dense_to_sparse_weight(weight))
 
 
 def dense_layer4(in_channels: int, out_channels: int, block: str = "basic", n_blocks: int = 2) -> nn.Sequential:

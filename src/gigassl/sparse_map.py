@@ -170,7 +170,8 @@ def _checked_views(views: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[list
     """The views' (t_i, D) features and (t_i, 2) cells, refused when empty or inconsistent."""
     if len(views) == 0:
         raise ValueError("collate_views needs at least one view")
-    all_features, all_cells = [], []
+    all_features: list[np.ndarray] = []
+    all_cells: list[np.ndarray] = []
     for i, (features, cells) in enumerate(views):
         features, cells = np.asarray(features), np.asarray(cells)
         if features.ndim != 2 or len(features) == 0:
