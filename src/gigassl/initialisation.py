@@ -62,11 +62,12 @@ def initial_head(
             f"(sha256 {encoder.sha256[:12]}…); pass --init PATH to that checkpoint so that its "
             "layer4 initialises the sparse layer4 (or --init random)"
         )
-    resnet, info = load_resnet(encoder.name, seed=extraction_seed)
-    if info.sha256 != encoder.sha256:
-        raise UserError(
-            f"the features in {features} say encoder {encoder.name!r} with sha256 {encoder.sha256[:12]}…, "
-            f"but load_resnet({encoder.name!r}) (seed {extraction_seed}) gives {info.sha256[:12]}…; they were embedded with another "
-            "seed or torch version. Pass --init random to accept a different random layer4, or --init PATH"
-        )
-    return resnet, HeadSpec.of_layer4(resnet.layer4), info
+    for seed in dict.fromkeys((extraction_seed, 0)):  # the extraction's seed, then the default seed 0
+        resnet, info = load_resnet(encoder.name, seed=seed)
+        if info.sha256 == encoder.sha256:
+            return resnet, HeadSpec.of_layer4(resnet.layer4), info
+    raise UserError(
+        f"the features in {features} say encoder {encoder.name!r} with sha256 {encoder.sha256[:12]}…, "
+        f"but load_resnet({encoder.name!r}) with seed {extraction_seed} or 0 gives another network; they were embedded "
+        "with another seed or torch version. Pass --init random to accept a different random layer4, or --init PATH"
+    )
