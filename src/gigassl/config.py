@@ -17,7 +17,7 @@ from extract.errors import UserError
 
 SPARSE_BACKENDS = ("auto", "torch", "spconv")  # gigassl.sparse_conv implements them
 EMBED_EXPORTS = ("npz", "csv")  # files `gigassl embed --export` writes beside the HDF5 file
-EVALUATE_BASELINES = ("average", "abmil", "topk")  # gigassl.evaluate.BASELINES, without importing it
+EVALUATE_BASELINES = ("average", "abmil", "topk")  # the baselines `gigassl evaluate` runs (gigassl.evaluate.BASELINES)
 
 
 SPARSE_BACKEND_HELP = (

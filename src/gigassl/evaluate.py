@@ -39,7 +39,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from extract.config import settings_dict
 from extract.errors import UserError
-from gigassl.config import EvaluateConfig
+from gigassl.config import EVALUATE_BASELINES, EvaluateConfig
 from gigassl.data import feature_files_in
 from gigassl.evaluation_report import format_report, write_csv, write_json
 from gigassl.plots import plot_auc
@@ -61,8 +61,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("gigassl", "average", "abmil", "topk")
-BASELINES = ("average", "abmil", "topk")
+BASELINES = EVALUATE_BASELINES  # defined with the settings, which check them
+METHODS = ("gigassl", *BASELINES)
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
 PLOT_PNG = "auc_vs_training_slides.png"
@@ -344,7 +344,7 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
     # vectors have a small spread, so unscaled they would meet C = 10 as a much stronger penalty
     # than AverageMIL's scaled features (on the demo: 0.90 unscaled vs 0.98 scaled AUC).
     methods: list[Method] = [LinearMethod("gigassl", embeddings.embeddings[[rows_of[s] for s in labels.slide_ids]],
-                                          config.c, config.tune_c, standardize=True)]
+                                          config.logistic_c, config.tune_c, standardize=True)]
     if baselines:
         paths = [files[s] for s in labels.slide_ids]
         check_feature_width(paths[0], embeddings, config.embeddings)
@@ -353,7 +353,7 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
         mil = AttentionMIL(max_epochs=config.mil_epochs, device=device)
         if "average" in baselines:
             means = mean_features(bags) if bags is not None else mean_features(load_bags_one_by_one(paths))
-            methods.append(LinearMethod("average", means, config.c, config.tune_c, standardize=True))
+            methods.append(LinearMethod("average", means, config.logistic_c, config.tune_c, standardize=True))
         if "abmil" in baselines:
             assert bags is not None, "loaded above for abmil and topk"
             methods.append(AttentionMethod(bags, mil))
