@@ -68,8 +68,14 @@ METHOD_NAMES = {
 # so that a plan stays inside its budget on a busier machine. Per plain tile, per bank tile, per
 # slide of a training step, per monitored slide; fixed reserves for grids, imports and
 # embedding, and for the evaluation (attention-MIL dominates).
-ASSUMED = dict(plain_tiles_per_s=55.0, bank_tiles_per_s=55.0, train_s_per_slide=0.005, monitor_s_per_slide=0.005,
-               fixed_s=120.0, evaluate_s=240.0)
+ASSUMED = dict(
+    plain_tiles_per_s=55.0,
+    bank_tiles_per_s=55.0,
+    train_s_per_slide=0.005,
+    monitor_s_per_slide=0.005,
+    fixed_s=120.0,
+    evaluate_s=240.0,
+)
 BANK_SHARE = 0.5  # of the time left after the fixed parts; the rest goes to training
 MONITOR_SLIDES = 32
 
@@ -81,8 +87,10 @@ def label_of(path: Path) -> str:
     """The class of an image: the letters before the digits of its stem, lower-cased (``is012`` → ``is``)."""
     match = LABEL_PATTERN.fullmatch(path.stem)
     if match is None:
-        raise ValueError(f"{path}: the file name must be letters then digits (n001.jpg, is012.jpg), "
-                         "the letters naming the class; rename it or move it out of the folder")
+        raise ValueError(
+            f"{path}: the file name must be letters then digits (n001.jpg, is012.jpg), "
+            "the letters naming the class; rename it or move it out of the folder"
+        )
     return match.group(1).lower()
 
 
@@ -147,9 +155,15 @@ class Plan:
     estimated_s: dict[str, float]
 
 
-def plan_budget(tiles_per_image: Sequence[int], budget_minutes: float, batch_size: int = 64,
-                n_augmentations: Optional[int] = None, n_tiles_per_augmentation: Optional[int] = None,
-                epochs: Optional[int] = None, rates: Optional[dict[str, float]] = None) -> Plan:
+def plan_budget(
+    tiles_per_image: Sequence[int],
+    budget_minutes: float,
+    batch_size: int = 64,
+    n_augmentations: Optional[int] = None,
+    n_tiles_per_augmentation: Optional[int] = None,
+    epochs: Optional[int] = None,
+    rates: Optional[dict[str, float]] = None,
+) -> Plan:
     """A, K and epochs that fit ``budget_minutes`` (values given explicitly are kept).
 
     K is the power of two nearest the median tile count (16…64): an augmentation then covers
@@ -169,14 +183,17 @@ def plan_budget(tiles_per_image: Sequence[int], budget_minutes: float, batch_siz
     plain_s = n_tiles / rates["plain_tiles_per_s"]
     left = budget_minutes * 60 - plain_s - rates["fixed_s"] - rates["evaluate_s"]
     if left <= 0 and (n_augmentations is None or epochs is None):
-        raise ValueError(f"--budget-minutes {budget_minutes}: too short for {n_images} images ({n_tiles} tiles); "
-                         "raise it, or set --n-augmentations and --epochs")
+        raise ValueError(
+            f"--budget-minutes {budget_minutes}: too short for {n_images} images ({n_tiles} tiles); "
+            "raise it, or set --n-augmentations and --epochs"
+        )
     per_augmentation_s = distinct / rates["bank_tiles_per_s"]
     a = n_augmentations or int(min(50, max(4, BANK_SHARE * left // per_augmentation_s)))
     bank_s = a * per_augmentation_s
     batch = min(batch_size, n_images)
-    per_epoch_s = ((n_images // batch) * batch * rates["train_s_per_slide"]
-                   + min(MONITOR_SLIDES, n_images) * rates["monitor_s_per_slide"])
+    per_epoch_s = (n_images // batch) * batch * rates["train_s_per_slide"] + min(MONITOR_SLIDES, n_images) * rates[
+        "monitor_s_per_slide"
+    ]
     e = epochs or int(min(1000, max(20, (left - bank_s) // per_epoch_s)))
     estimated = dict(plain=plain_s, bank=bank_s, train=e * per_epoch_s, fixed=rates["fixed_s"], evaluate=rates["evaluate_s"])
     return Plan(a, k, e, {name: round(s, 1) for name, s in estimated.items()})
@@ -201,9 +218,14 @@ def finished_stage(folder: Path, settings: dict[str, Any]) -> Optional[dict[str,
     return record if record.get("settings") == json.loads(json.dumps(settings, default=str)) else None
 
 
-def run_stage(name: str, out: Path, settings: dict[str, Any], work: Callable[[Path], dict[str, Any]],
-              times: dict[str, dict[str, Any]], valid: Optional[Callable[[Path], bool]] = None,
-              ) -> tuple[Path, dict[str, Any]]:
+def run_stage(
+    name: str,
+    out: Path,
+    settings: dict[str, Any],
+    work: Callable[[Path], dict[str, Any]],
+    times: dict[str, dict[str, Any]],
+    valid: Optional[Callable[[Path], bool]] = None,
+) -> tuple[Path, dict[str, Any]]:
     """Run ``work(folder)`` in ``OUT/name/<key>`` unless it finished there; (folder, its record).
 
     ``work`` returns JSON-able facts kept in the record; seconds are recorded, and a reused
@@ -224,8 +246,12 @@ def run_stage(name: str, out: Path, settings: dict[str, Any], work: Callable[[Pa
     facts = work(folder)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     # CPU seconds as well: on a machine shared with other jobs they tell what a quiet one would take
-    record = dict(settings=json.loads(json.dumps(settings, default=str)), seconds=round(seconds, 1),
-                  cpu_seconds=round(cpu_seconds, 1), facts=facts)
+    record = dict(
+        settings=json.loads(json.dumps(settings, default=str)),
+        seconds=round(seconds, 1),
+        cpu_seconds=round(cpu_seconds, 1),
+        facts=facts,
+    )
     temp = folder / (STAGE_FILE + ".tmp")
     temp.write_text(json.dumps(record, indent=1, default=str))
     temp.replace(folder / STAGE_FILE)
@@ -239,13 +265,29 @@ def _plain(config: Any, drop: Sequence[str] = ()) -> dict[str, Any]:
     from extract.config import RENAMED_FIELDS
 
     old_name = {current: old for old, current in RENAMED_FIELDS.items()}
-    return {old_name.get(k, k): (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()
-            if k not in drop}
+    return {
+        old_name.get(k, k): (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items() if k not in drop
+    }
 
 
 # Fields that only say where things are, or how fast they run, not what is computed.
-NOT_KEYED = ("slides", "out", "features", "model", "embeddings", "labels", "num_workers", "device", "resume", "init",
-             "keep_checkpoints", "overwrite", "allow_mixed_grids", "allow_other_encoder", "probe_labels")
+NOT_KEYED = (
+    "slides",
+    "out",
+    "features",
+    "model",
+    "embeddings",
+    "labels",
+    "num_workers",
+    "device",
+    "resume",
+    "init",
+    "keep_checkpoints",
+    "overwrite",
+    "allow_mixed_grids",
+    "allow_other_encoder",
+    "probe_labels",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,8 +307,11 @@ def markdown_tables(summary: Sequence[dict[str, Any]]) -> str:
         rows = [f"**{title}** (mean ± s.d. over splits)", "", head, rule]
         for method in methods:
             values = [cell.get((method, b)) for b in budgets]
-            rows.append(f"| {METHOD_NAMES.get(method, method)} | " + " | ".join(
-                f"{v[metric + '_mean']:.3f} ± {v[metric + '_std']:.3f}" if v else "–" for v in values) + " |")
+            rows.append(
+                f"| {METHOD_NAMES.get(method, method)} | "
+                + " | ".join(f"{v[metric + '_mean']:.3f} ± {v[metric + '_std']:.3f}" if v else "–" for v in values)
+                + " |"
+            )
         blocks.append("\n".join(rows))
     if "gigassl" in methods and "average" in methods:
         delta = [cell[("gigassl", b)]["auc_mean"] - cell[("average", b)]["auc_mean"] for b in budgets]
@@ -278,8 +323,9 @@ def markdown_tables(summary: Sequence[dict[str, Any]]) -> str:
 def git_commit() -> str:
     """``git describe --always --dirty`` of the checkout, or 'unknown'."""
     try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -289,19 +335,31 @@ def git_commit() -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add("--images", type=Path, required=True, help="folder of labelled images (n001.jpg, b001.jpg, is001.jpg, iv001.jpg …)")
     add("--out", type=Path, default=REPO / "bench_out" / "bach", help="output and cache folder (keep it under bench_out/)")
-    add("--encoder", default="random", help="tile encoder: 'random', 'moco' (pretrain-tiles small-cpu on --images, cached) or a checkpoint PATH")
-    add("--budget-minutes", type=float, default=60.0, help="time for the whole run on a 2-core CPU, MoCo excluded; sizes A and the epochs")
+    add(
+        "--encoder",
+        default="random",
+        help="tile encoder: 'random', 'moco' (pretrain-tiles small-cpu on --images, cached) or a checkpoint PATH",
+    )
+    add(
+        "--budget-minutes",
+        type=float,
+        default=60.0,
+        help="time for the whole run on a 2-core CPU, MoCo excluded; sizes A and the epochs",
+    )
     add("--image-mpp", type=float, default=0.42, help="µm/px of the images (BACH: 0.42)")
     add("--mpp", type=float, default=0.5, help="µm/px of the tiles")
     add("--tile-size", type=int, default=224, help="tile side in px")
-    add("--tissue-threshold", type=float, default=0.0,
+    add(
+        "--tissue-threshold",
+        type=float,
+        default=0.0,
         help="keep tiles whose tissue fraction is at least this; 0 keeps every tile: microscopy images are fields of view "
-             "chosen on tissue, where the whole-slide detector drops pale tissue (use 0.5 on whole slides)")
+        "chosen on tissue, where the whole-slide detector drops pale tissue (use 0.5 on whole slides)",
+    )
     add("--n-augmentations", type=int, default=None, help="A (default: fitted to the budget)")
     add("--n-tiles-per-augmentation", type=int, default=None, help="K (default: the median tile count's power of two, 16…64)")
     add("--epochs", type=int, default=None, help="Giga-SSL epochs (default: fitted to the budget)")
@@ -317,11 +375,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--mil-epochs", type=int, default=50, help="most attention-MIL epochs (early stopping)")
     add("--moco-epochs", type=int, default=None, help="override the small-cpu profile's MoCo epochs (smoke runs)")
     add("--moco-tiles-per-epoch", type=int, default=None, help="override the small-cpu profile's tiles per epoch (smoke runs)")
-    add("--limit-per-class", type=int, default=None, help="use only the first N images of each class (smoke runs; linked into OUT)")
+    add(
+        "--limit-per-class",
+        type=int,
+        default=None,
+        help="use only the first N images of each class (smoke runs; linked into OUT)",
+    )
     add("--seed", type=int, default=0, help="seed of every stage (one run; see --seeds)")
-    add("--seeds", default=None, help="comma-separated seeds: the whole pipeline (bank, training, embedding, splits) once per seed, "
-        "then the paired differences pooled over seeds (cluster bootstrap); e.g. 0,1,2")
-    add("--moco-per-seed", action="store_true", help="with --encoder moco: pre-train MoCo once per seed (default: once, with the first seed)")
+    add(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds: the whole pipeline (bank, training, embedding, splits) once per seed, "
+        "then the paired differences pooled over seeds (cluster bootstrap); e.g. 0,1,2",
+    )
+    add(
+        "--moco-per-seed",
+        action="store_true",
+        help="with --encoder moco: pre-train MoCo once per seed (default: once, with the first seed)",
+    )
     add("--threads", type=int, default=2, help="torch CPU threads")
     add("--num-workers", type=int, default=1, help="DataLoader workers reading tiles")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -329,8 +400,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def tile_encoder(args: argparse.Namespace, folder: Path, fingerprint: str, out: Path,
-                 times: dict[str, dict[str, Any]], seed: int, labels_csv: Path) -> tuple[str, str]:
+def tile_encoder(
+    args: argparse.Namespace,
+    folder: Path,
+    fingerprint: str,
+    out: Path,
+    times: dict[str, dict[str, Any]],
+    seed: int,
+    labels_csv: Path,
+) -> tuple[str, str]:
     """(source for ``load_resnet18``, its sha256 or 'random'): ``--encoder`` resolved; ``moco``
     trains (or reuses) ``gigassl pretrain-tiles --profile small-cpu`` on ``folder`` with
     ``seed``; the labels only score it each epoch (``--probe-labels``), training stays label-free."""
@@ -341,9 +419,19 @@ def tile_encoder(args: argparse.Namespace, folder: Path, fingerprint: str, out: 
         encoder, encoder_id = "random", "random"
     elif args.encoder == "moco":
         overrides = {k: v for k, v in (("epochs", args.moco_epochs), ("tiles_per_epoch", args.moco_tiles_per_epoch)) if v}
-        moco = MocoConfig(slides=folder, out=Path("."), profile="small-cpu", target_mpp=args.mpp, default_mpp=args.image_mpp,
-                          tissue_threshold=args.tissue_threshold, seed=seed, num_workers=args.num_workers,
-                          device=args.device, probe_labels=labels_csv, **overrides).resolved()
+        moco = MocoConfig(
+            slides=folder,
+            out=Path("."),
+            profile="small-cpu",
+            target_mpp=args.mpp,
+            default_mpp=args.image_mpp,
+            tissue_threshold=args.tissue_threshold,
+            seed=seed,
+            num_workers=args.num_workers,
+            device=args.device,
+            probe_labels=labels_csv,
+            **overrides,
+        ).resolved()
         moco_settings = dict(_plain(moco, NOT_KEYED), images=fingerprint)
 
         def pretrain(where: Path) -> dict[str, Any]:
@@ -359,7 +447,9 @@ def tile_encoder(args: argparse.Namespace, folder: Path, fingerprint: str, out: 
     else:
         encoder = str(Path(args.encoder).resolve())
         if not Path(encoder).is_file():
-            raise FileNotFoundError(f"--encoder {args.encoder}: no such checkpoint; use 'random', 'moco' or a ResNet18 checkpoint path")
+            raise FileNotFoundError(
+                f"--encoder {args.encoder}: no such checkpoint; use 'random', 'moco' or a ResNet18 checkpoint path"
+            )
         encoder_id = file_sha256(Path(encoder))
 
     return encoder, encoder_id
@@ -369,17 +459,24 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     """``OUT/results.json`` and ``OUT/results.md``; prints the tables and the seconds per stage."""
     plan, arguments = results["plan"], results["arguments"]
     tables = markdown_tables(results["summary"])
-    header = (f"BACH-like benchmark on `{results['images']}` ({results['n_images']} images, classes "
-              f"{', '.join(results['classes'])}), encoder {results['encoder']}, A={plan['n_augmentations']}, "
-              f"K={plan['n_tiles_per_augmentation']}, T={arguments['n_tiles_per_view']}, {plan['epochs']} epochs, "
-              f"R={arguments['n_views']}, {arguments['n_splits']} splits; commit {results['commit']}")
+    header = (
+        f"BACH-like benchmark on `{results['images']}` ({results['n_images']} images, classes "
+        f"{', '.join(results['classes'])}), encoder {results['encoder']}, A={plan['n_augmentations']}, "
+        f"K={plan['n_tiles_per_augmentation']}, T={arguments['n_tiles_per_view']}, {plan['epochs']} epochs, "
+        f"R={arguments['n_views']}, {arguments['n_splits']} splits; commit {results['commit']}"
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "results.md").write_text(header + "\n\n" + tables + "\n")
     print(f"\n{header}\n\n{tables}\n")
-    print("seconds per stage (wall / CPU of this process): " + ", ".join(
-        f"{name} {t['seconds']:.0f} / {t['cpu_seconds'] or 0:.0f}{' (cached)' if t['cached'] else ''}"
-        for name, t in results["stage_seconds"].items()) + f"; this run {results['total_seconds']:.0f} s wall")
+    print(
+        "seconds per stage (wall / CPU of this process): "
+        + ", ".join(
+            f"{name} {t['seconds']:.0f} / {t['cpu_seconds'] or 0:.0f}{' (cached)' if t['cached'] else ''}"
+            for name, t in results["stage_seconds"].items()
+        )
+        + f"; this run {results['total_seconds']:.0f} s wall"
+    )
     print(f"written: {out / 'results.json'}, {out / 'results.md'}")
 
 
@@ -408,8 +505,13 @@ def run(args: argparse.Namespace, seed: int, moco_seed: int, report_to: Path) ->
     classes = sorted({label_of(p) for p in images})
     log.info("%d images in %s, classes %s", len(images), folder, classes)
 
-    grid_settings = dict(images=fingerprint, image_mpp=args.image_mpp, mpp=args.mpp, tile_size=args.tile_size,
-                         tissue_threshold=args.tissue_threshold)
+    grid_settings = dict(
+        images=fingerprint,
+        image_mpp=args.image_mpp,
+        mpp=args.mpp,
+        tile_size=args.tile_size,
+        tissue_threshold=args.tissue_threshold,
+    )
 
     def grids(_: Path) -> dict[str, Any]:
         slides, skipped = index_slides(images, args.mpp, args.tile_size, args.tissue_threshold, default_mpp=args.image_mpp)
@@ -418,11 +520,19 @@ def run(args: argparse.Namespace, seed: int, moco_seed: int, report_to: Path) ->
 
     _, grid_record = run_stage("grids", out, grid_settings, grids, times)
     counts = [n for n in grid_record["facts"]["tiles"].values() if n > 0]
-    plan = plan_budget(counts, args.budget_minutes, args.batch_size, args.n_augmentations,
-                       args.n_tiles_per_augmentation, args.epochs)
-    log.info("plan: A=%d, K=%d, %d epochs; %d images, %d tiles (median %d per image); estimated seconds %s",
-             plan.n_augmentations, plan.n_tiles_per_augmentation, plan.epochs, len(counts), sum(counts),
-             sorted(counts)[len(counts) // 2], plan.estimated_s)
+    plan = plan_budget(
+        counts, args.budget_minutes, args.batch_size, args.n_augmentations, args.n_tiles_per_augmentation, args.epochs
+    )
+    log.info(
+        "plan: A=%d, K=%d, %d epochs; %d images, %d tiles (median %d per image); estimated seconds %s",
+        plan.n_augmentations,
+        plan.n_tiles_per_augmentation,
+        plan.epochs,
+        len(counts),
+        sum(counts),
+        sorted(counts)[len(counts) // 2],
+        plan.estimated_s,
+    )
     if args.plan_only:
         print(json.dumps(dict(plan=dataclasses.asdict(plan), tiles=sum(counts), images=len(counts)), indent=1))
         return {}
@@ -431,13 +541,24 @@ def run(args: argparse.Namespace, seed: int, moco_seed: int, report_to: Path) ->
 
     # plain features and bank
     extract = ExtractConfig(
-        slides=folder, out=Path("."), encoder=encoder, target_mpp=args.mpp, tile_size_px=args.tile_size,
-        tissue_threshold=args.tissue_threshold, default_mpp=args.image_mpp,
-        n_augmentations=plan.n_augmentations, n_tiles_per_augmentation=plan.n_tiles_per_augmentation,
-        seed=seed, num_workers=args.num_workers, device=args.device,
+        slides=folder,
+        out=Path("."),
+        encoder=encoder,
+        target_mpp=args.mpp,
+        tile_size_px=args.tile_size,
+        tissue_threshold=args.tissue_threshold,
+        default_mpp=args.image_mpp,
+        n_augmentations=plan.n_augmentations,
+        n_tiles_per_augmentation=plan.n_tiles_per_augmentation,
+        seed=seed,
+        num_workers=args.num_workers,
+        device=args.device,
     )
-    extract_settings = dict(_plain(extract, NOT_KEYED + ("encoder", "overwrite", "strict", "shard", "qc", "batch_size")),
-                            encoder=encoder_id, images=fingerprint)
+    extract_settings = dict(
+        _plain(extract, NOT_KEYED + ("encoder", "overwrite", "strict", "shard", "qc", "batch_size")),
+        encoder=encoder_id,
+        images=fingerprint,
+    )
 
     def extraction(where: Path) -> dict[str, Any]:
         from extract.run import run_extraction
@@ -445,8 +566,11 @@ def run(args: argparse.Namespace, seed: int, moco_seed: int, report_to: Path) ->
         summary = run_extraction(dataclasses.replace(extract, out=where))
         if summary.exit_code:
             raise RuntimeError(f"extraction failed for every image of {folder}; see {where / 'summary.json'}")
-        return dict(done=len(summary.done) + len(summary.skipped), failed=[(o.slide, o.reason) for o in summary.failed],
-                    tiles_per_second=summary.tiles_per_second)
+        return dict(
+            done=len(summary.done) + len(summary.skipped),
+            failed=[(o.slide, o.reason) for o in summary.failed],
+            tiles_per_second=summary.tiles_per_second,
+        )
 
     def readable(where: Path) -> bool:
         from extract.features_file import is_complete
@@ -459,11 +583,21 @@ def run(args: argparse.Namespace, seed: int, moco_seed: int, report_to: Path) ->
 
     # Giga-SSL training
     train = TrainConfig(
-        features=features, out=Path("."), init=None if encoder == "random" else encoder,  # layer4 of the tile encoder
-        n_tiles_per_view=args.n_tiles_per_view, batch_size=args.batch_size,
-        epochs=plan.epochs, warmup_epochs=min(10, max(1, plan.epochs // 10)), temperature=args.temperature,
-        scale_min=args.scale_min, scale_max=args.scale_max, seed=seed, device=args.device,
-        checkpoint_every=plan.epochs, keep_checkpoints=1, monitor_slides=MONITOR_SLIDES,
+        features=features,
+        out=Path("."),
+        init=None if encoder == "random" else encoder,  # layer4 of the tile encoder
+        n_tiles_per_view=args.n_tiles_per_view,
+        batch_size=args.batch_size,
+        epochs=plan.epochs,
+        warmup_epochs=min(10, max(1, plan.epochs // 10)),
+        temperature=args.temperature,
+        scale_min=args.scale_min,
+        scale_max=args.scale_max,
+        seed=seed,
+        device=args.device,
+        checkpoint_every=plan.epochs,
+        keep_checkpoints=1,
+        monitor_slides=MONITOR_SLIDES,
         overwrite=True,  # a stage is redone in its folder when it did not finish there
     )
     train_settings = dict(_plain(train, NOT_KEYED + ("checkpoint_every", "keep_checkpoints")), upstream=extract_dir.name)
@@ -474,13 +608,13 @@ def run(args: argparse.Namespace, seed: int, moco_seed: int, report_to: Path) ->
         result = run_training(dataclasses.replace(train, out=where))
         return dict(checkpoint=str(result.checkpoint), epochs=result.epochs, steps=result.global_step, final=result.final)
 
-    train_dir, train_record = run_stage("train", out, train_settings, training, times,
-                                        valid=lambda where: (where / "checkpoint.pt").is_file())
+    train_dir, train_record = run_stage(
+        "train", out, train_settings, training, times, valid=lambda where: (where / "checkpoint.pt").is_file()
+    )
     checkpoint = train_dir / Path(train_record["facts"]["checkpoint"]).name
 
     # embeddings
-    embed = EmbedConfig(model=checkpoint, features=features, out=Path("."), n_views=args.n_views, seed=seed,
-                        device=args.device)
+    embed = EmbedConfig(model=checkpoint, features=features, out=Path("."), n_views=args.n_views, seed=seed, device=args.device)
     embed_settings = dict(_plain(embed, NOT_KEYED), upstream=train_dir.name)
 
     def embedding(where: Path) -> dict[str, Any]:
@@ -489,17 +623,27 @@ def run(args: argparse.Namespace, seed: int, moco_seed: int, report_to: Path) ->
         result = run_embedding(dataclasses.replace(embed, out=where / "embeddings.h5"))
         return dict(n_slides=result.n_slides, failed=result.failed)
 
-    embed_dir, _ = run_stage("embed", out, embed_settings, embedding, times,
-                             valid=lambda where: (where / "embeddings.h5").is_file())
+    embed_dir, _ = run_stage(
+        "embed", out, embed_settings, embedding, times, valid=lambda where: (where / "embeddings.h5").is_file()
+    )
 
     # evaluation
     evaluate = EvaluateConfig(
-        embeddings=embed_dir / "embeddings.h5", labels=labels_csv, out=Path("."), features=features,
-        baselines=args.baselines, n_splits=args.n_splits, budgets=args.budgets, seed=seed, device=args.device,
-        mil_epochs=args.mil_epochs, encoder=encoder,
+        embeddings=embed_dir / "embeddings.h5",
+        labels=labels_csv,
+        out=Path("."),
+        features=features,
+        baselines=args.baselines,
+        n_splits=args.n_splits,
+        budgets=args.budgets,
+        seed=seed,
+        device=args.device,
+        mil_epochs=args.mil_epochs,
+        encoder=encoder,
     )
-    evaluate_settings = dict(_plain(evaluate, NOT_KEYED + ("encoder",)), upstream=embed_dir.name,
-                             labels=folder_fingerprint(images), classes=classes)
+    evaluate_settings = dict(
+        _plain(evaluate, NOT_KEYED + ("encoder",)), upstream=embed_dir.name, labels=folder_fingerprint(images), classes=classes
+    )
 
     def evaluation(where: Path) -> dict[str, Any]:
         from gigassl.evaluate import run_evaluation
@@ -512,16 +656,28 @@ def run(args: argparse.Namespace, seed: int, moco_seed: int, report_to: Path) ->
     summary = evaluation_json["summary"]
 
     results = dict(
-        images=str(args.images), n_images=len(images), classes=classes, commit=git_commit(), seed=seed, moco_seed=moco_seed,
+        images=str(args.images),
+        n_images=len(images),
+        classes=classes,
+        commit=git_commit(),
+        seed=seed,
+        moco_seed=moco_seed,
         arguments={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        encoder=args.encoder, encoder_sha256=encoder_id,
-        plan=dataclasses.asdict(plan), tiles=dict(total=sum(counts), median_per_image=sorted(counts)[len(counts) // 2]),
+        encoder=args.encoder,
+        encoder_sha256=encoder_id,
+        plan=dataclasses.asdict(plan),
+        tiles=dict(total=sum(counts), median_per_image=sorted(counts)[len(counts) // 2]),
         settings=dict(extract=extract_settings, train=train_settings, embed=embed_settings, evaluate=evaluate_settings),
         extraction_failed=extract_record["facts"].get("failed", []),
         training_final=train_record["facts"].get("final", {}),
-        stage_seconds=times, total_seconds=round(time.perf_counter() - started, 1),
-        summary=summary, paired=evaluation_json.get("paired", []), splits=evaluation_json["splits"], folders={k: str(v) for k, v in dict(extract=extract_dir, train=train_dir, embed=embed_dir,
-                                                               evaluate=evaluate_dir).items()},
+        stage_seconds=times,
+        total_seconds=round(time.perf_counter() - started, 1),
+        summary=summary,
+        paired=evaluation_json.get("paired", []),
+        splits=evaluation_json["splits"],
+        folders={
+            k: str(v) for k, v in dict(extract=extract_dir, train=train_dir, embed=embed_dir, evaluate=evaluate_dir).items()
+        },
     )
     write_report(results, report_to)
     return results
@@ -538,8 +694,13 @@ def run_seeds(args: argparse.Namespace) -> dict[str, Any]:
     if args.plan_only:
         return {}
     pooled = pooled_paired_differences([r["splits"] for r in per_seed], "average")
-    results = dict(seeds=seeds, moco_per_seed=args.moco_per_seed, commit=git_commit(), pooled=pooled,
-                   per_seed=[{k: v for k, v in r.items() if k != "splits"} for r in per_seed])
+    results = dict(
+        seeds=seeds,
+        moco_per_seed=args.moco_per_seed,
+        commit=git_commit(),
+        pooled=pooled,
+        per_seed=[{k: v for k, v in r.items() if k != "splits"} for r in per_seed],
+    )
     text = pooled_markdown(pooled, per_seed)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "results.md").write_text(text + "\n")
@@ -552,21 +713,34 @@ def pooled_markdown(pooled: Sequence[dict[str, Any]], per_seed: Sequence[dict[st
     budgets = list(dict.fromkeys(e["budget"] for e in pooled))
     n_train = {r["budget"]: r["n_train"] for r in per_seed[0]["summary"]}
     head = "| | " + " | ".join(f"{b} (n={n_train[b]:.0f})" for b in budgets) + " |\n|---|" + "---|" * len(budgets)
-    lines = [f"Seeds {', '.join(str(r['seed']) for r in per_seed)} (MoCo seed(s) "
-             f"{sorted({r['moco_seed'] for r in per_seed})}); macro ROC-AUC, mean over seeds of the mean over splits:", "", head]
+    lines = [
+        f"Seeds {', '.join(str(r['seed']) for r in per_seed)} (MoCo seed(s) "
+        f"{sorted({r['moco_seed'] for r in per_seed})}); macro ROC-AUC, mean over seeds of the mean over splits:",
+        "",
+        head,
+    ]
     for method in dict.fromkeys(r["method"] for r in per_seed[0]["summary"]):
-        means = [np.mean([next(x["auc_mean"] for x in r["summary"] if x["method"] == method and x["budget"] == b)
-                          for r in per_seed]) for b in budgets]
+        means = [
+            np.mean([next(x["auc_mean"] for x in r["summary"] if x["method"] == method and x["budget"] == b) for r in per_seed])
+            for b in budgets
+        ]
         lines.append(f"| {METHOD_NAMES.get(method, method)} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
     for metric, name in (("auc", "ROC-AUC"), ("balanced_accuracy", "balanced accuracy")):
-        lines += ["", f"Paired Δ {name} against AverageMIL, points: pooled mean over seeds × splits [95 % cluster-bootstrap "
-                  "interval], splits ahead, per-seed means", "", head]
+        lines += [
+            "",
+            f"Paired Δ {name} against AverageMIL, points: pooled mean over seeds × splits [95 % cluster-bootstrap "
+            "interval], splits ahead, per-seed means",
+            "",
+            head,
+        ]
         for method in dict.fromkeys(e["method"] for e in pooled):
             cells = []
             for b in budgets:
                 d = next(e[metric] for e in pooled if e["method"] == method and e["budget"] == b)
-                cells.append(f"{100 * d['mean']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}], "
-                             f"{d['wins']}/{d['n']}; " + " / ".join(f"{100 * v:+.1f}" for v in d["per_run"]))
+                cells.append(
+                    f"{100 * d['mean']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}], "
+                    f"{d['wins']}/{d['n']}; " + " / ".join(f"{100 * v:+.1f}" for v in d["per_run"])
+                )
             lines.append(f"| {METHOD_NAMES.get(method, method)} − AverageMIL | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

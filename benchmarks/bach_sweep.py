@@ -58,8 +58,10 @@ def compare(default: dict[str, Any], variant: dict[str, Any]) -> dict[str, list[
     from gigassl.paired import paired_differences
 
     rows = renamed(variant["splits"], "gigassl", "variant") + renamed(default["splits"], "gigassl", "default")
-    return dict(vs_default=paired_differences(rows, "default"),
-                vs_average=[e for e in paired_differences(variant["splits"], "average") if e["method"] == "gigassl"])
+    return dict(
+        vs_default=paired_differences(rows, "default"),
+        vs_average=[e for e in paired_differences(variant["splits"], "average") if e["method"] == "gigassl"],
+    )
 
 
 def _cell(entry: dict[str, Any]) -> str:
@@ -72,9 +74,13 @@ def sweep_markdown(default: dict[str, Any], table: dict[str, dict[str, Any]]) ->
     budgets = [r["budget"] for r in default["summary"] if r["method"] == "gigassl"]
     head = "| variant | " + " | ".join(budgets) + " |\n|---|" + "---|" * len(budgets)
     base = {e["budget"]: e for e in compare(default, default)["vs_average"]}
-    lines = ["Δ macro ROC-AUC in points, mean over splits [95 % t interval], splits ahead. Upper: Giga-SSL of the "
-             "variant − Giga-SSL of the default run; lower: the variant's Giga-SSL − AverageMIL.", "", head,
-             "| default − AverageMIL | " + " | ".join(_cell(base[b]) for b in budgets) + " |"]
+    lines = [
+        "Δ macro ROC-AUC in points, mean over splits [95 % t interval], splits ahead. Upper: Giga-SSL of the "
+        "variant − Giga-SSL of the default run; lower: the variant's Giga-SSL − AverageMIL.",
+        "",
+        head,
+        "| default − AverageMIL | " + " | ".join(_cell(base[b]) for b in budgets) + " |",
+    ]
     for name, result in table.items():
         by_budget = {e["budget"]: e for e in result["vs_default"]}
         lines.append(f"| {name} − default | " + " | ".join(_cell(by_budget[b]) for b in budgets) + " |")

@@ -96,10 +96,12 @@ def storage_sizes(result, folder: Path) -> dict[str, int]:
         variant = folder / "variant.h5"
         with h5py.File(variant, "w") as handle:
             data = np.ascontiguousarray(distinct.transpose(0, 2, 1))
-            handle.create_dataset("x", data=data, chunks=(1, *data.shape[1:]), compression="gzip", compression_opts=4,
-                                  shuffle=True)
+            handle.create_dataset(
+                "x", data=data, chunks=(1, *data.shape[1:]), compression="gzip", compression_opts=4, shuffle=True
+            )
         sizes["aug_features as (A, 256, K), gzip4+shuffle [no repeats, scaled]"] = int(
-            variant.stat().st_size * len(result.features) / len(distinct))
+            variant.stat().st_size * len(result.features) / len(distinct)
+        )
     return sizes
 
 
@@ -119,8 +121,13 @@ def main() -> None:
     work_dtype = autocast_dtype(device) or torch.float32
 
     config = ExtractConfig(
-        slides=args.slide.parent, out=Path(tempfile.gettempdir()), target_mpp=args.mpp, tile_size_px=args.tile_size,
-        n_augmentations=args.n_augmentations, n_tiles_per_augmentation=args.n_tiles, batch_size=args.batch_size,
+        slides=args.slide.parent,
+        out=Path(tempfile.gettempdir()),
+        target_mpp=args.mpp,
+        tile_size_px=args.tile_size,
+        n_augmentations=args.n_augmentations,
+        n_tiles_per_augmentation=args.n_tiles,
+        batch_size=args.batch_size,
         device="cpu",
     )
     model, _ = load_resnet18("random")
@@ -129,24 +136,30 @@ def main() -> None:
 
     with open_slide(args.slide) as reader:
         grid = tile_grid(reader, args.mpp, args.tile_size, config.tissue_threshold)
-        print(f"slide {args.slide.name}: {len(grid)} tissue tiles of {args.tile_size} px at {args.mpp} µm/px; "
-              f"bank A={args.n_augmentations} × K={args.n_tiles}, batch {args.batch_size}, {args.threads} threads, "
-              f"augmentation in {work_dtype}")
+        print(
+            f"slide {args.slide.name}: {len(grid)} tissue tiles of {args.tile_size} px at {args.mpp} µm/px; "
+            f"bank A={args.n_augmentations} × K={args.n_tiles}, batch {args.batch_size}, {args.threads} threads, "
+            f"augmentation in {work_dtype}"
+        )
         build_bank(reader, grid, trunk, ExtractConfig(**{**config.__dict__, "n_augmentations": 1}), device)  # warm-up
         started = time.perf_counter()
         result = build_bank(reader, grid, trunk, config, device)
         total = time.perf_counter() - started
-        batch_tiles = np.stack([
-            reader.read_tile(int(x), int(y), grid.size_level0, args.tile_size)
-            for x, y in grid.coords[np.resize(np.arange(len(grid)), args.batch_size)]
-        ])
+        batch_tiles = np.stack(
+            [
+                reader.read_tile(int(x), int(y), grid.size_level0, args.tile_size)
+                for x, y in grid.coords[np.resize(np.arange(len(grid)), args.batch_size)]
+            ]
+        )
 
     t = result.timings
     n_bank = args.n_augmentations * args.n_tiles
     print("\n== bank extraction ==")
-    print(f"total {total:.1f} s: {n_bank / total:.1f} bank tiles/s (A·K per second); "
-          f"{int(t['n_encoded'])} distinct tile-augmentations encoded ({t['n_encoded'] / total:.1f}/s), "
-          f"{int(t['n_reads'])} tile reads, sampled with replacement: {result.attrs['sampled_with_replacement']}")
+    print(
+        f"total {total:.1f} s: {n_bank / total:.1f} bank tiles/s (A·K per second); "
+        f"{int(t['n_encoded'])} distinct tile-augmentations encoded ({t['n_encoded'] / total:.1f}/s), "
+        f"{int(t['n_reads'])} tile reads, sampled with replacement: {result.attrs['sampled_with_replacement']}"
+    )
     for stage in ("read", "augment", "encode"):
         print(f"  {stage:8s} {t[stage]:7.2f} s  {100 * t[stage] / total:5.1f} %")
     print(f"  other    {total - t['read'] - t['augment'] - t['encode']:7.2f} s")
@@ -164,12 +177,21 @@ def main() -> None:
         images = images.contiguous(memory_format=torch.channels_last)
         pipeline(as_float)
         for r in range(args.repeats):
-            ours_s.append(sum(timed(lambda d=d: augmentation.apply(
-                tiles, d, normalize=(IMAGE_MEAN, IMAGE_STD), dtype=work_dtype
-            ).contiguous(memory_format=torch.channels_last), 1) for d in draws[4 * r: 4 * r + 4]) / 4)
+            ours_s.append(
+                sum(
+                    timed(
+                        lambda d=d: augmentation.apply(tiles, d, normalize=(IMAGE_MEAN, IMAGE_STD), dtype=work_dtype).contiguous(
+                            memory_format=torch.channels_last
+                        ),
+                        1,
+                    )
+                    for d in draws[4 * r : 4 * r + 4]
+                )
+                / 4
+            )
             with autocast(device):
                 encoder_s.append(timed(lambda: trunk(images), 1))
-            ours32_s.append(sum(timed(lambda d=d: augmentation.apply(as_float, d), 1) for d in draws[4 * r: 4 * r + 4]) / 4)
+            ours32_s.append(sum(timed(lambda d=d: augmentation.apply(as_float, d), 1) for d in draws[4 * r : 4 * r + 4]) / 4)
             kornia_s.append(timed(lambda: pipeline(as_float), 2))
     b = args.batch_size
     ours, encoder, ours32, kornia = (float(np.median(v)) for v in (ours_s, encoder_s, ours32_s, kornia_s))
@@ -183,8 +205,10 @@ def main() -> None:
         for name, size in storage_sizes(result, Path(folder)).items():
             print(f"  {name:55s} {size / 1e6:6.2f} MB")
     raw = result.features.nbytes + result.coords.nbytes
-    print(f"  (uncompressed float16 features + int64 coords: {raw / 1e6:.2f} MB; original float32 .npy: "
-          f"{n_bank * 256 * 4 / 1e6:.1f} MB; target ≤ 4 MB at A=50, K=256)")
+    print(
+        f"  (uncompressed float16 features + int64 coords: {raw / 1e6:.2f} MB; original float32 .npy: "
+        f"{n_bank * 256 * 4 / 1e6:.1f} MB; target ≤ 4 MB at A=50, K=256)"
+    )
     print(f"\nmeasured on {os.cpu_count()} CPUs with {args.threads} torch threads; other jobs may share the machine")
 
 

@@ -67,7 +67,9 @@ class ViTSmall(nn.Module):
 
 def main() -> None:
     parser = build_parser()
-    parser.add_argument("--encoders", default="random,random:resnet50,vit", help="comma-separated: random, random:resnet50, vit, or paths")
+    parser.add_argument(
+        "--encoders", default="random,random:resnet50,vit", help="comma-separated: random, random:resnet50, vit, or paths"
+    )
     parser.set_defaults(repeats=2)
     args = parser.parse_args()
     rows = []
@@ -76,17 +78,29 @@ def main() -> None:
             source = name
             if name == "vit":
                 torch.manual_seed(0)
-                source = str(export_tile_encoder(ViTSmall(size_px=args.tile_size), Path(work) / "vit_s16.pt2",
-                                                 args.tile_size, IMAGE_MEAN, IMAGE_STD, name="vit-s16"))
+                source = str(
+                    export_tile_encoder(
+                        ViTSmall(size_px=args.tile_size),
+                        Path(work) / "vit_s16.pt2",
+                        args.tile_size,
+                        IMAGE_MEAN,
+                        IMAGE_STD,
+                        name="vit-s16",
+                    )
+                )
             args.encoder = source
             rows.append((NAMES.get(name, name), measure(args)))
     n_tiles = int(rows[0][1]["n_tiles"])
-    print(f"\n{args.slide.name}: {n_tiles} tissue tiles of {args.tile_size} px at {args.mpp} µm/px, batch {args.batch_size}, "
-          f"{args.num_workers} reading workers, {args.threads} threads, best of {args.repeats}")
+    print(
+        f"\n{args.slide.name}: {n_tiles} tissue tiles of {args.tile_size} px at {args.mpp} µm/px, batch {args.batch_size}, "
+        f"{args.num_workers} reading workers, {args.threads} threads, best of {args.repeats}"
+    )
     print(f"{'encoder':<28} {'end-to-end':>11} {'encoder alone':>14} {'ratio':>6} {'reading alone':>14}")
     for label, rates in rows:
-        print(f"{label:<28} {rates['end_to_end']:>11.1f} {rates['encoding']:>14.1f} "
-              f"{rates['end_to_end'] / rates['encoding']:>6.2f} {rates['reading']:>14.1f}")
+        print(
+            f"{label:<28} {rates['end_to_end']:>11.1f} {rates['encoding']:>14.1f} "
+            f"{rates['end_to_end'] / rates['encoding']:>6.2f} {rates['reading']:>14.1f}"
+        )
 
 
 if __name__ == "__main__":

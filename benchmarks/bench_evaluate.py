@@ -26,7 +26,11 @@ def synthetic_embeddings(n_slides: int, dim: int, seed: int = 0) -> tuple[np.nda
     """Unit-norm vectors with a shared mean direction, low-rank structure and a weak class signal."""
     rng = np.random.default_rng(seed)
     mean = rng.standard_normal(dim)
-    vectors = rng.standard_normal((n_slides, 32)) @ rng.standard_normal((32, dim)) + 0.2 * rng.standard_normal((n_slides, dim)) + 5 * mean
+    vectors = (
+        rng.standard_normal((n_slides, 32)) @ rng.standard_normal((32, dim))
+        + 0.2 * rng.standard_normal((n_slides, dim))
+        + 5 * mean
+    )
     labels = (vectors[:, 0] > np.median(vectors[:, 0])).astype(int)
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True), labels
 
@@ -55,10 +59,12 @@ def bench_logistic(n_slides: int, n_splits: int) -> None:
     ours = time.process_time() - start
     same_model, unscaled = plain_loop(scaled=True), plain_loop(scaled=False)
     auc = np.mean([r["auc"] for r in rows])
-    print(f"logistic regression, {n_splits} splits of {n_slides} slides × 512-d (70 % train): evaluate {ours:.3f} CPU-s "
-          f"with metrics (target < 0.5; paper 1.25); plain scikit-learn loop fitting the same model (standard-scaled, "
-          f"default threads) {same_model:.3f} CPU-s → overhead {ours / max(same_model, 1e-9):.2f}× (target ≤ 1.5); "
-          f"unscaled loop (another, more regularised model: {unscaled:.3f} CPU-s); mean AUC {auc:.3f}")
+    print(
+        f"logistic regression, {n_splits} splits of {n_slides} slides × 512-d (70 % train): evaluate {ours:.3f} CPU-s "
+        f"with metrics (target < 0.5; paper 1.25); plain scikit-learn loop fitting the same model (standard-scaled, "
+        f"default threads) {same_model:.3f} CPU-s → overhead {ours / max(same_model, 1e-9):.2f}× (target ≤ 1.5); "
+        f"unscaled loop (another, more regularised model: {unscaled:.3f} CPU-s); mean AUC {auc:.3f}"
+    )
 
 
 def bench_embed(n_slides: int, n_tiles: int, n_views: int, n_tiles_per_view: int, batch_size: int) -> None:
@@ -76,8 +82,10 @@ def bench_embed(n_slides: int, n_tiles: int, n_views: int, n_tiles_per_view: int
         wall, cpu = time.perf_counter(), time.process_time()
         ids, _ = embed_slides(model, paths, n_views, n_tiles_per_view, 0, batch_size)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    print(f"embed: {len(ids)} slides of {n_tiles} tiles at R={n_views}, T={n_tiles_per_view}, batch {batch_size}: "
-          f"{len(ids) / wall:.1f} slides/s ({wall:.2f} s wall, {cpu:.2f} CPU-s, {torch.get_num_threads()} threads)")
+    print(
+        f"embed: {len(ids)} slides of {n_tiles} tiles at R={n_views}, T={n_tiles_per_view}, batch {batch_size}: "
+        f"{len(ids) / wall:.1f} slides/s ({wall:.2f} s wall, {cpu:.2f} CPU-s, {torch.get_num_threads()} threads)"
+    )
 
 
 def main() -> None:

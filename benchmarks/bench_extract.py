@@ -75,9 +75,18 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         for copy in range(copies):
             (slides / f"{args.slide.stem}-{copy}{args.slide.suffix}").symlink_to(args.slide.resolve())
         config = ExtractConfig(
-            slides=slides, out=work / "out", encoder=str(args.encoder), target_mpp=args.mpp, tile_size_px=args.tile_size,
-            tissue_threshold=args.tissue_threshold, bank=False, qc=False, overwrite=True,
-            batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+            slides=slides,
+            out=work / "out",
+            encoder=str(args.encoder),
+            target_mpp=args.mpp,
+            tile_size_px=args.tile_size,
+            tissue_threshold=args.tissue_threshold,
+            bank=False,
+            qc=False,
+            overwrite=True,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=args.device,
         )
         with open_slide(args.slide) as reader:
             grid = tile_grid(reader, args.mpp, args.tile_size, args.tissue_threshold)
@@ -86,8 +95,9 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         def read_passes(passes: int) -> list[torch.Tensor]:
             """The slide read ``passes`` times through one tile stream (its workers start and
             stop inside, so nothing reads ahead while the encoder is timed alone)."""
-            stream = TileStream([args.slide] * passes, lambda _: grid, args.batch_size, args.num_workers,
-                                pin_memory=device.type == "cuda")
+            stream = TileStream(
+                [args.slide] * passes, lambda _: grid, args.batch_size, args.num_workers, pin_memory=device.type == "cuda"
+            )
             try:
                 for _ in range(passes):
                     tiles = list(stream.tiles(args.slide, grid))
@@ -128,8 +138,11 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         shutil.rmtree(work, ignore_errors=True)
 
     return {
-        "n_tiles": n_tiles, "end_to_end": best_rate(n_tiles, per_slide), "reading": best_rate(n_tiles, reading),
-        "encoding": best_rate(n_tiles, encoding), "first_slide": best_rate(n_tiles, first_slide),
+        "n_tiles": n_tiles,
+        "end_to_end": best_rate(n_tiles, per_slide),
+        "reading": best_rate(n_tiles, reading),
+        "encoding": best_rate(n_tiles, encoding),
+        "first_slide": best_rate(n_tiles, first_slide),
         "command": best_rate(n_tiles * copies, end_to_end),
     }
 
@@ -145,12 +158,16 @@ def main() -> None:
         f"encoder alone ({device}, {args.threads} threads)": measured["encoding"],
     }
     slower = min(list(rates.values())[1:])
-    print(f"\n{args.slide.name}: {n_tiles} tissue tiles of {args.tile_size} px at {args.mpp} µm/px, "
-          f"batch {args.batch_size}, best of {args.repeats}, encoder {args.encoder}")
+    print(
+        f"\n{args.slide.name}: {n_tiles} tissue tiles of {args.tile_size} px at {args.mpp} µm/px, "
+        f"batch {args.batch_size}, best of {args.repeats}, encoder {args.encoder}"
+    )
     print(f"{'measure':<44} {'tiles/s':>9}")
     for name, rate in rates.items():
         print(f"{name:<44} {rate:>9.1f}")
-    print(f"{'end-to-end / min(read, encode)':<44} {rates['end-to-end per slide (plain features)'] / slower:>9.2f}  (target ≥ 0.80)")
+    print(
+        f"{'end-to-end / min(read, encode)':<44} {rates['end-to-end per slide (plain features)'] / slower:>9.2f}  (target ≥ 0.80)"
+    )
     print(f"{'(first slide, starts the reading workers)':<44} {measured['first_slide']:>9.1f}")
     print(f"{'(whole command incl. encoder set-up)':<44} {measured['command']:>9.1f}")
 

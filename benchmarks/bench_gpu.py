@@ -44,8 +44,16 @@ def bench_extraction(slides: Path, copies: int, workers: int) -> dict[str, float
         for i in range(copies):
             (folder / f"copy{i:02d}.svs").symlink_to((slides / "CMU-1-Small-Region.svs").resolve())
         for name, plain, bank in (("plain", True, False), ("bank", False, True)):
-            config = ExtractConfig(slides=folder, out=Path(temp) / name, encoder="random", device="cuda",
-                                   plain=plain, bank=bank, num_workers=workers, qc=False)
+            config = ExtractConfig(
+                slides=folder,
+                out=Path(temp) / name,
+                encoder="random",
+                device="cuda",
+                plain=plain,
+                bank=bank,
+                num_workers=workers,
+                qc=False,
+            )
             summary = run_extraction(config)
             rates[name] = summary.tiles_per_second
     return rates
@@ -81,7 +89,9 @@ def bench_embed(n_slides: int = 256) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--slides", type=Path, default=Path("../shared/data/slides"), help="folder holding CMU-1-Small-Region.svs")
+    parser.add_argument(
+        "--slides", type=Path, default=Path("../shared/data/slides"), help="folder holding CMU-1-Small-Region.svs"
+    )
     parser.add_argument("--copies", type=int, default=16, help="copies of the slide extracted per measure")
     parser.add_argument("--workers", type=int, default=8, help="tile-reading workers")
     args = parser.parse_args()

@@ -88,8 +88,9 @@ def mean_tile_features(encoder_source: str | Path, slides: list[IndexedSlide], a
             coords = coords[np.sort(rng.choice(len(coords), args.probe_tiles_per_image, replace=False))]
         with open_slide(slide.path, mpp_override=slide.level0_mpp) as reader:
             tiles = np.stack([reader.read_tile(int(x), int(y), slide.size_level0, args.tile_size) for x, y in coords])
-        features = np.concatenate([encode_batch(torch.from_numpy(tiles[i : i + 256]), trunk, device)
-                                   for i in range(0, len(tiles), 256)])
+        features = np.concatenate(
+            [encode_batch(torch.from_numpy(tiles[i : i + 256]), trunk, device) for i in range(0, len(tiles), 256)]
+        )
         rows.append(features.mean(axis=0))
     return np.stack(rows)
 
@@ -115,10 +116,14 @@ def probe(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> np.ndarray
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("images", type=Path, nargs="?", default=DEFAULT_IMAGES, help="folder of labelled images")
-    parser.add_argument("--cache", type=Path, default=REPO / "bench_out" / "moco_bach", help="training run and features (never commit)")
+    parser.add_argument(
+        "--cache", type=Path, default=REPO / "bench_out" / "moco_bach", help="training run and features (never commit)"
+    )
     parser.add_argument("--image-mpp", type=float, default=0.42, help="µm/px of the images (BACH: 0.42)")
     parser.add_argument("--mpp", type=float, default=1.0, help="µm/px of the tiles, training and probe (1.0 ≈ 10×, the paper's)")
-    parser.add_argument("--tile-size", type=int, default=MOCO_PROFILES["small-cpu"]["tile_size_px"], help="tile px (the small-cpu profile's)")
+    parser.add_argument(
+        "--tile-size", type=int, default=MOCO_PROFILES["small-cpu"]["tile_size_px"], help="tile px (the small-cpu profile's)"
+    )
     # BACH images are fields a pathologist chose, all relevant; some benign ones are so pale that
     # the saturation-based tissue mask finds almost nothing, so every tile is kept by default.
     parser.add_argument("--tissue-threshold", type=float, default=0.0)
@@ -137,9 +142,16 @@ def main() -> None:
     labels = np.array([label_of(p) for p in images])
     overrides = {k: v for k, v in (("epochs", args.epochs), ("tiles_per_epoch", args.tiles_per_epoch)) if v is not None}
     config = MocoConfig(
-        slides=args.images, out=args.cache / "pretrain", profile="small-cpu", target_mpp=args.mpp, tile_size_px=args.tile_size,
-        default_mpp=args.image_mpp, tissue_threshold=args.tissue_threshold, num_workers=args.num_workers,
-        device=args.device, **overrides,
+        slides=args.images,
+        out=args.cache / "pretrain",
+        profile="small-cpu",
+        target_mpp=args.mpp,
+        tile_size_px=args.tile_size,
+        default_mpp=args.image_mpp,
+        tissue_threshold=args.tissue_threshold,
+        num_workers=args.num_workers,
+        device=args.device,
+        **overrides,
     )
     encoder_path, train_seconds = train_or_reuse(config, args.retrain)
 
@@ -156,11 +168,17 @@ def main() -> None:
 
     resolved = config.resolved()
     print()
-    print(f"BACH-like linear probe: {len(images)} images in {args.images}, {len(LABELS)} classes, "
-          f"{n_tiles} tiles of {args.tile_size} px at {args.mpp} µm/px, mean 256-d trunk feature per image, "
-          f"{N_SPLITS} stratified 70/30 splits")
-    print(f"MoCo training: {resolved.epochs} epochs × {resolved.tiles_per_epoch} tiles, batch {resolved.batch_size}, "
-          f"queue {resolved.queue_size}, {train_seconds / 60:.1f} min" if train_seconds else "")
+    print(
+        f"BACH-like linear probe: {len(images)} images in {args.images}, {len(LABELS)} classes, "
+        f"{n_tiles} tiles of {args.tile_size} px at {args.mpp} µm/px, mean 256-d trunk feature per image, "
+        f"{N_SPLITS} stratified 70/30 splits"
+    )
+    print(
+        f"MoCo training: {resolved.epochs} epochs × {resolved.tiles_per_epoch} tiles, batch {resolved.batch_size}, "
+        f"queue {resolved.queue_size}, {train_seconds / 60:.1f} min"
+        if train_seconds
+        else ""
+    )
     print("| encoder | macro AUC (mean ± s.d.) | features (s) |")
     print("|---|---|---|")
     for name, (aucs, seconds) in results.items():

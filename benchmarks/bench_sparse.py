@@ -37,6 +37,8 @@ def _variants() -> list[tuple[str, str, bool]]:
 
 def _autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
 # (embedding switches autocast itself: ``embed_slides(mixed_precision=…)``, bf16 on this CPU when it has bf16 units)
 
 
@@ -49,8 +51,10 @@ def bench_step(slides: int, tiles: int, repeats: int, seed: int = 0) -> dict[str
     rng = np.random.default_rng(seed)
     batches = []
     for _ in range(3):
-        views = [(rng.standard_normal((tiles, 256)).astype(np.float32), augment_cells(rng.integers(0, 80, size=(tiles, 2)), rng))
-                 for _ in range(2 * slides)]
+        views = [
+            (rng.standard_normal((tiles, 256)).astype(np.float32), augment_cells(rng.integers(0, 80, size=(tiles, 2)), rng))
+            for _ in range(2 * slides)
+        ]
         batches.append(collate_views(views))
     models = {}
     for name, backend, _ in _variants():
@@ -110,9 +114,11 @@ def main() -> None:
     for name in step:
         print(f"{name:<12}{step[name]:>10.1f}{args.slides / step[name] * 1e3:>10.0f}{embed[name]:>16.1f}")
     if "spconv" in step:
-        print(f"ratio torch / spconv, training step: {step['torch'] / step['spconv']:.2f} (fp32), "
-              f"{step['torch+bf16'] / step['spconv']:.2f} (bf16); embed speed-up: "
-              f"{embed['torch'] / embed['spconv']:.2f}× (fp32), {embed['torch+bf16'] / embed['spconv']:.2f}× (bf16)")
+        print(
+            f"ratio torch / spconv, training step: {step['torch'] / step['spconv']:.2f} (fp32), "
+            f"{step['torch+bf16'] / step['spconv']:.2f} (bf16); embed speed-up: "
+            f"{embed['torch'] / embed['spconv']:.2f}× (fp32), {embed['torch+bf16'] / embed['spconv']:.2f}× (bf16)"
+        )
 
 
 if __name__ == "__main__":

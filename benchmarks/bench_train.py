@@ -47,8 +47,10 @@ def main() -> None:
         features = Path(temp) / "features"
         start = time.perf_counter()
         write_synthetic_cohort(features, args.slides, args.tiles, args.augmentations, args.bank_size, seed=0)
-        print(f"synthetic cohort: {args.slides} slides, A={args.augmentations}, K={args.bank_size} "
-              f"({time.perf_counter() - start:.1f} s to write)")
+        print(
+            f"synthetic cohort: {args.slides} slides, A={args.augmentations}, K={args.bank_size} "
+            f"({time.perf_counter() - start:.1f} s to write)"
+        )
 
         cohort = scan_features_folder(features, args.tiles_per_view, check_finite=False)
         dataset = SlideViewDataset(cohort, args.tiles_per_view)
@@ -63,9 +65,17 @@ def main() -> None:
         dataset.close()
 
         config = TrainConfig(
-            features=features, out=Path(temp) / "out", batch_size=args.batch, epochs=args.epochs,
-            n_tiles_per_view=args.tiles_per_view, warmup_epochs=1, monitor_slides=8, num_workers=args.workers,
-            device=args.device, checkpoint_every=10**6, check_finite=False,
+            features=features,
+            out=Path(temp) / "out",
+            batch_size=args.batch,
+            epochs=args.epochs,
+            n_tiles_per_view=args.tiles_per_view,
+            warmup_epochs=1,
+            monitor_slides=8,
+            num_workers=args.workers,
+            device=args.device,
+            checkpoint_every=10**6,
+            check_finite=False,
         )
         result = run_training(config)
         rows = json.loads(result.monitors_json.read_text())[1:]
@@ -75,8 +85,10 @@ def main() -> None:
         data_share = sum(row["data_share"] for row in steady) / len(steady)
         step_time = epoch_time / (slides_per_epoch / min(args.batch, args.slides))
 
-    print(f"threads {args.threads}, workers {args.workers}, device {args.device}, "
-          f"batch {min(args.batch, args.slides)} slides, T = {args.tiles_per_view}")
+    print(
+        f"threads {args.threads}, workers {args.workers}, device {args.device}, "
+        f"batch {min(args.batch, args.slides)} slides, T = {args.tiles_per_view}"
+    )
     print(f"{'measure':<44}{'value':>12}")
     print(f"{'data pipeline alone (slides/s, 2 views each)':<44}{load_rate:>12.1f}")
     print(f"{'first epoch (s, includes warm-up)':<44}{rows[0]['epoch_time_s']:>12.2f}")

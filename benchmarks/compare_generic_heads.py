@@ -42,8 +42,18 @@ def run_head(name: str, projection: int, features: Path, out: Path, args: argpar
     original = HeadSpec.generic
     HeadSpec.generic = functools.partial(original, input_projection_dim=projection)  # type: ignore[method-assign]
     try:
-        config = TrainConfig(features=features, out=out / name, epochs=args.epochs, batch_size=16, lr=0.03,
-                             warmup_epochs=2, num_workers=0, device="cpu", monitor_slides=32, checkpoint_every=args.epochs)
+        config = TrainConfig(
+            features=features,
+            out=out / name,
+            epochs=args.epochs,
+            batch_size=16,
+            lr=0.03,
+            warmup_epochs=2,
+            num_workers=0,
+            device="cpu",
+            monitor_slides=32,
+            checkpoint_every=args.epochs,
+        )
         start = time.perf_counter()
         result = train_module.run_training(config)
         seconds = time.perf_counter() - start
@@ -53,9 +63,16 @@ def run_head(name: str, projection: int, features: Path, out: Path, args: argpar
     embeddings = read_embeddings(out / f"{name}.h5")
     labels = np.array([y[s] for s in embeddings.slide_ids])
     mean, sd = auc(embeddings.embeddings, labels)
-    return dict(head=name, auc=mean, auc_sd=sd, seconds_per_step=seconds / result.global_step,
-                rankme=result.final["rankme"], positive_pair_accuracy=result.final["positive_pair_accuracy"],
-                monitor_loss=result.final["loss"], train_loss=result.final["train_loss"])
+    return dict(
+        head=name,
+        auc=mean,
+        auc_sd=sd,
+        seconds_per_step=seconds / result.global_step,
+        rankme=result.final["rankme"],
+        positive_pair_accuracy=result.final["positive_pair_accuracy"],
+        monitor_loss=result.final["loss"],
+        train_loss=result.final["train_loss"],
+    )
 
 
 def main() -> None:
@@ -69,22 +86,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         features, out = Path(tmp) / "features", Path(tmp) / "runs"
         encoder = EncoderInfo("synthetic-fm.pt2", "f" * 64, "export", "synthetic-fm", args.width, "torch.export")
-        paths = write_synthetic_cohort(features, n_slides=args.slides, n_tiles=48, n_augmentations=4, bank_size=24,
-                                       seed=3, class_strength=args.class_strength, encoder=encoder)
+        paths = write_synthetic_cohort(
+            features,
+            n_slides=args.slides,
+            n_tiles=48,
+            n_augmentations=4,
+            bank_size=24,
+            seed=3,
+            class_strength=args.class_strength,
+            encoder=encoder,
+        )
         with open(features / LABELS_FILE) as handle:
             y = {row["slide"]: int(row["label"]) for row in csv.DictReader(handle)}
         (features / LABELS_FILE).unlink()
         means = np.stack([read_plain_features(p).features.mean(0) for p in paths])
         average = auc(means, np.array([y[p.stem] for p in paths]))
-        rows = [run_head(f"{args.width}-channel conv", 0, features, out, args, y),
-                run_head(f"linear {args.width}→256 first", 256, features, out, args, y)]
-    print(f"cohort: {args.slides} synthetic slides, D = {args.width}, class strength {args.class_strength}; "
-          f"{args.epochs} epochs, batch 16, T = 5, seed 0; AverageMIL AUC {average[0]:.3f} ± {average[1]:.3f}")
+        rows = [
+            run_head(f"{args.width}-channel conv", 0, features, out, args, y),
+            run_head(f"linear {args.width}→256 first", 256, features, out, args, y),
+        ]
+    print(
+        f"cohort: {args.slides} synthetic slides, D = {args.width}, class strength {args.class_strength}; "
+        f"{args.epochs} epochs, batch 16, T = 5, seed 0; AverageMIL AUC {average[0]:.3f} ± {average[1]:.3f}"
+    )
     print("| head | AUC (LR, 5×5-fold) | RankMe | monitor pos.-pair acc. | monitor loss | s/step |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['head']} | {r['auc']:.3f} ± {r['auc_sd']:.3f} | {r['rankme']:.1f} | {r['positive_pair_accuracy']:.3f} "
-              f"| {r['monitor_loss']:.3f} | {r['seconds_per_step']:.3f} |")
+        print(
+            f"| {r['head']} | {r['auc']:.3f} ± {r['auc_sd']:.3f} | {r['rankme']:.1f} | {r['positive_pair_accuracy']:.3f} "
+            f"| {r['monitor_loss']:.3f} | {r['seconds_per_step']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -11,10 +11,16 @@ import sys
 from pathlib import Path
 
 COLUMNS = (
-    ("epoch", "epoch", "{:.0f}"), ("lr", "lr", "{:.1e}"), ("loss", "loss (queue)", "{:.2f}"),
-    ("positive_accuracy", "pos. acc.", "{:.3f}"), ("positive_cosine", "cos q·k⁺", "{:.2f}"),
-    ("negative_cosine", "cos q·queue", "{:.2f}"), ("fresh_infonce", "InfoNCE, no queue", "{:.3f}"),
-    ("uniformity", "uniformity", "{:.2f}"), ("alignment", "alignment", "{:.3f}"), ("probe_auc", "probe AUC", "{:.3f}"),
+    ("epoch", "epoch", "{:.0f}"),
+    ("lr", "lr", "{:.1e}"),
+    ("loss", "loss (queue)", "{:.2f}"),
+    ("positive_accuracy", "pos. acc.", "{:.3f}"),
+    ("positive_cosine", "cos q·k⁺", "{:.2f}"),
+    ("negative_cosine", "cos q·queue", "{:.2f}"),
+    ("fresh_infonce", "InfoNCE, no queue", "{:.3f}"),
+    ("uniformity", "uniformity", "{:.2f}"),
+    ("alignment", "alignment", "{:.3f}"),
+    ("probe_auc", "probe AUC", "{:.3f}"),
 )
 
 

@@ -28,11 +28,18 @@ from extract.tissue import pen_ink_mask, tile_tissue_fraction, tissue_mask  # no
 
 DATA = ROOT.parent / "shared" / "data"
 IMAGES = [(DATA / "slides" / "CMU-1-Small-Region.svs", None)] + [
-    (DATA / "bach-dev" / f"{name}.jpg", 0.42) for name in ("iv009", "is015", "n023", "b029")]
+    (DATA / "bach-dev" / f"{name}.jpg", 0.42) for name in ("iv009", "is015", "n023", "b029")
+]
 
 
-def inked_tiles(mask: np.ndarray, stroke: np.ndarray, downsample: float, size_level0: float, shape: tuple[int, int],
-                ink: np.ndarray | None = None) -> tuple[int, int]:
+def inked_tiles(
+    mask: np.ndarray,
+    stroke: np.ndarray,
+    downsample: float,
+    size_level0: float,
+    shape: tuple[int, int],
+    ink: np.ndarray | None = None,
+) -> tuple[int, int]:
     """(kept tiles, kept tiles ≥ 10 % painted ink) for a tissue threshold of 0.5; with ``ink``
     (the detected ink) tiles with more than MAX_INK_FRACTION of it are left out, as tile_grid does."""
     xs, ys = grid_positions(shape[0], size_level0), grid_positions(shape[1], size_level0)
@@ -68,8 +75,11 @@ def main() -> None:
                 for total, mask, detected in ((tiles_before, before, None), (tiles_after, after, ink)):
                     n, n_ink = inked_tiles(mask, stroke, downsample, size_level0, dimensions, detected)
                     total[0], total[1] = total[0] + n, total[1] + n_ink
-            print(f"| {path.name} | {marker} | {np.mean(kept_before):.0%} → {np.mean(kept_after):.1%} | "
-                  f"{tiles_before[1]}/{tiles_before[0]} → {tiles_after[1]}/{tiles_after[0]} |", flush=True)
+            print(
+                f"| {path.name} | {marker} | {np.mean(kept_before):.0%} → {np.mean(kept_after):.1%} | "
+                f"{tiles_before[1]}/{tiles_before[0]} → {tiles_after[1]}/{tiles_after[0]} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

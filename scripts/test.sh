@@ -10,6 +10,8 @@ VENV="${GIGASSL_VENV:-.venv}"
 PY="$VENV/bin/python"
 echo "== lint: ruff check (settings in pyproject.toml)"
 "$PY" -m ruff check src tests benchmarks
+echo "== format: ruff format --check (run \`ruff format src tests benchmarks\` to apply)"
+"$PY" -m ruff format --check src tests benchmarks
 echo "== types: mypy over src/ (settings in pyproject.toml)"
 "$PY" -m mypy
 if "$PY" -c "import spconv.pytorch" 2>/dev/null; then

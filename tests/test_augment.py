@@ -29,10 +29,16 @@ def _images(batch: int = 3, seed: int = 0, low: float = 0.0, high: float = 1.0) 
 def _params(**changes) -> AugmentationParams:
     """One draw that does nothing, with ``changes`` (plain JSON values) applied."""
     draw = {
-        "size_px": SIZE, "crop_box": [0, 0, SIZE, SIZE], "hflip": False, "rot90": 0,
-        "jitter": False, "jitter_factors": {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0},
+        "size_px": SIZE,
+        "crop_box": [0, 0, SIZE, SIZE],
+        "hflip": False,
+        "rot90": 0,
+        "jitter": False,
+        "jitter_factors": {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0},
         "jitter_order": ["brightness", "contrast", "saturation", "hue"],
-        "grayscale": False, "blur": False, "blur_sigma": 0.5,
+        "grayscale": False,
+        "blur": False,
+        "blur_sigma": 0.5,
     }
     draw.update(changes)
     return AugmentationParams.from_json([draw])

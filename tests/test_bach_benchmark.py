@@ -144,8 +144,15 @@ def test_an_interrupted_stage_is_redone(tmp_path):
 
 def test_markdown_tables_have_every_method_budget_and_the_delta():
     summary = [
-        dict(method=m, budget=b, n_train=n, auc_mean=auc, auc_std=0.01, balanced_accuracy_mean=auc - 0.2,
-             balanced_accuracy_std=0.02)
+        dict(
+            method=m,
+            budget=b,
+            n_train=n,
+            auc_mean=auc,
+            auc_std=0.01,
+            balanced_accuracy_mean=auc - 0.2,
+            balanced_accuracy_std=0.02,
+        )
         for m, base in (("gigassl", 0.80), ("average", 0.75), ("abmil", 0.70))
         for b, n, auc in (("100%", 140, base), ("4/class", 16, base - 0.1))
     ]
@@ -165,10 +172,34 @@ def _run(argv):
 def test_whole_command_on_a_tiny_fake_folder_then_reuses_every_stage(tmp_path, capsys):
     images = write_fake_bach(tmp_path / "images", n_per_class=5, size=(220, 160))
     out = tmp_path / "out"
-    argv = ["--images", str(images), "--out", str(out), "--tile-size", "32", "--n-augmentations", "2",
-            "--n-tiles-per-augmentation", "4", "--epochs", "1", "--batch-size", "8", "--n-views", "2",
-            "--n-splits", "2", "--budgets", "100%,2/class", "--mil-epochs", "2", "--num-workers", "0",
-            "--limit-per-class", "3"]
+    argv = [
+        "--images",
+        str(images),
+        "--out",
+        str(out),
+        "--tile-size",
+        "32",
+        "--n-augmentations",
+        "2",
+        "--n-tiles-per-augmentation",
+        "4",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--n-views",
+        "2",
+        "--n-splits",
+        "2",
+        "--budgets",
+        "100%,2/class",
+        "--mil-epochs",
+        "2",
+        "--num-workers",
+        "0",
+        "--limit-per-class",
+        "3",
+    ]
     results = _run(argv)
     printed = capsys.readouterr().out
     assert results["n_images"] == 12 and results["classes"] == sorted(CLASSES)
@@ -217,10 +248,36 @@ def test_sweep_pairs_each_variant_with_the_default_on_the_same_splits(tmp_path, 
     assert sweep.parse_variant("s:--scale-min=0.7,--scale-max=1.3") == ("s", ["--scale-min", "0.7", "--scale-max", "1.3"])
     images = write_fake_bach(tmp_path / "images", n_per_class=3, size=(220, 160))
     out = tmp_path / "out"
-    argv = ["--images", str(images), "--out", str(out), "--tile-size", "32", "--n-augmentations", "2",
-            "--n-tiles-per-augmentation", "4", "--epochs", "1", "--batch-size", "8", "--n-views", "2",
-            "--n-splits", "2", "--budgets", "100%,2/class", "--mil-epochs", "2", "--num-workers", "0",
-            "--variant", "same:--n-views=2", "--variant", "R3:--n-views=3"]
+    argv = [
+        "--images",
+        str(images),
+        "--out",
+        str(out),
+        "--tile-size",
+        "32",
+        "--n-augmentations",
+        "2",
+        "--n-tiles-per-augmentation",
+        "4",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--n-views",
+        "2",
+        "--n-splits",
+        "2",
+        "--budgets",
+        "100%,2/class",
+        "--mil-epochs",
+        "2",
+        "--num-workers",
+        "0",
+        "--variant",
+        "same:--n-views=2",
+        "--variant",
+        "R3:--n-views=3",
+    ]
     assert sweep.main(argv) == 0
     saved = json.loads((out / "sweep.json").read_text())
     same = saved["table"]["same"]["vs_default"]

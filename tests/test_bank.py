@@ -41,8 +41,14 @@ def _grid(n_tiles: int, size_level0: float = 64.0) -> SimpleNamespace:
 
 def _config(tmp_path: Path, **changes) -> ExtractConfig:
     settings = dict(
-        slides=tmp_path, out=tmp_path, tile_size_px=TILE_PX, n_augmentations=4, n_tiles_per_augmentation=8,
-        batch_size=5, mixed_precision=False, device="cpu",
+        slides=tmp_path,
+        out=tmp_path,
+        tile_size_px=TILE_PX,
+        n_augmentations=4,
+        n_tiles_per_augmentation=8,
+        batch_size=5,
+        mixed_precision=False,
+        device="cpu",
     )
     settings.update(changes)
     return ExtractConfig(**settings)
@@ -188,8 +194,9 @@ def test_real_slide_bank(slides_dir: Path, trunk: TileTrunk, tmp_path: Path) -> 
     from extract.reader import open_slide
     from extract.tiling import tile_grid
 
-    config = _config(tmp_path, tile_size_px=224, n_augmentations=2, n_tiles_per_augmentation=6, batch_size=6,
-                     mixed_precision=True)
+    config = _config(
+        tmp_path, tile_size_px=224, n_augmentations=2, n_tiles_per_augmentation=6, batch_size=6, mixed_precision=True
+    )
     with open_slide(slides_dir / "CMU-1-Small-Region.svs") as reader:
         grid = tile_grid(reader, target_mpp=0.5, tile_size_px=224, tissue_threshold=0.5)
         result = build_bank(reader, grid, trunk, config, CPU)

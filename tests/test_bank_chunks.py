@@ -76,9 +76,15 @@ def test_a_damaged_chunk_names_the_file(slide_path):
         handle.seek(offset)
         handle.write(b"\xff" * 64)
     stat = os.stat(slide_path)
-    chunks = bank_chunks.BankChunks(chunks.path, chunks.bank_size, chunks.feature_offsets, chunks.feature_sizes,
-                                    chunks.coord_offsets, chunks.coord_sizes,
-                                    identity=(stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    chunks = bank_chunks.BankChunks(
+        chunks.path,
+        chunks.bank_size,
+        chunks.feature_offsets,
+        chunks.feature_sizes,
+        chunks.coord_offsets,
+        chunks.coord_sizes,
+        identity=(stat.st_ino, stat.st_size, stat.st_mtime_ns),
+    )
     reader = BankChunkReader()
     reader.read(chunks, 1)  # other augmentations still read
     with pytest.raises(FeatureFileError, match="cannot decompress augmentation 2") as error:

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_wheels.py"
-PLATFORM = ("((sys_platform == 'linux' and platform_machine == 'x86_64') or "
-            "(sys_platform == 'win32' and platform_machine == 'AMD64'))")
+PLATFORM = (
+    "((sys_platform == 'linux' and platform_machine == 'x86_64') or (sys_platform == 'win32' and platform_machine == 'AMD64'))"
+)
 PLANNED = f"""
 [project]
 name = "gigassl"
@@ -48,16 +49,19 @@ def _resolve(cw, pyproject, target_key, python, extras=("spconv",)):
     return cw.requirements_for(reqs, env)
 
 
-@pytest.mark.parametrize("target,python,expected", [
-    ("macos-arm64", "3.11", None),
-    ("macos-x86_64", "3.12", None),
-    ("linux-aarch64", "3.12", None),
-    ("linux-x86_64", "3.10", "spconv-cu120>=2.3"),
-    ("linux-x86_64", "3.11", "spconv-cu120>=2.3"),
-    ("linux-x86_64", "3.12", "spconv-cu126>=2.3"),
-    ("windows-amd64", "3.11", "spconv-cu120>=2.3"),
-    ("windows-amd64", "3.12", "spconv-cu126>=2.3"),
-])
+@pytest.mark.parametrize(
+    "target,python,expected",
+    [
+        ("macos-arm64", "3.11", None),
+        ("macos-x86_64", "3.12", None),
+        ("linux-aarch64", "3.12", None),
+        ("linux-x86_64", "3.10", "spconv-cu120>=2.3"),
+        ("linux-x86_64", "3.11", "spconv-cu120>=2.3"),
+        ("linux-x86_64", "3.12", "spconv-cu126>=2.3"),
+        ("windows-amd64", "3.11", "spconv-cu120>=2.3"),
+        ("windows-amd64", "3.12", "spconv-cu126>=2.3"),
+    ],
+)
 def test_spconv_kept_only_where_its_wheels_exist(cw, planned, target, python, expected):
     reqs = _resolve(cw, planned, target, python)
     spconv = [r for r in reqs if r.startswith("spconv")]
@@ -78,18 +82,17 @@ def test_markers_use_the_target_not_this_interpreter(cw):
     # This machine is Linux x86-64: a check that fell back to its values would keep it.
     env = cw.marker_environment(cw.TARGETS_BY_KEY["macos-arm64"], "3.12")
     assert cw.requirements_for(["x; sys_platform == 'linux'"], env) == []
-    assert cw.requirements_for(["x; sys_platform == 'darwin' and platform_machine == 'arm64'"
-                                " and python_version >= '3.12'"], env) == ["x"]
+    assert cw.requirements_for(
+        ["x; sys_platform == 'darwin' and platform_machine == 'arm64' and python_version >= '3.12'"], env
+    ) == ["x"]
     win = cw.marker_environment(cw.TARGETS_BY_KEY["windows-amd64"], "3.10")
-    assert cw.requirements_for(["x; os_name == 'nt' and platform_system == 'Windows'"],
-                               win) == ["x"]
+    assert cw.requirements_for(["x; os_name == 'nt' and platform_system == 'Windows'"], win) == ["x"]
 
 
 def test_extras_without_the_flag_and_self_references(cw, planned):
     assert cw.read_requirements(planned) == ["torch>=2.4", "numpy>=1.24"]
     everything = cw.read_requirements(planned, ["all"])
-    assert [r.split(">")[0].split(";")[0] for r in everything] == [
-        "torch", "numpy", "spconv-cu120", "spconv-cu126", "einops"]
+    assert [r.split(">")[0].split(";")[0] for r in everything] == ["torch", "numpy", "spconv-cu120", "spconv-cu126", "einops"]
     with pytest.raises(KeyError, match="no extra 'gpu'"):
         cw.read_requirements(planned, ["gpu"])
 
@@ -117,8 +120,7 @@ def test_pip_command_carries_the_target(cw, tmp_path):
     target = cw.TARGETS_BY_KEY["linux-aarch64"]
     cmd = cw.pip_command("python", target, "3.10", ["torch>=2.4"], tmp_path)
     assert cmd[1] == "-c" and '"platform_machine": "aarch64"' in cmd[3]
-    for flag in ("--dry-run", "--only-binary=:all:", "--ignore-installed",
-                 "--use-feature=fast-deps"):
+    for flag in ("--dry-run", "--only-binary=:all:", "--ignore-installed", "--use-feature=fast-deps"):
         assert flag in cmd
     assert cmd[cmd.index("--python-version") + 1] == "3.10"
     assert cmd[-1] == "torch>=2.4"
@@ -133,15 +135,28 @@ def test_pip_environment_drops_local_pip_configuration(cw, monkeypatch):
     assert cw.pip_environment(use_pip_config=True)["PIP_FIND_LINKS"] == "/opt/wheels"
 
 
-@pytest.mark.parametrize("log,name,why", [
-    ("ERROR: Could not find a version that satisfies the requirement spconv-cu120>=2.3 "
-     "(from versions: none)\nERROR: No matching distribution found for spconv-cu120>=2.3",
-     "spconv-cu120", "no wheel for this platform/Python"),
-    ("ERROR: Could not find a version that satisfies the requirement torch>=2.4 "
-     "(from versions: 2.0.0, 2.0.1, 2.2.2)", "torch", "newest wheel here: 2.2.2"),
-    ("ERROR: Could not find a version that satisfies the requirement cumm-cu120<0.5,>=0.4.5 "
-     "(from spconv-cu120) (from versions: none)", "cumm-cu120", "required by spconv-cu120"),
-])
+@pytest.mark.parametrize(
+    "log,name,why",
+    [
+        (
+            "ERROR: Could not find a version that satisfies the requirement spconv-cu120>=2.3 "
+            "(from versions: none)\nERROR: No matching distribution found for spconv-cu120>=2.3",
+            "spconv-cu120",
+            "no wheel for this platform/Python",
+        ),
+        (
+            "ERROR: Could not find a version that satisfies the requirement torch>=2.4 (from versions: 2.0.0, 2.0.1, 2.2.2)",
+            "torch",
+            "newest wheel here: 2.2.2",
+        ),
+        (
+            "ERROR: Could not find a version that satisfies the requirement cumm-cu120<0.5,>=0.4.5 "
+            "(from spconv-cu120) (from versions: none)",
+            "cumm-cu120",
+            "required by spconv-cu120",
+        ),
+    ],
+)
 def test_explain_missing_wheel(cw, log, name, why):
     got_name, got_why = cw.explain_failure(log)
     assert got_name == name and why in got_why
@@ -165,9 +180,11 @@ To fix this you could try to:"""
 
 def test_table(cw):
     t = cw.TARGETS_BY_KEY
-    cells = [cw.Cell(t["macos-arm64"], "3.12", ok=True),
-             cw.Cell(t["linux-x86_64"], "3.12", failures=["`a|b`: no wheel"])]
+    cells = [cw.Cell(t["macos-arm64"], "3.12", ok=True), cw.Cell(t["linux-x86_64"], "3.12", failures=["`a|b`: no wheel"])]
     table = cw.render_table(cells, [t["macos-arm64"], t["linux-x86_64"]], ["3.12"])
-    assert table.splitlines() == ["| platform | CPython 3.12 |", "| --- | --- |",
-                                  "| macOS arm64 | ✓ |",
-                                  "| Linux x86-64 | ✗ `a\\|b`: no wheel |"]
+    assert table.splitlines() == [
+        "| platform | CPython 3.12 |",
+        "| --- | --- |",
+        "| macOS arm64 | ✓ |",
+        "| Linux x86-64 | ✗ `a\\|b`: no wheel |",
+    ]

@@ -20,6 +20,7 @@ EMBED_FLAGS = ["--model", "m.pt", "--features", "features", "--out", "e.h5"]
 
 def _run(monkeypatch, caplog, failure, *flags: str) -> tuple[int, list[logging.LogRecord]]:
     """Run ``gigassl embed`` with its function replaced by ``failure``; the records logged."""
+
     def fake(config):
         failure()
 
@@ -33,6 +34,7 @@ def _run(monkeypatch, caplog, failure, *flags: str) -> tuple[int, list[logging.L
 def _raise(error: BaseException):
     def failure():
         raise error
+
     return failure
 
 
@@ -67,8 +69,10 @@ def test_ctrl_c_ends_with_one_line(monkeypatch, caplog):
 
 
 def test_an_error_from_a_dataloader_worker_keeps_only_the_original_line():
-    text = ("Caught FeatureFileError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-            '  File "x.py", line 1, in f\nextract.features_file.FeatureFileError: a.h5: NaN; re-extract this slide')
+    text = (
+        "Caught FeatureFileError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\nextract.features_file.FeatureFileError: a.h5: NaN; re-extract this slide'
+    )
     assert cli.one_line(UserError(text)) == "extract.features_file.FeatureFileError: a.h5: NaN; re-extract this slide"
 
 
@@ -81,10 +85,13 @@ def test_flags_map_onto_the_dataclass_tuples_from_commas_and_old_names_as_aliase
         config = cli.config_from_args(cli.COMMANDS["evaluate"][0], parser.parse_args([*evaluate, flag, "3"]))
         assert config.logistic_c == 3.0
     assert "(default: none)" in parser._subparsers._group_actions[0].choices["embed"].format_help()
+
+
 def test_renamed_flags_keep_their_old_names_and_tuples_are_comma_separated():
     parser = cli.build_parser()
-    args = parser.parse_args(["extract", "--slides", "s", "--out", "o", "--mpp", "1.0", "--tile-size", "64",
-                              "--encoder-mean", "0.5, 0.5,0.5"])
+    args = parser.parse_args(
+        ["extract", "--slides", "s", "--out", "o", "--mpp", "1.0", "--tile-size", "64", "--encoder-mean", "0.5, 0.5,0.5"]
+    )
     config = cli.config_from_args(ExtractConfig, args)
     assert (config.target_mpp, config.tile_size_px, config.encoder_mean) == (1.0, 64, (0.5, 0.5, 0.5))
     args = parser.parse_args(["pretrain-tiles", "--slides", "s", "--out", "o", "--target-mpp", "2.0", "--tile-size-px", "32"])
@@ -115,8 +122,13 @@ def test_importing_and_running_the_slide_encoder_prints_no_third_party_warning(t
         print(len(ids))
     """)
     src = Path(cli.__file__).resolve().parents[1]
-    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                               env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.strip() == "2"
     assert "Warning" not in completed.stderr and "is_fx_tracing" not in completed.stderr, completed.stderr

@@ -69,7 +69,11 @@ def test_one_mixed_precision_training_run_then_cpu_resume(tmp_path: Path) -> Non
     settings = dict(features=features, n_tiles_per_view=3, batch_size=4, warmup_epochs=1, monitor_slides=4, checkpoint_every=1)
     first = run_training(TrainConfig(out=tmp_path / "cpu", epochs=2, device="cpu", mixed_precision=False, **settings))
     # a run started on the CPU (no loss scaling) resumed on the GPU under autocast
-    resumed = run_training(TrainConfig(out=tmp_path / "gpu", epochs=2, device="cuda", resume=tmp_path / "cpu" / "checkpoints" / "epoch_0001.pt", **settings))
+    resumed = run_training(
+        TrainConfig(
+            out=tmp_path / "gpu", epochs=2, device="cuda", resume=tmp_path / "cpu" / "checkpoints" / "epoch_0001.pt", **settings
+        )
+    )
     checkpoint = load_checkpoint(resumed.checkpoint)
     assert checkpoint["global_step"] == load_checkpoint(first.checkpoint)["global_step"]
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
@@ -86,8 +90,17 @@ def test_extraction_on_cuda_with_pinned_memory_matches_the_cpu(slides_dir: Path,
     (folder / "CMU-1-Small-Region.svs").symlink_to(slides_dir / "CMU-1-Small-Region.svs")
     outputs = {}
     for device in ("cpu", "cuda"):
-        config = ExtractConfig(slides=folder, out=tmp_path / device, encoder="random", device=device, mixed_precision=False,
-                               n_augmentations=2, n_tiles_per_augmentation=8, num_workers=1, strict=True)
+        config = ExtractConfig(
+            slides=folder,
+            out=tmp_path / device,
+            encoder="random",
+            device=device,
+            mixed_precision=False,
+            n_augmentations=2,
+            n_tiles_per_augmentation=8,
+            num_workers=1,
+            strict=True,
+        )
         summary = run_extraction(config)
         assert summary.exit_code == 0
         with SlideFeatures(tmp_path / device / "features" / "CMU-1-Small-Region.h5") as slide:
@@ -122,6 +135,7 @@ def test_one_moco_step_on_cuda() -> None:
     model = MoCo(queue_size=16, seed=0).to(CUDA)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.05, momentum=0.9)
     scaler = torch.amp.GradScaler("cuda")
-    result = train_step(model, view_q, view_k, optimizer, momentum=0.99, temperature=0.2, device=CUDA,
-                        mixed_precision=True, scaler=scaler)
+    result = train_step(
+        model, view_q, view_k, optimizer, momentum=0.99, temperature=0.2, device=CUDA, mixed_precision=True, scaler=scaler
+    )
     assert math.isfinite(result.loss)

@@ -100,8 +100,9 @@ def test_views_are_reproducible_and_come_from_one_augmentation(cohort_dir):
         banks = [slide.augmentation(a)[0] for a in range(slide.n_augmentations)]
     for features, cells in (a1, a2):
         assert features.shape == (5, 256) and cells.dtype == np.int64 and cells.min() == 0
-        rows_in = [np.isin(features.view([("", features.dtype)] * 256), bank.view([("", bank.dtype)] * 256)).all()
-                   for bank in banks]
+        rows_in = [
+            np.isin(features.view([("", features.dtype)] * 256), bank.view([("", bank.dtype)] * 256)).all() for bank in banks
+        ]
         assert any(rows_in), "a view mixes tiles of several augmentations"
         # T distinct rows of the augmentation (K = 8 ≥ T: no replacement)
         assert len(np.unique(features, axis=0)) == 5
@@ -113,7 +114,9 @@ def test_view_reads_only_the_chosen_augmentation(cohort_dir, monkeypatch):
     dataset = SlideViewDataset(cohort, 5)
     reads = []
     original = BankChunkReader.read
-    monkeypatch.setattr(BankChunkReader, "read", lambda self, chunks, a, rows=None: reads.append(a) or original(self, chunks, a, rows))
+    monkeypatch.setattr(
+        BankChunkReader, "read", lambda self, chunks, a, rows=None: reads.append(a) or original(self, chunks, a, rows)
+    )
     monkeypatch.setattr(SlideFeatures, "augmentation", lambda *args: pytest.fail("read through h5py"))
     monkeypatch.setattr(SlideFeatures, "features", lambda self: pytest.fail("plain features read"))
     dataset[(0, 0)]
@@ -192,8 +195,9 @@ def test_workers_give_the_same_batches(cohort_dir):
     for workers in (0, 2):
         sampler = EpochBatchSampler(len(cohort.slides), 4, seed=0)
         sampler.set_epoch(1)
-        loader = torch.utils.data.DataLoader(SlideViewDataset(cohort, 5), batch_sampler=sampler,
-                                             collate_fn=collate_slide_views, num_workers=workers)
+        loader = torch.utils.data.DataLoader(
+            SlideViewDataset(cohort, 5), batch_sampler=sampler, collate_fn=collate_slide_views, num_workers=workers
+        )
         batches[workers] = list(loader)
     for a, b in zip(batches[0], batches[2]):
         torch.testing.assert_close(a.sparse.features, b.sparse.features, rtol=0, atol=0)
@@ -214,12 +218,21 @@ def test_bank_only_files_carry_their_grid_and_old_ones_are_named(tmp_path):
 
 def test_mixed_tile_grids_are_refused_unless_allowed(tmp_path, caplog):
     write_synthetic_cohort(tmp_path, n_slides=3, n_tiles=10, n_augmentations=1, bank_size=4)
-    other = write_synthetic_cohort(tmp_path / "other", n_slides=4, n_tiles=10, n_augmentations=1, bank_size=4,
-                                   grid_attrs=dict(patch_size=256, target_mpp=1.0))
+    other = write_synthetic_cohort(
+        tmp_path / "other",
+        n_slides=4,
+        n_tiles=10,
+        n_augmentations=1,
+        bank_size=4,
+        grid_attrs=dict(patch_size=256, target_mpp=1.0),
+    )
     other[3].rename(tmp_path / "slide_900.h5")
-    with pytest.raises(FeatureFileError, match=r"2 different tile grids \(224 px at 0\.5 µm/px: 3 files \(e\.g\. "
-                                               r"slide_000\.h5\); 256 px at 1\.0 µm/px: 1 file \(e\.g\. "
-                                               r"slide_900\.h5\)\).*--allow-mixed-grids"):
+    with pytest.raises(
+        FeatureFileError,
+        match=r"2 different tile grids \(224 px at 0\.5 µm/px: 3 files \(e\.g\. "
+        r"slide_000\.h5\); 256 px at 1\.0 µm/px: 1 file \(e\.g\. "
+        r"slide_900\.h5\)\).*--allow-mixed-grids",
+    ):
         scan_features_folder(tmp_path, 3)
     with caplog.at_level(logging.WARNING):
         cohort = scan_features_folder(tmp_path, 3, allow_mixed_grids=True)

@@ -15,8 +15,9 @@ from gigassl.config import DemoConfig
 from gigassl.demo import run_demo
 
 # Fewer and smaller everything than the default profile: the stages are the same.
-TINY = dict(n_slides=20, n_augmentations=4, n_tiles_per_augmentation=16, epochs=4, batch_size=20,
-            n_views=20, n_splits=5, device="cpu")
+TINY = dict(
+    n_slides=20, n_augmentations=4, n_tiles_per_augmentation=16, epochs=4, batch_size=20, n_views=20, n_splits=5, device="cpu"
+)
 
 
 @pytest.mark.slow
@@ -79,8 +80,14 @@ def test_demo_flags_map_onto_the_settings():
 def test_the_reading_names_the_tile_encoder_only_when_it_is_random():
     from gigassl.demo import how_to_read
 
-    paired = [dict(method="gigassl", budget="100%", reference="average",
-                   auc=dict(mean=-0.05, ci_low=-0.1, ci_high=0.0, wins=1, n=5, interval="t over splits"))]
+    paired = [
+        dict(
+            method="gigassl",
+            budget="100%",
+            reference="average",
+            auc=dict(mean=-0.05, ci_low=-0.1, ci_high=0.0, wins=1, n=5, interval="t over splits"),
+        )
+    ]
     random_text = how_to_read(paired, "random", 3.6, 20)
     assert "-5.0 pt [-10.0, +0.0]  ahead in 1/5" in random_text
     assert "3.60, against 3.66 for a constant output" in random_text  # log(2·20 − 1) = 3.66

@@ -36,8 +36,10 @@ def cohort(tmp_path_factory) -> tuple[list[Path], Path]:
 
 def test_packaged_tiles_are_the_kather_classes():
     tiles = load_kather_tiles()
-    assert sorted(tiles) == [f"0{i}_{n}" for i, n in enumerate(
-        ["TUMOR", "STROMA", "COMPLEX", "LYMPHO", "DEBRIS", "MUCOSA", "ADIPOSE", "EMPTY"], start=1)]
+    assert sorted(tiles) == [
+        f"0{i}_{n}"
+        for i, n in enumerate(["TUMOR", "STROMA", "COMPLEX", "LYMPHO", "DEBRIS", "MUCOSA", "ADIPOSE", "EMPTY"], start=1)
+    ]
     assert all(len(v) == 3 and v[0].shape == (150, 150, 3) and v[0].dtype == np.uint8 for v in tiles.values())
     assert "CC BY 4.0" in (kather_tiles_dir() / "ATTRIBUTION.md").read_text()
 

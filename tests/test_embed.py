@@ -30,16 +30,22 @@ from gigassl.train import config_to_dict
 from test_plain_features import write_trident_file
 
 
-def write_checkpoint(path: Path, n_tiles_per_view: int = 5, seed: int = 0, encoder: dict | None = None,
-                     head: HeadSpec | None = None) -> Path:
+def write_checkpoint(
+    path: Path, n_tiles_per_view: int = 5, seed: int = 0, encoder: dict | None = None, head: HeadSpec | None = None
+) -> Path:
     """A checkpoint of a randomly initialised model, in `gigassl train`'s layout (``encoder``:
     the tile encoder of its training features, as training records it; ``head``: its
     architecture, none recorded when not given, as in older checkpoints)."""
     torch.manual_seed(seed)
     model = GigaSSLModel(None, 256, "cpu", head=head)
     config = config_to_dict(TrainConfig(features=path.parent, out=path.parent, n_tiles_per_view=n_tiles_per_view))
-    payload = dict(format=CHECKPOINT_FORMAT, format_version=CHECKPOINT_VERSION, epoch=0, config=config,
-                   model={k: v.detach().cpu() for k, v in model.state_dict().items()})
+    payload = dict(
+        format=CHECKPOINT_FORMAT,
+        format_version=CHECKPOINT_VERSION,
+        epoch=0,
+        config=config,
+        model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+    )
     if encoder is not None:
         payload["encoder"] = encoder
     if head is not None:
@@ -112,8 +118,11 @@ def test_embeddings_are_unit_norm_reproducible_and_seed_dependent(cohort, model)
 def test_run_embedding_writes_provenance_and_exports(cohort, tmp_path):
     paths, checkpoint = cohort
     out = tmp_path / "emb.h5"
-    result = run_embedding(EmbedConfig(model=checkpoint, features=paths[0].parent, out=out, n_views=3,
-                                       batch_size=4, device="cpu", export=("npz", "csv")))
+    result = run_embedding(
+        EmbedConfig(
+            model=checkpoint, features=paths[0].parent, out=out, n_views=3, batch_size=4, device="cpu", export=("npz", "csv")
+        )
+    )
     assert result.exit_code == 0 and result.n_slides == 12 and not result.failed
     loaded = read_embeddings(out)
     assert loaded.slide_ids[0] == "slide_000" and loaded.embeddings.shape == (12, 512)
@@ -157,8 +166,11 @@ def test_embed_settings_are_checked_when_made_and_exports_are_a_tuple(tmp_path):
     assert EmbedConfig(**base).export == ()
     assert EmbedConfig(**base, export=["csv"]).export == ("csv",)
     assert EmbedConfig(**base, export="NPZ, csv").export == ("npz", "csv")  # the comma string of the command line
-    with pytest.raises(UserError, match=r"invalid embedding settings: --n-views must be ≥ 1 \(got 0\); "
-                                        r"--export xlsx: unknown \['xlsx'\]; choose among npz, csv"):
+    with pytest.raises(
+        UserError,
+        match=r"invalid embedding settings: --n-views must be ≥ 1 \(got 0\); "
+        r"--export xlsx: unknown \['xlsx'\]; choose among npz, csv",
+    ):
         EmbedConfig(**base, n_views=0, export=("xlsx",))
     with pytest.raises(UserError, match="--n-tiles-per-view must be ≥ 1.*--sparse-backend must be one of auto, torch, spconv"):
         EmbedConfig(**base, n_tiles_per_view=0, sparse_backend="minkowski")
@@ -167,8 +179,23 @@ def test_embed_settings_are_checked_when_made_and_exports_are_a_tuple(tmp_path):
 def test_cli_embed(cohort, tmp_path):
     paths, checkpoint = cohort
     out = tmp_path / "cli.h5"
-    code = cli_main(["embed", "--model", str(checkpoint), "--features", str(paths[0].parent), "--out", str(out),
-                     "--n-views", "2", "--device", "cpu", "--export", "npz,csv"])
+    code = cli_main(
+        [
+            "embed",
+            "--model",
+            str(checkpoint),
+            "--features",
+            str(paths[0].parent),
+            "--out",
+            str(out),
+            "--n-views",
+            "2",
+            "--device",
+            "cpu",
+            "--export",
+            "npz,csv",
+        ]
+    )
     assert code == 0 and len(read_embeddings(out).slide_ids) == 12
     assert (tmp_path / "cli.npz").is_file() and (tmp_path / "cli.csv").is_file()
     assert json.loads(read_embeddings(out).provenance["settings"])["export"] == ["npz", "csv"]
@@ -184,8 +211,13 @@ def test_slide_embedder_in_a_pipeline_and_cross_val_score(cohort):
     pipeline = make_pipeline(SlideEmbedder(checkpoint, n_views=2, device="cpu"), LogisticRegression(C=10))
     pipeline.fit([str(p) for p in paths], y)
     assert pipeline.predict_proba([str(p) for p in paths[:2]]).shape == (2, 2)
-    scores = cross_val_score(make_pipeline(SlideEmbedder(checkpoint, n_views=2), LogisticRegression(C=10)),
-                             [str(p) for p in paths], y, cv=3, scoring="roc_auc")
+    scores = cross_val_score(
+        make_pipeline(SlideEmbedder(checkpoint, n_views=2), LogisticRegression(C=10)),
+        [str(p) for p in paths],
+        y,
+        cv=3,
+        scoring="roc_auc",
+    )
     assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 1))
     # the planted class signal survives a random slide encoder
     assert scores.mean() > 0.6
@@ -196,8 +228,7 @@ def test_nan_plain_features_fail_their_slide_and_slide_embedder_names_it(cohort,
     folder = _copy(paths[:3], tmp_path / "features")
     with h5py.File(folder / "slide_001.h5", "a") as handle:
         handle["features"][2, 5] = np.nan
-    result = run_embedding(EmbedConfig(model=checkpoint, features=folder, out=tmp_path / "e.h5", n_views=2,
-                                       device="cpu"))
+    result = run_embedding(EmbedConfig(model=checkpoint, features=folder, out=tmp_path / "e.h5", n_views=2, device="cpu"))
     assert result.n_slides == 2 and [Path(p).name for p, _ in result.failed] == ["slide_001.h5"]
     assert "NaN or inf in the plain features of 1 of 24 tiles" in result.failed[0][1]
     written = read_embeddings(tmp_path / "e.h5")
@@ -212,18 +243,26 @@ def test_trident_files_are_embedded_and_another_width_is_one_line(cohort, tmp_pa
     folder.mkdir()
     write_trident_file(folder / "TCGA-A.h5", width=256, seed=1)
     write_trident_file(folder / "TCGA-B.h5", width=1024, seed=2)
-    result = run_embedding(EmbedConfig(model=checkpoint, features=folder, out=tmp_path / "e.h5", n_views=2,
-                                       device="cpu"))
+    result = run_embedding(EmbedConfig(model=checkpoint, features=folder, out=tmp_path / "e.h5", n_views=2, device="cpu"))
     assert result.n_slides == 1 and read_embeddings(tmp_path / "e.h5").slide_ids == ["TCGA-A"]
-    assert result.failed == [(str(folder / "TCGA-B.h5"), f"{folder / 'TCGA-B.h5'}: features are 1024-d, this model "
-                              "expects 256-d; embed features extracted with the tile encoder the model was trained on")]
+    assert result.failed == [
+        (
+            str(folder / "TCGA-B.h5"),
+            f"{folder / 'TCGA-B.h5'}: features are 1024-d, this model "
+            "expects 256-d; embed features extracted with the tile encoder the model was trained on",
+        )
+    ]
     (folder / "TCGA-A.h5").unlink()
-    with pytest.raises(UserError, match=r"no slide .* could be embedded: 1 file\(s\) failed.*features are 1024-d, "
-                                        r"this model expects 256-d"):
+    with pytest.raises(
+        UserError,
+        match=r"no slide .* could be embedded: 1 file\(s\) failed.*features are 1024-d, "
+        r"this model expects 256-d",
+    ):
         run_embedding(EmbedConfig(model=checkpoint, features=folder, out=tmp_path / "f.h5", device="cpu"))
     caplog.clear()
-    code = cli_main(["embed", "--model", str(checkpoint), "--features", str(folder), "--out", str(tmp_path / "g.h5"),
-                     "--device", "cpu"])
+    code = cli_main(
+        ["embed", "--model", str(checkpoint), "--features", str(folder), "--out", str(tmp_path / "g.h5"), "--device", "cpu"]
+    )
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert code == 2 and len(errors) == 1 and errors[0].exc_info is None
     assert "\n" not in errors[0].getMessage() and "1024-d, this model expects 256-d" in errors[0].getMessage()
@@ -235,8 +274,11 @@ def test_features_of_another_tile_encoder_are_refused_unless_allowed(cohort, tmp
     checkpoint = write_checkpoint(tmp_path / "moco_model.pt", n_tiles_per_view=4, encoder=other)
     folder = _copy(paths[:2], tmp_path / "features")
     config = EmbedConfig(model=checkpoint, features=folder, out=tmp_path / "e.h5", n_views=2, device="cpu")
-    with pytest.raises(UserError, match=r"slide_000\.h5: features made by the tile encoder 'random' .* trained on "
-                                        r"features of 'moco\.pt' \(sha256 abababababab…\).*--allow-other-encoder"):
+    with pytest.raises(
+        UserError,
+        match=r"slide_000\.h5: features made by the tile encoder 'random' .* trained on "
+        r"features of 'moco\.pt' \(sha256 abababababab…\).*--allow-other-encoder",
+    ):
         run_embedding(config)
     result = run_embedding(dataclasses.replace(config, allow_other_encoder=True))
     assert result.n_slides == 2 and not result.failed
@@ -251,8 +293,9 @@ def test_a_copied_feature_file_is_listed_not_embedded_twice(cohort, tmp_path):
     paths, checkpoint = cohort
     folder = _copy(paths[:2], tmp_path / "features")
     (folder / "slide_000 (copy).h5").write_bytes(paths[0].read_bytes())
-    result = run_embedding(EmbedConfig(model=checkpoint, features=folder, out=tmp_path / "e.h5", n_views=2,
-                                       device="cpu", strict=True))
+    result = run_embedding(
+        EmbedConfig(model=checkpoint, features=folder, out=tmp_path / "e.h5", n_views=2, device="cpu", strict=True)
+    )
     assert read_embeddings(tmp_path / "e.h5").slide_ids == ["slide_000", "slide_001"]
     assert result.exit_code == 1 and len(result.failed) == 1
     path, reason = result.failed[0]
@@ -275,8 +318,13 @@ def test_trident_files_of_the_checkpoints_width_are_embedded_as_unverified(tmp_p
     np.testing.assert_allclose(np.linalg.norm(written.embeddings, axis=1), 1.0, rtol=1e-5)
     assert json.loads(written.provenance["unverified"]) == ["TCGA-A", "TCGA-B"]
     assert written.provenance["feature_dim"] == 24 and json.loads(written.provenance["architecture"])["width"] == 512
-    assert result.failed == [(str(folder / "TCGA-C.h5"), f"{folder / 'TCGA-C.h5'}: features are 32-d, this model "
-                              "expects 24-d; embed features extracted with the tile encoder the model was trained on")]
+    assert result.failed == [
+        (
+            str(folder / "TCGA-C.h5"),
+            f"{folder / 'TCGA-C.h5'}: features are 32-d, this model "
+            "expects 24-d; embed features extracted with the tile encoder the model was trained on",
+        )
+    ]
     warnings = [r.getMessage() for r in caplog.records if "cannot be verified" in r.getMessage()]
     assert len(warnings) == 1 and "2 slide file(s)" in warnings[0] and "uni.pt2" in warnings[0]
     # files with this package's provenance are verified: nothing listed
@@ -293,8 +341,9 @@ def test_a_resnet50_head_writes_2048_d_embeddings(cohort, tmp_path):
     folder.mkdir()
     for name in ("A", "B"):
         write_trident_file(folder / f"{name}.h5", width=1024, seed=ord(name))
-    result = run_embedding(EmbedConfig(model=checkpoint, features=folder, out=tmp_path / "e.h5", n_views=2,
-                                       device="cpu", export=("csv",)))
+    result = run_embedding(
+        EmbedConfig(model=checkpoint, features=folder, out=tmp_path / "e.h5", n_views=2, device="cpu", export=("csv",))
+    )
     assert read_embeddings(tmp_path / "e.h5").embeddings.shape == (2, 2048)
     assert result.exports[0].read_text().splitlines()[0].endswith(",e2047")
     embedded = SlideEmbedder(checkpoint, n_views=2).transform([folder / "A.h5"])

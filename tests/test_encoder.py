@@ -28,10 +28,12 @@ def _torchvision_style_state_dict() -> dict:
     """A state dict with exactly torchvision's resnet18 keys (built independently of our names)."""
     keys = {}
     keys["conv1.weight"] = (64, 3, 7, 7)
+
     def bn(prefix, c):
         for name in ("weight", "bias", "running_mean", "running_var"):
             keys[f"{prefix}.{name}"] = (c,)
         keys[f"{prefix}.num_batches_tracked"] = ()
+
     bn("bn1", 64)
     cin = 64
     for layer, cout in zip((1, 2, 3, 4), (64, 128, 256, 512)):

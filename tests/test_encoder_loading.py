@@ -54,6 +54,7 @@ def _moco(prefix: str) -> Callable[[State, Path], object]:
         weights.update(_prefixed(prefix + "encoder_k.", {k: torch.zeros_like(v) for k, v in state.items()}))
         weights[prefix + "queue"] = torch.randn(8, 4)
         return {"epoch": 200, "arch": "resnet18", "state_dict": weights, "optimizer": {"state": {}}}
+
     return write
 
 
@@ -62,8 +63,14 @@ def _lightning(prefix: str) -> Callable[[State, Path], object]:
         weights = _prefixed(prefix, _without_fc(state))
         weights["model.projection_head.0.weight"] = torch.randn(16, 16)  # SimCLR head: ignored
         weights["model.projection_head.2.weight"] = torch.randn(8, 16)
-        return {"epoch": 3, "global_step": 30, "pytorch-lightning_version": "1.1.0", "state_dict": weights,
-                "hyper_parameters": {"lr": 0.1, "batch_size": 256}}
+        return {
+            "epoch": 3,
+            "global_step": 30,
+            "pytorch-lightning_version": "1.1.0",
+            "state_dict": weights,
+            "hyper_parameters": {"lr": 0.1, "batch_size": 256},
+        }
+
     return write
 
 
@@ -79,7 +86,10 @@ LAYOUTS: dict[str, tuple[Callable[[State, Path], object], str, str]] = {
     "torchvision": (lambda s, _: s, "torchvision", "plain"),
     "torchvision without fc (RetCCL, Lunit)": (lambda s, _: _without_fc(s), "torchvision", "plain"),
     "older torchvision without BN step counters": (
-        lambda s, _: {k: v for k, v in s.items() if not k.endswith("num_batches_tracked")}, "torchvision", "plain"),
+        lambda s, _: {k: v for k, v in s.items() if not k.endswith("num_batches_tracked")},
+        "torchvision",
+        "plain",
+    ),
     "DataParallel module.": (lambda s, _: _prefixed("module.", s), "torchvision", "module."),
     "MoCo repository module.encoder_q.": (_moco("module."), "moco", "state_dict/module.encoder_q."),
     "MoCo unwrapped encoder_q. (pretrain-tiles last.pt)": (_moco(""), "moco", "state_dict/encoder_q."),
@@ -95,9 +105,14 @@ LAYOUTS: dict[str, tuple[Callable[[State, Path], object], str, str]] = {
 }
 # Every layout for ResNet18; the bigger networks in the layouts they are published in.
 CASES = [("resnet18", name) for name in LAYOUTS] + [
-    (arch, name) for arch in ("resnet34", "resnet50")
-    for name in ("torchvision without fc (RetCCL, Lunit)", "MoCo repository module.encoder_q.",
-                 "Lightning SimCLR model.resnet. (Ciga et al.)", "gigassl own format")
+    (arch, name)
+    for arch in ("resnet34", "resnet50")
+    for name in (
+        "torchvision without fc (RetCCL, Lunit)",
+        "MoCo repository module.encoder_q.",
+        "Lightning SimCLR model.resnet. (Ciga et al.)",
+        "gigassl own format",
+    )
 ]
 
 
@@ -122,7 +137,9 @@ def test_layout_loads_and_gives_the_plain_trunk(arch: str, layout: str, networks
     with torch.no_grad():
         expected = TileTrunk(reference).eval()(images)
         assert torch.equal(loaded.trunk(images), expected)
-        assert torch.equal(loaded.layer4(reference.forward_features(images)), reference.layer4(reference.forward_features(images)))
+        assert torch.equal(
+            loaded.layer4(reference.forward_features(images)), reference.layer4(reference.forward_features(images))
+        )
 
 
 def _one_line_error(path: Path, match: str) -> str:
@@ -184,7 +201,12 @@ def test_lightning_file_with_pickled_hyperparameters_gets_the_conversion(network
 
 def test_random_encoders_name_their_architecture() -> None:
     loaded = load_encoder("random:resnet34", seed=2)
-    assert (loaded.info.name, loaded.info.arch, loaded.info.width, loaded.info.source) == ("random:resnet34", "resnet34", 256, "random")
+    assert (loaded.info.name, loaded.info.arch, loaded.info.width, loaded.info.source) == (
+        "random:resnet34",
+        "resnet34",
+        256,
+        "random",
+    )
     assert load_encoder("random").info.arch == "resnet18"
     with pytest.raises(ValueError, match="random:resnet18, random:resnet34, random:resnet50"):
         load_encoder("random:vit")

@@ -71,8 +71,11 @@ def clustered(n_per_class: int, names: list[str], seed: int = 0, separation: flo
 
 def test_parse_budgets():
     assert parse_budgets("100%, 25%,50,4/class") == [
-        Budget("100%", "fraction", 1.0), Budget("25%", "fraction", 0.25), Budget("50", "count", 50.0),
-        Budget("4/class", "per_class", 4.0)]
+        Budget("100%", "fraction", 1.0),
+        Budget("25%", "fraction", 0.25),
+        Budget("50", "count", 50.0),
+        Budget("4/class", "per_class", 4.0),
+    ]
     for bad in ("150%", "ten", "", "0"):
         with pytest.raises(ValueError, match="budget"):
             parse_budgets(bad)
@@ -192,10 +195,12 @@ def test_c_chosen_by_inner_cross_validation():
 def test_multiclass_string_labels_end_to_end(tmp_path):
     ids, labels, vectors = clustered(12, ["benign", "in situ", "invasive"], seed=1)
     embeddings = write_embeddings(tmp_path / "e.h5", ids, vectors)
-    csv_path = write_labels(tmp_path / "l.csv", [(i, label) for i, label in zip(ids, labels)] + [("ghost", "benign")],
-                            header=("slide", "label"))
-    result = run_evaluation(EvaluateConfig(embeddings=embeddings, labels=csv_path, out=tmp_path / "out",
-                                           n_splits=3, budgets="100%,2/class", seed=0))
+    csv_path = write_labels(
+        tmp_path / "l.csv", [(i, label) for i, label in zip(ids, labels)] + [("ghost", "benign")], header=("slide", "label")
+    )
+    result = run_evaluation(
+        EvaluateConfig(embeddings=embeddings, labels=csv_path, out=tmp_path / "out", n_splits=3, budgets="100%,2/class", seed=0)
+    )
     assert result.classes == ["benign", "in situ", "invasive"] and result.missing == ["ghost"]
     assert [r["budget"] for r in result.summary] == ["100%", "2/class"]
     assert result.summary[0]["auc_mean"] > 0.9 and result.summary[1]["n_train"] == 6
@@ -211,8 +216,9 @@ def test_bad_budget_is_a_clear_cli_error(tmp_path, caplog):
     ids, labels, vectors = clustered(10, ["a", "b"])
     embeddings = write_embeddings(tmp_path / "e.h5", ids, vectors)
     csv_path = write_labels(tmp_path / "l.csv", list(zip(ids, labels)), header=("slide", "label"))
-    code = cli_main(["evaluate", "--embeddings", str(embeddings), "--labels", str(csv_path), "--budgets", "100",
-                     "--out", str(tmp_path / "o")])
+    code = cli_main(
+        ["evaluate", "--embeddings", str(embeddings), "--labels", str(csv_path), "--budgets", "100", "--out", str(tmp_path / "o")]
+    )
     assert code == 2 and "asks for 100 training slides" in caplog.text
 
 
@@ -220,10 +226,14 @@ def test_non_finite_vectors_and_repeated_ids_are_named(tmp_path, caplog):
     ids, labels, vectors = clustered(10, ["a", "b"])
     vectors[3] = np.nan
     csv_path = write_labels(tmp_path / "l.csv", list(zip(ids, labels)), header=("slide", "label"))
-    config = EvaluateConfig(embeddings=write_embeddings(tmp_path / "e.h5", ids, vectors), labels=csv_path,
-                            out=tmp_path / "o", n_splits=2)
-    with pytest.raises(UserError, match=r"e\.h5: the vectors of 1 labelled slide\(s\) hold NaN or inf: a_03; "
-                                        r"re-embed them"):
+    config = EvaluateConfig(
+        embeddings=write_embeddings(tmp_path / "e.h5", ids, vectors), labels=csv_path, out=tmp_path / "o", n_splits=2
+    )
+    with pytest.raises(
+        UserError,
+        match=r"e\.h5: the vectors of 1 labelled slide\(s\) hold NaN or inf: a_03; "
+        r"re-embed them",
+    ):
         run_evaluation(config)
     vectors[3] = vectors[4]
     repeated = write_embeddings(tmp_path / "r.h5", ids + ["a_01"], np.concatenate([vectors, vectors[1:2]]))
@@ -245,8 +255,17 @@ def test_baselines_read_trident_files_and_refuse_nan_features(tmp_path):
             handle["features"][...] += 2.0 * (label == "y") + 0.1 * rng.standard_normal((8, 1024))
     csv_path = write_labels(tmp_path / "l.csv", list(zip(ids, labels)), header=("slide", "label"))
     embeddings = write_embeddings(tmp_path / "e.h5", ids, clustered(6, ["x", "y"])[2])
-    config = EvaluateConfig(embeddings=embeddings, labels=csv_path, features=folder, baselines="average,abmil",
-                            out=tmp_path / "o", n_splits=2, budgets="100%", mil_epochs=3, device="cpu")
+    config = EvaluateConfig(
+        embeddings=embeddings,
+        labels=csv_path,
+        features=folder,
+        baselines="average,abmil",
+        out=tmp_path / "o",
+        n_splits=2,
+        budgets="100%",
+        mil_epochs=3,
+        device="cpu",
+    )
     result = run_evaluation(config)
     average = next(r for r in result.summary if r["method"] == "average")
     assert {r["method"] for r in result.summary} == {"gigassl", "average", "abmil"} and average["auc_mean"] > 0.9
@@ -269,10 +288,20 @@ def synthetic_run(tmp_path_factory):
 @pytest.mark.slow
 def test_gigassl_average_and_abmil_beat_chance_on_a_planted_cohort(synthetic_run):
     folder, _ = synthetic_run
-    result = run_evaluation(EvaluateConfig(
-        embeddings=folder / "e.h5", labels=folder / "features" / "labels.csv", features=folder / "features",
-        baselines="average,abmil", out=folder / "eval", n_splits=3, test_fraction=0.34, budgets="100%,4/class",
-        mil_epochs=15, device="cpu"))
+    result = run_evaluation(
+        EvaluateConfig(
+            embeddings=folder / "e.h5",
+            labels=folder / "features" / "labels.csv",
+            features=folder / "features",
+            baselines="average,abmil",
+            out=folder / "eval",
+            n_splits=3,
+            test_fraction=0.34,
+            budgets="100%,4/class",
+            mil_epochs=15,
+            device="cpu",
+        )
+    )
     by_method = {(r["method"], r["budget"]): r for r in result.summary}
     assert set(m for m, _ in by_method) == {"gigassl", "average", "abmil"}
     for (method, budget), row in by_method.items():
@@ -298,13 +327,14 @@ def _write_real_tile_cohort(folder: Path, slide_path: Path) -> tuple[Path, Path]
         for index in range(8):
             label = "tissue" if index % 2 else "background"
             pool = tissue if label == "tissue" else glass
-            coords = np.array([pool[(index * 3 + j) % len(pool)] for j in range(3)] + glass[index % 4: index % 4 + 2])
+            coords = np.array([pool[(index * 3 + j) % len(pool)] for j in range(3)] + glass[index % 4 : index % 4 + 2])
             images = np.stack([reader.read_tile(int(x), int(y), size_level0, out_px) for x, y in coords])
             with torch.no_grad():
                 features = trunk(tiles_to_tensor(images, torch.device("cpu"))).numpy()
             slide_id = f"real_{index}"
-            with SlideFileWriter(folder / f"{slide_id}.h5", slide_id=slide_id, source=str(slide_path),
-                                 settings={"seed": 0}, encoder=encoder) as writer:
+            with SlideFileWriter(
+                folder / f"{slide_id}.h5", slide_id=slide_id, source=str(slide_path), settings={"seed": 0}, encoder=encoder
+            ) as writer:
                 writer.create_plain(coords, grid)
                 writer.write_plain_rows(0, features)
             rows.append((slide_id, label))
@@ -316,10 +346,23 @@ def test_every_baseline_including_topk_runs_on_real_slide_tiles(tmp_path, slides
     features, labels = _write_real_tile_cohort(tmp_path / "features", slides_dir / "CMU-1-Small-Region.svs")
     checkpoint = write_checkpoint(tmp_path / "model.pt", n_tiles_per_view=3)
     run_embedding(EmbedConfig(model=checkpoint, features=features, out=tmp_path / "e.h5", n_views=2, device="cpu"))
-    result = run_evaluation(EvaluateConfig(
-        embeddings=tmp_path / "e.h5", labels=labels, features=features, baselines="average,abmil,topk",
-        out=tmp_path / "eval", n_splits=2, test_fraction=0.5, budgets="100%", mil_epochs=10, topk=2,
-        topk_epochs=1, slides=slides_dir, device="cpu"))
+    result = run_evaluation(
+        EvaluateConfig(
+            embeddings=tmp_path / "e.h5",
+            labels=labels,
+            features=features,
+            baselines="average,abmil,topk",
+            out=tmp_path / "eval",
+            n_splits=2,
+            test_fraction=0.5,
+            budgets="100%",
+            mil_epochs=10,
+            topk=2,
+            topk_epochs=1,
+            slides=slides_dir,
+            device="cpu",
+        )
+    )
     by_method = {r["method"]: r for r in result.summary}
     assert set(by_method) == {"gigassl", "average", "abmil", "topk"}
     assert by_method["topk"]["n_splits"] == 2
@@ -347,8 +390,17 @@ def test_baselines_on_trident_files_of_the_checkpoints_width_and_another_width_i
     checkpoint = write_checkpoint(tmp_path / "fm.pt", n_tiles_per_view=4, head=HeadSpec.generic(24))
     run_embedding(EmbedConfig(model=checkpoint, features=folder, out=tmp_path / "e.h5", n_views=3, device="cpu"))
     csv_path = write_labels(tmp_path / "l.csv", list(zip(ids, labels)), header=("slide", "label"))
-    config = EvaluateConfig(embeddings=tmp_path / "e.h5", labels=csv_path, features=folder, baselines="average,abmil",
-                            out=tmp_path / "o", n_splits=2, budgets="100%", mil_epochs=2, device="cpu")
+    config = EvaluateConfig(
+        embeddings=tmp_path / "e.h5",
+        labels=csv_path,
+        features=folder,
+        baselines="average,abmil",
+        out=tmp_path / "o",
+        n_splits=2,
+        budgets="100%",
+        mil_epochs=2,
+        device="cpu",
+    )
     result = run_evaluation(config)
     assert {r["method"] for r in result.summary} == {"gigassl", "average", "abmil"}
     other = tmp_path / "wider"
@@ -360,6 +412,22 @@ def test_baselines_on_trident_files_of_the_checkpoints_width_and_another_width_i
     message = str(error.value)
     assert "\n" not in message and "features are 32-d" in message and "takes 24-d features" in message
     caplog.clear()
-    assert cli_main(["evaluate", "--embeddings", str(tmp_path / "e.h5"), "--labels", str(csv_path), "--features",
-                     str(other), "--baselines", "average", "--out", str(tmp_path / "p")]) == 2
+    assert (
+        cli_main(
+            [
+                "evaluate",
+                "--embeddings",
+                str(tmp_path / "e.h5"),
+                "--labels",
+                str(csv_path),
+                "--features",
+                str(other),
+                "--baselines",
+                "average",
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 2
+    )
     assert "takes 24-d features" in caplog.text and "Traceback" not in caplog.text

@@ -49,7 +49,12 @@ def exported(tmp_path: Path) -> tuple[TinyEncoder, Path]:
 
 def test_program_runs_like_the_model_and_says_what_it_is(exported: tuple[TinyEncoder, Path]) -> None:
     model, path = exported
-    assert json.loads(sidecar_path(path).read_text()) == {"input_size_px": 32, "mean": list(MEAN), "std": list(STD), "name": "tiny-fm"}
+    assert json.loads(sidecar_path(path).read_text()) == {
+        "input_size_px": 32,
+        "mean": list(MEAN),
+        "std": list(STD),
+        "name": "tiny-fm",
+    }
     loaded = load_encoder(path)
     info = loaded.info
     assert (info.name, info.source, info.arch, info.width, info.layout) == ("tiny.pt2", "export", "tiny-fm", 12, "torch.export")
@@ -73,7 +78,9 @@ def test_program_runs_like_the_model_and_says_what_it_is(exported: tuple[TinyEnc
 def test_preprocessing_from_flags_and_from_the_program(exported: tuple[TinyEncoder, Path]) -> None:
     _, path = exported
     sidecar_path(path).unlink()
-    with pytest.raises(ValueError, match=r"tiny.pt2: no normalisation given; write .*tiny.json with mean and std, or pass --encoder-mean"):
+    with pytest.raises(
+        ValueError, match=r"tiny.pt2: no normalisation given; write .*tiny.json with mean and std, or pass --encoder-mean"
+    ):
         load_encoder(path)
     loaded = load_encoder(path, mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 1.0))
     assert loaded.info.input_size_px == 32 and loaded.info.arch == "tiny"  # the static input size of the program
@@ -93,7 +100,9 @@ def test_programs_that_cannot_serve_as_tile_encoders_are_refused(tmp_path: Path)
     with pytest.raises(ValueError, match=r"static.pt2: the program fails on a \(1, 3, 32, 32\) batch .*dynamic batch dimension"):
         load_encoder(static, mean=MEAN, std=STD)
     maps = export_tile_encoder(tiny_model(flat=False), tmp_path / "maps.pt2", 32, MEAN, STD)
-    with pytest.raises(ValueError, match=r"maps.pt2: the program maps \(2, 3, 32, 32\) to \(2, 8, 16, 16\); it must return \(B, D\)"):
+    with pytest.raises(
+        ValueError, match=r"maps.pt2: the program maps \(2, 3, 32, 32\) to \(2, 8, 16, 16\); it must return \(B, D\)"
+    ):
         load_encoder(maps)
     with pytest.raises(FileNotFoundError, match="missing.pt2 does not exist"):
         load_encoder(tmp_path / "missing.pt2")

@@ -21,8 +21,21 @@ from fixtures.make_slides import write_tissue_slide
 from gigassl.cli import main
 from test_exported import MEAN, STD, tiny_model
 
-FAST = ["--tile-size", "64", "--mpp", "2.0", "--num-workers", "0", "--batch-size", "32",
-        "--bank", "--n-augmentations", "2", "--n-tiles-per-augmentation", "8"]
+FAST = [
+    "--tile-size",
+    "64",
+    "--mpp",
+    "2.0",
+    "--num-workers",
+    "0",
+    "--batch-size",
+    "32",
+    "--bank",
+    "--n-augmentations",
+    "2",
+    "--n-tiles-per-augmentation",
+    "8",
+]
 
 
 @pytest.fixture()

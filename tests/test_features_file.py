@@ -13,8 +13,16 @@ from extract.features_file import (
 )
 
 ENCODER = EncoderInfo("random", "0" * 64, "random")
-GRID = dict(patch_size=224, patch_size_level0=448, patch_size_level0_exact=448.0, mpp=0.25, target_mpp=0.5,
-            level0_width=4000, level0_height=3000, tissue_threshold=0.5)
+GRID = dict(
+    patch_size=224,
+    patch_size_level0=448,
+    patch_size_level0_exact=448.0,
+    mpp=0.25,
+    target_mpp=0.5,
+    level0_width=4000,
+    level0_height=3000,
+    tissue_threshold=0.5,
+)
 
 
 def _write(path, n=10, bank=True):

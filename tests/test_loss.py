@@ -11,7 +11,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from pytorch_metric_learning.losses import NTXentLoss
 
-from gigassl.loss import constant_output_loss, gather_with_gradient, nt_xent, nt_xent_distributed, positive_pair_accuracy, rank, world_size
+from gigassl.loss import (
+    constant_output_loss,
+    gather_with_gradient,
+    nt_xent,
+    nt_xent_distributed,
+    positive_pair_accuracy,
+    rank,
+    world_size,
+)
 
 
 def _pml(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -161,8 +161,20 @@ def test_few_steps_on_real_tiles_lower_the_loss(slide_tiles):
 
 def _tiny_config(slides_dir, out, **changes):
     settings = dict(
-        slides=slides_dir, out=out, target_mpp=1.0, tile_size_px=32, batch_size=8, queue_size=12, tiles_per_epoch=16,
-        tiles_per_visit=4, epochs=2, monitor_tiles=8, num_workers=0, checkpoint_every=1, device="cpu", lr=0.1,
+        slides=slides_dir,
+        out=out,
+        target_mpp=1.0,
+        tile_size_px=32,
+        batch_size=8,
+        queue_size=12,
+        tiles_per_epoch=16,
+        tiles_per_visit=4,
+        epochs=2,
+        monitor_tiles=8,
+        num_workers=0,
+        checkpoint_every=1,
+        device="cpu",
+        lr=0.1,
     )
     settings.update(changes)
     return MocoConfig(**settings)
@@ -253,10 +265,39 @@ def test_two_processes_under_torchrun_share_one_queue(trained, tmp_path):
     folder, _, _ = trained
     out = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "gigassl.cli", "pretrain-tiles", "--slides", str(folder), "--out", str(out), "--mpp", "1.0",
-        "--tile-size", "32", "--batch-size", "8", "--queue-size", "12", "--tiles-per-epoch", "16", "--tiles-per-visit", "4",
-        "--epochs", "1", "--monitor-tiles", "8", "--num-workers", "0", "--device", "cpu",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "gigassl.cli",
+        "pretrain-tiles",
+        "--slides",
+        str(folder),
+        "--out",
+        str(out),
+        "--mpp",
+        "1.0",
+        "--tile-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--queue-size",
+        "12",
+        "--tiles-per-epoch",
+        "16",
+        "--tiles-per-visit",
+        "4",
+        "--epochs",
+        "1",
+        "--monitor-tiles",
+        "8",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
     ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)

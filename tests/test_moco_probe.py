@@ -46,8 +46,21 @@ def test_probe_labels_need_slide_and_label_columns(tmp_path):
 
 def _config(folder, out, labels):
     return MocoConfig(
-        slides=folder, out=out, target_mpp=1.0, tile_size_px=32, batch_size=8, queue_size=12, tiles_per_epoch=16, tiles_per_visit=4,
-        epochs=1, monitor_tiles=8, num_workers=0, checkpoint_every=1, device="cpu", lr=0.1, probe_labels=labels,
+        slides=folder,
+        out=out,
+        target_mpp=1.0,
+        tile_size_px=32,
+        batch_size=8,
+        queue_size=12,
+        tiles_per_epoch=16,
+        tiles_per_visit=4,
+        epochs=1,
+        monitor_tiles=8,
+        num_workers=0,
+        checkpoint_every=1,
+        device="cpu",
+        lr=0.1,
+        probe_labels=labels,
         probe_tiles_per_slide=2,
     )
 

@@ -27,7 +27,13 @@ from torch import nn
 from extract.encoder import ResNet18, build_resnet
 from gigassl.model import GigaSSLModel, HeadSpec, SparseLayer4
 from gigassl.sparse_layer4 import dense_layer4
-from gigassl.sparse_conv import dense_to_sparse_weight, make_sparse_tensor, strided_conv3x3, submanifold_conv3x3, sum_pool_3x3_stride2
+from gigassl.sparse_conv import (
+    dense_to_sparse_weight,
+    make_sparse_tensor,
+    strided_conv3x3,
+    submanifold_conv3x3,
+    sum_pool_3x3_stride2,
+)
 from gigassl.sparse_map import SparseBatch, collate_views
 
 TOL = {"rtol": 1e-4, "atol": 1e-4}
@@ -99,7 +105,10 @@ def test_submanifold_conv_on_full_map_is_dense_conv_with_padding_1(height: int, 
 
 @pytest.mark.parametrize("height, width", [(6, 7), (5, 8)])
 def test_strided_sparse_conv_is_unpadded_dense_conv_and_with_margin_the_padded_one(
-    resnet: ResNet18, height: int, width: int, backend: str,
+    resnet: ResNet18,
+    height: int,
+    width: int,
+    backend: str,
 ) -> None:
     layer4 = SparseLayer4(backend).load_dense(resnet.layer4)
     weight = resnet.layer4[0].conv1.weight
@@ -114,8 +123,8 @@ def test_strided_sparse_conv_is_unpadded_dense_conv_and_with_margin_the_padded_o
     torch.testing.assert_close(sparse[:, :, :out_h, :out_w], expected, **TOL)
     # beyond the dense output, only the windows that hang past an even side's padding
     assert sparse.shape[2] >= out_h + (height % 2 == 0) and sparse.shape[3] >= out_w + (width % 2 == 0)
-    assert sparse[:, :, out_h + (height % 2 == 0):].abs().sum() == 0
-    assert sparse[:, :, :, out_w + (width % 2 == 0):].abs().sum() == 0
+    assert sparse[:, :, out_h + (height % 2 == 0) :].abs().sum() == 0
+    assert sparse[:, :, :, out_w + (width % 2 == 0) :].abs().sum() == 0
 
 
 def test_shortcut_pool_divides_by_nine_like_dense_avg_pool(backend: str) -> None:
@@ -156,7 +165,10 @@ def _dense_layer4_with_average_shortcut(layer4: nn.Sequential) -> nn.Sequential:
 
 @pytest.mark.parametrize("height, width", [(5, 7), (7, 3)])
 def test_sparse_layer4_equals_dense_layer4_with_average_shortcut_on_full_map(
-    resnet: ResNet18, height: int, width: int, backend: str,
+    resnet: ResNet18,
+    height: int,
+    width: int,
+    backend: str,
 ) -> None:
     layer4 = SparseLayer4(backend).load_dense(resnet.layer4).eval()
     dense_reference = _dense_layer4_with_average_shortcut(resnet.layer4).eval()
@@ -299,7 +311,11 @@ def test_resnet50_puts_the_stride_on_the_3x3_conv(deep_resnets: dict[str, nn.Mod
 
 @pytest.mark.parametrize("arch, height, width", [("resnet34", 5, 7), ("resnet50", 5, 7), ("resnet50", 7, 3)])
 def test_deeper_sparse_layer4_equals_dense_layer4_with_average_shortcut_on_full_map(
-    deep_resnets: dict[str, nn.Module], arch: str, height: int, width: int, backend: str,
+    deep_resnets: dict[str, nn.Module],
+    arch: str,
+    height: int,
+    width: int,
+    backend: str,
 ) -> None:
     resnet = deep_resnets[arch]
     head = HeadSpec.for_resnet(arch)
@@ -338,7 +354,9 @@ def test_resnet50_model_pools_2048_d_and_its_state_round_trips_through_its_head(
     model = GigaSSLModel(deep_resnets["resnet50"], projector_dim=32, device="cpu", sparse_backend="torch").eval()
     assert (model.head.source, model.feature_dim, model.slide_dim) == ("resnet50", 1024, 2048)
     rng = np.random.default_rng(5)
-    batch = collate_views([(rng.standard_normal((5, 1024)).astype(np.float32), rng.integers(0, 9, size=(5, 2))) for _ in range(3)])
+    batch = collate_views(
+        [(rng.standard_normal((5, 1024)).astype(np.float32), rng.integers(0, 9, size=(5, 2))) for _ in range(3)]
+    )
     buffer = io.BytesIO()
     torch.save({"architecture": model.head.to_dict(), "model": model.state_dict()}, buffer)
     buffer.seek(0)

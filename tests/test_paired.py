@@ -14,8 +14,11 @@ from test_evaluate import clustered, write_embeddings, write_labels
 
 
 def _rows(scores: dict[str, list[float]], budget: str = "100%") -> list[dict]:
-    return [dict(method=m, budget=budget, split=s, auc=v, balanced_accuracy=v / 2)
-            for m, values in scores.items() for s, v in enumerate(values)]
+    return [
+        dict(method=m, budget=budget, split=s, auc=v, balanced_accuracy=v / 2)
+        for m, values in scores.items()
+        for s, v in enumerate(values)
+    ]
 
 
 def test_t_interval_hand_computed():
@@ -50,8 +53,7 @@ def test_a_shared_split_effect_cancels_in_the_pairing():
 
 
 def test_cluster_bootstrap_and_pooling():
-    runs = [_rows({"gigassl": [0.9, 0.8], "average": [0.85, 0.8]}),
-            _rows({"gigassl": [0.7, 0.75], "average": [0.72, 0.7]})]
+    runs = [_rows({"gigassl": [0.9, 0.8], "average": [0.85, 0.8]}), _rows({"gigassl": [0.7, 0.75], "average": [0.72, 0.7]})]
     (entry,) = pooled_paired_differences(runs, "average", draws=2000)
     pooled = np.array([0.05, 0.0, -0.02, 0.05])
     assert entry["auc"]["mean"] == pytest.approx(pooled.mean()) and entry["auc"]["n"] == 4
@@ -67,8 +69,11 @@ def test_evaluate_prints_and_writes_paired_differences(tmp_path):
     ids, labels, vectors = clustered(10, ["a", "b"], seed=3)
     embeddings = write_embeddings(tmp_path / "e.h5", ids, vectors)
     csv_path = write_labels(tmp_path / "l.csv", list(zip(ids, labels)), header=("slide", "label"))
-    result = run_evaluation(EvaluateConfig(embeddings=embeddings, labels=csv_path, out=tmp_path / "out", n_splits=4,
-                                           budgets="100%,3/class", reference="gigassl"))
+    result = run_evaluation(
+        EvaluateConfig(
+            embeddings=embeddings, labels=csv_path, out=tmp_path / "out", n_splits=4, budgets="100%,3/class", reference="gigassl"
+        )
+    )
     assert result.paired == []  # only gigassl ran: nothing to compare
     # compare gigassl with itself run as the reference: rows duplicated under another name
     rows = result.rows + [dict(r, method="copy", auc=r["auc"] - 0.01) for r in result.rows]

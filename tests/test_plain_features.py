@@ -13,8 +13,9 @@ from gigassl.plain_features import LAYOUT_FOREIGN, read_plain_features, read_sli
 from gigassl.synthetic import write_synthetic_cohort
 
 
-def write_trident_file(path: Path, n_tiles: int = 12, width: int = 256, step: int | None = 512,
-                       encoder: str | None = None, seed: int = 0) -> Path:
+def write_trident_file(
+    path: Path, n_tiles: int = 12, width: int = 256, step: int | None = 512, encoder: str | None = None, seed: int = 0
+) -> Path:
     """A per-slide file in TRIDENT's layout: features (N, D), coords (N, 2) with grid attributes."""
     rng = np.random.default_rng(seed)
     cells = np.stack(np.unravel_index(rng.choice(40, size=n_tiles, replace=False), (5, 8)), axis=1)[:, ::-1]
@@ -22,8 +23,7 @@ def write_trident_file(path: Path, n_tiles: int = 12, width: int = 256, step: in
         features = handle.create_dataset("features", data=rng.standard_normal((n_tiles, width)).astype(np.float32))
         coords = handle.create_dataset("coords", data=cells.astype(np.int64) * (step or 512) + 1000)
         if step is not None:
-            coords.attrs.update(patch_size=256, patch_size_level0=step, level0_magnification=40,
-                                target_magnification=20)
+            coords.attrs.update(patch_size=256, patch_size_level0=step, level0_magnification=40, target_magnification=20)
         if encoder is not None:
             features.attrs["encoder"] = encoder
     return path
@@ -51,8 +51,11 @@ def test_nan_plain_features_are_refused_naming_the_file_and_the_slide(tmp_path):
     with h5py.File(path, "a") as handle:
         handle["features"][3, 7] = np.nan
         handle["features"][5, 0] = np.inf
-    with pytest.raises(FeatureFileError, match=r"slide_000\.h5: NaN or inf in the plain features of 2 of 10 tiles "
-                                               r"\(slide slide_000\)"):
+    with pytest.raises(
+        FeatureFileError,
+        match=r"slide_000\.h5: NaN or inf in the plain features of 2 of 10 tiles "
+        r"\(slide slide_000\)",
+    ):
         read_plain_features(path)
 
 
@@ -75,5 +78,10 @@ def test_duplicate_slide_ids_keep_the_file_named_after_the_id(tmp_path):
     files = sorted(tmp_path.glob("*.h5"))
     kept, duplicates = split_duplicate_ids(files)
     assert [p.name for p in kept] == ["slide_000.h5", "slide_001.h5"]
-    assert duplicates == [(str(copy), "slide id 'slide_000' is also the id of slide_000.h5, which is used instead "
-                                      "(a copied file?); remove or rename one of them")]
+    assert duplicates == [
+        (
+            str(copy),
+            "slide id 'slide_000' is also the id of slide_000.h5, which is used instead "
+            "(a copied file?); remove or rename one of them",
+        )
+    ]

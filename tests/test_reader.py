@@ -21,8 +21,14 @@ def _levels_marked_tiff(path: Path) -> Path:
             side = 512 // 2**level
             data = np.full((side, side, 3), 50 * (level + 1), dtype=np.uint8)
             res = 1e4 / (0.25 * 2**level)
-            tiff.write(data, tile=(64, 64), photometric="rgb", subfiletype=0 if level == 0 else 1,
-                       resolution=(res, res), resolutionunit="CENTIMETER")
+            tiff.write(
+                data,
+                tile=(64, 64),
+                photometric="rgb",
+                subfiletype=0 if level == 0 else 1,
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+            )
     return path
 
 

@@ -97,13 +97,24 @@ def test_end_to_end_writes_valid_files(real_cohort: Path, tmp_path: Path, slides
 
 def test_python_api_and_dataloader_workers_agree(cohort: Path, tmp_path: Path) -> None:
     (cohort / "synthetic_c.tif").unlink()
-    base = dict(slides=cohort, out=tmp_path / "w0", encoder="random", tile_size_px=64, target_mpp=2.0, bank=False, batch_size=16, num_workers=0)
+    base = dict(
+        slides=cohort,
+        out=tmp_path / "w0",
+        encoder="random",
+        tile_size_px=64,
+        target_mpp=2.0,
+        bank=False,
+        batch_size=16,
+        num_workers=0,
+    )
     assert run_extraction(ExtractConfig(**base)).exit_code == 0
     summary = run_extraction(ExtractConfig(**{**base, "out": tmp_path / "w2", "num_workers": 2}))
     assert len(summary.done) == 2
     for stem in ("synthetic_a", "synthetic_b"):
-        with SlideFeatures(tmp_path / "w0" / "features" / f"{stem}.h5") as a, \
-                SlideFeatures(tmp_path / "w2" / "features" / f"{stem}.h5") as b:
+        with (
+            SlideFeatures(tmp_path / "w0" / "features" / f"{stem}.h5") as a,
+            SlideFeatures(tmp_path / "w2" / "features" / f"{stem}.h5") as b,
+        ):
             np.testing.assert_array_equal(a.features(), b.features())
             np.testing.assert_array_equal(a.coords(), b.coords())
 
@@ -178,9 +189,7 @@ def test_two_files_with_one_stem_do_not_overwrite_each_other(cohort: Path, tmp_p
     assert by_name["synthetic_a.tiff"]["status"] == "failed" and "same file stem" in by_name["synthetic_a.tiff"]["reason"]
 
 
-def test_tile_read_error_in_a_worker_is_one_line(
-    cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_tile_read_error_in_a_worker_is_one_line(cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from extract.reader import SlideReader, SlideReadError
 
     def broken(self, x0, y0, size_level0, out_px):
@@ -225,8 +234,10 @@ def test_a_slide_failing_mid_cohort_leaves_the_others_intact(
     assert not (out / "features" / "synthetic_b.h5").exists()
     for stem in ("synthetic_a", "synthetic_c"):
         assert by_name[f"{stem}.tif"]["status"] == "done"
-        with SlideFeatures(out / "features" / f"{stem}.h5", require_plain=True) as got, \
-                SlideFeatures(reference / "features" / f"{stem}.h5", require_plain=True) as expected:
+        with (
+            SlideFeatures(out / "features" / f"{stem}.h5", require_plain=True) as got,
+            SlideFeatures(reference / "features" / f"{stem}.h5", require_plain=True) as expected,
+        ):
             np.testing.assert_array_equal(got.coords(), expected.coords())
             np.testing.assert_array_equal(got.features(), expected.features())
 
@@ -260,8 +271,10 @@ def test_mpp_csv_and_default_mpp_rescue_slides_without_metadata(tmp_path: Path, 
     assert extract(folder, tmp_path / "o2", "--default-mpp", "0.5") == 0
     (tmp_path / "mpp.csv").write_text("slide,mpp\nmicro.png,1.0\n")
     assert extract(folder, tmp_path / "o3", "--default-mpp", "0.5", "--mpp-csv", str(tmp_path / "mpp.csv")) == 0
-    with SlideFeatures(tmp_path / "o2" / "features" / "micro.h5") as a, \
-            SlideFeatures(tmp_path / "o3" / "features" / "micro.h5") as b:
+    with (
+        SlideFeatures(tmp_path / "o2" / "features" / "micro.h5") as a,
+        SlideFeatures(tmp_path / "o3" / "features" / "micro.h5") as b,
+    ):
         assert a.grid_attrs["mpp"] == 0.5 and b.grid_attrs["mpp"] == 1.0
         assert a.tile_step_level0 == 256.0 and b.tile_step_level0 == 128.0
 
@@ -306,10 +319,26 @@ def test_sigkill_mid_slide_leaves_nothing_complete_nor_running_and_rerun_redoes_
     shutil.copy(slides_dir / "CMU-1-Small-Region.svs", folder)
     out = tmp_path / "out"
     # ~700 tiles of 32 px: long enough to be killed inside the slide, quick to redo.
-    args = ["--slides", str(folder), "--out", str(out), "--encoder", "random", "--tile-size", "32", "--mpp", "1.0", "--no-bank",
-            "--num-workers", "2", "--batch-size", "16"]
-    process = subprocess.Popen([sys.executable, "-m", "gigassl.cli", "extract", *args],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "--slides",
+        str(folder),
+        "--out",
+        str(out),
+        "--encoder",
+        "random",
+        "--tile-size",
+        "32",
+        "--mpp",
+        "1.0",
+        "--no-bank",
+        "--num-workers",
+        "2",
+        "--batch-size",
+        "16",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gigassl.cli", "extract", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     features_dir = out / "features"
     deadline = time.monotonic() + 60
     job: list[int] = []
@@ -353,8 +382,10 @@ def test_two_shards_equal_one_process(cohort: Path, tmp_path: Path) -> None:
     assert [s["slide"] for s in first["slides"]] == ["synthetic_a.tif", "synthetic_c.tif"]
     assert [s["slide"] for s in second["slides"]] == ["synthetic_b.tif"]
     for stem in ("synthetic_a", "synthetic_b", "synthetic_c"):
-        with SlideFeatures(tmp_path / "one" / "features" / f"{stem}.h5") as a, \
-                SlideFeatures(tmp_path / "two" / "features" / f"{stem}.h5") as b:
+        with (
+            SlideFeatures(tmp_path / "one" / "features" / f"{stem}.h5") as a,
+            SlideFeatures(tmp_path / "two" / "features" / f"{stem}.h5") as b,
+        ):
             np.testing.assert_array_equal(a.features(), b.features())
             np.testing.assert_array_equal(a.coords(), b.coords())
             assert a.grid_attrs == b.grid_attrs and a.settings == b.settings
@@ -386,9 +417,7 @@ def test_torchrun_ranks_split_the_slides(cohort: Path, tmp_path: Path, monkeypat
     assert len(list((tmp_path / "out" / "features").glob("*.h5"))) == 3
 
 
-def test_read_only_output_folder_is_a_clear_error(
-    cohort: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_read_only_output_folder_is_a_clear_error(cohort: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "readonly"
     out.mkdir()
     out.chmod(0o555)
@@ -442,12 +471,12 @@ def test_plain_features_and_bank_in_one_file(cohort: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("mpp, n_tissue_tiles", [("0.5", 48), ("2.0", 4)])
-def test_bank_of_a_slide_with_fewer_tissue_tiles_than_k(
-    cohort: Path, tmp_path: Path, mpp: str, n_tissue_tiles: int
-) -> None:
+def test_bank_of_a_slide_with_fewer_tissue_tiles_than_k(cohort: Path, tmp_path: Path, mpp: str, n_tissue_tiles: int) -> None:
     folder = _only(cohort, "synthetic_a.tif")
-    assert extract(folder, tmp_path / "out", "--bank", "--n-augmentations", "2",
-                   "--n-tiles-per-augmentation", "64", "--mpp", mpp) == 0
+    assert (
+        extract(folder, tmp_path / "out", "--bank", "--n-augmentations", "2", "--n-tiles-per-augmentation", "64", "--mpp", mpp)
+        == 0
+    )
     with SlideFeatures(tmp_path / "out" / "features" / "synthetic_a.h5", require_bank=True) as slide:
         assert slide.n_plain_tiles == n_tissue_tiles and slide.bank_size == 64
         assert slide.bank_attrs["sampled_with_replacement"]
@@ -484,8 +513,10 @@ def test_bank_reuses_the_plain_pass_tiles(cohort: Path, tmp_path: Path, monkeypa
     assert extract(folder, tmp_path / "once", *bank) == 0
     assert reads["n"] == 48  # the plain pass's reads only (num_workers 0: counted in this process)
     assert extract(folder, tmp_path / "bank_only", *bank, "--no-plain") == 0
-    with SlideFeatures(tmp_path / "once" / "features" / "synthetic_a.h5") as a, \
-            SlideFeatures(tmp_path / "bank_only" / "features" / "synthetic_a.h5") as b:
+    with (
+        SlideFeatures(tmp_path / "once" / "features" / "synthetic_a.h5") as a,
+        SlideFeatures(tmp_path / "bank_only" / "features" / "synthetic_a.h5") as b,
+    ):
         for index in range(2):
             np.testing.assert_array_equal(a.augmentation(index)[0], b.augmentation(index)[0])
         assert b.tile_step_level0 == a.tile_step_level0  # the bank carries the grid without plain features
@@ -506,13 +537,19 @@ def test_absurd_resolutions_fail_in_seconds_with_bounded_memory(tmp_path: Path, 
     Image.new("RGB", (1000, 1000), (200, 110, 170)).save(folder / "photo.png")
     write_tissue_slide(folder / "good.tif", seed=1)
     out = tmp_path / "out"
-    code = ("import resource, sys; from gigassl.cli import main; code = main(sys.argv[1:]); "
-            "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
-            "print('PEAK_KB', hwm, "
-            "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+    code = (
+        "import resource, sys; from gigassl.cli import main; code = main(sys.argv[1:]); "
+        "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
+        "print('PEAK_KB', hwm, "
+        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"
+    )
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", code, "extract", "--slides", str(folder), "--out", str(out), *FAST,
-                             "--default-mpp", "500"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code, "extract", "--slides", str(folder), "--out", str(out), *FAST, "--default-mpp", "500"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert time.monotonic() - started < 60 and result.returncode == 0, result.stderr[-2000:]
     main_kb, children_kb = map(int, result.stdout.split("PEAK_KB")[1].split())
     # the job's own peak is VmHWM: ru_maxrss(SELF) after fork + exec keeps the forking pytest's peak
@@ -524,8 +561,7 @@ def test_absurd_resolutions_fail_in_seconds_with_bounded_memory(tmp_path: Path, 
     assert sorted(p.name for p in (out / "features").iterdir()) == ["good.h5"]
 
 
-def test_damaged_output_is_redone_and_the_log_says_why(cohort: Path, tmp_path: Path,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_damaged_output_is_redone_and_the_log_says_why(cohort: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from test_features_file import flip_bytes
 
     out = tmp_path / "out"
@@ -600,8 +636,9 @@ def test_a_failed_slide_leaves_no_qc_image(tmp_path: Path, slides_dir: Path, mon
     assert sorted(p.name for p in (out / "qc").iterdir()) == ["a.png"]  # b was planned, then failed
 
 
-def test_a_run_whose_every_attempt_failed_exits_1_even_with_skipped_slides(cohort: Path, tmp_path: Path,
-                                                                          slides_dir: Path) -> None:
+def test_a_run_whose_every_attempt_failed_exits_1_even_with_skipped_slides(
+    cohort: Path, tmp_path: Path, slides_dir: Path
+) -> None:
     out = tmp_path / "out"
     assert extract(cohort, out) == 0
     shutil.copy(slides_dir / "fixtures" / "unopenable.tiff", cohort)
@@ -609,8 +646,9 @@ def test_a_run_whose_every_attempt_failed_exits_1_even_with_skipped_slides(cohor
     assert summary_of(out)["exit_code"] == 1 and summary_of(out)["n_skipped"] == 3
 
 
-def test_logs_get_plain_progress_lines_not_bars(cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_logs_get_plain_progress_lines_not_bars(
+    cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
     """stderr is a file here (as on a cluster): no carriage returns or cursor escapes."""
     with caplog.at_level(logging.INFO, logger="extract"):
         assert extract(cohort, tmp_path / "out", "--progress-interval-s", "0") == 0

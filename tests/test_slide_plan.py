@@ -17,9 +17,12 @@ SETTINGS = dict(target_mpp=1.0, tile_size_px=32, tissue_threshold=0.5)
 def slides(tmp_path: Path) -> list[Path]:
     folder = tmp_path / "slides"
     folder.mkdir()
-    return [write_tissue_slide(folder / "a.tif", seed=1), write_blank_slide(folder / "blank.tif"),
-            write_tissue_slide(folder / "c.tif", width=1024, mpp=0.25, seed=3),
-            write_tissue_slide(folder / "d.tif", seed=4)]
+    return [
+        write_tissue_slide(folder / "a.tif", seed=1),
+        write_blank_slide(folder / "blank.tif"),
+        write_tissue_slide(folder / "c.tif", width=1024, mpp=0.25, seed=3),
+        write_tissue_slide(folder / "d.tif", seed=4),
+    ]
 
 
 def test_plans_match_the_grid_and_errors_stay_with_their_slide(slides, tmp_path):

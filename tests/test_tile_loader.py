@@ -14,9 +14,11 @@ from fixtures.make_slides import write_tissue_slide
 
 @pytest.fixture()
 def slides(tmp_path: Path) -> list[Path]:
-    return [write_tissue_slide(tmp_path / "a.tif", mpp=0.5, seed=1),
-            write_tissue_slide(tmp_path / "b.tif", width=1024, height=512, mpp=0.25, seed=2),
-            write_tissue_slide(tmp_path / "c.tif", mpp=0.5, seed=3)]
+    return [
+        write_tissue_slide(tmp_path / "a.tif", mpp=0.5, seed=1),
+        write_tissue_slide(tmp_path / "b.tif", width=1024, height=512, mpp=0.25, seed=2),
+        write_tissue_slide(tmp_path / "c.tif", mpp=0.5, seed=3),
+    ]
 
 
 def _grid(path: Path):

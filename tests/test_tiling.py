@@ -30,9 +30,15 @@ def test_grid_on_a_real_slide(slides_dir: Path) -> None:
     assert (grid.tissue_fraction >= 0.5).all()
     assert len(np.unique(grid.coords, axis=0)) == len(grid)
     assert grid.attrs() == {
-        "patch_size": 224, "patch_size_level0": 224, "patch_size_level0_exact": pytest.approx(224.449, abs=1e-3),
-        "mpp": pytest.approx(0.499), "target_mpp": 0.5, "level0_width": 2220, "level0_height": 2967,
-        "level0_magnification": 20.0, "tissue_threshold": 0.5,
+        "patch_size": 224,
+        "patch_size_level0": 224,
+        "patch_size_level0_exact": pytest.approx(224.449, abs=1e-3),
+        "mpp": pytest.approx(0.499),
+        "target_mpp": 0.5,
+        "level0_width": 2220,
+        "level0_height": 2967,
+        "level0_magnification": 20.0,
+        "tissue_threshold": 0.5,
     }
 
 

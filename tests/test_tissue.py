@@ -113,8 +113,11 @@ def test_pen_ink_rule_keeps_clean_tissue(slides_dir: Path, shared_data: Path) ->
 def test_qc_image_is_large_enough_to_judge_and_shows_ink(slides_dir: Path, tmp_path: Path) -> None:
     from extract.slide_plan import PlanSettings, plan_slide
 
-    _, qc_partial = plan_slide(slides_dir / "CMU-1-Small-Region.svs", None,
-                               PlanSettings(target_mpp=0.5, tile_size_px=224, tissue_threshold=0.5, qc_dir=tmp_path))
+    _, qc_partial = plan_slide(
+        slides_dir / "CMU-1-Small-Region.svs",
+        None,
+        PlanSettings(target_mpp=0.5, tile_size_px=224, tissue_threshold=0.5, qc_dir=tmp_path),
+    )
     with Image.open(qc_partial) as picture:
         assert max(picture.size) >= 1500  # was 768: pen marks and borders could not be judged
     thumb = np.full((100, 120, 3), 255, dtype=np.uint8)

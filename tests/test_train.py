@@ -55,8 +55,9 @@ def test_short_run_learns_the_planted_structure(tmp_path):
     features = tmp_path / "features"
     write_synthetic_cohort(features, n_slides=12, n_tiles=30, n_augmentations=3, bank_size=12, seed=0)
     # 12 epochs of 2 steps: the 12-slide monitor is noisy, and 6 epochs were not always enough
-    result = run_training(_config(features, tmp_path / "out", batch_size=6, epochs=12, checkpoint_every=6,
-                                  n_tiles_per_view=5, monitor_slides=12))
+    result = run_training(
+        _config(features, tmp_path / "out", batch_size=6, epochs=12, checkpoint_every=6, n_tiles_per_view=5, monitor_slides=12)
+    )
     rows = _rows(result)
     assert [row["epoch"] for row in rows] == list(range(13))  # row 0: before training
     first, last = rows[0], rows[-1]
@@ -97,24 +98,31 @@ def test_lr_schedule_warms_up_then_decays():
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(small_cohort, tmp_path):
     # the uninterrupted run reads with a worker through all epochs in one loader pass
     whole = run_training(_config(small_cohort, tmp_path / "whole", epochs=3, num_workers=1))
-    resumed = run_training(_config(small_cohort, tmp_path / "resumed", epochs=3,
-                                   resume=tmp_path / "whole" / "checkpoints" / "epoch_0002.pt", num_workers=0))
+    resumed = run_training(
+        _config(
+            small_cohort,
+            tmp_path / "resumed",
+            epochs=3,
+            resume=tmp_path / "whole" / "checkpoints" / "epoch_0002.pt",
+            num_workers=0,
+        )
+    )
     a, b = load_checkpoint(whole.checkpoint), load_checkpoint(resumed.checkpoint)
     assert a["global_step"] == b["global_step"] == 6
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
     for key in ("exp_avg", "exp_avg_sq"):
         for index in a["optimizer"]["state"]:
-            torch.testing.assert_close(a["optimizer"]["state"][index][key], b["optimizer"]["state"][index][key],
-                                       rtol=0, atol=0)
+            torch.testing.assert_close(a["optimizer"]["state"][index][key], b["optimizer"]["state"][index][key], rtol=0, atol=0)
     assert _rows(resumed)[:3] == _rows(whole)[:3]  # the history travels with the checkpoint
     assert _rows(resumed)[3]["train_loss"] == _rows(whole)[3]["train_loss"]
 
 
 def test_resume_with_other_settings_names_them(small_cohort, tmp_path):
     run_training(_config(small_cohort, tmp_path / "first", epochs=1))
-    other = _config(small_cohort, tmp_path / "second", epochs=1, lr=0.1, temperature=0.1,
-                    resume=tmp_path / "first" / "checkpoint.pt")
+    other = _config(
+        small_cohort, tmp_path / "second", epochs=1, lr=0.1, temperature=0.1, resume=tmp_path / "first" / "checkpoint.pt"
+    )
     with pytest.raises(ValueError, match=r"settings differ.*lr: 0\.03 → 0\.1.*temperature: 0\.05 → 0\.1"):
         run_training(other)
     assert config_differences({"lr": 1, "out": "a", "num_workers": 0}, {"lr": 1, "out": "b", "num_workers": 2}) == []
@@ -162,9 +170,12 @@ def test_features_of_another_encoder_need_init(tmp_path):
 
 
 def test_training_settings_are_checked_when_made_naming_the_flags(tmp_path):
-    with pytest.raises(UserError, match=r"invalid training settings: --batch-size must be ≥ 2 slides \(got 1\); "
-                                        r"need 0 < --scale-min ≤ --scale-max \(got 2\.0, 1\.0\); "
-                                        r"--keep-checkpoints must be ≥ 1 \(got 0\)"):
+    with pytest.raises(
+        UserError,
+        match=r"invalid training settings: --batch-size must be ≥ 2 slides \(got 1\); "
+        r"need 0 < --scale-min ≤ --scale-max \(got 2\.0, 1\.0\); "
+        r"--keep-checkpoints must be ≥ 1 \(got 0\)",
+    ):
         TrainConfig(features=tmp_path, out=tmp_path, batch_size=1, scale_min=2.0, scale_max=1.0, keep_checkpoints=0)
     with pytest.raises(SystemExit) as exit_:
         cli.main(["train", "--features", str(tmp_path), "--out", str(tmp_path), "--lr", "0"])
@@ -198,9 +209,25 @@ def test_global_batch_norm_without_distributed_is_batch_norm():
 def test_cli_train_end_to_end(small_cohort, tmp_path, capsys, caplog):
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO, logger="gigassl"):
-        status = cli.main(["train", "--features", str(small_cohort), "--out", str(out), "--epochs", "1",
-                           "--batch-size", "3", "--n-tiles-per-view", "3", "--warmup-epochs", "2",
-                           "--monitor-slides", "4"])
+        status = cli.main(
+            [
+                "train",
+                "--features",
+                str(small_cohort),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "3",
+                "--n-tiles-per-view",
+                "3",
+                "--warmup-epochs",
+                "2",
+                "--monitor-slides",
+                "4",
+            ]
+        )
     assert status == 0
     assert (out / "checkpoint.pt").is_file() and (out / "curves.png").is_file()
     assert len(_rows(out)) == 2
@@ -228,8 +255,11 @@ def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(small_coho
     out = tmp_path / "out"
     run_training(_config(small_cohort, out, epochs=2, keep_checkpoints=5))
     before = (out / "monitors.json").read_text()
-    with pytest.raises(UserError, match=r"out already holds a training run \(epoch 2 of 2\); pass --resume "
-                                        r".*checkpoint\.pt to continue it .*--overwrite to replace it"):
+    with pytest.raises(
+        UserError,
+        match=r"out already holds a training run \(epoch 2 of 2\); pass --resume "
+        r".*checkpoint\.pt to continue it .*--overwrite to replace it",
+    ):
         run_training(_config(small_cohort, out, epochs=1, lr=0.1))
     assert (out / "monitors.json").read_text() == before  # untouched
     run_training(_config(small_cohort, out, epochs=1, lr=0.1, overwrite=True))
@@ -244,8 +274,15 @@ def test_resume_with_more_epochs_follows_the_longer_runs_schedule(small_cohort, 
     longer = run_training(_config(small_cohort, tmp_path / "longer", epochs=3))
     run_training(_config(small_cohort, tmp_path / "short", epochs=2))
     with caplog.at_level(logging.INFO, logger="gigassl"):
-        extended = run_training(_config(small_cohort, tmp_path / "short", epochs=3,
-                                        resume=tmp_path / "short" / "checkpoints" / "epoch_0001.pt", overwrite=False))
+        extended = run_training(
+            _config(
+                small_cohort,
+                tmp_path / "short",
+                epochs=3,
+                resume=tmp_path / "short" / "checkpoints" / "epoch_0001.pt",
+                overwrite=False,
+            )
+        )
     assert "the run planned 2 epochs, now 3: schedule re-planned over 3 epochs" in caplog.text
     a, b = load_checkpoint(longer.checkpoint), load_checkpoint(extended.checkpoint)
     assert b["epoch"] == 3 and b["global_step"] == a["global_step"] == 6 and b["config"]["epochs"] == 3
@@ -262,12 +299,38 @@ def test_resume_with_more_epochs_follows_the_longer_runs_schedule(small_cohort, 
 @pytest.mark.slow
 def test_two_rank_torchrun_step_equals_one_process(small_cohort, tmp_path):
     # one step per epoch (global batch = the 6 slides), 3 slides per rank
-    flags = ["--features", str(small_cohort), "--batch-size", "6", "--n-tiles-per-view", "3", "--epochs", "1",
-             "--warmup-epochs", "0", "--monitor-slides", "6", "--device", "cpu",
-             "--no-mixed-precision"]  # fp32: bf16 rounding differs between a global and a split batch
+    flags = [
+        "--features",
+        str(small_cohort),
+        "--batch-size",
+        "6",
+        "--n-tiles-per-view",
+        "3",
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--monitor-slides",
+        "6",
+        "--device",
+        "cpu",
+        "--no-mixed-precision",
+    ]  # fp32: bf16 rounding differs between a global and a split batch
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "gigassl.cli", "train", "--out", str(tmp_path / "ddp"), *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "gigassl.cli",
+        "train",
+        "--out",
+        str(tmp_path / "ddp"),
+        *flags,
+    ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "2 ranks, global batch 6" in completed.stderr
@@ -302,8 +365,16 @@ def test_a_checkpoint_trained_with_spconv_embeds_the_same_with_the_torch_backend
     assert embeddings["torch"].shape == (6, 512)
     np.testing.assert_allclose(embeddings["torch"], embeddings["spconv"], rtol=1e-5, atol=1e-6)
     # and a run resumes on the other backend (the backend is not a learned setting)
-    resumed = run_training(_config(small_cohort, tmp_path / "resumed", epochs=2, sparse_backend="torch", mixed_precision=False,
-                                   resume=tmp_path / "run" / "checkpoints" / "epoch_0001.pt"))
+    resumed = run_training(
+        _config(
+            small_cohort,
+            tmp_path / "resumed",
+            epochs=2,
+            sparse_backend="torch",
+            mixed_precision=False,
+            resume=tmp_path / "run" / "checkpoints" / "epoch_0001.pt",
+        )
+    )
     final_spconv, final_torch = load_checkpoint(result.checkpoint), load_checkpoint(resumed.checkpoint)
     assert final_torch["global_step"] == final_spconv["global_step"] == 4
     for key, value in final_spconv["model"].items():
@@ -384,9 +455,34 @@ def test_an_exported_program_runs_through_extract_train_and_embed(tmp_path):
     for seed in range(3):
         write_tissue_slide(slides / f"slide_{seed}.tif", mpp=0.5, seed=seed)
     program = export_tile_encoder(tiny_model(), tmp_path / "fm.pt2", 32, MEAN, STD, name="tiny-fm")
-    assert cli.main(["extract", "--slides", str(slides), "--out", str(tmp_path / "x"), "--encoder", str(program),
-                     "--tile-size", "64", "--mpp", "2.0", "--num-workers", "0", "--batch-size", "32", "--bank",
-                     "--n-augmentations", "2", "--n-tiles-per-augmentation", "8", "--no-mixed-precision"]) == 0
+    assert (
+        cli.main(
+            [
+                "extract",
+                "--slides",
+                str(slides),
+                "--out",
+                str(tmp_path / "x"),
+                "--encoder",
+                str(program),
+                "--tile-size",
+                "64",
+                "--mpp",
+                "2.0",
+                "--num-workers",
+                "0",
+                "--batch-size",
+                "32",
+                "--bank",
+                "--n-augmentations",
+                "2",
+                "--n-tiles-per-augmentation",
+                "8",
+                "--no-mixed-precision",
+            ]
+        )
+        == 0
+    )
     features = tmp_path / "x" / "features"
     result = run_training(_config(features, tmp_path / "out", epochs=1))
     payload = load_checkpoint(result.checkpoint)
@@ -414,6 +510,13 @@ def test_an_init_of_another_width_than_the_features_is_one_line(tmp_path):
 def test_a_run_resumes_in_another_precision(small_cohort, tmp_path):
     # a run started in fp32 (a CPU without bf16 units) goes on under autocast (a GPU node), and back
     run_training(_config(small_cohort, tmp_path / "run", epochs=2, mixed_precision=False))
-    resumed = run_training(_config(small_cohort, tmp_path / "other", epochs=2, mixed_precision=True,
-                                   resume=tmp_path / "run" / "checkpoints" / "epoch_0001.pt"))
+    resumed = run_training(
+        _config(
+            small_cohort,
+            tmp_path / "other",
+            epochs=2,
+            mixed_precision=True,
+            resume=tmp_path / "run" / "checkpoints" / "epoch_0001.pt",
+        )
+    )
     assert load_checkpoint(resumed.checkpoint)["global_step"] == 4

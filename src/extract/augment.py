@@ -366,7 +366,10 @@ def _dihedral(hflip: bool, quarter_turns: int) -> tuple[bool, bool, bool]:
 
 
 def spatial_matrices(
-    params: AugmentationParams, kernel_px: int, device: torch.device | None = None, dtype: torch.dtype = torch.float64,
+    params: AugmentationParams,
+    kernel_px: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The spatial steps as ``out = L · X' · Rᵀ`` with ``X' = Xᵀ`` where ``transpose``.
 
@@ -405,9 +408,7 @@ def hue_matrix(turns: torch.Tensor) -> torch.Tensor:
     return torch.linalg.inv(rgb_to_yiq) @ rotation @ rgb_to_yiq
 
 
-def colour_affine(
-    params: AugmentationParams, means: torch.Tensor | None, batch: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def colour_affine(params: AugmentationParams, means: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The colour steps as ``out = M · rgb + b`` per pixel, before the final clamp.
 
     ``means``: (B, 3) channel means of the images entering the colour steps, needed by the

@@ -85,8 +85,7 @@ def sample_tile_indices(
     if n_tissue_tiles < 1:
         raise ValueError("no tissue tiles to sample a bank from")
     with_replacement = n_tissue_tiles < n_tiles_per_augmentation
-    rows = [rng.choice(n_tissue_tiles, size=n_tiles_per_augmentation, replace=with_replacement)
-            for _ in range(n_augmentations)]
+    rows = [rng.choice(n_tissue_tiles, size=n_tiles_per_augmentation, replace=with_replacement) for _ in range(n_augmentations)]
     return np.stack(rows).astype(np.int64), with_replacement
 
 
@@ -161,8 +160,7 @@ class DecodedTiles:
 class _DrawEmbedder:
     """Applies one augmentation draw to a batch of tiles and embeds them, timing both on ``clock``."""
 
-    def __init__(self, trunk: TileEncoder, augmentation: TileAugmentation, device: torch.device,
-                 mixed_precision: bool) -> None:
+    def __init__(self, trunk: TileEncoder, augmentation: TileAugmentation, device: torch.device, mixed_precision: bool) -> None:
         self.trunk, self.augmentation, self.device, self.mixed_precision = trunk, augmentation, device, mixed_precision
         self.work_dtype = (autocast_dtype(device) if mixed_precision else None) or torch.float32
         self.clock = _Clock(device)
@@ -183,20 +181,18 @@ class _DrawEmbedder:
 def _check_inputs(reader: TileSource, grid: Grid, trunk: TileEncoder, config: ExtractConfig, slide_id: str | None) -> str:
     """The slide id that seeds the draws; raises on a bank that cannot be built."""
     if config.n_augmentations < 1 or config.n_tiles_per_augmentation < 1:
-        raise ValueError(f"bank of {config.n_augmentations} augmentations × {config.n_tiles_per_augmentation} tiles: "
-                         "both must be ≥ 1")
+        raise ValueError(
+            f"bank of {config.n_augmentations} augmentations × {config.n_tiles_per_augmentation} tiles: both must be ≥ 1"
+        )
     if trunk.training:
         raise ValueError("the trunk is in training mode (batch-norm would use batch statistics); call trunk.eval()")
     slide_id = slide_id if slide_id is not None else getattr(reader, "slide_id", None)
     if slide_id is None:
         raise ValueError("build_bank needs the slide id to seed its draws: pass slide_id= or a reader with .slide_id")
     if len(grid.coords) == 0:
-        raise ValueError(
-            f"{slide_id}: no tissue tiles, so no bank can be sampled; lower --tissue-threshold or check the slide"
-        )
+        raise ValueError(f"{slide_id}: no tissue tiles, so no bank can be sampled; lower --tissue-threshold or check the slide")
     if len(grid.coords) < FEW_TILES_WARNING:
-        logger.warning("%s: only %d tissue tiles; the bank repeats them (sampled with replacement)", slide_id,
-                       len(grid.coords))
+        logger.warning("%s: only %d tissue tiles; the bank repeats them (sampled with replacement)", slide_id, len(grid.coords))
     return slide_id
 
 
@@ -247,8 +243,12 @@ def build_bank(
 
 
 def _embed_augmentations(
-    indices: np.ndarray, draws: list[AugmentationParams], cache: _TileCache, embed: _DrawEmbedder,
-    config: ExtractConfig, progress: Callable[[int], None] | None,
+    indices: np.ndarray,
+    draws: list[AugmentationParams],
+    cache: _TileCache,
+    embed: _DrawEmbedder,
+    config: ExtractConfig,
+    progress: Callable[[int], None] | None,
 ) -> tuple[np.ndarray, int]:
     """(A, K, D) float16 features of the (A, K) tile rows ``indices``, and the number of tiles encoded.
 

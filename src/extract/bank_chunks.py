@@ -102,8 +102,9 @@ def locate_bank_chunks(slide: SlideFeatures) -> BankChunks | None:
     coord_table = _chunk_table(coords, (1, bank_size, 2), np.dtype("<i8"))
     if feature_table is None or coord_table is None:
         return None
-    return BankChunks(slide.path, bank_size, *feature_table, *coord_table, identity=file_identity(slide.path),
-                      n_features=n_features)
+    return BankChunks(
+        slide.path, bank_size, *feature_table, *coord_table, identity=file_identity(slide.path), n_features=n_features
+    )
 
 
 def _unshuffle_columns(raw: bytes, itemsize: int, n_elements: int, elements: np.ndarray) -> np.ndarray:
@@ -154,14 +155,21 @@ class BankChunkReader:
         k, width = chunks.bank_size, chunks.n_features
         rows = np.arange(k) if rows is None else np.asarray(rows, dtype=np.int64)
         fd = self._descriptor(chunks)
-        raw = self._read_chunk(fd, chunks, chunks.feature_offsets[index], chunks.feature_sizes[index],
-                               width * k * 2, f"augmentation {index} of the bank")
+        raw = self._read_chunk(
+            fd,
+            chunks,
+            chunks.feature_offsets[index],
+            chunks.feature_sizes[index],
+            width * k * 2,
+            f"augmentation {index} of the bank",
+        )
         # Chunk (1, D, K) float16: element (f, r) is f·K + r; gather the columns of ``rows``.
         elements = (np.arange(width)[None, :] * k + rows[:, None]).ravel()
         features = _unshuffle_columns(raw, 2, width * k, elements).view("<f2")
         features = features.reshape(len(rows), width).astype(np.float32)
-        raw = self._read_chunk(fd, chunks, chunks.coord_offsets[index], chunks.coord_sizes[index],
-                               k * 2 * 8, f"coords of augmentation {index}")
+        raw = self._read_chunk(
+            fd, chunks, chunks.coord_offsets[index], chunks.coord_sizes[index], k * 2 * 8, f"coords of augmentation {index}"
+        )
         elements = (2 * rows[:, None] + np.arange(2)[None, :]).ravel()
         coords = _unshuffle_columns(raw, 8, 2 * k, elements).view("<i8").reshape(len(rows), 2)
         return features, coords.astype(np.int64, copy=False)

@@ -38,7 +38,9 @@ def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
 
 
-def parse_channel_stats(value: str | Sequence[float] | None, label: str, positive: bool = False) -> tuple[float, float, float] | None:
+def parse_channel_stats(
+    value: str | Sequence[float] | None, label: str, positive: bool = False
+) -> tuple[float, float, float] | None:
     """``"0.485,0.456,0.406"`` or three numbers → a tuple of three finite floats (all > 0 with
     ``positive``); None stays None. ``label`` (a flag or file) starts the error's one line."""
     if value is None:
@@ -49,8 +51,10 @@ def parse_channel_stats(value: str | Sequence[float] | None, label: str, positiv
     except (TypeError, ValueError):
         stats = ()
     if len(stats) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in stats):
-        raise ValueError(f"{label} {value!r}: give three finite numbers R,G,B{' > 0' if positive else ''}, e.g. "
-                         + ("0.229,0.224,0.225" if positive else "0.485,0.456,0.406"))
+        raise ValueError(
+            f"{label} {value!r}: give three finite numbers R,G,B{' > 0' if positive else ''}, e.g. "
+            + ("0.229,0.224,0.225" if positive else "0.485,0.456,0.406")
+        )
     return stats
 
 
@@ -87,8 +91,7 @@ class GridLimits:
     def __post_init__(self) -> None:
         if not 0 < self.min_level0_mpp < self.max_level0_mpp:
             raise ValueError(
-                f"--min-level0-mpp {self.min_level0_mpp} and --max-level0-mpp {self.max_level0_mpp}: "
-                "need 0 < min < max"
+                f"--min-level0-mpp {self.min_level0_mpp} and --max-level0-mpp {self.max_level0_mpp}: need 0 < min < max"
             )
         if not self.max_upscale >= 1:
             raise ValueError(f"--max-upscale {self.max_upscale}: must be at least 1 (1 = never up-scale level 0)")
@@ -100,18 +103,47 @@ class GridLimits:
 class ExtractConfig:
     """Tile extraction: slides → tissue → tile grid → plain features and/or augmented bank."""
 
-    slides: Path = field(metadata=_help("folder of slides (OpenSlide formats, or jpg/png/tif with --mpp-csv or --default-mpp)", required=True))
+    slides: Path = field(
+        metadata=_help("folder of slides (OpenSlide formats, or jpg/png/tif with --mpp-csv or --default-mpp)", required=True)
+    )
     out: Path = field(metadata=_help("output folder; features go to OUT/features/{slide}.h5", required=True))
-    encoder: Optional[str] = field(default=None, metadata=_help("required: a ResNet18/34/50 checkpoint (torchvision, MoCo, Lightning or gigassl pretrain-tiles; architecture read from its keys), a torch.export program PATH.pt2 (preprocessing in PATH.json or the flags below), or 'random' / 'random:resnet50' (an untrained network, said so in the files)"))
-    encoder_input_size_px: Optional[int] = field(default=None, metadata=_help("side in px the encoder takes; tiles of another --tile-size-px are resized to it (default: a .pt2 program's sidecar or static input, any size for ResNets)"))
-    encoder_mean: Optional[tuple[float, ...]] = field(default=None, metadata=_help("R,G,B mean the encoder's inputs are normalised with (default: a .pt2 program's sidecar, ImageNet's for ResNets)", metavar="R,G,B"))
-    encoder_std: Optional[tuple[float, ...]] = field(default=None, metadata=_help("R,G,B standard deviation of that normalisation (default: as --encoder-mean)", metavar="R,G,B"))
-    target_mpp: float = field(default=0.5, metadata=_help("target resolution in µm/px (0.5 ≈ 20×, 1.0 ≈ 10× as in the paper)", aliases=("--mpp",)))
-    tile_size_px: int = field(default=224, metadata=_help("tile side in pixels at the target resolution", aliases=("--tile-size",)))
+    encoder: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "required: a ResNet18/34/50 checkpoint (torchvision, MoCo, Lightning or gigassl pretrain-tiles; architecture read from its keys), a torch.export program PATH.pt2 (preprocessing in PATH.json or the flags below), or 'random' / 'random:resnet50' (an untrained network, said so in the files)"
+        ),
+    )
+    encoder_input_size_px: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "side in px the encoder takes; tiles of another --tile-size-px are resized to it (default: a .pt2 program's sidecar or static input, any size for ResNets)"
+        ),
+    )
+    encoder_mean: Optional[tuple[float, ...]] = field(
+        default=None,
+        metadata=_help(
+            "R,G,B mean the encoder's inputs are normalised with (default: a .pt2 program's sidecar, ImageNet's for ResNets)",
+            metavar="R,G,B",
+        ),
+    )
+    encoder_std: Optional[tuple[float, ...]] = field(
+        default=None,
+        metadata=_help("R,G,B standard deviation of that normalisation (default: as --encoder-mean)", metavar="R,G,B"),
+    )
+    target_mpp: float = field(
+        default=0.5, metadata=_help("target resolution in µm/px (0.5 ≈ 20×, 1.0 ≈ 10× as in the paper)", aliases=("--mpp",))
+    )
+    tile_size_px: int = field(
+        default=224, metadata=_help("tile side in pixels at the target resolution", aliases=("--tile-size",))
+    )
     tissue_threshold: float = field(default=0.5, metadata=_help("keep tiles whose tissue fraction is at least this"))
-    max_ink_fraction: float = field(default=0.1, metadata=_help("leave out tiles with more than this share of pen ink (blue, green, black marker)"))
+    max_ink_fraction: float = field(
+        default=0.1, metadata=_help("leave out tiles with more than this share of pen ink (blue, green, black marker)")
+    )
     mpp_csv: Optional[Path] = field(default=None, metadata=_help("CSV with columns slide,mpp overriding the slides' metadata"))
-    default_mpp: Optional[float] = field(default=None, metadata=_help("µm/px of level 0 for slides without metadata (plain images); a CSV entry wins"))
+    default_mpp: Optional[float] = field(
+        default=None, metadata=_help("µm/px of level 0 for slides without metadata (plain images); a CSV entry wins")
+    )
     plain: bool = field(default=True, metadata=_help("write plain (non-augmented) features of every tissue tile"))
     bank: bool = field(default=True, metadata=_help("write the shared-augmentation bank"))
     n_augmentations: int = field(default=50, metadata=_help("A: augmentations per slide in the bank"))
@@ -123,13 +155,32 @@ class ExtractConfig:
     mixed_precision: bool = field(default=True, metadata=_help("bf16/fp16 autocast where the device supports it"))
     overwrite: bool = field(default=False, metadata=_help("redo slides whose complete output exists"))
     strict: bool = field(default=False, metadata=_help("exit non-zero when any slide failed"))
-    shard: str = field(default="0/1", metadata=_help("i/n: process the i-th of n interleaved parts of the slide list (SLURM arrays: $SLURM_ARRAY_TASK_ID/N)"))
+    shard: str = field(
+        default="0/1",
+        metadata=_help("i/n: process the i-th of n interleaved parts of the slide list (SLURM arrays: $SLURM_ARRAY_TASK_ID/N)"),
+    )
     qc: bool = field(default=True, metadata=_help("write a QC thumbnail PNG per slide with the kept tiles drawn"))
-    min_level0_mpp: float = field(default=GridLimits.min_level0_mpp, metadata=_help("refuse a slide whose level-0 µm/px (metadata, CSV or default) is below this"))
-    max_level0_mpp: float = field(default=GridLimits.max_level0_mpp, metadata=_help("refuse a slide whose level-0 µm/px is above this (72 dpi image-software tags say 352.8)"))
-    max_upscale: float = field(default=GridLimits.max_upscale, metadata=_help("refuse a slide whose level 0 would be enlarged more than this to reach --target-mpp"))
-    max_tiles_per_slide: int = field(default=GridLimits.max_tiles_per_slide, metadata=_help("refuse a slide whose tile grid has more positions than this (bounds the planner's memory, ~100 bytes each)"))
-    progress_interval_s: float = field(default=30.0, metadata=_help("seconds between plain progress lines when stderr is not a terminal (cluster logs)"))
+    min_level0_mpp: float = field(
+        default=GridLimits.min_level0_mpp,
+        metadata=_help("refuse a slide whose level-0 µm/px (metadata, CSV or default) is below this"),
+    )
+    max_level0_mpp: float = field(
+        default=GridLimits.max_level0_mpp,
+        metadata=_help("refuse a slide whose level-0 µm/px is above this (72 dpi image-software tags say 352.8)"),
+    )
+    max_upscale: float = field(
+        default=GridLimits.max_upscale,
+        metadata=_help("refuse a slide whose level 0 would be enlarged more than this to reach --target-mpp"),
+    )
+    max_tiles_per_slide: int = field(
+        default=GridLimits.max_tiles_per_slide,
+        metadata=_help(
+            "refuse a slide whose tile grid has more positions than this (bounds the planner's memory, ~100 bytes each)"
+        ),
+    )
+    progress_interval_s: float = field(
+        default=30.0, metadata=_help("seconds between plain progress lines when stderr is not a terminal (cluster logs)")
+    )
 
     def __post_init__(self) -> None:
         """Check every value (the API and the CLI get the same messages); R,G,B strings become tuples."""
@@ -183,33 +234,66 @@ class MocoConfig:
     (a flag given explicitly with a value other than its default wins over the profile).
     """
 
-    slides: Path = field(metadata=_help("folder of slides (OpenSlide formats, or jpg/png/tif with --mpp-csv or --default-mpp)", required=True))
-    out: Path = field(metadata=_help("output folder: OUT/encoder.pt, OUT/last.pt, OUT/checkpoints/, OUT/monitors.csv|json", required=True))
-    arch: str = field(default="resnet18", metadata=_help("the ResNet trained: resnet18, resnet34 or resnet50 (tile features of 256, 256, 1024 dims)"))
-    target_mpp: float = field(default=0.5, metadata=_help("resolution of the sampled tiles in µm/px (0.5 ≈ 20×, 1.0 ≈ 10× as in the paper)", aliases=("--mpp",)))
-    tile_size_px: int = field(default=224, metadata=_help("tile side in pixels at the target resolution (small-cpu: 96)", aliases=("--tile-size",)))
+    slides: Path = field(
+        metadata=_help("folder of slides (OpenSlide formats, or jpg/png/tif with --mpp-csv or --default-mpp)", required=True)
+    )
+    out: Path = field(
+        metadata=_help("output folder: OUT/encoder.pt, OUT/last.pt, OUT/checkpoints/, OUT/monitors.csv|json", required=True)
+    )
+    arch: str = field(
+        default="resnet18",
+        metadata=_help("the ResNet trained: resnet18, resnet34 or resnet50 (tile features of 256, 256, 1024 dims)"),
+    )
+    target_mpp: float = field(
+        default=0.5,
+        metadata=_help("resolution of the sampled tiles in µm/px (0.5 ≈ 20×, 1.0 ≈ 10× as in the paper)", aliases=("--mpp",)),
+    )
+    tile_size_px: int = field(
+        default=224, metadata=_help("tile side in pixels at the target resolution (small-cpu: 96)", aliases=("--tile-size",))
+    )
     mpp_csv: Optional[Path] = field(default=None, metadata=_help("CSV slide,mpp overriding the slides' metadata"))
-    default_mpp: Optional[float] = field(default=None, metadata=_help("µm/px of level 0 for slides without metadata (plain images); a CSV entry wins"))
+    default_mpp: Optional[float] = field(
+        default=None, metadata=_help("µm/px of level 0 for slides without metadata (plain images); a CSV entry wins")
+    )
     tissue_threshold: float = field(default=0.5, metadata=_help("keep tiles whose tissue fraction is at least this"))
     epochs: int = field(default=200, metadata=_help("training epochs (small-cpu: 20)"))
-    tiles_per_epoch: int = field(default=65536, metadata=_help("tiles sampled per epoch across all slides, slides drawn uniformly (small-cpu: 8192)"))
-    tiles_per_visit: int = field(default=8, metadata=_help("consecutive tiles drawn from one slide, so a reader opens each slide once per run of tiles"))
+    tiles_per_epoch: int = field(
+        default=65536, metadata=_help("tiles sampled per epoch across all slides, slides drawn uniformly (small-cpu: 8192)")
+    )
+    tiles_per_visit: int = field(
+        default=8, metadata=_help("consecutive tiles drawn from one slide, so a reader opens each slide once per run of tiles")
+    )
     batch_size: int = field(default=256, metadata=_help("tiles per step, all processes together (small-cpu: 64)"))
     queue_size: int = field(default=65536, metadata=_help("MoCo queue of negative keys (small-cpu: 4096)"))
     momentum: float = field(default=0.999, metadata=_help("momentum of the key encoder (small-cpu: 0.99)"))
     temperature: float = field(default=0.2, metadata=_help("InfoNCE temperature"))
-    lr: float = field(default=0.03, metadata=_help("SGD learning rate at batch 256 (scaled linearly with the batch), cosine decay to 0"))
+    lr: float = field(
+        default=0.03, metadata=_help("SGD learning rate at batch 256 (scaled linearly with the batch), cosine decay to 0")
+    )
     weight_decay: float = field(default=1e-4, metadata=_help("SGD weight decay"))
-    profile: str = field(default="default", metadata=_help("'default' or 'small-cpu' (smaller tiles, batch and queue; see MOCO_PROFILES)"))
+    profile: str = field(
+        default="default", metadata=_help("'default' or 'small-cpu' (smaller tiles, batch and queue; see MOCO_PROFILES)")
+    )
     seed: int = field(default=0, metadata=_help("seed of tile sampling, augmentations and initial weights"))
     num_workers: int = field(default=2, metadata=_help("DataLoader workers reading tiles"))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)"))
     mixed_precision: bool = field(default=True, metadata=_help("bf16/fp16 autocast (CUDA, and bf16 on CPU)"))
-    monitor_tiles: int = field(default=1024, metadata=_help("fixed tiles on which RankMe, alignment and uniformity are logged each epoch (0: off; small-cpu: 512)"))
-    probe_labels: Optional[Path] = field(default=None, metadata=_help("CSV slide,label: each epoch, a linear probe on slide-mean tile features scores the encoder (monitor only; training stays label-free)"))
+    monitor_tiles: int = field(
+        default=1024,
+        metadata=_help("fixed tiles on which RankMe, alignment and uniformity are logged each epoch (0: off; small-cpu: 512)"),
+    )
+    probe_labels: Optional[Path] = field(
+        default=None,
+        metadata=_help(
+            "CSV slide,label: each epoch, a linear probe on slide-mean tile features scores the encoder (monitor only; training stays label-free)"
+        ),
+    )
     probe_tiles_per_slide: int = field(default=16, metadata=_help("fixed tiles per labelled slide for --probe-labels"))
     checkpoint_every: int = field(default=10, metadata=_help("write a checkpoint every N epochs (and at the end) (small-cpu: 5)"))
-    keep_checkpoints: int = field(default=3, metadata=_help("periodic checkpoints kept in OUT/checkpoints (older ones are deleted; OUT/last.pt is always the latest)"))
+    keep_checkpoints: int = field(
+        default=3,
+        metadata=_help("periodic checkpoints kept in OUT/checkpoints (older ones are deleted; OUT/last.pt is always the latest)"),
+    )
     resume: Optional[Path] = field(default=None, metadata=_help("training checkpoint (OUT/last.pt) to resume from, exactly"))
 
     def __post_init__(self) -> None:
@@ -219,8 +303,17 @@ class MocoConfig:
         if self.profile not in MOCO_PROFILES:
             raise ValueError(f"--profile {self.profile!r}: choose one of {sorted(MOCO_PROFILES)}")
         _check_resolution(self.target_mpp, self.default_mpp, self.tissue_threshold)
-        for name in ("tile_size_px", "epochs", "tiles_per_epoch", "tiles_per_visit", "batch_size", "queue_size", "checkpoint_every",
-                     "keep_checkpoints", "probe_tiles_per_slide"):
+        for name in (
+            "tile_size_px",
+            "epochs",
+            "tiles_per_epoch",
+            "tiles_per_visit",
+            "batch_size",
+            "queue_size",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "probe_tiles_per_slide",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if not 0.0 <= self.momentum < 1.0:
@@ -236,7 +329,6 @@ class MocoConfig:
 
         defaults = {spec.name: spec.default for spec in fields(self)}
         changes: dict[str, Any] = {  # a profile sets fields of several types
-            name: value for name, value in MOCO_PROFILES[self.profile].items()
-            if getattr(self, name) == defaults[name]
+            name: value for name, value in MOCO_PROFILES[self.profile].items() if getattr(self, name) == defaults[name]
         }
         return replace(self, **changes)

@@ -28,8 +28,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for but CUDA is not available to this torch ({torch.__version__}); "
-                         "install a CUDA build of torch or use --device cpu or auto")
+        raise ValueError(
+            f"device {name!r} asked for but CUDA is not available to this torch ({torch.__version__}); "
+            "install a CUDA build of torch or use --device cpu or auto"
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"device {name!r} asked for but this node has {torch.cuda.device_count()} GPU(s); use cuda:0 … or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -46,8 +48,10 @@ def rank_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and device.index is None and local_rank is not None:
         device = torch.device("cuda", int(local_rank))
         if device.index >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s): "
-                             "start at most one torchrun process per GPU (--nproc-per-node)")
+            raise ValueError(
+                f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s): "
+                "start at most one torchrun process per GPU (--nproc-per-node)"
+            )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device

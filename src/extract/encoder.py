@@ -38,10 +38,33 @@ from extract.resnet import ARCHITECTURES, BasicBlock, Bottleneck, ResNet, ResNet
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ARCHITECTURES", "BasicBlock", "Bottleneck", "ENCODER_CHECKPOINT_FORMAT", "EncoderInfo", "IMAGE_MEAN", "IMAGE_STD",
-    "LoadedEncoder", "ResNet", "ResNet18", "ResNet34", "ResNet50", "SLIDE_FEATURE_DIM", "TILE_FEATURE_DIM",
-    "TileEncoder", "TileTrunk", "build_resnet", "file_sha256", "load_encoder", "load_resnet", "load_resnet18",
-    "encode_batch", "encode_batches", "load_weights_only", "normalise", "prepare_batch", "save_encoder_checkpoint",
+    "ARCHITECTURES",
+    "BasicBlock",
+    "Bottleneck",
+    "ENCODER_CHECKPOINT_FORMAT",
+    "EncoderInfo",
+    "IMAGE_MEAN",
+    "IMAGE_STD",
+    "LoadedEncoder",
+    "ResNet",
+    "ResNet18",
+    "ResNet34",
+    "ResNet50",
+    "SLIDE_FEATURE_DIM",
+    "TILE_FEATURE_DIM",
+    "TileEncoder",
+    "TileTrunk",
+    "build_resnet",
+    "file_sha256",
+    "load_encoder",
+    "load_resnet",
+    "load_resnet18",
+    "encode_batch",
+    "encode_batches",
+    "load_weights_only",
+    "normalise",
+    "prepare_batch",
+    "save_encoder_checkpoint",
     "state_dict_sha256",
 ]
 
@@ -69,8 +92,13 @@ class TileEncoder(nn.Module):
     (bilinear, antialiased) before :meth:`embed`.
     """
 
-    def __init__(self, feature_dim: int, mean: Sequence[float] = IMAGE_MEAN, std: Sequence[float] = IMAGE_STD,
-                 input_size_px: int | None = None) -> None:
+    def __init__(
+        self,
+        feature_dim: int,
+        mean: Sequence[float] = IMAGE_MEAN,
+        std: Sequence[float] = IMAGE_STD,
+        input_size_px: int | None = None,
+    ) -> None:
         super().__init__()
         self.feature_dim, self.input_size_px = int(feature_dim), input_size_px
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
@@ -96,8 +124,13 @@ class TileTrunk(TileEncoder):
     ResNet50. Shares its modules with the ResNet it is cut from (no copy).
     """
 
-    def __init__(self, resnet: ResNet, mean: Sequence[float] = IMAGE_MEAN, std: Sequence[float] = IMAGE_STD,
-                 input_size_px: int | None = None) -> None:
+    def __init__(
+        self,
+        resnet: ResNet,
+        mean: Sequence[float] = IMAGE_MEAN,
+        std: Sequence[float] = IMAGE_STD,
+        input_size_px: int | None = None,
+    ) -> None:
         super().__init__(resnet.trunk_width, mean, std, input_size_px)
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
         self.layer1, self.layer2, self.layer3 = resnet.layer1, resnet.layer2, resnet.layer3
@@ -133,11 +166,16 @@ class EncoderInfo:
         ``encoder_sha256``, ``encoder_source``, ``encoder_arch``, ``encoder_width``,
         ``encoder_layout``, ``encoder_input_size_px``, ``encoder_mean``, ``encoder_std`` (JSON lists)."""
         return {
-            "encoder": self.name, "encoder_sha256": self.sha256, "encoder_source": self.source,
-            "encoder_arch": self.arch, "encoder_width": int(self.width), "encoder_layout": self.layout,
+            "encoder": self.name,
+            "encoder_sha256": self.sha256,
+            "encoder_source": self.source,
+            "encoder_arch": self.arch,
+            "encoder_width": int(self.width),
+            "encoder_layout": self.layout,
             "encoder_input_size_px": int(self.input_size_px),
             # JSON text, not arrays: every attribute stays a scalar for readers that call .item()
-            "encoder_mean": json.dumps([float(v) for v in self.mean]), "encoder_std": json.dumps([float(v) for v in self.std]),
+            "encoder_mean": json.dumps([float(v) for v in self.mean]),
+            "encoder_std": json.dumps([float(v) for v in self.std]),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,8 +215,9 @@ class LoadedEncoder:
         return None if self.resnet is None else self.resnet.layer4_width
 
 
-def prepare_batch(tiles: torch.Tensor, device: torch.device, mean: Sequence[float] = IMAGE_MEAN,
-                  std: Sequence[float] = IMAGE_STD) -> torch.Tensor:
+def prepare_batch(
+    tiles: torch.Tensor, device: torch.device, mean: Sequence[float] = IMAGE_MEAN, std: Sequence[float] = IMAGE_STD
+) -> torch.Tensor:
     """(B, H, W, 3) uint8 → (B, 3, H, W) float normalised with ``mean``/``std``, channels_last, on ``device``."""
     # NHWC storage permuted to NCHW is already channels_last; normalise keeps it so.
     return normalise(tiles.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0), mean, std)
@@ -236,7 +275,9 @@ def _random_arch(source: str) -> str | None:
     if source.startswith(RANDOM + ":"):
         arch = source.split(":", 1)[1]
         if arch not in ARCHITECTURES:
-            raise ValueError(f"--encoder {source}: unknown architecture; use random, {', '.join('random:' + a for a in ARCHITECTURES)}")
+            raise ValueError(
+                f"--encoder {source}: unknown architecture; use random, {', '.join('random:' + a for a in ARCHITECTURES)}"
+            )
         return arch
     return None
 
@@ -298,8 +339,7 @@ def load_encoder(
     model, info = load_resnet(source, seed)
     mean, std = tuple(mean or IMAGE_MEAN), tuple(std or IMAGE_STD)
     trunk = TileTrunk(model, mean, std, input_size_px).eval()
-    info = EncoderInfo(info.name, info.sha256, info.source, info.arch, info.width, info.layout,
-                       input_size_px or 0, mean, std)
+    info = EncoderInfo(info.name, info.sha256, info.source, info.arch, info.width, info.layout, input_size_px or 0, mean, std)
     return LoadedEncoder(trunk, info, model)
 
 

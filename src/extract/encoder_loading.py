@@ -68,7 +68,7 @@ def read_checkpoint(path: Path) -> Any:
             f"{path}: refused by torch.load(weights_only=True) because it holds pickled Python objects ({reason}), "
             "as Lightning checkpoints with hyper-parameters do. Only if you trust where this file comes from "
             "(unpickling can run code), keep just its weights once with: "
-            f"python -c \"import torch; c = torch.load({str(path)!r}, weights_only=False); "
+            f'python -c "import torch; c = torch.load({str(path)!r}, weights_only=False); '
             f"torch.save(c.get('state_dict', c), {str(target)!r})\"  and pass --encoder {target}"
         ) from error
     except Exception as error:  # noqa: BLE001 - any other failure means the same to a user
@@ -156,7 +156,7 @@ def find_resnet(raw: Any, label: str) -> FoundResNet:
             "save the one to use as a plain state dict and pass that file"
         )
     prefix = prefixes[0]
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and torch.is_tensor(v)}
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and torch.is_tensor(v)}
     arch = detect_arch(weights, label)
     declared = raw.get("arch") if container == "gigassl" else None
     if declared is not None and declared != arch:
@@ -170,12 +170,14 @@ def find_resnet(raw: Any, label: str) -> FoundResNet:
     if all(k in weights and weights[k].shape == full[k].shape for k in ("fc.weight", "fc.bias")):
         kept.update({"fc.weight": weights["fc.weight"], "fc.bias": weights["fc.bias"]})
     layout = "/".join(part for part in (container if container != "plain" else "", prefix) if part) or "plain"
-    return FoundResNet(kept, arch, _source_of(container, prefix, raw), layout,
-                       sum(torch.is_tensor(v) for v in state.values()) - len(kept))
+    return FoundResNet(
+        kept, arch, _source_of(container, prefix, raw), layout, sum(torch.is_tensor(v) for v in state.values()) - len(kept)
+    )
 
 
-def _check_keys(weights: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], arch: str, prefix: str,
-                label: str) -> None:
+def _check_keys(
+    weights: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], arch: str, prefix: str, label: str
+) -> None:
     """Raise one line naming the keys the package uses that are absent or of the wrong shape."""
     used = list(reference)
     # BatchNorm's step counters are missing from older torchvision files and are never used here.
@@ -187,7 +189,8 @@ def _check_keys(weights: Mapping[str, torch.Tensor], reference: Mapping[str, tor
         )
     wrong = [
         f"{prefix}{k} {tuple(weights[k].shape)} (expected {tuple(reference[k].shape)})"
-        for k in used if k in weights and weights[k].shape != reference[k].shape
+        for k in used
+        if k in weights and weights[k].shape != reference[k].shape
     ]
     if wrong:
         raise ValueError(f"{label}: not a standard {arch}: {len(wrong)} tensors of another shape: {_listing(wrong)}")

@@ -67,8 +67,10 @@ def _archive_problem(archive: zipfile.ZipFile) -> str | None:
         if name.endswith("_weights_config.json") or name.endswith("_constants_config.json"):
             config = json.loads(archive.read(name[1:])).get("config", {})
             for fqn, meta in config.items():
-                if meta.get("use_pickle") or (name.endswith("_constants_config.json")
-                                              and not str(meta.get("path_name", "")).startswith(TENSOR_CONSTANT_PREFIX)):
+                if meta.get("use_pickle") or (
+                    name.endswith("_constants_config.json")
+                    and not str(meta.get("path_name", "")).startswith(TENSOR_CONSTANT_PREFIX)
+                ):
                     return f"its tensor {fqn!r} is stored pickled (a tensor subclass or a custom object)"
         elif ("/data/weights/" in name or "/data/constants/" in name) and name.endswith(".pt"):
             return f"it stores weights in the legacy pickled format ({name[1:]})"
@@ -109,8 +111,9 @@ def _static_input_size(program: torch.export.ExportedProgram) -> int | None:
 class ExportedTrunk(TileEncoder):
     """An exported program as a :class:`TileEncoder` (it stays in the mode it was exported in)."""
 
-    def __init__(self, program: nn.Module, feature_dim: int, mean: Sequence[float], std: Sequence[float],
-                 input_size_px: int | None) -> None:
+    def __init__(
+        self, program: nn.Module, feature_dim: int, mean: Sequence[float], std: Sequence[float], input_size_px: int | None
+    ) -> None:
         super().__init__(feature_dim, mean, std, input_size_px)
         self.program = program
 
@@ -145,7 +148,11 @@ def _probe(program: nn.Module, size: int, path: Path) -> int:
 
 
 def load_exported(
-    path: Path, *, input_size_px: int | None = None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+    path: Path,
+    *,
+    input_size_px: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> tuple[ExportedTrunk, EncoderInfo]:
     """An exported program and its provenance; preprocessing from the flags, else the sidecar."""
     if not path.is_file():
@@ -155,7 +162,9 @@ def load_exported(
     try:
         program = torch.export.load(str(path))
     except Exception as error:  # noqa: BLE001 - version skew, damaged file …
-        raise ValueError(f"{path}: torch.export.load failed ({error}); re-export it with this torch version ({torch.__version__})") from error
+        raise ValueError(
+            f"{path}: torch.export.load failed ({error}); re-export it with this torch version ({torch.__version__})"
+        ) from error
     size = input_size_px or side.get("input_size_px") or _static_input_size(program)
     if size is not None and (not isinstance(size, int) or size < 16):
         raise ValueError(f"{path}: input size {size!r} must be an integer ≥ 16 px (--encoder-input-size-px or the sidecar)")
@@ -171,13 +180,19 @@ def load_exported(
     module = program.module()
     width = _probe(module, size or PROBE_SIZE_PX, path)
     trunk = ExportedTrunk(module, width, mean, std, size)
-    info = EncoderInfo(path.name, file_sha256(path), "export", str(side.get("name") or path.stem), width,
-                       "torch.export", size or 0, mean, std)
+    info = EncoderInfo(
+        path.name, file_sha256(path), "export", str(side.get("name") or path.stem), width, "torch.export", size or 0, mean, std
+    )
     return trunk, info
 
 
 def export_tile_encoder(
-    model: nn.Module, path: str | Path, input_size_px: int, mean: Sequence[float], std: Sequence[float], name: str = "",
+    model: nn.Module,
+    path: str | Path,
+    input_size_px: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    name: str = "",
 ) -> Path:
     """Export ``model`` (normalised (B, 3, S, S) → (B, D)) to ``path`` (.pt2) with its sidecar JSON.
 
@@ -191,7 +206,11 @@ def export_tile_encoder(
     with torch.no_grad():
         program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, str(path))
-    sidecar = {"input_size_px": int(input_size_px), "mean": [float(v) for v in mean], "std": [float(v) for v in std],
-               "name": name or path.stem}
+    sidecar = {
+        "input_size_px": int(input_size_px),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "name": name or path.stem,
+    }
     sidecar_path(path).write_text(json.dumps(sidecar, indent=1) + "\n")
     return path

@@ -66,8 +66,9 @@ def verify_checksums(file: h5py.File, path: Path) -> None:
             for selection in chunks:
                 dataset[selection]
         except (OSError, ValueError) as error:
-            raise FeatureFileError(f"{path}: dataset {name!r} is damaged (checksum or decompression fails: "
-                                   f"{' '.join(str(error).split())})") from error
+            raise FeatureFileError(
+                f"{path}: dataset {name!r} is damaged (checksum or decompression fails: {' '.join(str(error).split())})"
+            ) from error
 
 
 class SlideFileWriter(AtomicHDF5Writer):
@@ -117,7 +118,9 @@ class SlideFileWriter(AtomicHDF5Writer):
                 coords_ds.attrs[key] = value
         width = self._encoder.width
         features = self.file.create_dataset(
-            "features", shape=(len(coords), width), dtype=np.float32,
+            "features",
+            shape=(len(coords), width),
+            dtype=np.float32,
             chunks=(min(max(len(coords), 1), 1024), width) if len(coords) else None,
             fletcher32=bool(len(coords)),
         )
@@ -129,7 +132,10 @@ class SlideFileWriter(AtomicHDF5Writer):
         self.file["features"][start : start + len(rows)] = rows
 
     def create_bank(
-        self, n_augmentations: int, n_tiles: int, bank_attrs: Mapping[str, Any],
+        self,
+        n_augmentations: int,
+        n_tiles: int,
+        bank_attrs: Mapping[str, Any],
         grid_attrs: Mapping[str, Any] | None = None,
     ) -> None:
         """Create the bank: ``aug_features`` float16 stored (A, D, K), ``aug_coords`` (A, K, 2) int64.
@@ -139,14 +145,25 @@ class SlideFileWriter(AtomicHDF5Writer):
         """
         width = self._encoder.width
         feats = self.file.create_dataset(
-            "aug_features", shape=(n_augmentations, width, n_tiles), dtype=np.float16,
-            chunks=(1, width, n_tiles), compression="gzip", compression_opts=4, shuffle=True,
+            "aug_features",
+            shape=(n_augmentations, width, n_tiles),
+            dtype=np.float16,
+            chunks=(1, width, n_tiles),
+            compression="gzip",
+            compression_opts=4,
+            shuffle=True,
             fletcher32=True,
         )
         feats.attrs["layout"] = BANK_LAYOUT
         coords = self.file.create_dataset(
-            "aug_coords", shape=(n_augmentations, n_tiles, 2), dtype=np.int64,
-            chunks=(1, n_tiles, 2), compression="gzip", compression_opts=4, shuffle=True, fletcher32=True,
+            "aug_coords",
+            shape=(n_augmentations, n_tiles, 2),
+            dtype=np.int64,
+            chunks=(1, n_tiles, 2),
+            compression="gzip",
+            compression_opts=4,
+            shuffle=True,
+            fletcher32=True,
         )
         for key, value in (grid_attrs or {}).items():
             if value is not None:
@@ -208,9 +225,7 @@ class SlideFeatures:
         if require_plain and not {"features", "coords"} <= set(self._file):
             raise FeatureFileError(f"{self.path}: has no plain features; run `gigassl extract` with plain features")
         if require_bank and not self.has_bank:
-            raise FeatureFileError(
-                f"{self.path}: has no augmented bank (aug_features); run `gigassl extract` with the bank"
-            )
+            raise FeatureFileError(f"{self.path}: has no augmented bank (aug_features); run `gigassl extract` with the bank")
         if self.has_bank and self._file["aug_features"].attrs.get("layout") != BANK_LAYOUT:
             raise FeatureFileError(f"{self.path}: augmented bank of an unknown layout; re-extract it")
 
@@ -333,7 +348,6 @@ def why_incomplete(
     return None
 
 
-def is_complete(path: str | Path, *, require_plain: bool = False, require_bank: bool = False,
-                verify: bool = False) -> bool:
+def is_complete(path: str | Path, *, require_plain: bool = False, require_bank: bool = False, verify: bool = False) -> bool:
     """True when ``path`` is a complete, valid file holding what is asked for (see :func:`why_incomplete`)."""
     return why_incomplete(path, require_plain=require_plain, require_bank=require_bank, verify=verify) is None

@@ -76,8 +76,20 @@ CHECKPOINT_VERSION = 1
 SGD_MOMENTUM = 0.9
 # Settings that change what is computed: a resumed run must use the same ones to be exact.
 RESUME_MUST_MATCH = (
-    "arch", "target_mpp", "tile_size_px", "tissue_threshold", "epochs", "tiles_per_epoch", "tiles_per_visit", "batch_size",
-    "queue_size", "momentum", "temperature", "lr", "weight_decay", "seed",
+    "arch",
+    "target_mpp",
+    "tile_size_px",
+    "tissue_threshold",
+    "epochs",
+    "tiles_per_epoch",
+    "tiles_per_visit",
+    "batch_size",
+    "queue_size",
+    "momentum",
+    "temperature",
+    "lr",
+    "weight_decay",
+    "seed",
 )
 # Monitors: alignment needs two views per tile, computed on at most this many tiles.
 MONITOR_VIEW_TILES = 256
@@ -164,8 +176,13 @@ def _embed_for_monitors(
 
 
 def representation_monitors(
-    encoder: ResNet, tiles: torch.Tensor, augmentation: TileAugmentation, device: torch.device,
-    mixed_precision: bool = True, seed: int = 0, temperature: float = 0.2,
+    encoder: ResNet,
+    tiles: torch.Tensor,
+    augmentation: TileAugmentation,
+    device: torch.device,
+    mixed_precision: bool = True,
+    seed: int = 0,
+    temperature: float = 0.2,
 ) -> dict[str, float]:
     """Label-free quality of ``encoder`` (query ResNet with MLP head) on fixed uint8 tiles."""
     was_training = encoder.training
@@ -215,7 +232,8 @@ def save_encoder(model: MoCo, path: Path, config: MocoConfig, epoch: int) -> Non
     """``encoder.pt``: accepted by :func:`extract.encoder.load_encoder` (atomic write)."""
     temporary = path.with_name(f".{path.name}.partial")
     save_encoder_checkpoint(
-        encoder_resnet(model), temporary,
+        encoder_resnet(model),
+        temporary,
         extra={"trained_by": "gigassl pretrain-tiles (MoCo v2)", "epoch": epoch, "config": settings_of(config)},
     )
     os.replace(temporary, path)
@@ -227,12 +245,21 @@ def _rng_states(generator: torch.Generator) -> dict[str, list[torch.Tensor]]:
     if not (dist.is_available() and dist.is_initialized()):
         return {name: [state] for name, state in states.items()}
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    return {name: [part.cpu() for part in all_gather(state.to(device)).chunk(dist.get_world_size())] for name, state in states.items()}
+    return {
+        name: [part.cpu() for part in all_gather(state.to(device)).chunk(dist.get_world_size())] for name, state in states.items()
+    }
 
 
 def checkpoint_payload(
-    model: MoCo, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, generator: torch.Generator,
-    config: MocoConfig, epoch: int, step: int, monitors: list[dict[str, Any]], slide_names: list[str],
+    model: MoCo,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    generator: torch.Generator,
+    config: MocoConfig,
+    epoch: int,
+    step: int,
+    monitors: list[dict[str, Any]],
+    slide_names: list[str],
 ) -> dict[str, Any]:
     """Everything needed to continue exactly after ``epoch`` epochs (plain tensors and data)."""
     return {
@@ -261,7 +288,11 @@ def load_training_checkpoint(path: Path, config: MocoConfig) -> dict[str, Any]:
     if raw.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"--resume {path}: checkpoint version {raw.get('version')}, this package reads {CHECKPOINT_VERSION}")
     saved, current = {"arch": "resnet18", **with_current_names(raw["config"])}, settings_of(config)  # before --arch: resnet18
-    differ = [f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {current[k]}" for k in RESUME_MUST_MATCH if saved.get(k) != current[k]]
+    differ = [
+        f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {current[k]}"
+        for k in RESUME_MUST_MATCH
+        if saved.get(k) != current[k]
+    ]
     if differ:
         raise ValueError(f"--resume {path}: settings differ from the checkpoint's; pass the same values: " + "; ".join(differ))
     return raw
@@ -285,36 +316,51 @@ class PretrainingResult:
 
     def format(self) -> str:
         """Where the tile encoder was written, and the slides left out."""
-        lines = [f"MoCo: {self.epochs_done} epochs on {self.n_slides} slides → encoder {self.encoder_path} "
-                 f"(resumable checkpoint {self.checkpoint_path})"]
+        lines = [
+            f"MoCo: {self.epochs_done} epochs on {self.n_slides} slides → encoder {self.encoder_path} "
+            f"(resumable checkpoint {self.checkpoint_path})"
+        ]
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
         return "\n".join(lines)
 
 
 def _quality_monitors(
-    encoder: ResNet, tiles: torch.Tensor | None, probe: ProbeSet | None, augmentation: TileAugmentation,
-    device: torch.device, config: MocoConfig,
+    encoder: ResNet,
+    tiles: torch.Tensor | None,
+    probe: ProbeSet | None,
+    augmentation: TileAugmentation,
+    device: torch.device,
+    config: MocoConfig,
 ) -> dict[str, float]:
     """The epoch's label-free monitors on the fixed tiles, and the probe AUC when labels were given."""
     row: dict[str, float] = {}
     if tiles is not None:
-        row.update(representation_monitors(encoder, tiles, augmentation, device, config.mixed_precision,
-                                           config.seed, config.temperature))
+        row.update(
+            representation_monitors(encoder, tiles, augmentation, device, config.mixed_precision, config.seed, config.temperature)
+        )
     if probe is not None:
-        row["probe_auc"] = probe_auc(slide_mean_features(encoder, probe, device, config.mixed_precision),
-                                     probe.labels, config.seed)
+        row["probe_auc"] = probe_auc(
+            slide_mean_features(encoder, probe, device, config.mixed_precision), probe.labels, config.seed
+        )
     return row
 
 
 def _epoch_row(epoch: int, step: int, steps: list[StepResult], lr: float, batch_size: int, seconds: float) -> dict[str, Any]:
     """The epoch's means of the per-step figures, with the last lr and the throughput."""
+
     def mean(name: str) -> float:
         return sum(getattr(r, name) for r in steps) / max(len(steps), 1)
 
     return {
-        "epoch": epoch + 1, "step": step, "loss": mean("loss"), "positive_accuracy": mean("accuracy"),
-        "positive_cosine": mean("positive_cosine"), "negative_cosine": mean("negative_cosine"), "lr": lr,
-        "tiles_per_s": len(steps) * batch_size / max(seconds, 1e-9), "seconds": seconds,
+        "epoch": epoch + 1,
+        "step": step,
+        "loss": mean("loss"),
+        "positive_accuracy": mean("accuracy"),
+        "positive_cosine": mean("positive_cosine"),
+        "negative_cosine": mean("negative_cosine"),
+        "lr": lr,
+        "tiles_per_s": len(steps) * batch_size / max(seconds, 1e-9),
+        "seconds": seconds,
     }
 
 
@@ -339,12 +385,23 @@ def run_pretraining(config: MocoConfig) -> PretrainingResult:
         if not paths:
             raise FileNotFoundError(f"--slides {config.slides}: no slide or image files found")
         slides, skipped = index_slides(
-            paths, config.target_mpp, config.tile_size_px, config.tissue_threshold, config.mpp_csv, config.default_mpp,
+            paths,
+            config.target_mpp,
+            config.tile_size_px,
+            config.tissue_threshold,
+            config.mpp_csv,
+            config.default_mpp,
             progress=main_process,
         )
         if not slides:
             raise ValueError(f"--slides {config.slides}: none of the {len(paths)} files gave tissue tiles (see warnings)")
-        logger.info("%d slides, %d tissue tiles of %d px at %g µm/px", len(slides), sum(map(len, slides)), config.tile_size_px, config.target_mpp)
+        logger.info(
+            "%d slides, %d tissue tiles of %d px at %g µm/px",
+            len(slides),
+            sum(map(len, slides)),
+            config.tile_size_px,
+            config.target_mpp,
+        )
         return _train(config, slides, skipped, rank, world, device, out)
     finally:
         if initialised_here:
@@ -352,8 +409,13 @@ def run_pretraining(config: MocoConfig) -> PretrainingResult:
 
 
 def _train(
-    config: MocoConfig, slides: list[IndexedSlide], skipped: list[tuple[Path, str]],
-    rank: int, world: int, device: torch.device, out: Path,
+    config: MocoConfig,
+    slides: list[IndexedSlide],
+    skipped: list[tuple[Path, str]],
+    rank: int,
+    world: int,
+    device: torch.device,
+    out: Path,
 ) -> PretrainingResult:
     main_process = rank == 0
     slide_names = [s.path.name for s in slides]
@@ -375,7 +437,11 @@ def _train(
             generator.set_state(raw["rng"]["augment"][rank])
             torch.random.set_rng_state(raw["rng"]["torch"][rank])
         else:
-            logger.warning("checkpoint written by %d processes, resuming with %d: RNG streams restart (not exact)", len(raw["rng"]["augment"]), world)
+            logger.warning(
+                "checkpoint written by %d processes, resuming with %d: RNG streams restart (not exact)",
+                len(raw["rng"]["augment"]),
+                world,
+            )
         if raw.get("slides") != slide_names:
             logger.warning("the slide set differs from the checkpoint's; tile plans will differ")
         start_epoch, step, monitors = int(raw["epoch"]), int(raw["step"]), list(raw["monitors"])
@@ -383,9 +449,16 @@ def _train(
     query_encoder: nn.Module = model.encoder_q
     if world > 1:
         query_encoder = DistributedDataParallel(model.encoder_q, device_ids=[device.index] if device.type == "cuda" else None)
-    monitor_tiles = fixed_tiles(slides, config.monitor_tiles, config.tile_size_px, config.seed) if config.monitor_tiles and main_process else None
-    probe = probe_set(slides, config.probe_labels, config.probe_tiles_per_slide, config.tile_size_px, config.seed) \
-        if config.probe_labels is not None and main_process else None
+    monitor_tiles = (
+        fixed_tiles(slides, config.monitor_tiles, config.tile_size_px, config.seed)
+        if config.monitor_tiles and main_process
+        else None
+    )
+    probe = (
+        probe_set(slides, config.probe_labels, config.probe_tiles_per_slide, config.tile_size_px, config.seed)
+        if config.probe_labels is not None and main_process
+        else None
+    )
     steps_per_epoch = config.tiles_per_epoch // config.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"--tiles-per-epoch {config.tiles_per_epoch} is smaller than --batch-size {config.batch_size}")
@@ -395,7 +468,10 @@ def _train(
         plan = epoch_plan([len(s) for s in slides], config.tiles_per_epoch, config.tiles_per_visit, config.seed, epoch)
         dataset = EpochTileBatches(slides, plan, config.batch_size, config.tile_size_px, rank, world)
         loader = DataLoader(
-            dataset, batch_size=None, num_workers=config.num_workers, pin_memory=device.type == "cuda",
+            dataset,
+            batch_size=None,
+            num_workers=config.num_workers,
+            pin_memory=device.type == "cuda",
             prefetch_factor=4 if config.num_workers else None,
         )
         started, steps = time.perf_counter(), []
@@ -406,11 +482,21 @@ def _train(
                 group["lr"] = lr
             view_q, view_k = make_views(tiles, augmentation, generator, device)
             result = train_step(
-                model, view_q, view_k, optimizer, config.momentum, config.temperature, device,
-                config.mixed_precision, scaler, query_encoder,
+                model,
+                view_q,
+                view_k,
+                optimizer,
+                config.momentum,
+                config.temperature,
+                device,
+                config.mixed_precision,
+                scaler,
+                query_encoder,
             )
             if not math.isfinite(result.loss):
-                raise FloatingPointError(f"MoCo loss became {result.loss} at epoch {epoch + 1} step {step}; lower --lr or disable --mixed-precision")
+                raise FloatingPointError(
+                    f"MoCo loss became {result.loss} at epoch {epoch + 1} step {step}; lower --lr or disable --mixed-precision"
+                )
             steps.append(result)
             step += 1
             bar.set_postfix(loss=f"{result.loss:.3f}", acc=f"{result.accuracy:.2f}", lr=f"{lr:.2g}")
@@ -426,8 +512,15 @@ def _train(
                 save_encoder(model, encoder_path, config, epoch + 1)
         if main_process:
             write_monitors(out, monitors)
-            logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step")))
+            logger.info(
+                "epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step"))
+            )
     return PretrainingResult(
-        out=out, encoder_path=encoder_path, checkpoint_path=checkpoint_path, epochs_done=config.epochs,
-        n_slides=len(slides), skipped=[(str(p), reason) for p, reason in skipped], monitors=monitors,
+        out=out,
+        encoder_path=encoder_path,
+        checkpoint_path=checkpoint_path,
+        epochs_done=config.epochs,
+        n_slides=len(slides),
+        skipped=[(str(p), reason) for p, reason in skipped],
+        monitors=monitors,
     )

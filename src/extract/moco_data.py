@@ -71,9 +71,7 @@ def index_slides(
     return slides, skipped
 
 
-def epoch_plan(
-    tiles_per_slide: list[int], n_tiles: int, tiles_per_visit: int, seed: int, epoch: int
-) -> np.ndarray:
+def epoch_plan(tiles_per_slide: list[int], n_tiles: int, tiles_per_visit: int, seed: int, epoch: int) -> np.ndarray:
     """(n_tiles, 2) int64 (slide index, tile index) for one epoch, a function of (seed, epoch).
 
     Slides are drawn uniformly; each visit takes ``tiles_per_visit`` tiles of its slide
@@ -129,8 +127,13 @@ class EpochTileBatches(IterableDataset):
     """
 
     def __init__(
-        self, slides: list[IndexedSlide], plan: np.ndarray, batch_size: int, tile_size_px: int,
-        rank: int = 0, world_size: int = 1,
+        self,
+        slides: list[IndexedSlide],
+        plan: np.ndarray,
+        batch_size: int,
+        tile_size_px: int,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size % world_size:
             raise ValueError(f"--batch-size {batch_size} must be a multiple of the {world_size} processes")
@@ -165,4 +168,3 @@ def fixed_tiles(slides: list[IndexedSlide], n_tiles: int, tile_size_px: int, see
     finally:
         readers.close()
     return tiles[torch.from_numpy(np.argsort(order))]
-

@@ -63,12 +63,18 @@ def probe_set(
     slide_labels = np.array([labels[slides[i].path.stem] for i in chosen], dtype=str)
     classes, counts = np.unique(slide_labels, return_counts=True)
     if len(classes) < 2 or counts.min() < PROBE_FOLDS:
-        logger.warning("--probe-labels %s: %d labelled slides (classes %s) — the probe needs ≥ 2 classes of ≥ %d slides; "
-                       "probe off", labels_csv, len(chosen), dict(zip(classes.tolist(), counts.tolist())), PROBE_FOLDS)
+        logger.warning(
+            "--probe-labels %s: %d labelled slides (classes %s) — the probe needs ≥ 2 classes of ≥ %d slides; probe off",
+            labels_csv,
+            len(chosen),
+            dict(zip(classes.tolist(), counts.tolist())),
+            PROBE_FOLDS,
+        )
         return None
     rng = np.random.default_rng([seed, 104729])
-    pairs = [(i, int(t)) for i in chosen
-             for t in rng.choice(len(slides[i]), size=min(tiles_per_slide, len(slides[i])), replace=False)]
+    pairs = [
+        (i, int(t)) for i in chosen for t in rng.choice(len(slides[i]), size=min(tiles_per_slide, len(slides[i])), replace=False)
+    ]
     readers = TileReaders(slides)
     try:
         tiles = read_tiles(readers, np.array(pairs), tile_size_px)
@@ -79,8 +85,9 @@ def probe_set(
 
 
 @torch.no_grad()
-def slide_mean_features(encoder: ResNet, probe: ProbeSet, device: torch.device, mixed_precision: bool,
-                        batch: int = 256) -> np.ndarray:
+def slide_mean_features(
+    encoder: ResNet, probe: ProbeSet, device: torch.device, mixed_precision: bool, batch: int = 256
+) -> np.ndarray:
     """(S, C) mean trunk feature of each labelled slide (eval mode; the encoder's mode is restored)."""
     was_training = encoder.training
     encoder.eval()

@@ -74,8 +74,6 @@ def uniformity(z: torch.Tensor, t: float = 2.0) -> float:
 
 
 @torch.no_grad()
-
-
 def fresh_info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> float:
     """InfoNCE of normalised (N, D) view pairs against each other (no queue): every negative
     comes from the current encoder, so unlike the training loss it does not move with the queue."""

@@ -22,8 +22,7 @@ def ensure_writable(folder: Path) -> None:
             pass
     except OSError as error:
         raise PermissionError(
-            f"output folder {folder} is not writable ({error.strerror or error}); "
-            "choose another --out or fix its permissions"
+            f"output folder {folder} is not writable ({error.strerror or error}); choose another --out or fix its permissions"
         ) from error
 
 

@@ -62,9 +62,7 @@ class AtomicHDF5Writer:
     temp_path: Path
     path: Path
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         handle, self._file = self._file, None
         if handle is not None:
             finish_hdf5(handle, self.temp_path, self.path, succeeded=exc_type is None)
@@ -82,8 +80,7 @@ def _start_time(pid: int) -> float | None:
     """Epoch seconds at which process ``pid`` started (Linux /proc), None when unknown."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
         return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None

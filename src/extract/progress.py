@@ -25,8 +25,16 @@ def is_interactive() -> bool:
 class PlainProgress:
     """The part of tqdm's interface the jobs use, as rate-limited log lines."""
 
-    def __init__(self, iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "",
-                 unit: str = "it", interval_s: float = 30.0, log: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        iterable: Iterable[Any] | None = None,
+        *,
+        total: int | None = None,
+        desc: str = "",
+        unit: str = "it",
+        interval_s: float = 30.0,
+        log: logging.Logger | None = None,
+    ) -> None:
         self.iterable, self.desc, self.unit, self.interval_s = iterable, desc, unit, interval_s
         self.total = total if total is not None else (len(iterable) if isinstance(iterable, Sized) else None)
         self.n = 0
@@ -68,9 +76,17 @@ class PlainProgress:
         """Nothing to clear (a log line is never rewritten)."""
 
 
-def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",
-             position: int = 0, leave: bool = True, interval_s: float = 30.0,
-             log: logging.Logger | None = None) -> Any:
+def progress(
+    iterable: Iterable[Any] | None = None,
+    *,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    position: int = 0,
+    leave: bool = True,
+    interval_s: float = 30.0,
+    log: logging.Logger | None = None,
+) -> Any:
     """A tqdm bar when :func:`is_interactive`, else a :class:`PlainProgress` logging every ``interval_s``."""
     if is_interactive():
         from tqdm.auto import tqdm

@@ -23,9 +23,7 @@ from PIL import Image
 logger = logging.getLogger(__name__)
 
 PLAIN_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff"})
-OPENSLIDE_SUFFIXES = frozenset(
-    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi"}
-)
+OPENSLIDE_SUFFIXES = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi"})
 SLIDE_SUFFIXES = PLAIN_IMAGE_SUFFIXES | OPENSLIDE_SUFFIXES
 # A relative tolerance so that a level whose downsample equals the target up to rounding
 # (e.g. 4.0002 for a target of 4) still counts as "not coarser than the target".
@@ -75,9 +73,7 @@ class SlideReader:
     def __enter__(self) -> "SlideReader":
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
     def close(self) -> None:
@@ -162,8 +158,14 @@ def _flatten_on_white(image: Image.Image) -> Image.Image:
 class OpenSlideReader(SlideReader):
     """A pyramidal slide read through OpenSlide."""
 
-    def __init__(self, path: Path, handle, level0_mpp: float, magnification: float | None,  # handle: openslide.OpenSlide
-                 mpp_source: str = "the slide metadata") -> None:
+    def __init__(
+        self,
+        path: Path,
+        handle,
+        level0_mpp: float,
+        magnification: float | None,  # handle: openslide.OpenSlide
+        mpp_source: str = "the slide metadata",
+    ) -> None:
         self.path = path
         self._slide = handle
         self.level0_mpp, self.mpp_source = level0_mpp, mpp_source
@@ -278,12 +280,12 @@ def open_slide(path: str | Path, mpp_override: float | None = None, *, default_m
         if mpp is None:
             handle.close()
             raise _missing_mpp(path)
-        return OpenSlideReader(path, handle, _check_mpp(path, mpp, origin), _metadata_magnification(handle.properties),
-                               mpp_source=origin)
+        return OpenSlideReader(
+            path, handle, _check_mpp(path, mpp, origin), _metadata_magnification(handle.properties), mpp_source=origin
+        )
     if path.suffix.lower() not in PLAIN_IMAGE_SUFFIXES:
         raise SlideReadError(
-            f"{path}: not a slide format OpenSlide or Pillow reads (plain images: "
-            f"{', '.join(sorted(PLAIN_IMAGE_SUFFIXES))})"
+            f"{path}: not a slide format OpenSlide or Pillow reads (plain images: {', '.join(sorted(PLAIN_IMAGE_SUFFIXES))})"
         )
     try:
         image = Image.open(path)

@@ -60,8 +60,19 @@ RUN_CONTROL_FIELDS = frozenset({"out", "overwrite", "strict", "shard", "num_work
 
 # Settings whose change makes an existing file a different result (checked when skipping), by
 # their names in the files' ``settings`` attribute.
-CONTENT_FIELDS = ("encoder", "encoder_input_size_px", "encoder_mean", "encoder_std", "mpp", "tile_size", "tissue_threshold",
-                  "max_ink_fraction", "n_augmentations", "n_tiles_per_augmentation", "seed")
+CONTENT_FIELDS = (
+    "encoder",
+    "encoder_input_size_px",
+    "encoder_mean",
+    "encoder_std",
+    "mpp",
+    "tile_size",
+    "tissue_threshold",
+    "max_ink_fraction",
+    "n_augmentations",
+    "n_tiles_per_augmentation",
+    "seed",
+)
 # The names the files' ``settings`` attribute keeps for renamed fields (``target_mpp`` → "mpp" …).
 FILE_SETTING_NAMES = {current: old for old, current in RENAMED_FIELDS.items()}
 
@@ -111,9 +122,7 @@ class _Job:
     planner: SlidePlanner
 
 
-def _write_plain(
-    writer: SlideFileWriter, path: Path, grid: TileGrid, job: _Job, bar: Any, keep_tiles: bool
-) -> np.ndarray | None:
+def _write_plain(writer: SlideFileWriter, path: Path, grid: TileGrid, job: _Job, bar: Any, keep_tiles: bool) -> np.ndarray | None:
     """Encode every tile into ``features``; returns the decoded tiles (N, H, W, 3) when asked to keep them."""
     config = job.config
     writer.create_plain(grid.coords, grid.attrs())
@@ -133,9 +142,7 @@ def _write_plain(
     return kept
 
 
-def _write_bank(
-    writer: SlideFileWriter, source: SlideReader | DecodedTiles, grid: TileGrid, job: _Job, bar: Any
-) -> int:
+def _write_bank(writer: SlideFileWriter, source: SlideReader | DecodedTiles, grid: TileGrid, job: _Job, bar: Any) -> int:
     """Build the slide's bank from ``source`` and write it; returns A × K."""
     from extract.bank import build_bank
 
@@ -164,10 +171,20 @@ def extract_slide(path: Path, job: _Job, position: int = 1) -> SlideOutcome:
     bank_total = config.n_augmentations * config.n_tiles_per_augmentation if config.bank else 0
     total = (len(grid) if config.plain else 0) + bank_total
     n_bank = 0
-    with progress(total=total, desc=path.stem[:40], unit="tile", position=position, leave=False,
-                  interval_s=config.progress_interval_s, log=logger) as bar, \
-            SlideFileWriter(job.features_dir / f"{path.stem}.h5", slide_id=path.stem, source=str(path),
-                            settings=job.settings, encoder=job.encoder) as writer:
+    with (
+        progress(
+            total=total,
+            desc=path.stem[:40],
+            unit="tile",
+            position=position,
+            leave=False,
+            interval_s=config.progress_interval_s,
+            log=logger,
+        ) as bar,
+        SlideFileWriter(
+            job.features_dir / f"{path.stem}.h5", slide_id=path.stem, source=str(path), settings=job.settings, encoder=job.encoder
+        ) as writer,
+    ):
         kept = _write_plain(writer, path, grid, job, bar, _keep_decoded(grid, config)) if config.plain else None
         if config.bank:
             from extract.bank import DecodedTiles
@@ -177,7 +194,10 @@ def extract_slide(path: Path, job: _Job, position: int = 1) -> SlideOutcome:
                 n_bank = _write_bank(writer, source, grid, job, bar)
     job.planner.publish_qc(path)
     return SlideOutcome(
-        path.name, "done", n_tiles=len(grid) if config.plain else 0, n_bank_tiles=n_bank,
+        path.name,
+        "done",
+        n_tiles=len(grid) if config.plain else 0,
+        n_bank_tiles=n_bank,
         seconds=time.perf_counter() - started,
     )
 
@@ -205,8 +225,9 @@ def _require_encoder(config: ExtractConfig) -> None:
         )
 
 
-def _not_to_extract(path: Path, config: ExtractConfig, settings: dict[str, Any], features_dir: Path,
-                    owner: Path) -> SlideOutcome | None:
+def _not_to_extract(
+    path: Path, config: ExtractConfig, settings: dict[str, Any], features_dir: Path, owner: Path
+) -> SlideOutcome | None:
     """The outcome of a slide that is not extracted (its stem is taken, its output exists), else None.
 
     An existing file that is redone is logged with the reason (damaged, incomplete, lacking
@@ -254,8 +275,14 @@ def _extract_or_fail(path: Path, job: _Job) -> SlideOutcome:
                 logger.warning("a tile-reading worker died while %s was extracted; reading it again alone", path.name)
                 job.tiles.isolate(path)
                 continue
-            reason = (f"{path}: reading this slide kills the tile-reading worker (a fault in the slide library?); "
-                      "check that the file opens in another viewer, or move it out of the folder") if died else _one_line(error)
+            reason = (
+                (
+                    f"{path}: reading this slide kills the tile-reading worker (a fault in the slide library?); "
+                    "check that the file opens in another viewer, or move it out of the folder"
+                )
+                if died
+                else _one_line(error)
+            )
             logger.error("failed %s: %s", path.name, reason)
             logger.debug("traceback of %s", path.name, exc_info=True)
             return SlideOutcome(path.name, "failed", reason=reason)
@@ -265,8 +292,13 @@ def _extract_or_fail(path: Path, job: _Job) -> SlideOutcome:
 def _load_trunk(config: ExtractConfig, device: torch.device) -> tuple[TileEncoder, EncoderInfo]:
     """The tile encoder in eval mode, channels_last, on ``device``, and its provenance."""
     assert config.encoder is not None, "_validate refuses a missing --encoder"
-    loaded = load_encoder(config.encoder, seed=config.seed, input_size_px=config.encoder_input_size_px,
-                          mean=config.encoder_mean, std=config.encoder_std)
+    loaded = load_encoder(
+        config.encoder,
+        seed=config.seed,
+        input_size_px=config.encoder_input_size_px,
+        mean=config.encoder_mean,
+        std=config.encoder_std,
+    )
     # torch's Module.to overloads omit memory_format, which it accepts at run time
     trunk = loaded.trunk.to(device).eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if trunk.input_size_px is not None and trunk.input_size_px != config.tile_size_px:
@@ -276,16 +308,22 @@ def _load_trunk(config: ExtractConfig, device: torch.device) -> tuple[TileEncode
 
 def _ignored(others: list[Path]) -> list[SlideOutcome]:
     """``ignored`` outcomes (logged) of the files that are not slides."""
-    outcomes = [SlideOutcome(p.name, "ignored", reason=f"extension {p.suffix or '(none)'} is not a slide format")
-                for p in others]
+    outcomes = [SlideOutcome(p.name, "ignored", reason=f"extension {p.suffix or '(none)'} is not a slide format") for p in others]
     for outcome in outcomes:
         logger.warning("ignoring %s: %s", outcome.slide, outcome.reason)
     return outcomes
 
 
 def _plan_settings(config: ExtractConfig, qc_dir: Path) -> PlanSettings:
-    return PlanSettings(config.target_mpp, config.tile_size_px, config.tissue_threshold, config.default_mpp,
-                        qc_dir if config.qc else None, config.grid_limits(), config.max_ink_fraction)
+    return PlanSettings(
+        config.target_mpp,
+        config.tile_size_px,
+        config.tissue_threshold,
+        config.default_mpp,
+        qc_dir if config.qc else None,
+        config.grid_limits(),
+        config.max_ink_fraction,
+    )
 
 
 def run_extraction(config: ExtractConfig) -> ExtractionSummary:
@@ -300,9 +338,7 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     part, n_parts = process_part(config.shard)
     slides, others = list_slides(Path(config.slides))
     if not slides:
-        raise FileNotFoundError(
-            f"--slides {config.slides}: no slide files (extensions {', '.join(sorted(SLIDE_SUFFIXES))})"
-        )
+        raise FileNotFoundError(f"--slides {config.slides}: no slide files (extensions {', '.join(sorted(SLIDE_SUFFIXES))})")
     out = Path(config.out)
     features_dir, qc_dir = prepare_output(out, config.qc)
     overrides = load_mpp_overrides(config.mpp_csv) if config.mpp_csv is not None else {}
@@ -311,8 +347,16 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     settings = settings_of(config)
     mine = select_part(slides, part, n_parts)
     summary = ExtractionSummary(_ignored(select_part(others, part, n_parts)), part, n_parts, strict=config.strict)
-    logger.info("extract: %s for part %d/%d, encoder %s (%s, %d-d) on %s", count(len(mine), "slide"), part + 1, n_parts,
-                encoder.name, encoder.arch, encoder.width, device)
+    logger.info(
+        "extract: %s for part %d/%d, encoder %s (%s, %d-d) on %s",
+        count(len(mine), "slide"),
+        part + 1,
+        n_parts,
+        encoder.name,
+        encoder.arch,
+        encoder.width,
+        device,
+    )
 
     first_with_stem: dict[str, Path] = {}
     for path in slides:  # over all parts, so every shard agrees on who owns a stem
@@ -323,12 +367,12 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     # The next slides are planned in the background, and the reading workers read ahead
     # through every slide of the job in one pass.
     planner = SlidePlanner(todo, overrides, _plan_settings(config, qc_dir))
-    tiles = TileStream(todo if config.plain else [], planner.plan, config.batch_size, config.num_workers,
-                       pin_memory=device.type == "cuda")
+    tiles = TileStream(
+        todo if config.plain else [], planner.plan, config.batch_size, config.num_workers, pin_memory=device.type == "cuda"
+    )
     job = _Job(config, trunk, encoder, device, settings, features_dir, tiles, planner)
     try:
-        for path in progress(mine, desc="slides", unit="slide", position=0, interval_s=config.progress_interval_s,
-                             log=logger):
+        for path in progress(mine, desc="slides", unit="slide", position=0, interval_s=config.progress_interval_s, log=logger):
             known = decided[path]
             summary.outcomes.append(known if known is not None else _extract_or_fail(path, job))
             planner.forget(path)

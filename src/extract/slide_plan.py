@@ -53,16 +53,21 @@ def plan_slide(path: Path, mpp_override: float | None, settings: PlanSettings) -
     Returns the grid without the thumbnail, and the temporary QC image (None without ``qc_dir``).
     """
     with open_slide(path, mpp_override, default_mpp=settings.default_mpp) as reader:
-        grid = tile_grid(reader, settings.target_mpp, settings.tile_size_px, settings.tissue_threshold, settings.limits,
-                         settings.max_ink_fraction)
+        grid = tile_grid(
+            reader,
+            settings.target_mpp,
+            settings.tile_size_px,
+            settings.tissue_threshold,
+            settings.limits,
+            settings.max_ink_fraction,
+        )
     qc_partial = None
     if settings.qc_dir is not None:
         tissue = grid.tissue
         if tissue is None:
             raise RuntimeError(f"{path}: the new grid carries no tissue map for the QC image")
         qc_partial = temporary_path(settings.qc_dir / f"{path.stem}.png")
-        save_qc_image(qc_partial, tissue.thumbnail, tissue.mask, tissue.downsample, grid.coords, grid.size_level0,
-                      ink=tissue.ink)
+        save_qc_image(qc_partial, tissue.thumbnail, tissue.mask, tissue.downsample, grid.coords, grid.size_level0, ink=tissue.ink)
     return replace(grid, tissue=None), qc_partial  # the thumbnail is not needed past this point
 
 

@@ -112,9 +112,10 @@ def collate_tiles(items: Sequence[tuple[TileKey, torch.Tensor | None, str | None
 
 def slide_keys(position: int, path: Path, grid: TileGrid) -> list[TileKey]:
     """The keys of every tile of ``grid``, in grid order."""
-    return [TileKey(position, row, str(path), float(grid.level0_mpp), int(x), int(y), float(grid.size_level0),
-                    int(grid.tile_size_px))
-            for row, (x, y) in enumerate(np.asarray(grid.coords, dtype=np.int64))]
+    return [
+        TileKey(position, row, str(path), float(grid.level0_mpp), int(x), int(y), float(grid.size_level0), int(grid.tile_size_px))
+        for row, (x, y) in enumerate(np.asarray(grid.coords, dtype=np.int64))
+    ]
 
 
 def batch_bounds(n_tiles: int, batch_size: int, first_batch_size: int = FIRST_BATCH_SIZE) -> list[tuple[int, int]]:
@@ -128,8 +129,14 @@ class CohortTileBatches(Sampler[list[TileKey]]):
     """Batches of keys of ``slides[start:]`` in order; a slide whose grid raises is passed over
     (its error reaches the encoding loop from the planner)."""
 
-    def __init__(self, slides: Sequence[Path], grid_of: Callable[[Path], TileGrid], batch_size: int, start: int = 0,
-                 stop: int | None = None) -> None:
+    def __init__(
+        self,
+        slides: Sequence[Path],
+        grid_of: Callable[[Path], TileGrid],
+        batch_size: int,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> None:
         self.slides, self.grid_of, self.batch_size = list(slides), grid_of, batch_size
         self.start, self.stop = start, len(self.slides) if stop is None else stop
 
@@ -184,8 +191,11 @@ class TileStream:
         workers = self.num_workers > 0
         stop = position + 1 if self._isolated == position else None
         loader = DataLoader(
-            self._dataset, batch_sampler=CohortTileBatches(self.slides, self.grid_of, self.batch_size, position, stop),
-            collate_fn=collate_tiles, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            self._dataset,
+            batch_sampler=CohortTileBatches(self.slides, self.grid_of, self.batch_size, position, stop),
+            collate_fn=collate_tiles,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if workers else None,
             worker_init_fn=functools.partial(die_with_parent_worker, os.getpid()) if workers else None,
         )

@@ -129,8 +129,11 @@ def check_grid(reader: SlideReader, target_mpp: float, tile_size_px: int, limits
     """
     level0_mpp, source = reader.level0_mpp, reader.mpp_source
     if not limits.min_level0_mpp <= level0_mpp <= limits.max_level0_mpp:
-        dpi = [f" ({dpi} dpi, image software's default, not a scanner's resolution)"
-               for dpi, value in _SOFTWARE_DPI_MPP.items() if abs(level0_mpp / value - 1) < 1e-3]
+        dpi = [
+            f" ({dpi} dpi, image software's default, not a scanner's resolution)"
+            for dpi, value in _SOFTWARE_DPI_MPP.items()
+            if abs(level0_mpp / value - 1) < 1e-3
+        ]
         raise ImplausibleGridError(
             f"{reader.path}: level-0 resolution {level0_mpp:g} µm/px from {source}{''.join(dpi)} is outside the plausible "
             f"range for microscopy ({limits.min_level0_mpp:g}–{limits.max_level0_mpp:g} µm/px); "
@@ -155,8 +158,12 @@ def check_grid(reader: SlideReader, target_mpp: float, tile_size_px: int, limits
 
 
 def tile_grid(
-    reader: SlideReader, target_mpp: float, tile_size_px: int, tissue_threshold: float,
-    limits: GridLimits = GridLimits(), max_ink_fraction: float = MAX_INK_FRACTION,
+    reader: SlideReader,
+    target_mpp: float,
+    tile_size_px: int,
+    tissue_threshold: float,
+    limits: GridLimits = GridLimits(),
+    max_ink_fraction: float = MAX_INK_FRACTION,
 ) -> TileGrid:
     """Tissue tiles of ``reader``'s slide at ``target_mpp`` µm/px and ``tile_size_px`` px, with
     at most ``max_ink_fraction`` of pen ink.

@@ -68,8 +68,7 @@ def pen_ink_mask(thumbnail: np.ndarray, mpp: float | None = None) -> np.ndarray:
     rgb = thumbnail
     window = INK_WINDOW_PX if mpp is None else max(3, round(INK_MIN_WIDTH_UM / mpp))
     if mpp is not None and INK_BLUR_UM / mpp >= 2:
-        rgb = ndimage.uniform_filter(thumbnail.astype(np.float32), (round(INK_BLUR_UM / mpp), ) * 2 + (1,),
-                                     mode="nearest")
+        rgb = ndimage.uniform_filter(thumbnail.astype(np.float32), (round(INK_BLUR_UM / mpp),) * 2 + (1,), mode="nearest")
     red, green, blue = (rgb[..., channel].astype(np.int16) for channel in range(3))
     coloured = (green - red > INK_GREEN_OVER_RED) | ((blue > 2 * red) & (10 * green >= 6 * red))
     candidate = coloured | (rgb.max(axis=2) < INK_BLACK_MAX_VALUE)
@@ -80,8 +79,11 @@ def pen_ink_mask(thumbnail: np.ndarray, mpp: float | None = None) -> np.ndarray:
 
 
 def tissue_mask(
-    thumbnail: np.ndarray, min_saturation: int = MIN_SATURATION, max_saturation: int = MAX_SATURATION,
-    *, ink: np.ndarray | None = None,
+    thumbnail: np.ndarray,
+    min_saturation: int = MIN_SATURATION,
+    max_saturation: int = MAX_SATURATION,
+    *,
+    ink: np.ndarray | None = None,
 ) -> np.ndarray:
     """(H, W, 3) uint8 RGB thumbnail → (H, W) bool tissue mask, pen ink excluded.
 

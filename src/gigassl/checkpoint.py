@@ -35,10 +35,22 @@ LATEST_CHECKPOINT = "checkpoint.pt"
 # Settings that may change on --resume: where and how outputs are written and how the arithmetic
 # runs, not what is learned (views depend only on the seed, so workers, devices, the sparse backend
 # and the precision do not change them: a run started on a CPU may go on on a GPU).
-RESUME_FREE_KEYS = frozenset({
-    "out", "resume", "features", "num_workers", "device", "checkpoint_every", "keep_checkpoints",
-    "monitor_slides", "skip_bad_files", "check_finite", "sparse_backend", "mixed_precision",
-})
+RESUME_FREE_KEYS = frozenset(
+    {
+        "out",
+        "resume",
+        "features",
+        "num_workers",
+        "device",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "monitor_slides",
+        "skip_bad_files",
+        "check_finite",
+        "sparse_backend",
+        "mixed_precision",
+    }
+)
 # Settings a resume may change beyond RESUME_FREE_KEYS: permissions that do not change what is
 # learned (the slides are checked by id), and ``epochs`` (the schedule is re-planned).
 RESUME_EXTRA_FREE_KEYS = frozenset({"epochs", "overwrite", "allow_mixed_grids"})
@@ -55,12 +67,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a Giga-SSL checkpoint written by `gigassl train`")
     if payload.get("format_version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint format version {payload.get('format_version')}, "
-                         f"this package reads {CHECKPOINT_VERSION}")
+        raise ValueError(
+            f"{path}: checkpoint format version {payload.get('format_version')}, this package reads {CHECKPOINT_VERSION}"
+        )
     return payload
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", sparse_backend: str = "auto") -> tuple[GigaSSLModel, dict[str, Any]]:
+def load_model(
+    path: str | Path, device: torch.device | str = "cpu", sparse_backend: str = "auto"
+) -> tuple[GigaSSLModel, dict[str, Any]]:
     """The trained :class:`GigaSSLModel` of a checkpoint (eval mode) and the checkpoint dict;
     the network is rebuilt from the checkpoint's ``architecture``.
 
@@ -70,8 +85,10 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", sparse_back
     payload = load_checkpoint(path)
     saved_backend = payload["config"].get("sparse_backend", "spconv")  # checkpoints before the option
     if saved_backend not in BACKENDS:
-        raise ValueError(f"{path}: the checkpoint names an unknown sparse backend {saved_backend!r} "
-                         f"(this package knows {', '.join(BACKENDS)}); was it written by a newer gigassl?")
+        raise ValueError(
+            f"{path}: the checkpoint names an unknown sparse backend {saved_backend!r} "
+            f"(this package knows {', '.join(BACKENDS)}); was it written by a newer gigassl?"
+        )
     head = HeadSpec.from_dict(payload.get("architecture"), str(path))  # older checkpoints: ResNet18's
     model = GigaSSLModel(None, int(payload["config"]["projector_dim"]), device, sparse_backend, head)
     model.load_state_dict(payload["model"])
@@ -124,8 +141,10 @@ def claim_output_folder(out: Path, config: TrainConfig) -> list[Path]:
         what = f"epoch {payload['epoch']} of {payload['config']['epochs']}"
     except (OSError, ValueError, KeyError):
         what = f"{len(found)} files"
-    raise UserError(f"{out} already holds a training run ({what}); pass --resume {out / LATEST_CHECKPOINT} to continue "
-                    "it (with a larger --epochs to train it longer), --overwrite to replace it, or another --out")
+    raise UserError(
+        f"{out} already holds a training run ({what}); pass --resume {out / LATEST_CHECKPOINT} to continue "
+        "it (with a larger --epochs to train it longer), --overwrite to replace it, or another --out"
+    )
 
 
 def check_resume(resume: Mapping[str, Any], config: TrainConfig, slide_ids: list[str]) -> None:
@@ -135,13 +154,20 @@ def check_resume(resume: Mapping[str, Any], config: TrainConfig, slide_ids: list
     current = {k: v for k, v in settings_dict(config).items() if k not in RESUME_EXTRA_FREE_KEYS}
     differences = config_differences(saved, current)
     if differences:
-        raise UserError(f"cannot resume from {config.resume}: its settings differ from these ("
-                        + "; ".join(differences) + "); resume with the same settings (only --epochs may change) "
-                        "or start a new run")
+        raise UserError(
+            f"cannot resume from {config.resume}: its settings differ from these ("
+            + "; ".join(differences)
+            + "); resume with the same settings (only --epochs may change) "
+            "or start a new run"
+        )
     if list(resume["slide_ids"]) != slide_ids:
-        raise UserError(f"cannot resume from {config.resume}: it was trained on other slides "
-                        f"({len(resume['slide_ids'])} slides, now {len(slide_ids)})")
+        raise UserError(
+            f"cannot resume from {config.resume}: it was trained on other slides "
+            f"({len(resume['slide_ids'])} slides, now {len(slide_ids)})"
+        )
     done = int(resume["epoch"])
     if config.epochs < done:
-        raise UserError(f"cannot resume from {config.resume}: it has trained {done} epochs, more than --epochs "
-                        f"{config.epochs}; --epochs is the total, pass --epochs ≥ {done}")
+        raise UserError(
+            f"cannot resume from {config.resume}: it has trained {done} epochs, more than --epochs "
+            f"{config.epochs}; --epochs is the total, pass --epochs ≥ {done}"
+        )

@@ -37,7 +37,11 @@ from gigassl.config import DemoConfig, EmbedConfig, EvaluateConfig, TrainConfig,
 # The function returns an exit status, or an object whose ``exit_code`` is one.
 COMMANDS: dict[str, tuple[type, str, str]] = {
     "extract": (ExtractConfig, "extract.run:run_extraction", "slides → plain tile features and augmented bank (HDF5 per slide)"),
-    "pretrain-tiles": (MocoConfig, "extract.moco:run_pretraining", "MoCo v2 pre-training of a ResNet18/34/50 tile encoder (--arch) from slides"),
+    "pretrain-tiles": (
+        MocoConfig,
+        "extract.moco:run_pretraining",
+        "MoCo v2 pre-training of a ResNet18/34/50 tile encoder (--arch) from slides",
+    ),
     "train": (TrainConfig, "gigassl.train:run_training", "Giga-SSL training of the sparse slide encoder"),
     "embed": (EmbedConfig, "gigassl.embed:run_embedding", "slide embeddings from a trained checkpoint"),
     "evaluate": (EvaluateConfig, "gigassl.evaluate:run_evaluation", "few-label evaluation against MIL baselines"),
@@ -65,15 +69,24 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type)
         help_text = spec.metadata.get("help", "")
         if kind is bool:
             shown = flags[0] if default else "--no-" + flags[0][2:]
-            parser.add_argument(*flags, dest=spec.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=(help_text + f" (default: {shown})").replace("%", "%%"))
+            parser.add_argument(
+                *flags,
+                dest=spec.name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=(help_text + f" (default: {shown})").replace("%", "%%"),
+            )
             continue
         if typing.get_origin(kind) is tuple:
             kind, shown_default = comma_separated, default if default is None else (",".join(map(str, default)) or "none")
         else:
             shown_default = default
         parser.add_argument(
-            *flags, dest=spec.name, type=kind, default=default, required=required,
+            *flags,
+            dest=spec.name,
+            type=kind,
+            default=default,
+            required=required,
             metavar=spec.metadata.get("metavar"),
             help=(help_text + ("" if required or default is None else f" (default: {shown_default})")).replace("%", "%%"),
         )
@@ -99,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # where the package's own code lives: a ValueError raised by a `raise` line in here is a user error
-PACKAGE_DIRS = tuple(str(Path(module_file).resolve().parent) + os.sep
-                     for module_file in (typing.cast(str, sys.modules[UserError.__module__].__file__), __file__))  # a .py module: has a file
+PACKAGE_DIRS = tuple(
+    str(Path(module_file).resolve().parent) + os.sep
+    for module_file in (typing.cast(str, sys.modules[UserError.__module__].__file__), __file__)
+)  # a .py module: has a file
 PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 EXIT_USER_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -134,15 +149,19 @@ def run_command(command: str, function: Any, config: Any, verbose: bool) -> Any:
     try:
         return function(config)
     except KeyboardInterrupt:
-        log.error("gigassl %s: interrupted (Ctrl-C); files being written were discarded, finished ones are kept",
-                  command)
+        log.error("gigassl %s: interrupted (Ctrl-C); files being written were discarded, finished ones are kept", command)
         return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 — classified below: one line, or the traceback of a bug
         if is_user_error(error):
             log.error("%s", one_line(error), exc_info=error if verbose else None)
             return EXIT_USER_ERROR
-        log.critical("gigassl %s failed on an internal error (a bug; please report it with this traceback): "
-                     "%s: %s", command, type(error).__name__, error, exc_info=error)
+        log.critical(
+            "gigassl %s failed on an internal error (a bug; please report it with this traceback): %s: %s",
+            command,
+            type(error).__name__,
+            error,
+            exc_info=error,
+        )
         return EXIT_BUG
 
 
@@ -152,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
     config_class, target, _ = COMMANDS[args.command]
     try:

@@ -22,12 +22,14 @@ EVALUATE_BASELINES = ("average", "abmil", "topk")  # the baselines `gigassl eval
 
 SPARSE_BACKEND_HELP = (
     "sparse convolutions: auto (torch), torch (plain PyTorch, any device) or spconv (needs the "
-    "spconv extra, x86-64 Linux/Windows); checkpoints run with either")
+    "spconv extra, x86-64 Linux/Windows); checkpoints run with either"
+)
 
 
 MIXED_PRECISION_HELP = (
     "autocast: bf16 (fp16 on GPUs without bf16) on CUDA, bf16 on CPUs with bf16 units (AVX512-BF16, "
-    "AMX, Arm BF16), none elsewhere")
+    "AMX, Arm BF16), none elsewhere"
+)
 
 
 def _help(text: str, **extra) -> dict:
@@ -40,13 +42,15 @@ def _flag(name: str) -> str:
 
 def _too_small(config: Any, minimum: int, names: Iterable[str]) -> list[str]:
     """'--flag must be ≥ minimum (got value)' for each field of ``names`` below ``minimum``."""
-    return [f"{_flag(name)} must be ≥ {minimum} (got {getattr(config, name)})"
-            for name in names if getattr(config, name) < minimum]
+    return [
+        f"{_flag(name)} must be ≥ {minimum} (got {getattr(config, name)})" for name in names if getattr(config, name) < minimum
+    ]
 
 
 def _backend_problems(backend: str) -> list[str]:
-    return [] if backend in SPARSE_BACKENDS else [
-        f"--sparse-backend must be one of {', '.join(SPARSE_BACKENDS)} (got {backend!r})"]
+    return (
+        [] if backend in SPARSE_BACKENDS else [f"--sparse-backend must be one of {', '.join(SPARSE_BACKENDS)} (got {backend!r})"]
+    )
 
 
 def _refuse(what: str, problems: list[str]) -> None:
@@ -67,31 +71,70 @@ class TrainConfig:
 
     features: Path = field(metadata=_help("folder of per-slide HDF5 files with the augmented bank", required=True))
     out: Path = field(metadata=_help("output folder for checkpoints, monitors and curves", required=True))
-    init: Optional[str] = field(default=None, metadata=_help("ResNet18/34/50 checkpoint whose layer4 initialises the sparse head, or 'random' (default: the tile encoder named in the feature files when it was random; features of other encoders, e.g. exported programs, get a randomly initialised head of their width)"))
+    init: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "ResNet18/34/50 checkpoint whose layer4 initialises the sparse head, or 'random' (default: the tile encoder named in the feature files when it was random; features of other encoders, e.g. exported programs, get a randomly initialised head of their width)"
+        ),
+    )
     n_tiles_per_view: int = field(default=5, metadata=_help("T: tiles sampled per view (the paper's best is 5)"))
-    batch_size: int = field(default=256, metadata=_help("slides per step across all ranks (two views each); capped at the cohort size"))
-    epochs: int = field(default=1000, metadata=_help("training epochs in all (with --resume it may differ from the run's, to train longer or stop sooner: the warm-up + cosine schedule is then re-planned over the new total)"))
+    batch_size: int = field(
+        default=256, metadata=_help("slides per step across all ranks (two views each); capped at the cohort size")
+    )
+    epochs: int = field(
+        default=1000,
+        metadata=_help(
+            "training epochs in all (with --resume it may differ from the run's, to train longer or stop sooner: the warm-up + cosine schedule is then re-planned over the new total)"
+        ),
+    )
     lr: float = field(default=0.03, metadata=_help("Adam learning rate at batch 256 (scaled linearly)"))
     weight_decay: float = field(default=0.0, metadata=_help("Adam weight decay"))
     warmup_epochs: int = field(default=10, metadata=_help("linear warm-up epochs before the cosine decay"))
     temperature: float = field(default=0.05, metadata=_help("NT-Xent temperature"))
-    scale_min: float = field(default=0.5, metadata=_help("slide-level augmentation: lower bound of the per-axis scale (paper 0.5, original code 0.7)"))
-    scale_max: float = field(default=2.0, metadata=_help("slide-level augmentation: upper bound of the per-axis scale (paper 2, original code 1.3)"))
+    scale_min: float = field(
+        default=0.5, metadata=_help("slide-level augmentation: lower bound of the per-axis scale (paper 0.5, original code 0.7)")
+    )
+    scale_max: float = field(
+        default=2.0, metadata=_help("slide-level augmentation: upper bound of the per-axis scale (paper 2, original code 1.3)")
+    )
     projector_dim: int = field(default=256, metadata=_help("output size of the projector MLP"))
     seed: int = field(default=0, metadata=_help("random seed"))
-    num_workers: int = field(default=2, metadata=_help(
-        "DataLoader worker processes reading views while the model steps (0: read in the training process)"))
+    num_workers: int = field(
+        default=2,
+        metadata=_help("DataLoader worker processes reading views while the model steps (0: read in the training process)"),
+    )
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
     mixed_precision: bool = field(default=True, metadata=_help(MIXED_PRECISION_HELP))
     sparse_backend: str = field(default="auto", metadata=_help(SPARSE_BACKEND_HELP))
     checkpoint_every: int = field(default=50, metadata=_help("write a checkpoint every N epochs (and at the end)"))
-    keep_checkpoints: int = field(default=2, metadata=_help("periodic checkpoints kept in OUT/checkpoints (older ones are deleted; OUT/checkpoint.pt is always the latest)"))
+    keep_checkpoints: int = field(
+        default=2,
+        metadata=_help(
+            "periodic checkpoints kept in OUT/checkpoints (older ones are deleted; OUT/checkpoint.pt is always the latest)"
+        ),
+    )
     monitor_slides: int = field(default=64, metadata=_help("fixed slides used for the label-free monitors"))
-    resume: Optional[Path] = field(default=None, metadata=_help("checkpoint to resume from (same settings, except --epochs and where outputs go)"))
-    skip_bad_files: bool = field(default=False, metadata=_help("skip feature files without a bank or unreadable (logged) instead of refusing the folder"))
-    check_finite: bool = field(default=True, metadata=_help("read every bank once before training and refuse files with NaN/inf features"))
-    overwrite: bool = field(default=False, metadata=_help("replace a run already in --out (its checkpoints and monitors are deleted); without it, such a folder is refused unless --resume"))
-    allow_mixed_grids: bool = field(default=False, metadata=_help("train on feature files extracted at different tile sizes or µm/px (refused otherwise; the grids are recorded in the checkpoint)"))
+    resume: Optional[Path] = field(
+        default=None, metadata=_help("checkpoint to resume from (same settings, except --epochs and where outputs go)")
+    )
+    skip_bad_files: bool = field(
+        default=False, metadata=_help("skip feature files without a bank or unreadable (logged) instead of refusing the folder")
+    )
+    check_finite: bool = field(
+        default=True, metadata=_help("read every bank once before training and refuse files with NaN/inf features")
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata=_help(
+            "replace a run already in --out (its checkpoints and monitors are deleted); without it, such a folder is refused unless --resume"
+        ),
+    )
+    allow_mixed_grids: bool = field(
+        default=False,
+        metadata=_help(
+            "train on feature files extracted at different tile sizes or µm/px (refused otherwise; the grids are recorded in the checkpoint)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         problems = _too_small(self, 1, ("n_tiles_per_view",))
@@ -125,8 +168,15 @@ class EmbedConfig:
     sparse_backend: str = field(default="auto", metadata=_help(SPARSE_BACKEND_HELP))
     mixed_precision: bool = field(default=True, metadata=_help(MIXED_PRECISION_HELP))
     export: tuple[str, ...] = field(default=(), metadata=_help("extra files beside OUT: npz, csv (comma-separated)"))
-    strict: bool = field(default=False, metadata=_help("exit non-zero when any slide file failed (failed files are always listed)"))
-    allow_other_encoder: bool = field(default=False, metadata=_help("embed features made by another tile encoder than the checkpoint was trained on (refused otherwise; recorded in the output)"))
+    strict: bool = field(
+        default=False, metadata=_help("exit non-zero when any slide file failed (failed files are always listed)")
+    )
+    allow_other_encoder: bool = field(
+        default=False,
+        metadata=_help(
+            "embed features made by another tile encoder than the checkpoint was trained on (refused otherwise; recorded in the output)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         # a comma-separated string (the form before the tuple) is taken too
@@ -145,27 +195,51 @@ class EvaluateConfig:
     """Few-label evaluation of slide embeddings against MIL baselines."""
 
     embeddings: Path = field(metadata=_help("HDF5 file written by `gigassl embed`", required=True))
-    labels: Path = field(metadata=_help("CSV with a slide id column, a label column and optionally a patient column", required=True))
+    labels: Path = field(
+        metadata=_help("CSV with a slide id column, a label column and optionally a patient column", required=True)
+    )
     out: Path = field(default=Path("evaluation"), metadata=_help("output folder for the table (CSV, JSON) and the plot"))
     features: Optional[Path] = field(default=None, metadata=_help("folder of per-slide HDF5 files, needed by the baselines"))
-    baselines: tuple[str, ...] = field(default=("average",), metadata=_help("baselines compared with Giga-SSL, comma-separated: average,abmil,topk"))
-    reference: str = field(default="average", metadata=_help("method every other one is compared with, split by split (paired differences with 95 % intervals): gigassl, average, abmil or topk"))
+    baselines: tuple[str, ...] = field(
+        default=("average",), metadata=_help("baselines compared with Giga-SSL, comma-separated: average,abmil,topk")
+    )
+    reference: str = field(
+        default="average",
+        metadata=_help(
+            "method every other one is compared with, split by split (paired differences with 95 % intervals): gigassl, average, abmil or topk"
+        ),
+    )
     slide_column: str = field(default="slide", metadata=_help("name of the slide id column"))
     label_column: str = field(default="label", metadata=_help("name of the label column"))
     patient_column: str = field(default="patient", metadata=_help("name of the patient column (used when present)"))
     n_splits: int = field(default=10, metadata=_help("repeated stratified splits"))
     test_fraction: float = field(default=0.3, metadata=_help("share of slides (or patients) held out per split"))
-    budgets: tuple[str, ...] = field(default=("100%", "25%"), metadata=_help("training budgets, comma-separated: percentages (25%), slide counts (50) or per-class counts (4/class)"))
-    logistic_c: float = field(default=10.0, metadata=_help("C of the logistic regression, the inverse of its L2 regularisation strength (the original's 10)", aliases=("--c",)))
+    budgets: tuple[str, ...] = field(
+        default=("100%", "25%"),
+        metadata=_help("training budgets, comma-separated: percentages (25%), slide counts (50) or per-class counts (4/class)"),
+    )
+    logistic_c: float = field(
+        default=10.0,
+        metadata=_help(
+            "C of the logistic regression, the inverse of its L2 regularisation strength (the original's 10)", aliases=("--c",)
+        ),
+    )
     tune_c: bool = field(default=False, metadata=_help("choose C by inner cross-validation instead"))
     seed: int = field(default=0, metadata=_help("random seed of the splits"))
     strict: bool = field(default=False, metadata=_help("error when label ids are missing from the embeddings"))
     device: str = field(default="auto", metadata=_help("device of the MIL baselines"))
     topk: int = field(default=64, metadata=_help("k most-attended tiles per slide for top-k fine-tuning"))
     topk_epochs: int = field(default=2, metadata=_help("top-k fine-tuning epochs over the training slides (one slide per step)"))
-    mil_epochs: int = field(default=50, metadata=_help("most epochs of attention-MIL training (early stopping on an inner validation split)"))
-    slides: Optional[Path] = field(default=None, metadata=_help("folder of the slide files, for top-k (default: the paths recorded in the feature files)"))
-    encoder: str = field(default="auto", metadata=_help("tile encoder checkpoint fine-tuned by top-k ('auto': 'random' when the features say so, else required)"))
+    mil_epochs: int = field(
+        default=50, metadata=_help("most epochs of attention-MIL training (early stopping on an inner validation split)")
+    )
+    slides: Optional[Path] = field(
+        default=None, metadata=_help("folder of the slide files, for top-k (default: the paths recorded in the feature files)")
+    )
+    encoder: str = field(
+        default="auto",
+        metadata=_help("tile encoder checkpoint fine-tuned by top-k ('auto': 'random' when the features say so, else required)"),
+    )
 
     @property
     def c(self) -> float:
@@ -195,21 +269,32 @@ class EvaluateConfig:
 class DemoConfig:
     """The whole pipeline on a synthetic cohort painted from real Kather 2016 tiles."""
 
-    out: Path = field(default=Path("demo_out"), metadata=_help("output folder (slides, features, QC, checkpoint, embeddings, evaluation)"))
+    out: Path = field(
+        default=Path("demo_out"), metadata=_help("output folder (slides, features, QC, checkpoint, embeddings, evaluation)")
+    )
     n_slides: int = field(default=40, metadata=_help("slides in the demo cohort (half with tumour texture)"))
     seed: int = field(default=0, metadata=_help("random seed of the cohort and of every stage"))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
     sparse_backend: str = field(default="auto", metadata=_help(SPARSE_BACKEND_HELP))
-    encoder: str = field(default="random", metadata=_help("tile encoder: a ResNet18 checkpoint (e.g. from `gigassl pretrain-tiles`) or 'random'"))
-    target_mpp: float = field(default=1.0, metadata=_help("extraction resolution in µm/px (the slides are at 0.495)", aliases=("--mpp",)))
-    tile_size_px: int = field(default=64, metadata=_help("tile side in pixels at --target-mpp (small, so the demo runs on a laptop CPU)", aliases=("--tile-size",)))
+    encoder: str = field(
+        default="random", metadata=_help("tile encoder: a ResNet18 checkpoint (e.g. from `gigassl pretrain-tiles`) or 'random'")
+    )
+    target_mpp: float = field(
+        default=1.0, metadata=_help("extraction resolution in µm/px (the slides are at 0.495)", aliases=("--mpp",))
+    )
+    tile_size_px: int = field(
+        default=64,
+        metadata=_help("tile side in pixels at --target-mpp (small, so the demo runs on a laptop CPU)", aliases=("--tile-size",)),
+    )
     n_augmentations: int = field(default=8, metadata=_help("A: augmentations per slide in the bank"))
     n_tiles_per_augmentation: int = field(default=16, metadata=_help("K: tiles per augmentation in the bank"))
     epochs: int = field(default=50, metadata=_help("Giga-SSL training epochs"))
     batch_size: int = field(default=20, metadata=_help("slides per training step (two views each)"))
     n_views: int = field(default=50, metadata=_help("R: views averaged per slide embedding"))
     n_splits: int = field(default=5, metadata=_help("repeated stratified splits of the evaluation"))
-    baselines: tuple[str, ...] = field(default=("average", "abmil"), metadata=_help("baselines compared with Giga-SSL, comma-separated: average,abmil"))
+    baselines: tuple[str, ...] = field(
+        default=("average", "abmil"), metadata=_help("baselines compared with Giga-SSL, comma-separated: average,abmil")
+    )
     num_workers: int = field(default=0, metadata=_help("DataLoader workers reading tiles during extraction"))
     overwrite: bool = field(default=False, metadata=_help("redraw the slides and re-extract features even when they exist"))
 
@@ -217,7 +302,8 @@ class DemoConfig:
         # a comma-separated string (the form before the tuple) is taken too
         object.__setattr__(self, "baselines", comma_separated(self.baselines))
         problems = _too_small(self, 10, ("n_slides",)) + _too_small(
-            self, 1, ("tile_size_px", "n_augmentations", "n_tiles_per_augmentation", "epochs", "n_views"))
+            self, 1, ("tile_size_px", "n_augmentations", "n_tiles_per_augmentation", "epochs", "n_views")
+        )
         unknown = sorted(set(self.baselines) - {"average", "abmil"})
         if unknown:
             problems.append(f"--baselines: unknown {unknown}; the demo compares with average,abmil")

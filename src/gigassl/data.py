@@ -55,9 +55,13 @@ def feature_files_in(folder: str | Path) -> list[Path]:
         raise FileNotFoundError(f"features folder {folder} does not exist; run `gigassl extract` first")
     files = sorted(folder.glob(f"*{FEATURE_SUFFIX}"))
     if not files:
-        raise FileNotFoundError(f"features folder {folder} holds no *{FEATURE_SUFFIX} files; point --features "
-                                "at the `features` folder written by `gigassl extract`")
+        raise FileNotFoundError(
+            f"features folder {folder} holds no *{FEATURE_SUFFIX} files; point --features "
+            "at the `features` folder written by `gigassl extract`"
+        )
     return files
+
+
 STREAM_TRAIN = 0  # seed streams: training views, monitor views, epoch permutations
 STREAM_MONITOR = 1
 STREAM_PERMUTATION = 2
@@ -102,8 +106,9 @@ class Cohort:
         counts: dict[tuple[int | None, float | None], int] = {}
         for entry in self.slides:
             counts[entry.grid] = counts.get(entry.grid, 0) + 1
-        return [dict(tile_size_px=size, mpp=mpp, n_slides=n)
-                for (size, mpp), n in sorted(counts.items(), key=lambda item: -item[1])]
+        return [
+            dict(tile_size_px=size, mpp=mpp, n_slides=n) for (size, mpp), n in sorted(counts.items(), key=lambda item: -item[1])
+        ]
 
 
 def _list_reasons(items: Sequence[tuple[Path, str]], limit: int = 10) -> str:
@@ -127,8 +132,16 @@ def _scan_one(path: Path, check_finite: bool) -> SlideEntry:
                         f"{path}: NaN or inf in augmentation {a} of the bank; re-extract this slide "
                         "(`gigassl extract --overwrite`) or move the file out of the folder"
                     )
-        return SlideEntry(path, slide.slide_id, slide.n_augmentations, slide.bank_size,
-                          slide.tile_step_level0, encoder, _grid(slide.grid_attrs), locate_bank_chunks(slide))
+        return SlideEntry(
+            path,
+            slide.slide_id,
+            slide.n_augmentations,
+            slide.bank_size,
+            slide.tile_step_level0,
+            encoder,
+            _grid(slide.grid_attrs),
+            locate_bank_chunks(slide),
+        )
 
 
 def _bank_encoder(attrs: dict, width: int) -> EncoderInfo:
@@ -136,8 +149,14 @@ def _bank_encoder(attrs: dict, width: int) -> EncoderInfo:
     were ResNet18s. ``width`` (D) is the bank's own."""
     name = str(attrs.get("encoder", "unknown"))
     source = str(attrs.get("encoder_source", "random" if name == "random" else "file"))
-    return EncoderInfo(name, str(attrs.get("encoder_sha256", "")), source, str(attrs.get("encoder_arch", "resnet18")),
-                       width, str(attrs.get("encoder_layout", "")))
+    return EncoderInfo(
+        name,
+        str(attrs.get("encoder_sha256", "")),
+        source,
+        str(attrs.get("encoder_arch", "resnet18")),
+        width,
+        str(attrs.get("encoder_layout", "")),
+    )
 
 
 def _grid(attrs: dict) -> tuple[int | None, float | None]:
@@ -153,13 +172,16 @@ def _check_one_grid(folder: Path, slides: Sequence[SlideEntry], allow_mixed_grid
         grids.setdefault(entry.grid, []).append(entry)
     if len(grids) < 2:
         return
-    described = "; ".join(f"{size} px at {mpp} µm/px: {len(members)} file{'s' * (len(members) != 1)} (e.g. {members[0].path.name})"
-                          for (size, mpp), members in sorted(grids.items(), key=lambda item: -len(item[1])))
+    described = "; ".join(
+        f"{size} px at {mpp} µm/px: {len(members)} file{'s' * (len(members) != 1)} (e.g. {members[0].path.name})"
+        for (size, mpp), members in sorted(grids.items(), key=lambda item: -len(item[1]))
+    )
     if not allow_mixed_grids:
         raise FeatureFileError(
             f"the files in {folder} were extracted on {len(grids)} different tile grids ({described}); a grid "
             "cell must be the same size of tissue for every slide: re-extract them with one --target-mpp and --tile-size-px, "
-            "or pass --allow-mixed-grids to train on them anyway (recorded in the checkpoint)")
+            "or pass --allow-mixed-grids to train on them anyway (recorded in the checkpoint)"
+        )
     log.warning("training on %d different tile grids (--allow-mixed-grids): %s", len(grids), described)
 
 
@@ -207,7 +229,9 @@ def scan_features_folder(
     if small:
         log.warning(
             "%d slides have fewer than T = %d tiles per augmentation; their views sample tiles "
-            "with replacement (duplicates are merged): %s", len(small), n_tiles_per_view,
+            "with replacement (duplicates are merged): %s",
+            len(small),
+            n_tiles_per_view,
             ", ".join(f"{s.slide_id} (K={s.bank_size})" for s in small[:10]) + (" …" if len(small) > 10 else ""),
         )
     return Cohort(Path(folder), tuple(slides), tuple(bad))
@@ -284,9 +308,7 @@ class SlideViewDataset(Dataset):
         else:
             features, coords = self._open(index).augmentation(augmentation, rows)
         if not np.isfinite(features).all():
-            raise FeatureFileError(
-                f"{entry.path}: NaN or inf in augmentation {augmentation} of the bank; re-extract this slide"
-            )
+            raise FeatureFileError(f"{entry.path}: NaN or inf in augmentation {augmentation} of the bank; re-extract this slide")
         cells = tile_cells(coords, entry.tile_step_level0)
         cells = augment_cells(cells, rng, self.scale_range)
         return features, cells
@@ -334,8 +356,7 @@ def global_batch_size(requested: int, n_slides: int, world_size: int) -> int:
             f"{world_size} ranks; the cohort has {n_slides} slides and batch_size is {requested}"
         )
     if batch != requested:
-        log.info("batch of %d slides per step (asked for %d; cohort of %d, %d ranks)", batch, requested,
-                 n_slides, world_size)
+        log.info("batch of %d slides per step (asked for %d; cohort of %d, %d ranks)", batch, requested, n_slides, world_size)
     return batch
 
 

@@ -59,8 +59,12 @@ class DemoResult:
 
         timing = ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items())
         lines = [
-            "", "Giga-SSL demo — slide-level AUC (tumour texture present?), mean ± s.d. over splits", "",
-            self.table, "", *([self.reading, ""] if self.reading else []),
+            "",
+            "Giga-SSL demo — slide-level AUC (tumour texture present?), mean ± s.d. over splits",
+            "",
+            self.table,
+            "",
+            *([self.reading, ""] if self.reading else []),
             f"slides          {self.out / 'slides'} ({len(self.slides)} pyramidal TIFFs, labels {self.labels})",
             f"tile features   {listing(self.features)}",
             f"QC thumbnails   {listing(self.qc)}",
@@ -93,10 +97,18 @@ def extract_settings(config: DemoConfig, slides: Path) -> Any:
     from extract.config import ExtractConfig
 
     return ExtractConfig(
-        slides=slides, out=Path(config.out), encoder=config.encoder, target_mpp=config.target_mpp,
-        tile_size_px=config.tile_size_px, n_augmentations=config.n_augmentations,
-        n_tiles_per_augmentation=config.n_tiles_per_augmentation, seed=config.seed,
-        num_workers=config.num_workers, device=config.device, overwrite=config.overwrite, strict=True,
+        slides=slides,
+        out=Path(config.out),
+        encoder=config.encoder,
+        target_mpp=config.target_mpp,
+        tile_size_px=config.tile_size_px,
+        n_augmentations=config.n_augmentations,
+        n_tiles_per_augmentation=config.n_tiles_per_augmentation,
+        seed=config.seed,
+        num_workers=config.num_workers,
+        device=config.device,
+        overwrite=config.overwrite,
+        strict=True,
     )
 
 
@@ -105,10 +117,18 @@ def train_settings(config: DemoConfig, features: Path) -> Any:
     from gigassl.config import TrainConfig
 
     return TrainConfig(
-        features=features, out=Path(config.out) / "train", epochs=config.epochs,
-        batch_size=config.batch_size, warmup_epochs=max(1, config.epochs // 10), seed=config.seed,
-        device=config.device, sparse_backend=config.sparse_backend, checkpoint_every=config.epochs, keep_checkpoints=1,
-        monitor_slides=min(config.n_slides, 16), overwrite=True,  # the demo always retrains
+        features=features,
+        out=Path(config.out) / "train",
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        warmup_epochs=max(1, config.epochs // 10),
+        seed=config.seed,
+        device=config.device,
+        sparse_backend=config.sparse_backend,
+        checkpoint_every=config.epochs,
+        keep_checkpoints=1,
+        monitor_slides=min(config.n_slides, 16),
+        overwrite=True,  # the demo always retrains
     )
 
 
@@ -117,8 +137,13 @@ def embed_settings(config: DemoConfig, checkpoint: Path, features: Path) -> Any:
     from gigassl.config import EmbedConfig
 
     return EmbedConfig(
-        model=checkpoint, features=features, out=Path(config.out) / "embeddings.h5",
-        n_views=config.n_views, seed=config.seed, device=config.device, sparse_backend=config.sparse_backend,
+        model=checkpoint,
+        features=features,
+        out=Path(config.out) / "embeddings.h5",
+        n_views=config.n_views,
+        seed=config.seed,
+        device=config.device,
+        sparse_backend=config.sparse_backend,
     )
 
 
@@ -127,8 +152,14 @@ def evaluate_settings(config: DemoConfig, embeddings: Path, labels: Path, featur
     from gigassl.config import EvaluateConfig
 
     return EvaluateConfig(
-        embeddings=embeddings, labels=labels, out=Path(config.out) / "evaluation", features=features,
-        baselines=config.baselines, n_splits=config.n_splits, seed=config.seed, device=config.device,
+        embeddings=embeddings,
+        labels=labels,
+        out=Path(config.out) / "evaluation",
+        features=features,
+        baselines=config.baselines,
+        n_splits=config.n_splits,
+        seed=config.seed,
+        device=config.device,
         mil_epochs=20,
     )
 
@@ -167,11 +198,20 @@ def run_demo(config: DemoConfig) -> DemoResult:
     table, auc = _auc_table(evaluation)
     reading = how_to_read(evaluation.paired, config.encoder, training.final.get("train_loss"), config.batch_size)
     result = DemoResult(
-        out=out, slides=slides, labels=labels,
-        features=sorted(features_dir.glob("*.h5")), qc=sorted((out / "qc").glob("*.png")),
-        checkpoint=training.checkpoint, monitors=training.monitors_csv, curves=training.curves,
-        embeddings=embeddings, evaluation=sorted(p for p in (out / "evaluation").iterdir() if p.is_file()),
-        table=table, auc=auc, seconds=seconds, reading=reading,
+        out=out,
+        slides=slides,
+        labels=labels,
+        features=sorted(features_dir.glob("*.h5")),
+        qc=sorted((out / "qc").glob("*.png")),
+        checkpoint=training.checkpoint,
+        monitors=training.monitors_csv,
+        curves=training.curves,
+        embeddings=embeddings,
+        evaluation=sorted(p for p in (out / "evaluation").iterdir() if p.is_file()),
+        table=table,
+        auc=auc,
+        seconds=seconds,
+        reading=reading,
     )
     return result
 
@@ -198,8 +238,11 @@ def how_to_read(paired: list[dict[str, Any]], encoder: str, train_loss: Optional
     if encoder != "random":
         return "\n".join(lines)
     level = constant_output_loss(batch_size)
-    loss = f"its training loss ended at {train_loss:.2f}, against {level:.2f} for a constant output" \
-        if train_loss is not None else "its training loss stays near the constant-output level"
+    loss = (
+        f"its training loss ended at {train_loss:.2f}, against {level:.2f} for a constant output"
+        if train_loss is not None
+        else "its training loss stays near the constant-output level"
+    )
     lines += [
         "Why Giga-SSL does not lead here: the tile encoder is random (no weights are downloaded). The mean of",
         "random tile features already tells tumour texture apart, so AverageMIL is strong, while Giga-SSL learns from",

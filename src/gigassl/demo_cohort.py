@@ -120,9 +120,7 @@ def _quantile_mask(values: np.ndarray, within: np.ndarray, fraction: float) -> n
     return within & (values >= threshold)
 
 
-def _class_map(
-    rng: np.random.Generator, settings: CohortSettings, positive: bool
-) -> tuple[np.ndarray, float, float]:
+def _class_map(rng: np.random.Generator, settings: CohortSettings, positive: bool) -> tuple[np.ndarray, float, float]:
     """Coarse (h, w) int map: -1 background, 0 tumour, 1… normal classes; tissue and tumour shares."""
     step = _FIELD_STEP
     shape = (settings.height_px // step, settings.width_px // step)
@@ -222,9 +220,15 @@ def write_pyramidal_tiff(path: Path, image: np.ndarray, mpp: float, n_levels: in
                 level = level.reduce(2)
             per_cm = 1e4 / (mpp * downsample)
             writer.write(
-                np.asarray(level), tile=(tile_px, tile_px), compression="zlib", predictor=True, photometric="rgb",
-                resolution=(per_cm, per_cm), resolutionunit="CENTIMETER",
-                subfiletype=0 if index == 0 else 1, description=description if index == 0 else None,
+                np.asarray(level),
+                tile=(tile_px, tile_px),
+                compression="zlib",
+                predictor=True,
+                photometric="rgb",
+                resolution=(per_cm, per_cm),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if index == 0 else 1,
+                description=description if index == 0 else None,
                 metadata=None,
             )
     temp.replace(path)
@@ -304,8 +308,11 @@ def write_demo_cohort(
         writer.writerow(["slide", "label"])
         writer.writerows((r.slide, r.label) for r in records)
     manifest = {
-        "format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "mpp": KATHER_MPP,
-        "settings": asdict(settings), "slides": [asdict(r) for r in records],
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "mpp": KATHER_MPP,
+        "settings": asdict(settings),
+        "slides": [asdict(r) for r in records],
         "source": "Kather et al. 2016, Zenodo record 53169, CC BY 4.0",
     }
     (folder / COHORT_MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -68,8 +68,9 @@ def use_global_batch_norm(module: nn.Module) -> nn.Module:
     """Swap every ``BatchNorm1d`` of ``module`` for :class:`GlobalBatchNorm1d` (weights kept)."""
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm1d:
-            replacement = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
-                                            child.track_running_stats, device=child.weight.device)
+            replacement = GlobalBatchNorm1d(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats, device=child.weight.device
+            )
             replacement.load_state_dict(child.state_dict())
             setattr(module, name, replacement)
         else:

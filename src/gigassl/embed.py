@@ -60,8 +60,17 @@ from gigassl.plain_features import PlainFeatures, read_plain_features, split_dup
 from gigassl.sparse_map import collate_views, tile_cells
 
 __all__ = [
-    "EmbedResult", "EmbeddingFileError", "EmbeddingWriter", "FeatureContract", "SlideEmbedder", "SlideEmbeddings",
-    "embed_slides", "export_embeddings", "iter_embeddings", "read_embeddings", "run_embedding",
+    "EmbedResult",
+    "EmbeddingFileError",
+    "EmbeddingWriter",
+    "FeatureContract",
+    "SlideEmbedder",
+    "SlideEmbeddings",
+    "embed_slides",
+    "export_embeddings",
+    "iter_embeddings",
+    "read_embeddings",
+    "run_embedding",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,8 +88,10 @@ class EmbedResult:
 
     def format(self) -> str:
         """A short report: what was written, and the slides that failed."""
-        lines = [f"embedded {self.n_slides} slides → {self.out}"
-                 + (f" (+ {', '.join(map(str, self.exports))})" if self.exports else "")]
+        lines = [
+            f"embedded {self.n_slides} slides → {self.out}"
+            + (f" (+ {', '.join(map(str, self.exports))})" if self.exports else "")
+        ]
         if self.failed:
             lines.append(f"{len(self.failed)} slide file(s) failed:")
             lines += [f"  {path}: {reason}" for path, reason in self.failed]
@@ -93,7 +104,11 @@ def slide_generator(seed: int, slide_id: str) -> np.random.Generator:
 
 
 def sample_views(
-    features: np.ndarray, coords: np.ndarray, tile_step_level0: float, n_views: int, n_tiles_per_view: int,
+    features: np.ndarray,
+    coords: np.ndarray,
+    tile_step_level0: float,
+    n_views: int,
+    n_tiles_per_view: int,
     generator: np.random.Generator,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """R views of one slide: (T, D) features and (T, 2) grid cells each, tiles drawn without
@@ -149,8 +164,7 @@ class FeatureContract:
         """The contract of ``model`` and its checkpoint dict (whose ``encoder`` names the features' encoder)."""
         encoder = (checkpoint or {}).get("encoder") or {}
         encoder = encoder if isinstance(encoder, dict) else {}
-        return cls(model_feature_dim(model), str(encoder.get("name", "")), str(encoder.get("sha256", "")),
-                   allow_other_encoder)
+        return cls(model_feature_dim(model), str(encoder.get("name", "")), str(encoder.get("sha256", "")), allow_other_encoder)
 
     def check(self, slide: PlainFeatures) -> bool:
         """Raise a one-line :class:`FeatureFileError` when ``slide`` breaks the contract; else
@@ -159,21 +173,34 @@ class FeatureContract:
         if slide.feature_dim != self.feature_dim:
             raise FeatureFileError(
                 f"{slide.path}: features are {slide.feature_dim}-d, this model expects {self.feature_dim}-d; embed "
-                "features extracted with the tile encoder the model was trained on")
-        if (self.encoder_sha256 and slide.encoder_sha256 and slide.encoder_sha256 != self.encoder_sha256
-                and not self.allow_other_encoder):
+                "features extracted with the tile encoder the model was trained on"
+            )
+        if (
+            self.encoder_sha256
+            and slide.encoder_sha256
+            and slide.encoder_sha256 != self.encoder_sha256
+            and not self.allow_other_encoder
+        ):
             raise FeatureFileError(
                 f"{slide.path}: features made by the tile encoder {slide.encoder_name!r} (sha256 "
                 f"{slide.encoder_sha256[:12]}…), but the model was trained on features of {self.encoder_name!r} "
                 f"(sha256 {self.encoder_sha256[:12]}…); embed features of that encoder, or pass --allow-other-encoder "
-                "to embed these anyway (recorded in the output)")
+                "to embed these anyway (recorded in the output)"
+            )
         return bool(self.encoder_sha256 and slide.encoder_sha256)
 
 
 def iter_embeddings(
-    model, feature_files: Sequence[str | Path], n_views: int, n_tiles_per_view: int, seed: int = 0,
-    batch_size: int = 64, failed: list[tuple[str, str]] | None = None, contract: FeatureContract | None = None,
-    encoders: Counter | None = None, unverified: list[str] | None = None,
+    model,
+    feature_files: Sequence[str | Path],
+    n_views: int,
+    n_tiles_per_view: int,
+    seed: int = 0,
+    batch_size: int = 64,
+    failed: list[tuple[str, str]] | None = None,
+    contract: FeatureContract | None = None,
+    encoders: Counter | None = None,
+    unverified: list[str] | None = None,
 ) -> Iterator[tuple[list[str], np.ndarray]]:
     """Yield (ids, (s, W) float32) per batch of ``batch_size`` slides.
 
@@ -204,15 +231,29 @@ def iter_embeddings(
                 encoders[(slide.encoder_name, slide.encoder_sha256)] += 1
             if unverified is not None and not verified:
                 unverified.append(slide.slide_id)
-            views.extend(sample_views(slide.features, slide.coords, slide.tile_step_level0, n_views, n_tiles_per_view,
-                                      slide_generator(seed, slide.slide_id)))
+            views.extend(
+                sample_views(
+                    slide.features,
+                    slide.coords,
+                    slide.tile_step_level0,
+                    n_views,
+                    n_tiles_per_view,
+                    slide_generator(seed, slide.slide_id),
+                )
+            )
         if ids:
             yield ids, pool_views(model, views, n_views)
 
 
 def embed_slides(
-    model, feature_files: Sequence[str | Path], n_views: int = 50, n_tiles_per_view: int = 5, seed: int = 0,
-    batch_size: int = 64, device: torch.device | str | None = None, contract: FeatureContract | None = None,
+    model,
+    feature_files: Sequence[str | Path],
+    n_views: int = 50,
+    n_tiles_per_view: int = 5,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    contract: FeatureContract | None = None,
     mixed_precision: bool = True,
 ) -> tuple[list[str], np.ndarray]:
     """Slide ids and (S, W) float32 unit-norm embeddings of ``feature_files`` (in memory).
@@ -228,23 +269,33 @@ def embed_slides(
     ids: list[str] = []
     chunks: list[np.ndarray] = []
     with autocast(model_device(model), mixed_precision):
-        for chunk_ids, chunk in iter_embeddings(model, feature_files, n_views, n_tiles_per_view, seed, batch_size,
-                                                contract=contract):
+        for chunk_ids, chunk in iter_embeddings(
+            model, feature_files, n_views, n_tiles_per_view, seed, batch_size, contract=contract
+        ):
             ids.extend(chunk_ids)
             chunks.append(chunk)
     return ids, (np.concatenate(chunks) if chunks else np.zeros((0, model_slide_dim(model)), np.float32))
 
 
-def _features_encoders(encoders: Counter, contract: FeatureContract, unverified: Sequence[str], out: Path) -> tuple[str, list[list[Any]]]:
+def _features_encoders(
+    encoders: Counter, contract: FeatureContract, unverified: Sequence[str], out: Path
+) -> tuple[str, list[list[Any]]]:
     """(``encoder_sha256`` attribute: the features' own encoder(s), [[name, sha256, n_slides], …])."""
     if unverified:
-        logger.warning("%d slide file(s) without this package's provenance (e.g. TRIDENT/CLAM files: %s): their tile "
-                       "encoder cannot be verified against the checkpoint's (%s); embedded because their width matches, "
-                       "listed as `unverified` in %s", len(unverified), ", ".join(unverified[:3]) + (" …" if len(unverified) > 3 else ""),
-                       f"{contract.encoder_name}, {contract.encoder_sha256[:12]}…" if contract.encoder_sha256 else "it records none", out)
+        logger.warning(
+            "%d slide file(s) without this package's provenance (e.g. TRIDENT/CLAM files: %s): their tile "
+            "encoder cannot be verified against the checkpoint's (%s); embedded because their width matches, "
+            "listed as `unverified` in %s",
+            len(unverified),
+            ", ".join(unverified[:3]) + (" …" if len(unverified) > 3 else ""),
+            f"{contract.encoder_name}, {contract.encoder_sha256[:12]}…" if contract.encoder_sha256 else "it records none",
+            out,
+        )
     if contract.allow_other_encoder and {sha for _, sha in encoders} - {contract.encoder_sha256, ""}:
-        logger.warning("embedded features of another tile encoder than the checkpoint's (--allow-other-encoder): %s",
-                       ", ".join(f"{name} ({sha[:12]}…): {n} slides" for (name, sha), n in encoders.items()))
+        logger.warning(
+            "embedded features of another tile encoder than the checkpoint's (--allow-other-encoder): %s",
+            ", ".join(f"{name} ({sha[:12]}…): {n} slides" for (name, sha), n in encoders.items()),
+        )
     hashes = sorted({sha for _, sha in encoders if sha})
     return ",".join(hashes), [[name, sha, n] for (name, sha), n in sorted(encoders.items())]
 
@@ -262,22 +313,36 @@ def run_embedding(config: EmbedConfig) -> EmbedResult:
     n_tiles = config.n_tiles_per_view or int(checkpoint["config"]["n_tiles_per_view"])
     contract = FeatureContract.of(model, checkpoint, config.allow_other_encoder)
     provenance = dict(
-        checkpoint=str(config.model), checkpoint_sha256=file_sha256(config.model),
-        checkpoint_epoch=int(checkpoint.get("epoch", -1)), n_views=config.n_views, n_tiles_per_view=n_tiles,
-        seed=config.seed, features=str(config.features), checkpoint_encoder_sha256=contract.encoder_sha256,
-        sparse_backend=model.sparse_backend, feature_dim=contract.feature_dim,
+        checkpoint=str(config.model),
+        checkpoint_sha256=file_sha256(config.model),
+        checkpoint_epoch=int(checkpoint.get("epoch", -1)),
+        n_views=config.n_views,
+        n_tiles_per_view=n_tiles,
+        seed=config.seed,
+        features=str(config.features),
+        checkpoint_encoder_sha256=contract.encoder_sha256,
+        sparse_backend=model.sparse_backend,
+        feature_dim=contract.feature_dim,
         architecture=checkpoint.get("architecture") or {},
         settings=settings_dict(config),
     )
-    logger.info("embedding %d slides from %s: R=%d views of T=%d tiles, seed %d, on %s",
-                len(files), config.features, config.n_views, n_tiles, config.seed, device)
+    logger.info(
+        "embedding %d slides from %s: R=%d views of T=%d tiles, seed %d, on %s",
+        len(files),
+        config.features,
+        config.n_views,
+        n_tiles,
+        config.seed,
+        device,
+    )
     encoders: Counter = Counter()
     unverified: list[str] = []
     progress = tqdm(total=len(files) + len(failed), initial=len(failed), unit="slide", desc="embed")
     writer = EmbeddingWriter(config.out, provenance, model_slide_dim(model))
     with writer, autocast(device, config.mixed_precision):
-        for ids, chunk in iter_embeddings(model, files, config.n_views, n_tiles, config.seed, config.batch_size, failed,
-                                          contract, encoders, unverified):
+        for ids, chunk in iter_embeddings(
+            model, files, config.n_views, n_tiles, config.seed, config.batch_size, failed, contract, encoders, unverified
+        ):
             writer.append(ids, chunk)
             progress.update(writer.n_slides + len(failed) - progress.n)
         encoder_sha256, features_encoders = _features_encoders(encoders, contract, unverified, Path(config.out))
@@ -286,8 +351,12 @@ def run_embedding(config: EmbedConfig) -> EmbedResult:
         writer.set_attr("features_encoders", features_encoders)
         writer.set_attr("failed", failed)
         if writer.n_slides == 0:
-            raise UserError(f"no slide of {config.features} could be embedded: {len(failed)} file(s) failed, the first "
-                            f"{failed[0][0]}: {failed[0][1]}" if failed else f"no slide of {config.features} to embed")
+            raise UserError(
+                f"no slide of {config.features} could be embedded: {len(failed)} file(s) failed, the first "
+                f"{failed[0][0]}: {failed[0][1]}"
+                if failed
+                else f"no slide of {config.features} to embed"
+            )
     progress.close()
     exported = read_embeddings(config.out) if config.export else None
     written = [export_embeddings(exported, config.out, kind) for kind in config.export] if exported is not None else []
@@ -309,8 +378,17 @@ class SlideEmbedder(TransformerMixin, BaseEstimator):
     ``make_pipeline(SlideEmbedder(ckpt), LogisticRegression())`` and ``cross_val_score``.
     """
 
-    def __init__(self, model: Any = None, n_views: int = 50, n_tiles_per_view: int | None = None, seed: int = 0,
-                 batch_size: int = 64, device: str = "cpu", sparse_backend: str = "auto", mixed_precision: bool = True) -> None:
+    def __init__(
+        self,
+        model: Any = None,
+        n_views: int = 50,
+        n_tiles_per_view: int | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        device: str = "cpu",
+        sparse_backend: str = "auto",
+        mixed_precision: bool = True,
+    ) -> None:
         self.model = model
         self.n_views = n_views
         self.n_tiles_per_view = n_tiles_per_view
@@ -346,6 +424,7 @@ class SlideEmbedder(TransformerMixin, BaseEstimator):
         """(S, W) embeddings of the feature files ``X``; raises naming the first file that fails."""
         model, n_tiles, contract = self._model()
         paths = [str(p) for p in np.asarray(X, dtype=object).ravel()]
-        _, embeddings = embed_slides(model, paths, self.n_views, n_tiles, self.seed, self.batch_size, self.device,
-                                     contract, self.mixed_precision)
+        _, embeddings = embed_slides(
+            model, paths, self.n_views, n_tiles, self.seed, self.batch_size, self.device, contract, self.mixed_precision
+        )
         return embeddings

@@ -75,8 +75,7 @@ class EmbeddingWriter(AtomicHDF5Writer):
         self._file = h5py.File(self.temp_path, "w")
         self._file.create_dataset("slide_ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(1024,))
         width = self.embedding_dim
-        self._file.create_dataset("embeddings", shape=(0, width), maxshape=(None, width), dtype=np.float32,
-                                  chunks=(256, width))
+        self._file.create_dataset("embeddings", shape=(0, width), maxshape=(None, width), dtype=np.float32, chunks=(256, width))
         self._file.attrs["format"] = FORMAT_NAME
         self._file.attrs["format_version"] = FORMAT_VERSION
         self._file.attrs["package_version"] = __version__
@@ -112,10 +111,14 @@ def read_embeddings(path: str | Path) -> SlideEmbeddings:
     with handle:
         attrs = dict(handle.attrs)
         if attrs.get("format") != FORMAT_NAME:
-            raise EmbeddingFileError(f"{path}: not a slide embeddings file (no format={FORMAT_NAME!r}); write it with `gigassl embed`")
+            raise EmbeddingFileError(
+                f"{path}: not a slide embeddings file (no format={FORMAT_NAME!r}); write it with `gigassl embed`"
+            )
         if int(attrs.get("format_version", -1)) != FORMAT_VERSION:
-            raise EmbeddingFileError(f"{path}: format version {attrs.get('format_version')}, this package reads "
-                                     f"{FORMAT_VERSION}; re-run `gigassl embed`")
+            raise EmbeddingFileError(
+                f"{path}: format version {attrs.get('format_version')}, this package reads "
+                f"{FORMAT_VERSION}; re-run `gigassl embed`"
+            )
         if not bool(attrs.get("complete", False)) or not {"slide_ids", "embeddings"} <= set(handle):
             raise EmbeddingFileError(f"{path}: incomplete file; re-run `gigassl embed`")
         ids = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in handle["slide_ids"][...]]
@@ -130,8 +133,12 @@ def export_embeddings(embeddings: SlideEmbeddings, path: str | Path, kind: str) 
         raise UserError(f"unknown export {kind!r}; choose among {', '.join(EXPORTS)}")
     target = Path(path).with_suffix(f".{kind}")
     if kind == "npz":
-        np.savez(target, slide_ids=np.array(embeddings.slide_ids, dtype=str), embeddings=embeddings.embeddings,
-                 provenance=np.array(json.dumps(embeddings.provenance, default=str)))
+        np.savez(
+            target,
+            slide_ids=np.array(embeddings.slide_ids, dtype=str),
+            embeddings=embeddings.embeddings,
+            provenance=np.array(json.dumps(embeddings.provenance, default=str)),
+        )
     else:
         with open(target, "w", newline="", encoding="utf-8") as handle:
             table = csv.writer(handle)

@@ -83,15 +83,15 @@ class LinearMethod:
     """Logistic regression on fixed per-slide vectors (embeddings, or mean features), a fresh
     estimator per fit — exactly what a plain scikit-learn loop over the splits computes."""
 
-    def __init__(self, name: str, vectors: np.ndarray, c: float = 10.0, tune_c: bool = False,
-                 standardize: bool = False) -> None:
+    def __init__(self, name: str, vectors: np.ndarray, c: float = 10.0, tune_c: bool = False, standardize: bool = False) -> None:
         self.name = name
         self.vectors = np.asarray(vectors, dtype=np.float64)
         self.c, self.tune_c, self.standardize = c, tune_c, standardize
 
     def fit_predict(self, train: np.ndarray, test: np.ndarray, y: np.ndarray, key: str = "", seed: int = 0) -> np.ndarray:
-        estimator = make_logistic_regression(self.c, standardize=self.standardize, tune_c=self.tune_c, seed=seed,
-                                             n_inner_folds=_inner_folds(y[train]))
+        estimator = make_logistic_regression(
+            self.c, standardize=self.standardize, tune_c=self.tune_c, seed=seed, n_inner_folds=_inner_folds(y[train])
+        )
         estimator.fit(self.vectors[train], y[train])
         return _full_proba(estimator.predict_proba(self.vectors[test]), estimator.classes_, int(y.max()) + 1)
 
@@ -147,16 +147,22 @@ def roc_auc(y_true: np.ndarray, proba: np.ndarray) -> float:
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
-def run_protocol(methods: Sequence[Method], y: np.ndarray, splits: Sequence[tuple[np.ndarray, np.ndarray]],
-                 budgets: Sequence[Budget], seed: int = 0, class_names: Sequence[str] | None = None,
-                 ) -> list[dict[str, Any]]:
+def run_protocol(
+    methods: Sequence[Method],
+    y: np.ndarray,
+    splits: Sequence[tuple[np.ndarray, np.ndarray]],
+    budgets: Sequence[Budget],
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
     """Every method × budget × split: one row per fit with n_train, auc, balanced_accuracy."""
     from threadpoolctl import threadpool_limits
 
     rows = []
     subsets = {
         (s, b): budget_subset(train, y, budget, np.random.default_rng([seed, s, b]), s, class_names)
-        for s, (train, _) in enumerate(splits) for b, budget in enumerate(budgets)
+        for s, (train, _) in enumerate(splits)
+        for b, budget in enumerate(budgets)
     }
     with threadpool_limits(1, user_api="blas"):
         for method in methods:
@@ -164,11 +170,22 @@ def run_protocol(methods: Sequence[Method], y: np.ndarray, splits: Sequence[tupl
                 for s, (_, test) in enumerate(splits):
                     train = subsets[(s, b)]
                     proba = method.fit_predict(train, test, y, budget.text, seed + s)
-                    rows.append(dict(method=method.name, budget=budget.text, split=s, n_train=len(train),
-                                     auc=roc_auc(y[test], proba),
-                                     balanced_accuracy=float(balanced_accuracy_score(y[test], proba.argmax(1)))))
-                logger.info("%s @ %s: AUC %.3f", method.name, budget.text,
-                            np.nanmean([r["auc"] for r in rows if r["method"] == method.name and r["budget"] == budget.text]))
+                    rows.append(
+                        dict(
+                            method=method.name,
+                            budget=budget.text,
+                            split=s,
+                            n_train=len(train),
+                            auc=roc_auc(y[test], proba),
+                            balanced_accuracy=float(balanced_accuracy_score(y[test], proba.argmax(1))),
+                        )
+                    )
+                logger.info(
+                    "%s @ %s: AUC %.3f",
+                    method.name,
+                    budget.text,
+                    np.nanmean([r["auc"] for r in rows if r["method"] == method.name and r["budget"] == budget.text]),
+                )
     return rows
 
 
@@ -180,11 +197,18 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         group = [r for r in rows if r["method"] == method and r["budget"] == budget]
         auc = np.array([r["auc"] for r in group], dtype=float)
         bacc = np.array([r["balanced_accuracy"] for r in group], dtype=float)
-        summary.append(dict(
-            method=method, budget=budget, n_train=float(np.mean([r["n_train"] for r in group])), n_splits=len(group),
-            auc_mean=float(np.nanmean(auc)), auc_std=float(np.nanstd(auc)),
-            balanced_accuracy_mean=float(bacc.mean()), balanced_accuracy_std=float(bacc.std()),
-        ))
+        summary.append(
+            dict(
+                method=method,
+                budget=budget,
+                n_train=float(np.mean([r["n_train"] for r in group])),
+                n_splits=len(group),
+                auc_mean=float(np.nanmean(auc)),
+                auc_std=float(np.nanstd(auc)),
+                balanced_accuracy_mean=float(bacc.mean()),
+                balanced_accuracy_std=float(bacc.std()),
+            )
+        )
     return summary
 
 
@@ -233,8 +257,10 @@ def load_bags(paths: Sequence[Path]) -> list[np.ndarray]:
     for path in paths:
         slide = read_plain_features(path)  # refuses no tiles and NaN/inf features, naming the file
         if first is not None and slide.feature_dim != first.feature_dim:
-            raise UserError(f"{path}: features are {slide.feature_dim}-d, but {first.path.name}'s are "
-                            f"{first.feature_dim}-d; the baselines need features of one tile encoder")
+            raise UserError(
+                f"{path}: features are {slide.feature_dim}-d, but {first.path.name}'s are "
+                f"{first.feature_dim}-d; the baselines need features of one tile encoder"
+            )
         first = first or slide
         bags.append(slide.features)
     return bags
@@ -247,15 +273,19 @@ def check_embeddings(embeddings: SlideEmbeddings, path: str | Path, slide_ids: S
         rows.setdefault(slide_id, []).append(row)
     repeated = [f"{s} (rows {', '.join(map(str, r))})" for s, r in rows.items() if len(r) > 1]
     if repeated:
-        raise UserError(f"{path}: {len(repeated)} slide id(s) appear more than once: {', '.join(repeated[:10])}"
-                        f"{' …' if len(repeated) > 10 else ''}; two feature files carried one slide id (a copied "
-                        "file?): re-run `gigassl embed`, which keeps one file per id and lists the others")
+        raise UserError(
+            f"{path}: {len(repeated)} slide id(s) appear more than once: {', '.join(repeated[:10])}"
+            f"{' …' if len(repeated) > 10 else ''}; two feature files carried one slide id (a copied "
+            "file?): re-run `gigassl embed`, which keeps one file per id and lists the others"
+        )
     finite = np.isfinite(embeddings.embeddings).all(axis=1)
     bad = [s for s in slide_ids if s in rows and not finite[rows[s][0]]]
     if bad:
-        raise UserError(f"{path}: the vectors of {len(bad)} labelled slide(s) hold NaN or inf: {', '.join(bad[:10])}"
-                        f"{' …' if len(bad) > 10 else ''}; re-embed them with `gigassl embed` (which lists slides "
-                        "with NaN features as failed) or drop them from the labels CSV")
+        raise UserError(
+            f"{path}: the vectors of {len(bad)} labelled slide(s) hold NaN or inf: {', '.join(bad[:10])}"
+            f"{' …' if len(bad) > 10 else ''}; re-embed them with `gigassl embed` (which lists slides "
+            "with NaN features as failed) or drop them from the labels CSV"
+        )
 
 
 def check_feature_width(feature_file: Path, embeddings: SlideEmbeddings, path: str | Path) -> None:
@@ -268,9 +298,11 @@ def check_feature_width(feature_file: Path, embeddings: SlideEmbeddings, path: s
         return
     found = read_plain_features(feature_file).feature_dim
     if found != int(expected):
-        raise UserError(f"{feature_file}: features are {found}-d, but the embeddings {path} come from a checkpoint "
-                        f"that takes {int(expected)}-d features; give --features the folder of the tile features "
-                        "that were embedded, so that the baselines see the same tile encoder")
+        raise UserError(
+            f"{feature_file}: features are {found}-d, but the embeddings {path} come from a checkpoint "
+            f"that takes {int(expected)}-d features; give --features the folder of the tile features "
+            "that were embedded, so that the baselines see the same tile encoder"
+        )
 
 
 def slide_tiles(paths: Sequence[Path], slides_folder: Path | None) -> list[SlideTiles]:
@@ -287,8 +319,10 @@ def slide_tiles(paths: Sequence[Path], slides_folder: Path | None) -> list[Slide
             size_level0 = slide.tile_step_level0
         slide_path = slides_folder / source.name if slides_folder is not None else source
         if not slide_path.is_file():
-            raise FileNotFoundError(f"{path}: its slide {slide_path} does not exist; top-k re-reads tiles from the slides, "
-                                    "pass --slides FOLDER holding them")
+            raise FileNotFoundError(
+                f"{path}: its slide {slide_path} does not exist; top-k re-reads tiles from the slides, "
+                "pass --slides FOLDER holding them"
+            )
         tiles.append(SlideTiles(slide_path, coords, size_level0, int(grid["patch_size"]), grid.get("mpp")))
     return tiles
 
@@ -304,14 +338,18 @@ def trunk_factory(encoder: str, feature_file: Path):
     if encoder == "auto":
         _, info = load_resnet18("random", seed=seed)
         if info.sha256 != expected:
-            raise UserError(f"{feature_file}: its features come from a tile encoder checkpoint (sha256 {expected[:12]}…); "
-                             "top-k fine-tunes that encoder: pass it with --encoder PATH")
+            raise UserError(
+                f"{feature_file}: its features come from a tile encoder checkpoint (sha256 {expected[:12]}…); "
+                "top-k fine-tunes that encoder: pass it with --encoder PATH"
+            )
         source, load_seed = "random", seed
     else:
         source, load_seed = encoder, 0
         _, info = load_resnet18(encoder)
         if info.sha256 != expected:
-            logger.warning("--encoder %s (sha256 %s…) is not the encoder of the features (%s…)", encoder, info.sha256[:12], expected[:12])
+            logger.warning(
+                "--encoder %s (sha256 %s…) is not the encoder of the features (%s…)", encoder, info.sha256[:12], expected[:12]
+            )
     return lambda: TileTrunk(load_resnet18(source, seed=load_seed)[0])
 
 
@@ -343,8 +381,15 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
     # Both linear methods are standard-scaled before the same regression: L2-normalised slide
     # vectors have a small spread, so unscaled they would meet C = 10 as a much stronger penalty
     # than AverageMIL's scaled features (on the demo: 0.90 unscaled vs 0.98 scaled AUC).
-    methods: list[Method] = [LinearMethod("gigassl", embeddings.embeddings[[rows_of[s] for s in labels.slide_ids]],
-                                          config.logistic_c, config.tune_c, standardize=True)]
+    methods: list[Method] = [
+        LinearMethod(
+            "gigassl",
+            embeddings.embeddings[[rows_of[s] for s in labels.slide_ids]],
+            config.logistic_c,
+            config.tune_c,
+            standardize=True,
+        )
+    ]
     if baselines:
         paths = [files[s] for s in labels.slide_ids]
         check_feature_width(paths[0], embeddings, config.embeddings)
@@ -358,26 +403,45 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
             assert bags is not None, "loaded above for abmil and topk"
             methods.append(AttentionMethod(bags, mil))
         if "topk" in baselines:
-            tuner = TopKFineTuner(trunk_factory(config.encoder, paths[0]), k=config.topk, epochs=config.topk_epochs,
-                                  mil=mil, device=device)
+            tuner = TopKFineTuner(
+                trunk_factory(config.encoder, paths[0]), k=config.topk, epochs=config.topk_epochs, mil=mil, device=device
+            )
             assert bags is not None, "loaded above for abmil and topk"
             methods.append(TopKMethod(bags, slide_tiles(paths, config.slides), tuner))
-    logger.info("%d slides, classes %s, %d splits, budgets %s, methods %s", len(y), classes.tolist(),
-                len(splits), [b.text for b in budgets], [m.name for m in methods])
+    logger.info(
+        "%d slides, classes %s, %d splits, budgets %s, methods %s",
+        len(y),
+        classes.tolist(),
+        len(splits),
+        [b.text for b in budgets],
+        [m.name for m in methods],
+    )
     rows = run_protocol(methods, y, splits, budgets, config.seed, classes.tolist())
     summary, paired = summarise(rows), paired_differences(rows, config.reference)
     if not paired:
-        logger.info("--reference %s was not run: no paired differences (methods: %s)", config.reference,
-                    ", ".join(m.name for m in methods))
+        logger.info(
+            "--reference %s was not run: no paired differences (methods: %s)",
+            config.reference,
+            ", ".join(m.name for m in methods),
+        )
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = write_csv(summary, out / RESULTS_CSV)
-    json_path = write_json(dict(
-        settings=settings_dict(config),
-        embeddings_provenance={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                               for k, v in embeddings.provenance.items()},
-        classes=classes.tolist(), n_slides=len(y), missing=missing, summary=summary, paired=paired, splits=rows,
-    ), out / RESULTS_JSON)
+    json_path = write_json(
+        dict(
+            settings=settings_dict(config),
+            embeddings_provenance={
+                k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in embeddings.provenance.items()
+            },
+            classes=classes.tolist(),
+            n_slides=len(y),
+            missing=missing,
+            summary=summary,
+            paired=paired,
+            splits=rows,
+        ),
+        out / RESULTS_JSON,
+    )
     plot_path = plot_auc(summary, out / PLOT_PNG, f"{Path(config.labels).stem}: AUC vs training slides", paired)
     return EvaluationResult(summary, rows, classes.tolist(), missing, csv_path, json_path, plot_path, paired=paired)
 

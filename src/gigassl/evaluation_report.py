@@ -18,9 +18,11 @@ def format_table(summary: Sequence[dict[str, Any]]) -> str:
     """The summary (mean ± s.d. over splits) as an aligned text table."""
     lines = [f"{'method':<9} {'budget':>8} {'n_train':>8}  {'ROC-AUC':>15}  {'balanced acc.':>15}"]
     for r in summary:
-        lines.append(f"{r['method']:<9} {r['budget']:>8} {r['n_train']:>8.0f}  "
-                     f"{r['auc_mean']:.3f} ± {r['auc_std']:.3f}    "
-                     f"{r['balanced_accuracy_mean']:.3f} ± {r['balanced_accuracy_std']:.3f}")
+        lines.append(
+            f"{r['method']:<9} {r['budget']:>8} {r['n_train']:>8.0f}  "
+            f"{r['auc_mean']:.3f} ± {r['auc_std']:.3f}    "
+            f"{r['balanced_accuracy_mean']:.3f} ± {r['balanced_accuracy_std']:.3f}"
+        )
     return "\n".join(lines)
 
 

@@ -47,14 +47,25 @@ def initial_head(
             raise UserError(
                 f"--init {init}: its {info.arch} layer4 takes {resnet.trunk_width}-d tile features, but the "
                 f"features in {features} are {width}-d ({encoder.name}); pass the checkpoint of the "
-                "encoder that embedded them" + (", or --init random for a randomly initialised head" if arch is None else ""))
+                "encoder that embedded them" + (", or --init random for a randomly initialised head" if arch is None else "")
+            )
         if info.sha256 != encoder.sha256:
-            log.warning("layer4 initialised from %s (sha256 %.12s) while the features were embedded by %s "
-                        "(sha256 %.12s)", info.name, info.sha256, encoder.name, encoder.sha256)
+            log.warning(
+                "layer4 initialised from %s (sha256 %.12s) while the features were embedded by %s (sha256 %.12s)",
+                info.name,
+                info.sha256,
+                encoder.name,
+                encoder.sha256,
+            )
         return resnet, HeadSpec.of_layer4(resnet.layer4), info
     if arch is None:
-        log.info("features of %s (%s, %d-d) are not a ResNet trunk's: training a randomly initialised %d-channel "
-                 "sparse head", encoder.name, encoder.arch, width, width)
+        log.info(
+            "features of %s (%s, %d-d) are not a ResNet trunk's: training a randomly initialised %d-channel sparse head",
+            encoder.name,
+            encoder.arch,
+            width,
+            width,
+        )
         return None, HeadSpec.generic(width), None
     if encoder.name != "random" and not encoder.name.startswith("random:"):
         raise UserError(

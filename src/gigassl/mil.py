@@ -42,7 +42,12 @@ C_GRID = tuple(float(c) for c in np.logspace(-2, 3, 6))
 
 
 def make_logistic_regression(
-    c: float = DEFAULT_C, *, standardize: bool = False, tune_c: bool = False, n_inner_folds: int = 3, seed: int = 0,
+    c: float = DEFAULT_C,
+    *,
+    standardize: bool = False,
+    tune_c: bool = False,
+    n_inner_folds: int = 3,
+    seed: int = 0,
 ):
     """The downstream linear classifier (an sklearn estimator).
 
@@ -56,8 +61,13 @@ def make_logistic_regression(
         modern = {"l1_ratios": (0.0,), "use_legacy_attributes": False}
         accepted = inspect.signature(LogisticRegressionCV).parameters
         classifier = LogisticRegressionCV(
-            Cs=list(C_GRID), cv=n_inner_folds, scoring=scoring, class_weight="balanced", max_iter=1000,
-            random_state=seed, **{k: v for k, v in modern.items() if k in accepted},
+            Cs=list(C_GRID),
+            cv=n_inner_folds,
+            scoring=scoring,
+            class_weight="balanced",
+            max_iter=1000,
+            random_state=seed,
+            **{k: v for k, v in modern.items() if k in accepted},
         )
     else:
         classifier = LogisticRegression(C=c, class_weight="balanced", max_iter=1000)
@@ -98,7 +108,11 @@ class GatedAttentionMIL(nn.Module):
     """
 
     def __init__(
-        self, n_classes: int, in_dim: int = TILE_FEATURE_DIM, hidden_dim: int = 128, attention_dim: int = 128,
+        self,
+        n_classes: int,
+        in_dim: int = TILE_FEATURE_DIM,
+        hidden_dim: int = 128,
+        attention_dim: int = 128,
         dropout: float = 0.25,
     ) -> None:
         super().__init__()
@@ -159,9 +173,19 @@ class AttentionMIL(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(
-        self, hidden_dim: int = 128, attention_dim: int = 128, dropout: float = 0.25, lr: float = 2e-4,
-        weight_decay: float = 1e-4, max_epochs: int = 50, patience: int = 5, batch_size: int = 8,
-        max_tiles: int = 512, validation_fraction: float = 0.2, seed: int = 0, device: str = "cpu",
+        self,
+        hidden_dim: int = 128,
+        attention_dim: int = 128,
+        dropout: float = 0.25,
+        lr: float = 2e-4,
+        weight_decay: float = 1e-4,
+        max_epochs: int = 50,
+        patience: int = 5,
+        batch_size: int = 8,
+        max_tiles: int = 512,
+        validation_fraction: float = 0.2,
+        seed: int = 0,
+        device: str = "cpu",
     ) -> None:
         self.hidden_dim = hidden_dim
         self.attention_dim = attention_dim
@@ -183,7 +207,9 @@ class AttentionMIL(ClassifierMixin, BaseEstimator):
         n_classes = int(y.max()) + 1
         # Initialisation and dropout draw from torch's global generator: fork it so a seed
         # reproduces the fit without disturbing the caller's random state.
-        cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        cuda_devices = (
+            [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        )
         with torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(self.seed)
             self.model_ = self._train(bags, y, n_classes, device).eval()
@@ -215,7 +241,9 @@ class AttentionMIL(ClassifierMixin, BaseEstimator):
                 optimiser.step()
             if len(val) == 0:
                 continue
-            val_loss = float(loss_fn(_predict_logits(model, [bags[i] for i in val], device), torch.as_tensor(y[val], device=device)))
+            val_loss = float(
+                loss_fn(_predict_logits(model, [bags[i] for i in val], device), torch.as_tensor(y[val], device=device))
+            )
             if val_loss < best_loss - 1e-4:
                 best_loss, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
             else:
@@ -249,7 +277,9 @@ def _subsample(bag: np.ndarray, max_tiles: int, rng: np.random.Generator) -> np.
 
 
 @torch.no_grad()
-def _predict_logits(model: GatedAttentionMIL, bags: Sequence[np.ndarray], device: torch.device, batch_size: int = 16) -> torch.Tensor:
+def _predict_logits(
+    model: GatedAttentionMIL, bags: Sequence[np.ndarray], device: torch.device, batch_size: int = 16
+) -> torch.Tensor:
     """(S, C) logits with every tile of every bag, in eval mode."""
     was_training = model.training
     model.eval()
@@ -286,9 +316,7 @@ class SlideTiles:
         from extract.reader import open_slide
 
         with open_slide(self.slide_path, self.level0_mpp) as reader:
-            return np.stack([
-                reader.read_tile(int(x), int(y), self.size_level0, self.out_px) for x, y in self.coords[rows]
-            ])
+            return np.stack([reader.read_tile(int(x), int(y), self.size_level0, self.out_px) for x, y in self.coords[rows]])
 
 
 def tiles_to_tensor(tiles: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -309,8 +337,15 @@ class TopKFineTuner(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(
-        self, trunk_factory: Callable[[], nn.Module], k: int = 64, epochs: int = 2, encoder_lr: float = 1e-5,
-        head_lr: float = 1e-4, mil: AttentionMIL | None = None, seed: int = 0, device: str = "cpu",
+        self,
+        trunk_factory: Callable[[], nn.Module],
+        k: int = 64,
+        epochs: int = 2,
+        encoder_lr: float = 1e-5,
+        head_lr: float = 1e-4,
+        mil: AttentionMIL | None = None,
+        seed: int = 0,
+        device: str = "cpu",
         max_steps: int | None = None,
     ) -> None:
         self.trunk_factory = trunk_factory
@@ -337,10 +372,12 @@ class TopKFineTuner(ClassifierMixin, BaseEstimator):
         self.classes_ = self.selector_.classes_
         self.trunk_ = self.trunk_factory().to(device)
         self.head_ = copy.deepcopy(self.selector_.model_).to(device)
-        optimiser = torch.optim.Adam([
-            {"params": self.trunk_.parameters(), "lr": self.encoder_lr},
-            {"params": self.head_.parameters(), "lr": self.head_lr},
-        ])
+        optimiser = torch.optim.Adam(
+            [
+                {"params": self.trunk_.parameters(), "lr": self.encoder_lr},
+                {"params": self.head_.parameters(), "lr": self.head_lr},
+            ]
+        )
         loss_fn = nn.CrossEntropyLoss(weight=_balanced_class_weights(y, self.selector_.n_classes_).to(device))
         rows = [self.top_rows(bag) for bag in bags]
         generator = torch.Generator().manual_seed(self.seed)

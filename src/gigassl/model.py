@@ -74,8 +74,10 @@ class HeadSpec:
         if self.block not in BLOCKS:
             problems.append(f"block {self.block!r} (choose {', '.join(BLOCKS)})")
         if min(self.feature_dim, self.n_blocks, self.width) < 1 or self.input_projection_dim < 0:
-            problems.append(f"sizes feature_dim={self.feature_dim}, n_blocks={self.n_blocks}, width={self.width}, "
-                            f"input_projection_dim={self.input_projection_dim}")
+            problems.append(
+                f"sizes feature_dim={self.feature_dim}, n_blocks={self.n_blocks}, width={self.width}, "
+                f"input_projection_dim={self.input_projection_dim}"
+            )
         if self.block == "bottleneck" and self.width % 4:
             problems.append(f"bottleneck width {self.width} (a multiple of 4)")
         if self.source not in (*ARCHITECTURES, GENERIC):
@@ -152,32 +154,43 @@ class GigaSSLModel(nn.Module):
     """
 
     def __init__(
-        self, layer4_source: nn.Module | None = None, projector_dim: int = 256,
-        device: torch.device | str = "cpu", sparse_backend: str = "auto", head: HeadSpec | None = None,
+        self,
+        layer4_source: nn.Module | None = None,
+        projector_dim: int = 256,
+        device: torch.device | str = "cpu",
+        sparse_backend: str = "auto",
+        head: HeadSpec | None = None,
     ) -> None:
         super().__init__()
         device = torch.device(device)
         dense = None if layer4_source is None else getattr(layer4_source, "layer4", layer4_source)
         if dense is not None:
             found = HeadSpec.of_layer4(cast(nn.Sequential, dense))  # a ResNet's layer4, or that stage itself
-            if head is not None and dataclasses.replace(head, feature_dim=head.layer4_in, input_projection_dim=0,
-                                                        source=found.source) != found:
+            if (
+                head is not None
+                and dataclasses.replace(head, feature_dim=head.layer4_in, input_projection_dim=0, source=found.source) != found
+            ):
                 raise ValueError(f"the layer4 given ({found}) does not have the shape of the head asked for ({head})")
             head = head or found
         head = head or HeadSpec()
         self.head, self.projector_dim = head, projector_dim
         self.feature_dim, self.slide_dim = head.feature_dim, head.width
         self.sparse_backend = resolve_backend(sparse_backend, device)
-        self.input_projection = (nn.Linear(head.feature_dim, head.input_projection_dim, bias=False)
-                                 if head.input_projection_dim else None)
+        self.input_projection = (
+            nn.Linear(head.feature_dim, head.input_projection_dim, bias=False) if head.input_projection_dim else None
+        )
         self.layer4 = SparseLayer4(self.sparse_backend, head.layer4_in, head.width, head.block, head.n_blocks)
         if dense is None:
             dense = dense_layer4(head.layer4_in, head.width, head.block, head.n_blocks)
         self.layer4.load_dense(dense)
         width = head.width
         self.projector = nn.Sequential(
-            nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
-            nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
+            nn.Linear(width, width),
+            nn.BatchNorm1d(width),
+            nn.ReLU(inplace=True),
+            nn.Linear(width, width),
+            nn.BatchNorm1d(width),
+            nn.ReLU(inplace=True),
             nn.Linear(width, projector_dim),
         )
         self.to(device)

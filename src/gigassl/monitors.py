@@ -82,8 +82,12 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def monitor_metrics(
-    model: GigaSSLModel, dataset: SlideViewDataset, indices: list[int], temperature: float,
-    device: torch.device, batch: int = 256,
+    model: GigaSSLModel,
+    dataset: SlideViewDataset,
+    indices: list[int],
+    temperature: float,
+    device: torch.device,
+    batch: int = 256,
 ) -> dict[str, float]:
     """Label-free monitors on fixed views of ``indices``, batch norm on batch statistics.
 

@@ -42,8 +42,7 @@ def _per_split(rows: Sequence[dict[str, Any]], method: str, budget: str, metric:
     return {int(r["split"]): float(r[metric]) for r in rows if r["method"] == method and r["budget"] == budget}
 
 
-def split_differences(rows: Sequence[dict[str, Any]], method: str, reference: str, budget: str,
-                      metric: str) -> np.ndarray:
+def split_differences(rows: Sequence[dict[str, Any]], method: str, reference: str, budget: str, metric: str) -> np.ndarray:
     """(n,) ``method − reference`` on the splits both were scored on, in split order."""
     mine, theirs = _per_split(rows, method, budget, metric), _per_split(rows, reference, budget, metric)
     shared = sorted(set(mine) & set(theirs))
@@ -52,12 +51,17 @@ def split_differences(rows: Sequence[dict[str, Any]], method: str, reference: st
 
 def _describe(differences: np.ndarray, low: float, high: float, interval: str) -> dict[str, Any]:
     finite = differences[np.isfinite(differences)]
-    return dict(mean=float(finite.mean()) if len(finite) else float("nan"), ci_low=low, ci_high=high,
-                wins=int((finite > 0).sum()), n=int(len(finite)), interval=interval)
+    return dict(
+        mean=float(finite.mean()) if len(finite) else float("nan"),
+        ci_low=low,
+        ci_high=high,
+        wins=int((finite > 0).sum()),
+        n=int(len(finite)),
+        interval=interval,
+    )
 
 
-def paired_differences(rows: Sequence[dict[str, Any]], reference: str,
-                       metrics: Sequence[str] = METRICS) -> list[dict[str, Any]]:
+def paired_differences(rows: Sequence[dict[str, Any]], reference: str, metrics: Sequence[str] = METRICS) -> list[dict[str, Any]]:
     """For every other method and budget of ``rows`` (one row per method × budget × split, as
     :func:`gigassl.evaluate.run_protocol` returns): ``{method, budget, reference, <metric>:
     {mean, ci_low, ci_high, wins, n, interval}}``; empty when ``reference`` was not run."""
@@ -76,8 +80,9 @@ def paired_differences(rows: Sequence[dict[str, Any]], reference: str,
     return out
 
 
-def cluster_bootstrap(groups: Sequence[np.ndarray], confidence: float = CONFIDENCE,
-                      draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> tuple[float, float]:
+def cluster_bootstrap(
+    groups: Sequence[np.ndarray], confidence: float = CONFIDENCE, draws: int = BOOTSTRAP_DRAWS, seed: int = 0
+) -> tuple[float, float]:
     """Percentile interval of the pooled mean of per-run difference arrays, resampling runs,
     then splits within each drawn run."""
     groups = [np.asarray(g, dtype=float)[np.isfinite(g)] for g in groups]
@@ -93,8 +98,9 @@ def cluster_bootstrap(groups: Sequence[np.ndarray], confidence: float = CONFIDEN
     return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
-def pooled_paired_differences(runs: Sequence[Sequence[dict[str, Any]]], reference: str,
-                              metrics: Sequence[str] = METRICS, draws: int = BOOTSTRAP_DRAWS) -> list[dict[str, Any]]:
+def pooled_paired_differences(
+    runs: Sequence[Sequence[dict[str, Any]]], reference: str, metrics: Sequence[str] = METRICS, draws: int = BOOTSTRAP_DRAWS
+) -> list[dict[str, Any]]:
     """:func:`paired_differences` pooled over whole-pipeline runs (each a list of split rows):
     the mean over every (run, split) pair, wins over all pairs, the cluster-bootstrap interval,
     and each run's own mean difference (``per_run``)."""
@@ -108,9 +114,14 @@ def pooled_paired_differences(runs: Sequence[Sequence[dict[str, Any]]], referenc
             for metric in metrics:
                 groups = [split_differences(rows, method, reference, budget, metric) for rows in runs]
                 pooled = np.concatenate(groups) if groups else np.array([])
-                entry[metric] = dict(_describe(pooled, *cluster_bootstrap(groups, draws=draws),
-                                               f"cluster bootstrap over {len(runs)} runs and their splits"),
-                                     per_run=[float(np.nanmean(g)) if len(g) else float("nan") for g in groups])
+                entry[metric] = dict(
+                    _describe(
+                        pooled,
+                        *cluster_bootstrap(groups, draws=draws),
+                        f"cluster bootstrap over {len(runs)} runs and their splits",
+                    ),
+                    per_run=[float(np.nanmean(g)) if len(g) else float("nan") for g in groups],
+                )
             out.append(entry)
     return out
 
@@ -124,6 +135,8 @@ def format_paired(entries: Sequence[dict[str, Any]], metric: str = "auc", scale:
     lines = [f"paired Δ {name} vs {reference} ({entries[0][metric]['interval']}, 95 %):"]
     for e in entries:
         d = e[metric]
-        lines.append(f"  {e['method']:<9} {e['budget']:>8}  {d['mean'] * scale:+6.1f} {unit} "
-                     f"[{d['ci_low'] * scale:+.1f}, {d['ci_high'] * scale:+.1f}]  ahead in {d['wins']}/{d['n']}")
+        lines.append(
+            f"  {e['method']:<9} {e['budget']:>8}  {d['mean'] * scale:+6.1f} {unit} "
+            f"[{d['ci_low'] * scale:+.1f}, {d['ci_high'] * scale:+.1f}]  ahead in {d['wins']}/{d['n']}"
+        )
     return "\n".join(lines)

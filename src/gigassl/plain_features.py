@@ -96,24 +96,41 @@ def _read_foreign(path: Path, handle: h5py.File) -> PlainFeatures:
         features = features[0]
     coords = handle["coords"][...]
     if features.ndim != 2 or coords.ndim != 2 or coords.shape[1] != 2:
-        raise FeatureFileError(f"{path}: features {features.shape} and coords {coords.shape} are not the TRIDENT/CLAM "
-                               "layout (features (N, D), coords (N, 2)); convert the file or re-extract the slide")
+        raise FeatureFileError(
+            f"{path}: features {features.shape} and coords {coords.shape} are not the TRIDENT/CLAM "
+            "layout (features (N, D), coords (N, 2)); convert the file or re-extract the slide"
+        )
     attrs = handle["coords"].attrs
     if "patch_size_level0" in attrs:
         step = float(attrs["patch_size_level0"])
     else:
         step = float(_grid_step(np.asarray(coords, dtype=np.int64)))
     encoder_attrs = handle["features"].attrs
-    return PlainFeatures(path, path.stem, np.asarray(features, dtype=np.float32), np.asarray(coords, dtype=np.int64),
-                         step, _text_attr(encoder_attrs, "encoder") or "unknown",
-                         _text_attr(encoder_attrs, "encoder_sha256"), LAYOUT_FOREIGN)
+    return PlainFeatures(
+        path,
+        path.stem,
+        np.asarray(features, dtype=np.float32),
+        np.asarray(coords, dtype=np.int64),
+        step,
+        _text_attr(encoder_attrs, "encoder") or "unknown",
+        _text_attr(encoder_attrs, "encoder_sha256"),
+        LAYOUT_FOREIGN,
+    )
 
 
 def _read_gigassl(path: Path) -> PlainFeatures:
     with SlideFeatures(path, require_plain=True) as slide:
         encoder = slide.file["features"].attrs
-        return PlainFeatures(path, slide.slide_id, slide.features(), slide.coords(), slide.tile_step_level0,
-                             _text_attr(encoder, "encoder") or "unknown", slide.encoder_sha256, LAYOUT_GIGASSL)
+        return PlainFeatures(
+            path,
+            slide.slide_id,
+            slide.features(),
+            slide.coords(),
+            slide.tile_step_level0,
+            _text_attr(encoder, "encoder") or "unknown",
+            slide.encoder_sha256,
+            LAYOUT_GIGASSL,
+        )
 
 
 def _check(slide: PlainFeatures) -> PlainFeatures:
@@ -126,9 +143,11 @@ def _check(slide: PlainFeatures) -> PlainFeatures:
         raise FeatureFileError(f"{path}: tile size in level-0 pixels is {slide.tile_step_level0}; re-extract the slide")
     bad_rows = int((~np.isfinite(slide.features).all(axis=1)).sum())
     if bad_rows:
-        raise FeatureFileError(f"{path}: NaN or inf in the plain features of {bad_rows} of {n} tiles (slide "
-                               f"{slide.slide_id}); re-extract this slide (`gigassl extract --overwrite`) or move "
-                               "the file out of the folder")
+        raise FeatureFileError(
+            f"{path}: NaN or inf in the plain features of {bad_rows} of {n} tiles (slide "
+            f"{slide.slide_id}); re-extract this slide (`gigassl extract --overwrite`) or move "
+            "the file out of the folder"
+        )
     return slide
 
 
@@ -159,8 +178,13 @@ def split_duplicate_ids(files: Sequence[str | Path]) -> tuple[list[Path], list[t
         keep.add(kept)
         for path in paths:
             if path != kept:
-                duplicates.append((str(path), f"slide id {slide_id!r} is also the id of {kept.name}, which is used "
-                                   "instead (a copied file?); remove or rename one of them"))
+                duplicates.append(
+                    (
+                        str(path),
+                        f"slide id {slide_id!r} is also the id of {kept.name}, which is used "
+                        "instead (a copied file?); remove or rename one of them",
+                    )
+                )
     for name, reason in duplicates:
         log.warning("skipping %s: %s", name, reason)
     return [Path(p) for p in files if Path(p) in keep], duplicates

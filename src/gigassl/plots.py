@@ -14,8 +14,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 # panels of curves.png: the columns of monitors.csv drawn together
-CURVE_PANELS = (("train_loss", "loss"), ("train_accuracy", "positive_pair_accuracy"), ("collapse_level",),
-                ("rankme",), ("odcorr",), ("lr",))
+CURVE_PANELS = (
+    ("train_loss", "loss"),
+    ("train_accuracy", "positive_pair_accuracy"),
+    ("collapse_level",),
+    ("rankme",),
+    ("odcorr",),
+    ("lr",),
+)
 
 
 def _pyplot() -> Any:
@@ -47,8 +53,7 @@ def plot_curves(history: Sequence[Mapping[str, float]], path: Path) -> Path:
     return path
 
 
-def plot_auc(summary: Sequence[dict[str, Any]], path: str | Path, title: str = "",
-             paired: Sequence[dict[str, Any]] = ()) -> Path:
+def plot_auc(summary: Sequence[dict[str, Any]], path: str | Path, title: str = "", paired: Sequence[dict[str, Any]] = ()) -> Path:
     """Left: AUC (mean ± s.d.) against training slides, one line per method. Right (with
     ``paired``): each method's paired AUC difference to the reference, 95 % interval bars."""
     plt = _pyplot()

@@ -53,8 +53,10 @@ def parse_budgets(text: str | Sequence[str]) -> list[Budget]:
         elif re.fullmatch(r"\d+", item):
             budgets.append(Budget(item, "count", float(item)))
         else:
-            raise ValueError(f"budget {item!r} not understood; use a percentage (25%), a slide count (50) "
-                             "or slides per class (4/class), comma-separated")
+            raise ValueError(
+                f"budget {item!r} not understood; use a percentage (25%), a slide count (50) "
+                "or slides per class (4/class), comma-separated"
+            )
         if budgets[-1].value <= 0:
             raise ValueError(f"budget {item!r} must be positive")
     if not budgets:
@@ -72,12 +74,14 @@ class Labels:
 
     def subset(self, rows: Sequence[int]) -> "Labels":
         rows = list(rows)
-        return Labels([self.slide_ids[i] for i in rows], self.labels[rows],
-                      None if self.patients is None else self.patients[rows])
+        return Labels(
+            [self.slide_ids[i] for i in rows], self.labels[rows], None if self.patients is None else self.patients[rows]
+        )
 
 
-def read_labels(path: str | Path, slide_column: str = "slide", label_column: str = "label",
-                patient_column: str = "patient") -> Labels:
+def read_labels(
+    path: str | Path, slide_column: str = "slide", label_column: str = "label", patient_column: str = "patient"
+) -> Labels:
     """Read the labels CSV; labels are kept as strings; a repeated slide id is an error."""
     path = Path(path)
     if not path.is_file():
@@ -87,8 +91,10 @@ def read_labels(path: str | Path, slide_column: str = "slide", label_column: str
         columns = [c.strip() for c in (reader.fieldnames or [])]
         for needed in (slide_column, label_column):
             if needed not in columns:
-                raise ValueError(f"labels CSV {path}: no column {needed!r} (found {columns}); "
-                                 f"name the columns with --slide-column / --label-column")
+                raise ValueError(
+                    f"labels CSV {path}: no column {needed!r} (found {columns}); "
+                    f"name the columns with --slide-column / --label-column"
+                )
         has_patient = patient_column in columns
         ids, labels, patients = [], [], []
         for line, row in enumerate(reader, start=2):
@@ -124,8 +130,10 @@ def check_classes(labels: Labels, n_folds_needed: int, source: str) -> np.ndarra
     """The sorted class names; raises when a split cannot hold every class on both sides."""
     classes, _counts = np.unique(labels.labels, return_counts=True)
     if len(classes) < 2:
-        raise ValueError(f"{source}: a single class {[str(c) for c in classes]} among {len(labels.slide_ids)} slides; "
-                         "classification needs at least two classes — check --label-column")
+        raise ValueError(
+            f"{source}: a single class {[str(c) for c in classes]} among {len(labels.slide_ids)} slides; "
+            "classification needs at least two classes — check --label-column"
+        )
     unit = "patients" if labels.patients is not None else "slides"
     for name in classes:
         members = labels.labels == name
@@ -133,7 +141,8 @@ def check_classes(labels: Labels, n_folds_needed: int, source: str) -> np.ndarra
         if n < n_folds_needed:
             raise ValueError(
                 f"{source}: class {str(name)!r} has {n} {unit}; each split needs at least {n_folds_needed} per class "
-                f"(some for training, some for testing) — add {unit}, or merge or drop the class")
+                f"(some for training, some for testing) — add {unit}, or merge or drop the class"
+            )
     return classes
 
 
@@ -148,8 +157,9 @@ def n_folds_for(test_fraction: float) -> int:
     return max(2, int(round(1 / test_fraction)))
 
 
-def make_splits(y: np.ndarray, groups: np.ndarray | None, n_splits: int, test_fraction: float,
-                seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def make_splits(
+    y: np.ndarray, groups: np.ndarray | None, n_splits: int, test_fraction: float, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """``n_splits`` stratified (train, test) index pairs; grouped (patients never straddle) when
     ``groups`` is given. Raises when a split lacks a class on one side."""
     if n_splits < 1:
@@ -175,8 +185,14 @@ def make_splits(y: np.ndarray, groups: np.ndarray | None, n_splits: int, test_fr
     return splits
 
 
-def budget_subset(train: np.ndarray, y: np.ndarray, budget: Budget, rng: np.random.Generator,
-                  split_index: int = 0, class_names: Sequence[str] | None = None) -> np.ndarray:
+def budget_subset(
+    train: np.ndarray,
+    y: np.ndarray,
+    budget: Budget,
+    rng: np.random.Generator,
+    split_index: int = 0,
+    class_names: Sequence[str] | None = None,
+) -> np.ndarray:
     """A stratified subset of ``train`` (indices into ``y``) of the budget's size, sorted.
 
     ``class_names[c]`` names class ``c`` in error messages."""
@@ -186,18 +202,24 @@ def budget_subset(train: np.ndarray, y: np.ndarray, budget: Budget, rng: np.rand
         k = int(budget.value)
         short = [(c, n) for c, n in zip(classes, counts) if n < k]
         if short:
-            raise ValueError(f"budget {budget.text!r} asks for {k} training slides per class, but in split {split_index} "
-                             f"class {_name(short[0][0], class_names)!r} has only {short[0][1]} training slides; use a smaller K")
+            raise ValueError(
+                f"budget {budget.text!r} asks for {k} training slides per class, but in split {split_index} "
+                f"class {_name(short[0][0], class_names)!r} has only {short[0][1]} training slides; use a smaller K"
+            )
         per_class = np.full(len(classes), k)
     else:
         n = int(round(budget.value * n_train)) if budget.kind == "fraction" else int(budget.value)
         if n > n_train:
-            raise ValueError(f"budget {budget.text!r} asks for {n} training slides, but the training part of split "
-                             f"{split_index} holds {n_train}; use a smaller count or a percentage")
+            raise ValueError(
+                f"budget {budget.text!r} asks for {n} training slides, but the training part of split "
+                f"{split_index} holds {n_train}; use a smaller count or a percentage"
+            )
         n = max(n, len(classes))
         if budget.kind == "count" and int(budget.value) < len(classes):
-            raise ValueError(f"budget {budget.text!r} is smaller than the number of classes ({len(classes)}); "
-                             "every class needs a training slide")
+            raise ValueError(
+                f"budget {budget.text!r} is smaller than the number of classes ({len(classes)}); "
+                "every class needs a training slide"
+            )
         per_class = _allocate(n, counts)
     chosen = [rng.choice(train[y[train] == c], size=m, replace=False) for c, m in zip(classes, per_class)]
     return np.sort(np.concatenate(chosen))

@@ -37,9 +37,11 @@ def warmup_warning(warmup_epochs: int, epochs: int) -> Optional[str]:
     """A message when the run ends inside its linear warm-up, else None."""
     if warmup_epochs < max(epochs, 1) or warmup_epochs == 0:
         return None
-    return (f"--warmup-epochs {warmup_epochs} ≥ --epochs {epochs}: the run ends during the linear warm-up, so the "
-            f"learning rate reaches only {100 * min(1.0, epochs / warmup_epochs):.0f}% of --lr and the cosine decay "
-            "never starts; lower --warmup-epochs (the original: 10 of 1000 epochs)")
+    return (
+        f"--warmup-epochs {warmup_epochs} ≥ --epochs {epochs}: the run ends during the linear warm-up, so the "
+        f"learning rate reaches only {100 * min(1.0, epochs / warmup_epochs):.0f}% of --lr and the cosine decay "
+        "never starts; lower --warmup-epochs (the original: 10 of 1000 epochs)"
+    )
 
 
 def replan_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, warmup_steps: int, total_steps: int) -> tuple[float, float]:

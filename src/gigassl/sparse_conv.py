@@ -110,11 +110,14 @@ def resolve_backend(name: str, device: torch.device | str = "cpu") -> str:
         return AUTO_BACKEND
     if name == "spconv":
         if device.type not in ("cpu", "cuda"):
-            raise SparseBackendError(f"sparse backend 'spconv' has no kernels for device {device.type!r}; pass --sparse-backend torch")
+            raise SparseBackendError(
+                f"sparse backend 'spconv' has no kernels for device {device.type!r}; pass --sparse-backend torch"
+            )
         if not spconv_available():
             raise SparseBackendError(
                 "sparse backend 'spconv' asked for but spconv is not installed: "
-                "pip install 'gigassl[spconv]' (x86-64 Linux/Windows only), or pass --sparse-backend torch")
+                "pip install 'gigassl[spconv]' (x86-64 Linux/Windows only), or pass --sparse-backend torch"
+            )
     return name
 
 
@@ -331,7 +334,9 @@ def submanifold_conv3x3(in_channels: int, out_channels: int, backend: str) -> nn
 
 def strided_conv3x3(in_channels: int, out_channels: int, backend: str) -> nn.Module:
     """A bias-free strided 3×3 conv (stride 2, no padding) of ``backend``; weight (out, 3, 3, in)."""
-    return TorchStridedConv3x3(in_channels, out_channels) if backend == "torch" else _spconv_classes()[1](in_channels, out_channels)
+    return (
+        TorchStridedConv3x3(in_channels, out_channels) if backend == "torch" else _spconv_classes()[1](in_channels, out_channels)
+    )
 
 
 def make_sparse_tensor(
@@ -356,12 +361,15 @@ def sum_pool_3x3_stride2(x: SparseTensor, out: SparseTensor) -> torch.Tensor:
     counts inactive cells as zeros. Differentiable; any device; either backend's tensors."""
     if isinstance(x, SparseMaps):
         book, _, _ = strided_rulebook(x)
-        return x.features.new_zeros((book.n_out, x.features.shape[1])).index_add_(0, book.scatter, x.features.index_select(0, book.gather))
+        return x.features.new_zeros((book.n_out, x.features.shape[1])).index_add_(
+            0, book.scatter, x.features.index_select(0, book.gather)
+        )
     return _sum_pool_by_lookup(x.features, x.indices, out.indices, out.spatial_shape)
 
 
-def _sum_pool_by_lookup(features: torch.Tensor, indices: torch.Tensor, out_indices: torch.Tensor,
-                        out_shape: Sequence[int]) -> torch.Tensor:
+def _sum_pool_by_lookup(
+    features: torch.Tensor, indices: torch.Tensor, out_indices: torch.Tensor, out_shape: Sequence[int]
+) -> torch.Tensor:
     """:func:`sum_pool_3x3_stride2` for output sites given in any order (spconv's)."""
     out_h, out_w = int(out_shape[0]), int(out_shape[1])
     maps = SparseMaps(features, indices.long(), [2 * out_h + 1, 2 * out_w + 1], 0)
@@ -372,4 +380,6 @@ def _sum_pool_by_lookup(features: torch.Tensor, indices: torch.Tensor, out_indic
     position = torch.searchsorted(sorted_keys, mine).clamp_(max=max(len(sorted_keys) - 1, 0))
     if len(mine) != len(theirs) or not torch.equal(sorted_keys[position], mine):
         raise RuntimeError("sum_pool_3x3_stride2: the output sites are not the strided conv's output sites of the input")
-    return features.new_zeros((len(theirs), features.shape[1])).index_add_(0, order[position][book.scatter], features.index_select(0, book.gather))
+    return features.new_zeros((len(theirs), features.shape[1])).index_add_(
+        0, order[position][book.scatter], features.index_select(0, book.gather)
+    )

@@ -54,8 +54,14 @@ def _relu_bn(bn: nn.Module, x: SparseTensor) -> SparseTensor:
 class _BasicDown(nn.Module):
     """Basic block 0: strided conv, ÷9 average-pool shortcut. (N, in) sites → (M, out) sites."""
 
-    DENSE_NAMES = (("conv1", "conv1"), ("bn1", "bn1"), ("conv2", "conv2"), ("bn2", "bn2"),
-                   ("shortcut_conv", "downsample.0"), ("shortcut_bn", "downsample.1"))
+    DENSE_NAMES = (
+        ("conv1", "conv1"),
+        ("bn1", "bn1"),
+        ("conv2", "conv2"),
+        ("bn2", "bn2"),
+        ("shortcut_conv", "downsample.0"),
+        ("shortcut_bn", "downsample.1"),
+    )
 
     def __init__(self, in_channels: int, out_channels: int, backend: str) -> None:
         super().__init__()
@@ -114,8 +120,16 @@ class _Bottleneck(nn.Module):
 class _BottleneckDown(_Bottleneck):
     """Bottleneck block 0 (v1.5): 1×1, strided 3×3, 1×1; ÷9 average-pool shortcut. (N, in) → (M, out)."""
 
-    DENSE_NAMES = (("conv1", "conv1"), ("bn1", "bn1"), ("conv2", "conv2"), ("bn2", "bn2"), ("conv3", "conv3"),
-                   ("bn3", "bn3"), ("shortcut_conv", "downsample.0"), ("shortcut_bn", "downsample.1"))
+    DENSE_NAMES = (
+        ("conv1", "conv1"),
+        ("bn1", "bn1"),
+        ("conv2", "conv2"),
+        ("bn2", "bn2"),
+        ("conv3", "conv3"),
+        ("bn3", "bn3"),
+        ("shortcut_conv", "downsample.0"),
+        ("shortcut_bn", "downsample.1"),
+    )
 
     def __init__(self, in_channels: int, out_channels: int, backend: str) -> None:
         super().__init__(in_channels, out_channels, lambda cin, cout: strided_conv3x3(cin, cout, backend))
@@ -159,8 +173,9 @@ class SparseLayer4(nn.Module):
     ``block0`` … ``block{n_blocks-1}``. Runs on whatever device its parameters are on.
     """
 
-    def __init__(self, backend: str = "auto", in_channels: int = 256, out_channels: int = 512,
-                 block: str = "basic", n_blocks: int = 2) -> None:
+    def __init__(
+        self, backend: str = "auto", in_channels: int = 256, out_channels: int = 512, block: str = "basic", n_blocks: int = 2
+    ) -> None:
         super().__init__()
         if block not in _SPARSE_BLOCKS:
             raise ValueError(f"sparse layer4 block {block!r}: choose one of {', '.join(BLOCKS)}")
@@ -226,7 +241,8 @@ def dense_layer4(in_channels: int, out_channels: int, block: str = "basic", n_bl
         raise ValueError(f"layer4 block {block!r}: choose one of {', '.join(BLOCKS)}")
     dense_block = BasicBlock if block == "basic" else Bottleneck
     planes = out_channels // dense_block.expansion
-    stage = nn.Sequential(dense_block(in_channels, planes, 2),
-                          *(dense_block(out_channels, planes, 1) for _ in range(n_blocks - 1)))
+    stage = nn.Sequential(
+        dense_block(in_channels, planes, 2), *(dense_block(out_channels, planes, 1) for _ in range(n_blocks - 1))
+    )
     init_resnet_weights(stage)
     return stage

@@ -179,7 +179,9 @@ def _checked_views(views: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[list
         if len(cells) != len(features):
             raise ValueError(f"view {i}: {len(features)} feature rows for {len(cells)} cells")
         if all_features and features.shape[1] != all_features[0].shape[1]:
-            raise ValueError(f"view {i}: feature size {features.shape[1]} differs from the first view's {all_features[0].shape[1]}")
+            raise ValueError(
+                f"view {i}: feature size {features.shape[1]} differs from the first view's {all_features[0].shape[1]}"
+            )
         all_features.append(features)
         all_cells.append(_check_cells(cells))
     return all_features, all_cells

@@ -29,8 +29,12 @@ from extract.features_file import SlideFileWriter
 # A tile of 224 px at 0.5 µm/px from a 0.25 µm/px level 0 spans 448 level-0 pixels.
 TILE_STEP_LEVEL0 = 448
 GRID_ATTRS = dict(
-    patch_size=224, patch_size_level0=TILE_STEP_LEVEL0, patch_size_level0_exact=float(TILE_STEP_LEVEL0),
-    mpp=0.25, target_mpp=0.5, tissue_threshold=0.5,
+    patch_size=224,
+    patch_size_level0=TILE_STEP_LEVEL0,
+    patch_size_level0_exact=float(TILE_STEP_LEVEL0),
+    mpp=0.25,
+    target_mpp=0.5,
+    tissue_threshold=0.5,
 )
 LABELS_FILE = "labels.csv"
 
@@ -105,19 +109,34 @@ def write_synthetic_cohort(
             signature = slide_rng.standard_normal(width).astype(np.float32)
             signature *= signature_strength / np.linalg.norm(signature) * np.sqrt(width) / 4
             features += signature + class_strength * synthetic_label(index) * class_direction * 4
-        grid = dict(GRID_ATTRS, level0_width=int(coords[:, 0].max() + TILE_STEP_LEVEL0),
-                    level0_height=int(coords[:, 1].max() + TILE_STEP_LEVEL0), **(grid_attrs or {}))
+        grid = dict(
+            GRID_ATTRS,
+            level0_width=int(coords[:, 0].max() + TILE_STEP_LEVEL0),
+            level0_height=int(coords[:, 1].max() + TILE_STEP_LEVEL0),
+            **(grid_attrs or {}),
+        )
         with_replacement = bank_size > n_tiles
         path = folder / f"{slide_id}.h5"
-        with SlideFileWriter(path, slide_id=slide_id, source=f"{slide_id}.synthetic",
-                             settings={"synthetic": True, "seed": seed, "planted": planted},
-                             encoder=encoder) as writer:
+        with SlideFileWriter(
+            path,
+            slide_id=slide_id,
+            source=f"{slide_id}.synthetic",
+            settings={"synthetic": True, "seed": seed, "planted": planted},
+            encoder=encoder,
+        ) as writer:
             if plain:
                 writer.create_plain(coords, grid)
                 writer.write_plain_rows(0, features)
-            writer.create_bank(n_augmentations, bank_size, {
-                "seed": seed, "sampled_with_replacement": with_replacement, "augmentation": {"synthetic": True},
-            }, grid)
+            writer.create_bank(
+                n_augmentations,
+                bank_size,
+                {
+                    "seed": seed,
+                    "sampled_with_replacement": with_replacement,
+                    "augmentation": {"synthetic": True},
+                },
+                grid,
+            )
             for a in range(n_augmentations):
                 rows = slide_rng.choice(n_tiles, size=bank_size, replace=with_replacement)
                 shift = 0.3 * slide_rng.standard_normal(width).astype(np.float32)

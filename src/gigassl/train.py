@@ -94,8 +94,19 @@ from gigassl.schedule import WarmupCosine, replan_schedule, warmup_warning
 log = logging.getLogger(__name__)
 
 MONITOR_COLUMNS = (
-    "epoch", "global_step", "lr", "train_loss", "train_accuracy", "grad_norm", "data_share",
-    "epoch_time_s", "loss", "positive_pair_accuracy", "collapse_level", "rankme", "odcorr",
+    "epoch",
+    "global_step",
+    "lr",
+    "train_loss",
+    "train_accuracy",
+    "grad_norm",
+    "data_share",
+    "epoch_time_s",
+    "loss",
+    "positive_pair_accuracy",
+    "collapse_level",
+    "rankme",
+    "odcorr",
 )
 CURVES_PNG = "curves.png"
 
@@ -121,8 +132,10 @@ class TrainResult:
         """Where the run ended and what it wrote."""
         labels = dict(train_loss="train loss", positive_pair_accuracy="monitor positive-pair accuracy", rankme="RankMe")
         monitored = ", ".join(f"{label} {self.final[key]:.4g}" for key, label in labels.items() if key in self.final)
-        return (f"trained {self.epochs} epochs ({self.global_step} steps){': ' + monitored if monitored else ''}\n"
-                f"written: {self.checkpoint}, {self.monitors_csv}" + (f", {self.curves}" if self.curves else ""))
+        return (
+            f"trained {self.epochs} epochs ({self.global_step} steps){': ' + monitored if monitored else ''}\n"
+            f"written: {self.checkpoint}, {self.monitors_csv}" + (f", {self.curves}" if self.curves else "")
+        )
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
@@ -158,12 +171,14 @@ class _Optimisation:
     amp_dtype: Optional[torch.dtype]
 
 
-def _optimisation(config: TrainConfig, model: GigaSSLModel, batch: int, steps_per_epoch: int,
-                  device: torch.device) -> _Optimisation:
+def _optimisation(
+    config: TrainConfig, model: GigaSSLModel, batch: int, steps_per_epoch: int, device: torch.device
+) -> _Optimisation:
     """Adam at ``lr`` scaled linearly with the global batch, scheduled per step."""
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr * batch / 256, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupCosine(config.warmup_epochs * steps_per_epoch, steps_per_epoch * config.epochs))
+        optimizer, WarmupCosine(config.warmup_epochs * steps_per_epoch, steps_per_epoch * config.epochs)
+    )
     amp_dtype = autocast_dtype(device) if config.mixed_precision else None
     scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaling(amp_dtype, model.sparse_backend))
     return _Optimisation(optimizer, scheduler, scaler, amp_dtype)
@@ -201,16 +216,24 @@ class _Run:
 
     def monitors(self) -> dict[str, float]:
         """The monitor slides' columns of this epoch's row."""
-        return monitor_metrics(self.model, self.monitor_dataset, self.monitor_indices, self.config.temperature,
-                               self.context.device)
+        return monitor_metrics(
+            self.model, self.monitor_dataset, self.monitor_indices, self.config.temperature, self.context.device
+        )
 
     def checkpoint(self, epoch: int) -> dict[str, Any]:
         """Everything needed to continue exactly after ``epoch`` (plain data)."""
         opt = self.optimisation
-        return dict(self.base, epoch=epoch, global_step=self.global_step, history=self.history,
-                    model={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                    optimizer=opt.optimizer.state_dict(), scheduler=opt.scheduler.state_dict(),
-                    scaler=opt.scaler.state_dict(), rng=rng_state())
+        return dict(
+            self.base,
+            epoch=epoch,
+            global_step=self.global_step,
+            history=self.history,
+            model={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            optimizer=opt.optimizer.state_dict(),
+            scheduler=opt.scheduler.state_dict(),
+            scaler=opt.scaler.state_dict(),
+            rng=rng_state(),
+        )
 
 
 def _extraction_seed(cohort: Cohort) -> int:
@@ -221,8 +244,9 @@ def _extraction_seed(cohort: Cohort) -> int:
         return int(slide.settings.get("seed", 0))
 
 
-def _build_model(config: TrainConfig, cohort: Cohort,
-                 context: DistContext) -> tuple[GigaSSLModel, nn.Module, Optional[EncoderInfo]]:
+def _build_model(
+    config: TrainConfig, cohort: Cohort, context: DistContext
+) -> tuple[GigaSSLModel, nn.Module, Optional[EncoderInfo]]:
     """(the model, what the steps run: the model or its DDP wrapper, the layer4's provenance)."""
     torch.manual_seed(config.seed)  # the projector's initial weights
     resnet, head, init_info = initial_head(config.init, cohort.encoder, cohort.folder, _extraction_seed(cohort))
@@ -238,8 +262,7 @@ def _build_model(config: TrainConfig, cohort: Cohort,
 
 def _monitor_slides(cohort: Cohort, config: TrainConfig) -> tuple[SlideViewDataset, list[int]]:
     """The fixed views of ``monitor_slides`` fixed slides (at least 2) the monitors are computed on."""
-    dataset = SlideViewDataset(cohort, config.n_tiles_per_view, (config.scale_min, config.scale_max), config.seed,
-                               STREAM_MONITOR)
+    dataset = SlideViewDataset(cohort, config.n_tiles_per_view, (config.scale_min, config.scale_max), config.seed, STREAM_MONITOR)
     order = np.random.default_rng([config.seed, STREAM_MONITOR]).permutation(len(cohort.slides))
     return dataset, sorted(int(i) for i in order[: max(2, min(config.monitor_slides, len(cohort.slides)))])
 
@@ -259,8 +282,15 @@ def _restore(run: _Run, resume: Mapping[str, Any]) -> int:
     planned = int(resume["config"]["epochs"])
     if planned != config.epochs:
         before, now = replan_schedule(opt.scheduler, config.warmup_epochs * run.steps_per_epoch, run.total_steps)
-        log.info("the run planned %d epochs, now %d: schedule re-planned over %d epochs; lr at step %d: %.4g → %.4g",
-                 planned, config.epochs, config.epochs, run.global_step, before, now)
+        log.info(
+            "the run planned %d epochs, now %d: schedule re-planned over %d epochs; lr at step %d: %.4g → %.4g",
+            planned,
+            config.epochs,
+            config.epochs,
+            run.global_step,
+            before,
+            now,
+        )
     return start_epoch
 
 
@@ -288,8 +318,13 @@ def run_training(config: TrainConfig) -> TrainResult:
 def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     out = Path(config.out)
     previous_run = claim_output_folder(out, config)
-    cohort = scan_features_folder(config.features, config.n_tiles_per_view, skip_bad_files=config.skip_bad_files,
-                                  check_finite=config.check_finite, allow_mixed_grids=config.allow_mixed_grids)
+    cohort = scan_features_folder(
+        config.features,
+        config.n_tiles_per_view,
+        skip_bad_files=config.skip_bad_files,
+        check_finite=config.check_finite,
+        allow_mixed_grids=config.allow_mixed_grids,
+    )
     batch = global_batch_size(config.batch_size, len(cohort.slides), context.world_size)
     resume = load_checkpoint(config.resume) if config.resume is not None else None
     if resume is not None:
@@ -298,24 +333,42 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     dataset = SlideViewDataset(cohort, config.n_tiles_per_view, (config.scale_min, config.scale_max), config.seed)
     sampler = EpochBatchSampler(len(cohort.slides), batch, config.seed, context.rank, context.world_size)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate_slide_views, num_workers=config.num_workers,
-        pin_memory=context.device.type == "cuda", prefetch_factor=4 if config.num_workers > 0 else None,
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_slide_views,
+        num_workers=config.num_workers,
+        pin_memory=context.device.type == "cuda",
+        prefetch_factor=4 if config.num_workers > 0 else None,
     )
     optimisation = _optimisation(config, model, batch, sampler.steps_per_epoch, context.device)
-    run = _Run(config, context, model, trained, optimisation, batch, sampler.steps_per_epoch, out,
-               *_monitor_slides(cohort, config))
+    run = _Run(
+        config, context, model, trained, optimisation, batch, sampler.steps_per_epoch, out, *_monitor_slides(cohort, config)
+    )
     start_epoch = _restore(run, resume) if resume is not None else 0
     run.base = dict(
-        format=CHECKPOINT_FORMAT, format_version=CHECKPOINT_VERSION, package_version=__version__,
-        config=config_to_dict(config), slide_ids=cohort.slide_ids, world_size=context.world_size,
-        encoder=cohort.encoder.to_dict(), init=None if init_info is None else init_info.to_dict(),
-        architecture=model.head.to_dict(), grids=cohort.grids(),
+        format=CHECKPOINT_FORMAT,
+        format_version=CHECKPOINT_VERSION,
+        package_version=__version__,
+        config=config_to_dict(config),
+        slide_ids=cohort.slide_ids,
+        world_size=context.world_size,
+        encoder=cohort.encoder.to_dict(),
+        init=None if init_info is None else init_info.to_dict(),
+        architecture=model.head.to_dict(),
+        grids=cohort.grids(),
     )
     if context.is_main:
         _start_output(out, previous_run, config)
-        log.info("training on %d slides (%s), %d ranks, global batch %d, %d steps/epoch, lr %.4g, device %s",
-                 len(cohort.slides), cohort.folder, context.world_size, batch, run.steps_per_epoch,
-                 optimisation.optimizer.param_groups[0]["initial_lr"], context.device)
+        log.info(
+            "training on %d slides (%s), %d ranks, global batch %d, %d steps/epoch, lr %.4g, device %s",
+            len(cohort.slides),
+            cohort.folder,
+            context.world_size,
+            batch,
+            run.steps_per_epoch,
+            optimisation.optimizer.param_groups[0]["initial_lr"],
+            context.device,
+        )
     if not run.history:
         run.history.append(dict(epoch=0, global_step=0, lr=run.lr(), **run.monitors()))
     if context.is_main:
@@ -323,8 +376,14 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
 
     from tqdm.auto import tqdm
 
-    progress = tqdm(total=run.total_steps, initial=run.global_step, unit="step", disable=not context.is_main,
-                    desc="gigassl train", dynamic_ncols=True)
+    progress = tqdm(
+        total=run.total_steps,
+        initial=run.global_step,
+        unit="step",
+        disable=not context.is_main,
+        desc="gigassl train",
+        dynamic_ncols=True,
+    )
     trained.train()
     # One pass of the loader runs through all remaining epochs (the keys carry the epoch), so
     # workers prefetch across epoch boundaries and while the monitors are computed.
@@ -377,27 +436,46 @@ def _train_epoch(run: _Run, batches: Iterator[ViewBatch], epoch: int, progress: 
         tick = time.perf_counter()
     elapsed = time.perf_counter() - epoch_start
     n = run.steps_per_epoch
-    return dict(epoch=epoch, global_step=run.global_step, lr=run.lr(), train_loss=sums["loss"] / n,
-                train_accuracy=sums["accuracy"] / n, grad_norm=sums["grad_norm"] / n,
-                data_share=data_time / max(elapsed, 1e-9), epoch_time_s=elapsed)
+    return dict(
+        epoch=epoch,
+        global_step=run.global_step,
+        lr=run.lr(),
+        train_loss=sums["loss"] / n,
+        train_accuracy=sums["accuracy"] / n,
+        grad_norm=sums["grad_norm"] / n,
+        data_share=data_time / max(elapsed, 1e-9),
+        epoch_time_s=elapsed,
+    )
 
 
 def _finish_epoch(run: _Run, epoch: int) -> None:
     """(Main rank) the epoch's monitors written and logged, the stall check, the checkpoint."""
     config, batch, row = run.config, run.batch, run.history[-1]
     write_monitors(run.out, run.history, MONITOR_COLUMNS)
-    log.info("epoch %d/%d: train loss %.4f (constant output %.4f), train positive-pair accuracy %.3f "
-             "(chance %.3f, batches of %d slides); monitor loss %.4f, monitor positive-pair accuracy %.3f "
-             "(chance %.3f, %d fixed slides), RankMe %.1f, data %.0f%%", epoch, config.epochs,
-             row["train_loss"], losses.constant_output_loss(batch), row["train_accuracy"],
-             1 / (2 * batch - 1), batch, row["loss"], row["positive_pair_accuracy"],
-             1 / (2 * len(run.monitor_indices) - 1), len(run.monitor_indices), row["rankme"],
-             100 * row["data_share"])
+    log.info(
+        "epoch %d/%d: train loss %.4f (constant output %.4f), train positive-pair accuracy %.3f "
+        "(chance %.3f, batches of %d slides); monitor loss %.4f, monitor positive-pair accuracy %.3f "
+        "(chance %.3f, %d fixed slides), RankMe %.1f, data %.0f%%",
+        epoch,
+        config.epochs,
+        row["train_loss"],
+        losses.constant_output_loss(batch),
+        row["train_accuracy"],
+        1 / (2 * batch - 1),
+        batch,
+        row["loss"],
+        row["positive_pair_accuracy"],
+        1 / (2 * len(run.monitor_indices) - 1),
+        len(run.monitor_indices),
+        row["rankme"],
+        100 * row["data_share"],
+    )
     # once, after the warm-up, on the last epochs' mean (one epoch of few steps is noisy)
     if epoch == config.warmup_epochs + max(1, config.epochs // 10) or epoch == config.epochs:
-        recent = [r for r in run.history if "train_loss" in r][-max(1, config.epochs // 10):]
-        warning = stall_warning(float(np.mean([r["train_loss"] for r in recent])),
-                                float(np.mean([r["train_accuracy"] for r in recent])), batch)
+        recent = [r for r in run.history if "train_loss" in r][-max(1, config.epochs // 10) :]
+        warning = stall_warning(
+            float(np.mean([r["train_loss"] for r in recent])), float(np.mean([r["train_accuracy"] for r in recent])), batch
+        )
         if warning and not run.stall_warned:
             log.warning("epoch %d: %s", epoch, warning)
             run.stall_warned = True
@@ -421,7 +499,8 @@ def _step(run: _Run, views: ViewBatch) -> tuple[float, float]:
     opt.scaler.scale(loss).backward()
     opt.scaler.unscale_(opt.optimizer)
     with torch.no_grad():
-        accuracy = losses.positive_pair_accuracy(losses.gather_with_gradient(z1.detach()),
-                                                 losses.gather_with_gradient(z2.detach()))
+        accuracy = losses.positive_pair_accuracy(
+            losses.gather_with_gradient(z1.detach()), losses.gather_with_gradient(z2.detach())
+        )
         reported = all_reduce_mean(loss.detach(), run.context)  # each rank's loss is its anchors' mean
     return float(reported), float(accuracy)
