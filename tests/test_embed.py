@@ -26,7 +26,7 @@ from gigassl.embeddings_file import EmbeddingFileError, read_embeddings
 from gigassl.model import GigaSSLModel, HeadSpec
 from gigassl.synthetic import random_encoder_info, write_synthetic_cohort
 from gigassl.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
-from gigassl.train import config_to_dict
+from extract.config import settings_dict
 from test_plain_features import write_trident_file
 
 
@@ -38,7 +38,7 @@ def write_checkpoint(
     architecture, none recorded when not given, as in older checkpoints)."""
     torch.manual_seed(seed)
     model = GigaSSLModel(None, 256, "cpu", head=head)
-    config = config_to_dict(TrainConfig(features=path.parent, out=path.parent, n_tiles_per_view=n_tiles_per_view))
+    config = settings_dict(TrainConfig(features=path.parent, out=path.parent, n_tiles_per_view=n_tiles_per_view))
     payload = dict(
         format=CHECKPOINT_FORMAT,
         format_version=CHECKPOINT_VERSION,

@@ -8,7 +8,8 @@ from torch import nn
 from extract.augment import TileAugmentation
 from extract.config import MOCO_PROFILES, MocoConfig
 from extract.encoder import load_resnet18
-from extract.moco import cosine_lr, load_training_checkpoint, make_views, run_pretraining, train_step
+from extract.moco import cosine_lr, make_views, run_pretraining, train_step
+from extract.moco_checkpoint import load_training_checkpoint
 from extract.monitors import alignment, rankme, uniformity
 from extract.moco_model import KeyQueue, MoCo, info_nce_logits, info_nce_loss, momentum_update
 from extract.moco_data import EpochTileBatches, epoch_plan, fixed_tiles, index_slides
@@ -316,7 +317,7 @@ def test_two_processes_under_torchrun_share_one_queue(trained, tmp_path):
 @pytest.mark.parametrize(("arch", "width"), [("resnet34", 512), ("resnet50", 2048)])
 def test_one_step_of_each_arch_and_its_encoder_loads(arch, width, tmp_path):
     from extract.encoder import load_encoder
-    from extract.moco import encoder_resnet, save_encoder
+    from extract.moco_checkpoint import encoder_resnet, save_encoder
 
     torch.manual_seed(0)
     tiles = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)

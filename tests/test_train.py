@@ -19,7 +19,7 @@ from gigassl.embed import read_embeddings, run_embedding
 from gigassl.model import HeadSpec
 from test_exported import MEAN, STD, tiny_model
 from gigassl import cli
-from gigassl import train as train_module
+from gigassl import train_loop
 from gigassl.config import EmbedConfig, TrainConfig
 from gigassl.synthetic import write_synthetic_cohort
 from gigassl.checkpoint import config_differences, load_checkpoint, load_model
@@ -133,14 +133,14 @@ def test_resume_with_other_settings_names_them(small_cohort, tmp_path):
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(small_cohort, tmp_path, monkeypatch):
     calls = []
-    real = train_module.losses.nt_xent_distributed
+    real = train_loop.losses.nt_xent_distributed
 
     def failing_on_fifth_step(z1, z2, temperature):
         calls.append(1)
         loss = real(z1, z2, temperature)
         return loss * float("nan") if len(calls) == 5 else loss
 
-    monkeypatch.setattr(train_module.losses, "nt_xent_distributed", failing_on_fifth_step)
+    monkeypatch.setattr(train_loop.losses, "nt_xent_distributed", failing_on_fifth_step)
     with pytest.raises(TrainingDivergedError, match=r"nan at epoch 3, step 1 \(global step 5\).*checkpoint\.pt"):
         run_training(_config(small_cohort, tmp_path / "out", epochs=4))
     assert load_checkpoint(tmp_path / "out" / "checkpoint.pt")["epoch"] == 2
@@ -400,16 +400,16 @@ def test_a_scaler_less_checkpoint_resumes_with_a_scaler():
     saved = torch.amp.GradScaler("cpu", enabled=False).state_dict()
     assert saved == {}
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=True)
-    train_module.restore_scaler(scaler, saved)
+    train_loop.restore_scaler(scaler, saved)
     assert scaler.is_enabled() and scaler.get_scale() == 1024.0
     enabled_state = torch.amp.GradScaler("cpu", init_scale=8.0).state_dict()
-    train_module.restore_scaler(scaler, enabled_state)
+    train_loop.restore_scaler(scaler, enabled_state)
     assert scaler.get_scale() == 8.0
     # scaling only where part of the forward runs in fp16
-    assert train_module.needs_grad_scaling(torch.float16, "torch")
-    assert not train_module.needs_grad_scaling(torch.bfloat16, "torch")
-    assert train_module.needs_grad_scaling(torch.bfloat16, "spconv")
-    assert not train_module.needs_grad_scaling(None, "spconv")
+    assert train_loop.needs_grad_scaling(torch.float16, "torch")
+    assert not train_loop.needs_grad_scaling(torch.bfloat16, "torch")
+    assert train_loop.needs_grad_scaling(torch.bfloat16, "spconv")
+    assert not train_loop.needs_grad_scaling(None, "spconv")
 
 
 def test_rng_state_restores_on_a_node_with_any_number_of_gpus():

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,42 +57,20 @@ from tqdm.auto import tqdm
 
 from extract.augment import TileAugmentation
 from extract.checkpoint_io import write_epoch_snapshot
-from extract.config import settings_dict, with_current_names
 from extract.config import MocoConfig
 from extract.device import autocast, autocast_dtype, init_distributed
-from extract.encoder import load_weights_only, normalise, save_encoder_checkpoint
-from extract.resnet import ResNet, build_resnet
+from extract.encoder import normalise
+from extract.moco_checkpoint import checkpoint_payload, load_training_checkpoint, restore_training_state, save_encoder
 from extract.moco_data import EpochTileBatches, IndexedSlide, epoch_plan, fixed_tiles, index_slides
-from extract.moco_model import MoCo, all_gather, info_nce_logits, momentum_update
-from extract.moco_probe import ProbeSet, probe_auc, probe_set, slide_mean_features
-from extract.monitors import alignment, fresh_info_nce, rankme, uniformity, write_monitors
+from extract.moco_model import MoCo, info_nce_logits, momentum_update
+from extract.moco_monitors import epoch_row, quality_monitors
+from extract.moco_probe import ProbeSet, probe_set
+from extract.monitors import write_monitors
 from extract.slide_list import list_slides
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "gigassl-moco-checkpoint"
-CHECKPOINT_VERSION = 1
 SGD_MOMENTUM = 0.9
-# Settings that change what is computed: a resumed run must use the same ones to be exact.
-RESUME_MUST_MATCH = (
-    "arch",
-    "target_mpp",
-    "tile_size_px",
-    "tissue_threshold",
-    "epochs",
-    "tiles_per_epoch",
-    "tiles_per_visit",
-    "batch_size",
-    "queue_size",
-    "momentum",
-    "temperature",
-    "lr",
-    "weight_decay",
-    "seed",
-)
-# Monitors: alignment needs two views per tile, computed on at most this many tiles.
-MONITOR_VIEW_TILES = 256
-MONITOR_BATCH = 256
 
 
 # ----------------------------------------------------------------------------- one step
@@ -158,146 +135,6 @@ def train_step(
     return StepResult(float(loss.detach()), float(accuracy), float(cosines[:, 0].mean()), float(cosines[:, 1:].mean()))
 
 
-# ----------------------------------------------------------------------------- monitors
-
-
-def _embed_for_monitors(
-    encoder: ResNet, images: torch.Tensor, device: torch.device, mixed_precision: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalised (N, 3, H, W) → trunk (N, 256|1024), backbone (N, 512|2048), normalised head (N, 128)."""
-    outputs: list[tuple[torch.Tensor, ...]] = []
-    for chunk in images.split(MONITOR_BATCH):
-        with autocast(device, mixed_precision):
-            maps = encoder.forward_features(chunk)
-            pooled = torch.flatten(encoder.avgpool(encoder.layer4(maps)), 1)
-            head = encoder.fc(pooled)
-        outputs.append((maps.float().mean(dim=(2, 3)), pooled.float(), F.normalize(head.float(), dim=1)))
-    return tuple(torch.cat(parts).cpu() for parts in zip(*outputs))  # type: ignore[return-value]
-
-
-def representation_monitors(
-    encoder: ResNet,
-    tiles: torch.Tensor,
-    augmentation: TileAugmentation,
-    device: torch.device,
-    mixed_precision: bool = True,
-    seed: int = 0,
-    temperature: float = 0.2,
-) -> dict[str, float]:
-    """Label-free quality of ``encoder`` (query ResNet with MLP head) on fixed uint8 tiles."""
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        images = tiles.to(device).float().div_(255.0)
-        trunk, backbone, head = _embed_for_monitors(encoder, normalise(images), device, mixed_precision)
-        generator = torch.Generator().manual_seed(seed)  # the same views every epoch
-        subset = images[:MONITOR_VIEW_TILES]
-        _, _, z1 = _embed_for_monitors(encoder, normalise(augmentation.independent(subset, generator)), device, mixed_precision)
-        _, _, z2 = _embed_for_monitors(encoder, normalise(augmentation.independent(subset, generator)), device, mixed_precision)
-    finally:
-        encoder.train(was_training)
-    return {
-        "rankme_tile256": rankme(trunk),
-        "rankme_backbone512": rankme(backbone),
-        "alignment": alignment(z1, z2),
-        "uniformity": uniformity(head),
-        "fresh_infonce": fresh_info_nce(z1, z2, temperature),
-    }
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def settings_of(config: MocoConfig) -> dict[str, Any]:
-    """The settings as plain data (paths as str), for checkpoints and logs."""
-    return settings_dict(config)
-
-
-def encoder_resnet(model: MoCo) -> ResNet:
-    """The query encoder as a plain ResNet of its arch (the MLP head left out; ``fc`` a fixed Linear)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # the unused 1000-class fc, reproducible, without touching the run's RNG
-        resnet = build_resnet(model.arch)
-    state = {k: v for k, v in model.encoder_q.state_dict().items() if not k.startswith("fc.")}
-    missing, unexpected = resnet.load_state_dict(state, strict=False)
-    if unexpected or set(missing) != {"fc.weight", "fc.bias"}:
-        raise RuntimeError(f"query encoder does not match {model.arch}: missing {missing}, unexpected {unexpected}")
-    return resnet
-
-
-encoder_resnet18 = encoder_resnet  # the name before ResNet34/50 existed
-
-
-def save_encoder(model: MoCo, path: Path, config: MocoConfig, epoch: int) -> None:
-    """``encoder.pt``: accepted by :func:`extract.encoder.load_encoder` (atomic write)."""
-    temporary = path.with_name(f".{path.name}.partial")
-    save_encoder_checkpoint(
-        encoder_resnet(model),
-        temporary,
-        extra={"trained_by": "gigassl pretrain-tiles (MoCo v2)", "epoch": epoch, "config": settings_of(config)},
-    )
-    os.replace(temporary, path)
-
-
-def _rng_states(generator: torch.Generator) -> dict[str, list[torch.Tensor]]:
-    """This process's RNG states, gathered from every rank (rank order)."""
-    states = {"augment": generator.get_state(), "torch": torch.random.get_rng_state()}
-    if not (dist.is_available() and dist.is_initialized()):
-        return {name: [state] for name, state in states.items()}
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    return {
-        name: [part.cpu() for part in all_gather(state.to(device)).chunk(dist.get_world_size())] for name, state in states.items()
-    }
-
-
-def checkpoint_payload(
-    model: MoCo,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    generator: torch.Generator,
-    config: MocoConfig,
-    epoch: int,
-    step: int,
-    monitors: list[dict[str, Any]],
-    slide_names: list[str],
-) -> dict[str, Any]:
-    """Everything needed to continue exactly after ``epoch`` epochs (plain tensors and data)."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "arch": model.arch,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-        "rng": _rng_states(generator),
-        "epoch": epoch,
-        "step": step,
-        "config": settings_of(config),
-        "monitors": monitors,
-        "slides": slide_names,
-    }
-
-
-def load_training_checkpoint(path: Path, config: MocoConfig) -> dict[str, Any]:
-    """Read and check a training checkpoint for ``--resume`` (weights_only)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--resume {path} does not exist; pass OUT/last.pt or OUT/checkpoints/epoch_NNNN.pt")
-    raw = load_weights_only(path, f"--resume {path}")
-    if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"--resume {path}: not a `gigassl pretrain-tiles` training checkpoint (OUT/last.pt)")
-    if raw.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"--resume {path}: checkpoint version {raw.get('version')}, this package reads {CHECKPOINT_VERSION}")
-    saved, current = {"arch": "resnet18", **with_current_names(raw["config"])}, settings_of(config)  # before --arch: resnet18
-    differ = [
-        f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {current[k]}"
-        for k in RESUME_MUST_MATCH
-        if saved.get(k) != current[k]
-    ]
-    if differ:
-        raise ValueError(f"--resume {path}: settings differ from the checkpoint's; pass the same values: " + "; ".join(differ))
-    return raw
-
-
 # ----------------------------------------------------------------------------- the job
 
 
@@ -322,46 +159,6 @@ class PretrainingResult:
         ]
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
         return "\n".join(lines)
-
-
-def _quality_monitors(
-    encoder: ResNet,
-    tiles: torch.Tensor | None,
-    probe: ProbeSet | None,
-    augmentation: TileAugmentation,
-    device: torch.device,
-    config: MocoConfig,
-) -> dict[str, float]:
-    """The epoch's label-free monitors on the fixed tiles, and the probe AUC when labels were given."""
-    row: dict[str, float] = {}
-    if tiles is not None:
-        row.update(
-            representation_monitors(encoder, tiles, augmentation, device, config.mixed_precision, config.seed, config.temperature)
-        )
-    if probe is not None:
-        row["probe_auc"] = probe_auc(
-            slide_mean_features(encoder, probe, device, config.mixed_precision), probe.labels, config.seed
-        )
-    return row
-
-
-def _epoch_row(epoch: int, step: int, steps: list[StepResult], lr: float, batch_size: int, seconds: float) -> dict[str, Any]:
-    """The epoch's means of the per-step figures, with the last lr and the throughput."""
-
-    def mean(name: str) -> float:
-        return sum(getattr(r, name) for r in steps) / max(len(steps), 1)
-
-    return {
-        "epoch": epoch + 1,
-        "step": step,
-        "loss": mean("loss"),
-        "positive_accuracy": mean("accuracy"),
-        "positive_cosine": mean("positive_cosine"),
-        "negative_cosine": mean("negative_cosine"),
-        "lr": lr,
-        "tiles_per_s": len(steps) * batch_size / max(seconds, 1e-9),
-        "seconds": seconds,
-    }
 
 
 def _list_slide_files(folder: Path) -> list[Path]:
@@ -408,6 +205,83 @@ def run_pretraining(config: MocoConfig) -> PretrainingResult:
             dist.destroy_process_group()
 
 
+@dataclass
+class _Training:
+    """The objects one MoCo run steps through: model, optimiser, scaler and view generator."""
+
+    config: MocoConfig
+    device: torch.device
+    model: MoCo
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    query_encoder: nn.Module  # the query encoder, wrapped in DDP under torchrun
+    base_lr: float
+    total_steps: int
+    augmentation: TileAugmentation = field(default_factory=TileAugmentation)
+
+
+def _set_up(config: MocoConfig, rank: int, world: int, device: torch.device) -> _Training:
+    """Model, SGD, grad scaler and this rank's view generator, before any resume."""
+    steps_per_epoch = config.tiles_per_epoch // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"--tiles-per-epoch {config.tiles_per_epoch} is smaller than --batch-size {config.batch_size}")
+    torch.manual_seed(config.seed)
+    model = MoCo(config.queue_size, seed=config.seed, arch=config.arch).to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's Module.to overloads omit memory_format
+    base_lr = config.lr * config.batch_size / 256
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=base_lr, momentum=SGD_MOMENTUM, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision and autocast_dtype(device) == torch.float16)
+    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)  # views differ across ranks
+    query_encoder: nn.Module = model.encoder_q
+    if world > 1:
+        query_encoder = DistributedDataParallel(model.encoder_q, device_ids=[device.index] if device.type == "cuda" else None)
+    return _Training(config, device, model, optimizer, scaler, generator, query_encoder, base_lr, steps_per_epoch * config.epochs)
+
+
+def _run_epoch(
+    run: _Training, slides: list[IndexedSlide], epoch: int, step: int, rank: int, world: int
+) -> tuple[list[StepResult], float]:
+    """One epoch of MoCo steps from global step ``step`` → the step results and the last lr."""
+    config, device = run.config, run.device
+    plan = epoch_plan([len(s) for s in slides], config.tiles_per_epoch, config.tiles_per_visit, config.seed, epoch)
+    dataset = EpochTileBatches(slides, plan, config.batch_size, config.tile_size_px, rank, world)
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=config.num_workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if config.num_workers else None,
+    )
+    steps: list[StepResult] = []
+    lr = cosine_lr(run.base_lr, step, run.total_steps)
+    bar = tqdm(loader, total=len(dataset), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=rank != 0)
+    for tiles in bar:
+        lr = cosine_lr(run.base_lr, step + len(steps), run.total_steps)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        view_q, view_k = make_views(tiles, run.augmentation, run.generator, device)
+        result = train_step(
+            run.model,
+            view_q,
+            view_k,
+            run.optimizer,
+            config.momentum,
+            config.temperature,
+            device,
+            config.mixed_precision,
+            run.scaler,
+            run.query_encoder,
+        )
+        if not math.isfinite(result.loss):
+            raise FloatingPointError(
+                f"MoCo loss became {result.loss} at epoch {epoch + 1} step {step + len(steps)}; "
+                "lower --lr or disable --mixed-precision"
+            )
+        steps.append(result)
+        bar.set_postfix(loss=f"{result.loss:.3f}", acc=f"{result.accuracy:.2f}", lr=f"{lr:.2g}")
+    return steps, lr
+
+
 def _train(
     config: MocoConfig,
     slides: list[IndexedSlide],
@@ -419,97 +293,40 @@ def _train(
 ) -> PretrainingResult:
     main_process = rank == 0
     slide_names = [s.path.name for s in slides]
-    torch.manual_seed(config.seed)
-    model = MoCo(config.queue_size, seed=config.seed, arch=config.arch).to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's Module.to overloads omit memory_format
-    base_lr = config.lr * config.batch_size / 256
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=base_lr, momentum=SGD_MOMENTUM, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision and autocast_dtype(device) == torch.float16)
-    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)  # views differ across ranks
-    augmentation = TileAugmentation()
-    start_epoch, step, monitors = 0, 0, []
+    run = _set_up(config, rank, world, device)
+    start_epoch, step = 0, 0
+    monitors: list[dict[str, Any]] = []
     if config.resume is not None:
         raw = load_training_checkpoint(config.resume, config)
-        model.load_state_dict(raw["state_dict"])
-        optimizer.load_state_dict(raw["optimizer"])
-        if raw["scaler"] and scaler.is_enabled():
-            scaler.load_state_dict(raw["scaler"])
-        if len(raw["rng"]["augment"]) == world:
-            generator.set_state(raw["rng"]["augment"][rank])
-            torch.random.set_rng_state(raw["rng"]["torch"][rank])
-        else:
-            logger.warning(
-                "checkpoint written by %d processes, resuming with %d: RNG streams restart (not exact)",
-                len(raw["rng"]["augment"]),
-                world,
-            )
-        if raw.get("slides") != slide_names:
-            logger.warning("the slide set differs from the checkpoint's; tile plans will differ")
-        start_epoch, step, monitors = int(raw["epoch"]), int(raw["step"]), list(raw["monitors"])
+        start_epoch, step, monitors = restore_training_state(
+            raw, run.model, run.optimizer, run.scaler, run.generator, rank, world, slide_names
+        )
         logger.info("resuming %s after epoch %d (step %d)", config.resume, start_epoch, step)
-    query_encoder: nn.Module = model.encoder_q
-    if world > 1:
-        query_encoder = DistributedDataParallel(model.encoder_q, device_ids=[device.index] if device.type == "cuda" else None)
     monitor_tiles = (
         fixed_tiles(slides, config.monitor_tiles, config.tile_size_px, config.seed)
         if config.monitor_tiles and main_process
         else None
     )
-    probe = (
+    probe: ProbeSet | None = (
         probe_set(slides, config.probe_labels, config.probe_tiles_per_slide, config.tile_size_px, config.seed)
         if config.probe_labels is not None and main_process
         else None
     )
-    steps_per_epoch = config.tiles_per_epoch // config.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"--tiles-per-epoch {config.tiles_per_epoch} is smaller than --batch-size {config.batch_size}")
-    total_steps = steps_per_epoch * config.epochs
     checkpoint_path, encoder_path = out / "last.pt", out / "encoder.pt"
     for epoch in range(start_epoch, config.epochs):
-        plan = epoch_plan([len(s) for s in slides], config.tiles_per_epoch, config.tiles_per_visit, config.seed, epoch)
-        dataset = EpochTileBatches(slides, plan, config.batch_size, config.tile_size_px, rank, world)
-        loader = DataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=config.num_workers,
-            pin_memory=device.type == "cuda",
-            prefetch_factor=4 if config.num_workers else None,
-        )
-        started, steps = time.perf_counter(), []
-        bar = tqdm(loader, total=len(dataset), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not main_process)
-        for tiles in bar:
-            lr = cosine_lr(base_lr, step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            view_q, view_k = make_views(tiles, augmentation, generator, device)
-            result = train_step(
-                model,
-                view_q,
-                view_k,
-                optimizer,
-                config.momentum,
-                config.temperature,
-                device,
-                config.mixed_precision,
-                scaler,
-                query_encoder,
-            )
-            if not math.isfinite(result.loss):
-                raise FloatingPointError(
-                    f"MoCo loss became {result.loss} at epoch {epoch + 1} step {step}; lower --lr or disable --mixed-precision"
-                )
-            steps.append(result)
-            step += 1
-            bar.set_postfix(loss=f"{result.loss:.3f}", acc=f"{result.accuracy:.2f}", lr=f"{lr:.2g}")
-        seconds = time.perf_counter() - started
-        row = _epoch_row(epoch, step, steps, lr, config.batch_size, seconds)
-        row.update(_quality_monitors(model.encoder_q, monitor_tiles, probe, augmentation, device, config))
+        started = time.perf_counter()
+        steps, lr = _run_epoch(run, slides, epoch, step, rank, world)
+        step += len(steps)
+        row = epoch_row(epoch, step, steps, lr, config.batch_size, time.perf_counter() - started)
+        row.update(quality_monitors(run.model.encoder_q, monitor_tiles, probe, run.augmentation, device, config))
         monitors.append(row)
-        last = epoch + 1 == config.epochs
-        if (epoch + 1) % config.checkpoint_every == 0 or last:
-            payload = checkpoint_payload(model, optimizer, scaler, generator, config, epoch + 1, step, monitors, slide_names)
+        if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
+            payload = checkpoint_payload(
+                run.model, run.optimizer, run.scaler, run.generator, config, epoch + 1, step, monitors, slide_names
+            )
             if main_process:
                 write_epoch_snapshot(out / "checkpoints", epoch + 1, payload, checkpoint_path, config.keep_checkpoints)
-                save_encoder(model, encoder_path, config, epoch + 1)
+                save_encoder(run.model, encoder_path, config, epoch + 1)
         if main_process:
             write_monitors(out, monitors)
             logger.info(

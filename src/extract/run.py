@@ -99,7 +99,7 @@ def settings_mismatch(path: Path, settings: dict[str, Any]) -> list[str]:
     ]
 
 
-def settings_of(config: ExtractConfig) -> dict[str, Any]:
+def file_settings(config: ExtractConfig) -> dict[str, Any]:
     """The settings that shape a slide's file, as plain JSON-able data (paths as str), under the
     names the file format keeps (``mpp``, ``tile_size``)."""
     return {FILE_SETTING_NAMES.get(k, k): v for k, v in settings_dict(config, drop=RUN_CONTROL_FIELDS).items()}
@@ -344,7 +344,7 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     overrides = load_mpp_overrides(config.mpp_csv) if config.mpp_csv is not None else {}
     device = rank_device(config.device)
     trunk, encoder = _load_trunk(config, device)
-    settings = settings_of(config)
+    settings = file_settings(config)
     mine = select_part(slides, part, n_parts)
     summary = ExtractionSummary(_ignored(select_part(others, part, n_parts)), part, n_parts, strict=config.strict)
     logger.info(

@@ -23,6 +23,9 @@ printed.
 Speed: embeddings are unit-norm, so lbfgs on them is well conditioned; one estimator per
 (method, budget) is refitted with a warm start across splits (same optimum, fewer
 iterations), and BLAS runs on one thread (parallel BLAS on 700 × 512 only burns CPU time).
+
+The baselines' inputs (feature files by slide id, bags, the checks that embeddings and features
+belong together, top-k's slides and trunk) are read by :mod:`gigassl.evaluation_inputs`.
 """
 
 from __future__ import annotations
@@ -32,15 +35,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
-import h5py
 import numpy as np
 from sklearn.base import clone
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from extract.config import settings_dict
-from extract.errors import UserError
 from gigassl.config import EVALUATE_BASELINES, EvaluateConfig
-from gigassl.data import feature_files_in
+from gigassl.evaluation_inputs import (
+    check_embeddings,
+    check_feature_width,
+    feature_paths,
+    load_bags,
+    load_bags_one_by_one,
+    slide_tiles,
+    trunk_factory,
+)
 from gigassl.evaluation_report import format_report, write_csv, write_json
 from gigassl.plots import plot_auc
 from gigassl.paired import paired_differences
@@ -57,7 +66,7 @@ from gigassl.protocol import (
 from gigassl.mil import AttentionMIL, SlideTiles, TopKFineTuner, make_logistic_regression, mean_features
 
 if TYPE_CHECKING:
-    from gigassl.embed import SlideEmbeddings
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -229,133 +238,8 @@ class EvaluationResult:
         return f"{format_report(self.summary, self.paired)}\nwritten: {self.csv_path}, {self.json_path}, {self.plot_path}"
 
 
-# ---------------------------------------------------------------------------------------------
-# Baselines' inputs
-
-
-def feature_paths(folder: str | Path) -> dict[str, Path]:
-    """slide id → per-slide features file of ``folder`` (gigassl or TRIDENT/CLAM layout).
-
-    The id is the file's ``slide_id`` attribute, else its stem, as ``gigassl embed`` names the
-    rows; of two files with one id (a copied file), the one named after the id is used and the
-    collision is logged.
-    """
-    from gigassl.plain_features import read_slide_id, split_duplicate_ids
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--features {folder} is not a folder; point it at the `features` folder of `gigassl extract`")
-    kept, _ = split_duplicate_ids(feature_files_in(folder))
-    return {read_slide_id(p): p for p in kept}
-
-
-def load_bags(paths: Sequence[Path]) -> list[np.ndarray]:
-    """(N_i, D) plain tile features of each file, checked (finite, one width D for all)."""
-    from gigassl.plain_features import read_plain_features
-
-    bags, first = [], None
-    for path in paths:
-        slide = read_plain_features(path)  # refuses no tiles and NaN/inf features, naming the file
-        if first is not None and slide.feature_dim != first.feature_dim:
-            raise UserError(
-                f"{path}: features are {slide.feature_dim}-d, but {first.path.name}'s are "
-                f"{first.feature_dim}-d; the baselines need features of one tile encoder"
-            )
-        first = first or slide
-        bags.append(slide.features)
-    return bags
-
-
-def check_embeddings(embeddings: SlideEmbeddings, path: str | Path, slide_ids: Sequence[str]) -> None:
-    """Refuse an embeddings file holding a slide id twice, or non-finite vectors for ``slide_ids``."""
-    rows: dict[str, list[int]] = {}
-    for row, slide_id in enumerate(embeddings.slide_ids):
-        rows.setdefault(slide_id, []).append(row)
-    repeated = [f"{s} (rows {', '.join(map(str, r))})" for s, r in rows.items() if len(r) > 1]
-    if repeated:
-        raise UserError(
-            f"{path}: {len(repeated)} slide id(s) appear more than once: {', '.join(repeated[:10])}"
-            f"{' …' if len(repeated) > 10 else ''}; two feature files carried one slide id (a copied "
-            "file?): re-run `gigassl embed`, which keeps one file per id and lists the others"
-        )
-    finite = np.isfinite(embeddings.embeddings).all(axis=1)
-    bad = [s for s in slide_ids if s in rows and not finite[rows[s][0]]]
-    if bad:
-        raise UserError(
-            f"{path}: the vectors of {len(bad)} labelled slide(s) hold NaN or inf: {', '.join(bad[:10])}"
-            f"{' …' if len(bad) > 10 else ''}; re-embed them with `gigassl embed` (which lists slides "
-            "with NaN features as failed) or drop them from the labels CSV"
-        )
-
-
-def check_feature_width(feature_file: Path, embeddings: SlideEmbeddings, path: str | Path) -> None:
-    """Refuse baselines on tile features of another width than the checkpoint behind the
-    embeddings took (its ``feature_dim`` provenance; files without it are not checked)."""
-    from gigassl.plain_features import read_plain_features
-
-    expected = embeddings.provenance.get("feature_dim")
-    if expected is None:
-        return
-    found = read_plain_features(feature_file).feature_dim
-    if found != int(expected):
-        raise UserError(
-            f"{feature_file}: features are {found}-d, but the embeddings {path} come from a checkpoint "
-            f"that takes {int(expected)}-d features; give --features the folder of the tile features "
-            "that were embedded, so that the baselines see the same tile encoder"
-        )
-
-
-def slide_tiles(paths: Sequence[Path], slides_folder: Path | None) -> list[SlideTiles]:
-    """Where each slide's tiles are re-read from (the feature file's source and tile grid)."""
-    from extract.features_file import SlideFeatures
-
-    tiles = []
-    for path in paths:
-        with h5py.File(path, "r") as handle:  # the slide file the features were extracted from
-            source = Path(str(handle.attrs.get("source", "")))
-        with SlideFeatures(path, require_plain=True) as slide:
-            grid = slide.grid_attrs
-            coords = slide.coords()
-            size_level0 = slide.tile_step_level0
-        slide_path = slides_folder / source.name if slides_folder is not None else source
-        if not slide_path.is_file():
-            raise FileNotFoundError(
-                f"{path}: its slide {slide_path} does not exist; top-k re-reads tiles from the slides, "
-                "pass --slides FOLDER holding them"
-            )
-        tiles.append(SlideTiles(slide_path, coords, size_level0, int(grid["patch_size"]), grid.get("mpp")))
-    return tiles
-
-
-def trunk_factory(encoder: str, feature_file: Path):
-    """A callable building the tile trunk that produced the features (checked by hash)."""
-    from extract.encoder import TileTrunk, load_resnet18
-    from extract.features_file import SlideFeatures
-
-    with SlideFeatures(feature_file) as slide:
-        expected = slide.encoder_sha256
-        seed = int(slide.settings.get("seed", 0))
-    if encoder == "auto":
-        _, info = load_resnet18("random", seed=seed)
-        if info.sha256 != expected:
-            raise UserError(
-                f"{feature_file}: its features come from a tile encoder checkpoint (sha256 {expected[:12]}…); "
-                "top-k fine-tunes that encoder: pass it with --encoder PATH"
-            )
-        source, load_seed = "random", seed
-    else:
-        source, load_seed = encoder, 0
-        _, info = load_resnet18(encoder)
-        if info.sha256 != expected:
-            logger.warning(
-                "--encoder %s (sha256 %s…) is not the encoder of the features (%s…)", encoder, info.sha256[:12], expected[:12]
-            )
-    return lambda: TileTrunk(load_resnet18(source, seed=load_seed)[0])
-
-
 def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
     """``gigassl evaluate``: the protocol on the embeddings (and baselines), tables and plot."""
-    from extract.device import resolve_device
     from gigassl.embed import read_embeddings
 
     budgets = parse_budgets(config.budgets)
@@ -381,33 +265,12 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
     # Both linear methods are standard-scaled before the same regression: L2-normalised slide
     # vectors have a small spread, so unscaled they would meet C = 10 as a much stronger penalty
     # than AverageMIL's scaled features (on the demo: 0.90 unscaled vs 0.98 scaled AUC).
-    methods: list[Method] = [
-        LinearMethod(
-            "gigassl",
-            embeddings.embeddings[[rows_of[s] for s in labels.slide_ids]],
-            config.logistic_c,
-            config.tune_c,
-            standardize=True,
-        )
-    ]
+    vectors = embeddings.embeddings[[rows_of[s] for s in labels.slide_ids]]
+    methods: list[Method] = [LinearMethod("gigassl", vectors, config.logistic_c, config.tune_c, standardize=True)]
     if baselines:
         paths = [files[s] for s in labels.slide_ids]
         check_feature_width(paths[0], embeddings, config.embeddings)
-        device = str(resolve_device(config.device))
-        bags = load_bags(paths) if {"abmil", "topk"} & set(baselines) else None
-        mil = AttentionMIL(max_epochs=config.mil_epochs, device=device)
-        if "average" in baselines:
-            means = mean_features(bags) if bags is not None else mean_features(load_bags_one_by_one(paths))
-            methods.append(LinearMethod("average", means, config.logistic_c, config.tune_c, standardize=True))
-        if "abmil" in baselines:
-            assert bags is not None, "loaded above for abmil and topk"
-            methods.append(AttentionMethod(bags, mil))
-        if "topk" in baselines:
-            tuner = TopKFineTuner(
-                trunk_factory(config.encoder, paths[0]), k=config.topk, epochs=config.topk_epochs, mil=mil, device=device
-            )
-            assert bags is not None, "loaded above for abmil and topk"
-            methods.append(TopKMethod(bags, slide_tiles(paths, config.slides), tuner))
+        methods += baseline_methods(config, baselines, paths)
     logger.info(
         "%d slides, classes %s, %d splits, budgets %s, methods %s",
         len(y),
@@ -417,24 +280,54 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
         [m.name for m in methods],
     )
     rows = run_protocol(methods, y, splits, budgets, config.seed, classes.tolist())
+    return _write_results(config, rows, embeddings.provenance, classes.tolist(), len(y), missing, [m.name for m in methods])
+
+
+def baseline_methods(config: EvaluateConfig, baselines: Sequence[str], paths: Sequence[Path]) -> list[Method]:
+    """The MIL baselines of ``baselines`` on the plain tile features of ``paths`` (one file per slide, in label order)."""
+    from extract.device import resolve_device
+
+    device = str(resolve_device(config.device))
+    bags = load_bags(paths) if {"abmil", "topk"} & set(baselines) else None
+    mil = AttentionMIL(max_epochs=config.mil_epochs, device=device)
+    methods: list[Method] = []
+    if "average" in baselines:
+        means = mean_features(bags) if bags is not None else mean_features(load_bags_one_by_one(paths))
+        methods.append(LinearMethod("average", means, config.logistic_c, config.tune_c, standardize=True))
+    if "abmil" in baselines:
+        assert bags is not None, "loaded above for abmil and topk"
+        methods.append(AttentionMethod(bags, mil))
+    if "topk" in baselines:
+        tuner = TopKFineTuner(
+            trunk_factory(config.encoder, paths[0]), k=config.topk, epochs=config.topk_epochs, mil=mil, device=device
+        )
+        assert bags is not None, "loaded above for abmil and topk"
+        methods.append(TopKMethod(bags, slide_tiles(paths, config.slides), tuner))
+    return methods
+
+
+def _write_results(
+    config: EvaluateConfig,
+    rows: list[dict[str, Any]],
+    provenance: dict[str, Any],
+    classes: list[Any],
+    n_slides: int,
+    missing: list[str],
+    method_names: list[str],
+) -> EvaluationResult:
+    """Summary and paired differences to ``--reference``, written as CSV, JSON and the plot."""
     summary, paired = summarise(rows), paired_differences(rows, config.reference)
     if not paired:
-        logger.info(
-            "--reference %s was not run: no paired differences (methods: %s)",
-            config.reference,
-            ", ".join(m.name for m in methods),
-        )
+        logger.info("--reference %s was not run: no paired differences (methods: %s)", config.reference, ", ".join(method_names))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = write_csv(summary, out / RESULTS_CSV)
     json_path = write_json(
         dict(
             settings=settings_dict(config),
-            embeddings_provenance={
-                k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in embeddings.provenance.items()
-            },
-            classes=classes.tolist(),
-            n_slides=len(y),
+            embeddings_provenance={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in provenance.items()},
+            classes=classes,
+            n_slides=n_slides,
             missing=missing,
             summary=summary,
             paired=paired,
@@ -443,10 +336,4 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
         out / RESULTS_JSON,
     )
     plot_path = plot_auc(summary, out / PLOT_PNG, f"{Path(config.labels).stem}: AUC vs training slides", paired)
-    return EvaluationResult(summary, rows, classes.tolist(), missing, csv_path, json_path, plot_path, paired=paired)
-
-
-def load_bags_one_by_one(paths: Sequence[Path]):
-    """Yield each file's plain features, one file in memory at a time."""
-    for path in paths:
-        yield load_bags([path])[0]
+    return EvaluationResult(summary, rows, classes, missing, csv_path, json_path, plot_path, paired=paired)

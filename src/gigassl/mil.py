@@ -21,7 +21,7 @@ import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -74,8 +74,8 @@ def make_logistic_regression(
     return make_pipeline(StandardScaler(), classifier) if standardize else classifier
 
 
-def mean_features(bags: Sequence[np.ndarray]) -> np.ndarray:
-    """(S, D) mean tile feature of each bag (N_i, D)."""
+def mean_features(bags: Iterable[np.ndarray]) -> np.ndarray:
+    """(S, D) mean tile feature of each bag (N_i, D); bags may be a generator, read one at a time."""
     return np.stack([np.asarray(bag, dtype=np.float32).mean(axis=0) for bag in bags]).astype(np.float32)
 
 

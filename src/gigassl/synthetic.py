@@ -64,6 +64,14 @@ def _tissue_cells(rng: np.random.Generator, n_tiles: int) -> np.ndarray:
     return np.stack([xs.ravel()[chosen], ys.ravel()[chosen]], axis=1).astype(np.int64)
 
 
+def _planted_signal(slide_rng: np.random.Generator, signature_strength: float, class_signal: np.ndarray) -> np.ndarray:
+    """(D,) what every tile of a slide shares: a random slide signature plus its class's direction."""
+    width = int(class_signal.shape[0])
+    signature = slide_rng.standard_normal(width).astype(np.float32)
+    signature *= signature_strength / np.linalg.norm(signature) * np.sqrt(width) / 4
+    return signature + class_signal * 4
+
+
 def write_synthetic_cohort(
     folder: str | Path,
     n_slides: int = 16,
@@ -103,12 +111,9 @@ def write_synthetic_cohort(
         cells = _tissue_cells(slide_rng, n_tiles)
         offset = slide_rng.integers(0, 50, size=2) * TILE_STEP_LEVEL0
         coords = cells * TILE_STEP_LEVEL0 + offset
-        noise = 0.5 * slide_rng.standard_normal((n_tiles, width)).astype(np.float32)
-        features = 1.0 + noise
+        features = 1.0 + 0.5 * slide_rng.standard_normal((n_tiles, width)).astype(np.float32)
         if planted:
-            signature = slide_rng.standard_normal(width).astype(np.float32)
-            signature *= signature_strength / np.linalg.norm(signature) * np.sqrt(width) / 4
-            features += signature + class_strength * synthetic_label(index) * class_direction * 4
+            features += _planted_signal(slide_rng, signature_strength, class_strength * synthetic_label(index) * class_direction)
         grid = dict(
             GRID_ATTRS,
             level0_width=int(coords[:, 0].max() + TILE_STEP_LEVEL0),
@@ -143,9 +148,14 @@ def write_synthetic_cohort(
                 jitter = 0.1 * slide_rng.standard_normal((bank_size, width)).astype(np.float32)
                 writer.write_augmentation(a, features[rows] + shift + jitter, coords[rows])
         paths.append(path)
-    with open(folder / LABELS_FILE, "w", newline="") as handle:
+    write_synthetic_labels(folder / LABELS_FILE, n_slides)
+    return paths
+
+
+def write_synthetic_labels(path: Path, n_slides: int) -> None:
+    """The labels CSV of a synthetic cohort: slide, its planted class, a patient per two slides."""
+    with open(path, "w", newline="") as handle:
         table = csv.writer(handle)
         table.writerow(["slide", "label", "patient"])
         for index in range(n_slides):
             table.writerow([f"slide_{index:03d}", synthetic_label(index), f"patient_{index // 2:03d}"])
-    return paths
