@@ -431,7 +431,7 @@ def tile_encoder(
             device=args.device,
             probe_labels=labels_csv,
             **overrides,
-        ).resolved()
+        )
         moco_settings = dict(_plain(moco, NOT_KEYED), images=fingerprint)
 
         def pretrain(where: Path) -> dict[str, Any]:

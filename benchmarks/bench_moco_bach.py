@@ -59,9 +59,8 @@ def label_of(path: Path) -> int:
 
 def train_or_reuse(config: MocoConfig, retrain: bool) -> tuple[Path, float | None]:
     """The trained ``encoder.pt`` (cached when a finished run has the same settings) and training seconds."""
-    resolved = config.resolved()
     stamp = Path(config.out) / "bench_settings.json"
-    wanted = {k: str(v) for k, v in vars(resolved).items() if k not in ("num_workers", "device", "keep_checkpoints")}
+    wanted = {k: str(v) for k, v in vars(config).items() if k not in ("num_workers", "device", "keep_checkpoints")}
     encoder = Path(config.out) / "encoder.pt"
     if not retrain and encoder.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         print(f"reusing the trained encoder {encoder}")
@@ -166,7 +165,6 @@ def main() -> None:
         np.save(args.cache / f"features_{'moco' if source != 'random' else 'random'}.npy", features)
         results[name] = (probe(features, labels), time.perf_counter() - started)
 
-    resolved = config.resolved()
     print()
     print(
         f"BACH-like linear probe: {len(images)} images in {args.images}, {len(LABELS)} classes, "
@@ -174,8 +172,8 @@ def main() -> None:
         f"{N_SPLITS} stratified 70/30 splits"
     )
     print(
-        f"MoCo training: {resolved.epochs} epochs × {resolved.tiles_per_epoch} tiles, batch {resolved.batch_size}, "
-        f"queue {resolved.queue_size}, {train_seconds / 60:.1f} min"
+        f"MoCo training: {config.epochs} epochs × {config.tiles_per_epoch} tiles, batch {config.batch_size}, "
+        f"queue {config.queue_size}, {train_seconds / 60:.1f} min"
         if train_seconds
         else ""
     )

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import numpy as np
@@ -93,15 +94,30 @@ def test_monitors_analytic():
 
 
 def test_small_cpu_profile_replaces_defaults_only():
-    config = MocoConfig(slides="s", out="o", profile="small-cpu", batch_size=32).resolved()
+    config = MocoConfig(slides="s", out="o", profile="small-cpu", batch_size=32)
     profile = MOCO_PROFILES["small-cpu"]
     assert config.tile_size_px == profile["tile_size_px"] and config.queue_size == profile["queue_size"]
     assert config.batch_size == 32  # an explicit value wins
-    assert MocoConfig(slides="s", out="o").resolved().tile_size_px == 224
+    assert MocoConfig(slides="s", out="o").tile_size_px == 224
+    moved = dataclasses.replace(config, out="p")  # the filled values survive a replace
+    assert (moved.tile_size_px, moved.batch_size, moved.momentum) == (96, 32, profile["momentum"])
     with pytest.raises(ValueError, match="profile"):
         MocoConfig(slides="s", out="o", profile="tiny")
     with pytest.raises(ValueError, match="momentum"):
         MocoConfig(slides="s", out="o", momentum=1.0)
+
+
+def test_explicit_value_equal_to_the_default_profile_wins_over_small_cpu(monkeypatch):
+    """``--profile small-cpu --momentum 0.999`` must train at 0.999 (the ablation the README suggests)."""
+    from gigassl.cli import build_parser, config_from_args
+
+    assert MocoConfig(slides="s", out="o", profile="small-cpu", momentum=0.999, epochs=200).momentum == 0.999
+    argv = ["pretrain-tiles", "--slides", "s", "--out", "o", "--profile", "small-cpu", "--momentum", "0.999"]
+    config = config_from_args(MocoConfig, build_parser().parse_args(argv))
+    assert (config.momentum, config.queue_size) == (0.999, MOCO_PROFILES["small-cpu"]["queue_size"])
+    monkeypatch.setenv("COLUMNS", "400")  # one line per flag in the help
+    help_text = build_parser()._subparsers._group_actions[0].choices["pretrain-tiles"].format_help()
+    assert "default: 0.999; small-cpu: 0.99" in " ".join(help_text.split())
 
 
 # ----------------------------------------------------------------------------- data on the real slide

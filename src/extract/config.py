@@ -206,10 +206,20 @@ class ExtractConfig:
         return GridLimits(self.min_level0_mpp, self.max_level0_mpp, self.max_upscale, self.max_tiles_per_slide)
 
 
-# Settings a profile changes, applied to the fields left at their class default (see
-# MocoConfig.resolved). "small-cpu": a useful encoder from ~200 images in ≤ 45 min on 2 CPU cores.
-MOCO_PROFILES: dict[str, dict[str, object]] = {
-    "default": {},
+# The values of the settings a profile sets. A MocoConfig field left at _FROM_PROFILE (None) takes
+# its --profile's value; a value given explicitly, even one equal to another profile's, is kept.
+# "small-cpu": a useful encoder from ~200 images in ≤ 45 min on 2 CPU cores.
+MOCO_PROFILES: dict[str, dict[str, Any]] = {
+    "default": {
+        "tile_size_px": 224,
+        "batch_size": 256,
+        "queue_size": 65536,
+        "tiles_per_epoch": 65536,
+        "epochs": 200,
+        "momentum": 0.999,
+        "monitor_tiles": 1024,
+        "checkpoint_every": 10,
+    },
     "small-cpu": {
         "tile_size_px": 96,
         "batch_size": 64,
@@ -221,6 +231,13 @@ MOCO_PROFILES: dict[str, dict[str, object]] = {
         "checkpoint_every": 5,
     },
 }
+_FROM_PROFILE: Any = None  # typed Any so a field of any type can default to "the profile's value"
+
+
+def _profiled(name: str, text: str, **extra) -> dict:
+    """Field metadata whose help ends with the value of ``name`` in each profile."""
+    values = "; ".join(f"{profile}: {settings[name]}" for profile, settings in MOCO_PROFILES.items())
+    return _help(f"{text} ({values})", **extra)
 
 
 MOCO_ARCHITECTURES = ("resnet18", "resnet34", "resnet50")  # extract.resnet.ARCHITECTURES, without importing torch
@@ -230,8 +247,8 @@ MOCO_ARCHITECTURES = ("resnet18", "resnet34", "resnet50")  # extract.resnet.ARCH
 class MocoConfig:
     """MoCo v2 pre-training of a ResNet tile encoder (--arch), tiles sampled online from slides.
 
-    ``--profile small-cpu`` replaces the defaults of the fields listed in ``MOCO_PROFILES``
-    (a flag given explicitly with a value other than its default wins over the profile).
+    The fields listed in ``MOCO_PROFILES`` take the value of ``--profile`` (``default`` or
+    ``small-cpu``) unless given explicitly; an explicit value always wins, whatever it is.
     """
 
     slides: Path = field(
@@ -249,23 +266,25 @@ class MocoConfig:
         metadata=_help("resolution of the sampled tiles in µm/px (0.5 ≈ 20×, 1.0 ≈ 10× as in the paper)", aliases=("--mpp",)),
     )
     tile_size_px: int = field(
-        default=224, metadata=_help("tile side in pixels at the target resolution (small-cpu: 96)", aliases=("--tile-size",))
+        default=_FROM_PROFILE,
+        metadata=_profiled("tile_size_px", "tile side in pixels at the target resolution", aliases=("--tile-size",)),
     )
     mpp_csv: Optional[Path] = field(default=None, metadata=_help("CSV slide,mpp overriding the slides' metadata"))
     default_mpp: Optional[float] = field(
         default=None, metadata=_help("µm/px of level 0 for slides without metadata (plain images); a CSV entry wins")
     )
     tissue_threshold: float = field(default=0.5, metadata=_help("keep tiles whose tissue fraction is at least this"))
-    epochs: int = field(default=200, metadata=_help("training epochs (small-cpu: 20)"))
+    epochs: int = field(default=_FROM_PROFILE, metadata=_profiled("epochs", "training epochs"))
     tiles_per_epoch: int = field(
-        default=65536, metadata=_help("tiles sampled per epoch across all slides, slides drawn uniformly (small-cpu: 8192)")
+        default=_FROM_PROFILE,
+        metadata=_profiled("tiles_per_epoch", "tiles sampled per epoch across all slides, slides drawn uniformly"),
     )
     tiles_per_visit: int = field(
         default=8, metadata=_help("consecutive tiles drawn from one slide, so a reader opens each slide once per run of tiles")
     )
-    batch_size: int = field(default=256, metadata=_help("tiles per step, all processes together (small-cpu: 64)"))
-    queue_size: int = field(default=65536, metadata=_help("MoCo queue of negative keys (small-cpu: 4096)"))
-    momentum: float = field(default=0.999, metadata=_help("momentum of the key encoder (small-cpu: 0.99)"))
+    batch_size: int = field(default=_FROM_PROFILE, metadata=_profiled("batch_size", "tiles per step, all processes together"))
+    queue_size: int = field(default=_FROM_PROFILE, metadata=_profiled("queue_size", "MoCo queue of negative keys"))
+    momentum: float = field(default=_FROM_PROFILE, metadata=_profiled("momentum", "momentum of the key encoder"))
     temperature: float = field(default=0.2, metadata=_help("InfoNCE temperature"))
     lr: float = field(
         default=0.03, metadata=_help("SGD learning rate at batch 256 (scaled linearly with the batch), cosine decay to 0")
@@ -279,8 +298,10 @@ class MocoConfig:
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)"))
     mixed_precision: bool = field(default=True, metadata=_help("bf16/fp16 autocast (CUDA, and bf16 on CPU)"))
     monitor_tiles: int = field(
-        default=1024,
-        metadata=_help("fixed tiles on which RankMe, alignment and uniformity are logged each epoch (0: off; small-cpu: 512)"),
+        default=_FROM_PROFILE,
+        metadata=_profiled(
+            "monitor_tiles", "fixed tiles on which RankMe, alignment and uniformity are logged each epoch (0: off)"
+        ),
     )
     probe_labels: Optional[Path] = field(
         default=None,
@@ -289,7 +310,9 @@ class MocoConfig:
         ),
     )
     probe_tiles_per_slide: int = field(default=16, metadata=_help("fixed tiles per labelled slide for --probe-labels"))
-    checkpoint_every: int = field(default=10, metadata=_help("write a checkpoint every N epochs (and at the end) (small-cpu: 5)"))
+    checkpoint_every: int = field(
+        default=_FROM_PROFILE, metadata=_profiled("checkpoint_every", "write a checkpoint every N epochs (and at the end)")
+    )
     keep_checkpoints: int = field(
         default=3,
         metadata=_help("periodic checkpoints kept in OUT/checkpoints (older ones are deleted; OUT/last.pt is always the latest)"),
@@ -302,6 +325,9 @@ class MocoConfig:
             raise ValueError(f"--arch {self.arch!r}: choose one of {', '.join(MOCO_ARCHITECTURES)}")
         if self.profile not in MOCO_PROFILES:
             raise ValueError(f"--profile {self.profile!r}: choose one of {sorted(MOCO_PROFILES)}")
+        for name, value in MOCO_PROFILES[self.profile].items():
+            if getattr(self, name) is None:  # left to the profile (frozen: set once, here)
+                object.__setattr__(self, name, value)
         _check_resolution(self.target_mpp, self.default_mpp, self.tissue_threshold)
         for name in (
             "tile_size_px",
@@ -322,13 +348,3 @@ class MocoConfig:
             raise ValueError("--temperature and --lr must be positive")
         if self.monitor_tiles < 0 or self.num_workers < 0:
             raise ValueError("--monitor-tiles and --num-workers must be ≥ 0")
-
-    def resolved(self) -> "MocoConfig":
-        """The settings with the profile's values in place of untouched defaults."""
-        from dataclasses import fields, replace
-
-        defaults = {spec.name: spec.default for spec in fields(self)}
-        changes: dict[str, Any] = {  # a profile sets fields of several types
-            name: value for name, value in MOCO_PROFILES[self.profile].items() if getattr(self, name) == defaults[name]
-        }
-        return replace(self, **changes)

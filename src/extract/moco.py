@@ -170,7 +170,6 @@ def _list_slide_files(folder: Path) -> list[Path]:
 
 def run_pretraining(config: MocoConfig) -> PretrainingResult:
     """Train MoCo v2 on tiles sampled online from ``config.slides``; write OUT (see module doc)."""
-    config = config.resolved()
     context = init_distributed(config.device)
     rank, world, device, initialised_here = context.rank, context.world_size, context.device, context.initialised_here
     main_process = rank == 0
