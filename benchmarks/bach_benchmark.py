@@ -375,6 +375,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--mil-epochs", type=int, default=50, help="most attention-MIL epochs (early stopping)")
     add("--moco-epochs", type=int, default=None, help="override the small-cpu profile's MoCo epochs (smoke runs)")
     add("--moco-tiles-per-epoch", type=int, default=None, help="override the small-cpu profile's tiles per epoch (smoke runs)")
+    add("--moco-momentum", type=float, default=None, help="override the small-cpu profile's key-encoder momentum (0.99)")
     add(
         "--limit-per-class",
         type=int,
@@ -418,7 +419,8 @@ def tile_encoder(
     if args.encoder == "random":
         encoder, encoder_id = "random", "random"
     elif args.encoder == "moco":
-        overrides = {k: v for k, v in (("epochs", args.moco_epochs), ("tiles_per_epoch", args.moco_tiles_per_epoch)) if v}
+        given = (("epochs", args.moco_epochs), ("tiles_per_epoch", args.moco_tiles_per_epoch), ("momentum", args.moco_momentum))
+        overrides = {k: v for k, v in given if v is not None}
         moco = MocoConfig(
             slides=folder,
             out=Path("."),
