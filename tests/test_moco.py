@@ -9,6 +9,7 @@ from torch import nn
 from extract.augment import TileAugmentation
 from extract.config import MOCO_PROFILES, MocoConfig
 from extract.encoder import load_resnet18
+from extract import moco_monitors
 from extract.moco import cosine_lr, make_views, run_pretraining, train_step
 from extract.moco_checkpoint import load_training_checkpoint
 from extract.monitors import alignment, rankme, uniformity
@@ -151,6 +152,22 @@ def test_batches_do_not_depend_on_workers_or_ranks(slide_tiles):
     halves = [list(EpochTileBatches(slide_tiles, plan, 8, 32, rank=r, world_size=2)) for r in (0, 1)]
     assert all(torch.equal(torch.cat([a, b]), whole) for a, b, whole in zip(*halves, single))
     assert single[0].float().std() > 5  # real tissue, not blank
+
+
+def test_representation_monitors_build_no_autograd_graph(slide_tiles, monkeypatch):
+    seen: list[torch.Tensor] = []
+    original = moco_monitors.uniformity
+
+    def recording_uniformity(z: torch.Tensor) -> float:
+        seen.append(z)
+        return original(z)
+
+    monkeypatch.setattr(moco_monitors, "uniformity", recording_uniformity)
+    model = MoCo(queue_size=8, seed=0)
+    tiles = fixed_tiles(slide_tiles, 8, 32, seed=0)
+    row = moco_monitors.representation_monitors(model.encoder_q, tiles, TileAugmentation(), CPU, False, 0, 0.2)
+    assert math.isfinite(row["alignment"]) and math.isfinite(row["fresh_infonce"])
+    assert seen and not seen[0].requires_grad and seen[0].grad_fn is None  # read-only: no graph kept
 
 
 def test_few_steps_on_real_tiles_lower_the_loss(slide_tiles):
