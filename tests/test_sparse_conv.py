@@ -46,6 +46,7 @@ def random_batch(seed: int, n_maps: int = 24, channels: int = 256):
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
