@@ -32,7 +32,7 @@ MONITOR_VIEW_TILES = 256
 MONITOR_BATCH = 256
 
 
-@torch.no_grad()  # monitors only read the encoder: no graph over thousands of tiles
+@torch.no_grad()  # monitors only read the encoder: no autograd graph over the fixed tiles
 def _embed_for_monitors(
     encoder: ResNet, images: torch.Tensor, device: torch.device, mixed_precision: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
