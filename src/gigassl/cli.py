@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 from extract.config import ExtractConfig, MocoConfig
 from extract.errors import UserError
+from gigassl.classifier_config import ExplainConfig, FitConfig, PredictConfig
 from gigassl.config import DemoConfig, EmbedConfig, EvaluateConfig, TrainConfig, comma_separated
 
 # subcommand → (settings dataclass, "module:function" taking that dataclass, one-line help).
@@ -45,6 +46,9 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
     "train": (TrainConfig, "gigassl.train:run_training", "Giga-SSL training of the sparse slide encoder"),
     "embed": (EmbedConfig, "gigassl.embed:run_embedding", "slide embeddings from a trained checkpoint"),
     "evaluate": (EvaluateConfig, "gigassl.evaluate:run_evaluation", "few-label evaluation against MIL baselines"),
+    "fit": (FitConfig, "gigassl.fit:run_fit", "fit the evaluation's classifier on every labelled slide → a model file"),
+    "predict": (PredictConfig, "gigassl.predict:run_predict", "score slides with a model file → predictions CSV"),
+    "explain": (ExplainConfig, "gigassl.explain:run_explain", "each tile's contribution to a slide's call: HDF5, heatmap, GeoJSON"),
     "demo": (DemoConfig, "gigassl.demo:run_demo", "the whole pipeline on an embedded synthetic cohort"),
 }
 

@@ -202,13 +202,18 @@ class GigaSSLModel(nn.Module):
         x = x.to(cast(torch.Tensor, self.projector[0].weight).device, non_blocking=True)
         return make_sparse_tensor(x.features, x.indices, x.spatial_shape, x.batch_size, self.sparse_backend)
 
-    def pool(self, x: SparseBatch | SparseTensor) -> torch.Tensor:
-        """Sparse maps of (N, D) tiles → (B, W) slide representations (mean over each map's active sites)."""
+    def site_features(self, x: SparseBatch | SparseTensor) -> SparseTensor:
+        """Sparse maps of (N, D) tiles → the layer4's (M, W) output sites, (batch, y, x) indices;
+        ``pool`` averages them per map (:mod:`gigassl.attribution` splits that mean into site terms)."""
         x = self._as_sparse(x)
         if self.input_projection is not None:
             x = x.replace_feature(self.input_projection(x.features))  # (N, D) → (N, P), per site
-        out = self.layer4(x)
-        return mean_per_map(out.features, out.indices[:, 0], x.batch_size)
+        return self.layer4(x)
+
+    def pool(self, x: SparseBatch | SparseTensor) -> torch.Tensor:
+        """Sparse maps of (N, D) tiles → (B, W) slide representations (mean over each map's active sites)."""
+        out = self.site_features(x)
+        return mean_per_map(out.features, out.indices[:, 0], out.batch_size)
 
     def forward(self, x: SparseBatch | SparseTensor) -> torch.Tensor:
         """Sparse maps → (B, projector_dim) projections."""
