@@ -143,25 +143,26 @@ def _view_terms(model: Any, slide: PlainFeatures, rows: np.ndarray, u: torch.Ten
     return shares, view_means.cpu().numpy()
 
 
-def gigassl_contributions(
-    model: Any,
-    slide: PlainFeatures,
-    u: np.ndarray,
-    n_tiles_per_view: int,
-    n_views_per_embedding: int,
-    views_per_tile: int,
-    rng: np.random.Generator,
-    batch_views: int = 4096,
-) -> tuple[np.ndarray, np.ndarray, float, float, int]:
-    """((N,) contributions, (N,) views per tile, u · ē, the s.d. of u · e_g over the G embeddings, R) for ē the mean of G embeddings of
-    ``n_views_per_embedding`` (the R of ``gigassl embed``) views each — the embedding the model
-    was fitted on, so the score is not shifted by a larger R (the L2 norm of a mean of more views
-    is smaller) — made from covering views shuffled and topped up with random ones to G × R."""
-    rows = covering_views(len(slide.features), n_tiles_per_view, views_per_tile, rng)
-    extra = -len(rows) % n_views_per_embedding
+def explaining_views(
+    n_tiles: int, n_tiles_per_view: int, n_views_per_embedding: int, views_per_tile: int, rng: np.random.Generator
+) -> np.ndarray:
+    """(G × R, t) tile rows: :func:`covering_views` topped up with uniform random views to a
+    multiple of R = ``n_views_per_embedding`` (the R of ``gigassl embed``), shuffled, so that
+    consecutive blocks of R views are G embeddings drawn like the stored one."""
+    rows = covering_views(n_tiles, n_tiles_per_view, views_per_tile, rng)
     t = rows.shape[1]
-    rows = np.concatenate([rows, np.sort([rng.choice(len(slide.features), t, replace=False) for _ in range(extra)], axis=1)])
-    rows = rows[rng.permutation(len(rows))].reshape(len(rows), t)
+    extra = [np.sort(rng.choice(n_tiles, t, replace=False)) for _ in range(-len(rows) % n_views_per_embedding)]
+    rows = np.concatenate([rows, np.array(extra, dtype=rows.dtype).reshape(-1, t)])
+    return rows[rng.permutation(len(rows))]
+
+
+def gigassl_contributions(
+    model: Any, slide: PlainFeatures, u: np.ndarray, rows: np.ndarray, n_views_per_embedding: int, batch_views: int = 4096
+) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """((N,) contributions, (N,) views per tile, u · ē, the s.d. of u · e_g) for the views ``rows``
+    ((G × R, t), :func:`explaining_views`), ē the mean of the G embeddings e_g of R consecutive
+    views each — embeddings like those the model was fitted on (a larger R would shift the score:
+    the L2 norm of a mean of more views is smaller)."""
     direction = torch.as_tensor(u, dtype=torch.float64, device=next(model.parameters()).device)
     parts = [_view_terms(model, slide, rows[i : i + batch_views], direction) for i in range(0, len(rows), batch_views)]
     shares, view_means = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -169,10 +170,11 @@ def gigassl_contributions(
     group_means = view_means.reshape(n_groups, n_views_per_embedding, -1).mean(axis=1)  # (G, W): each m_g
     norms = np.linalg.norm(group_means, axis=1)
     factor = np.repeat(1.0 / (n_groups * n_views_per_embedding * norms), n_views_per_embedding)  # per view
-    contributions = np.bincount(rows.ravel(), weights=(shares * factor[:, None]).ravel(), minlength=len(slide.features))
+    n_tiles = len(slide.features)
+    contributions = np.bincount(rows.ravel(), weights=(shares * factor[:, None]).ravel(), minlength=n_tiles)
     scores = group_means @ u / norms
-    n_views = np.bincount(rows.ravel(), minlength=len(slide.features))
-    return contributions, n_views, float(scores.mean()), float(scores.std(ddof=1)) if n_groups > 1 else 0.0, len(rows)
+    spread = float(scores.std(ddof=1)) if n_groups > 1 else 0.0
+    return contributions, np.bincount(rows.ravel(), minlength=n_tiles), float(scores.mean()), spread
 
 
 def linear_direction(classifier: SlideClassifier, class_index: int) -> tuple[np.ndarray, float]:

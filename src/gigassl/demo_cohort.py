@@ -38,7 +38,7 @@ COHORT_MANIFEST = "cohort.json"
 LABELS_CSV = "labels.csv"
 SLIDES_FOLDER = "slides"
 MANIFEST_FORMAT = "gigassl-demo-cohort"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: ground-truth class maps beside the slides
 BACKGROUND_RGB = 242
 # Optical-density colour vectors of haematoxylin, eosin and DAB (Ruifrok & Johnston 2001);
 # DAB stands in for the residual channel of H&E.
@@ -47,6 +47,8 @@ _HED_VECTORS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.
 # then upsampled; 4 px steps are invisible at the tile sizes the demo extracts. The random
 # fields behind them are smoothed on a much coarser grid (cheap) and interpolated.
 _FIELD_STEP = 4
+CLASS_MAP_STEP_PX = _FIELD_STEP  # level-0 px per cell of the ground-truth class maps
+CLASS_MAPS_FOLDER = "class_maps"
 _NOISE_STEP = 32
 
 
@@ -183,8 +185,10 @@ def apply_stain(rgb: np.ndarray, matrix: np.ndarray) -> np.ndarray:
 
 def paint_slide(
     rng: np.random.Generator, tiles: dict[str, list[np.ndarray]], settings: CohortSettings, positive: bool
-) -> tuple[np.ndarray, DemoSlide]:
-    """One slide's level-0 (H, W, 3) uint8 RGB and its record (slide id left empty)."""
+) -> tuple[np.ndarray, DemoSlide, np.ndarray]:
+    """One slide's level-0 (H, W, 3) uint8 RGB, its record (slide id left empty) and its ground
+    truth: the coarse class map (one cell per ``CLASS_MAP_STEP_PX`` level-0 px, -1 background,
+    0 tumour, 1… the normal classes in ``NORMAL_CLASSES`` order)."""
     classes, tissue_share, tumour_share = _class_map(rng, settings, positive)
     step = _FIELD_STEP
     full = np.repeat(np.repeat(classes, step, axis=0), step, axis=1)
@@ -200,7 +204,19 @@ def paint_slide(
     matrix = random_stain_matrix(rng, settings.stain_strength)
     image = apply_stain(image, matrix)
     record = DemoSlide("", int(positive), round(tissue_share, 4), round(tumour_share, 4), matrix.round(6).tolist())
-    return image, record
+    return image, record, classes
+
+
+def write_class_map(path: Path, classes: np.ndarray) -> None:
+    """The ground-truth class map as an 8-bit PNG: 255 background, 0 tumour, 1… normal classes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.where(classes < 0, 255, classes).astype(np.uint8)).save(path)
+
+
+def read_class_map(path: Path) -> np.ndarray:
+    """A map written by :func:`write_class_map`, back to -1 background, 0 tumour, 1… normal."""
+    values = np.asarray(Image.open(path)).astype(np.int64)
+    return np.where(values == 255, -1, values)
 
 
 def write_pyramidal_tiff(path: Path, image: np.ndarray, mpp: float, n_levels: int, tile_px: int, description: str) -> None:
@@ -250,7 +266,10 @@ def _manifest_matches(folder: Path, settings: CohortSettings) -> bool:
     except json.JSONDecodeError:
         return False
     same = data.get("format_version") == MANIFEST_VERSION and data.get("settings") == json.loads(json.dumps(asdict(settings)))
-    return same and all((folder / SLIDES_FOLDER / f"{s['slide']}.tiff").is_file() for s in data.get("slides", []))
+    return same and all(
+        (folder / SLIDES_FOLDER / f"{s['slide']}.tiff").is_file() and (folder / CLASS_MAPS_FOLDER / f"{s['slide']}.png").is_file()
+        for s in data.get("slides", [])
+    )
 
 
 def write_demo_cohort(
@@ -265,7 +284,8 @@ def write_demo_cohort(
     """Write ``folder/slides/demo_000.tiff …`` plus ``folder/labels.csv`` and ``folder/cohort.json``.
 
     Returns (slide paths, labels CSV path). The labels CSV has columns ``slide,label``
-    (1 = tumour texture present); ``cohort.json`` records each slide's label, tissue and
+    (1 = tumour texture present); ``class_maps/{slide}.png`` is each slide's ground truth
+    (:func:`write_class_map`); ``cohort.json`` records each slide's label, tissue and
     tumour shares and stain map. Slides get their own sub-folder so that it can be handed
     to ``gigassl extract`` as is. The same ``seed`` gives the same files; a folder that
     already holds this exact cohort is reused unless ``overwrite``.
@@ -293,7 +313,8 @@ def write_demo_cohort(
         iterator = tqdm(iterator, total=n_slides, desc="demo slides", unit="slide")
     for index, name, path in iterator:
         rng = np.random.default_rng([seed, index])
-        image, record = paint_slide(rng, tiles, settings, bool(labels[index]))
+        image, record, classes = paint_slide(rng, tiles, settings, bool(labels[index]))
+        write_class_map(folder / CLASS_MAPS_FOLDER / f"{name}.png", classes)
         record = DemoSlide(name, *list(asdict(record).values())[1:])
         description = (
             f"gigassl synthetic demo slide {name}; label={record.label}; painted from Kather et al. 2016 "
@@ -311,6 +332,7 @@ def write_demo_cohort(
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
         "mpp": KATHER_MPP,
+        "class_maps": {"folder": CLASS_MAPS_FOLDER, "step_px": CLASS_MAP_STEP_PX, "background": 255, "tumour": 0},
         "settings": asdict(settings),
         "slides": [asdict(r) for r in records],
         "source": "Kather et al. 2016, Zenodo record 53169, CC BY 4.0",

@@ -23,6 +23,7 @@ from gigassl.attribution import (
     TileAttribution,
     attention_contributions,
     average_contributions,
+    explaining_views,
     gigassl_contributions,
     linear_direction,
 )
@@ -108,9 +109,8 @@ class SlideExplainer:
         k = self._class_index(probability, class_name)
         u, c = linear_direction(self.classifier, k)
         rng = slide_generator(self.seed, slide.slide_id)
-        contributions, covered, projection, spread, n_explaining = gigassl_contributions(
-            self.network, slide, u, n_tiles, n_views, self.views_per_tile, rng, self.batch_views
-        )
+        rows = explaining_views(len(slide.features), n_tiles, n_views, self.views_per_tile, rng)
+        contributions, covered, projection, spread = gigassl_contributions(self.network, slide, u, rows, n_views, self.batch_views)
         return self._attribution(
             slide,
             k,
@@ -120,7 +120,7 @@ class SlideExplainer:
             score=projection + c,
             reference_score=float(stored @ u + c),
             probability=float(probability[k]),
-            n_explaining_views=n_explaining,
+            n_explaining_views=len(rows),
             score_sd=spread,
         )
 
