@@ -66,15 +66,19 @@ def test_fit_matches_the_evaluation_classifier(fitted):
     reference = make_logistic_regression(10.0, standardize=True).fit(data.embeddings.astype(np.float64), y)
     classifier = load_classifier(fitted["models"]["gigassl"])
     assert classifier.classes == ["a", "b"]
-    np.testing.assert_allclose(classifier.linear.logits(data.embeddings)[:, 0], reference.decision_function(data.embeddings), atol=1e-9)
+    np.testing.assert_allclose(
+        classifier.linear.logits(data.embeddings)[:, 0], reference.decision_function(data.embeddings), atol=1e-9
+    )
 
 
 def test_model_file_round_trip_without_pickle(fitted, tmp_path):
     for method, path in fitted["models"].items():
         classifier = load_classifier(path)
         with h5py.File(path, "r") as handle:
-            kinds = []
-            handle.visititems(lambda name, item: kinds.append(item.dtype.kind) if isinstance(item, h5py.Dataset) else None)
+            kinds: list[str] = []
+            handle.visititems(
+                lambda name, item, found=kinds: found.append(item.dtype.kind) if isinstance(item, h5py.Dataset) else None
+            )
             assert kinds and set(kinds) <= {"f", "i", "u"}, f"{method}: only numeric arrays, no object (pickle) data"
             assert all(isinstance(v, (str, bytes, np.number, int, float, np.bool_)) for v in handle.attrs.values())
         copy = save_classifier(classifier, tmp_path / f"{method}.h5")
@@ -156,7 +160,9 @@ def test_gigassl_contributions_sum_to_the_score_of_the_views(fitted):
     rows = explaining_views(len(slide.features), 5, 10, 3, np.random.default_rng(0))
     contributions, n_views, _, _ = gigassl_contributions(model, slide, u, rows, 10, batch_views=7)
     with torch.no_grad():
-        pooled = model.pool(collate_views([(slide.features[r], tile_cells(slide.coords[r], slide.tile_step_level0)) for r in rows]))
+        pooled = model.pool(
+            collate_views([(slide.features[r], tile_cells(slide.coords[r], slide.tile_step_level0)) for r in rows])
+        )
     embeddings = torch.nn.functional.normalize(pooled.double().view(-1, 10, pooled.shape[1]).mean(dim=1), dim=1).numpy()
     expected = classifier.linear.logits(embeddings)[:, 0].mean()  # log-odds of class "b" (index 1)
     assert abs(contributions.sum() + c - expected) < 1e-4
@@ -195,7 +201,9 @@ def test_explain_writes_every_file_and_a_valid_geojson(fitted, tmp_path):
     )
     assert status == 0
     stem = out / "slide_000.gigassl"
-    assert {p.name for p in out.iterdir()} >= {f"slide_00{i}.gigassl{s}" for i in (0, 1) for s in (".h5", ".geojson", ".heatmap.png")}
+    assert {p.name for p in out.iterdir()} >= {
+        f"slide_00{i}.gigassl{s}" for i in (0, 1) for s in (".h5", ".geojson", ".heatmap.png")
+    }
     with h5py.File(stem.with_name(stem.name + ".h5"), "r") as handle:
         coords, contributions = handle["coords"][...], handle["contributions"][...]
         assert handle["n_views"][...].min() >= 8 and abs(handle.attrs["reproduced_score"] - handle.attrs["score"]) < 1e-4
@@ -242,3 +250,43 @@ def test_geojson_has_no_nan_and_closed_rings(fitted):
     for feature in collection["features"]:
         ring = feature["geometry"]["coordinates"][0]
         assert ring[0] == ring[-1] and len(ring) == 5
+
+
+def test_mil_models_refuse_features_of_another_encoder(fitted, tmp_path):
+    import dataclasses
+
+    from gigassl.synthetic import random_encoder_info
+
+    other = dataclasses.replace(random_encoder_info(), name="other.pt", sha256="0" * 64)
+    paths = write_synthetic_cohort(tmp_path / "features", n_slides=2, n_tiles=20, n_augmentations=1, bank_size=4, encoder=other)
+    with pytest.raises(
+        ClassifierFileError, match=r"features of the tile encoder sha256 000000000000…, but .*average\.h5 was fitted"
+    ):
+        SlideExplainer(fitted["models"]["average"]).explain(paths[0])
+    status = cli_main(
+        [
+            "predict",
+            "--model",
+            str(fitted["models"]["abmil"]),
+            "--features",
+            str(tmp_path / "features"),
+            "--out",
+            str(tmp_path / "p.csv"),
+        ]
+    )
+    assert status == 2, "no slide could be scored: one line, user error"
+
+
+def test_demo_cohort_writes_its_ground_truth(tmp_path):
+    from gigassl.demo_cohort import CLASS_MAP_STEP_PX, CLASS_MAPS_FOLDER, CohortSettings, read_class_map, write_demo_cohort
+
+    settings = CohortSettings(width_px=256, height_px=192, n_levels=1, tile_px=128)
+    write_demo_cohort(tmp_path, n_slides=2, seed=3, settings=settings)
+    manifest = json.loads((tmp_path / "cohort.json").read_text())
+    for record in manifest["slides"]:
+        classes = read_class_map(tmp_path / CLASS_MAPS_FOLDER / f"{record['slide']}.png")
+        assert classes.shape == (192 // CLASS_MAP_STEP_PX, 256 // CLASS_MAP_STEP_PX)
+        tissue = classes >= 0
+        assert tissue.mean() == pytest.approx(record["tissue_fraction"], abs=0.01)
+        assert (classes == 0).sum() / tissue.sum() == pytest.approx(record["tumour_fraction"], abs=0.02)
+        assert ((classes == 0).any()) == bool(record["label"])

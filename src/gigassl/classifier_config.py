@@ -101,6 +101,7 @@ class ExplainConfig:
     batch_views: int = field(default=4096, metadata=_help("views per forward pass (memory ∝ this)"))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
     sparse_backend: str = field(default="auto", metadata=_help(SPARSE_BACKEND_HELP))
+    mixed_precision: bool = field(default=True, metadata=_help(MIXED_PRECISION_HELP))
     images: bool = field(default=True, metadata=_help("write the heatmap and tile-grid PNGs"))
     strict: bool = field(default=False, metadata=_help("exit non-zero when any slide failed (failed slides are always listed)"))
 

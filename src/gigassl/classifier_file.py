@@ -229,7 +229,9 @@ def _short(sha: str) -> str:
     return f"sha256 {sha[:12]}…" if sha else "no recorded hash"
 
 
-def check_embeddings_provenance(classifier: SlideClassifier, provenance: Mapping[str, Any], model: Path, embeddings: Path) -> None:
+def check_embeddings_provenance(
+    classifier: SlideClassifier, provenance: Mapping[str, Any], model: Path, embeddings: Path
+) -> None:
     """Refuse embeddings made by another checkpoint or from another tile encoder than the model's, in one line."""
     if classifier.method != "gigassl":
         raise ClassifierFileError(

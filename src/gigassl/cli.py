@@ -48,7 +48,11 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
     "evaluate": (EvaluateConfig, "gigassl.evaluate:run_evaluation", "few-label evaluation against MIL baselines"),
     "fit": (FitConfig, "gigassl.fit:run_fit", "fit the evaluation's classifier on every labelled slide → a model file"),
     "predict": (PredictConfig, "gigassl.predict:run_predict", "score slides with a model file → predictions CSV"),
-    "explain": (ExplainConfig, "gigassl.explain:run_explain", "each tile's contribution to a slide's call: HDF5, heatmap, GeoJSON"),
+    "explain": (
+        ExplainConfig,
+        "gigassl.explain:run_explain",
+        "each tile's contribution to a slide's call: HDF5, heatmap, GeoJSON",
+    ),
     "demo": (DemoConfig, "gigassl.demo:run_demo", "the whole pipeline on an embedded synthetic cohort"),
 }
 

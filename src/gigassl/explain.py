@@ -38,7 +38,9 @@ class SlideExplainer:
     """Exact tile contributions of a model file's class score, one slide at a time.
 
     ``model``: a ``gigassl fit`` model file; ``checkpoint``: the Giga-SSL checkpoint (a gigassl
-    model only). ``explain(features_file, class_name=None)`` → :class:`TileAttribution` of the
+    model only); ``mixed_precision``: the sparse head under the device's autocast, as ``gigassl
+    embed`` runs it (the terms are summed in float64 either way, so the sum stays exact for the
+    site features the head gives). ``explain(features_file, class_name=None)`` → :class:`TileAttribution` of the
     predicted class, or of ``class_name``.
     """
 
@@ -51,8 +53,10 @@ class SlideExplainer:
         batch_views: int = 4096,
         device: str = "cpu",
         sparse_backend: str = "auto",
+        mixed_precision: bool = True,
     ) -> None:
         self.model_path = Path(model)
+        self.mixed_precision = mixed_precision
         self.classifier = load_classifier(self.model_path)
         self.views_per_tile, self.seed, self.batch_views = views_per_tile, seed, batch_views
         self.network: Any = None
@@ -95,6 +99,12 @@ class SlideExplainer:
         )
 
     def _explain_gigassl(self, slide: PlainFeatures, class_name: str | None) -> TileAttribution:
+        from extract.device import autocast
+
+        with autocast(next(self.network.parameters()).device, self.mixed_precision):
+            return self._explain_gigassl_in(slide, class_name)
+
+    def _explain_gigassl_in(self, slide: PlainFeatures, class_name: str | None) -> TileAttribution:
         from gigassl.embed import pool_views, sample_views, slide_generator
 
         self.contract.check(slide)
@@ -110,7 +120,9 @@ class SlideExplainer:
         u, c = linear_direction(self.classifier, k)
         rng = slide_generator(self.seed, slide.slide_id)
         rows = explaining_views(len(slide.features), n_tiles, n_views, self.views_per_tile, rng)
-        contributions, covered, projection, spread = gigassl_contributions(self.network, slide, u, rows, n_views, self.batch_views)
+        contributions, covered, projection, spread = gigassl_contributions(
+            self.network, slide, u, rows, n_views, self.batch_views
+        )
         return self._attribution(
             slide,
             k,
@@ -213,7 +225,7 @@ def _slide_images(attribution: TileAttribution, features_file: Path, config: Exp
     try:
         source = slide_tiles([features_file], config.slides)[0]
     except (FileNotFoundError, UserError) as error:
-        logger.warning("%s: heatmap on a blank canvas and no tile grid: %s", attribution.slide_id, error)
+        logger.warning("%s: no slide to read (heatmap on a blank canvas, no tile grid): %s", attribution.slide_id, error)
         size = attribution.tile_size_level0
         extent = attribution.coords.max(axis=0) + size
         side = thumbnail_side((int(extent[0]), int(extent[1])), size)
@@ -233,7 +245,10 @@ def write_explanation(
     from gigassl.explain_outputs import write_attribution_h5, write_geojson
 
     stem = Path(config.out) / f"{attribution.slide_id}.{attribution.method}"
-    written = [write_attribution_h5(attribution, _named(stem, ".h5"), provenance), write_geojson(attribution, _named(stem, ".geojson"))]
+    written = [
+        write_attribution_h5(attribution, _named(stem, ".h5"), provenance),
+        write_geojson(attribution, _named(stem, ".geojson")),
+    ]
     return written + (_slide_images(attribution, features_file, config, stem) if config.images else [])
 
 
@@ -255,12 +270,18 @@ def run_explain(config: ExplainConfig) -> ExplainResult:
     from gigassl.explain_outputs import summary_attrs
 
     explainer = SlideExplainer(
-        config.model, config.checkpoint, config.views_per_tile, config.seed, config.batch_views, config.device, config.sparse_backend
+        config.model,
+        config.checkpoint,
+        config.views_per_tile,
+        config.seed,
+        config.batch_views,
+        config.device,
+        config.sparse_backend,
     )
     provenance = dict(model=str(config.model), model_sha256=file_sha256(config.model), settings=settings_dict(config))
     rows: list[dict[str, Any]] = []
     failed: list[tuple[str, str]] = []
-    for slide_id, path in progress(sorted(_selected(config).items()), desc="explain", unit="slide", log=logger):
+    for _, path in progress(sorted(_selected(config).items()), desc="explain", unit="slide", log=logger):
         try:
             attribution = explainer.explain(path, config.class_name or None)
             write_explanation(attribution, path, config, provenance)
@@ -270,5 +291,7 @@ def run_explain(config: ExplainConfig) -> ExplainResult:
             continue
         rows.append(summary_attrs(attribution))
     if not rows:
-        raise UserError(f"no slide of {config.features} could be explained" + (f": {failed[0][0]}: {failed[0][1]}" if failed else ""))
+        raise UserError(
+            f"no slide of {config.features} could be explained" + (f": {failed[0][0]}: {failed[0][1]}" if failed else "")
+        )
     return ExplainResult(Path(config.out), rows, failed, int(bool(failed) and config.strict))

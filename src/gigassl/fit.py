@@ -132,7 +132,11 @@ def _fit_mil(config: FitConfig, labels: Labels) -> tuple[SlideClassifier, Labels
     provenance = _features_provenance(config, slides)
     bags = [s.features for s in slides]
     if config.method == "average":
-        return SlideClassifier("average", classes, _linear(mean_features(bags), y, config), provenance=provenance), labels, missing
+        return (
+            SlideClassifier("average", classes, _linear(mean_features(bags), y, config), provenance=provenance),
+            labels,
+            missing,
+        )
     estimator = AttentionMIL(max_epochs=config.mil_epochs, seed=config.seed, device=str(resolve_device(config.device)))
     network = estimator.fit(bags, y).model_.cpu()
     state = {k: v.detach().numpy().copy() for k, v in network.state_dict().items()}

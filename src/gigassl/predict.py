@@ -152,7 +152,8 @@ def run_predict(config: PredictConfig) -> PredictResult:
     ids, proba = predict_probabilities(classifier, config, failed)
     if not ids:
         raise UserError(
-            f"no slide could be scored with {config.model}" + (f"; the first failure: {failed[0][0]}: {failed[0][1]}" if failed else "")
+            f"no slide could be scored with {config.model}"
+            + (f"; the first failure: {failed[0][0]}: {failed[0][1]}" if failed else "")
         )
     classes = classifier.classes
     out = Path(config.out)
