@@ -41,7 +41,9 @@ def tumour_tiles(coords: np.ndarray, size_level0: float, class_map: np.ndarray, 
     tumour = (class_map == 0).astype(np.float64)
     out = np.zeros(len(coords), bool)
     for row, (x, y) in enumerate(coords):
-        cells = tumour[int(y // step_px) : int((y + size_level0) // step_px), int(x // step_px) : int((x + size_level0) // step_px)]
+        cells = tumour[
+            int(y // step_px) : int((y + size_level0) // step_px), int(x // step_px) : int((x + size_level0) // step_px)
+        ]
         out[row] = cells.size > 0 and cells.mean() >= 0.5
     return out
 
@@ -129,7 +131,10 @@ def validation(out: Path, n_slides: int, encoder: str) -> None:
                 slide = read_plain_features(demo.out / "features" / f"{slide_id}.h5")
                 attribution = explainer.explain(slide.path, class_name="1")
                 truth = tumour_tiles(
-                    slide.coords, slide.tile_step_level0, read_class_map(demo.out / CLASS_MAPS_FOLDER / f"{slide_id}.png"), CLASS_MAP_STEP_PX
+                    slide.coords,
+                    slide.tile_step_level0,
+                    read_class_map(demo.out / CLASS_MAPS_FOLDER / f"{slide_id}.png"),
+                    CLASS_MAP_STEP_PX,
                 )
                 if 0 < truth.sum() < len(truth):
                     found["auroc"].append(roc_auc_score(truth, attribution.contributions))
@@ -141,7 +146,9 @@ def validation(out: Path, n_slides: int, encoder: str) -> None:
     print("|---|---|---|---|---|")
     for method, found in results.items():
         top, random = np.array(found["top"]), np.array(found["random"])
-        print(f"| {method} | {interval(np.array(found['auroc']))} (n = {len(found['auroc'])}) | {interval(top)} | {interval(random)} | {interval(top - random)} |")
+        print(
+            f"| {method} | {interval(np.array(found['auroc']))} (n = {len(found['auroc'])}) | {interval(top)} | {interval(random)} | {interval(top - random)} |"
+        )
     paired = np.array(results["gigassl"]["auroc"]) - np.array(results["abmil"]["auroc"])
     print(f"Giga-SSL − attention-MIL AUROC, paired over slides: {interval(paired)}")
 
