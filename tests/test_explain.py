@@ -290,3 +290,18 @@ def test_demo_cohort_writes_its_ground_truth(tmp_path):
         assert tissue.mean() == pytest.approx(record["tissue_fraction"], abs=0.01)
         assert (classes == 0).sum() / tissue.sum() == pytest.approx(record["tumour_fraction"], abs=0.02)
         assert ((classes == 0).any()) == bool(record["label"])
+
+
+def test_multiclass_models_explain_each_class_logit(fitted, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label\n" + "".join(f"{p.stem},{'xyz'[i % 3]}\n" for i, p in enumerate(fitted["paths"])))
+    model = run_fit(FitConfig(labels=labels, out=tmp_path / "m.h5", method="average", features=fitted["folder"] / "features")).out
+    classifier = load_classifier(model)
+    slide = read_plain_features(fitted["paths"][2])
+    logits = classifier.linear.logits(slide.features.astype(np.float64).mean(axis=0)[None])[0]
+    assert classifier.classes == ["x", "y", "z"] and len(logits) == 3
+    for k, name in enumerate(classifier.classes):
+        attribution = SlideExplainer(model).explain(slide.path, class_name=name)
+        assert attribution.reproduced_score == pytest.approx(logits[k], abs=1e-9)
+    rows = run_predict(PredictConfig(model=model, features=fitted["folder"] / "features", out=tmp_path / "p.csv"))
+    assert rows.n_slides == 12 and list(_rows(tmp_path / "p.csv")[0]) == ["slide", "predicted", "p_x", "p_y", "p_z"]

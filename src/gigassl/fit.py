@@ -96,53 +96,50 @@ def _fit_gigassl(config: FitConfig, labels: Labels) -> tuple[SlideClassifier, La
     return SlideClassifier("gigassl", classes, linear, provenance=provenance), labels, missing
 
 
-def _read_slides(config: FitConfig, labels: Labels) -> tuple[list[Any], Labels, list[str]]:
+def _read_slides(config: FitConfig, labels: Labels) -> tuple[list[np.ndarray], Labels, list[str], dict[str, Any]]:
+    """Each labelled slide's bag (abmil) or mean tile feature (average), read one file at a time
+    (an AverageMIL fit never holds more than one slide's tiles), and the features' provenance."""
     from gigassl.evaluation_inputs import feature_paths
     from gigassl.plain_features import read_plain_features
 
     assert config.features is not None, "FitConfig requires --features for the MIL methods"
     files = feature_paths(config.features)
     labels, missing = keep_available(labels, set(files), f"the features folder {config.features}", config.strict)
-    slides = [read_plain_features(files[s]) for s in labels.slide_ids]
-    widths = {s.feature_dim for s in slides}
-    if len(widths) > 1:
-        raise UserError(f"{config.features}: features of several widths {sorted(widths)}; fit on features of one tile encoder")
-    return slides, labels, missing
-
-
-def _features_provenance(config: FitConfig, slides: list[Any]) -> dict[str, Any]:
-    encoders = sorted({s.encoder_sha256 for s in slides if s.encoder_sha256})
-    if len(encoders) > 1:
-        raise UserError(f"{config.features}: features of {len(encoders)} tile encoders; fit on features of one tile encoder")
-    names = sorted({s.encoder_name for s in slides})
-    return dict(
+    inputs, encoders, names, widths = [], set(), set(), set()
+    for slide_id in labels.slide_ids:
+        slide = read_plain_features(files[slide_id])
+        inputs.append(slide.features if config.method == "abmil" else slide.features.mean(axis=0, dtype=np.float64))
+        encoders.add(slide.encoder_sha256)
+        names.add(slide.encoder_name)
+        widths.add(slide.feature_dim)
+    encoders.discard("")
+    if len(widths) > 1 or len(encoders) > 1:
+        raise UserError(
+            f"{config.features}: features of {len(encoders)} tile encoders, widths {sorted(widths)}; fit on features of one tile encoder"
+        )
+    provenance = dict(
         features=str(config.features),
-        encoder=",".join(names),
-        encoder_sha256=encoders[0] if encoders else "",
-        feature_dim=slides[0].feature_dim,
+        encoder=",".join(sorted(names)),
+        encoder_sha256=min(encoders, default=""),
+        feature_dim=widths.pop(),
     )
+    return inputs, labels, missing, provenance
 
 
 def _fit_mil(config: FitConfig, labels: Labels) -> tuple[SlideClassifier, Labels, list[str]]:
     from extract.device import resolve_device
-    from gigassl.mil import AttentionMIL, mean_features
+    from gigassl.mil import AttentionMIL
 
-    slides, labels, missing = _read_slides(config, labels)
+    inputs, labels, missing, provenance = _read_slides(config, labels)
     classes, y = _encoded(labels, str(config.labels))
-    provenance = _features_provenance(config, slides)
-    bags = [s.features for s in slides]
     if config.method == "average":
-        return (
-            SlideClassifier("average", classes, _linear(mean_features(bags), y, config), provenance=provenance),
-            labels,
-            missing,
-        )
+        return SlideClassifier("average", classes, _linear(np.stack(inputs), y, config), provenance=provenance), labels, missing
     estimator = AttentionMIL(max_epochs=config.mil_epochs, seed=config.seed, device=str(resolve_device(config.device)))
-    network = estimator.fit(bags, y).model_.cpu()
+    network = estimator.fit(inputs, y).model_.cpu()
     state = {k: v.detach().numpy().copy() for k, v in network.state_dict().items()}
     dims = dict(
         n_classes=int(y.max()) + 1,
-        in_dim=int(bags[0].shape[1]),
+        in_dim=int(inputs[0].shape[1]),
         hidden_dim=estimator.hidden_dim,
         attention_dim=estimator.attention_dim,
     )
