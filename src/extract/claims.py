@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 CLAIMS_DIR = "claims"
 CLAIM_SUFFIX = ".claim"
 DEFAULT_TIMEOUT_S = 600.0
+_OPEN_BOARDS: set[float] = set()  # ``started`` of the boards open in this process (jobs run one after another, or at once)
 
 
 class ClaimBoard:
@@ -39,6 +40,9 @@ class ClaimBoard:
         self.folder, self.timeout_s = Path(folder), float(timeout_s)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.host, self.pid, self.started = host_name(), os.getpid(), time.time()
+        while self.started in _OPEN_BOARDS:  # two boards opened within the clock's resolution
+            self.started += 1e-6
+        _OPEN_BOARDS.add(self.started)
         self._held: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -78,8 +82,8 @@ class ClaimBoard:
             owner = {}  # being written, or damaged: judged by its age alone
         host, pid = owner.get("host"), owner.get("pid")
         if host == self.host and isinstance(pid, int):
-            if pid == self.pid:  # this job's own (e.g. a failed slide), or an earlier job of this process's
-                return None if owner.get("started") == self.started else "an earlier job of this process ended"
+            if pid == self.pid:  # a job of this process: this one's (e.g. a failed slide), another's, or an ended one's
+                return None if owner.get("started") in _OPEN_BOARDS else "an earlier job of this process has ended"
             alive = writer_alive(pid, float(owner.get("started", stat.st_mtime)))
             return None if alive else f"its job (pid {pid} on this host) has ended"
         idle_s = time.time() - stat.st_mtime
@@ -146,6 +150,7 @@ class ClaimBoard:
         Failed slides keep their claim, which the next job takes over."""
         self._stop.set()
         self._beat.join()
+        _OPEN_BOARDS.discard(self.started)
         with self._lock:
             held, self._held = set(self._held), set()
         for stem in held:

@@ -26,8 +26,11 @@ PROGRESS_FILE = "progress.jsonl"
 def append_record(path: Path, record: dict[str, Any]) -> None:
     """Append ``record`` (with the time) to ``path`` as one JSON line, durably."""
     line = json.dumps({**record, "time": round(time.time(), 3)}, sort_keys=True) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = "\n" + line  # after a torn line: never glued to it
         os.write(fd, line.encode())
         os.fsync(fd)
     finally:
@@ -42,6 +45,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         return []
     records = []
     for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
         except ValueError:
