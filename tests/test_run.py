@@ -716,3 +716,26 @@ def test_jobs_sharing_a_folder_extract_every_slide_once_even_when_one_is_killed(
     assert not list((out / "claims").glob("*.claim*")) and not list((out / "features").glob("*.partial"))
     assert all(is_complete(out / "features" / f"s{index}.h5", require_plain=True, verify=True) for index in range(6))
     assert summary_of(out)["folder"] == {"n_done": 6, "n_failed": 0}
+
+
+def test_a_restart_reads_only_outputs_changed_since_recorded(
+    cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import extract.manifest as manifest_module
+
+    read: list[str] = []
+    original = manifest_module.verify_checksums
+    monkeypatch.setattr(
+        manifest_module, "verify_checksums", lambda file, path: (read.append(Path(path).name), original(file, path))
+    )
+    out = tmp_path / "out"
+    assert extract(cohort, out) == 0 and read == []  # written complete: recorded without a read
+    assert extract(cohort, out) == 0 and summary_of(out)["n_skipped"] == 3 and read == []
+    changed = out / "features" / "synthetic_b.h5"
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 1_000_000))
+    assert extract(cohort, out) == 0 and read == ["synthetic_b.h5"]
+    assert extract(cohort, out, "--verify-all") == 0 and sorted(read[1:]) == [
+        "synthetic_a.h5",
+        "synthetic_b.h5",
+        "synthetic_c.h5",
+    ]

@@ -166,4 +166,3 @@ class ClaimBoard:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-

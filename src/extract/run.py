@@ -188,9 +188,7 @@ def extract_slide(path: Path, job: _Job, position: int = 1) -> SlideOutcome:
             interval_s=config.progress_interval_s,
             log=logger,
         ) as bar,
-        SlideFileWriter(
-            target, slide_id=path.stem, source=str(path), settings=job.settings, encoder=job.encoder
-        ) as writer,
+        SlideFileWriter(target, slide_id=path.stem, source=str(path), settings=job.settings, encoder=job.encoder) as writer,
     ):
         kept = _write_plain(writer, path, grid, job, bar, _keep_decoded(grid, config)) if config.plain else None
         if config.bank:
@@ -392,9 +390,7 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
         )
         job = _Job(config, trunk, encoder, device, settings, features_dir, tiles, planner, shared)
         try:
-            bar = progress(
-                queue, total=len(todo), desc="slides", unit="slide", interval_s=config.progress_interval_s, log=logger
-            )
+            bar = progress(queue, total=len(todo), desc="slides", unit="slide", interval_s=config.progress_interval_s, log=logger)
             for path in bar:
                 outcome = _extract_or_fail(path, job)
                 shared.finished(outcome, path)
