@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale_cohort import CohortSpec, evict, folder_bytes, write_cohort  # noqa: E402
+from scale_cohort import CohortSpec, evict, folder_bytes, write_cohort
 
 PROBE = "--_train-probe"
 
