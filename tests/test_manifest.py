@@ -112,3 +112,29 @@ def test_a_read_only_folder_keeps_its_facts_in_memory(folder: Path, monkeypatch:
     facts = manifest.record(folder / "slide_000.h5", finite=True)
     assert manifest.known(folder / "slide_000.h5") == facts and not (folder / MANIFEST_NAME).exists()
     assert np.isfinite(facts.size)
+
+
+def test_a_second_training_scan_opens_no_unchanged_file_and_reads_the_same_views(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = scan_features_folder(folder, 3)
+    opened: list[str] = []
+    original = data.SlideFeatures.__init__
+
+    def counting(self, path, **kwargs):  # type: ignore[no-untyped-def]
+        opened.append(Path(path).name)
+        original(self, path, **kwargs)
+
+    monkeypatch.setattr(data.SlideFeatures, "__init__", counting)
+    second = scan_features_folder(folder, 3)
+    assert opened == [] and first.slides == second.slides
+    for a, b in zip(first.slides, second.slides):
+        assert a.chunks is not None and b.chunks is not None and a.chunks.identity == b.chunks.identity
+        np.testing.assert_array_equal(a.chunks.feature_offsets, b.chunks.feature_offsets)
+    views = [data.SlideViewDataset(cohort, 3, seed=1).views(0, 2) for cohort in (first, second)]
+    for view_a, view_b in zip(*views):
+        for array_a, array_b in zip(view_a, view_b):
+            np.testing.assert_array_equal(array_a, array_b)
+    os.utime(folder / "slide_000.h5")
+    scan_features_folder(folder, 3)
+    assert opened == ["slide_000.h5"]

@@ -5,7 +5,8 @@
 is free of NaN/inf (``finite``), what it holds (plain features, bank) and its content settings.
 ``gigassl extract`` appends a line when it finishes a file (its checksums were computed as it
 was written, its bank was checked finite in memory) and when it verifies an existing one;
-``gigassl train`` appends one when it has scanned a bank for NaN/inf. A file whose identity no
+``gigassl train`` appends one when it has scanned a file (what its bank holds, where its chunks
+lie, and whether it is free of NaN/inf), so its next start-up opens no unchanged file. A file whose identity no
 longer matches its last line (rewritten, replaced, truncated, touched) is verified again in
 full, so a restart over 12,000 finished files costs one ``stat`` each instead of reading them
 whole; ``--verify-all`` (extract) and ``--recheck-finite`` (train) read everything regardless,
@@ -47,6 +48,7 @@ class FileFacts:
     has_plain: bool = False
     has_bank: bool = False
     settings: dict[str, Any] | None = None  # the file's content settings (its ``settings`` attribute)
+    train_entry: dict[str, Any] | None = None  # what training's scan found (gigassl.slide_entry)
 
     def matches(self, stat: os.stat_result) -> bool:
         return (self.inode, self.size, self.mtime_ns) == (stat.st_ino, stat.st_size, stat.st_mtime_ns)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -37,11 +37,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from extract.bank_chunks import BankChunkReader, BankChunks, locate_bank_chunks
+from extract.bank_chunks import BankChunkReader, locate_bank_chunks
 from extract.encoder import EncoderInfo
 from extract.errors import UserError
 from extract.features_file import FeatureFileError, SlideFeatures
 from extract.manifest import Manifest
+from gigassl.slide_entry import SlideEntry, entry_from_record, entry_record
 from gigassl.sparse_map import SparseBatch, augment_cells, collate_views, tile_cells
 
 log = logging.getLogger(__name__)
@@ -68,22 +69,6 @@ STREAM_TRAIN = 0  # seed streams: training views, monitor views, epoch permutati
 STREAM_MONITOR = 1
 STREAM_PERMUTATION = 2
 MAX_OPEN_FILES = 256  # per worker; HDF5 handles are cheap but not free
-
-
-@dataclass(frozen=True)
-class SlideEntry:
-    """One usable slide: where its file is and what its bank holds."""
-
-    path: Path
-    slide_id: str
-    n_augmentations: int
-    bank_size: int
-    tile_step_level0: float
-    encoder: EncoderInfo
-    grid: tuple[int | None, float | None] = (None, None)  # (tile size px, µm/px of the tiles)
-    # Byte offsets of the bank's chunks for direct reads; None when the file's bank is stored
-    # otherwise (then views are read through h5py).
-    chunks: BankChunks | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -121,9 +106,15 @@ def _list_reasons(items: Sequence[tuple[Path, str]], limit: int = 10) -> str:
 
 
 def _scan_one(path: Path, check_finite: bool, manifest: Manifest | None = None, recheck: bool = False) -> SlideEntry:
-    """The entry of one file; with ``check_finite`` its bank is read whole (then recorded finite
-    in ``manifest``) unless ``manifest`` records it finite since it last changed and not ``recheck``."""
+    """The entry of one file. Rebuilt from ``manifest`` without opening the file when it has not
+    changed since it was scanned (and, with ``check_finite``, found finite), unless ``recheck``;
+    else the file is scanned (its bank read whole with ``check_finite``) and the result recorded."""
     known = manifest.known(path) if manifest is not None and not recheck else None
+    if known is not None and known.train_entry and (known.finite or not check_finite):
+        cached = entry_from_record(path, known.train_entry)
+        if cached is not None:
+            return cached
+    learnt: dict = {}
     with SlideFeatures(path, require_bank=True) as slide:
         attrs = slide.bank_attrs
         encoder = _bank_encoder(attrs, int(slide.file["aug_features"].shape[1]))
@@ -137,9 +128,8 @@ def _scan_one(path: Path, check_finite: bool, manifest: Manifest | None = None, 
                         f"{path}: NaN or inf in augmentation {a} of the bank; re-extract this slide "
                         "(`gigassl extract --overwrite`) or move the file out of the folder"
                     )
-            if manifest is not None:
-                manifest.record(path, finite=True)
-        return SlideEntry(
+            learnt["finite"] = True
+        entry = SlideEntry(
             path,
             slide.slide_id,
             slide.n_augmentations,
@@ -149,6 +139,9 @@ def _scan_one(path: Path, check_finite: bool, manifest: Manifest | None = None, 
             _grid(slide.grid_attrs),
             locate_bank_chunks(slide),
         )
+    if manifest is not None:
+        manifest.record(path, train_entry=entry_record(entry), **learnt)
+    return entry
 
 
 def _bank_encoder(attrs: dict, width: int) -> EncoderInfo:
