@@ -79,7 +79,10 @@ class SlideQueue:
         return self._taken[position] if position < len(self._taken) else None
 
     def position(self, path: Path) -> int:
-        """Where ``path`` (already taken) stands in this job's order."""
+        """Where ``path`` stands in this job's order, taking slides up to it if needed (KeyError
+        when it is not one of the slides taken)."""
+        while path not in self._position and self.get(len(self._taken)) is not None:
+            pass
         return self._position[path]
 
     def taken(self) -> list[Path]:
