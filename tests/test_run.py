@@ -173,7 +173,7 @@ def test_bad_inputs_each_fail_on_one_line_and_others_run(
     assert len(errors) == len(expected_reasons)
     assert all("\n" not in message for message in errors)
     assert summary["n_failed"] == 6 and summary["n_done"] == 1
-    assert list((out / "features").iterdir()) == [out / "features" / "good.h5"]
+    assert [p for p in (out / "features").iterdir() if not p.name.startswith(".")] == [out / "features" / "good.h5"]
     # --strict turns any failure into a non-zero exit, even when the good slide is skipped.
     assert extract(folder, out, "--mpp", "0.5", "--strict") == 1
     assert summary_of(out)["n_skipped"] == 1
@@ -558,7 +558,7 @@ def test_absurd_resolutions_fail_in_seconds_with_bounded_memory(tmp_path: Path, 
     assert by_name["good.tif"]["status"] == "done"
     assert "352.778 µm/px from the TIFF resolution tag" in by_name["boxes.tiff"]["reason"]
     assert "500 µm/px from --default-mpp" in by_name["photo.png"]["reason"]
-    assert sorted(p.name for p in (out / "features").iterdir()) == ["good.h5"]
+    assert sorted(p.name for p in (out / "features").iterdir() if not p.name.startswith(".")) == ["good.h5"]
 
 
 def test_damaged_output_is_redone_and_the_log_says_why(cohort: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -676,3 +676,66 @@ def test_help_shows_the_default_of_boolean_flags(capsys: pytest.CaptureFixture) 
         main(["extract", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: --plain)" in text and "(default: --no-overwrite)" in text and "(default: --qc)" in text
+
+
+@pytest.mark.slow
+def test_jobs_sharing_a_folder_extract_every_slide_once_even_when_one_is_killed(tmp_path: Path) -> None:
+    """Three jobs on one output folder: one is killed mid-slide (a preempted array task), two
+    run at once. Every slide is extracted exactly once, and the progress record says so."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for index in range(6):
+        write_tissue_slide(folder / f"s{index}.tif", seed=index)
+    out = tmp_path / "out"
+    args = ["extract", "--slides", str(folder), "--out", str(out), *FAST]
+    # The first job hangs in the encoder of its first slide, holding the claims it has planned ahead.
+    hang = (
+        "import sys, time, extract.run as run; "
+        "run.encode_batch = lambda *a, **k: time.sleep(3600); "
+        "from gigassl.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    killed = subprocess.Popen([sys.executable, "-c", hang, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not list((out / "features").glob("*.partial")):
+            assert killed.poll() is None, "the first job ended before it could be killed"
+            time.sleep(0.05)
+        held = sorted(p.name for p in (out / "claims").glob("*.claim"))
+        assert held and list((out / "features").glob("*.partial"))
+    finally:
+        killed.kill()
+        killed.wait()
+    jobs = [subprocess.Popen([sys.executable, "-m", "gigassl.cli", *args], stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for job in jobs:
+        _, stderr = job.communicate(timeout=240)
+        assert job.returncode == 0, stderr[-2000:]
+    records = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines() if line.strip()]
+    done = sorted(r["slide"] for r in records if r["status"] == "done")
+    assert done == [f"s{index}.tif" for index in range(6)]  # each exactly once
+    assert all(r["status"] == "done" and r["pid"] != killed.pid for r in records)
+    assert not list((out / "claims").glob("*.claim*")) and not list((out / "features").glob("*.partial"))
+    assert all(is_complete(out / "features" / f"s{index}.h5", require_plain=True, verify=True) for index in range(6))
+    assert summary_of(out)["folder"] == {"n_done": 6, "n_failed": 0}
+
+
+def test_a_restart_reads_only_outputs_changed_since_recorded(
+    cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import extract.manifest as manifest_module
+
+    read: list[str] = []
+    original = manifest_module.verify_checksums
+    monkeypatch.setattr(
+        manifest_module, "verify_checksums", lambda file, path: (read.append(Path(path).name), original(file, path))
+    )
+    out = tmp_path / "out"
+    assert extract(cohort, out) == 0 and read == []  # written complete: recorded without a read
+    assert extract(cohort, out) == 0 and summary_of(out)["n_skipped"] == 3 and read == []
+    changed = out / "features" / "synthetic_b.h5"
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 1_000_000))
+    assert extract(cohort, out) == 0 and read == ["synthetic_b.h5"]
+    assert extract(cohort, out, "--verify-all") == 0 and sorted(read[1:]) == [
+        "synthetic_a.h5",
+        "synthetic_b.h5",
+        "synthetic_c.h5",
+    ]

@@ -160,6 +160,18 @@ class ExtractConfig:
         metadata=_help("i/n: process the i-th of n interleaved parts of the slide list (SLURM arrays: $SLURM_ARRAY_TASK_ID/N)"),
     )
     qc: bool = field(default=True, metadata=_help("write a QC thumbnail PNG per slide with the kept tiles drawn"))
+    claim_timeout_s: float = field(
+        default=600.0,
+        metadata=_help(
+            "a slide claimed by a job on another host whose heartbeat (every tenth of this) is older than this is taken over"
+        ),
+    )
+    verify_all: bool = field(
+        default=False,
+        metadata=_help(
+            "read every existing output whole to check its checksums, not only those changed since the manifest recorded them"
+        ),
+    )
     min_level0_mpp: float = field(
         default=GridLimits.min_level0_mpp,
         metadata=_help("refuse a slide whose level-0 µm/px (metadata, CSV or default) is below this"),
@@ -200,6 +212,8 @@ class ExtractConfig:
             raise ValueError(f"--max-ink-fraction {self.max_ink_fraction}: must lie in [0, 1]")
         if not self.progress_interval_s >= 0:
             raise ValueError(f"--progress-interval-s {self.progress_interval_s}: must be ≥ 0")
+        if not self.claim_timeout_s > 0:
+            raise ValueError(f"--claim-timeout-s {self.claim_timeout_s}: must be positive (seconds)")
 
     def grid_limits(self) -> GridLimits:
         """The bounds a slide must meet before its grid is planned."""

@@ -30,14 +30,15 @@ TEMP_SUFFIX = ".partial"
 FOREIGN_STALE_S = 24 * 3600.0
 
 
-def _host() -> str:
+def host_name() -> str:
+    """This machine's name as partial and claim files record it (no dots or dashes)."""
     return socket.gethostname().replace(".", "_").replace("-", "_") or "localhost"
 
 
 def temporary_path(path: str | Path, pid: int | None = None) -> Path:
     """Where ``path`` is written before it is complete (same folder, so the rename is atomic)."""
     path = Path(path)
-    return path.with_name(f"{path.name}.{_host()}-{os.getpid() if pid is None else pid}{TEMP_SUFFIX}")
+    return path.with_name(f"{path.name}.{host_name()}-{os.getpid() if pid is None else pid}{TEMP_SUFFIX}")
 
 
 def finish_hdf5(handle: Any, temp_path: Path, path: Path, succeeded: bool) -> None:
@@ -93,7 +94,9 @@ def _zombie(pid: int) -> bool:
         return False
 
 
-def _writer_alive(pid: int, written_at: float) -> bool:
+def writer_alive(pid: int, written_at: float) -> bool:
+    """Whether process ``pid`` of this host still runs and is the one that wrote at ``written_at``
+    (epoch seconds; a pid reused by a process started later is not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -114,8 +117,8 @@ def stale_reason(partial: Path, now: float | None = None) -> str | None:
     except FileNotFoundError:
         return None
     host, pid = writer_of(partial)
-    if host == _host() and pid is not None:
-        return None if _writer_alive(pid, written_at) else f"its writer (pid {pid} on this host) has ended"
+    if host == host_name() and pid is not None:
+        return None if writer_alive(pid, written_at) else f"its writer (pid {pid} on this host) has ended"
     idle_s = (time.time() if now is None else now) - written_at
     if idle_s > FOREIGN_STALE_S:
         return f"untouched for {idle_s / 3600:.0f} h by its writer ({host or 'unknown host'}, pid {pid})"

@@ -21,6 +21,7 @@ group is needed because ranks share nothing but the output folder
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -33,12 +34,14 @@ import torch
 from extract.config import RENAMED_FIELDS, ExtractConfig, settings_dict
 from extract.device import rank_device
 from extract.encoder import EncoderInfo, TileEncoder, encode_batch, load_encoder
-from extract.features_file import SlideFeatures, SlideFileWriter, why_incomplete
+from extract.features_file import SlideFileWriter
+from extract.manifest import check_existing
 from extract.output_folder import prepare_output
 from extract.partial_files import remove_stale_partials
 from extract.progress import progress
 from extract.reader import SLIDE_SUFFIXES, SlideReader, load_mpp_overrides, open_slide
-from extract.slide_list import list_slides, process_part, select_part
+from extract.shared_output import SharedOutput
+from extract.slide_list import SlideQueue, list_slides, process_part, select_part
 from extract.slide_plan import PlanSettings, SlidePlanner
 from extract.summary import ExtractionSummary, SlideOutcome, count
 from extract.tile_loader import ReadingWorkerDied, TileStream, is_worker_death
@@ -55,7 +58,9 @@ logger = logging.getLogger(__name__)
 
 # Fields that say how a batch was run, not what a file holds: left out of the settings written
 # into each file, so that two shards and one process write the same files.
-RUN_CONTROL_FIELDS = frozenset({"out", "overwrite", "strict", "shard", "num_workers", "qc", "progress_interval_s"})
+RUN_CONTROL_FIELDS = frozenset(
+    {"out", "overwrite", "strict", "shard", "num_workers", "qc", "progress_interval_s", "claim_timeout_s", "verify_all"}
+)
 
 
 # Settings whose change makes an existing file a different result (checked when skipping), by
@@ -88,10 +93,8 @@ def _comparable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def settings_mismatch(path: Path, settings: dict[str, Any]) -> list[str]:
-    """Content settings of the complete file ``path`` that differ from ``settings``, as "name a → b"."""
-    with SlideFeatures(path) as existing:
-        stored = existing.settings
+def settings_mismatch(stored: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """Content settings ``stored`` in a complete file that differ from ``settings``, as "name a → b"."""
     return [
         f"{name} {stored[name]!r} → {settings[name]!r}"
         for name in CONTENT_FIELDS
@@ -120,6 +123,7 @@ class _Job:
     features_dir: Path
     tiles: TileStream
     planner: SlidePlanner
+    shared: SharedOutput
 
 
 def _write_plain(writer: SlideFileWriter, path: Path, grid: TileGrid, job: _Job, bar: Any, keep_tiles: bool) -> np.ndarray | None:
@@ -142,8 +146,10 @@ def _write_plain(writer: SlideFileWriter, path: Path, grid: TileGrid, job: _Job,
     return kept
 
 
-def _write_bank(writer: SlideFileWriter, source: SlideReader | DecodedTiles, grid: TileGrid, job: _Job, bar: Any) -> int:
-    """Build the slide's bank from ``source`` and write it; returns A × K."""
+def _write_bank(
+    writer: SlideFileWriter, source: SlideReader | DecodedTiles, grid: TileGrid, job: _Job, bar: Any
+) -> tuple[int, bool]:
+    """Build the slide's bank from ``source`` and write it; returns A × K and whether it is finite."""
     from extract.bank import build_bank
 
     result = build_bank(source, grid, job.trunk, job.config, job.device, slide_id=source.slide_id, progress=bar.update)
@@ -152,7 +158,7 @@ def _write_bank(writer: SlideFileWriter, source: SlideReader | DecodedTiles, gri
     for index in range(n_augmentations):
         writer.write_augmentation(index, result.features[index], result.coords[index])
     logger.debug("%s bank timings: %s", source.slide_id, result.timings)
-    return n_augmentations * n_tiles
+    return n_augmentations * n_tiles, bool(np.isfinite(result.features).all())
 
 
 def _keep_decoded(grid: TileGrid, config: ExtractConfig) -> bool:
@@ -170,7 +176,8 @@ def extract_slide(path: Path, job: _Job, position: int = 1) -> SlideOutcome:
     grid = job.planner.plan(path)  # planned in the background while the previous slide was encoded
     bank_total = config.n_augmentations * config.n_tiles_per_augmentation if config.bank else 0
     total = (len(grid) if config.plain else 0) + bank_total
-    n_bank = 0
+    n_bank, finite = 0, None
+    target = job.features_dir / f"{path.stem}.h5"
     with (
         progress(
             total=total,
@@ -181,9 +188,7 @@ def extract_slide(path: Path, job: _Job, position: int = 1) -> SlideOutcome:
             interval_s=config.progress_interval_s,
             log=logger,
         ) as bar,
-        SlideFileWriter(
-            job.features_dir / f"{path.stem}.h5", slide_id=path.stem, source=str(path), settings=job.settings, encoder=job.encoder
-        ) as writer,
+        SlideFileWriter(target, slide_id=path.stem, source=str(path), settings=job.settings, encoder=job.encoder) as writer,
     ):
         kept = _write_plain(writer, path, grid, job, bar, _keep_decoded(grid, config)) if config.plain else None
         if config.bank:
@@ -191,7 +196,12 @@ def extract_slide(path: Path, job: _Job, position: int = 1) -> SlideOutcome:
 
             with open_slide(path, grid.level0_mpp) as reader:
                 source = DecodedTiles(reader, grid, kept) if kept is not None else reader
-                n_bank = _write_bank(writer, source, grid, job, bar)
+                n_bank, finite = _write_bank(writer, source, grid, job, bar)
+    # Complete: its checksums were computed as it was written, its bank checked in memory.
+    stored = json.loads(json.dumps(job.settings))  # as the file's attribute reads back
+    job.shared.manifest.record(
+        target, verified=True, finite=finite, has_plain=config.plain, has_bank=config.bank, settings=stored
+    )
     job.planner.publish_qc(path)
     return SlideOutcome(
         path.name,
@@ -226,14 +236,15 @@ def _require_encoder(config: ExtractConfig) -> None:
 
 
 def _not_to_extract(
-    path: Path, config: ExtractConfig, settings: dict[str, Any], features_dir: Path, owner: Path
+    path: Path, config: ExtractConfig, settings: dict[str, Any], shared: SharedOutput, owner: Path
 ) -> SlideOutcome | None:
     """The outcome of a slide that is not extracted (its stem is taken, its output exists), else None.
 
     An existing file that is redone is logged with the reason (damaged, incomplete, lacking
-    what is asked for, or ``--overwrite``).
+    what is asked for, or ``--overwrite``). An existing file is read whole only when it changed
+    since the manifest recorded it verified (or with ``--verify-all``).
     """
-    target = features_dir / f"{path.stem}.h5"
+    target = shared.target(path)
     if owner != path:
         reason = f"{path}: same file stem as {owner.name}, both would write {target.name}; rename one"
         logger.error("failed %s: %s", path.name, reason)
@@ -243,12 +254,14 @@ def _not_to_extract(
     if config.overwrite:
         logger.info("redoing %s: --overwrite", target)
         return None
-    why_not = why_incomplete(target, require_plain=config.plain, require_bank=config.bank, verify=True)
-    if why_not is not None:
+    why_not, facts = check_existing(
+        target, shared.manifest, require_plain=config.plain, require_bank=config.bank, full=config.verify_all
+    )
+    if why_not is not None or facts is None:
         logger.warning("redoing %s: %s", target, why_not)
         return None
     reason = "complete output exists"
-    changed = settings_mismatch(target, settings)
+    changed = settings_mismatch(facts.settings or {}, settings)
     if changed:
         reason += f" with other settings ({', '.join(changed)}); --overwrite or another --out to redo"
         logger.warning("skipping %s: %s", path.name, reason)
@@ -361,24 +374,34 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     first_with_stem: dict[str, Path] = {}
     for path in slides:  # over all parts, so every shard agrees on who owns a stem
         first_with_stem.setdefault(path.stem, path)
-    decided = {path: _not_to_extract(path, config, settings, features_dir, first_with_stem[path.stem]) for path in mine}
-    todo = [path for path in mine if decided[path] is None]
-
-    # The next slides are planned in the background, and the reading workers read ahead
-    # through every slide of the job in one pass.
-    planner = SlidePlanner(todo, overrides, _plan_settings(config, qc_dir))
-    tiles = TileStream(
-        todo if config.plain else [], planner.plan, config.batch_size, config.num_workers, pin_memory=device.type == "cuda"
-    )
-    job = _Job(config, trunk, encoder, device, settings, features_dir, tiles, planner)
-    try:
-        for path in progress(mine, desc="slides", unit="slide", position=0, interval_s=config.progress_interval_s, log=logger):
-            known = decided[path]
-            summary.outcomes.append(known if known is not None else _extract_or_fail(path, job))
-            planner.forget(path)
-    finally:
-        tiles.close()
-        planner.close()
+    with SharedOutput(out, features_dir, config.claim_timeout_s) as shared:
+        decided = {path: _not_to_extract(path, config, settings, shared, first_with_stem[path.stem]) for path in mine}
+        summary.outcomes += [outcome for outcome in decided.values() if outcome is not None]
+        todo = [path for path in mine if decided[path] is None]
+        for path in todo:
+            shared.note_before(path)
+        # Slides are claimed one at a time as the pipeline reaches them (other jobs may share the
+        # folder); the next ones are planned in the background, and the reading workers read
+        # ahead through every slide the job takes, in one pass.
+        queue = SlideQueue(todo, shared.take)
+        planner = SlidePlanner(queue, overrides, _plan_settings(config, qc_dir))
+        tiles = TileStream(
+            queue if config.plain else [], planner.plan, config.batch_size, config.num_workers, pin_memory=device.type == "cuda"
+        )
+        job = _Job(config, trunk, encoder, device, settings, features_dir, tiles, planner, shared)
+        try:
+            bar = progress(queue, total=len(todo), desc="slides", unit="slide", interval_s=config.progress_interval_s, log=logger)
+            for path in bar:
+                outcome = _extract_or_fail(path, job)
+                shared.finished(outcome, path)
+                summary.outcomes.append(outcome)
+                planner.forget(path)
+        finally:
+            tiles.close()
+            planner.close()
+        summary.folder = shared.folder_state()
+    order = {path.name: index for index, path in enumerate(mine)}
+    summary.outcomes.sort(key=lambda outcome: order.get(outcome.slide, -1))  # the ignored files first
 
     summary.seconds = time.perf_counter() - started
     summary.write(out)

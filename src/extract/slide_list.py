@@ -2,13 +2,16 @@
 
 ``gigassl extract`` and ``gigassl pretrain-tiles`` both list their input folder here. Scale-out
 (extraction): ``--shard i/n`` (SLURM arrays) and torchrun ranks (``RANK``/``WORLD_SIZE``) each
-take an interleaved share of the sorted list, so no process group is needed.
+take an interleaved share of the sorted list, so no process group is needed; within its share a
+job takes slides one at a time (:class:`SlideQueue`, claiming each through
+:mod:`extract.claims`), so any number of jobs can share one output folder.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 from extract.reader import SLIDE_SUFFIXES
 
@@ -50,3 +53,44 @@ def process_part(shard: str) -> tuple[int, int]:
 def select_part(items: list[Path], part: int, n_parts: int) -> list[Path]:
     """Interleaved split: item j goes to part j mod n_parts (balances slide sizes sorted by name)."""
     return items[part::n_parts]
+
+
+class SlideQueue:
+    """The slides a job takes, in order: each candidate is offered to ``take`` (which claims it)
+    only when the pipeline first reaches that position, so a job holds just the slides it is
+    working on or planning ahead."""
+
+    def __init__(self, candidates: Sequence[Path], take: Callable[[Path], bool] | None = None) -> None:
+        self._candidates = iter(candidates)
+        self._take = take
+        self._taken: list[Path] = []
+        self._position: dict[Path, int] = {}
+        self._exhausted = False
+
+    def get(self, position: int) -> Path | None:
+        """The ``position``-th slide this job takes, or None when no more can be taken."""
+        while len(self._taken) <= position and not self._exhausted:
+            path = next(self._candidates, None)
+            if path is None:
+                self._exhausted = True
+            elif self._take is None or self._take(path):
+                self._position[path] = len(self._taken)
+                self._taken.append(path)
+        return self._taken[position] if position < len(self._taken) else None
+
+    def position(self, path: Path) -> int:
+        """Where ``path`` stands in this job's order, taking slides up to it if needed (KeyError
+        when it is not one of the slides taken)."""
+        while path not in self._position and self.get(len(self._taken)) is not None:
+            pass
+        return self._position[path]
+
+    def taken(self) -> list[Path]:
+        """The slides taken so far."""
+        return list(self._taken)
+
+    def __iter__(self) -> Iterator[Path]:
+        position = 0
+        while (path := self.get(position)) is not None:
+            yield path
+            position += 1

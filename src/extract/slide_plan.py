@@ -30,6 +30,7 @@ from extract.child_process import die_with_parent
 from extract.config import GridLimits
 from extract.partial_files import temporary_path
 from extract.reader import SlideReadError, open_slide
+from extract.slide_list import SlideQueue
 from extract.tiling import MAX_INK_FRACTION, TileGrid, tile_grid
 from extract.tissue import save_qc_image
 
@@ -72,18 +73,19 @@ def plan_slide(path: Path, mpp_override: float | None, settings: PlanSettings) -
 
 
 class SlidePlanner:
-    """Plans ``slides`` in order in one background process, up to ``ahead`` slides in advance."""
+    """Plans ``slides`` in order in one background process, up to ``ahead`` slides in advance
+    (a :class:`SlideQueue` claims each slide when the planner first reaches it)."""
 
     def __init__(
         self,
-        slides: list[Path],
+        slides: list[Path] | SlideQueue,
         mpp_overrides: dict[str, float],
         settings: PlanSettings,
         ahead: int = 2,
     ) -> None:
-        self.slides, self.mpp_overrides, self.settings = list(slides), mpp_overrides, settings
+        self.slides = slides if isinstance(slides, SlideQueue) else SlideQueue(slides)
+        self.mpp_overrides, self.settings = mpp_overrides, settings
         self.ahead = max(1, ahead)
-        self._position = {path: i for i, path in enumerate(self.slides)}
         self._futures: dict[Path, Future] = {}
         self._results: dict[Path, tuple[bool, object]] = {}  # path → (ok, grid or error) until forgotten
         self._qc: dict[Path, Path] = {}  # path → its temporary QC image, until published or discarded
@@ -105,7 +107,10 @@ class SlidePlanner:
 
     def _submit_through(self, index: int) -> None:
         while self._next <= index:
-            self._submit(self.slides[self._next])
+            path = self.slides.get(self._next)
+            if path is None:
+                return
+            self._submit(path)
             self._next += 1
 
     def plan(self, path: Path) -> TileGrid:
@@ -122,8 +127,7 @@ class SlidePlanner:
         return value  # type: ignore[return-value]
 
     def _wait(self, path: Path) -> tuple[bool, object]:
-        index = self._position[path]
-        self._submit_through(min(index + self.ahead, len(self.slides) - 1))
+        self._submit_through(self.slides.position(path) + self.ahead)
         future = self._futures.pop(path, None)
         if future is None:  # forgotten, then asked again: plan it anew
             future = self._submit(path)
@@ -165,7 +169,7 @@ class SlidePlanner:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool = None
-        pending = sorted(self._futures, key=self._position.__getitem__)
+        pending = sorted(self._futures, key=self.slides.position)
         self._futures.clear()
         for path in pending:
             self._submit(path)

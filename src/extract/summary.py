@@ -1,7 +1,10 @@
 """The end-of-run summary of ``gigassl extract``: what happened to each slide, and the exit status.
 
 Written to ``OUT/summary.json`` (``OUT/summary-shardI.json`` for one part of a sharded job) and
-printed by the CLI (:meth:`ExtractionSummary.format`).
+printed by the CLI (:meth:`ExtractionSummary.format`). Its done and failed slides are those the
+job appended to ``OUT/progress.jsonl`` as they finished (:mod:`extract.progress_record`), which
+outlives a killed job; ``folder`` counts the latest status of every slide in that record, all
+jobs of the folder together.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class ExtractionSummary:
     n_parts: int = 1
     seconds: float = 0.0
     strict: bool = False
+    folder: dict[str, int] = field(default_factory=dict)  # every job's slides by latest status (progress.jsonl)
 
     def _with(self, status: str) -> list[SlideOutcome]:
         return [o for o in self.outcomes if o.status == status]
@@ -84,6 +88,7 @@ class ExtractionSummary:
             "tiles_per_second": round(self.tiles_per_second, 2),
             "exit_code": self.exit_code,
             "slides": [dataclasses.asdict(o) for o in self.outcomes],
+            "folder": self.folder,
         }
 
     def format(self) -> str:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from extract.child_process import die_with_parent_worker
 from extract.reader import SlideReader, SlideReadError, open_slide
+from extract.slide_list import SlideQueue
 from extract.tiling import TileGrid
 
 # Tiles in a slide's first batch: the encoder can start on a slide as soon as a few of its
@@ -131,18 +132,22 @@ class CohortTileBatches(Sampler[list[TileKey]]):
 
     def __init__(
         self,
-        slides: Sequence[Path],
+        slides: SlideQueue,
         grid_of: Callable[[Path], TileGrid],
         batch_size: int,
         start: int = 0,
         stop: int | None = None,
     ) -> None:
-        self.slides, self.grid_of, self.batch_size = list(slides), grid_of, batch_size
-        self.start, self.stop = start, len(self.slides) if stop is None else stop
+        self.slides, self.grid_of, self.batch_size = slides, grid_of, batch_size
+        self.start, self.stop = start, stop
 
     def __iter__(self) -> Iterator[list[TileKey]]:
-        for position in range(self.start, self.stop):
-            path = self.slides[position]
+        position = self.start - 1
+        while self.stop is None or position + 1 < self.stop:
+            position += 1
+            path = self.slides.get(position)
+            if path is None:
+                return
             try:
                 grid = self.grid_of(path)
             except Exception as error:  # noqa: BLE001 - the slide fails in the encoding loop, not here
@@ -164,14 +169,15 @@ class TileStream:
 
     def __init__(
         self,
-        slides: Sequence[Path],
+        slides: Sequence[Path] | SlideQueue,
         grid_of: Callable[[Path], TileGrid],
         batch_size: int,
         num_workers: int = 0,
         pin_memory: bool = False,
         prefetch_factor: int = 4,
     ) -> None:
-        self.slides, self.grid_of = list(slides), grid_of
+        self.slides = slides if isinstance(slides, SlideQueue) else SlideQueue(slides)
+        self.grid_of = grid_of
         self.batch_size, self.num_workers = batch_size, num_workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self._next = 0  # position of the next slide to hand out
@@ -202,9 +208,12 @@ class TileStream:
         return iter(loader)
 
     def _position_of(self, path: Path, start: int | None = None) -> int:
-        for position in range(self._next if start is None else start, len(self.slides)):
-            if self.slides[position] == path:
-                return position
+        try:
+            position = self.slides.position(path)
+        except KeyError:
+            position = -1
+        if position >= (self._next if start is None else start):
+            return position
         raise ValueError(f"{path} is not one of the slides still to come in this job")
 
     def _take(self) -> TileBatch | None:

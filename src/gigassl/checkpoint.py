@@ -47,6 +47,7 @@ RESUME_FREE_KEYS = frozenset(
         "monitor_slides",
         "skip_bad_files",
         "check_finite",
+        "recheck_finite",
         "sparse_backend",
         "mixed_precision",
     }

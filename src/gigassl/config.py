@@ -121,7 +121,13 @@ class TrainConfig:
         default=False, metadata=_help("skip feature files without a bank or unreadable (logged) instead of refusing the folder")
     )
     check_finite: bool = field(
-        default=True, metadata=_help("read every bank once before training and refuse files with NaN/inf features")
+        default=True,
+        metadata=_help(
+            "refuse files with NaN/inf features: each bank is read once and recorded finite in the folder's manifest, then read again only when it changes"
+        ),
+    )
+    recheck_finite: bool = field(
+        default=False, metadata=_help("with --check-finite, read every bank again, even those recorded finite and unchanged")
     )
     overwrite: bool = field(
         default=False,

@@ -18,7 +18,8 @@ Bad input, decided once here:
 - banks with fewer than T tiles per augmentation: views sample with replacement (warning
   listing the slides);
 - NaN or inf in a bank: ``FeatureFileError`` naming the file (checked for every bank up front
-  with ``check_finite``, and for every augmentation read during training in any case);
+  with ``check_finite`` — a bank recorded finite in the folder's manifest since it last changed
+  is not read again — and for every augmentation read during training in any case);
 - files extracted on different tile grids (tile size in pixels, µm/px): ``FeatureFileError``
   listing the grids and a file of each — a grid cell must mean the same tissue for every
   slide — unless ``allow_mixed_grids`` (a warning; the grids are recorded in the checkpoint).
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -36,10 +37,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from extract.bank_chunks import BankChunkReader, BankChunks, locate_bank_chunks
+from extract.bank_chunks import BankChunkReader, locate_bank_chunks
 from extract.encoder import EncoderInfo
 from extract.errors import UserError
 from extract.features_file import FeatureFileError, SlideFeatures
+from extract.manifest import Manifest
+from gigassl.slide_entry import SlideEntry, entry_from_record, entry_record
 from gigassl.sparse_map import SparseBatch, augment_cells, collate_views, tile_cells
 
 log = logging.getLogger(__name__)
@@ -66,22 +69,6 @@ STREAM_TRAIN = 0  # seed streams: training views, monitor views, epoch permutati
 STREAM_MONITOR = 1
 STREAM_PERMUTATION = 2
 MAX_OPEN_FILES = 256  # per worker; HDF5 handles are cheap but not free
-
-
-@dataclass(frozen=True)
-class SlideEntry:
-    """One usable slide: where its file is and what its bank holds."""
-
-    path: Path
-    slide_id: str
-    n_augmentations: int
-    bank_size: int
-    tile_step_level0: float
-    encoder: EncoderInfo
-    grid: tuple[int | None, float | None] = (None, None)  # (tile size px, µm/px of the tiles)
-    # Byte offsets of the bank's chunks for direct reads; None when the file's bank is stored
-    # otherwise (then views are read through h5py).
-    chunks: BankChunks | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -118,13 +105,22 @@ def _list_reasons(items: Sequence[tuple[Path, str]], limit: int = 10) -> str:
     return "\n".join(lines)
 
 
-def _scan_one(path: Path, check_finite: bool) -> SlideEntry:
+def _scan_one(path: Path, check_finite: bool, manifest: Manifest | None = None, recheck: bool = False) -> SlideEntry:
+    """The entry of one file. Rebuilt from ``manifest`` without opening the file when it has not
+    changed since it was scanned (and, with ``check_finite``, found finite), unless ``recheck``;
+    else the file is scanned (its bank read whole with ``check_finite``) and the result recorded."""
+    known = manifest.known(path) if manifest is not None and not recheck else None
+    if known is not None and known.train_entry and (known.finite or not check_finite):
+        cached = entry_from_record(path, known.train_entry)
+        if cached is not None:
+            return cached
+    learnt: dict = {}
     with SlideFeatures(path, require_bank=True) as slide:
         attrs = slide.bank_attrs
         encoder = _bank_encoder(attrs, int(slide.file["aug_features"].shape[1]))
         if slide.bank_size < 1 or slide.n_augmentations < 1:
             raise FeatureFileError(f"{path}: empty bank ({slide.n_augmentations} × {slide.bank_size})")
-        if check_finite:
+        if check_finite and not (known is not None and known.finite):
             for a in range(slide.n_augmentations):
                 features, _ = slide.augmentation(a)
                 if not np.isfinite(features).all():
@@ -132,7 +128,8 @@ def _scan_one(path: Path, check_finite: bool) -> SlideEntry:
                         f"{path}: NaN or inf in augmentation {a} of the bank; re-extract this slide "
                         "(`gigassl extract --overwrite`) or move the file out of the folder"
                     )
-        return SlideEntry(
+            learnt["finite"] = True
+        entry = SlideEntry(
             path,
             slide.slide_id,
             slide.n_augmentations,
@@ -142,6 +139,9 @@ def _scan_one(path: Path, check_finite: bool) -> SlideEntry:
             _grid(slide.grid_attrs),
             locate_bank_chunks(slide),
         )
+    if manifest is not None:
+        manifest.record(path, train_entry=entry_record(entry), **learnt)
+    return entry
 
 
 def _bank_encoder(attrs: dict, width: int) -> EncoderInfo:
@@ -192,15 +192,21 @@ def scan_features_folder(
     skip_bad_files: bool = False,
     check_finite: bool = True,
     allow_mixed_grids: bool = False,
+    recheck_finite: bool = False,
 ) -> Cohort:
-    """Validate the per-slide HDF5 files of ``folder`` for training (see the module docstring)."""
+    """Validate the per-slide HDF5 files of ``folder`` for training (see the module docstring).
+
+    The NaN/inf scan (``check_finite``) reads only the banks that changed since the folder's
+    manifest (:mod:`extract.manifest`) recorded them finite, or every bank with ``recheck_finite``.
+    """
     paths = feature_files_in(folder)
+    manifest = Manifest(Path(folder))
     if n_tiles_per_view < 1:
         raise UserError(f"n_tiles_per_view must be ≥ 1, got {n_tiles_per_view}")
     slides, bad = [], []
     for path in paths:
         try:
-            slides.append(_scan_one(path, check_finite))
+            slides.append(_scan_one(path, check_finite, manifest, recheck_finite))
         except FeatureFileError as error:
             nan = "NaN or inf" in str(error)
             if nan:  # never skipped: a corrupt bank is a problem to fix, not to hide

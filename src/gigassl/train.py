@@ -174,6 +174,7 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
         skip_bad_files=config.skip_bad_files,
         check_finite=config.check_finite,
         allow_mixed_grids=config.allow_mixed_grids,
+        recheck_finite=config.recheck_finite,
     )
     batch = global_batch_size(config.batch_size, len(cohort.slides), context.world_size)
     resume = load_checkpoint(config.resume) if config.resume is not None else None
