@@ -2,7 +2,8 @@
 
 HDF5, written to a temporary file beside it and renamed when complete
 (:mod:`extract.partial_files`); every vector is checked finite before it is written, and both
-datasets carry a Fletcher-32 checksum per chunk that every read checks (format version 2;
+datasets carry a checksum that every read checks (Fletcher-32 per chunk of the embeddings, a
+sha256 of the ids as their ``sha256`` attribute) (format version 2;
 files of version 1, without it, are refused with the message to re-run ``gigassl embed``)::
 
     /slide_ids   (S,)      utf-8 strings
@@ -20,6 +21,7 @@ Exports (``--export npz,csv``): ``OUT.npz`` (slide_ids, embeddings, provenance J
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +57,11 @@ class SlideEmbeddings:
         return {slide_id: row for row, slide_id in enumerate(self.slide_ids)}
 
 
+def ids_sha256(slide_ids: Sequence[str]) -> str:
+    """The checksum of the slide ids, stored as their dataset's ``sha256`` attribute."""
+    return hashlib.sha256("\n".join(slide_ids).encode()).hexdigest()
+
+
 def _attr_value(value: Any) -> Any:
     """An HDF5 attribute: numbers and strings as they are, anything else as JSON."""
     return value if isinstance(value, (int, float, str)) else json.dumps(value)
@@ -71,12 +78,12 @@ class EmbeddingWriter(AtomicHDF5Writer):
         self.provenance = provenance
         self._file: h5py.File | None = None
         self.n_slides = 0
+        self._ids: list[str] = []
 
     def __enter__(self) -> "EmbeddingWriter":
         self._file = self._open()
-        self._file.create_dataset(
-            "slide_ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(1024,), fletcher32=True
-        )
+        # HDF5 has no checksum filter for variable-length strings: the ids' hash is an attribute
+        self._file.create_dataset("slide_ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(1024,))
         width = self.embedding_dim
         self._file.create_dataset(
             "embeddings", shape=(0, width), maxshape=(None, width), dtype=np.float32, chunks=(256, width), fletcher32=True
@@ -103,6 +110,8 @@ class EmbeddingWriter(AtomicHDF5Writer):
         self._file["slide_ids"][start:end] = list(slide_ids)
         self._file["embeddings"][start:end] = embeddings
         self.n_slides = end
+        self._ids.extend(slide_ids)
+        self._file["slide_ids"].attrs["sha256"] = ids_sha256(self._ids)
         self.check_space()
 
     def set_attr(self, key: str, value: Any) -> None:
@@ -136,8 +145,11 @@ def read_embeddings(path: str | Path) -> SlideEmbeddings:
         try:  # HDF5 checks each chunk's Fletcher-32 checksum as it reads it
             ids = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in handle["slide_ids"][...]]
             embeddings = handle["embeddings"][...].astype(np.float32, copy=False)
-        except OSError as error:
-            raise EmbeddingFileError(f"{path}: damaged file (its data fail their checksum); re-run `gigassl embed`") from error
+            intact = handle["slide_ids"].attrs.get("sha256", "") == ids_sha256(ids)
+        except OSError:
+            intact = False
+        if not intact:
+            raise EmbeddingFileError(f"{path}: damaged file (its data fail their checksum); re-run `gigassl embed`")
     provenance = {k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()}
     return SlideEmbeddings(ids, embeddings, provenance)
 
