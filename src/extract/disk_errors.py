@@ -59,7 +59,8 @@ def free_space(path: str | Path) -> str:
 
 
 def disk_full_error(path: str | Path, error: BaseException | None = None) -> DiskFullError:
-    """The one-line error of a full disk at ``path``."""
+    """The one-line error of a full disk at ``path`` (the error's own file name, when it has one)."""
+    path = getattr(error, "filename", None) or path
     quota = error is not None and (getattr(error, "errno", None) == errno.EDQUOT or "quota" in str(error).lower())
     cause = "the disk quota is exceeded" if quota else "no space left on the device"
     return DiskFullError(
@@ -88,9 +89,13 @@ class GuardedFile(io.FileIO):
         written = 0
         while self.error is None and written < len(view):  # a short write: the disk filled up mid-way
             try:
-                written += super().write(view[written:]) or 0
+                written += self._write_some(view[written:])
             except OSError as error:
                 if error.errno not in DISK_FULL_ERRNOS:
                     raise
                 self.error = error
         return len(view)
+
+    def _write_some(self, data: memoryview) -> int:
+        """One ``write(2)``: the bytes written (fewer than asked when the disk fills up)."""
+        return super().write(data) or 0

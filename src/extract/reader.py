@@ -263,7 +263,11 @@ def check_readable(path: Path) -> None:
             handle.read(1)
     except OSError as error:
         cause = error.strerror or str(error)
-        fix = "make it readable (chmod a+r) or move it out of the folder" if isinstance(error, PermissionError) else "check the disk"
+        fix = (
+            "make it readable (chmod a+r) or move it out of the folder"
+            if isinstance(error, PermissionError)
+            else "check the disk"
+        )
         raise SlideReadError(f"{path}: cannot be read: {cause.lower()}; {fix}") from error
 
 

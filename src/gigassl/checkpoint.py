@@ -145,9 +145,7 @@ def claim_output_folder(out: Path, config: TrainConfig) -> list[Path]:
         return found
     resumable, what = resumable_checkpoint(out)
     if resumable is None:
-        raise UserError(
-            f"{out} already holds a training run ({what}); pass --overwrite to start it again, or another --out"
-        )
+        raise UserError(f"{out} already holds a training run ({what}); pass --overwrite to start it again, or another --out")
     raise UserError(
         f"{out} already holds a training run ({what}); pass --resume {resumable} to continue "
         "it (with a larger --epochs to train it longer), --overwrite to replace it, or another --out"
@@ -166,9 +164,7 @@ def resumable_checkpoint(out: Path) -> tuple[Path | None, str]:
             continue
         try:
             payload = load_checkpoint(path)
-            return path, f"epoch {payload['epoch']} of {payload['config']['epochs']}" + (
-                f"; {problems[0]}" if problems else ""
-            )
+            return path, f"epoch {payload['epoch']} of {payload['config']['epochs']}" + (f"; {problems[0]}" if problems else "")
         except (OSError, ValueError, KeyError) as error:
             problems.append(f"{path.name} is unusable: {str(error).removeprefix(f'{path}: ')}")
     if problems:
