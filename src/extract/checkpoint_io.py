@@ -53,7 +53,7 @@ def content_hash(payload: Mapping[str, Any]) -> str:
         if torch.is_tensor(leaf):
             tensor = leaf.detach().cpu().contiguous()
             digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-            digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
         else:
             digest.update(repr(leaf).encode())
     return digest.hexdigest()

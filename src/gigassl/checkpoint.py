@@ -158,7 +158,7 @@ def resumable_checkpoint(out: Path) -> tuple[Path | None, str]:
     if (out / "checkpoints").is_dir():
         snapshots = sorted((out / "checkpoints").glob("epoch_*.pt"), key=lambda p: p.stem)
         candidates += snapshots[::-1]
-    problems = []
+    problems: list[str] = []
     for path in candidates:
         if not path.is_file():
             continue
