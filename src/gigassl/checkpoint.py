@@ -6,7 +6,9 @@ A checkpoint is a dict of tensors and plain data (``torch.load(..., weights_only
 from; None for a randomly initialised generic head), ``architecture`` (the sparse head,
 :meth:`gigassl.model.HeadSpec.to_dict`: feature_dim, block, n_blocks, width, source,
 input_projection_dim; absent in older checkpoints, which are ResNet18's), ``model`` (``GigaSSLModel`` state dict), ``optimizer``, ``scheduler``, ``scaler``,
-``rng``, ``history`` (the monitor rows), ``world_size``.
+``rng``, ``history`` (the monitor rows), ``world_size``, ``content_sha256`` (the hash of all
+the rest, :mod:`extract.checkpoint_io`: :func:`load_checkpoint` refuses a checkpoint whose
+content does not match it or whose tensors hold NaN or inf, naming the tensor).
 
 The run folder: :func:`claim_output_folder` refuses an ``out`` that holds another run (unless
 ``--overwrite`` or ``--resume`` from inside it); :func:`check_resume` refuses a resume whose
