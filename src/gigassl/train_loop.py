@@ -287,7 +287,11 @@ def _finish_epoch(run: Run, epoch: int) -> None:
 def _last_good(run: Run) -> str:
     """The run's latest checkpoint (each is checked finite when written and verified when resumed
     from), or a note that there is none."""
-    return str(run.latest) if run.latest.is_file() else "none (none written yet): start again with --overwrite"
+    if run.latest.is_file():
+        return str(run.latest)
+    if run.config.resume is not None:  # resumed from outside ``out``: that file verified when it was loaded
+        return str(run.config.resume)
+    return "none (none written yet): start again with --overwrite"
 
 
 def _step(run: Run, views: ViewBatch) -> tuple[float, float]:
