@@ -239,3 +239,17 @@ def test_labels_that_almost_match_get_a_hint(tmp_path, caplog, slide_ids, labell
         code = main(["evaluate", "--embeddings", str(embeddings), "--labels", str(labels), "--out", str(tmp_path / "ev")])
     assert code == 2
     assert hint in errors(caplog) and "single class" not in errors(caplog)
+
+
+def test_a_tile_encoder_written_by_the_package_is_verified_when_loaded(tmp_path):
+    from extract.encoder import load_resnet, save_encoder_checkpoint
+    from extract.resnet import build_resnet
+
+    torch.manual_seed(0)
+    model = build_resnet("resnet18")
+    path = tmp_path / "encoder.pt"
+    save_encoder_checkpoint(model, path, {"epoch": 3})
+    load_resnet(path)
+    _flip_tensor_bytes(path, model.state_dict()["layer3.0.conv1.weight"])
+    with pytest.raises(ValueError, match=r"encoder\.pt: damaged file"):
+        load_resnet(path)
