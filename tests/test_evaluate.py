@@ -224,11 +224,11 @@ def test_bad_budget_is_a_clear_cli_error(tmp_path, caplog):
 
 def test_non_finite_vectors_and_repeated_ids_are_named(tmp_path, caplog):
     ids, labels, vectors = clustered(10, ["a", "b"])
-    vectors[3] = np.nan
     csv_path = write_labels(tmp_path / "l.csv", list(zip(ids, labels)), header=("slide", "label"))
-    config = EvaluateConfig(
-        embeddings=write_embeddings(tmp_path / "e.h5", ids, vectors), labels=csv_path, out=tmp_path / "o", n_splits=2
-    )
+    embeddings = write_embeddings(tmp_path / "e.h5", ids, vectors)
+    with h5py.File(embeddings, "r+") as handle:  # the writer refuses NaN: a file edited by another tool
+        handle["embeddings"][3] = np.nan
+    config = EvaluateConfig(embeddings=embeddings, labels=csv_path, out=tmp_path / "o", n_splits=2)
     with pytest.raises(
         UserError,
         match=r"e\.h5: the vectors of 1 labelled slide\(s\) hold NaN or inf: a_03; "

@@ -131,7 +131,7 @@ def test_flipped_bytes_in_any_dataset_are_detected(tmp_path, dataset):
     flip_bytes(path, dataset)
     assert is_complete(path, require_plain=True, require_bank=True)  # the layout still looks whole …
     reason = why_incomplete(path, require_plain=True, require_bank=True, verify=True)  # … its checksums do not
-    assert reason is not None and "s1.h5" in reason and f"dataset '{dataset}' is damaged" in reason
+    assert reason is not None and "s1.h5" in reason and f"damaged file (dataset '{dataset}' fails its checksum)" in reason
 
 
 def test_a_missing_file_is_not_told_to_delete_it(tmp_path):

@@ -574,7 +574,7 @@ def test_damaged_output_is_redone_and_the_log_says_why(cohort: Path, tmp_path: P
     by_name = {s["slide"]: s["status"] for s in summary_of(out)["slides"]}
     assert by_name == {"synthetic_a.tif": "done", "synthetic_b.tif": "done", "synthetic_c.tif": "skipped"}
     redone = [r.getMessage() for r in caplog.records if r.getMessage().startswith("redoing")]
-    assert any("synthetic_a.h5" in m and "dataset 'features' is damaged" in m for m in redone), redone
+    assert any("synthetic_a.h5" in m and "damaged file (dataset 'features' fails its checksum)" in m for m in redone), redone
     assert any("synthetic_b.h5" in m and "not a readable HDF5 file" in m for m in redone), redone
     assert is_complete(flipped, require_plain=True, verify=True)
 

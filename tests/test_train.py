@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from extract.checkpoint_io import save_atomic
 from extract.encoder import EncoderInfo, file_sha256, load_resnet, load_resnet18, save_encoder_checkpoint
 from extract.errors import UserError
 from extract.exported import export_tile_encoder
@@ -387,7 +388,7 @@ def test_a_checkpoint_naming_an_unknown_backend_is_refused_in_one_line(small_coh
     result = run_training(_config(small_cohort, tmp_path / "run", epochs=1))
     payload = load_checkpoint(result.checkpoint)
     payload["config"]["sparse_backend"] = "minkowski"
-    torch.save(payload, tmp_path / "future.pt")
+    save_atomic(payload, tmp_path / "future.pt")  # resealed, as a newer gigassl would write it
     with pytest.raises(ValueError, match=r"future\.pt: the checkpoint names an unknown sparse backend 'minkowski'"):
         load_model(tmp_path / "future.pt")
     with pytest.raises(ValueError, match="--sparse-backend must be one of auto, torch, spconv"):

@@ -25,7 +25,7 @@ from types import ModuleType
 import h5py
 import numpy as np
 
-from extract.features_file import FeatureFileError, SlideFeatures
+from extract.features_file import FeatureFileError, SlideFeatures, damaged
 
 try:  # libdeflate inflates a whole buffer of known size ~3× faster than zlib
     import deflate
@@ -145,8 +145,8 @@ class BankChunkReader:
         data = os.pread(fd, int(size), int(offset))
         try:
             return inflate(data, expected)
-        except Exception as error:  # zlib.error / deflate.DeflateError: a damaged chunk
-            raise FeatureFileError(f"{chunks.path}: cannot decompress {what} ({error}); re-extract this slide") from error
+        except Exception as error:  # zlib.error / deflate.DeflateError: a damaged chunk (Adler-32 or inflate)
+            raise damaged(chunks.path, what) from error
 
     def read(self, chunks: BankChunks, index: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Augmentation ``index``: (t, D) float32 features and (t, 2) int64 coords of ``rows`` (all K when None)."""

@@ -19,7 +19,6 @@ every output file (:meth:`EncoderInfo.attrs`). Checkpoints are untrusted input, 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from extract.device import autocast
+from extract.checkpoint_io import CONTENT_HASH_KEY, save_atomic, verify_payload
 from extract.encoder_loading import ENCODER_CHECKPOINT_FORMAT, find_resnet, load_found, read_checkpoint
 from extract.resnet import ARCHITECTURES, BasicBlock, Bottleneck, ResNet, ResNet18, ResNet34, ResNet50, build_resnet
 
@@ -302,7 +302,10 @@ def load_resnet(source: str | Path, seed: int = 0) -> tuple[ResNet, EncoderInfo]
             "(torchvision, MoCo, Lightning or `gigassl pretrain-tiles` output), a torch.export .pt2 program, "
             "or --encoder random"
         )
-    found = find_resnet(read_checkpoint(path), str(path))
+    raw = read_checkpoint(path)
+    if isinstance(raw, dict) and CONTENT_HASH_KEY in raw:  # written by this package: verify it
+        verify_payload(raw, str(path))
+    found = find_resnet(raw, str(path))
     if found.n_ignored:
         logger.debug("%s: %d tensors outside conv1 … layer4 (heads) ignored", path, found.n_ignored)
     model = load_found(found)
@@ -345,7 +348,9 @@ def load_encoder(
 
 def save_encoder_checkpoint(model: ResNet, path: str | Path, extra: Mapping[str, Any] | None = None) -> None:
     """Write the package's own encoder checkpoint (plain tensors and data, weights_only-loadable):
-    ``{"format": "gigassl-tile-encoder", "arch": A, A: state dict, **extra}``."""
+    ``{"format": "gigassl-tile-encoder", "arch": A, A: state dict, **extra, "content_sha256"}``,
+    atomically, refusing NaN or inf weights (:func:`extract.checkpoint_io.save_atomic`)."""
+
     arch = getattr(model, "arch", "resnet18")
     payload: dict[str, Any] = {
         "format": ENCODER_CHECKPOINT_FORMAT,
@@ -354,6 +359,4 @@ def save_encoder_checkpoint(model: ResNet, path: str | Path, extra: Mapping[str,
     }
     if extra:
         payload.update(extra)
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    Path(path).write_bytes(buffer.getvalue())
+    save_atomic(payload, Path(path))

@@ -23,8 +23,11 @@ Layout (TRIDENT / CLAM compatible for the first two datasets)::
 
 Files are written to a temporary name beside the target and renamed when complete, so an
 interrupted run never leaves a file that looks finished (:mod:`extract.partial_files`). Every
-dataset carries HDF5's Fletcher-32 checksum per chunk: a damaged chunk fails to read, and
-:func:`why_incomplete` with ``verify=True`` reads every chunk before a file is reused.
+dataset carries HDF5's Fletcher-32 checksum per chunk, checked by every read: a damaged chunk
+is a :class:`FeatureFileError` naming the file (never HDF5's filter message), and
+:func:`why_incomplete` with ``verify=True`` reads every chunk before a file is reused. Features
+are checked finite before they are written (as stored: float16 for the bank), so a tile encoder
+that returns NaN or inf fails its slide instead of writing a complete file of NaN.
 """
 
 from __future__ import annotations
@@ -50,6 +53,30 @@ class FeatureFileError(UserError):
     """A slide feature file that is missing, incomplete, of another version or malformed."""
 
 
+class NonFiniteFeaturesError(UserError):
+    """The tile encoder returned NaN or inf: the slide fails and its file is not written."""
+
+
+def check_finite(rows: np.ndarray, path: Path, what: str, encoder: str) -> None:
+    """Refuse features holding NaN or inf before they are written (the file is then discarded)."""
+    finite = np.isfinite(rows)
+    if not finite.all():
+        bad = int((~finite.reshape(len(rows), -1).all(axis=1)).sum()) if len(rows) else 0
+        raise NonFiniteFeaturesError(
+            f"{path.name}: the tile encoder {encoder!r} returned NaN or inf for {bad} of {len(rows)} tiles ({what}); "
+            "the slide's file is not written — check the encoder (its weights, its input size and normalisation, "
+            "--no-mixed-precision for a model that overflows in half precision)"
+        )
+
+
+def damaged(path: Path, what: str) -> FeatureFileError:
+    """The error of a file whose data fail their checksum or do not decompress."""
+    return FeatureFileError(
+        f"{path}: damaged file ({what} fails its checksum); re-extract this slide (`gigassl extract --overwrite`) "
+        "or move the file out of the folder"
+    )
+
+
 def _checksummed(n_rows: int) -> dict[str, Any]:
     """Dataset options adding a Fletcher-32 checksum (it needs chunks, which need ≥ 1 row)."""
     return {"chunks": True, "fletcher32": True} if n_rows else {}
@@ -66,9 +93,7 @@ def verify_checksums(file: h5py.File, path: Path) -> None:
             for selection in chunks:
                 dataset[selection]
         except (OSError, ValueError) as error:
-            raise FeatureFileError(
-                f"{path}: dataset {name!r} is damaged (checksum or decompression fails: {' '.join(str(error).split())})"
-            ) from error
+            raise damaged(path, f"dataset {name!r}") from error
 
 
 class SlideFileWriter(AtomicHDF5Writer):
@@ -94,8 +119,7 @@ class SlideFileWriter(AtomicHDF5Writer):
         self._file: h5py.File | None = None
 
     def __enter__(self) -> "SlideFileWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = h5py.File(self.temp_path, "w")
+        self._file = self._open()
         attrs = self._file.attrs
         attrs["format"] = FORMAT_NAME
         attrs["format_version"] = FORMAT_VERSION
@@ -128,8 +152,10 @@ class SlideFileWriter(AtomicHDF5Writer):
         return features
 
     def write_plain_rows(self, start: int, rows: np.ndarray) -> None:
-        """Fill ``features[start:start+len(rows)]``."""
+        """Fill ``features[start:start+len(rows)]``; refuses NaN or inf (:class:`NonFiniteFeaturesError`)."""
+        check_finite(rows, self.path, "plain features", self._encoder.name)
         self.file["features"][start : start + len(rows)] = rows
+        self.check_space()
 
     def create_bank(
         self,
@@ -183,8 +209,11 @@ class SlideFileWriter(AtomicHDF5Writer):
         """
         coords = np.asarray(coords, dtype=np.int64)
         order = np.lexsort((coords[:, 1], coords[:, 0]))
-        self.file["aug_features"][index] = np.asarray(features, dtype=np.float16)[order].T
+        stored = np.asarray(features, dtype=np.float16)  # beyond ±65504 a feature becomes inf here
+        check_finite(stored, self.path, f"augmentation {index} of the bank (float16)", self._encoder.name)
+        self.file["aug_features"][index] = stored[order].T
         self.file["aug_coords"][index] = coords[order]
+        self.check_space()
 
 
 class SlideFeatures:
@@ -290,13 +319,20 @@ class SlideFeatures:
         attrs = self._file[name].attrs
         return {k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items() if k.startswith("encoder")}
 
+    def _read(self, name: str, selection: Any = Ellipsis, what: str = "") -> np.ndarray:
+        """``name[selection]``; a damaged chunk is a :class:`FeatureFileError` naming the file."""
+        try:
+            return self._file[name][selection]
+        except OSError as error:  # HDF5's "filter returned failure": Fletcher-32 or inflate
+            raise damaged(self.path, what or f"dataset {name!r}") from error
+
     def features(self) -> np.ndarray:
         """(N, D) float32 plain tile features."""
-        return self._file["features"][...].astype(np.float32, copy=False)
+        return self._read("features").astype(np.float32, copy=False)
 
     def coords(self) -> np.ndarray:
         """(N, 2) int64 level-0 top-left (x, y) of each plain tile."""
-        return self._file["coords"][...]
+        return self._read("coords")
 
     @property
     def n_plain_tiles(self) -> int:
@@ -322,8 +358,8 @@ class SlideFeatures:
         Reads only that augmentation's chunk from disk; with ``rows`` (indices into K) only
         those tiles are converted and returned, (len(rows), D) and (len(rows), 2).
         """
-        stored = self._file["aug_features"][index]  # (D, K) float16
-        coords = self._file["aug_coords"][index]
+        stored = self._read("aug_features", index, f"augmentation {index} of the bank")  # (D, K) float16
+        coords = self._read("aug_coords", index, f"the coords of augmentation {index}")
         if rows is not None:
             stored, coords = stored[:, rows], coords[rows]
         return np.ascontiguousarray(stored.T, dtype=np.float32), coords

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from extract.checkpoint_io import verify_payload
 from extract.config import MocoConfig, settings_dict, with_current_names
 from extract.encoder import load_weights_only, save_encoder_checkpoint
 from extract.moco_model import MoCo, all_gather
@@ -120,6 +121,7 @@ def load_training_checkpoint(path: Path, config: MocoConfig) -> dict[str, Any]:
         raise ValueError(f"--resume {path}: not a `gigassl pretrain-tiles` training checkpoint (OUT/last.pt)")
     if raw.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"--resume {path}: checkpoint version {raw.get('version')}, this package reads {CHECKPOINT_VERSION}")
+    verify_payload(raw, f"--resume {path}")
     saved, current = {"arch": "resnet18", **with_current_names(raw["config"])}, settings_dict(config)  # before --arch: resnet18
     differ = [
         f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {current[k]}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from extract.disk_errors import raise_if_disk_full
 from extract.partial_files import remove_stale_partials
 
 
@@ -21,6 +22,7 @@ def ensure_writable(folder: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
     except OSError as error:
+        raise_if_disk_full(error, folder)
         raise PermissionError(
             f"output folder {folder} is not writable ({error.strerror or error}); choose another --out or fix its permissions"
         ) from error

@@ -1,8 +1,11 @@
 """Temporary files: how they are named, and when one is stale and may be deleted.
 
-Every output (slide HDF5 file, QC image, summary) is written to ``{name}.{host}-{pid}.partial``
-beside its final path and renamed when complete (:func:`finish_hdf5` for HDF5 writers), so
-nothing half-written looks finished. A partial whose writer has ended is stale: a killed job
+Every output (slide HDF5 file, QC image, summary, checkpoint, embeddings) is written to
+``{name}.{host}-{pid}.partial`` beside its final path and renamed when complete
+(:func:`finish_hdf5` for HDF5 writers), so nothing half-written looks finished. A name too long
+for that suffix to fit in 255 bytes is cut, and a hash of the whole name appended
+(``{start}~{hash8}.{host}-{pid}.partial``). HDF5 files are written through
+:class:`extract.disk_errors.GuardedFile`: a full disk discards the file and stops the job. A partial whose writer has ended is stale: a killed job
 leaves them, and the next job in the same folder deletes them. A partial may belong to another
 job still running (another shard, on this node or another), so one is deleted only when its
 writer is known to be gone:
@@ -16,6 +19,7 @@ writer is known to be gone:
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
 import socket
@@ -24,49 +28,87 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from extract.disk_errors import GuardedFile, disk_full_error, raise_if_disk_full
+
 logger = logging.getLogger(__name__)
 
 TEMP_SUFFIX = ".partial"
 FOREIGN_STALE_S = 24 * 3600.0
+NAME_MAX_BYTES = 255  # of one file name, on every common filesystem
+_OWNER_BYTES = 64  # ".{host ≤ 40}-{pid ≤ 10}.partial" fits in this
 
 
 def host_name() -> str:
-    """This machine's name as partial and claim files record it (no dots or dashes)."""
-    return socket.gethostname().replace(".", "_").replace("-", "_") or "localhost"
+    """This machine's name as partial and claim files record it (no dots or dashes, ≤ 40 characters)."""
+    return (socket.gethostname().replace(".", "_").replace("-", "_") or "localhost")[:40]
+
+
+def partial_prefix(path: str | Path) -> str:
+    """The start of the name of every partial of ``path`` (whoever writes it): the file name,
+    cut and hashed when the owner suffix would not fit in a file name otherwise."""
+    name = Path(path).name
+    if len(name.encode()) + _OWNER_BYTES <= NAME_MAX_BYTES:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    start = name.encode()[: NAME_MAX_BYTES - _OWNER_BYTES - 9].decode("utf-8", errors="ignore")
+    return f"{start}~{digest}"
 
 
 def temporary_path(path: str | Path, pid: int | None = None) -> Path:
     """Where ``path`` is written before it is complete (same folder, so the rename is atomic)."""
     path = Path(path)
-    return path.with_name(f"{path.name}.{host_name()}-{os.getpid() if pid is None else pid}{TEMP_SUFFIX}")
+    return path.with_name(f"{partial_prefix(path)}.{host_name()}-{os.getpid() if pid is None else pid}{TEMP_SUFFIX}")
 
 
-def finish_hdf5(handle: Any, temp_path: Path, path: Path, succeeded: bool) -> None:
-    """Close an open ``h5py.File`` written at ``temp_path``: when ``succeeded``, marked
-    ``complete`` (readers refuse files without it) and renamed to ``path``; else deleted."""
-    if succeeded:
+def finish_hdf5(handle: Any, temp_path: Path, path: Path, succeeded: bool, guard: GuardedFile | None = None) -> None:
+    """Close an open ``h5py.File`` written at ``temp_path`` (through ``guard``, when given): when
+    ``succeeded``, marked ``complete`` (readers refuse files without it) and renamed to ``path``;
+    else deleted. A write that met a full disk deletes it and raises :class:`DiskFullError`."""
+    if succeeded and (guard is None or guard.error is None):
         handle.attrs["complete"] = True
         handle.flush()
-        handle.close()
+    handle.close()
+    if guard is not None:
+        guard.close()
+    if succeeded and (guard is None or guard.error is None):
         os.replace(temp_path, path)
-    else:
-        handle.close()
-        temp_path.unlink(missing_ok=True)
+        return
+    temp_path.unlink(missing_ok=True)
+    if guard is not None and guard.error is not None:
+        raise disk_full_error(path, guard.error) from guard.error
 
 
 class AtomicHDF5Writer:
     """Base of the package's HDF5 writers: the file is written at ``temp_path``; leaving the
     ``with`` block finishes it (:func:`finish_hdf5`: renamed to ``path`` on success, deleted on
-    an exception). Subclasses open ``_file`` in ``__enter__``."""
+    an exception or a full disk). Subclasses open ``_file`` with :meth:`_open` in ``__enter__``."""
 
     _file: Any
+    _guard: GuardedFile | None = None
     temp_path: Path
     path: Path
+
+    def _open(self) -> Any:
+        """A new ``h5py.File`` at ``temp_path``, written through a :class:`GuardedFile`."""
+        import h5py
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._guard = GuardedFile(self.temp_path, "w+")
+        except OSError as error:
+            raise_if_disk_full(error, self.temp_path)
+            raise
+        return h5py.File(self._guard, "w")
+
+    def check_space(self) -> None:
+        """Raise :class:`DiskFullError` as soon as a write has met a full disk (not at the end)."""
+        if self._guard is not None and self._guard.error is not None:
+            raise disk_full_error(self.path, self._guard.error)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         handle, self._file = self._file, None
         if handle is not None:
-            finish_hdf5(handle, self.temp_path, self.path, succeeded=exc_type is None)
+            finish_hdf5(handle, self.temp_path, self.path, succeeded=exc_type is None, guard=self._guard)
 
 
 def writer_of(partial: Path) -> tuple[str | None, int | None]:
@@ -123,6 +165,11 @@ def stale_reason(partial: Path, now: float | None = None) -> str | None:
     if idle_s > FOREIGN_STALE_S:
         return f"untouched for {idle_s / 3600:.0f} h by its writer ({host or 'unknown host'}, pid {pid})"
     return None
+
+
+def remove_stale_partials_of(path: Path) -> list[Path]:
+    """Delete the stale partials of the file ``path`` (see :func:`remove_stale_partials`)."""
+    return remove_stale_partials(path.parent, partial_prefix(path) + ".")
 
 
 def remove_stale_partials(folder: Path, name_prefix: str = "") -> list[Path]:

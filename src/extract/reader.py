@@ -255,6 +255,22 @@ def _check_mpp(path: Path, value: float, origin: str) -> float:
     return float(value)
 
 
+def check_readable(path: Path) -> None:
+    """Raise :class:`SlideReadError` naming the real cause (permission denied, I/O error …) when
+    ``path`` cannot be read: OpenSlide would call any such file "not a slide format"."""
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as error:
+        cause = error.strerror or str(error)
+        fix = (
+            "make it readable (chmod a+r) or move it out of the folder"
+            if isinstance(error, PermissionError)
+            else "check the disk"
+        )
+        raise SlideReadError(f"{path}: cannot be read: {cause.lower()}; {fix}") from error
+
+
 def open_slide(path: str | Path, mpp_override: float | None = None, *, default_mpp: float | None = None) -> SlideReader:
     """Open a slide (OpenSlide formats first, then Pillow for plain images).
 
@@ -264,6 +280,7 @@ def open_slide(path: str | Path, mpp_override: float | None = None, *, default_m
     path = Path(path)
     if not path.is_file():
         raise SlideReadError(f"{path}: no such file")
+    check_readable(path)
     import openslide
 
     try:

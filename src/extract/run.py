@@ -33,15 +33,16 @@ import torch
 
 from extract.config import RENAMED_FIELDS, ExtractConfig, settings_dict
 from extract.device import rank_device
+from extract.disk_errors import raise_if_disk_full
 from extract.encoder import EncoderInfo, TileEncoder, encode_batch, load_encoder
 from extract.features_file import SlideFileWriter
 from extract.manifest import check_existing
 from extract.output_folder import prepare_output
-from extract.partial_files import remove_stale_partials
+from extract.partial_files import remove_stale_partials_of
 from extract.progress import progress
 from extract.reader import SLIDE_SUFFIXES, SlideReader, load_mpp_overrides, open_slide
 from extract.shared_output import SharedOutput
-from extract.slide_list import SlideQueue, list_slides, process_part, select_part
+from extract.slide_list import SlideQueue, broken_links, list_slides, process_part, select_part
 from extract.slide_plan import PlanSettings, SlidePlanner
 from extract.summary import ExtractionSummary, SlideOutcome, count
 from extract.tile_loader import ReadingWorkerDied, TileStream, is_worker_death
@@ -172,7 +173,7 @@ def extract_slide(path: Path, job: _Job, position: int = 1) -> SlideOutcome:
     """Extract one slide to ``features_dir/{stem}.h5`` and publish its QC image (raises on any problem)."""
     config = job.config
     started = time.perf_counter()
-    remove_stale_partials(job.features_dir, f"{path.stem}.h5.")
+    remove_stale_partials_of(job.features_dir / f"{path.stem}.h5")
     grid = job.planner.plan(path)  # planned in the background while the previous slide was encoded
     bank_total = config.n_augmentations * config.n_tiles_per_augmentation if config.bank else 0
     total = (len(grid) if config.plain else 0) + bank_total
@@ -283,6 +284,7 @@ def _extract_or_fail(path: Path, job: _Job) -> SlideOutcome:
         try:
             return extract_slide(path, job)
         except Exception as error:  # noqa: BLE001 - one bad slide must not stop a cohort
+            raise_if_disk_full(error, job.features_dir)  # … but a full disk stops it: every next slide would fail
             died = _worker_died(error)
             if died and attempt == 1 and job.config.plain:
                 logger.warning("a tile-reading worker died while %s was extracted; reading it again alone", path.name)
@@ -319,9 +321,10 @@ def _load_trunk(config: ExtractConfig, device: torch.device) -> tuple[TileEncode
     return trunk, loaded.info
 
 
-def _ignored(others: list[Path]) -> list[SlideOutcome]:
-    """``ignored`` outcomes (logged) of the files that are not slides."""
+def _ignored(others: list[Path], unusable: list[tuple[Path, str]]) -> list[SlideOutcome]:
+    """``ignored`` outcomes (logged) of the files that are not slides and the entries that cannot be read."""
     outcomes = [SlideOutcome(p.name, "ignored", reason=f"extension {p.suffix or '(none)'} is not a slide format") for p in others]
+    outcomes += [SlideOutcome(p.name, "ignored", reason=reason) for p, reason in unusable]
     for outcome in outcomes:
         logger.warning("ignoring %s: %s", outcome.slide, outcome.reason)
     return outcomes
@@ -350,6 +353,7 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     _require_encoder(config)
     part, n_parts = process_part(config.shard)
     slides, others = list_slides(Path(config.slides))
+    unusable = broken_links(Path(config.slides))
     if not slides:
         raise FileNotFoundError(f"--slides {config.slides}: no slide files (extensions {', '.join(sorted(SLIDE_SUFFIXES))})")
     out = Path(config.out)
@@ -359,7 +363,8 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     trunk, encoder = _load_trunk(config, device)
     settings = file_settings(config)
     mine = select_part(slides, part, n_parts)
-    summary = ExtractionSummary(_ignored(select_part(others, part, n_parts)), part, n_parts, strict=config.strict)
+    ignored = _ignored(select_part(others, part, n_parts), select_part(unusable, part, n_parts))
+    summary = ExtractionSummary(ignored, part, n_parts, strict=config.strict)
     logger.info(
         "extract: %s for part %d/%d, encoder %s (%s, %d-d) on %s",
         count(len(mine), "slide"),

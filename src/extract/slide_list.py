@@ -9,11 +9,14 @@ job takes slides one at a time (:class:`SlideQueue`, claiming each through
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 from extract.reader import SLIDE_SUFFIXES
+
+Item = TypeVar("Item")
 
 
 def list_slides(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -27,6 +30,30 @@ def list_slides(folder: Path) -> tuple[list[Path], list[Path]]:
     slides = [p for p in files if p.suffix.lower() in SLIDE_SUFFIXES]
     others = [p for p in files if p.suffix.lower() not in SLIDE_SUFFIXES]
     return slides, others
+
+
+def broken_links(folder: Path) -> list[tuple[Path, str]]:
+    """Sorted (link, reason) of the symbolic links of ``folder`` that lead nowhere (dangling or
+    looping): :func:`list_slides` cannot tell them from absent files, the summary lists them."""
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith(".") or not entry.is_symlink() or entry.exists():
+            continue
+        target = os.readlink(entry)
+        try:
+            entry.resolve(strict=True)
+            reason = f"symbolic link to {target}, which cannot be read"
+        except RuntimeError:  # Python < 3.13 reports a loop this way
+            reason = f"symbolic link loop (→ {target}); fix or remove the link"
+        except OSError as error:
+            loop = error.errno == errno.ELOOP
+            reason = (
+                f"symbolic link loop (→ {target}); fix or remove the link"
+                if loop
+                else f"broken symbolic link: its target {target} does not exist; fix or remove the link"
+            )
+        found.append((entry, reason))
+    return found
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -50,7 +77,7 @@ def process_part(shard: str) -> tuple[int, int]:
     return index * world + rank, count * world
 
 
-def select_part(items: list[Path], part: int, n_parts: int) -> list[Path]:
+def select_part(items: list[Item], part: int, n_parts: int) -> list[Item]:
     """Interleaved split: item j goes to part j mod n_parts (balances slide sizes sorted by name)."""
     return items[part::n_parts]
 

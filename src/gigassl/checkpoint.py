@@ -6,7 +6,9 @@ A checkpoint is a dict of tensors and plain data (``torch.load(..., weights_only
 from; None for a randomly initialised generic head), ``architecture`` (the sparse head,
 :meth:`gigassl.model.HeadSpec.to_dict`: feature_dim, block, n_blocks, width, source,
 input_projection_dim; absent in older checkpoints, which are ResNet18's), ``model`` (``GigaSSLModel`` state dict), ``optimizer``, ``scheduler``, ``scaler``,
-``rng``, ``history`` (the monitor rows), ``world_size``.
+``rng``, ``history`` (the monitor rows), ``world_size``, ``content_sha256`` (the hash of all
+the rest, :mod:`extract.checkpoint_io`: :func:`load_checkpoint` refuses a checkpoint whose
+content does not match it or whose tensors hold NaN or inf, naming the tensor).
 
 The run folder: :func:`claim_output_folder` refuses an ``out`` that holds another run (unless
 ``--overwrite`` or ``--resume`` from inside it); :func:`check_resume` refuses a resume whose
@@ -15,19 +17,23 @@ settings or slides differ from the checkpoint's.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from extract.checkpoint_io import write_epoch_snapshot
+from extract.checkpoint_io import CONTENT_HASH_KEY, verify_payload, write_epoch_snapshot
 from extract.config import settings_dict
 from extract.encoder import load_weights_only
 from extract.errors import UserError
 from extract.monitors import MONITORS_CSV, MONITORS_JSON
+from extract.partial_files import remove_stale_partials
 from gigassl.config import TrainConfig
 from gigassl.model import GigaSSLModel, HeadSpec
 from gigassl.sparse_conv import BACKENDS
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "gigassl-slide-encoder"
 CHECKPOINT_VERSION = 1
@@ -71,6 +77,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"{path}: checkpoint format version {payload.get('format_version')}, this package reads {CHECKPOINT_VERSION}"
         )
+    if CONTENT_HASH_KEY not in payload:
+        log.warning("%s was written before checkpoints carried a content hash: its bytes cannot be verified", path)
+    verify_payload(payload, str(path))
     return payload
 
 
@@ -137,15 +146,40 @@ def claim_output_folder(out: Path, config: TrainConfig) -> list[Path]:
         return []
     if config.overwrite:
         return found
-    try:
-        payload = load_checkpoint(out / LATEST_CHECKPOINT)
-        what = f"epoch {payload['epoch']} of {payload['config']['epochs']}"
-    except (OSError, ValueError, KeyError):
-        what = f"{len(found)} files"
+    resumable, what = resumable_checkpoint(out)
+    if resumable is None:
+        raise UserError(f"{out} already holds a training run ({what}); pass --overwrite to start it again, or another --out")
     raise UserError(
-        f"{out} already holds a training run ({what}); pass --resume {out / LATEST_CHECKPOINT} to continue "
+        f"{out} already holds a training run ({what}); pass --resume {resumable} to continue "
         "it (with a larger --epochs to train it longer), --overwrite to replace it, or another --out"
     )
+
+
+def resumable_checkpoint(out: Path) -> tuple[Path | None, str]:
+    """(the newest checkpoint of the run in ``out`` that loads and verifies, or None; what the run holds)."""
+    candidates = [out / LATEST_CHECKPOINT]
+    if (out / "checkpoints").is_dir():
+        snapshots = sorted((out / "checkpoints").glob("epoch_*.pt"), key=lambda p: p.stem)
+        candidates += snapshots[::-1]
+    problems: list[str] = []
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            payload = load_checkpoint(path)
+            return path, f"epoch {payload['epoch']} of {payload['config']['epochs']}" + (f"; {problems[0]}" if problems else "")
+        except (OSError, ValueError, KeyError) as error:
+            problems.append(f"{path.name} is unusable: {str(error).removeprefix(f'{path}: ')}")
+    if problems:
+        return None, "; ".join(problems[:2])
+    return None, "stopped before its first checkpoint, nothing to resume"
+
+
+def remove_stale_run_partials(out: Path) -> None:
+    """Delete the partial checkpoints and monitors left in ``out`` by runs that have ended."""
+    for folder in (out, out / "checkpoints"):
+        if folder.is_dir():
+            remove_stale_partials(folder)
 
 
 def check_resume(resume: Mapping[str, Any], config: TrainConfig, slide_ids: list[str]) -> None:

@@ -9,7 +9,9 @@ give the same messages. Heavy modules are imported only when their subcommand ru
 Errors: a user error is printed as one line and exits with status 2; anything else is a bug,
 printed with its traceback, status 1; ``-v`` shows the traceback of user errors too. User
 errors are :class:`extract.errors.UserError`, a path that is missing or not writable
-(``FileNotFoundError``, ``PermissionError`` …), and — so that the validation messages written
+(``FileNotFoundError``, ``PermissionError`` …), an ``OSError`` of the environment (read-only
+or full filesystem, quota, name too long, link loop, I/O error; a full disk anywhere becomes
+:class:`extract.disk_errors.DiskFullError`, naming the free space), and — so that the validation messages written
 before ``UserError`` existed stay one line — a ``ValueError`` raised by a ``raise`` statement of
 the package itself (a ``ValueError`` raised inside numpy, torch or by an operation of ours is a
 bug). Ctrl-C ends with one line and status 130.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import logging
 import linecache
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from extract.config import ExtractConfig, MocoConfig
+from extract.disk_errors import disk_full_error, is_disk_full
 from extract.errors import UserError
 from gigassl.classifier_config import ExplainConfig, FitConfig, PredictConfig
 from gigassl.config import DemoConfig, EmbedConfig, EvaluateConfig, TrainConfig, comma_separated
@@ -125,12 +129,19 @@ PACKAGE_DIRS = tuple(
     for module_file in (typing.cast(str, sys.modules[UserError.__module__].__file__), __file__)
 )  # a .py module: has a file
 PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+# An OSError with one of these errnos is the environment's fault (a read-only or full filesystem,
+# a name too long, a link loop …), never the package's: one line naming the path and the cause.
+ENVIRONMENT_ERRNOS = frozenset(
+    {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP, errno.EIO}
+)
 EXIT_USER_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def is_user_error(error: BaseException) -> bool:
     """True for bad input or settings (one line), False for a bug (traceback); see the module docstring."""
     if isinstance(error, (UserError,) + PATH_ERRORS):
+        return True
+    if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
         return True
     if type(error) is not ValueError or error.__traceback__ is None:
         return False
@@ -160,6 +171,8 @@ def run_command(command: str, function: Any, config: Any, verbose: bool) -> Any:
         log.error("gigassl %s: interrupted (Ctrl-C); files being written were discarded, finished ones are kept", command)
         return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 — classified below: one line, or the traceback of a bug
+        if is_disk_full(error) and not isinstance(error, UserError):  # wherever it happened: one line, the path, the space
+            error = disk_full_error(getattr(error, "filename", None) or "the output folder", error)
         if is_user_error(error):
             log.error("%s", one_line(error), exc_info=error if verbose else None)
             return EXIT_USER_ERROR

@@ -45,6 +45,8 @@ from extract.device import autocast
 from extract.encoder import SLIDE_FEATURE_DIM, TILE_FEATURE_DIM, file_sha256
 from extract.errors import UserError
 from extract.features_file import FeatureFileError
+from extract.output_folder import ensure_writable
+from extract.partial_files import remove_stale_partials_of
 from extract.seeding import slide_seed_sequence
 from gigassl.checkpoint import load_model
 from gigassl.config import EmbedConfig
@@ -308,6 +310,8 @@ def run_embedding(config: EmbedConfig) -> EmbedResult:
     from gigassl.checkpoint import load_model
 
     files, failed = split_duplicate_ids(feature_files_in(config.features))
+    ensure_writable(Path(config.out).parent)  # one line for a read-only folder, before any work
+    remove_stale_partials_of(Path(config.out))
     device = resolve_device(config.device)
     model, checkpoint = load_model(config.model, device, config.sparse_backend)
     n_tiles = config.n_tiles_per_view or int(checkpoint["config"]["n_tiles_per_view"])

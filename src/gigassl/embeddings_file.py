@@ -1,7 +1,10 @@
 """The slide embeddings file that ``gigassl embed`` writes and ``gigassl evaluate`` reads.
 
 HDF5, written to a temporary file beside it and renamed when complete
-(:mod:`extract.partial_files`)::
+(:mod:`extract.partial_files`); every vector is checked finite before it is written, and both
+datasets carry a checksum that every read checks (Fletcher-32 per chunk of the embeddings, a
+sha256 of the ids as their ``sha256`` attribute) (format version 2;
+files of version 1, without it, are refused with the message to re-run ``gigassl embed``)::
 
     /slide_ids   (S,)      utf-8 strings
     /embeddings  (S, W)    float32, unit L2 norm
@@ -18,6 +21,7 @@ Exports (``--export npz,csv``): ``OUT.npz`` (slide_ids, embeddings, provenance J
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +37,7 @@ from extract.partial_files import AtomicHDF5Writer, temporary_path
 from gigassl.config import EMBED_EXPORTS as EXPORTS
 
 FORMAT_NAME = "gigassl-slide-embeddings"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every dataset carries a Fletcher-32 checksum per chunk, checked when read
 
 
 class EmbeddingFileError(UserError):
@@ -53,6 +57,11 @@ class SlideEmbeddings:
         return {slide_id: row for row, slide_id in enumerate(self.slide_ids)}
 
 
+def ids_sha256(slide_ids: Sequence[str]) -> str:
+    """The checksum of the slide ids, stored as their dataset's ``sha256`` attribute."""
+    return hashlib.sha256("\n".join(slide_ids).encode()).hexdigest()
+
+
 def _attr_value(value: Any) -> Any:
     """An HDF5 attribute: numbers and strings as they are, anything else as JSON."""
     return value if isinstance(value, (int, float, str)) else json.dumps(value)
@@ -69,13 +78,16 @@ class EmbeddingWriter(AtomicHDF5Writer):
         self.provenance = provenance
         self._file: h5py.File | None = None
         self.n_slides = 0
+        self._ids: list[str] = []
 
     def __enter__(self) -> "EmbeddingWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = h5py.File(self.temp_path, "w")
+        self._file = self._open()
+        # HDF5 has no checksum filter for variable-length strings: the ids' hash is an attribute
         self._file.create_dataset("slide_ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(1024,))
         width = self.embedding_dim
-        self._file.create_dataset("embeddings", shape=(0, width), maxshape=(None, width), dtype=np.float32, chunks=(256, width))
+        self._file.create_dataset(
+            "embeddings", shape=(0, width), maxshape=(None, width), dtype=np.float32, chunks=(256, width), fletcher32=True
+        )
         self._file.attrs["format"] = FORMAT_NAME
         self._file.attrs["format_version"] = FORMAT_VERSION
         self._file.attrs["package_version"] = __version__
@@ -86,12 +98,21 @@ class EmbeddingWriter(AtomicHDF5Writer):
     def append(self, slide_ids: Sequence[str], embeddings: np.ndarray) -> None:
         """Add rows: ids (s,), embeddings (s, W)."""
         assert self._file is not None, "use EmbeddingWriter as a context manager"
+        bad = [slide_id for slide_id, row in zip(slide_ids, np.asarray(embeddings)) if not np.isfinite(row).all()]
+        if bad:
+            raise EmbeddingFileError(
+                f"{self.path}: the embeddings of {len(bad)} slide(s) hold NaN or inf ({', '.join(bad[:5])}); nothing is "
+                "written — check the checkpoint (`gigassl embed` refuses one with NaN weights) and the features"
+            )
         start, end = self.n_slides, self.n_slides + len(slide_ids)
         for name in ("slide_ids", "embeddings"):
             self._file[name].resize(end, axis=0)
         self._file["slide_ids"][start:end] = list(slide_ids)
         self._file["embeddings"][start:end] = embeddings
         self.n_slides = end
+        self._ids.extend(slide_ids)
+        self._file["slide_ids"].attrs["sha256"] = ids_sha256(self._ids)
+        self.check_space()
 
     def set_attr(self, key: str, value: Any) -> None:
         """Set a root attribute (JSON unless a number or a string)."""
@@ -121,8 +142,14 @@ def read_embeddings(path: str | Path) -> SlideEmbeddings:
             )
         if not bool(attrs.get("complete", False)) or not {"slide_ids", "embeddings"} <= set(handle):
             raise EmbeddingFileError(f"{path}: incomplete file; re-run `gigassl embed`")
-        ids = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in handle["slide_ids"][...]]
-        embeddings = handle["embeddings"][...].astype(np.float32, copy=False)
+        try:  # HDF5 checks each chunk's Fletcher-32 checksum as it reads it
+            ids = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in handle["slide_ids"][...]]
+            embeddings = handle["embeddings"][...].astype(np.float32, copy=False)
+            intact = handle["slide_ids"].attrs.get("sha256", "") == ids_sha256(ids)
+        except OSError:
+            intact = False
+        if not intact:
+            raise EmbeddingFileError(f"{path}: damaged file (its data fail their checksum); re-run `gigassl embed`")
     provenance = {k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()}
     return SlideEmbeddings(ids, embeddings, provenance)
 

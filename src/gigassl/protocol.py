@@ -21,6 +21,8 @@ from typing import Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedShuffleSplit
 
+from extract.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -114,12 +116,37 @@ def read_labels(
     return Labels(ids, np.array(labels, dtype=str), np.array(patients, dtype=str) if has_patient else None)
 
 
+def near_match_hint(missing: Sequence[str], available: set[str]) -> str:
+    """A hint when labelled ids almost match the slide ids (a file extension, leading zeros, case), else ""."""
+    by_number = {int(a): a for a in available if a.isdigit()}
+    by_case = {a.casefold(): a for a in available}
+    for slide_id in missing:
+        stem, suffix = Path(slide_id).stem, Path(slide_id).suffix
+        if suffix and stem in available:
+            return f"; ids in the labels CSV end in {suffix} ({slide_id!r}): the slide ids are file stems ({stem!r})"
+        if slide_id.isdigit() and int(slide_id) in by_number:
+            return (
+                f"; ids in the labels CSV lack the slide ids' leading zeros ({slide_id!r} for "
+                f"{by_number[int(slide_id)]!r}): write them as the file stems are"
+            )
+        if slide_id.casefold() in by_case:
+            return f"; ids differ in case only ({slide_id!r} for {by_case[slide_id.casefold()]!r}): ids are case-sensitive"
+    return ""
+
+
 def keep_available(labels: Labels, available: set[str], what: str, strict: bool) -> tuple[Labels, list[str]]:
-    """Drop labelled slides that ``what`` lacks (warning), or raise with ``strict``."""
+    """Drop labelled slides that ``what`` lacks (warning), or raise with ``strict``, or when none is left."""
     missing = [s for s in labels.slide_ids if s not in available]
     if missing:
         shown = ", ".join(missing[:20]) + (f" … ({len(missing)} in all)" if len(missing) > 20 else "")
-        message = f"{len(missing)} of {len(labels.slide_ids)} labelled slides are missing from {what}: {shown}"
+        hint = near_match_hint(missing, available)
+        if len(missing) == len(labels.slide_ids):
+            example = ", ".join(sorted(available)[:3]) or "none"
+            raise UserError(
+                f"none of the {len(missing)} labelled slides is in {what} (labels: {shown}; slide ids there: {example} …)"
+                + (hint or "; check --slide-column and the ids")
+            )
+        message = f"{len(missing)} of {len(labels.slide_ids)} labelled slides are missing from {what}: {shown}{hint}"
         if strict:
             raise ValueError(message + "; fix the labels CSV or the inputs, or drop --strict to ignore them")
         logger.warning("%s; they are ignored", message)

@@ -59,12 +59,14 @@ from extract.config import settings_dict
 from extract.device import DistContext, init_distributed
 from extract.encoder import EncoderInfo
 from extract.monitors import MONITORS_CSV, MONITORS_JSON, write_monitors
+from extract.output_folder import ensure_writable
 from gigassl.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     check_resume,
     claim_output_folder,
     load_checkpoint,
+    remove_stale_run_partials,
 )
 from gigassl.config import TrainConfig
 from gigassl.data import (
@@ -167,6 +169,9 @@ def run_training(config: TrainConfig) -> TrainResult:
 
 def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     out = Path(config.out)
+    if context.is_main:  # a read-only --out is one line before any work, not a traceback at the first epoch
+        ensure_writable(out)
+        remove_stale_run_partials(out)
     previous_run = claim_output_folder(out, config)
     cohort = scan_features_folder(
         config.features,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from extract.checkpoint_io import CheckpointIntegrityError
 from extract.device import DistContext, autocast, autocast_dtype
 from extract.errors import UserError
 from extract.monitors import write_monitors
@@ -218,7 +219,7 @@ def _train_epoch(run: Run, batches: Iterator[ViewBatch], epoch: int, progress: A
         if not math.isfinite(loss):
             raise TrainingDivergedError(
                 f"the loss became {loss} at epoch {epoch}, step {step} (global step {run.global_step + 1}); "
-                f"stopped. The last good checkpoint is {run.latest if run.latest.exists() else 'none (none written yet)'}. "
+                f"stopped. The last good checkpoint is {_last_good(run)}. "
                 "Lower --lr, raise --temperature, or check the features"
             )
         sums["grad_norm"] += _grad_norm(run.model)
@@ -277,7 +278,20 @@ def _finish_epoch(run: Run, epoch: int) -> None:
             log.warning("epoch %d: %s", epoch, warning)
             run.stall_warned = True
     if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
-        write_checkpoint(run.out, epoch, run.checkpoint(epoch), config.keep_checkpoints)
+        try:
+            write_checkpoint(run.out, epoch, run.checkpoint(epoch), config.keep_checkpoints)
+        except CheckpointIntegrityError as error:  # NaN or inf weights: never written, so never resumed from
+            raise TrainingDivergedError(f"epoch {epoch}: {error}. The last good checkpoint is {_last_good(run)}") from error
+
+
+def _last_good(run: Run) -> str:
+    """The run's latest checkpoint (each is checked finite when written and verified when resumed
+    from), or a note that there is none."""
+    if run.latest.is_file():
+        return str(run.latest)
+    if run.config.resume is not None:  # resumed from outside ``out``: that file verified when it was loaded
+        return str(run.config.resume)
+    return "none (none written yet): start again with --overwrite"
 
 
 def _step(run: Run, views: ViewBatch) -> tuple[float, float]:
