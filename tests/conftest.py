@@ -59,11 +59,28 @@ def _spconv_imports() -> bool:
     return spconv_available()
 
 
+def _can_mount_tmpfs() -> bool:
+    """Whether this process may mount a small tmpfs (root with mount rights; tried once, undone)."""
+    import subprocess
+    import tempfile
+
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return False
+    with tempfile.TemporaryDirectory() as folder:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", folder], capture_output=True).returncode == 0
+        if mounted:
+            subprocess.run(["umount", folder], capture_output=True)
+    return mounted
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Deselect, and count aloud, the tests a machine cannot run: ``cuda`` without a GPU, ``spconv``
-    where spconv does not import. ``GIGASSL_REQUIRE_SPCONV=1`` (CI's first pass) makes a missing
-    spconv an error instead, so its tests can never disappear unnoticed."""
+    where spconv does not import, ``mount`` where a small tmpfs cannot be mounted (the injected
+    full-disk tests cover the same code). ``GIGASSL_REQUIRE_SPCONV=1`` (CI's first pass) makes a
+    missing spconv an error instead, so its tests can never disappear unnoticed."""
     reasons = []
+    if any(item.get_closest_marker("mount") for item in items) and not _can_mount_tmpfs():
+        reasons.append(("mount", "cannot mount a tmpfs here: needs root with mount rights"))
     if not torch.cuda.is_available():
         reasons.append(("cuda", "no CUDA device"))
     if not _spconv_imports():
