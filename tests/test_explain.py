@@ -97,6 +97,11 @@ def test_a_damaged_model_file_is_refused(fitted, tmp_path):
         handle["linear/coef"][0, 0] += 1e-3
     with pytest.raises(ClassifierFileError, match="damaged"):
         load_classifier(damaged)
+    classifier = load_classifier(fitted["models"]["average"])
+    classifier.linear.coef[0, 3] = np.nan
+    with pytest.raises(ClassifierFileError, match=r"NaN or inf in linear/coef"):
+        save_classifier(classifier, tmp_path / "nan.h5")
+    assert not (tmp_path / "nan.h5").exists()
 
 
 def test_predict_refuses_embeddings_of_another_checkpoint(fitted, tmp_path):

@@ -157,6 +157,7 @@ def save_classifier(classifier: SlideClassifier, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = _arrays(classifier)
+    _check_finite(arrays, f"the classifier to be written to {path}")
     attrs = {
         "method": classifier.method,
         "classes": json.dumps(classifier.classes),
@@ -179,6 +180,12 @@ def save_classifier(classifier: SlideClassifier, path: str | Path) -> Path:
     finally:
         temp.unlink(missing_ok=True)
     return path
+
+
+def _check_finite(arrays: Mapping[str, np.ndarray], what: str) -> None:
+    bad = [name for name, value in arrays.items() if value.dtype.kind == "f" and not np.isfinite(value).all()]
+    if bad:
+        raise ClassifierFileError(f"{what}: NaN or inf in {', '.join(bad)}; fit the model again (check its inputs are finite)")
 
 
 def _read_arrays(handle: h5py.File) -> dict[str, np.ndarray]:
@@ -207,6 +214,7 @@ def load_classifier(path: str | Path) -> SlideClassifier:
         )
     if _content_sha256(arrays, {k: str(attrs.get(k, "")) for k in _MEANING_ATTRS}) != attrs.get("content_sha256"):
         raise ClassifierFileError(f"{path}: the model file is damaged (its content does not match its checksum); fit it again")
+    _check_finite(arrays, str(path))
     linear = None
     if "linear/coef" in arrays:
         linear = LinearClassifier(*(arrays[f"linear/{n}"] for n in ("mean", "scale", "coef", "intercept")))
