@@ -113,7 +113,7 @@ class SlideExplainer:
         views = sample_views(
             slide.features, slide.coords, slide.tile_step_level0, n_views, n_tiles, slide_generator(seed, slide.slide_id)
         )
-        stored = pool_views(self.network, views, n_views)[0].astype(np.float64)  # what `gigassl embed` makes, in fp32
+        stored = pool_views(self.network, views, n_views)[0].astype(np.float64)  # what `gigassl embed` makes (same autocast)
         assert self.classifier.linear is not None, "a gigassl model is linear"
         probability = probabilities(self.classifier.linear.logits(stored[None]))[0]
         k = self._class_index(probability, class_name)
