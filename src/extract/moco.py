@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from extract.progress import progress
 
 from extract.augment import TileAugmentation
 from extract.checkpoint_io import write_epoch_snapshot
@@ -253,7 +253,9 @@ def _run_epoch(
     )
     steps: list[StepResult] = []
     lr = cosine_lr(run.base_lr, step, run.total_steps)
-    bar = tqdm(loader, total=len(dataset), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=rank != 0)
+    bar = progress(
+        loader, total=len(dataset), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=rank != 0, log=logger
+    )
     for tiles in bar:
         lr = cosine_lr(run.base_lr, step + len(steps), run.total_steps)
         for group in run.optimizer.param_groups:

@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
-from tqdm.auto import tqdm
+from extract.progress import progress as progress_bar
 
 from extract.reader import SlideReader, SlideReadError, load_mpp_overrides, open_slide
 from extract.tiling import tile_grid
@@ -60,7 +60,7 @@ def index_slides(
     overrides = load_mpp_overrides(mpp_csv) if mpp_csv is not None else {}
     slides: list[IndexedSlide] = []
     skipped: list[tuple[Path, str]] = []
-    for path in tqdm(paths, desc="tissue grids", unit="slide", disable=not progress):
+    for path in progress_bar(paths, desc="tissue grids", unit="slide", disable=not progress):
         try:
             with open_slide(path, mpp_override=overrides.get(path.stem), default_mpp=default_mpp) as reader:
                 grid = tile_grid(reader, target_mpp, tile_size_px, tissue_threshold)

@@ -34,12 +34,17 @@ class PlainProgress:
         unit: str = "it",
         interval_s: float = 30.0,
         log: logging.Logger | None = None,
+        initial: int = 0,
+        disable: bool = False,
     ) -> None:
         self.iterable, self.desc, self.unit, self.interval_s = iterable, desc, unit, interval_s
         self.total = total if total is not None else (len(iterable) if isinstance(iterable, Sized) else None)
-        self.n = 0
+        self.n, self._initial, self.disable, self.postfix = initial, initial, disable, ""
         self._log = log or logging.getLogger(__name__)
         self._started = self._last = time.monotonic()
+        self._closed = False
+        if not disable:
+            self._log.info("%s: started%s", self.desc, f", {self.total:,} {self.unit}s" if self.total else "")
 
     def __enter__(self) -> "PlainProgress":
         return self
@@ -51,18 +56,19 @@ class PlainProgress:
         for item in self.iterable or ():
             yield item
             self.update(1)
+        self.close()  # like tqdm, an exhausted iteration ends the bar
 
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
-        if now - self._last >= self.interval_s:
+        if not self.disable and now - self._last >= self.interval_s:
             self._last = now
             self._log.info("%s", self.line(now))
 
     def line(self, now: float | None = None) -> str:
         """The progress line: done/total, share, rate and remaining time."""
         elapsed = (time.monotonic() if now is None else now) - self._started
-        rate = self.n / elapsed if elapsed > 0 else 0.0
+        rate = (self.n - self._initial) / elapsed if elapsed > 0 else 0.0
         units = self.unit + "s"
         text = f"{self.desc}: {self.n:,}" + (f"/{self.total:,}" if self.total else "") + f" {units}"
         if self.total:
@@ -70,10 +76,18 @@ class PlainProgress:
         text += f", {rate:.1f} {units}/s"
         if self.total and rate > 0:
             text += f", ETA {datetime.timedelta(seconds=round((self.total - self.n) / rate))}"
-        return text
+        return text + (f" ({self.postfix})" if self.postfix else "")
+
+    def set_postfix(self, **values: Any) -> None:
+        """Values shown at the end of the next line (tqdm's ``set_postfix``)."""
+        self.postfix = ", ".join(f"{key} {value}" for key, value in values.items())
 
     def close(self) -> None:
-        """Nothing to clear (a log line is never rewritten)."""
+        """The end line (once); a log line is never rewritten."""
+        if not self._closed and not self.disable:
+            elapsed = datetime.timedelta(seconds=round(time.monotonic() - self._started))
+            self._log.info("%s: finished in %s", self.line(), elapsed)
+        self._closed = True
 
 
 def progress(
@@ -86,10 +100,15 @@ def progress(
     leave: bool = True,
     interval_s: float = 30.0,
     log: logging.Logger | None = None,
+    initial: int = 0,
+    disable: bool = False,
 ) -> Any:
-    """A tqdm bar when :func:`is_interactive`, else a :class:`PlainProgress` logging every ``interval_s``."""
+    """A tqdm bar when :func:`is_interactive`, else a :class:`PlainProgress` logging a start line,
+    a line at most every ``interval_s`` and an end line. ``disable``: nothing (e.g. ranks > 0)."""
     if is_interactive():
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, total=total, desc=desc, unit=unit, position=position, leave=leave)
-    return PlainProgress(iterable, total=total, desc=desc, unit=unit, interval_s=interval_s, log=log)
+        return tqdm(iterable, total=total, desc=desc, unit=unit, position=position, leave=leave, initial=initial, disable=disable)
+    return PlainProgress(
+        iterable, total=total, desc=desc, unit=unit, interval_s=interval_s, log=log, initial=initial, disable=disable
+    )

@@ -308,9 +308,9 @@ def write_demo_cohort(
     records = []
     iterator = zip(range(n_slides), names, paths)
     if progress:
-        from tqdm.auto import tqdm
+        from extract.progress import progress as progress_bar
 
-        iterator = tqdm(iterator, total=n_slides, desc="demo slides", unit="slide")
+        iterator = progress_bar(iterator, total=n_slides, desc="demo slides", unit="slide", log=logger)
     for index, name, path in iterator:
         rng = np.random.default_rng([seed, index])
         image, record, classes = paint_slide(rng, tiles, settings, bool(labels[index]))

@@ -304,7 +304,7 @@ def _features_encoders(
 
 def run_embedding(config: EmbedConfig) -> EmbedResult:
     """``gigassl embed``: embed every slide of ``config.features`` into ``config.out``."""
-    from tqdm.auto import tqdm
+    from extract.progress import progress as progress_bar
 
     from extract.device import resolve_device
     from gigassl.checkpoint import load_model
@@ -341,7 +341,7 @@ def run_embedding(config: EmbedConfig) -> EmbedResult:
     )
     encoders: Counter = Counter()
     unverified: list[str] = []
-    progress = tqdm(total=len(files) + len(failed), initial=len(failed), unit="slide", desc="embed")
+    progress = progress_bar(total=len(files) + len(failed), initial=len(failed), unit="slide", desc="embed", log=logger)
     writer = EmbeddingWriter(config.out, provenance, model_slide_dim(model))
     with writer, autocast(device, config.mixed_precision):
         for ids, chunk in iter_embeddings(

@@ -177,16 +177,11 @@ def restore_run(run: Run, resume: Mapping[str, Any]) -> int:
 
 def run_epochs(run: Run, loader: torch.utils.data.DataLoader, sampler: EpochBatchSampler, start_epoch: int) -> None:
     """Train from ``start_epoch`` + 1 to the last epoch: steps, monitors, monitors files and checkpoints."""
-    from tqdm.auto import tqdm
+    from extract.progress import progress as progress_bar
 
     config, context = run.config, run.context
-    progress = tqdm(
-        total=run.total_steps,
-        initial=run.global_step,
-        unit="step",
-        disable=not context.is_main,
-        desc="gigassl train",
-        dynamic_ncols=True,
+    progress = progress_bar(
+        total=run.total_steps, initial=run.global_step, unit="step", disable=not context.is_main, desc="gigassl train", log=log
     )
     run.trained.train()
     # One pass of the loader runs through all remaining epochs (the keys carry the epoch), so
