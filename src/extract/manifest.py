@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from extract.features_file import FeatureFileError, SlideFeatures, verify_checksums
+from extract.progress_record import append_json_line
 
 logger = logging.getLogger(__name__)
 
@@ -102,19 +103,13 @@ class Manifest:
         return facts
 
     def _append(self, facts: FileFacts) -> None:
-        line = (json.dumps(dataclasses.asdict(facts), sort_keys=True) + "\n").encode()
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            append_json_line(self.path, dataclasses.asdict(facts), durable=False)  # lost lines are only re-verified
         except OSError as error:
             if error.errno not in _READ_ONLY:
                 raise
             self._writable = False
             logger.info("%s cannot be written (%s): what is verified now will be verified again next time", self.path, error)
-            return
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
 
 
 def _verify(path: Path) -> tuple[str | None, dict[str, Any]]:

@@ -23,18 +23,25 @@ logger = logging.getLogger(__name__)
 PROGRESS_FILE = "progress.jsonl"
 
 
-def append_record(path: Path, record: dict[str, Any]) -> None:
-    """Append ``record`` (with the time) to ``path`` as one JSON line, durably."""
-    line = json.dumps({**record, "time": round(time.time(), 3)}, sort_keys=True) + "\n"
+def append_json_line(path: Path, data: dict[str, Any], durable: bool = True) -> None:
+    """Append ``data`` to ``path`` as one JSON line in one ``O_APPEND`` write (jobs sharing the file
+    never interleave inside a line), starting a new line after a torn one; ``durable``: fsync."""
+    line = json.dumps(data, sort_keys=True) + "\n"
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             line = "\n" + line  # after a torn line: never glued to it
         os.write(fd, line.encode())
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` (with the time) to ``path`` as one JSON line, durably."""
+    append_json_line(path, {**record, "time": round(time.time(), 3)})
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
