@@ -53,7 +53,7 @@ def slide_score(explainer: Any, features: np.ndarray, coords: np.ndarray, step: 
     import torch
 
     from gigassl.attribution import linear_direction
-    from gigassl.classifier_file import class_direction
+    from gigassl.classifier_file import class_score
     from gigassl.embed import pool_views, sample_views
 
     classifier = explainer.classifier
@@ -69,8 +69,7 @@ def slide_score(explainer: Any, features: np.ndarray, coords: np.ndarray, step: 
     network = classifier.attention_model()
     with torch.no_grad():
         logits, _ = network(torch.from_numpy(np.asarray(features, np.float32))[None])
-    u, c = class_direction(np.eye(len(logits[0])), np.zeros(len(logits[0])), 1)
-    return float(logits[0].double().numpy() @ u + c)
+    return class_score(logits[0].double().numpy(), 1)
 
 
 def deletion(explainer: Any, slide: Any, contributions: np.ndarray, seed: int) -> tuple[float, float]:

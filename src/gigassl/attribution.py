@@ -190,16 +190,31 @@ def average_contributions(classifier: SlideClassifier, slide: PlainFeatures, cla
     return slide.features.astype(np.float64) @ u / len(slide.features), c
 
 
+@dataclass(frozen=True)
+class AttentionTerms:
+    """One attention-MIL pass over a slide: attention (N,), hidden (N, H), the classifier's
+    weights (C, H) and offsets (C,), the slide's logits (C,)."""
+
+    attention: np.ndarray
+    hidden: np.ndarray
+    weights: np.ndarray
+    offsets: np.ndarray
+    logits: np.ndarray
+
+    def contributions(self, class_index: int) -> tuple[np.ndarray, float]:
+        """((N,) a · (u · h), c) of the class score: they sum, with c, to the slide's."""
+        u, c = class_direction(self.weights, self.offsets, class_index)
+        return self.attention * (self.hidden @ u), c
+
+
 @torch.no_grad()
-def attention_contributions(
-    classifier: SlideClassifier, slide: PlainFeatures, class_index: int
-) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
-    """Attention-MIL: ((N,) a · (u · h), c, (N,) attention a, (C,) logits of the slide)."""
+def attention_terms(classifier: SlideClassifier, slide: PlainFeatures) -> AttentionTerms:
+    """Attention-MIL's forward pass on ``slide``, kept for :meth:`AttentionTerms.contributions`."""
     network = classifier.attention_model()
     features = torch.from_numpy(np.asarray(slide.features, np.float32))[None]
     logits, attention = network(features)
-    hidden = network.embed(features)[0].double()  # (N, hidden): eval mode, no dropout
-    weights, offsets = network.classifier.weight.double().numpy(), network.classifier.bias.double().numpy()
-    u, c = class_direction(weights, offsets, class_index)
-    a = attention[0].double().numpy()
-    return a * (hidden.numpy() @ u), c, a, logits[0].double().numpy()
+    hidden = network.embed(features)[0]  # (N, hidden): eval mode, no dropout
+    head = network.classifier
+    return AttentionTerms(
+        *(t.double().numpy() for t in (attention[0], hidden, head.weight, head.bias, logits[0])),
+    )

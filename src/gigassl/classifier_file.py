@@ -101,6 +101,12 @@ def class_direction(weights: np.ndarray, offsets: np.ndarray, class_index: int) 
     return weights[class_index], float(offsets[class_index])
 
 
+def class_score(logits: np.ndarray, class_index: int) -> float:
+    """The class score of one slide from its (C',) decision values, by :func:`class_direction`'s rule."""
+    u, c = class_direction(np.eye(len(logits)), np.zeros(len(logits)), class_index)
+    return float(np.asarray(logits, np.float64) @ u + c)
+
+
 @dataclass(frozen=True)
 class SlideClassifier:
     """A fitted classifier: ``method`` (gigassl, average, abmil), class names, and its parameters."""
@@ -268,7 +274,7 @@ def check_checkpoint(classifier: SlideClassifier, checkpoint_sha256: str, model:
 def check_slide_encoder(classifier: SlideClassifier, encoder_sha256: str, model: Path, features_file: Path) -> None:
     """Refuse (per slide) tile features of another encoder than the model was fitted on."""
     fitted = str(classifier.provenance.get("encoder_sha256", ""))
-    if fitted and encoder_sha256 and fitted != encoder_sha256 and "," not in fitted:
+    if fitted and encoder_sha256 and fitted != encoder_sha256:
         raise ClassifierFileError(
             f"{features_file}: features of the tile encoder {_short(encoder_sha256)}, but {model} was fitted on "
             f"features of {classifier.provenance.get('encoder', '')} ({_short(fitted)}); extract with that encoder"

@@ -63,7 +63,7 @@ from gigassl.protocol import (
     parse_budgets,
     read_labels,
 )
-from gigassl.mil import AttentionMIL, SlideTiles, TopKFineTuner, make_logistic_regression, mean_features
+from gigassl.mil import AttentionMIL, SlideTiles, TopKFineTuner, inner_folds, make_logistic_regression, mean_features
 
 if TYPE_CHECKING:
     pass
@@ -99,14 +99,10 @@ class LinearMethod:
 
     def fit_predict(self, train: np.ndarray, test: np.ndarray, y: np.ndarray, key: str = "", seed: int = 0) -> np.ndarray:
         estimator = make_logistic_regression(
-            self.c, standardize=self.standardize, tune_c=self.tune_c, seed=seed, n_inner_folds=_inner_folds(y[train])
+            self.c, standardize=self.standardize, tune_c=self.tune_c, seed=seed, n_inner_folds=inner_folds(y[train])
         )
         estimator.fit(self.vectors[train], y[train])
         return _full_proba(estimator.predict_proba(self.vectors[test]), estimator.classes_, int(y.max()) + 1)
-
-
-def _inner_folds(y_train: np.ndarray) -> int:
-    return int(max(2, min(3, np.bincount(y_train)[np.bincount(y_train) > 0].min())))
 
 
 def _full_proba(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:

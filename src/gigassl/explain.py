@@ -21,14 +21,14 @@ from extract.encoder import file_sha256
 from extract.errors import UserError
 from gigassl.attribution import (
     TileAttribution,
-    attention_contributions,
+    attention_terms,
     average_contributions,
     explaining_views,
     gigassl_contributions,
     linear_direction,
 )
 from gigassl.classifier_config import ExplainConfig
-from gigassl.classifier_file import check_checkpoint, check_slide_encoder, load_classifier, probabilities
+from gigassl.classifier_file import check_checkpoint, check_slide_encoder, class_score, load_classifier, probabilities
 from gigassl.plain_features import PlainFeatures, read_plain_features
 
 logger = logging.getLogger(__name__)
@@ -138,11 +138,11 @@ class SlideExplainer:
 
     def _explain_average(self, slide: PlainFeatures, class_name: str | None) -> TileAttribution:
         assert self.classifier.linear is not None, "an average model is linear"
-        mean = slide.features.astype(np.float64).mean(axis=0)
-        probability = probabilities(self.classifier.linear.logits(mean[None]))[0]
+        logits = self.classifier.linear.logits(slide.features.astype(np.float64).mean(axis=0)[None])[0]
+        probability = probabilities(logits[None])[0]
         k = self._class_index(probability, class_name)
         contributions, c = average_contributions(self.classifier, slide, k)
-        score = float(mean @ linear_direction(self.classifier, k)[0] + c)
+        score = class_score(logits, k)
         ones = np.ones(len(contributions), np.int64)
         return self._attribution(
             slide,
@@ -156,13 +156,11 @@ class SlideExplainer:
         )
 
     def _explain_attention(self, slide: PlainFeatures, class_name: str | None) -> TileAttribution:
-        import torch
-
-        _, _, _, logits = attention_contributions(self.classifier, slide, 0)
-        probability = torch.softmax(torch.from_numpy(logits), dim=0).numpy()
+        terms = attention_terms(self.classifier, slide)
+        probability = probabilities(terms.logits[None])[0]
         k = self._class_index(probability, class_name)
-        contributions, c, attention, logits = attention_contributions(self.classifier, slide, k)
-        score = float(logits[k] - logits[1 - k]) if len(logits) == 2 else float(logits[k])
+        contributions, c = terms.contributions(k)
+        score = class_score(terms.logits, k)
         return self._attribution(
             slide,
             k,
@@ -172,7 +170,7 @@ class SlideExplainer:
             score=score,
             reference_score=score,
             probability=float(probability[k]),
-            attention=attention,
+            attention=terms.attention,
         )
 
 

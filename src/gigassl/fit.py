@@ -67,11 +67,10 @@ class FitResult:
 
 
 def _linear(vectors: np.ndarray, y: np.ndarray, config: FitConfig) -> LinearClassifier:
-    from gigassl.mil import make_logistic_regression
+    from gigassl.mil import inner_folds, make_logistic_regression
 
-    folds = int(max(2, min(3, np.bincount(y).min())))
     pipeline = make_logistic_regression(
-        config.logistic_c, standardize=True, tune_c=config.tune_c, seed=config.seed, n_inner_folds=folds
+        config.logistic_c, standardize=True, tune_c=config.tune_c, seed=config.seed, n_inner_folds=inner_folds(y)
     )
     pipeline.fit(np.asarray(vectors, np.float64), y)
     return LinearClassifier.from_pipeline(pipeline)

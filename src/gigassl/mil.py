@@ -74,6 +74,12 @@ def make_logistic_regression(
     return make_pipeline(StandardScaler(), classifier) if standardize else classifier
 
 
+def inner_folds(y_train: np.ndarray) -> int:
+    """Folds of ``tune_c``'s inner cross-validation: 2 or 3, no more than the smallest class has."""
+    counts = np.bincount(y_train)
+    return int(max(2, min(3, counts[counts > 0].min())))
+
+
 def mean_features(bags: Iterable[np.ndarray]) -> np.ndarray:
     """(S, D) mean tile feature of each bag (N_i, D); bags may be a generator, read one at a time."""
     return np.stack([np.asarray(bag, dtype=np.float32).mean(axis=0) for bag in bags]).astype(np.float32)
