@@ -36,7 +36,7 @@ DEFAULT_SLIDE = REPO.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region
 
 
 def kornia_pipeline(tile_px: int, blur_kernel_px: int):
-    """The original's pipeline (DESIGN.md §2) with flips and 90° rotations, all same_on_batch."""
+    """The original's pipeline (docs/design.md §2.1) with flips and 90° rotations, all same_on_batch."""
     import kornia.augmentation as K
 
     return K.AugmentationSequential(

@@ -109,7 +109,7 @@ def test_small_cpu_profile_replaces_defaults_only():
 
 
 def test_explicit_value_equal_to_the_default_profile_wins_over_small_cpu(monkeypatch):
-    """``--profile small-cpu --momentum 0.999`` must train at 0.999 (the ablation the README suggests)."""
+    """``--profile small-cpu --momentum 0.999`` must train at 0.999 (the ablation docs/benchmarks.md runs)."""
     from gigassl.cli import build_parser, config_from_args
 
     assert MocoConfig(slides="s", out="o", profile="small-cpu", momentum=0.999, epochs=200).momentum == 0.999

@@ -1,6 +1,6 @@
 """Tile augmentations of stage 1, with parameters sampled apart from their application.
 
-The pipeline (DESIGN.md §2: the original's kornia pipeline plus the dihedral group)::
+The pipeline (docs/design.md §2.1: the original's kornia pipeline plus the dihedral group)::
 
     RandomResizedCrop  scale (0.5, 1), ratio (3/4, 4/3), back to the input size (bilinear)
     horizontal flip p 0.5, then a rotation by k·90°, k uniform in 0..3 (all 8 symmetries)
@@ -51,7 +51,7 @@ JITTER_STEPS = ("brightness", "contrast", "saturation", "hue")
 
 @dataclass(frozen=True)
 class AugmentationSettings:
-    """The distribution augmentations are drawn from (defaults: DESIGN.md §2)."""
+    """The distribution augmentations are drawn from (defaults: docs/design.md §2.1)."""
 
     crop_scale: tuple[float, float] = (0.5, 1.0)  # crop area / tile area
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # width / height, log-uniform

@@ -1,6 +1,6 @@
 """The shared-augmentation bank of one slide: A augmentations × K tiles, embedded.
 
-For each augmentation ``a`` (DESIGN.md §1, stage 1 step 2):
+For each augmentation ``a`` (docs/design.md §1.1, step 2):
 
 1. sample K of the slide's N tissue tiles, without replacement when N ≥ K, with replacement
    otherwise (``attrs['sampled_with_replacement']``);

@@ -2,7 +2,7 @@
 
 MoCo's own loss is no measure of the encoder: its negatives come from a queue filled by
 earlier key encoders, so the loss moves with the queue's staleness as much as with the
-representation (see the README's MoCo section). When the user gives ``--probe-labels``
+representation (see docs/pretraining.md). When the user gives ``--probe-labels``
 (a CSV ``slide,label``, the same file as ``gigassl evaluate``'s), each epoch embeds a fixed
 set of tiles of every labelled slide with the query encoder's trunk (the tile features stage 1
 will write), averages them per slide and scores a standardised logistic regression by

@@ -250,6 +250,6 @@ def how_to_read(paired: list[dict[str, Any]], encoder: str, train_loss: Optional
         "The cause is the tile encoder, not the slide-level method: pre-train one on your slides, then rerun, e.g.",
         "  gigassl pretrain-tiles --slides demo_out/slides --out runs/moco --profile small-cpu",
         "  gigassl demo --encoder runs/moco/encoder.pt",
-        "(README, 'Real-data benchmark': with a MoCo tile encoder, Giga-SSL against AverageMIL on real images.)",
+        "(docs/benchmarks.md: with a MoCo tile encoder, Giga-SSL against AverageMIL on real images.)",
     ]
     return "\n".join(lines)

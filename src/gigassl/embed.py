@@ -2,7 +2,7 @@
 
 For every slide, ``n_views`` (R, default 50) views of ``n_tiles_per_view`` (T, default the
 checkpoint's) tiles are drawn from the *plain* features — no tile augmentation, no slide-level
-augmentation (the original's "plain" features were augmented; DESIGN.md §2) — placed on their
+augmentation (the original's "plain" features were augmented; docs/design.md §2.3) — placed on their
 grid cells with the features file's ``tile_step_level0`` (the divisor training uses), run
 through the sparse head and pooled to W-d (before the projector; W = 512, or 2048 for a ResNet50
 head: the checkpoint's ``architecture``), averaged over the R views

@@ -43,8 +43,8 @@ from gigassl.config import SPARSE_BACKENDS as BACKENDS  # the names the settings
 
 # ``auto``: the torch backend everywhere. It installs everywhere, and on the 2-core CPU with bf16
 # autocast (the default where the CPU has bf16 units) it takes 0.6× spconv Native's time per
-# training step and embeds 1.7–1.9× faster; in fp32 it is 4–10 % slower (README, "Sparse
-# backends"). On CUDA spconv has not been measured here; the torch backend is the one checked there.
+# training step and embeds 1.7–1.9× faster; in fp32 it is 4–10 % slower (docs/training.md,
+# "Sparse backends"). On CUDA spconv has not been measured here; the torch backend is the one checked there.
 AUTO_BACKEND = "torch"
 _CENTRE = 4  # tap index of (1, 1) in a row-major 3×3 kernel
 _SUBM_KEY = "subm3x3"  # spconv's indice_key shared by the submanifold convs on one set of sites

@@ -1,6 +1,6 @@
 """A ResNet's fourth stage (layer4) as a sparse network over maps of tiles.
 
-Stage 2 of Giga-SSL (DESIGN.md §2) runs the tile encoder's own layer4 on a sparse map of tile
+Stage 2 of Giga-SSL (docs/design.md §1.2, §2.2) runs the tile encoder's own layer4 on a sparse map of tile
 features. :class:`SparseLayer4` is that stage, built from either block type of
 :mod:`extract.resnet`, on either backend of :mod:`gigassl.sparse_conv`:
 

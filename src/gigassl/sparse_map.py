@@ -15,7 +15,7 @@ Conventions (one place for them):
 
 Neighbouring tiles are neighbouring cells: coords are divided by the tile's size in level-0
 pixels (``tile_step_level0``, the features file's attribute), the same factor for training and
-inference (the original code used different factors; see DESIGN.md §2).
+inference (the original code used different factors; see docs/design.md §2.3).
 """
 
 from __future__ import annotations

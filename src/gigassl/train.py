@@ -1,6 +1,6 @@
 """``gigassl train``: NT-Xent training of the sparse layer4 + projector on two views per slide.
 
-Defaults follow the paper and the original code (DESIGN.md §2): Adam, lr 0.03 at batch 256
+Defaults follow the paper and the original code (docs/design.md §2.2): Adam, lr 0.03 at batch 256
 scaled linearly with the global batch, no weight decay, a linear warm-up of ``warmup_epochs``
 then a cosine decay to 0, both per step; temperature 0.05; T = 5.
 
