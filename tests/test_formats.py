@@ -28,104 +28,116 @@ CMU_MPP = 0.499
 CMU_SIZE = (2220, 2967)
 
 
+DICOM = pytest.mark.wsidicomizer  # writes its DICOM with wsidicomizer (Python ≥ 3.11)
+
+
 @dataclasses.dataclass(frozen=True)
-class Made:
-    """CMU-1-Small-Region and its copies in other formats (all in one temporary folder)."""
+class Cmu:
+    """CMU-1-Small-Region: its level-0 pixels and two halvings (as the pyramids below hold them),
+    and 12 tiles of its tissue grid at 0.5 µm/px (128 px), the last two at the slide's edge."""
 
     svs: Path
-    levels: list[np.ndarray]  # the SVS's level-0 pixels and two halvings, as the pyramids hold them
-    dicom_folder: Path  # 3 instances (a pyramid), uncompressed: read by OpenSlide
-    dicom_rle: Path  # one instance, RLE (lossless): OpenSlide refuses it, wsidicom reads it
-    dicom_jpeg: Path  # one instance, re-encoded as JPEG (quality 95): read by OpenSlide
-    ome: Path  # OME-TIFF, level 0 + 2 SubIFD levels, zlib (lossless)
-    ome_jpeg: Path  # the same, JPEG (quality 95)
+    levels: list[np.ndarray]
+    coords: np.ndarray
+    tiles: np.ndarray
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory, slides_dir: Path) -> Made:
-    folder = tmp_path_factory.mktemp("formats")
+def cmu(slides_dir: Path) -> Cmu:
     svs = slides_dir / "CMU-1-Small-Region.svs"
     with open_slide(svs) as reader:
         pixels = reader.read_tile(0, 0, max(CMU_SIZE), max(CMU_SIZE))[: CMU_SIZE[1], : CMU_SIZE[0]]
-    levels = pyramid(np.ascontiguousarray(pixels), 3)
-    generic = write_generic_pyramid(folder / "pyramid.tif", levels, CMU_MPP)
-    made = Made(
-        svs=svs,
-        levels=levels,
-        dicom_folder=folder / "cmu_dicom",
-        dicom_rle=folder / "cmu_rle.dcm",
-        dicom_jpeg=folder / "cmu_jpeg.dcm",
-        ome=write_ome_tiff(folder / "cmu.ome.tif", levels, (CMU_MPP, "µm"), compression="zlib"),
-        ome_jpeg=write_ome_tiff(folder / "cmu_jpeg.ome.tif", levels, (CMU_MPP * 1000, "nm"), compression="jpeg"),
-    )
-    assert len(write_dicom(generic, made.dicom_folder, "raw")) == 3
-    write_dicom(svs, made.dicom_rle, "rle")
-    write_dicom(svs, made.dicom_jpeg, "jpeg")
+        grid = tile_grid(reader, 0.5, 128, 0.5)
+        coords = np.concatenate([grid.coords[:: max(1, len(grid.coords) // 10)][:10], [[2150, 2900], [-40, 100]]])
+        tiles = _tiles(reader, coords, grid.size_level0, 128)
+    return Cmu(svs, pyramid(np.ascontiguousarray(pixels), 3), coords, tiles)
+
+
+@pytest.fixture(scope="module")
+def ome_files(tmp_path_factory: pytest.TempPathFactory, cmu: Cmu) -> dict[str, Path]:
+    """OME-TIFFs of level 0 + 2 SubIFD levels: ``ome`` zlib (lossless), ``ome_jpeg`` JPEG (quality
+    95, PhysicalSizeX in nm)."""
+    folder = tmp_path_factory.mktemp("ome")
+    return {
+        "ome": write_ome_tiff(folder / "cmu.ome.tif", cmu.levels, (CMU_MPP, "µm"), compression="zlib"),
+        "ome_jpeg": write_ome_tiff(folder / "cmu_jpeg.ome.tif", cmu.levels, (CMU_MPP * 1000, "nm"), compression="jpeg"),
+    }
+
+
+@pytest.fixture(scope="module")
+def dicom_files(tmp_path_factory: pytest.TempPathFactory, cmu: Cmu) -> dict[str, Path]:
+    """``dicom_folder``: 3 instances (a pyramid), uncompressed, read by OpenSlide; ``dicom_rle``: one
+    RLE instance (lossless), which OpenSlide refuses and wsidicom reads; ``dicom_jpeg``: one instance
+    re-encoded as JPEG (quality 95), read by OpenSlide."""
+    folder = tmp_path_factory.mktemp("dicom")
+    generic = write_generic_pyramid(folder / "pyramid.tif", cmu.levels, CMU_MPP)
+    files = {"dicom_folder": folder / "cmu_dicom", "dicom_rle": folder / "cmu_rle.dcm", "dicom_jpeg": folder / "cmu_jpeg.dcm"}
+    assert len(write_dicom(generic, files["dicom_folder"], "raw")) == 3
+    write_dicom(cmu.svs, files["dicom_rle"], "rle")
+    write_dicom(cmu.svs, files["dicom_jpeg"], "jpeg")
     generic.unlink()
-    return made
+    return files
+
+
+def _made(request: pytest.FixtureRequest, name: str) -> Path:
+    return request.getfixturevalue("dicom_files" if name.startswith("dicom") else "ome_files")[name]
 
 
 def _tiles(reader: SlideReader, coords: np.ndarray, size_level0: float, out_px: int) -> np.ndarray:
     return np.stack([reader.read_tile(x, y, size_level0, out_px) for x, y in coords])
 
 
-@pytest.fixture(scope="module")
-def svs_tiles(made: Made) -> tuple[np.ndarray, np.ndarray]:
-    """Coordinates of 12 tiles of the SVS's tissue grid at 0.5 µm/px (128 px), the last ones at
-    the slide's edge (partly outside: white), and the SVS's tiles there."""
-    with open_slide(made.svs) as reader:
-        grid = tile_grid(reader, 0.5, 128, 0.5)
-        coords = np.concatenate([grid.coords[:: max(1, len(grid.coords) // 10)][:10], [[2150, 2900], [-40, 100]]])
-        return coords, _tiles(reader, coords, grid.size_level0, 128)
+def _cmu_tiles(reader: SlideReader, cmu: Cmu) -> np.ndarray:
+    return _tiles(reader, cmu.coords, 128 * 0.5 / CMU_MPP, 128)
 
 
 LOSSLESS = [
-    ("dicom_folder", "OpenSlideReader", (1.0, 2.0, 4.0)),
-    ("dicom_rle", "WsiDicomReader", (1.0,)),
+    pytest.param("dicom_folder", "OpenSlideReader", (1.0, 2.0, 4.0), marks=DICOM),
+    pytest.param("dicom_rle", "WsiDicomReader", (1.0,), marks=DICOM),
     ("ome", "OmeTiffReader", (1.0, 2.0, 4.0)),
 ]
+PYRAMIDS = [pytest.param("dicom_folder", marks=DICOM), "ome"]
+JPEG = [pytest.param("dicom_jpeg", "OpenSlideReader", marks=DICOM), ("ome_jpeg", "OmeTiffReader")]
+ALL = [*PYRAMIDS, pytest.param("dicom_rle", marks=DICOM), pytest.param("dicom_jpeg", marks=DICOM), "ome_jpeg"]
 
 
 @pytest.mark.parametrize("name, reader_type, downsamples", LOSSLESS)
-def test_lossless_copies_read_the_svs_pixels(made: Made, svs_tiles, name: str, reader_type: str, downsamples) -> None:
-    coords, expected = svs_tiles
-    with open_slide(getattr(made, name)) as reader:
+def test_lossless_copies_read_the_svs_pixels(request, cmu: Cmu, name: str, reader_type: str, downsamples) -> None:
+    with open_slide(_made(request, name)) as reader:
         assert type(reader).__name__ == reader_type
         assert (reader.level0_mpp, reader.dimensions) == (pytest.approx(CMU_MPP), CMU_SIZE)
         assert reader.mpp_source in ("the DICOM pixel spacing", "the OME-XML PhysicalSizeX")
         assert reader.level_downsamples == pytest.approx(downsamples, rel=1e-3)
-        tiles = _tiles(reader, coords, 128 * 0.5 / CMU_MPP, 128)
-    np.testing.assert_array_equal(tiles, expected)
+        tiles = _cmu_tiles(reader, cmu)
+    np.testing.assert_array_equal(tiles, cmu.tiles)
     assert np.all(tiles[-1][:, :20] == 255) and np.all(tiles[-2][:, 70:] == 255)  # outside the slide: white
 
 
-@pytest.mark.parametrize("name", ["dicom_folder", "ome"])
-def test_pyramid_levels_are_read_as_written(made: Made, name: str) -> None:
-    with open_slide(getattr(made, name)) as reader:
+@pytest.mark.parametrize("name", PYRAMIDS)
+def test_pyramid_levels_are_read_as_written(request, cmu: Cmu, name: str) -> None:
+    with open_slide(_made(request, name)) as reader:
         assert reader.best_level(2.0) == 1 and reader.best_level(4.1) == 2 and reader.best_level(1.9) == 0
         for level in (1, 2):
             tile = reader.read_tile(0, 0, 96 * reader.level_downsamples[level], 96)
-            np.testing.assert_array_equal(tile, made.levels[level][:96, :96])
+            np.testing.assert_array_equal(tile, cmu.levels[level][:96, :96])
         thumbnail, downsample = reader.thumbnail(200)
     assert thumbnail.shape == (200, round(CMU_SIZE[0] / downsample), 3)
 
 
-@pytest.mark.parametrize("name, reader_type", [("dicom_jpeg", "OpenSlideReader"), ("ome_jpeg", "OmeTiffReader")])
-def test_jpeg_copies_are_within_the_jpeg_error(made: Made, svs_tiles, name: str, reader_type: str) -> None:
+@pytest.mark.parametrize("name, reader_type", JPEG)
+def test_jpeg_copies_are_within_the_jpeg_error(request, cmu: Cmu, name: str, reader_type: str) -> None:
     """Re-encoded as JPEG at quality 95 with chroma subsampling: a mean absolute error of 4.2 (DICOM)
     and 5.0 (OME-TIFF) grey levels of 255 was measured on these tiles; the bound is 8."""
-    coords, expected = svs_tiles
-    with open_slide(getattr(made, name)) as reader:
+    with open_slide(_made(request, name)) as reader:
         assert type(reader).__name__ == reader_type and reader.level0_mpp == pytest.approx(CMU_MPP)
-        tiles = _tiles(reader, coords, 128 * 0.5 / CMU_MPP, 128)
-    error = np.abs(tiles.astype(float) - expected)
+        tiles = _cmu_tiles(reader, cmu)
+    error = np.abs(tiles.astype(float) - cmu.tiles)
     assert 0 < error.mean() < 8 and np.percentile(error, 99) < 40
 
 
-def test_features_equal_those_of_the_svs(made: Made, svs_tiles) -> None:
-    """A random ResNet18 on the same tiles: equal features for the lossless copies (to float noise),
-    cosine > 0.99 for the JPEG ones."""
-    coords, svs = svs_tiles
+@pytest.fixture(scope="module")
+def features_of():
+    """A random ResNet18 (seed 0) as a function of (N, H, W, 3) uint8 tiles → (N, 256) features."""
     model, _ = load_resnet18("random", seed=0)
     trunk = TileTrunk(model).eval()
 
@@ -133,27 +145,38 @@ def test_features_equal_those_of_the_svs(made: Made, svs_tiles) -> None:
         with torch.inference_mode(), autocast(torch.device("cpu")):
             return trunk(prepare_batch(torch.from_numpy(tiles), torch.device("cpu"))).float().numpy()
 
-    expected = features(svs)
-    for name in ("dicom_folder", "dicom_rle", "ome", "dicom_jpeg", "ome_jpeg"):
-        with open_slide(getattr(made, name)) as reader:
-            got = features(_tiles(reader, coords, 128 * 0.5 / CMU_MPP, 128))
-        if "jpeg" in name:
-            cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
-            assert cosine.min() > 0.99, name
-        else:
-            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5, err_msg=name)
+    return features
 
 
-def test_extract_reads_a_folder_of_formats(made: Made, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def svs_features(cmu: Cmu, features_of) -> np.ndarray:
+    return features_of(cmu.tiles)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_features_equal_those_of_the_svs(request, cmu: Cmu, features_of, svs_features: np.ndarray, name: str) -> None:
+    """The same random ResNet18 on the same tiles: the SVS's features for the lossless copies (to
+    float noise, 1e-5), a cosine similarity above 0.99 for the JPEG ones."""
+    with open_slide(_made(request, name)) as reader:
+        got = features_of(_cmu_tiles(reader, cmu))
+    if "jpeg" in name:
+        cosine = (got * svs_features).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(svs_features, axis=1)
+        assert cosine.min() > 0.99
+    else:
+        np.testing.assert_allclose(got, svs_features, rtol=0, atol=1e-5)
+
+
+@DICOM
+def test_extract_reads_a_folder_of_formats(cmu: Cmu, ome_files, dicom_files, tmp_path: Path) -> None:
     """`gigassl extract` over the SVS, a DICOM folder, a .dcm file and an OME-TIFF: four slides
-    (the DICOM folder one slide; other sub-folders ignored), the copy read at level 0 gives the SVS's
+    (the DICOM folder one slide; other sub-folders ignored); the one-level copy gives the SVS's
     features wherever both grids have a tile."""
     slides = tmp_path / "slides"
     slides.mkdir()
-    shutil.copy(made.svs, slides)
-    shutil.copytree(made.dicom_folder, slides / "cmu_dicom")
-    shutil.copy(made.dicom_rle, slides)
-    shutil.copy(made.ome, slides)
+    shutil.copy(cmu.svs, slides)
+    shutil.copytree(dicom_files["dicom_folder"], slides / "cmu_dicom")
+    shutil.copy(dicom_files["dicom_rle"], slides)
+    shutil.copy(ome_files["ome"], slides)
     (slides / "data_folder").mkdir()  # e.g. a MIRAX data folder: not a slide
     (slides / "data_folder" / "Data0000.dat").write_bytes(b"\0" * 200)
     fast = ["--encoder", "random", "--tile-size", "64", "--mpp", "2.0", "--no-bank", "--num-workers", "0"]
@@ -171,17 +194,18 @@ def test_extract_reads_a_folder_of_formats(made: Made, tmp_path: Path) -> None:
     np.testing.assert_allclose([rle[c] for c in common], [svs[c] for c in common], rtol=0, atol=1e-5)
 
 
-def test_a_folder_lists_its_dicom_sub_folders_as_slides(made: Made, tmp_path: Path) -> None:
+@DICOM
+def test_a_folder_lists_its_dicom_sub_folders_as_slides(dicom_files, tmp_path: Path) -> None:
     (tmp_path / "case_a").mkdir()
-    for index, path in enumerate(sorted(made.dicom_folder.iterdir())):
+    for index, path in enumerate(sorted(dicom_files["dicom_folder"].iterdir())):
         shutil.copy(path, tmp_path / "case_a" / f"{index:04d}")  # DICOM files without an extension
     (tmp_path / "case_b").mkdir()
-    shutil.copy(made.dicom_rle, tmp_path / "case_b" / "slide.dcm")
+    shutil.copy(dicom_files["dicom_rle"], tmp_path / "case_b" / "slide.dcm")
     for name in ("mirax_data", ".hidden"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "Index.dat").write_bytes(b"\0" * 200)
     (tmp_path / ".hidden" / "x.dcm").write_bytes(b"\0" * 200)
-    shutil.copy(made.dicom_rle, tmp_path / "single.dcm")
+    shutil.copy(dicom_files["dicom_rle"], tmp_path / "single.dcm")
     (tmp_path / "notes.txt").write_text("a note\n")
     slides, others = list_slides(tmp_path)
     assert [p.name for p in slides] == ["case_a", "case_b", "single.dcm"] and [p.name for p in others] == ["notes.txt"]
@@ -214,7 +238,8 @@ def _non_wsi_dicom(path: Path) -> Path:
     return path
 
 
-def test_a_dicom_no_reader_accepts_is_one_line_saying_what_was_tried(made: Made, tmp_path: Path) -> None:
+@DICOM
+def test_a_dicom_no_reader_accepts_is_one_line_saying_what_was_tried(dicom_files, tmp_path: Path) -> None:
     text = tmp_path / "notes.dcm"
     text.write_text("not a slide\n")
     (tmp_path / "series").mkdir()
@@ -228,39 +253,41 @@ def test_a_dicom_no_reader_accepts_is_one_line_saying_what_was_tried(made: Made,
     with pytest.raises(SlideReadError, match="no DICOM file"):
         open_slide(tmp_path / "empty_folder")
     truncated = tmp_path / "truncated.dcm"  # its header is whole: it opens, and fails when read
-    truncated.write_bytes(made.dicom_rle.read_bytes()[:200_000])
+    truncated.write_bytes(dicom_files["dicom_rle"].read_bytes()[:200_000])
     with open_slide(truncated) as reader, pytest.raises(SlideReadError, match="truncated.dcm"):
         reader.read_tile(1000, 1000, 256, 256)
 
 
-def test_without_wsidicom_the_error_names_the_extra(made: Made, monkeypatch: pytest.MonkeyPatch) -> None:
+@DICOM
+def test_without_wsidicom_the_error_names_the_extra(dicom_files, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "wsidicom", None)  # import wsidicom → ImportError
     with pytest.raises(SlideReadError) as error:
-        open_slide(made.dicom_rle)
+        open_slide(dicom_files["dicom_rle"])
     message = _one_line_error(error)
     assert "gigassl[dicom]" in message and "Unsupported transfer syntax" in message
-    with open_slide(made.dicom_folder) as reader:  # what OpenSlide reads needs no extra
+    with open_slide(dicom_files["dicom_folder"]) as reader:  # what OpenSlide reads needs no extra
         assert reader.level0_mpp == pytest.approx(CMU_MPP)
 
 
-@pytest.mark.parametrize("name", ["dicom_folder", "dicom_rle", "ome"])
-def test_mpp_rules_hold(made: Made, name: str) -> None:
-    with open_slide(getattr(made, name), mpp_override=0.6) as reader:
+@pytest.mark.parametrize("name", [*PYRAMIDS, pytest.param("dicom_rle", marks=DICOM)])
+def test_mpp_rules_hold(request, name: str) -> None:
+    """--mpp-csv wins over the metadata, which wins over --default-mpp."""
+    with open_slide(_made(request, name), mpp_override=0.6) as reader:
         assert (reader.level0_mpp, reader.mpp_source) == (0.6, "--mpp-csv")
-    with open_slide(getattr(made, name), default_mpp=2.0) as reader:
+    with open_slide(_made(request, name), default_mpp=2.0) as reader:
         assert reader.level0_mpp == pytest.approx(CMU_MPP)
 
 
-def test_ome_tiff_without_physical_size_needs_the_mpp(made: Made, tmp_path: Path) -> None:
-    path = write_ome_tiff(tmp_path / "no_size.ome.tif", [made.levels[0][:300, :300], made.levels[1][:150, :150]], None)
+def test_ome_tiff_without_physical_size_needs_the_mpp(cmu: Cmu, ome_files, tmp_path: Path) -> None:
+    path = write_ome_tiff(tmp_path / "no_size.ome.tif", [cmu.levels[0][:300, :300], cmu.levels[1][:150, :150]], None)
     with pytest.raises(MissingMppError) as error:
         open_slide(path)
     message = str(error.value)
     assert "no_size.ome" in message and "--mpp-csv" in message and "--default-mpp" in message
     with open_slide(path, default_mpp=0.42) as reader:
         assert (reader.level0_mpp, reader.mpp_source, reader.dimensions) == (0.42, "--default-mpp", (300, 300))
-        np.testing.assert_array_equal(reader.read_tile(0, 0, 100, 100), made.levels[0][:100, :100])
-    with open_slide(made.ome_jpeg) as reader:  # PhysicalSizeX 499 nm
+        np.testing.assert_array_equal(reader.read_tile(0, 0, 100, 100), cmu.levels[0][:100, :100])
+    with open_slide(ome_files["ome_jpeg"]) as reader:  # PhysicalSizeX 499 nm
         assert reader.level0_mpp == pytest.approx(CMU_MPP)
 
 

@@ -18,7 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from extract.errors import UserError
 from extract.reader import SlideReader, SlideReadError, mean_downsamples, read_in_bounds, resolve_mpp
+
+OME_EXTRA = "pip install 'gigassl[ome]'"
 
 # Length units of the OME schema (UnitsLength) → µm.
 _UNIT_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "um": 1.0, "μm": 1.0, "mm": 1e3, "cm": 1e4, "dm": 1e5, "m": 1e6}
@@ -131,6 +134,20 @@ def _as_image(array: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array[:, :, :4] if array.shape[2] >= 4 else array[:, :, :3]))
 
 
+class MissingCodecError(SlideReadError, UserError):
+    """An OME-TIFF compressed with a codec tifffile decodes only through imagecodecs, not installed."""
+
+
+def _check_decodable(path: Path, reader: OmeTiffReader) -> None:
+    """Decode the first tile now, so that a missing codec is one line at open, not a failure per tile."""
+    try:
+        reader._segment(0, 0)
+    except Exception as error:  # noqa: BLE001 - tifffile and its codecs raise many types
+        if "imagecodecs" in str(error):
+            raise MissingCodecError(f"{path}: {error}; {OME_EXTRA}") from error
+        raise SlideReadError(f"{path}: cannot decode its first tile ({error}); is the file complete?") from error
+
+
 def _check_brightfield(path: Path, series) -> None:
     axes, dtype = series.axes, series.dtype
     samples = dict(zip(axes, series.shape)).get("S", 1)
@@ -160,7 +177,10 @@ def open_ome_tiff(path: Path, mpp_override: float | None = None, *, default_mpp:
         except (ValueError, ElementTree.ParseError) as error:
             raise SlideReadError(f"{path}: its OME-XML cannot give the pixel size ({error}); fix it or give --mpp-csv") from error
         level0_mpp, origin = resolve_mpp(path, mpp, "the OME-XML PhysicalSizeX", mpp_override, default_mpp)
-        return OmeTiffReader(path, tiff, series, level0_mpp, origin, magnification)
+        reader = OmeTiffReader(path, tiff, series, level0_mpp, origin, magnification)
+        if page.planarconfig == 1 or page.samplesperpixel == 1:
+            _check_decodable(path, reader)
+        return reader
     except BaseException:
         tiff.close()
         raise
