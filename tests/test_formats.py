@@ -5,7 +5,9 @@ tolerance where it was re-encoded), their pyramids, how a folder lists them, and
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -297,3 +299,15 @@ def test_a_fluorescence_ome_tiff_is_refused_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(SlideReadError, match="brightfield") as error:
         open_slide(path)
     assert "\n" not in str(error.value) and "fluo.ome.tif" in str(error.value)
+
+
+def test_a_jpeg_ome_tiff_without_imagecodecs_names_the_extra(cmu: Cmu, tmp_path: Path) -> None:
+    """Checked at open (its first tile is decoded), in a process where imagecodecs cannot import."""
+    path = write_ome_tiff(tmp_path / "small.ome.tif", [cmu.levels[0][:256, :256]], (CMU_MPP, "µm"), compression="jpeg")
+    code = "import sys; sys.modules['imagecodecs'] = None\nfrom extract.reader import open_slide\nopen_slide(sys.argv[1])"
+    source = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("extract.reader_ome.MissingCodecError:") and "small.ome.tif" in last and "gigassl[ome]" in last

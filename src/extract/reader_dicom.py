@@ -124,7 +124,9 @@ def _objective_power(slide) -> float | None:
     return None
 
 
-def _open_with_wsidicom(path: Path, files: list[Path], mpp_override: float | None, default_mpp: float | None, tried: str):
+def _open_with_wsidicom(
+    path: Path, files: list[Path], mpp_override: float | None, default_mpp: float | None, tried: str
+) -> WsiDicomReader:
     try:
         from wsidicom import WsiDicom
     except ImportError:
