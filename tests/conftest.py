@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -76,13 +77,16 @@ def _can_mount_tmpfs() -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Deselect, and count aloud, the tests a machine cannot run: ``cuda`` without a GPU, ``spconv``
     where spconv does not import, ``mount`` where a small tmpfs cannot be mounted (the injected
-    full-disk tests cover the same code). ``GIGASSL_REQUIRE_SPCONV=1`` (CI's first pass) makes a
+    full-disk tests cover the same code), ``wsidicomizer`` where it is not installed (it needs
+    Python ≥ 3.11; the DICOM reading itself does not). ``GIGASSL_REQUIRE_SPCONV=1`` (CI's first pass) makes a
     missing spconv an error instead, so its tests can never disappear unnoticed."""
     reasons = []
     if any(item.get_closest_marker("mount") for item in items) and not _can_mount_tmpfs():
         reasons.append(("mount", "cannot mount a tmpfs here: needs root with mount rights"))
     if not torch.cuda.is_available():
         reasons.append(("cuda", "no CUDA device"))
+    if importlib.util.find_spec("wsidicomizer") is None:
+        reasons.append(("wsidicomizer", "wsidicomizer, which writes the test DICOM slides, is not installed (Python ≥ 3.11)"))
     if not _spconv_imports():
         if os.environ.get("GIGASSL_REQUIRE_SPCONV") == "1":
             raise pytest.UsageError("GIGASSL_REQUIRE_SPCONV=1 but spconv does not import: pip install -e '.[spconv]'")

@@ -1,4 +1,4 @@
-"""Reading slides at a resolution in µm/px: OpenSlide formats and plain microscopy images.
+"""Reading slides at a resolution in µm/px: OpenSlide formats, DICOM WSI, OME-TIFF and plain images.
 
 Tiles are asked for by their level-0 footprint (top-left x, y and side in level-0 pixels) and
 an output size in pixels. The reader takes the pyramid level closest to but finer than the
@@ -7,6 +7,10 @@ target and resizes down, so the result is at the requested µm/px whatever the p
 
 µm/px of level 0 comes, in order, from an explicit override (the ``--mpp-csv`` entry), the
 slide's metadata, then a default (``--default-mpp``); a slide with none of them is refused.
+
+The reader is chosen from the file: a DICOM file or a folder of DICOM instances goes to
+:mod:`extract.reader_dicom` (OpenSlide, then wsidicom), an OME-TIFF to :mod:`extract.reader_ome`
+(tifffile, its pyramid and OME-XML pixel size), any other file to OpenSlide, then Pillow.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import math
 from pathlib import Path
 from types import TracebackType
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -24,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 PLAIN_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff"})
 OPENSLIDE_SUFFIXES = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi"})
-SLIDE_SUFFIXES = PLAIN_IMAGE_SUFFIXES | OPENSLIDE_SUFFIXES
+DICOM_SUFFIXES = frozenset({".dcm"})  # a folder of DICOM instances is a slide too (extract.slide_list)
+SLIDE_SUFFIXES = PLAIN_IMAGE_SUFFIXES | OPENSLIDE_SUFFIXES | DICOM_SUFFIXES
 # A relative tolerance so that a level whose downsample equals the target up to rounding
 # (e.g. 4.0002 for a target of 4) still counts as "not coarser than the target".
 _LEVEL_TOLERANCE = 1e-3
@@ -155,6 +161,29 @@ def _flatten_on_white(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def read_in_bounds(
+    crop: Callable[[int, int, int, int], Image.Image], bounds: tuple[int, int], x0: int, y0: int, width: int, height: int
+) -> Image.Image:
+    """The ``width × height`` region at (x0, y0) of an image of size ``bounds`` (width, height):
+    ``crop(left, top, right, bottom)`` reads the part inside, white fills the rest."""
+    image_w, image_h = bounds
+    if x0 >= 0 and y0 >= 0 and x0 + width <= image_w and y0 + height <= image_h:
+        return crop(x0, y0, x0 + width, y0 + height)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    left, top = max(x0, 0), max(y0, 0)
+    right, bottom = min(x0 + width, image_w), min(y0 + height, image_h)
+    if right > left and bottom > top:
+        canvas.paste(_flatten_on_white(crop(left, top, right, bottom)), (left - x0, top - y0))
+    return canvas
+
+
+def mean_downsamples(sizes: Sequence[tuple[int, int]]) -> tuple[float, ...]:
+    """Per level, the mean of the width and height ratios to level 0 (OpenSlide's rule, so that a
+    slide read by another library picks the same levels)."""
+    width0, height0 = sizes[0]
+    return tuple((width0 / width + height0 / height) / 2 for width, height in sizes)
+
+
 class OpenSlideReader(SlideReader):
     """A pyramidal slide read through OpenSlide."""
 
@@ -208,15 +237,7 @@ class ImageReader(SlideReader):
         self.level_downsamples = (1.0,)
 
     def _read_level_region(self, x0: int, y0: int, level: int, width: int, height: int) -> Image.Image:
-        image_w, image_h = self._image.size
-        if x0 >= 0 and y0 >= 0 and x0 + width <= image_w and y0 + height <= image_h:
-            return self._image.crop((x0, y0, x0 + width, y0 + height))
-        canvas = Image.new("RGB", (width, height), (255, 255, 255))
-        left, top = max(x0, 0), max(y0, 0)
-        right, bottom = min(x0 + width, image_w), min(y0 + height, image_h)
-        if right > left and bottom > top:
-            canvas.paste(self._image.crop((left, top, right, bottom)), (left - x0, top - y0))
-        return canvas
+        return read_in_bounds(lambda *box: self._image.crop(box), self._image.size, x0, y0, width, height)
 
     def close(self) -> None:
         self._image.close()
@@ -238,6 +259,8 @@ def _metadata_origin(properties) -> str:
     vendor = properties.get("openslide.vendor", "")
     if vendor == "generic-tiff" or (not vendor and "tiff.XResolution" in properties):
         return "the TIFF resolution tag"
+    if vendor == "dicom":
+        return "the DICOM pixel spacing"
     return f"the {vendor} metadata" if vendor else "the slide metadata"
 
 
@@ -271,16 +294,58 @@ def check_readable(path: Path) -> None:
         raise SlideReadError(f"{path}: cannot be read: {cause.lower()}; {fix}") from error
 
 
+def resolve_mpp(
+    path: Path, metadata_mpp: float | None, metadata_origin: str, mpp_override: float | None, default_mpp: float | None
+) -> tuple[float, str]:
+    """µm/px of level 0 and where it came from: ``mpp_override`` (--mpp-csv), else the metadata,
+    else ``default_mpp`` (--default-mpp); raises :class:`MissingMppError` when there is none."""
+    if mpp_override is not None:
+        return _check_mpp(path, mpp_override, "--mpp-csv"), "--mpp-csv"
+    if metadata_mpp is not None:
+        return _check_mpp(path, metadata_mpp, metadata_origin), metadata_origin
+    if default_mpp is not None:
+        return _check_mpp(path, default_mpp, "--default-mpp"), "--default-mpp"
+    raise _missing_mpp(path)
+
+
+def openslide_reader(path: Path, handle, mpp_override: float | None, default_mpp: float | None) -> OpenSlideReader:
+    """An :class:`OpenSlideReader` over an open ``openslide.OpenSlide`` (closed when refused)."""
+    try:
+        mpp, origin = resolve_mpp(
+            path, _metadata_mpp(handle.properties), _metadata_origin(handle.properties), mpp_override, default_mpp
+        )
+    except SlideReadError:
+        handle.close()
+        raise
+    return OpenSlideReader(path, handle, mpp, _metadata_magnification(handle.properties), mpp_source=origin)
+
+
 def open_slide(path: str | Path, mpp_override: float | None = None, *, default_mpp: float | None = None) -> SlideReader:
-    """Open a slide (OpenSlide formats first, then Pillow for plain images).
+    """Open a slide: a DICOM file or folder (:mod:`extract.reader_dicom`), an OME-TIFF
+    (:mod:`extract.reader_ome`), else OpenSlide formats first, then Pillow for plain images.
 
     ``mpp_override`` wins over the metadata; ``default_mpp`` is used only when the metadata
     has none. Raises :class:`SlideReadError` (or :class:`MissingMppError`) naming the file.
     """
     path = Path(path)
+    if path.is_dir():
+        from extract.reader_dicom import open_dicom
+
+        return open_dicom(path, mpp_override, default_mpp=default_mpp)
     if not path.is_file():
         raise SlideReadError(f"{path}: no such file")
     check_readable(path)
+    from extract.reader_dicom import is_dicom_file
+
+    if path.suffix.lower() in DICOM_SUFFIXES or is_dicom_file(path):
+        from extract.reader_dicom import open_dicom
+
+        return open_dicom(path, mpp_override, default_mpp=default_mpp)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        from extract.reader_ome import is_ome_tiff, open_ome_tiff
+
+        if is_ome_tiff(path):
+            return open_ome_tiff(path, mpp_override, default_mpp=default_mpp)
     import openslide
 
     try:
@@ -290,16 +355,7 @@ def open_slide(path: str | Path, mpp_override: float | None = None, *, default_m
     except openslide.OpenSlideError as error:
         raise SlideReadError(f"{path}: OpenSlide cannot open this file ({error}); is it a complete slide?") from error
     if handle is not None:
-        mpp = mpp_override if mpp_override is not None else _metadata_mpp(handle.properties)
-        origin = "--mpp-csv" if mpp_override is not None else _metadata_origin(handle.properties)
-        if mpp is None and default_mpp is not None:
-            mpp, origin = default_mpp, "--default-mpp"
-        if mpp is None:
-            handle.close()
-            raise _missing_mpp(path)
-        return OpenSlideReader(
-            path, handle, _check_mpp(path, mpp, origin), _metadata_magnification(handle.properties), mpp_source=origin
-        )
+        return openslide_reader(path, handle, mpp_override, default_mpp)
     if path.suffix.lower() not in PLAIN_IMAGE_SUFFIXES:
         raise SlideReadError(
             f"{path}: not a slide format OpenSlide or Pillow reads (plain images: {', '.join(sorted(PLAIN_IMAGE_SUFFIXES))})"
@@ -309,15 +365,15 @@ def open_slide(path: str | Path, mpp_override: float | None = None, *, default_m
         image.load()
     except Exception as error:  # noqa: BLE001 - Pillow raises many types for "not an image"
         raise SlideReadError(f"{path}: neither OpenSlide nor Pillow can read this file ({error})") from error
-    mpp = mpp_override if mpp_override is not None else default_mpp
-    if mpp is None:
+    try:
+        mpp, origin = resolve_mpp(path, None, "", mpp_override, default_mpp)
+    except SlideReadError:
         image.close()
-        raise _missing_mpp(path)
-    origin = "--mpp-csv" if mpp_override is not None else "--default-mpp"
+        raise
     rgb = _flatten_on_white(image)
     if rgb is not image:
         image.close()
-    return ImageReader(path, rgb, _check_mpp(path, mpp, origin), mpp_source=origin)
+    return ImageReader(path, rgb, mpp, mpp_source=origin)
 
 
 def load_mpp_overrides(path: str | Path) -> dict[str, float]:

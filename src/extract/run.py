@@ -355,7 +355,10 @@ def run_extraction(config: ExtractConfig) -> ExtractionSummary:
     slides, others = list_slides(Path(config.slides))
     unusable = broken_links(Path(config.slides))
     if not slides:
-        raise FileNotFoundError(f"--slides {config.slides}: no slide files (extensions {', '.join(sorted(SLIDE_SUFFIXES))})")
+        raise FileNotFoundError(
+            f"--slides {config.slides}: no slide files (extensions {', '.join(sorted(SLIDE_SUFFIXES))}) "
+            "and no DICOM slide folders"
+        )
     out = Path(config.out)
     features_dir, qc_dir = prepare_output(out, config.qc)
     overrides = load_mpp_overrides(config.mpp_csv) if config.mpp_csv is not None else {}

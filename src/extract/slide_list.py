@@ -15,19 +15,23 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
 
 from extract.reader import SLIDE_SUFFIXES
+from extract.reader_dicom import is_dicom_folder
 
 Item = TypeVar("Item")
 
 
 def list_slides(folder: Path) -> tuple[list[Path], list[Path]]:
-    """Sorted files of ``folder``: (slide candidates by extension, other files to ignore).
+    """Sorted entries of ``folder``: (slide candidates, other files to ignore).
 
-    Hidden files and sub-folders (e.g. MIRAX data folders) are left out of both.
+    A slide is a file with a slide extension, or a sub-folder holding DICOM instances (one DICOM
+    slide, :func:`extract.reader_dicom.is_dicom_folder`). Hidden entries and other sub-folders
+    (e.g. MIRAX data folders) are left out of both.
     """
     if not folder.is_dir():
         raise FileNotFoundError(f"--slides {folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    slides = [p for p in files if p.suffix.lower() in SLIDE_SUFFIXES]
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    files = [p for p in entries if p.is_file()]
+    slides = [p for p in entries if (p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES) or (p.is_dir() and is_dicom_folder(p))]
     others = [p for p in files if p.suffix.lower() not in SLIDE_SUFFIXES]
     return slides, others
 
