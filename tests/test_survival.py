@@ -126,6 +126,7 @@ def test_fitted_cox_approaches_the_true_risk_ceiling():
     assert ceiling - 0.06 < fitted < ceiling + 0.02, (fitted, ceiling)
 
 
+@pytest.mark.slow  # a minute on a loaded 2-core host, most of it torch's first optimiser import
 def test_attention_mil_with_a_cox_loss_ranks_better_than_chance():
     cohort = draw_survival_cohort(n_patients=40, seed=1)
     rng = np.random.default_rng(1)
