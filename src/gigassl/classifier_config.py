@@ -14,6 +14,7 @@ from gigassl.config import MIXED_PRECISION_HELP, SPARSE_BACKEND_HELP, _backend_p
 
 # gigassl: LR on slide embeddings; average: AverageMIL + LR; abmil: gated attention-MIL
 CLASSIFIER_METHODS = ("gigassl", "average", "abmil")
+FIT_TASKS = ("classification", "survival")
 
 
 def _method_problems(method: str, features: Optional[Path], command: str) -> list[str]:
@@ -44,9 +45,23 @@ class FitConfig:
     seed: int = field(default=0, metadata=_help("random seed (attention-MIL initialisation, inner splits)"))
     device: str = field(default="auto", metadata=_help("device of attention-MIL"))
     strict: bool = field(default=False, metadata=_help("error when labelled slides are missing from the inputs"))
+    task: str = field(
+        default="classification",
+        metadata=_help(
+            "classification (--label-column) or survival (a ridge Cox model on --time-column and --event-column; methods gigassl, average); see docs/survival.md"
+        ),
+    )
+    time_column: str = field(default="time", metadata=_help("survival: the follow-up time column (a duration ≥ 0)"))
+    event_column: str = field(
+        default="event", metadata=_help("survival: the event column, 1/true = observed, 0/false = censored")
+    )
 
     def __post_init__(self) -> None:
         problems = _method_problems(self.method, self.features, "fit")
+        if self.task not in FIT_TASKS:
+            problems.append(f"--task {self.task!r}: choose one of {', '.join(FIT_TASKS)}")
+        elif self.task == "survival" and self.method == "abmil":
+            problems.append("fit --task survival fits a Cox model on slide vectors: --method gigassl or average")
         if self.method == "gigassl" and self.embeddings is None:
             problems.append("fit --method gigassl needs --embeddings (the file written by `gigassl embed`)")
         if not self.logistic_c > 0:

@@ -17,6 +17,7 @@ from extract.errors import UserError
 
 SPARSE_BACKENDS = ("auto", "torch", "spconv")  # gigassl.sparse_conv implements them
 EMBED_EXPORTS = ("npz", "csv")  # files `gigassl embed --export` writes beside the HDF5 file
+EVALUATE_TASKS = ("classification", "survival", "regression")
 EVALUATE_BASELINES = ("average", "abmil", "topk")  # the baselines `gigassl evaluate` runs (gigassl.evaluate.BASELINES)
 
 
@@ -246,6 +247,18 @@ class EvaluateConfig:
         default="auto",
         metadata=_help("tile encoder checkpoint fine-tuned by top-k ('auto': 'random' when the features say so, else required)"),
     )
+    task: str = field(
+        default="classification",
+        metadata=_help(
+            "classification (--label-column holds classes), survival (--time-column and --event-column; Cox models, C-indices) or regression (--label-column holds a number; ridge, Pearson r, R²); see docs/survival.md"
+        ),
+    )
+    time_column: str = field(
+        default="time", metadata=_help("survival: the follow-up time column (a duration ≥ 0, one unit for every row)")
+    )
+    event_column: str = field(
+        default="event", metadata=_help("survival: the event column, 1 or true = event observed, 0 or false = censored")
+    )
 
     @property
     def c(self) -> float:
@@ -268,6 +281,10 @@ class EvaluateConfig:
             problems.append(f"--test-fraction must lie in (0, 1) (got {self.test_fraction})")
         if not self.logistic_c > 0:
             problems.append(f"--logistic-c must be > 0 (got {self.logistic_c})")
+        if self.task not in EVALUATE_TASKS:
+            problems.append(f"--task {self.task!r}: choose one of {', '.join(EVALUATE_TASKS)}")
+        elif self.task != "classification" and "topk" in self.baselines:
+            problems.append(f"--task {self.task}: top-k fine-tuning is a classifier; choose --baselines among average,abmil")
         _refuse("evaluation", problems)
 
 

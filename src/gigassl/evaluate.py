@@ -235,8 +235,14 @@ class EvaluationResult:
 
 
 def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
-    """``gigassl evaluate``: the protocol on the embeddings (and baselines), tables and plot."""
+    """``gigassl evaluate``: the protocol on the embeddings (and baselines), tables and plot;
+    ``--task survival`` and ``regression`` run :func:`gigassl.target_evaluation.run_target_evaluation`."""
     from gigassl.embed import read_embeddings
+
+    if config.task != "classification":
+        from gigassl.target_evaluation import run_target_evaluation
+
+        return run_target_evaluation(config)
 
     budgets = parse_budgets(config.budgets)
     baselines = list(config.baselines)

@@ -58,6 +58,10 @@ class SlideExplainer:
         self.model_path = Path(model)
         self.mixed_precision = mixed_precision
         self.classifier = load_classifier(self.model_path)
+        if self.classifier.provenance.get("task", "classification") != "classification":
+            raise UserError(
+                f"{self.model_path} is a {self.classifier.provenance['task']} model: explain splits class scores; fit a classifier"
+            )
         self.views_per_tile, self.seed, self.batch_views = views_per_tile, seed, batch_views
         self.network: Any = None
         self.contract: Any = None

@@ -147,6 +147,10 @@ def _fit_mil(config: FitConfig, labels: Labels) -> tuple[SlideClassifier, Labels
 
 def run_fit(config: FitConfig) -> FitResult:
     """``gigassl fit``: fit ``config.method`` on every labelled slide and write the model file."""
+    if config.task == "survival":
+        from gigassl.survival_fit import run_survival_fit
+
+        return run_survival_fit(config)
     labels = read_labels(config.labels, config.slide_column, config.label_column, patient_column="\0")
     fit = _fit_gigassl if config.method == "gigassl" else _fit_mil
     classifier, labels, missing = fit(config, labels)

@@ -6,7 +6,8 @@ tile encoder than the model was fitted on), or a features folder — embedded on
 directly for an AverageMIL or attention-MIL model. A slide that cannot be scored is listed (in
 the report and ``OUT.failed.csv``) and the others are scored.
 
-``OUT``: ``slide,predicted,p_<class>…`` one row per scored slide, probabilities to 6 digits.
+``OUT``: ``slide,predicted,p_<class>…`` one row per scored slide, probabilities to 6 digits; for a
+survival model (``gigassl fit --task survival``) ``slide,risk``, the Cox linear predictor.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def _mil_probabilities(
             continue
         if network is None:
             assert classifier.linear is not None, "an average model is linear"
-            rows.append(probabilities(classifier.linear.logits(slide.features.mean(axis=0, dtype=np.float64)[None]))[0])
+            rows.append(outputs(classifier, classifier.linear.logits(slide.features.mean(axis=0, dtype=np.float64)[None]))[0])
         else:
             with torch.no_grad():
                 logits, _ = network(torch.from_numpy(np.asarray(slide.features, np.float32))[None])
@@ -116,10 +117,20 @@ def _mil_probabilities(
     return ids, np.array(rows).reshape(len(ids), len(classifier.classes))
 
 
+def is_survival(classifier: SlideClassifier) -> bool:
+    """True for a Cox model of ``gigassl fit --task survival`` (one output: the risk score)."""
+    return classifier.provenance.get("task") == "survival"
+
+
+def outputs(classifier: SlideClassifier, logits: np.ndarray) -> np.ndarray:
+    """(S, C) class probabilities, or (S, 1) risk scores (the linear predictor) of a survival model."""
+    return np.asarray(logits, np.float64) if is_survival(classifier) else probabilities(logits)
+
+
 def predict_probabilities(
     classifier: SlideClassifier, config: PredictConfig, failed: list[tuple[str, str]]
 ) -> tuple[list[str], np.ndarray]:
-    """Slide ids and (S, C) probabilities of the classes, from the input ``config`` names."""
+    """Slide ids and (S, C) probabilities of the classes (a survival model: (S, 1) risks), from the input ``config`` names."""
     if config.embeddings is not None:
         ids, vectors = _from_embeddings(classifier, config)
     else:
@@ -133,7 +144,7 @@ def predict_probabilities(
             return _mil_probabilities(classifier, config, files, failed)
         ids, vectors = _embedded_on_the_fly(classifier, config, files, failed)
     assert classifier.linear is not None, "a gigassl model is linear"
-    return ids, probabilities(classifier.linear.logits(vectors)) if ids else np.zeros((0, len(classifier.classes)))
+    return ids, outputs(classifier, classifier.linear.logits(vectors)) if ids else np.zeros((0, len(classifier.classes)))
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
@@ -157,8 +168,11 @@ def run_predict(config: PredictConfig) -> PredictResult:
         )
     classes = classifier.classes
     out = Path(config.out)
-    rows = [[slide, classes[int(np.argmax(p))], *(f"{v:.6f}" for v in p)] for slide, p in zip(ids, proba)]
-    _write_csv(out, ["slide", "predicted", *(f"p_{c}" for c in classes)], rows)
+    if is_survival(classifier):
+        _write_csv(out, ["slide", "risk"], [[slide, f"{p[0]:.6f}"] for slide, p in zip(ids, proba)])
+    else:
+        rows = [[slide, classes[int(np.argmax(p))], *(f"{v:.6f}" for v in p)] for slide, p in zip(ids, proba)]
+        _write_csv(out, ["slide", "predicted", *(f"p_{c}" for c in classes)], rows)
     failed_csv = out.with_suffix(".failed.csv")
     if failed:
         _write_csv(failed_csv, ["file", "reason"], [list(f) for f in failed])
