@@ -2,7 +2,8 @@
 # Install (into .venv) and run the whole test suite, notebooks included — twice where spconv
 # installs: once with it (its reference tests run; a missing spconv is an error there), and once
 # with spconv hidden (tests/no_spconv), so that the pure-PyTorch backend carries the whole suite,
-# demo and notebooks. Tests marked `cuda` are deselected without a GPU; the count is printed.
+# demo and notebooks. Tests marked `cuda` are deselected without a GPU, `shared_data` without
+# ../shared/data (an error under GIGASSL_REQUIRE_SHARED_DATA=1, as .ci/run sets); counts are printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GIGASSL_EXTRAS="${GIGASSL_EXTRAS:-test,spconv}" bash scripts/setup_env.sh

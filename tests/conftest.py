@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data beside the project, and small helpers."""
+"""Shared fixtures: the real test slides (in the repository, and the data beside the project), and
+small helpers."""
 
 from __future__ import annotations
 
@@ -15,21 +16,28 @@ from fixtures.processes import describe, descendants, wait_until_gone
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("GIGASSL_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+# The real slides whose licences allow copying, in the repository (tests/fixtures/README.md):
+# CMU-1-Small-Region.svs (CC0) and the openslide-python fixtures in openslide/ (LGPL-2.1).
+REPO_SLIDES = REPO_ROOT / "tests" / "fixtures"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """``../shared/data``; its absence is a failure, never a skip (CI always has it)."""
+    """``../shared/data``: the data that may not be copied into the repository (the BACH images,
+    the TCGA slide). Only tests marked ``shared_data`` may ask for it; they are deselected (and
+    counted) where the folder is absent, an error under ``GIGASSL_REQUIRE_SHARED_DATA=1`` (CI)."""
     if not SHARED_DATA.is_dir():
         pytest.fail(f"real test data not found at {SHARED_DATA}; set GIGASSL_SHARED_DATA")
     return SHARED_DATA
 
 
 @pytest.fixture(scope="session")
-def slides_dir(shared_data: Path) -> Path:
-    return shared_data / "slides"
+def slides_dir() -> Path:
+    """The in-repository real slides: ``CMU-1-Small-Region.svs`` and ``openslide/`` (the
+    openslide-python fixtures ``boxes.tiff``, ``small.svs``, ``unopenable.tiff``, ``unreadable.svs``)."""
+    return REPO_SLIDES
 
 
 # Helpers of the interpreter itself that end with it (multiprocessing's resource tracker and
@@ -74,13 +82,32 @@ def _can_mount_tmpfs() -> bool:
     return mounted
 
 
+def _shared_data_reason(items: list[pytest.Item]) -> list[tuple[str, str]]:
+    """The deselection reason for ``shared_data`` tests, if ``../shared/data`` is absent; a test
+    asking for the ``shared_data`` fixture without the marker is refused, so none is forgotten."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "shared_data" in getattr(item, "fixturenames", ()) and item.get_closest_marker("shared_data") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError("tests use the shared_data fixture without @pytest.mark.shared_data: " + ", ".join(unmarked))
+    if SHARED_DATA.is_dir():
+        return []
+    if os.environ.get("GIGASSL_REQUIRE_SHARED_DATA") == "1":
+        raise pytest.UsageError(f"GIGASSL_REQUIRE_SHARED_DATA=1 but {SHARED_DATA} is not a folder; set GIGASSL_SHARED_DATA")
+    return [("shared_data", f"{SHARED_DATA} is absent: BACH images and the TCGA slide may not be copied here")]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Deselect, and count aloud, the tests a machine cannot run: ``cuda`` without a GPU, ``spconv``
     where spconv does not import, ``mount`` where a small tmpfs cannot be mounted (the injected
     full-disk tests cover the same code), ``wsidicomizer`` where it is not installed (it needs
-    Python ≥ 3.11; the DICOM reading itself does not). ``GIGASSL_REQUIRE_SPCONV=1`` (CI's first pass) makes a
-    missing spconv an error instead, so its tests can never disappear unnoticed."""
-    reasons = []
+    Python ≥ 3.11; the DICOM reading itself does not), ``shared_data`` where ``../shared/data`` is
+    absent (a bare clone). ``GIGASSL_REQUIRE_SPCONV=1`` (CI's first pass) and
+    ``GIGASSL_REQUIRE_SHARED_DATA=1`` (CI) make a missing spconv or data folder an error instead, so
+    those tests can never disappear unnoticed."""
+    reasons = _shared_data_reason(items)
     if any(item.get_closest_marker("mount") for item in items) and not _can_mount_tmpfs():
         reasons.append(("mount", "cannot mount a tmpfs here: needs root with mount rights"))
     if not torch.cuda.is_available():

@@ -48,8 +48,8 @@ def test_a_user_error_is_one_line_and_its_traceback_shows_with_verbose(monkeypat
     assert code == 2 and records[0].exc_info is None
 
 
-def test_validation_raised_by_the_package_stays_a_user_error(monkeypatch, caplog):
-    # protocol raises a plain ValueError from its own `raise` statement: a message for the user
+def test_validation_raised_by_the_package_is_a_user_error(monkeypatch, caplog):
+    # protocol's checks of the settings raise UserError: a message for the user, told by its type
     code, records = _run(monkeypatch, caplog, lambda: protocol.n_folds_for(5.0))
     assert code == 2 and records[0].exc_info is None and "--test-fraction 5.0" in records[0].getMessage()
 

@@ -102,8 +102,9 @@ def test_plain_image_needs_mpp_and_reads_with_it(tmp_path: Path) -> None:
         assert reader.level0_mpp == 1.5
 
 
-def test_slide_without_mpp_names_the_options(slides_dir: Path) -> None:
-    path = slides_dir / "TCGA-CR-7395-01A-01-TS1.svs"
+@pytest.mark.shared_data
+def test_slide_without_mpp_names_the_options(shared_data: Path) -> None:
+    path = shared_data / "slides" / "TCGA-CR-7395-01A-01-TS1.svs"
     with pytest.raises(MissingMppError) as error:
         open_slide(path)
     message = str(error.value)
@@ -121,11 +122,11 @@ def test_metadata_wins_over_default_but_not_over_csv(slides_dir: Path) -> None:
 
 def test_unopenable_file_is_a_clear_error(slides_dir: Path) -> None:
     with pytest.raises(SlideReadError, match="unopenable.tiff"):
-        open_slide(slides_dir / "fixtures" / "unopenable.tiff")
+        open_slide(slides_dir / "openslide" / "unopenable.tiff")
 
 
 def test_unreadable_file_fails_at_read_with_its_name(slides_dir: Path) -> None:
-    with open_slide(slides_dir / "fixtures" / "unreadable.svs") as reader:
+    with open_slide(slides_dir / "openslide" / "unreadable.svs") as reader:
         with pytest.raises(SlideReadError, match="unreadable.svs"):
             reader.thumbnail(256)
         with pytest.raises(SlideReadError, match="unreadable.svs"):
@@ -151,7 +152,7 @@ def test_thumbnail_of_a_real_slide(slides_dir: Path) -> None:
 
 
 def test_pyramid_with_several_levels_is_read_through_openslide(slides_dir: Path, tmp_path: Path) -> None:
-    shutil.copy(slides_dir / "fixtures" / "boxes.tiff", tmp_path / "boxes.tiff")
+    shutil.copy(slides_dir / "openslide" / "boxes.tiff", tmp_path / "boxes.tiff")
     with open_slide(tmp_path / "boxes.tiff") as reader:
         assert len(reader.level_downsamples) == 4
         assert reader.best_level(4.5) == 2 and reader.best_level(1.99) == 0 and reader.best_level(100) == 3

@@ -25,7 +25,7 @@ from extract.reader import open_slide
 from extract.run import run_extraction
 from extract.slide_list import parse_shard, process_part, select_part
 from extract.tiling import tile_grid
-from fixtures.make_slides import write_blank_slide, write_tissue_slide
+from fixtures.make_slides import synthetic_image, write_blank_slide, write_pyramidal_tiff, write_tissue_slide
 from fixtures.processes import alive, describe, descendants, wait_until_gone
 from gigassl.cli import main
 
@@ -142,10 +142,10 @@ def test_bad_inputs_each_fail_on_one_line_and_others_run(
     folder = tmp_path / "slides"
     folder.mkdir()
     write_tissue_slide(folder / "good.tif")
-    shutil.copy(slides_dir / "fixtures" / "unopenable.tiff", folder)
-    shutil.copy(slides_dir / "fixtures" / "unreadable.svs", folder)
-    shutil.copy(slides_dir / "fixtures" / "small.svs", folder)
-    (folder / "TCGA-CR-7395-01A-01-TS1.svs").symlink_to(slides_dir / "TCGA-CR-7395-01A-01-TS1.svs")
+    shutil.copy(slides_dir / "openslide" / "unopenable.tiff", folder)
+    shutil.copy(slides_dir / "openslide" / "unreadable.svs", folder)
+    shutil.copy(slides_dir / "openslide" / "small.svs", folder)
+    write_pyramidal_tiff(folder / "no_mpp.tif", synthetic_image(512, 384, [(64, 64, 448, 320)]), mpp=None)
     write_blank_slide(folder / "blank.tif")
     (folder / "notes.txt").write_text("not a slide\n")
     (folder / "fake.svs").write_text("not a slide either\n")
@@ -159,7 +159,7 @@ def test_bad_inputs_each_fail_on_one_line_and_others_run(
         "unopenable.tiff": "OpenSlide cannot open",
         "unreadable.svs": "cannot read",
         "small.svs": "smaller than one tile",
-        "TCGA-CR-7395-01A-01-TS1.svs": "--mpp-csv",
+        "no_mpp.tif": "--mpp-csv",
         "blank.tif": "no tile has tissue",
         "fake.svs": "not a slide format",
     }
@@ -249,10 +249,24 @@ def test_encoder_must_be_named(cohort: Path, tmp_path: Path, caplog: pytest.LogC
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.shared_data
+def test_a_real_slide_without_mpp_fails_naming_the_options(tmp_path: Path, shared_data: Path) -> None:
+    """The TCGA frozen section (no µm/px, no objective power in its metadata) fails on one line
+    naming the ways out, and --mpp-csv rescues it."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    (folder / "TCGA-CR-7395-01A-01-TS1.svs").symlink_to(shared_data / "slides" / "TCGA-CR-7395-01A-01-TS1.svs")
+    assert extract(folder, tmp_path / "o1", "--mpp", "8.0") == 1
+    reason = summary_of(tmp_path / "o1")["slides"][0]["reason"]
+    assert "--mpp-csv" in reason and "--default-mpp" in reason and "\n" not in reason
+    (tmp_path / "mpp.csv").write_text("slide,mpp\nTCGA-CR-7395-01A-01-TS1.svs,3.0\n")
+    assert extract(folder, tmp_path / "o2", "--mpp", "8.0", "--mpp-csv", str(tmp_path / "mpp.csv")) == 0
+
+
 def test_exit_non_zero_when_every_slide_failed(tmp_path: Path, slides_dir: Path) -> None:
     folder = tmp_path / "slides"
     folder.mkdir()
-    shutil.copy(slides_dir / "fixtures" / "unopenable.tiff", folder)
+    shutil.copy(slides_dir / "openslide" / "unopenable.tiff", folder)
     write_blank_slide(folder / "blank.tif")
     assert extract(folder, tmp_path / "out") == 1
     assert summary_of(tmp_path / "out")["exit_code"] == 1
@@ -533,7 +547,7 @@ def test_absurd_resolutions_fail_in_seconds_with_bounded_memory(tmp_path: Path, 
 
     folder = tmp_path / "slides"
     folder.mkdir()
-    shutil.copy(slides_dir / "fixtures" / "boxes.tiff", folder)
+    shutil.copy(slides_dir / "openslide" / "boxes.tiff", folder)
     Image.new("RGB", (1000, 1000), (200, 110, 170)).save(folder / "photo.png")
     write_tissue_slide(folder / "good.tif", seed=1)
     out = tmp_path / "out"
@@ -641,7 +655,7 @@ def test_a_run_whose_every_attempt_failed_exits_1_even_with_skipped_slides(
 ) -> None:
     out = tmp_path / "out"
     assert extract(cohort, out) == 0
-    shutil.copy(slides_dir / "fixtures" / "unopenable.tiff", cohort)
+    shutil.copy(slides_dir / "openslide" / "unopenable.tiff", cohort)
     assert extract(cohort, out) == 1  # three skipped, the only slide tried failed
     assert summary_of(out)["exit_code"] == 1 and summary_of(out)["n_skipped"] == 3
 

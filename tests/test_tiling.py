@@ -73,7 +73,7 @@ def test_blank_slide_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_slide_smaller_than_a_tile_is_a_clear_error(slides_dir: Path) -> None:
-    with open_slide(slides_dir / "fixtures" / "small.svs") as reader:
+    with open_slide(slides_dir / "openslide" / "small.svs") as reader:
         with pytest.raises(SlideTooSmallError, match="small.svs.*smaller than one tile.*--tile-size"):
             tile_grid(reader, target_mpp=0.5, tile_size_px=224, tissue_threshold=0.5)
 
@@ -97,7 +97,7 @@ def _refused_quickly(path: Path, limits: GridLimits = GridLimits(), **open_kwarg
 
 def test_absurd_resolution_tag_is_refused_before_planning(slides_dir: Path) -> None:
     # boxes.tiff says 72 dpi (352.8 µm/px): today's planner made 366,397 tiles of it.
-    message = _refused_quickly(slides_dir / "fixtures" / "boxes.tiff")
+    message = _refused_quickly(slides_dir / "openslide" / "boxes.tiff")
     assert "352.778 µm/px from the TIFF resolution tag (72 dpi" in message
     assert "--mpp-csv" in message and "slide=boxes" in message and "--max-level0-mpp" in message
 

@@ -69,6 +69,7 @@ def test_qc_image_draws_kept_tiles(tmp_path: Path) -> None:
     assert not list((tmp_path / "qc").glob("*.partial*"))
 
 
+@pytest.mark.shared_data
 def test_an_image_that_is_all_tissue_is_not_split_in_two(shared_data: Path) -> None:
     # Pale stroma (saturation ~49) beside dense nuclei (~159): Otsu alone would cut between them.
     image = np.empty((200, 300, 3), dtype=np.uint8)
@@ -98,9 +99,10 @@ def test_pen_ink_over_real_tissue_is_not_tissue(slides_dir: Path, marker: str) -
         assert mask[beside].mean() > 0.98
 
 
+@pytest.mark.shared_data
 def test_pen_ink_rule_keeps_clean_tissue(slides_dir: Path, shared_data: Path) -> None:
     """Dense nuclei look like ink pixel by pixel; the rule must not cut clean H&E."""
-    images = [(slides_dir / "CMU-1-Small-Region.svs", None), (slides_dir / "TCGA-CR-7395-01A-01-TS1.svs", 3.0)]
+    images = [(slides_dir / "CMU-1-Small-Region.svs", None), (shared_data / "slides" / "TCGA-CR-7395-01A-01-TS1.svs", 3.0)]
     images += [(shared_data / "bach-dev" / f"{name}.jpg", 0.42) for name in ("iv009", "is015", "n023", "b029")]
     for path, default_mpp in images:
         with open_slide(path, default_mpp=default_mpp) as reader:

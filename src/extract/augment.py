@@ -42,6 +42,8 @@ from typing import Any, Sequence
 
 import torch
 
+from extract.errors import UserError
+
 # ITU-R BT.601 luma: kornia's rgb_to_grayscale weights and YIQ's Y row.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 # NTSC RGB → YIQ. The I and Q rows sum to exactly 0, so greys carry no chroma.
@@ -69,12 +71,12 @@ class AugmentationSettings:
 
     def __post_init__(self) -> None:
         if self.blur_kernel_px < 1 or self.blur_kernel_px % 2 == 0:
-            raise ValueError(f"blur_kernel_px={self.blur_kernel_px}: must be a positive odd number of pixels")
+            raise UserError(f"blur_kernel_px={self.blur_kernel_px}: must be a positive odd number of pixels")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ValueError(f"crop_scale={self.crop_scale}: need 0 < low <= high <= 1")
+            raise UserError(f"crop_scale={self.crop_scale}: need 0 < low <= high <= 1")
         for name in ("jitter_p", "grayscale_p", "blur_p"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name}={getattr(self, name)}: a probability must lie in [0, 1]")
+                raise UserError(f"{name}={getattr(self, name)}: a probability must lie in [0, 1]")
 
     def to_json(self) -> dict[str, Any]:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}

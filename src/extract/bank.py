@@ -38,6 +38,7 @@ from extract.config import ExtractConfig
 from extract.device import autocast, autocast_dtype
 from extract.encoder import TileEncoder
 from extract.seeding import slide_seed_sequence
+from extract.errors import UserError
 
 if TYPE_CHECKING:
     from extract.reader import SlideReader
@@ -181,7 +182,7 @@ class _DrawEmbedder:
 def _check_inputs(reader: TileSource, grid: Grid, trunk: TileEncoder, config: ExtractConfig, slide_id: str | None) -> str:
     """The slide id that seeds the draws; raises on a bank that cannot be built."""
     if config.n_augmentations < 1 or config.n_tiles_per_augmentation < 1:
-        raise ValueError(
+        raise UserError(
             f"bank of {config.n_augmentations} augmentations × {config.n_tiles_per_augmentation} tiles: both must be ≥ 1"
         )
     if trunk.training:
@@ -190,7 +191,7 @@ def _check_inputs(reader: TileSource, grid: Grid, trunk: TileEncoder, config: Ex
     if slide_id is None:
         raise ValueError("build_bank needs the slide id to seed its draws: pass slide_id= or a reader with .slide_id")
     if len(grid.coords) == 0:
-        raise ValueError(f"{slide_id}: no tissue tiles, so no bank can be sampled; lower --tissue-threshold or check the slide")
+        raise UserError(f"{slide_id}: no tissue tiles, so no bank can be sampled; lower --tissue-threshold or check the slide")
     if len(grid.coords) < FEW_TILES_WARNING:
         logger.warning("%s: only %d tissue tiles; the bank repeats them (sampled with replacement)", slide_id, len(grid.coords))
     return slide_id

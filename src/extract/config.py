@@ -16,6 +16,8 @@ from pathlib import Path
 from collections.abc import Collection
 from typing import Any, Mapping, Optional, Sequence
 
+from extract.errors import UserError
+
 
 def settings_dict(config: Any, drop: Collection[str] = ()) -> dict[str, Any]:
     """A settings dataclass as plain data for checkpoints, file attributes and logs (paths as
@@ -51,7 +53,7 @@ def parse_channel_stats(
     except (TypeError, ValueError):
         stats = ()
     if len(stats) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in stats):
-        raise ValueError(
+        raise UserError(
             f"{label} {value!r}: give three finite numbers R,G,B{' > 0' if positive else ''}, e.g. "
             + ("0.229,0.224,0.225" if positive else "0.485,0.456,0.406")
         )
@@ -61,11 +63,11 @@ def parse_channel_stats(
 def _check_resolution(target_mpp: float, default_mpp: float | None, tissue_threshold: float) -> None:
     """The checks ExtractConfig and MocoConfig share: the resolutions, and which tiles are kept."""
     if not (target_mpp > 0 and math.isfinite(target_mpp)):
-        raise ValueError(f"--target-mpp {target_mpp}: must be a positive µm/px (0.5 ≈ 20×, 1.0 ≈ 10×)")
+        raise UserError(f"--target-mpp {target_mpp}: must be a positive µm/px (0.5 ≈ 20×, 1.0 ≈ 10×)")
     if default_mpp is not None and not (default_mpp > 0 and math.isfinite(default_mpp)):
-        raise ValueError(f"--default-mpp {default_mpp}: must be a positive µm/px")
+        raise UserError(f"--default-mpp {default_mpp}: must be a positive µm/px")
     if not 0.0 <= tissue_threshold <= 1.0:
-        raise ValueError(f"--tissue-threshold {tissue_threshold}: must lie in [0, 1]")
+        raise UserError(f"--tissue-threshold {tissue_threshold}: must lie in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -90,13 +92,13 @@ class GridLimits:
 
     def __post_init__(self) -> None:
         if not 0 < self.min_level0_mpp < self.max_level0_mpp:
-            raise ValueError(
+            raise UserError(
                 f"--min-level0-mpp {self.min_level0_mpp} and --max-level0-mpp {self.max_level0_mpp}: need 0 < min < max"
             )
         if not self.max_upscale >= 1:
-            raise ValueError(f"--max-upscale {self.max_upscale}: must be at least 1 (1 = never up-scale level 0)")
+            raise UserError(f"--max-upscale {self.max_upscale}: must be at least 1 (1 = never up-scale level 0)")
         if self.max_tiles_per_slide < 1:
-            raise ValueError(f"--max-tiles-per-slide {self.max_tiles_per_slide}: must be at least 1")
+            raise UserError(f"--max-tiles-per-slide {self.max_tiles_per_slide}: must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -199,21 +201,21 @@ class ExtractConfig:
         object.__setattr__(self, "encoder_mean", parse_channel_stats(self.encoder_mean, "--encoder-mean"))
         object.__setattr__(self, "encoder_std", parse_channel_stats(self.encoder_std, "--encoder-std", positive=True))
         if not (self.plain or self.bank):
-            raise ValueError("nothing to do: both --no-plain and --no-bank given")
+            raise UserError("nothing to do: both --no-plain and --no-bank given")
         _check_resolution(self.target_mpp, self.default_mpp, self.tissue_threshold)
         if self.tile_size_px < 16:
-            raise ValueError(f"--tile-size-px {self.tile_size_px}: must be at least 16 px")
+            raise UserError(f"--tile-size-px {self.tile_size_px}: must be at least 16 px")
         if self.batch_size < 1 or self.num_workers < 0:
-            raise ValueError(f"--batch-size {self.batch_size} must be ≥ 1 and --num-workers {self.num_workers} ≥ 0")
+            raise UserError(f"--batch-size {self.batch_size} must be ≥ 1 and --num-workers {self.num_workers} ≥ 0")
         if self.bank and (self.n_augmentations < 1 or self.n_tiles_per_augmentation < 1):
-            raise ValueError("--n-augmentations and --n-tiles-per-augmentation must be ≥ 1")
+            raise UserError("--n-augmentations and --n-tiles-per-augmentation must be ≥ 1")
         self.grid_limits()  # validates the bounds
         if not 0.0 <= self.max_ink_fraction <= 1.0:
-            raise ValueError(f"--max-ink-fraction {self.max_ink_fraction}: must lie in [0, 1]")
+            raise UserError(f"--max-ink-fraction {self.max_ink_fraction}: must lie in [0, 1]")
         if not self.progress_interval_s >= 0:
-            raise ValueError(f"--progress-interval-s {self.progress_interval_s}: must be ≥ 0")
+            raise UserError(f"--progress-interval-s {self.progress_interval_s}: must be ≥ 0")
         if not self.claim_timeout_s > 0:
-            raise ValueError(f"--claim-timeout-s {self.claim_timeout_s}: must be positive (seconds)")
+            raise UserError(f"--claim-timeout-s {self.claim_timeout_s}: must be positive (seconds)")
 
     def grid_limits(self) -> GridLimits:
         """The bounds a slide must meet before its grid is planned."""
@@ -336,9 +338,9 @@ class MocoConfig:
     def __post_init__(self) -> None:
         """Check every value, so that the API and the CLI get the same messages."""
         if self.arch not in MOCO_ARCHITECTURES:
-            raise ValueError(f"--arch {self.arch!r}: choose one of {', '.join(MOCO_ARCHITECTURES)}")
+            raise UserError(f"--arch {self.arch!r}: choose one of {', '.join(MOCO_ARCHITECTURES)}")
         if self.profile not in MOCO_PROFILES:
-            raise ValueError(f"--profile {self.profile!r}: choose one of {sorted(MOCO_PROFILES)}")
+            raise UserError(f"--profile {self.profile!r}: choose one of {sorted(MOCO_PROFILES)}")
         for name, value in MOCO_PROFILES[self.profile].items():
             if getattr(self, name) is None:  # left to the profile (frozen: set once, here)
                 object.__setattr__(self, name, value)
@@ -355,10 +357,10 @@ class MocoConfig:
             "probe_tiles_per_slide",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"--momentum {self.momentum}: must lie in [0, 1)")
+            raise UserError(f"--momentum {self.momentum}: must lie in [0, 1)")
         if self.temperature <= 0 or self.lr <= 0:
-            raise ValueError("--temperature and --lr must be positive")
+            raise UserError("--temperature and --lr must be positive")
         if self.monitor_tiles < 0 or self.num_workers < 0:
-            raise ValueError("--monitor-tiles and --num-workers must be ≥ 0")
+            raise UserError("--monitor-tiles and --num-workers must be ≥ 0")

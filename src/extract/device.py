@@ -18,6 +18,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from extract.errors import UserError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``"auto"`` → CUDA when available, else CPU; otherwise ``torch.device(name)``."""
@@ -26,16 +28,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
+        raise UserError(
             f"device {name!r} asked for but CUDA is not available to this torch ({torch.__version__}); "
             "install a CUDA build of torch or use --device cpu or auto"
         )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {name!r} asked for but this node has {torch.cuda.device_count()} GPU(s); use cuda:0 … or auto")
+        raise UserError(f"device {name!r} asked for but this node has {torch.cuda.device_count()} GPU(s); use cuda:0 … or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r} asked for but Apple MPS is not available here; use --device cpu or auto")
+        raise UserError(f"device {name!r} asked for but Apple MPS is not available here; use --device cpu or auto")
     return device
 
 
@@ -48,7 +50,7 @@ def rank_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and device.index is None and local_rank is not None:
         device = torch.device("cuda", int(local_rank))
         if device.index >= torch.cuda.device_count():
-            raise ValueError(
+            raise UserError(
                 f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s): "
                 "start at most one torchrun process per GPU (--nproc-per-node)"
             )

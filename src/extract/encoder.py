@@ -34,6 +34,7 @@ from extract.device import autocast
 from extract.checkpoint_io import CONTENT_HASH_KEY, save_atomic, verify_payload
 from extract.encoder_loading import ENCODER_CHECKPOINT_FORMAT, find_resnet, load_found, read_checkpoint
 from extract.resnet import ARCHITECTURES, BasicBlock, Bottleneck, ResNet, ResNet18, ResNet34, ResNet50, build_resnet
+from extract.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -265,7 +266,7 @@ def load_weights_only(path: str | Path, label: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to a user
-        raise ValueError(f"{label}: not a loadable weights-only torch checkpoint ({error})") from error
+        raise UserError(f"{label}: not a loadable weights-only torch checkpoint ({error})") from error
 
 
 def _random_arch(source: str) -> str | None:
@@ -275,7 +276,7 @@ def _random_arch(source: str) -> str | None:
     if source.startswith(RANDOM + ":"):
         arch = source.split(":", 1)[1]
         if arch not in ARCHITECTURES:
-            raise ValueError(
+            raise UserError(
                 f"--encoder {source}: unknown architecture; use random, {', '.join('random:' + a for a in ARCHITECTURES)}"
             )
         return arch
@@ -316,7 +317,7 @@ def load_resnet18(source: str | Path, seed: int = 0) -> tuple[ResNet18, EncoderI
     """:func:`load_resnet` for callers that need a ResNet18 (refuses the other architectures)."""
     model, info = load_resnet(source, seed)
     if info.arch != "resnet18":
-        raise ValueError(f"{source}: a {info.arch} checkpoint, where a ResNet18 is needed here")
+        raise UserError(f"{source}: a {info.arch} checkpoint, where a ResNet18 is needed here")
     return model, info  # type: ignore[return-value]
 
 
@@ -334,7 +335,7 @@ def load_encoder(
     program's sidecar JSON, else ImageNet statistics and any size for the ResNets).
     """
     if input_size_px is not None and input_size_px < 16:
-        raise ValueError(f"--encoder-input-size-px {input_size_px}: must be at least 16 px")
+        raise UserError(f"--encoder-input-size-px {input_size_px}: must be at least 16 px")
     if str(source).endswith(".pt2"):
         from extract.exported import load_exported  # torch.export is imported only when used
 

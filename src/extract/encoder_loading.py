@@ -28,6 +28,7 @@ from typing import Any, Mapping
 import torch
 
 from extract.resnet import ARCHITECTURES, Bottleneck, ResNet, build_resnet
+from extract.errors import UserError
 
 ENCODER_CHECKPOINT_FORMAT = "gigassl-tile-encoder"
 CONTAINER_KEYS = ("state_dict", "model", "net")  # where trainers put the weights, in this order
@@ -62,9 +63,9 @@ def read_checkpoint(path: Path) -> Any:
     except pickle.UnpicklingError as error:
         reason = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
         if not reason:
-            raise ValueError(f"{path}: not a loadable weights-only torch checkpoint ({str(error).splitlines()[0]})") from error
+            raise UserError(f"{path}: not a loadable weights-only torch checkpoint ({str(error).splitlines()[0]})") from error
         target = path.with_name(path.name.split(".")[0] + ".weights.pt")
-        raise ValueError(
+        raise UserError(
             f"{path}: refused by torch.load(weights_only=True) because it holds pickled Python objects ({reason}), "
             "as Lightning checkpoints with hyper-parameters do. Only if you trust where this file comes from "
             "(unpickling can run code), keep just its weights once with: "
@@ -72,7 +73,7 @@ def read_checkpoint(path: Path) -> Any:
             f"torch.save(c.get('state_dict', c), {str(target)!r})\"  and pass --encoder {target}"
         ) from error
     except Exception as error:  # noqa: BLE001 - any other failure means the same to a user
-        raise ValueError(f"{path}: not a loadable weights-only torch checkpoint ({error})") from error
+        raise UserError(f"{path}: not a loadable weights-only torch checkpoint ({error})") from error
 
 
 def _container(raw: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
@@ -121,7 +122,7 @@ def detect_arch(state: Mapping[str, torch.Tensor], label: str) -> str:
             return name
     kind = "bottleneck" if bottleneck else "basic"
     supported = "; ".join(spec.describe() for spec in ARCHITECTURES.values())
-    raise ValueError(
+    raise UserError(
         f"{label}: a ResNet with {kind} blocks {'-'.join(map(str, blocks))} per stage is not supported; "
         f"supported: {supported} (other networks: export them with torch.export, see docs/encoders.md)"
     )
@@ -140,18 +141,18 @@ def _source_of(container: str, prefix: str, raw: Mapping[str, Any]) -> str:
 def find_resnet(raw: Any, label: str) -> FoundResNet:
     """Locate and check the ResNet weights of a loaded checkpoint ``raw`` (``label`` names the file)."""
     if not isinstance(raw, Mapping):
-        raise ValueError(f"{label}: expected a dict of weights, found {type(raw).__name__}")
+        raise UserError(f"{label}: expected a dict of weights, found {type(raw).__name__}")
     state, container = _container(raw)
     prefixes = _stem_prefixes(state)
     if not prefixes:
         tensors = [k for k, v in state.items() if torch.is_tensor(v)]
-        raise ValueError(
+        raise UserError(
             f"{label}: no ResNet stem (a 'conv1.weight' of shape (64, 3, 7, 7)) among its {len(tensors)} tensors "
             f"({_listing(tensors) or 'none'}); pass a ResNet18/34/50 checkpoint, or export other networks "
             "with torch.export (docs/encoders.md)"
         )
     if len(prefixes) > 1:
-        raise ValueError(
+        raise UserError(
             f"{label}: holds several ResNets (key prefixes {', '.join(repr(p) for p in prefixes)}); "
             "save the one to use as a plain state dict and pass that file"
         )
@@ -160,7 +161,7 @@ def find_resnet(raw: Any, label: str) -> FoundResNet:
     arch = detect_arch(weights, label)
     declared = raw.get("arch") if container == "gigassl" else None
     if declared is not None and declared != arch:
-        raise ValueError(f"{label}: says arch {declared!r} but its weights are a {arch}; re-save it with save_encoder_checkpoint")
+        raise UserError(f"{label}: says arch {declared!r} but its weights are a {arch}; re-save it with save_encoder_checkpoint")
     with torch.device("meta"):  # shapes only: no memory, no random initialisation
         full = build_resnet(arch).state_dict()
     reference = {k: v for k, v in full.items() if not k.startswith("fc.")}
@@ -183,7 +184,7 @@ def _check_keys(
     # BatchNorm's step counters are missing from older torchvision files and are never used here.
     missing = [k for k in used if k not in weights and not k.endswith("num_batches_tracked")]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{label}: {arch} weights under prefix {prefix!r} lack {len(missing)} of the {len(used)} tensors the "
             f"package uses (conv1 … layer4): {_listing([prefix + k for k in missing])}; pass the complete checkpoint"
         )
@@ -193,7 +194,7 @@ def _check_keys(
         if k in weights and weights[k].shape != reference[k].shape
     ]
     if wrong:
-        raise ValueError(f"{label}: not a standard {arch}: {len(wrong)} tensors of another shape: {_listing(wrong)}")
+        raise UserError(f"{label}: not a standard {arch}: {len(wrong)} tensors of another shape: {_listing(wrong)}")
 
 
 def load_found(found: FoundResNet) -> ResNet:

@@ -28,6 +28,7 @@ from torch import nn
 
 from extract.config import parse_channel_stats
 from extract.encoder import EncoderInfo, TileEncoder, file_sha256
+from extract.errors import UserError
 
 SIDECAR_SUFFIX = ".json"
 PROBE_SIZE_PX = 224  # side used to probe a program whose spatial sizes are dynamic
@@ -47,12 +48,12 @@ def read_sidecar(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(side.read_text())
     except (OSError, ValueError) as error:
-        raise ValueError(f"{side}: not a readable JSON object ({error}); fix it or delete it and pass the flags") from error
+        raise UserError(f"{side}: not a readable JSON object ({error}); fix it or delete it and pass the flags") from error
     if not isinstance(data, dict):
-        raise ValueError(f"{side}: expected a JSON object with input_size_px, mean, std")
+        raise UserError(f"{side}: expected a JSON object with input_size_px, mean, std")
     unknown = sorted(set(data) - {"input_size_px", "mean", "std", "name"})
     if unknown:
-        raise ValueError(f"{side}: unknown keys {unknown}; expected input_size_px, mean, std, name")
+        raise UserError(f"{side}: unknown keys {unknown}; expected input_size_px, mean, std, name")
     return data
 
 
@@ -88,9 +89,9 @@ def check_pt2_archive(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             problem = _archive_problem(archive)
     except (zipfile.BadZipFile, OSError, ValueError, KeyError) as error:
-        raise ValueError(f"{path}: not a torch.export archive ({error}); write it with torch.export.save") from error
+        raise UserError(f"{path}: not a torch.export archive ({error}); write it with torch.export.save") from error
     if problem:
-        raise ValueError(
+        raise UserError(
             f"{path}: refused because {problem}; re-export the model with torch.export.export + torch.export.save "
             "from plain tensors (see docs/encoders.md)"
         )
@@ -135,14 +136,14 @@ def _probe(program: nn.Module, size: int, path: Path) -> int:
                 out = program(torch.zeros(batch, 3, size, size))
         except Exception as error:  # noqa: BLE001 - a guard or shape failure of the program
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ValueError(
+            raise UserError(
                 f"{path}: the program fails on a ({batch}, 3, {size}, {size}) batch ({first}); export it with a dynamic "
                 "batch dimension (dynamic_shapes=({0: torch.export.Dim('batch')},)) and give its input size "
                 "(--encoder-input-size-px or the sidecar's input_size_px)"
             ) from error
         if not torch.is_tensor(out) or out.ndim != 2 or out.shape[0] != batch:
             shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-            raise ValueError(f"{path}: the program maps ({batch}, 3, {size}, {size}) to {shape}; it must return (B, D) features")
+            raise UserError(f"{path}: the program maps ({batch}, 3, {size}, {size}) to {shape}; it must return (B, D) features")
         widths.add(int(out.shape[1]))
     return widths.pop()
 
@@ -162,21 +163,21 @@ def load_exported(
     try:
         program = torch.export.load(str(path))
     except Exception as error:  # noqa: BLE001 - version skew, damaged file …
-        raise ValueError(
+        raise UserError(
             f"{path}: torch.export.load failed ({error}); re-export it with this torch version ({torch.__version__})"
         ) from error
     size = input_size_px or side.get("input_size_px") or _static_input_size(program)
     if size is not None and (not isinstance(size, int) or size < 16):
-        raise ValueError(f"{path}: input size {size!r} must be an integer ≥ 16 px (--encoder-input-size-px or the sidecar)")
+        raise UserError(f"{path}: input size {size!r} must be an integer ≥ 16 px (--encoder-input-size-px or the sidecar)")
     if (mean or side.get("mean")) is None or (std or side.get("std")) is None:
-        raise ValueError(
+        raise UserError(
             f"{path}: no normalisation given; write {sidecar_path(path)} with mean and std, or pass --encoder-mean "
             "and --encoder-std (e.g. ImageNet's 0.485,0.456,0.406 and 0.229,0.224,0.225)"
         )
     mean = parse_channel_stats(mean or side["mean"], f"{path}: mean")
     std = parse_channel_stats(std or side["std"], f"{path}: std", positive=True)
     if mean is None or std is None:
-        raise ValueError(f"{path}: no normalisation given (mean and std)")
+        raise UserError(f"{path}: no normalisation given (mean and std)")
     module = program.module()
     width = _probe(module, size or PROBE_SIZE_PX, path)
     trunk = ExportedTrunk(module, width, mean, std, size)
@@ -200,7 +201,7 @@ def export_tile_encoder(
     """
     path = Path(path)
     if path.suffix != ".pt2":
-        raise ValueError(f"{path}: an exported program's file name must end in .pt2")
+        raise UserError(f"{path}: an exported program's file name must end in .pt2")
     model = model.eval()
     example = torch.randn(2, 3, input_size_px, input_size_px)
     with torch.no_grad():

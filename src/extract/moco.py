@@ -67,6 +67,7 @@ from extract.moco_monitors import epoch_row, quality_monitors
 from extract.moco_probe import ProbeSet, probe_set
 from extract.monitors import write_monitors
 from extract.slide_list import list_slides
+from extract.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ def run_pretraining(config: MocoConfig) -> PretrainingResult:
             progress=main_process,
         )
         if not slides:
-            raise ValueError(f"--slides {config.slides}: none of the {len(paths)} files gave tissue tiles (see warnings)")
+            raise UserError(f"--slides {config.slides}: none of the {len(paths)} files gave tissue tiles (see warnings)")
         logger.info(
             "%d slides, %d tissue tiles of %d px at %g µm/px",
             len(slides),
@@ -224,7 +225,7 @@ def _set_up(config: MocoConfig, rank: int, world: int, device: torch.device) -> 
     """Model, SGD, grad scaler and this rank's view generator, before any resume."""
     steps_per_epoch = config.tiles_per_epoch // config.batch_size
     if steps_per_epoch < 1:
-        raise ValueError(f"--tiles-per-epoch {config.tiles_per_epoch} is smaller than --batch-size {config.batch_size}")
+        raise UserError(f"--tiles-per-epoch {config.tiles_per_epoch} is smaller than --batch-size {config.batch_size}")
     torch.manual_seed(config.seed)
     model = MoCo(config.queue_size, seed=config.seed, arch=config.arch).to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's Module.to overloads omit memory_format
     base_lr = config.lr * config.batch_size / 256
@@ -274,7 +275,7 @@ def _run_epoch(
             run.query_encoder,
         )
         if not math.isfinite(result.loss):
-            raise FloatingPointError(
+            raise UserError(
                 f"MoCo loss became {result.loss} at epoch {epoch + 1} step {step + len(steps)}; "
                 "lower --lr or disable --mixed-precision"
             )

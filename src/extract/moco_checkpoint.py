@@ -23,6 +23,7 @@ from extract.config import MocoConfig, settings_dict, with_current_names
 from extract.encoder import load_weights_only, save_encoder_checkpoint
 from extract.moco_model import MoCo, all_gather
 from extract.resnet import ResNet, build_resnet
+from extract.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +119,9 @@ def load_training_checkpoint(path: Path, config: MocoConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"--resume {path} does not exist; pass OUT/last.pt or OUT/checkpoints/epoch_NNNN.pt")
     raw = load_weights_only(path, f"--resume {path}")
     if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"--resume {path}: not a `gigassl pretrain-tiles` training checkpoint (OUT/last.pt)")
+        raise UserError(f"--resume {path}: not a `gigassl pretrain-tiles` training checkpoint (OUT/last.pt)")
     if raw.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"--resume {path}: checkpoint version {raw.get('version')}, this package reads {CHECKPOINT_VERSION}")
+        raise UserError(f"--resume {path}: checkpoint version {raw.get('version')}, this package reads {CHECKPOINT_VERSION}")
     verify_payload(raw, f"--resume {path}")
     saved, current = {"arch": "resnet18", **with_current_names(raw["config"])}, settings_dict(config)  # before --arch: resnet18
     differ = [
@@ -129,7 +130,7 @@ def load_training_checkpoint(path: Path, config: MocoConfig) -> dict[str, Any]:
         if saved.get(k) != current[k]
     ]
     if differ:
-        raise ValueError(f"--resume {path}: settings differ from the checkpoint's; pass the same values: " + "; ".join(differ))
+        raise UserError(f"--resume {path}: settings differ from the checkpoint's; pass the same values: " + "; ".join(differ))
     return raw
 
 

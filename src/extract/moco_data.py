@@ -27,6 +27,7 @@ from extract.progress import progress as progress_bar
 
 from extract.reader import SlideReader, SlideReadError, load_mpp_overrides, open_slide
 from extract.tiling import tile_grid
+from extract.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class EpochTileBatches(IterableDataset):
         world_size: int = 1,
     ) -> None:
         if batch_size % world_size:
-            raise ValueError(f"--batch-size {batch_size} must be a multiple of the {world_size} processes")
+            raise UserError(f"--batch-size {batch_size} must be a multiple of the {world_size} processes")
         self.slides, self.plan, self.tile_size_px = slides, plan, tile_size_px
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.local_batch = batch_size // world_size

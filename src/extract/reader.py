@@ -25,6 +25,8 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from extract.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 PLAIN_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff"})
@@ -41,7 +43,7 @@ _LEVEL_TOLERANCE = 1e-3
 RESAMPLE_TOLERANCE = 0.01
 
 
-class SlideReadError(ValueError):
+class SlideReadError(UserError):
     """A file that cannot be opened or read as a slide; the message names the file."""
 
 
@@ -386,7 +388,7 @@ def load_mpp_overrides(path: str | Path) -> dict[str, float]:
         reader = csv.DictReader(handle)
         columns = {name.strip().lower() for name in (reader.fieldnames or [])}
         if not {"slide", "mpp"} <= columns:
-            raise ValueError(f"--mpp-csv {path}: needs columns 'slide,mpp', found {sorted(columns)}")
+            raise UserError(f"--mpp-csv {path}: needs columns 'slide,mpp', found {sorted(columns)}")
         for line, row in enumerate(reader, start=2):
             row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
             name = row["slide"]
@@ -395,9 +397,9 @@ def load_mpp_overrides(path: str | Path) -> dict[str, float]:
             try:
                 value = float(row["mpp"])
             except ValueError:
-                raise ValueError(f"--mpp-csv {path} line {line}: mpp {row['mpp']!r} is not a number") from None
+                raise UserError(f"--mpp-csv {path} line {line}: mpp {row['mpp']!r} is not a number") from None
             if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"--mpp-csv {path} line {line}: mpp {value} must be positive")
+                raise UserError(f"--mpp-csv {path} line {line}: mpp {value} must be positive")
             stem = Path(name).stem if Path(name).suffix.lower() in SLIDE_SUFFIXES else name
             overrides[stem] = value
     return overrides

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from extract.errors import UserError
+
 
 class BasicBlock(nn.Module):
     """ResNet basic block (two 3×3 convs), named as in torchvision; ``planes`` output channels."""
@@ -120,7 +122,7 @@ class ResNet(nn.Module):
     def __init__(self, arch: str = "resnet18", num_classes: int = 1000) -> None:
         super().__init__()
         if arch not in ARCHITECTURES:
-            raise ValueError(f"architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+            raise UserError(f"architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
         spec = ARCHITECTURES[arch]
         self.arch, self.trunk_width, self.layer4_width = arch, spec.trunk_width, spec.layer4_width
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
@@ -180,5 +182,5 @@ _CLASSES: dict[str, type[ResNet]] = {"resnet18": ResNet18, "resnet34": ResNet34,
 def build_resnet(arch: str, num_classes: int = 1000) -> ResNet:
     """A randomly initialised network of ``arch`` (``"resnet18"``, ``"resnet34"``, ``"resnet50"``)."""
     if arch not in _CLASSES:
-        raise ValueError(f"architecture {arch!r}: choose one of {', '.join(_CLASSES)}")
+        raise UserError(f"architecture {arch!r}: choose one of {', '.join(_CLASSES)}")
     return _CLASSES[arch](num_classes=num_classes)

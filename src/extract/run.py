@@ -47,6 +47,7 @@ from extract.slide_plan import PlanSettings, SlidePlanner
 from extract.summary import ExtractionSummary, SlideOutcome, count
 from extract.tile_loader import ReadingWorkerDied, TileStream, is_worker_death
 from extract.tiling import TileGrid
+from extract.errors import UserError
 
 if TYPE_CHECKING:  # the bank pulls in the augmentations: imported only when a bank is asked for
     from extract.bank import DecodedTiles
@@ -220,7 +221,7 @@ def _one_line(error: BaseException) -> str:
         # whose last line is the original "Type: message".
         return lines[-1]
     text = " ".join(lines)
-    known = isinstance(error, (ValueError, OSError))  # SlideReadError and friends name the file
+    known = isinstance(error, (UserError, OSError))  # SlideReadError and friends name the file
     return text if known and text else f"{type(error).__name__}: {text}"
 
 
@@ -230,7 +231,7 @@ def _one_line(error: BaseException) -> str:
 def _require_encoder(config: ExtractConfig) -> None:
     """The job needs a tile encoder (the settings alone may leave it out, e.g. to build a bank)."""
     if not config.encoder:
-        raise ValueError(
+        raise UserError(
             "--encoder is required: a ResNet18/34/50 checkpoint (torchvision, MoCo, Lightning, or `gigassl "
             "pretrain-tiles` output), a torch.export .pt2 program, or 'random' for an untrained network"
         )
@@ -298,8 +299,11 @@ def _extract_or_fail(path: Path, job: _Job) -> SlideOutcome:
                 if died
                 else _one_line(error)
             )
-            logger.error("failed %s: %s", path.name, reason)
-            logger.debug("traceback of %s", path.name, exc_info=True)
+            if died or isinstance(error, (UserError, OSError)):
+                logger.error("failed %s: %s", path.name, reason)
+                logger.debug("traceback of %s", path.name, exc_info=True)
+            else:  # a bug, not the slide's fault: its traceback, for the report; the cohort goes on
+                logger.error("failed %s on an internal error (a bug; please report it): %s", path.name, reason, exc_info=True)
             return SlideOutcome(path.name, "failed", reason=reason)
     raise AssertionError("unreachable")
 

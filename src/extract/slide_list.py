@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
 
 from extract.reader import SLIDE_SUFFIXES
+from extract.errors import UserError
 from extract.reader_dicom import is_dicom_folder
 
 Item = TypeVar("Item")
@@ -66,9 +67,9 @@ def parse_shard(text: str) -> tuple[int, int]:
         index_text, count_text = text.split("/")
         index, count = int(index_text), int(count_text)
     except ValueError:
-        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/4 (SLURM: $SLURM_ARRAY_TASK_ID/N)") from None
+        raise UserError(f"--shard {text!r}: expected i/n, e.g. 0/4 (SLURM: $SLURM_ARRAY_TASK_ID/N)") from None
     if count < 1 or not 0 <= index < count:
-        raise ValueError(f"--shard {text!r}: need 0 ≤ i < n")
+        raise UserError(f"--shard {text!r}: need 0 ≤ i < n")
     return index, count
 
 
@@ -77,7 +78,7 @@ def process_part(shard: str) -> tuple[int, int]:
     index, count = parse_shard(shard)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} / WORLD_SIZE={world} from the environment are inconsistent")
+        raise UserError(f"RANK={rank} / WORLD_SIZE={world} from the environment are inconsistent")
     return index * world + rank, count * world
 
 

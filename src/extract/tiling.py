@@ -22,6 +22,7 @@ import numpy as np
 from extract.config import ExtractConfig, GridLimits
 from extract.reader import SlideReader, SlideReadError
 from extract.tissue import pen_ink_mask, tile_tissue_fraction, tissue_mask
+from extract.errors import UserError
 
 # Longest thumbnail side used for the tissue mask (and the QC image, which must be large
 # enough to judge pen marks and borders: 1,536 px unless the slide is smaller), and how many
@@ -172,9 +173,9 @@ def tile_grid(
     or :class:`NoTissueError` naming the slide.
     """
     if target_mpp <= 0 or tile_size_px <= 0:
-        raise ValueError(f"target µm/px ({target_mpp}) and tile size ({tile_size_px} px) must be positive")
+        raise UserError(f"target µm/px ({target_mpp}) and tile size ({tile_size_px} px) must be positive")
     if not 0.0 <= tissue_threshold <= 1.0:
-        raise ValueError(f"tissue threshold {tissue_threshold} must lie in [0, 1]")
+        raise UserError(f"tissue threshold {tissue_threshold} must lie in [0, 1]")
     check_grid(reader, target_mpp, tile_size_px, limits)
     size_level0 = tile_size_px * target_mpp / reader.level0_mpp
     width, height = reader.dimensions

@@ -72,9 +72,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     payload = load_weights_only(path, str(path))
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a Giga-SSL checkpoint written by `gigassl train`")
+        raise UserError(f"{path}: not a Giga-SSL checkpoint written by `gigassl train`")
     if payload.get("format_version") != CHECKPOINT_VERSION:
-        raise ValueError(
+        raise UserError(
             f"{path}: checkpoint format version {payload.get('format_version')}, this package reads {CHECKPOINT_VERSION}"
         )
     if CONTENT_HASH_KEY not in payload:
@@ -95,7 +95,7 @@ def load_model(
     payload = load_checkpoint(path)
     saved_backend = payload["config"].get("sparse_backend", "spconv")  # checkpoints before the option
     if saved_backend not in BACKENDS:
-        raise ValueError(
+        raise UserError(
             f"{path}: the checkpoint names an unknown sparse backend {saved_backend!r} "
             f"(this package knows {', '.join(BACKENDS)}); was it written by a newer gigassl?"
         )

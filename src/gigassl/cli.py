@@ -8,13 +8,13 @@ give the same messages. Heavy modules are imported only when their subcommand ru
 
 Errors: a user error is printed as one line and exits with status 2; anything else is a bug,
 printed with its traceback, status 1; ``-v`` shows the traceback of user errors too. User
-errors are :class:`extract.errors.UserError`, a path that is missing or not writable
-(``FileNotFoundError``, ``PermissionError`` …), an ``OSError`` of the environment (read-only
+errors are told by their type alone: :class:`extract.errors.UserError` (every check of the
+input or the settings raises it or a subclass), a path that is missing or not writable
+(``FileNotFoundError``, ``PermissionError`` …), and an ``OSError`` of the environment (read-only
 or full filesystem, quota, name too long, link loop, I/O error; a full disk anywhere becomes
-:class:`extract.disk_errors.DiskFullError`, naming the free space), and — so that the validation messages written
-before ``UserError`` existed stay one line — a ``ValueError`` raised by a ``raise`` statement of
-the package itself (a ``ValueError`` raised inside numpy, torch or by an operation of ours is a
-bug). Ctrl-C ends with one line and status 130.
+:class:`extract.disk_errors.DiskFullError`, naming the free space). Any other exception — a plain
+``ValueError`` included, whether numpy's or an internal check of ours — is a bug. Ctrl-C ends with
+one line and status 130.
 """
 
 from __future__ import annotations
@@ -24,12 +24,9 @@ import dataclasses
 import errno
 import importlib
 import logging
-import linecache
-import os
 import sys
 import types
 import typing
-from pathlib import Path
 from typing import Any, Sequence
 
 from extract.config import ExtractConfig, MocoConfig
@@ -123,11 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# where the package's own code lives: a ValueError raised by a `raise` line in here is a user error
-PACKAGE_DIRS = tuple(
-    str(Path(module_file).resolve().parent) + os.sep
-    for module_file in (typing.cast(str, sys.modules[UserError.__module__].__file__), __file__)
-)  # a .py module: has a file
 PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 # An OSError with one of these errnos is the environment's fault (a read-only or full filesystem,
 # a name too long, a link loop …), never the package's: one line naming the path and the cause.
@@ -141,16 +133,7 @@ def is_user_error(error: BaseException) -> bool:
     """True for bad input or settings (one line), False for a bug (traceback); see the module docstring."""
     if isinstance(error, (UserError,) + PATH_ERRORS):
         return True
-    if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
-        return True
-    if type(error) is not ValueError or error.__traceback__ is None:
-        return False
-    innermost = error.__traceback__
-    while innermost.tb_next is not None:
-        innermost = innermost.tb_next
-    filename = str(Path(innermost.tb_frame.f_code.co_filename).resolve())
-    line = linecache.getline(innermost.tb_frame.f_code.co_filename, innermost.tb_lineno).strip()
-    return filename.startswith(PACKAGE_DIRS) and line.startswith("raise ")
+    return isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS
 
 
 def one_line(error: BaseException) -> str:
@@ -198,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_class, target, _ = COMMANDS[args.command]
     try:
         config = config_from_args(config_class, args)
-    except (TypeError, ValueError) as error:
+    except UserError as error:
         parser.error(str(error))
     module_name, function_name = target.split(":")
     try:

@@ -26,6 +26,8 @@ import warnings
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+from extract.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 ALPHA_GRID = tuple(float(a) for a in np.logspace(-3, 2, 6))  # α / n
@@ -135,7 +137,7 @@ class CoxRidge:
     def _fit(self, x: np.ndarray, time: np.ndarray, event: np.ndarray, groups: np.ndarray | None) -> "CoxRidge":
         time, event = np.asarray(time, float), np.asarray(event, bool)
         if not event.any():
-            raise ValueError(f"Cox regression: no event among the {len(event)} training slides; it needs some")
+            raise UserError(f"Cox regression: no event among the {len(event)} training slides; it needs some")
         self.mean_ = x.mean(axis=0)
         scale = x.std(axis=0)
         self.scale_ = np.where(scale > 0, scale, 1.0)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gigassl.config import DemoConfig
+from extract.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
         extraction = run_extraction(extract_settings(config, out / "slides"))
         logger.info("%s", extraction.format())
         if extraction.exit_code:
-            raise ValueError(
+            raise UserError(
                 f"extraction failed for some demo slides (see above); rerun with --overwrite to redraw them:\n"
                 f"{extraction.format()}"
             )

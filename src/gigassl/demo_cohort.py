@@ -27,6 +27,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from extract.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 KATHER_MPP = 0.495
@@ -293,7 +295,7 @@ def write_demo_cohort(
     base = settings or CohortSettings()
     settings = CohortSettings(**{**asdict(base), "n_slides": n_slides, "seed": seed})
     if n_slides < 2:
-        raise ValueError(f"n_slides={n_slides}: the demo cohort needs at least 2 slides (one per label)")
+        raise UserError(f"n_slides={n_slides}: the demo cohort needs at least 2 slides (one per label)")
     folder = Path(folder)
     slides_dir = folder / SLIDES_FOLDER
     slides_dir.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,7 @@ from extract.resnet import ARCHITECTURES, Bottleneck
 from gigassl.sparse_conv import SparseTensor, make_sparse_tensor, resolve_backend
 from gigassl.sparse_layer4 import BLOCKS, SparseLayer4, dense_layer4
 from gigassl.sparse_map import SparseBatch
+from extract.errors import UserError
 
 __all__ = ["GENERIC", "GigaSSLModel", "HeadSpec", "SparseLayer4", "mean_per_map"]
 
@@ -83,7 +84,7 @@ class HeadSpec:
         if self.source not in (*ARCHITECTURES, GENERIC):
             problems.append(f"source {self.source!r} (choose {', '.join((*ARCHITECTURES, GENERIC))})")
         if problems:
-            raise ValueError("invalid sparse head: " + "; ".join(problems))
+            raise UserError("invalid sparse head: " + "; ".join(problems))
 
     @property
     def layer4_in(self) -> int:
@@ -94,7 +95,7 @@ class HeadSpec:
     def for_resnet(cls, arch: str) -> "HeadSpec":
         """The head made of ``arch``'s own layer4 (resnet18, resnet34, resnet50)."""
         if arch not in ARCHITECTURES:
-            raise ValueError(f"no ResNet head for {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+            raise UserError(f"no ResNet head for {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
         spec = ARCHITECTURES[arch]
         block = "bottleneck" if spec.block is Bottleneck else "basic"
         return cls(spec.trunk_width, block, spec.blocks_per_stage[3], spec.layer4_width, arch)
@@ -124,14 +125,14 @@ class HeadSpec:
         if data is None:
             return cls()
         if not isinstance(data, Mapping):
-            raise ValueError(f"{label}: the sparse head is {type(data).__name__}, not a mapping; re-save the checkpoint")
+            raise UserError(f"{label}: the sparse head is {type(data).__name__}, not a mapping; re-save the checkpoint")
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"{label}: unknown sparse head fields {unknown}; was it written by a newer gigassl?")
+            raise UserError(f"{label}: unknown sparse head fields {unknown}; was it written by a newer gigassl?")
         try:
             return cls(**dict(data))
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{label}: {error}") from error
+            raise UserError(f"{label}: {error}") from error
 
 
 class GigaSSLModel(nn.Module):
@@ -170,7 +171,7 @@ class GigaSSLModel(nn.Module):
                 head is not None
                 and dataclasses.replace(head, feature_dim=head.layer4_in, input_projection_dim=0, source=found.source) != found
             ):
-                raise ValueError(f"the layer4 given ({found}) does not have the shape of the head asked for ({head})")
+                raise UserError(f"the layer4 given ({found}) does not have the shape of the head asked for ({head})")
             head = head or found
         head = head or HeadSpec()
         self.head, self.projector_dim = head, projector_dim

@@ -48,21 +48,21 @@ def parse_budgets(text: str | Sequence[str]) -> list[Budget]:
         if match := re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", item):
             value = float(match.group(1)) / 100
             if not 0 < value <= 1:
-                raise ValueError(f"budget {item!r}: a percentage must be in (0, 100]")
+                raise UserError(f"budget {item!r}: a percentage must be in (0, 100]")
             budgets.append(Budget(item, "fraction", value))
         elif match := re.fullmatch(r"(\d+)\s*/\s*class", item):
             budgets.append(Budget(item, "per_class", float(match.group(1))))
         elif re.fullmatch(r"\d+", item):
             budgets.append(Budget(item, "count", float(item)))
         else:
-            raise ValueError(
+            raise UserError(
                 f"budget {item!r} not understood; use a percentage (25%), a slide count (50) "
                 "or slides per class (4/class), comma-separated"
             )
         if budgets[-1].value <= 0:
-            raise ValueError(f"budget {item!r} must be positive")
+            raise UserError(f"budget {item!r} must be positive")
     if not budgets:
-        raise ValueError(f"--budgets {text!r} names no budget; e.g. '100%,25%,50,4/class'")
+        raise UserError(f"--budgets {text!r} names no budget; e.g. '100%,25%,50,4/class'")
     return budgets
 
 
@@ -93,7 +93,7 @@ def read_labels(
         columns = [c.strip() for c in (reader.fieldnames or [])]
         for needed in (slide_column, label_column):
             if needed not in columns:
-                raise ValueError(
+                raise UserError(
                     f"labels CSV {path}: no column {needed!r} (found {columns}); "
                     f"name the columns with --slide-column / --label-column"
                 )
@@ -104,15 +104,15 @@ def read_labels(
             if not row[slide_column]:
                 continue
             if not row[label_column]:
-                raise ValueError(f"labels CSV {path} line {line}: slide {row[slide_column]!r} has an empty label")
+                raise UserError(f"labels CSV {path} line {line}: slide {row[slide_column]!r} has an empty label")
             ids.append(row[slide_column])
             labels.append(row[label_column])
             patients.append(row[patient_column] or row[slide_column] if has_patient else "")
     repeated = sorted({s for s in ids if ids.count(s) > 1}) if len(set(ids)) != len(ids) else []
     if repeated:
-        raise ValueError(f"labels CSV {path}: slide ids listed more than once: {repeated[:10]}")
+        raise UserError(f"labels CSV {path}: slide ids listed more than once: {repeated[:10]}")
     if not ids:
-        raise ValueError(f"labels CSV {path} holds no labelled slide")
+        raise UserError(f"labels CSV {path} holds no labelled slide")
     return Labels(ids, np.array(labels, dtype=str), np.array(patients, dtype=str) if has_patient else None)
 
 
@@ -148,7 +148,7 @@ def keep_available(labels: Labels, available: set[str], what: str, strict: bool)
             )
         message = f"{len(missing)} of {len(labels.slide_ids)} labelled slides are missing from {what}: {shown}{hint}"
         if strict:
-            raise ValueError(message + "; fix the labels CSV or the inputs, or drop --strict to ignore them")
+            raise UserError(message + "; fix the labels CSV or the inputs, or drop --strict to ignore them")
         logger.warning("%s; they are ignored", message)
     return labels.subset([i for i, s in enumerate(labels.slide_ids) if s in available]), missing
 
@@ -157,7 +157,7 @@ def check_classes(labels: Labels, n_folds_needed: int, source: str) -> np.ndarra
     """The sorted class names; raises when a split cannot hold every class on both sides."""
     classes, _counts = np.unique(labels.labels, return_counts=True)
     if len(classes) < 2:
-        raise ValueError(
+        raise UserError(
             f"{source}: a single class {[str(c) for c in classes]} among {len(labels.slide_ids)} slides; "
             "classification needs at least two classes — check --label-column"
         )
@@ -166,7 +166,7 @@ def check_classes(labels: Labels, n_folds_needed: int, source: str) -> np.ndarra
         members = labels.labels == name
         n = len(np.unique(labels.patients[members])) if labels.patients is not None else int(members.sum())
         if n < n_folds_needed:
-            raise ValueError(
+            raise UserError(
                 f"{source}: class {str(name)!r} has {n} {unit}; each split needs at least {n_folds_needed} per class "
                 f"(some for training, some for testing) — add {unit}, or merge or drop the class"
             )
@@ -180,7 +180,7 @@ def check_classes(labels: Labels, n_folds_needed: int, source: str) -> np.ndarra
 def n_folds_for(test_fraction: float) -> int:
     """Folds of the grouped split whose held-out fold is about ``test_fraction``."""
     if not 0 < test_fraction < 1:
-        raise ValueError(f"--test-fraction {test_fraction} must be in (0, 1)")
+        raise UserError(f"--test-fraction {test_fraction} must be in (0, 1)")
     return max(2, int(round(1 / test_fraction)))
 
 
@@ -190,7 +190,7 @@ def make_splits(
     """``n_splits`` stratified (train, test) index pairs; grouped (patients never straddle) when
     ``groups`` is given. Raises when a split lacks a class on one side."""
     if n_splits < 1:
-        raise ValueError(f"--n-splits {n_splits} must be ≥ 1")
+        raise UserError(f"--n-splits {n_splits} must be ≥ 1")
     if groups is None:
         splitter = StratifiedShuffleSplit(n_splits=n_splits, test_size=test_fraction, random_state=seed)
         splits = list(splitter.split(np.zeros(len(y)), y))
@@ -206,9 +206,9 @@ def make_splits(
     n_classes = len(np.unique(y))
     for index, (train, test) in enumerate(splits):
         if len(np.unique(y[train])) < n_classes:
-            raise ValueError(f"split {index}: a class has no training slide; lower --test-fraction or add slides")
+            raise UserError(f"split {index}: a class has no training slide; lower --test-fraction or add slides")
         if len(np.unique(y[test])) < 2:
-            raise ValueError(f"split {index}: the test part holds a single class; raise --test-fraction or add slides")
+            raise UserError(f"split {index}: the test part holds a single class; raise --test-fraction or add slides")
     return splits
 
 
@@ -229,7 +229,7 @@ def budget_subset(
         k = int(budget.value)
         short = [(c, n) for c, n in zip(classes, counts) if n < k]
         if short:
-            raise ValueError(
+            raise UserError(
                 f"budget {budget.text!r} asks for {k} training slides per class, but in split {split_index} "
                 f"class {_name(short[0][0], class_names)!r} has only {short[0][1]} training slides; use a smaller K"
             )
@@ -237,13 +237,13 @@ def budget_subset(
     else:
         n = int(round(budget.value * n_train)) if budget.kind == "fraction" else int(budget.value)
         if n > n_train:
-            raise ValueError(
+            raise UserError(
                 f"budget {budget.text!r} asks for {n} training slides, but the training part of split "
                 f"{split_index} holds {n_train}; use a smaller count or a percentage"
             )
         n = max(n, len(classes))
         if budget.kind == "count" and int(budget.value) < len(classes):
-            raise ValueError(
+            raise UserError(
                 f"budget {budget.text!r} is smaller than the number of classes ({len(classes)}); "
                 "every class needs a training slide"
             )

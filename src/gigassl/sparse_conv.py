@@ -39,6 +39,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from torch import nn
 
+from extract.errors import UserError
 from gigassl.config import SPARSE_BACKENDS as BACKENDS  # the names the settings accept
 
 # ``auto``: the torch backend everywhere. It installs everywhere, and on the 2-core CPU with bf16
@@ -50,7 +51,7 @@ _CENTRE = 4  # tap index of (1, 1) in a row-major 3×3 kernel
 _SUBM_KEY = "subm3x3"  # spconv's indice_key shared by the submanifold convs on one set of sites
 
 
-class SparseBackendError(ValueError):
+class SparseBackendError(UserError):
     """A sparse backend that cannot be used here (not installed, unknown, wrong device)."""
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from extract.errors import UserError
+
 TIED_RISK_TOLERANCE = 1e-8
 # Uno's truncation time: this quantile of the training part's follow-up times (events and
 # censorings together), so that the censoring distribution is still estimable there.
@@ -85,7 +87,7 @@ def uno_c(
     g = step_value(censoring_times, censoring_survival, time)
     usable = event & (time < tau)
     if (g[usable] <= 0).any():
-        raise ValueError(f"Uno's C: the censoring survival is 0 before tau = {tau:g}; choose an earlier truncation time")
+        raise UserError(f"Uno's C: the censoring survival is 0 before tau = {tau:g}; choose an earlier truncation time")
     weight = np.zeros(len(time))
     weight[usable] = 1.0 / g[usable] ** 2
     return _weighted_concordance(time, event, risk, weight)
