@@ -7,8 +7,13 @@ are in :mod:`gigassl.protocol`):
   labels CSV has a patient column, all slides of a patient fall on one side
   (``StratifiedGroupKFold``, one fold held out per repeat).
 - In every split, each training budget takes a stratified subset of the training part:
-  ``100%``/``25%`` (a share), ``50`` (a slide count) or ``4/class`` (K per class). The subset
-  is drawn once per (split, budget) and shared by every method, so methods see the same slides.
+  ``100%``/``25%`` (a share), ``50`` (a slide count) or ``4/class`` (K per class; ``--shots
+  1,2,4,8,16`` is TITAN's few-shot protocol, with ``--n-splits 50``). The subset is drawn once
+  per (split, budget) and shared by every method, so methods see the same slides.
+- Methods that need an inner split fall back when the training part is too small for one (one
+  slide per class): ``--tune-c`` keeps C fixed, attention-MIL's early stopping trains the fixed
+  epochs. Said once per method and budget in the log and in ``results.json`` (``fallbacks``),
+  beside the seconds each method took (``seconds_per_method``, ``cpu_seconds_per_method``).
 - Methods: ``gigassl`` (logistic regression on the embeddings), ``average`` (AverageMIL),
   ``abmil`` (gated attention-MIL), ``topk`` (top-k fine-tuning); see :mod:`gigassl.mil`.
   Logistic regression: C = 10, ``class_weight="balanced"``, lbfgs, ``max_iter=1000`` (the
@@ -51,7 +56,7 @@ from gigassl.evaluation_inputs import (
     slide_tiles,
     trunk_factory,
 )
-from gigassl.evaluation_report import format_report, write_csv, write_json
+from gigassl.evaluation_report import fallbacks, format_costs, format_report, method_seconds, write_csv, write_json
 from gigassl.plots import plot_auc
 from gigassl.paired import paired_differences
 from gigassl.protocol import (
@@ -225,7 +230,7 @@ def run_protocol(
 
 def _fit_one(method: Method, train: np.ndarray, test: np.ndarray, y: np.ndarray, budget: str, split: int, seed: int) -> dict:
     """One fit: the split row (AUC, balanced accuracy, seconds, and the fallback when there was one)."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     proba = method.fit_predict(train, test, y, budget, seed + split)
     row = dict(
         method=method.name,
@@ -235,25 +240,12 @@ def _fit_one(method: Method, train: np.ndarray, test: np.ndarray, y: np.ndarray,
         auc=roc_auc(y[test], proba),
         balanced_accuracy=float(balanced_accuracy_score(y[test], proba.argmax(1))),
         seconds=round(time.perf_counter() - started, 4),
+        cpu_seconds=round(time.process_time() - cpu_started, 4),  # on a shared machine: what a quiet one would take
     )
     fallback = method.fallback(y[train], seed + split) if hasattr(method, "fallback") else ""
     if fallback:
         row["fallback"] = fallback
     return row
-
-
-def method_seconds(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Seconds each method spent fitting and predicting, over every budget and split."""
-    seconds: dict[str, float] = {}
-    for r in rows:
-        seconds[r["method"]] = seconds.get(r["method"], 0.0) + float(r.get("seconds", 0.0))
-    return {k: round(v, 2) for k, v in seconds.items()}
-
-
-def fallbacks(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    """(method, budget, what it did instead of an inner split), once each, for results.json."""
-    seen = dict.fromkeys((r["method"], r["budget"], r["fallback"]) for r in rows if r.get("fallback"))
-    return [dict(method=m, budget=b, fallback=f) for m, b, f in seen]
 
 
 def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -296,16 +288,13 @@ class EvaluationResult:
     def format(self) -> str:
         """The AUC / balanced-accuracy table, the paired differences, the seconds per method,
         what methods did without an inner split, and the files written."""
-        lines = [format_report(self.summary, self.paired)]
-        if self.seconds:
-            n_fits = {m: sum(1 for r in self.rows if r["method"] == m) for m in self.seconds}
-            lines.append(
-                "evaluate time per method (fit + predict, all budgets and splits): "
-                + ", ".join(f"{m} {s:.1f} s ({n_fits[m]} fits)" for m, s in self.seconds.items())
-            )
-        lines += [f"{f['method']} @ {f['budget']}: {f['fallback']}" for f in self.fallbacks]
-        lines.append(f"written: {self.csv_path}, {self.json_path}, {self.plot_path}")
-        return "\n".join(lines)
+        return "\n".join(
+            [
+                format_report(self.summary, self.paired),
+                *format_costs(self.rows),
+                f"written: {self.csv_path}, {self.json_path}, {self.plot_path}",
+            ]
+        )
 
 
 def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
@@ -419,6 +408,7 @@ def _write_results(
             summary=summary,
             paired=paired,
             seconds_per_method=method_seconds(rows),
+            cpu_seconds_per_method=method_seconds(rows, "cpu_seconds"),
             fallbacks=fallbacks(rows),
             splits=rows,
         ),
