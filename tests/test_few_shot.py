@@ -168,3 +168,13 @@ def test_shots_flag_on_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["evaluate", "--embeddings", str(embeddings), "--labels", str(labels), "--shots", "1", "--budgets", "50"])
     assert exit_info.value.code == 2 and "--shots replaces --budgets" in capsys.readouterr().err
+
+
+def test_the_evaluate_defaults_are_the_estimators_defaults():
+    """One set of attention-MIL defaults: the flags' defaults build AttentionMIL() as it stands,
+    and `gigassl fit` trains as many epochs."""
+    from gigassl.classifier_config import FitConfig
+
+    built = attention_mil(EvaluateConfig(embeddings="e.h5", labels="l.csv")).get_params()
+    assert built == AttentionMIL().get_params()
+    assert FitConfig(labels="l.csv", out="m.h5", features="f", method="abmil").mil_epochs == AttentionMIL().max_epochs

@@ -306,7 +306,7 @@ class EvaluateConfig:
 
 
 DEFAULT_BUDGETS = ("100%", "25%")
-MIL_LR_SCHEDULES = ("constant", "cosine", "one-cycle")  # gigassl.mil_training.LR_SCHEDULES
+MIL_LR_SCHEDULES = ("constant", "cosine", "one-cycle")  # gigassl.mil_training implements them
 
 
 def _shot_problems(shots: tuple[str, ...], budgets: tuple[str, ...]) -> list[str]:
@@ -320,11 +320,8 @@ def _shot_problems(shots: tuple[str, ...], budgets: tuple[str, ...]) -> list[str
 
 
 def _mil_problems(config: "EvaluateConfig") -> list[str]:
-    problems = [
-        f"--{name.replace('_', '-')} must be > 0 (got {getattr(config, name)})"
-        for name in ("mil_lr",)
-        if not getattr(config, name) > 0
-    ]
+    """The ``--mil-*`` settings that are out of range, one message each."""
+    problems = [] if config.mil_lr > 0 else [f"--mil-lr must be > 0 (got {config.mil_lr})"]
     if config.mil_weight_decay < 0:
         problems.append(f"--mil-weight-decay must be ≥ 0 (got {config.mil_weight_decay})")
     if not 0 <= config.mil_dropout < 1:

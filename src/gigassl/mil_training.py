@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-LR_SCHEDULES = ("constant", "cosine", "one-cycle")
+from gigassl.config import MIL_LR_SCHEDULES as LR_SCHEDULES
+
 ONE_CYCLE_DIV_FACTOR = 25.0  # STAMP's div_factor: the cycle starts at lr / 25
 
 
