@@ -161,6 +161,12 @@ class TopKMethod:
     def fallback(self, y_train: np.ndarray, seed: int = 0) -> str:
         return attention_fallback(self.estimator.mil or AttentionMIL(), y_train, seed)
 
+    def fit_predict(self, train, test, y, key="", seed=0):
+        model = clone(self.estimator).set_params(seed=seed)
+        model.fit([self.bags[i] for i in train], y[train], [self.tiles[i] for i in train])
+        proba = model.predict_proba([self.bags[i] for i in test], [self.tiles[i] for i in test])
+        return _full_proba(proba, model.classes_, int(y.max()) + 1)
+
 
 def attention_fallback(estimator: AttentionMIL, y_train: np.ndarray, seed: int) -> str:
     """attention-MIL's early stopping without an inner validation split: what it does instead."""
@@ -170,12 +176,6 @@ def attention_fallback(estimator: AttentionMIL, y_train: np.ndarray, seed: int) 
             f"per class and one per class on each side; trained the fixed {estimator.max_epochs} epochs"
         )
     return ""
-
-    def fit_predict(self, train, test, y, key="", seed=0):
-        model = clone(self.estimator).set_params(seed=seed)
-        model.fit([self.bags[i] for i in train], y[train], [self.tiles[i] for i in train])
-        proba = model.predict_proba([self.bags[i] for i in test], [self.tiles[i] for i in test])
-        return _full_proba(proba, model.classes_, int(y.max()) + 1)
 
 
 # ---------------------------------------------------------------------------------------------

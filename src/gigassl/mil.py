@@ -222,7 +222,10 @@ class AttentionMIL(ClassifierMixin, BaseEstimator):
         self.classes_ = np.unique(y)
         n_classes = int(y.max()) + 1
         # fitted on the training bags only: the bags given here
-        self.feature_mean_, self.feature_scale_ = fit_standardisation(bags) if self.standardize else (None, None)
+        self.feature_mean_: np.ndarray | None = None
+        self.feature_scale_: np.ndarray | None = None
+        if self.standardize:
+            self.feature_mean_, self.feature_scale_ = fit_standardisation(bags)
         # Initialisation and dropout draw from torch's global generator: fork it so a seed
         # reproduces the fit without disturbing the caller's random state.
         cuda_devices = (
@@ -231,8 +234,10 @@ class AttentionMIL(ClassifierMixin, BaseEstimator):
         with torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(self.seed)
             self.model_ = self._train(bags, y, n_classes, device).eval()
-        if self.feature_mean_ is not None:
-            fold_standardisation(self.model_.embed[0], self.feature_mean_, self.feature_scale_)
+        if self.feature_mean_ is not None and self.feature_scale_ is not None:
+            first_layer = self.model_.embed[0]
+            assert isinstance(first_layer, nn.Linear), "GatedAttentionMIL.embed starts with its Linear layer"
+            fold_standardisation(first_layer, self.feature_mean_, self.feature_scale_)
         self.n_classes_ = n_classes
         return self
 

@@ -90,7 +90,8 @@ class EarlyStopping:
 
     def __init__(self, patience: int, min_epochs: int = 0) -> None:
         self.patience, self.min_epochs = patience, min_epochs
-        self.best_loss, self.best_state, self.stale = float("inf"), None, 0
+        self.best_loss, self.stale = float("inf"), 0
+        self.best_state: dict[str, torch.Tensor] | None = None
 
     def update(self, epoch: int, loss: float, model: nn.Module) -> bool:
         """Record epoch ``epoch``'s validation loss; True when training should stop."""
