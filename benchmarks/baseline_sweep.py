@@ -75,6 +75,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "std+fixed+wd1e-2": {**STD, **FIXED, "weight_decay": 1e-2},
     "std+fixed+lr1e-3+cosine": {**STD, **FIXED, "lr": 1e-3, "lr_schedule": "cosine"},
     "std+fixed+100ep": {**STD, **FIXED, "max_epochs": 100},
+    "std+fixed+lr3e-3": {**STD, **FIXED, "lr": 3e-3},
 }
 
 

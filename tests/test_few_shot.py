@@ -125,6 +125,7 @@ def test_shots_run_end_to_end_with_seconds_per_method_and_the_one_shot_fallbacks
         n_splits=3,
         shots="1,2",
         tune_c=True,
+        mil_early_stopping=True,  # off by default; on, it needs an inner split one slide per class cannot give
         mil_epochs=2,
         device="cpu",
     )

@@ -243,7 +243,7 @@ class EvaluateConfig:
         ),
     )
     mil_epochs: int = field(default=50, metadata=_help("attention-MIL epochs (the most, with --mil-early-stopping)"))
-    mil_lr: float = field(default=2e-4, metadata=_help("attention-MIL Adam learning rate (the peak, with a schedule)"))
+    mil_lr: float = field(default=1e-3, metadata=_help("attention-MIL Adam learning rate (the peak, with a schedule)"))
     mil_lr_schedule: str = field(
         default="constant", metadata=_help("attention-MIL learning-rate schedule: constant, cosine or one-cycle")
     )
@@ -254,16 +254,18 @@ class EvaluateConfig:
         default=512, metadata=_help("attention-MIL: most tiles sampled per bag per training step (all when predicting)")
     )
     mil_standardize: bool = field(
-        default=False,
+        default=True,
         metadata=_help("attention-MIL: standard-scale tile features by the training bags' statistics (as AverageMIL does)"),
     )
     mil_early_stopping: bool = field(
-        default=True,
+        default=False,
         metadata=_help(
             "attention-MIL: stop on the loss of a 20 % inner validation split (needs ≥ 2 training slides per class; else fixed epochs)"
         ),
     )
-    mil_patience: int = field(default=5, metadata=_help("attention-MIL early stopping: epochs without a better validation loss"))
+    mil_patience: int = field(
+        default=20, metadata=_help("attention-MIL early stopping: epochs without a better validation loss (CLAM's 20)")
+    )
     slides: Optional[Path] = field(
         default=None, metadata=_help("folder of the slide files, for top-k (default: the paths recorded in the feature files)")
     )

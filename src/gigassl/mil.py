@@ -172,6 +172,8 @@ def inner_validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[n
 class AttentionMIL(ClassifierMixin, BaseEstimator):
     """Gated attention-MIL trained from scratch on frozen tile features.
 
+    Defaults: the sweep of ``benchmarks/baseline_sweep.py`` on BACH (docs/evaluation.md).
+
     Adam (``lr``, ``weight_decay``, schedule ``lr_schedule``) on balanced cross-entropy,
     ``batch_size`` bags per step, at most ``max_tiles`` random tiles per bag per step while
     training (all tiles when predicting). With ``standardize`` the inputs are standard-scaled
@@ -187,16 +189,16 @@ class AttentionMIL(ClassifierMixin, BaseEstimator):
         hidden_dim: int = 128,
         attention_dim: int = 128,
         dropout: float = 0.25,
-        lr: float = 2e-4,
+        lr: float = 1e-3,
         weight_decay: float = 1e-4,
         max_epochs: int = 50,
-        patience: int = 5,
+        patience: int = 20,
         batch_size: int = 8,
         max_tiles: int = 512,
-        validation_fraction: float = 0.2,
+        validation_fraction: float = 0.0,
         seed: int = 0,
         device: str = "cpu",
-        standardize: bool = False,
+        standardize: bool = True,
         lr_schedule: str = "constant",
         min_epochs: int = 0,
     ) -> None:
