@@ -372,7 +372,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--baselines", default="average,abmil", help="compared with Giga-SSL: average,abmil[,topk] (top-k re-reads tiles: slow)")
     add("--budgets", default="100%,25%,8/class,4/class", help="training budgets of the evaluation")
     add("--n-splits", type=int, default=10, help="seeded repeated stratified splits")
-    add("--mil-epochs", type=int, default=50, help="most attention-MIL epochs (early stopping)")
+    add("--mil-epochs", type=int, default=50, help="attention-MIL epochs (gigassl evaluate --mil-epochs)")
     add("--moco-epochs", type=int, default=None, help="override the small-cpu profile's MoCo epochs (smoke runs)")
     add("--moco-tiles-per-epoch", type=int, default=None, help="override the small-cpu profile's tiles per epoch (smoke runs)")
     add("--moco-momentum", type=float, default=None, help="override the small-cpu profile's key-encoder momentum (0.99)")

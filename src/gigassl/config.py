@@ -222,7 +222,7 @@ class EvaluateConfig:
     n_splits: int = field(default=10, metadata=_help("repeated stratified splits"))
     test_fraction: float = field(default=0.3, metadata=_help("share of slides (or patients) held out per split"))
     budgets: tuple[str, ...] = field(
-        default=("100%", "25%"),
+        default=("100%", "25%"),  # DEFAULT_BUDGETS
         metadata=_help("training budgets, comma-separated: percentages (25%), slide counts (50) or per-class counts (4/class)"),
     )
     logistic_c: float = field(
@@ -237,8 +237,35 @@ class EvaluateConfig:
     device: str = field(default="auto", metadata=_help("device of the MIL baselines"))
     topk: int = field(default=64, metadata=_help("k most-attended tiles per slide for top-k fine-tuning"))
     topk_epochs: int = field(default=2, metadata=_help("top-k fine-tuning epochs over the training slides (one slide per step)"))
-    mil_epochs: int = field(
-        default=50, metadata=_help("most epochs of attention-MIL training (early stopping on an inner validation split)")
+    shots: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "few-shot protocol: K labelled slides per class, comma-separated (TITAN's: 1,2,4,8,16); replaces --budgets"
+        ),
+    )
+    mil_epochs: int = field(default=50, metadata=_help("attention-MIL epochs (the most, with --mil-early-stopping)"))
+    mil_lr: float = field(default=1e-3, metadata=_help("attention-MIL Adam learning rate (the peak, with a schedule)"))
+    mil_lr_schedule: str = field(
+        default="constant", metadata=_help("attention-MIL learning-rate schedule: constant, cosine or one-cycle")
+    )
+    mil_weight_decay: float = field(default=1e-4, metadata=_help("attention-MIL Adam weight decay (L2)"))
+    mil_dropout: float = field(default=0.25, metadata=_help("attention-MIL dropout after the first layer"))
+    mil_batch_size: int = field(default=8, metadata=_help("attention-MIL bags per step"))
+    mil_max_tiles: int = field(
+        default=512, metadata=_help("attention-MIL: most tiles sampled per bag per training step (all when predicting)")
+    )
+    mil_standardize: bool = field(
+        default=True,
+        metadata=_help("attention-MIL: standard-scale tile features by the training bags' statistics (as AverageMIL does)"),
+    )
+    mil_early_stopping: bool = field(
+        default=False,
+        metadata=_help(
+            "attention-MIL: stop on the loss of a 20 % inner validation split (needs ≥ 2 training slides per class; else fixed epochs)"
+        ),
+    )
+    mil_patience: int = field(
+        default=20, metadata=_help("attention-MIL early stopping: epochs without a better validation loss (CLAM's 20)")
     )
     slides: Optional[Path] = field(
         default=None, metadata=_help("folder of the slide files, for top-k (default: the paths recorded in the feature files)")
@@ -261,6 +288,11 @@ class EvaluateConfig:
     )
 
     @property
+    def budget_texts(self) -> tuple[str, ...]:
+        """The training budgets evaluated: ``K/class`` for each of ``shots``, else ``budgets``."""
+        return tuple(f"{k}/class" for k in self.shots) if self.shots else self.budgets
+
+    @property
     def c(self) -> float:
         """The former name of :attr:`logistic_c` (the flag ``--c`` remains an alias)."""
         return self.logistic_c
@@ -269,7 +301,11 @@ class EvaluateConfig:
         # comma-separated strings (the form before the tuples) are taken too
         object.__setattr__(self, "baselines", comma_separated(self.baselines))
         object.__setattr__(self, "budgets", comma_separated(self.budgets))
-        problems = _too_small(self, 2, ("n_splits",)) + _too_small(self, 1, ("topk", "topk_epochs", "mil_epochs"))
+        object.__setattr__(self, "shots", comma_separated(self.shots))
+        problems = _too_small(self, 2, ("n_splits",)) + _too_small(
+            self, 1, ("topk", "topk_epochs", "mil_epochs", "mil_batch_size", "mil_max_tiles", "mil_patience")
+        )
+        problems += _shot_problems(self.shots, self.budgets) + _mil_problems(self)
         unknown = [b for b in self.baselines if b not in EVALUATE_BASELINES]
         if unknown:
             problems.append(f"--baselines: unknown {unknown}; choose among {', '.join(EVALUATE_BASELINES)}")
@@ -286,6 +322,32 @@ class EvaluateConfig:
         elif self.task != "classification" and "topk" in self.baselines:
             problems.append(f"--task {self.task}: top-k fine-tuning is a classifier; choose --baselines among average,abmil")
         _refuse("evaluation", problems)
+
+
+DEFAULT_BUDGETS = ("100%", "25%")
+MIL_LR_SCHEDULES = ("constant", "cosine", "one-cycle")  # gigassl.mil_training implements them
+
+
+def _shot_problems(shots: tuple[str, ...], budgets: tuple[str, ...]) -> list[str]:
+    """``--shots``: positive integers, and not beside a ``--budgets`` of one's own."""
+    bad = [k for k in shots if not (k.isdigit() and int(k) > 0)]
+    if bad:
+        return [f"--shots {','.join(shots)}: {bad} are not positive whole numbers of slides per class (e.g. 1,2,4,8,16)"]
+    if shots and tuple(budgets) != DEFAULT_BUDGETS:
+        return ["--shots replaces --budgets: give one of them (to mix, list K/class in --budgets, e.g. 25%,1/class,4/class)"]
+    return []
+
+
+def _mil_problems(config: "EvaluateConfig") -> list[str]:
+    """The ``--mil-*`` settings that are out of range, one message each."""
+    problems = [] if config.mil_lr > 0 else [f"--mil-lr must be > 0 (got {config.mil_lr})"]
+    if config.mil_weight_decay < 0:
+        problems.append(f"--mil-weight-decay must be ≥ 0 (got {config.mil_weight_decay})")
+    if not 0 <= config.mil_dropout < 1:
+        problems.append(f"--mil-dropout must lie in [0, 1) (got {config.mil_dropout})")
+    if config.mil_lr_schedule not in MIL_LR_SCHEDULES:
+        problems.append(f"--mil-lr-schedule {config.mil_lr_schedule!r}: choose one of {', '.join(MIL_LR_SCHEDULES)}")
+    return problems
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,13 @@ are in :mod:`gigassl.protocol`):
   labels CSV has a patient column, all slides of a patient fall on one side
   (``StratifiedGroupKFold``, one fold held out per repeat).
 - In every split, each training budget takes a stratified subset of the training part:
-  ``100%``/``25%`` (a share), ``50`` (a slide count) or ``4/class`` (K per class). The subset
-  is drawn once per (split, budget) and shared by every method, so methods see the same slides.
+  ``100%``/``25%`` (a share), ``50`` (a slide count) or ``4/class`` (K per class; ``--shots
+  1,2,4,8,16`` is TITAN's few-shot protocol, with ``--n-splits 50``). The subset is drawn once
+  per (split, budget) and shared by every method, so methods see the same slides.
+- Methods that need an inner split fall back when the training part is too small for one (one
+  slide per class): ``--tune-c`` keeps C fixed, attention-MIL's early stopping trains the fixed
+  epochs. Said once per method and budget in the log and in ``results.json`` (``fallbacks``),
+  beside the seconds each method took (``seconds_per_method``, ``cpu_seconds_per_method``).
 - Methods: ``gigassl`` (logistic regression on the embeddings), ``average`` (AverageMIL),
   ``abmil`` (gated attention-MIL), ``topk`` (top-k fine-tuning); see :mod:`gigassl.mil`.
   Logistic regression: C = 10, ``class_weight="balanced"``, lbfgs, ``max_iter=1000`` (the
@@ -31,6 +36,7 @@ belong together, top-k's slides and trunk) are read by :mod:`gigassl.evaluation_
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
@@ -50,7 +56,7 @@ from gigassl.evaluation_inputs import (
     slide_tiles,
     trunk_factory,
 )
-from gigassl.evaluation_report import format_report, write_csv, write_json
+from gigassl.evaluation_report import fallbacks, format_costs, format_report, method_seconds, write_csv, write_json
 from gigassl.plots import plot_auc
 from gigassl.paired import paired_differences
 from gigassl.protocol import (
@@ -63,7 +69,15 @@ from gigassl.protocol import (
     parse_budgets,
     read_labels,
 )
-from gigassl.mil import AttentionMIL, SlideTiles, TopKFineTuner, inner_folds, make_logistic_regression, mean_features
+from gigassl.mil import (
+    AttentionMIL,
+    SlideTiles,
+    TopKFineTuner,
+    inner_folds,
+    inner_validation_split,
+    make_logistic_regression,
+    mean_features,
+)
 
 if TYPE_CHECKING:
     pass
@@ -87,6 +101,9 @@ class Method(Protocol):
     def fit_predict(self, train: np.ndarray, test: np.ndarray, y: np.ndarray, key: str, seed: int) -> np.ndarray:
         """Fit on rows ``train`` (labels ``y`` as integers), return (len(test), C) probabilities."""
 
+    def fallback(self, y_train: np.ndarray, seed: int) -> str:
+        """What the method does instead of its inner split on these training labels ("" when it needs none)."""
+
 
 class LinearMethod:
     """Logistic regression on fixed per-slide vectors (embeddings, or mean features), a fresh
@@ -97,9 +114,15 @@ class LinearMethod:
         self.vectors = np.asarray(vectors, dtype=np.float64)
         self.c, self.tune_c, self.standardize = c, tune_c, standardize
 
+    def fallback(self, y_train: np.ndarray, seed: int = 0) -> str:
+        if self.tune_c and np.bincount(y_train)[np.unique(y_train)].min() < 2:
+            return f"C fixed at {self.c:g}: choosing C by inner cross-validation (--tune-c) needs ≥ 2 training slides per class"
+        return ""
+
     def fit_predict(self, train: np.ndarray, test: np.ndarray, y: np.ndarray, key: str = "", seed: int = 0) -> np.ndarray:
+        tune_c = self.tune_c and not self.fallback(y[train])
         estimator = make_logistic_regression(
-            self.c, standardize=self.standardize, tune_c=self.tune_c, seed=seed, n_inner_folds=inner_folds(y[train])
+            self.c, standardize=self.standardize, tune_c=tune_c, seed=seed, n_inner_folds=inner_folds(y[train])
         )
         estimator.fit(self.vectors[train], y[train])
         return _full_proba(estimator.predict_proba(self.vectors[test]), estimator.classes_, int(y.max()) + 1)
@@ -116,8 +139,11 @@ class AttentionMethod:
 
     name = "abmil"
 
-    def __init__(self, bags: Sequence[np.ndarray], estimator: AttentionMIL) -> None:
-        self.bags, self.estimator = bags, estimator
+    def __init__(self, bags: Sequence[np.ndarray], estimator: AttentionMIL, name: str = "abmil") -> None:
+        self.bags, self.estimator, self.name = bags, estimator, name
+
+    def fallback(self, y_train: np.ndarray, seed: int = 0) -> str:
+        return attention_fallback(self.estimator, y_train, seed)
 
     def fit_predict(self, train, test, y, key="", seed=0):
         model = clone(self.estimator).set_params(seed=seed).fit([self.bags[i] for i in train], y[train])
@@ -132,11 +158,24 @@ class TopKMethod:
     def __init__(self, bags: Sequence[np.ndarray], tiles: Sequence[SlideTiles], estimator: TopKFineTuner) -> None:
         self.bags, self.tiles, self.estimator = bags, tiles, estimator
 
+    def fallback(self, y_train: np.ndarray, seed: int = 0) -> str:
+        return attention_fallback(self.estimator.mil or AttentionMIL(), y_train, seed)
+
     def fit_predict(self, train, test, y, key="", seed=0):
         model = clone(self.estimator).set_params(seed=seed)
         model.fit([self.bags[i] for i in train], y[train], [self.tiles[i] for i in train])
         proba = model.predict_proba([self.bags[i] for i in test], [self.tiles[i] for i in test])
         return _full_proba(proba, model.classes_, int(y.max()) + 1)
+
+
+def attention_fallback(estimator: AttentionMIL, y_train: np.ndarray, seed: int) -> str:
+    """attention-MIL's early stopping without an inner validation split: what it does instead."""
+    if estimator.validation_fraction > 0 and len(inner_validation_split(y_train, estimator.validation_fraction, seed)[1]) == 0:
+        return (
+            f"no early stopping: a {estimator.validation_fraction:g} inner validation split needs ≥ 2 training slides "
+            f"per class and one per class on each side; trained the fixed {estimator.max_epochs} epochs"
+        )
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,25 +212,40 @@ def run_protocol(
         for method in methods:
             for b, budget in enumerate(budgets):
                 for s, (_, test) in enumerate(splits):
-                    train = subsets[(s, b)]
-                    proba = method.fit_predict(train, test, y, budget.text, seed + s)
-                    rows.append(
-                        dict(
-                            method=method.name,
-                            budget=budget.text,
-                            split=s,
-                            n_train=len(train),
-                            auc=roc_auc(y[test], proba),
-                            balanced_accuracy=float(balanced_accuracy_score(y[test], proba.argmax(1))),
-                        )
-                    )
+                    rows.append(_fit_one(method, subsets[(s, b)], test, y, budget.text, s, seed))
+                done = [r for r in rows if r["method"] == method.name and r["budget"] == budget.text]
+                fallback = next((r["fallback"] for r in done if r.get("fallback")), "")
+                if fallback:  # once per method and budget
+                    logger.info("%s @ %s: %s", method.name, budget.text, fallback)
                 logger.info(
-                    "%s @ %s: AUC %.3f",
+                    "%s @ %s: AUC %.3f (%.1f s for %d splits)",
                     method.name,
                     budget.text,
-                    np.nanmean([r["auc"] for r in rows if r["method"] == method.name and r["budget"] == budget.text]),
+                    np.nanmean([r["auc"] for r in done]),
+                    sum(r["seconds"] for r in done),
+                    len(done),
                 )
     return rows
+
+
+def _fit_one(method: Method, train: np.ndarray, test: np.ndarray, y: np.ndarray, budget: str, split: int, seed: int) -> dict:
+    """One fit: the split row (AUC, balanced accuracy, seconds, and the fallback when there was one)."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    proba = method.fit_predict(train, test, y, budget, seed + split)
+    row = dict(
+        method=method.name,
+        budget=budget,
+        split=split,
+        n_train=len(train),
+        auc=roc_auc(y[test], proba),
+        balanced_accuracy=float(balanced_accuracy_score(y[test], proba.argmax(1))),
+        seconds=round(time.perf_counter() - started, 4),
+        cpu_seconds=round(time.process_time() - cpu_started, 4),  # on a shared machine: what a quiet one would take
+    )
+    fallback = method.fallback(y[train], seed + split) if hasattr(method, "fallback") else ""
+    if fallback:
+        row["fallback"] = fallback
+    return row
 
 
 def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -228,10 +282,19 @@ class EvaluationResult:
     plot_path: Path
     exit_code: int = 0
     paired: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    fallbacks: list[dict[str, str]] = field(default_factory=list)
 
     def format(self) -> str:
-        """The AUC / balanced-accuracy table, the paired differences and the files written."""
-        return f"{format_report(self.summary, self.paired)}\nwritten: {self.csv_path}, {self.json_path}, {self.plot_path}"
+        """The AUC / balanced-accuracy table, the paired differences, the seconds per method,
+        what methods did without an inner split, and the files written."""
+        return "\n".join(
+            [
+                format_report(self.summary, self.paired),
+                *format_costs(self.rows),
+                f"written: {self.csv_path}, {self.json_path}, {self.plot_path}",
+            ]
+        )
 
 
 def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
@@ -244,7 +307,7 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
 
         return run_target_evaluation(config)
 
-    budgets = parse_budgets(config.budgets)
+    budgets = parse_budgets(config.budget_texts)
     baselines = list(config.baselines)
     if baselines and config.features is None:
         logger.info("no --features given: baselines %s skipped (they need the tile features)", baselines)
@@ -291,7 +354,7 @@ def baseline_methods(config: EvaluateConfig, baselines: Sequence[str], paths: Se
 
     device = str(resolve_device(config.device))
     bags = load_bags(paths) if {"abmil", "topk"} & set(baselines) else None
-    mil = AttentionMIL(max_epochs=config.mil_epochs, device=device)
+    mil = attention_mil(config, device)
     methods: list[Method] = []
     if "average" in baselines:
         means = mean_features(bags) if bags is not None else mean_features(load_bags_one_by_one(paths))
@@ -306,6 +369,23 @@ def baseline_methods(config: EvaluateConfig, baselines: Sequence[str], paths: Se
         assert bags is not None, "loaded above for abmil and topk"
         methods.append(TopKMethod(bags, slide_tiles(paths, config.slides), tuner))
     return methods
+
+
+def attention_mil(config: EvaluateConfig, device: str = "cpu") -> AttentionMIL:
+    """The attention-MIL estimator of the ``--mil-*`` settings (early stopping: a 20 % inner split, or none)."""
+    return AttentionMIL(
+        dropout=config.mil_dropout,
+        lr=config.mil_lr,
+        weight_decay=config.mil_weight_decay,
+        max_epochs=config.mil_epochs,
+        patience=config.mil_patience,
+        batch_size=config.mil_batch_size,
+        max_tiles=config.mil_max_tiles,
+        validation_fraction=0.2 if config.mil_early_stopping else 0.0,
+        device=device,
+        standardize=config.mil_standardize,
+        lr_schedule=config.mil_lr_schedule,
+    )
 
 
 def _write_results(
@@ -333,9 +413,23 @@ def _write_results(
             missing=missing,
             summary=summary,
             paired=paired,
+            seconds_per_method=method_seconds(rows),
+            cpu_seconds_per_method=method_seconds(rows, "cpu_seconds"),
+            fallbacks=fallbacks(rows),
             splits=rows,
         ),
         out / RESULTS_JSON,
     )
     plot_path = plot_auc(summary, out / PLOT_PNG, f"{Path(config.labels).stem}: AUC vs training slides", paired)
-    return EvaluationResult(summary, rows, classes, missing, csv_path, json_path, plot_path, paired=paired)
+    return EvaluationResult(
+        summary,
+        rows,
+        classes,
+        missing,
+        csv_path,
+        json_path,
+        plot_path,
+        paired=paired,
+        seconds=method_seconds(rows),
+        fallbacks=fallbacks(rows),
+    )

@@ -54,3 +54,30 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.floating):
         return None if math.isnan(value) else float(value)
     return str(value)
+
+
+def method_seconds(rows: Sequence[dict[str, Any]], key: str = "seconds") -> dict[str, float]:
+    """Seconds (wall, or ``cpu_seconds``) each method spent fitting and predicting, over every budget and split."""
+    seconds: dict[str, float] = {}
+    for r in rows:
+        seconds[r["method"]] = seconds.get(r["method"], 0.0) + float(r.get(key, 0.0))
+    return {k: round(v, 2) for k, v in seconds.items()}
+
+
+def fallbacks(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """(method, budget, what it did instead of an inner split), once each, for results.json."""
+    seen = dict.fromkeys((r["method"], r["budget"], r["fallback"]) for r in rows if r.get("fallback"))
+    return [dict(method=m, budget=b, fallback=f) for m, b, f in seen]
+
+
+def format_costs(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Lines: the seconds (wall and CPU) per method, then each method's fallback per budget."""
+    wall, cpu = method_seconds(rows), method_seconds(rows, "cpu_seconds")
+    if not wall:
+        return []
+    n_fits = {m: sum(1 for r in rows if r["method"] == m) for m in wall}
+    lines = [
+        "evaluate time per method (fit + predict, all budgets and splits): "
+        + ", ".join(f"{m} {s:.1f} s ({n_fits[m]} fits, CPU {cpu.get(m, 0.0):.1f} s)" for m, s in wall.items())
+    ]
+    return lines + [f"{f['method']} @ {f['budget']}: {f['fallback']}" for f in fallbacks(rows)]

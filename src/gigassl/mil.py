@@ -3,7 +3,7 @@
 - :class:`AverageMIL`: the mean of a slide's plain tile features, standard-scaled, then the
   same logistic regression as the slide embeddings get.
 - :class:`AttentionMIL`: gated attention-MIL (Ilse, Tomczak & Welling, ICML 2018), trained from
-  scratch on frozen tile features, with early stopping on an inner validation split.
+  scratch on frozen tile features (how: :mod:`gigassl.mil_training`).
 - :class:`TopKFineTuner`: attention-MIL on frozen features picks each slide's ``k`` most-attended
   tiles; those tiles are re-read from the slide file and the tile trunk is fine-tuned end to end
   with the MIL head (encoder lr 1e-5). Test slides use the same selection rule, so only the
@@ -33,6 +33,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from extract.encoder import TILE_FEATURE_DIM, prepare_batch
+from gigassl.mil_training import EarlyStopping, Standardiser, fit_standardisation, fold_standardisation, make_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -171,11 +172,16 @@ def inner_validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[n
 class AttentionMIL(ClassifierMixin, BaseEstimator):
     """Gated attention-MIL trained from scratch on frozen tile features.
 
-    Adam (``lr``, ``weight_decay``) on balanced cross-entropy, ``batch_size`` bags per step,
-    at most ``max_tiles`` random tiles per bag per step while training (all tiles when
-    predicting), up to ``max_epochs`` epochs, stopped after ``patience`` epochs without a better
-    loss on a stratified ``validation_fraction`` of the training bags; the best weights are kept.
-    ``y`` must hold integers 0 … C-1.
+    Defaults: the sweep of ``benchmarks/baseline_sweep.py`` on BACH (docs/evaluation.md).
+
+    Adam (``lr``, ``weight_decay``, schedule ``lr_schedule``) on balanced cross-entropy,
+    ``batch_size`` bags per step, at most ``max_tiles`` random tiles per bag per step while
+    training (all tiles when predicting). With ``standardize`` the inputs are standard-scaled
+    by the training bags' tile statistics, folded into the first layer after training (see
+    :mod:`gigassl.mil_training`). With ``validation_fraction`` > 0 training stops after
+    ``patience`` epochs without a better loss on that stratified share of the training bags (not
+    before ``min_epochs``) and keeps the best weights; with 0, or when a class has fewer than 2
+    bags, it runs ``max_epochs`` epochs. ``y`` must hold integers 0 … C-1.
     """
 
     def __init__(
@@ -183,15 +189,18 @@ class AttentionMIL(ClassifierMixin, BaseEstimator):
         hidden_dim: int = 128,
         attention_dim: int = 128,
         dropout: float = 0.25,
-        lr: float = 2e-4,
+        lr: float = 1e-3,
         weight_decay: float = 1e-4,
         max_epochs: int = 50,
-        patience: int = 5,
+        patience: int = 20,
         batch_size: int = 8,
         max_tiles: int = 512,
-        validation_fraction: float = 0.2,
+        validation_fraction: float = 0.0,
         seed: int = 0,
         device: str = "cpu",
+        standardize: bool = True,
+        lr_schedule: str = "constant",
+        min_epochs: int = 0,
     ) -> None:
         self.hidden_dim = hidden_dim
         self.attention_dim = attention_dim
@@ -205,12 +214,20 @@ class AttentionMIL(ClassifierMixin, BaseEstimator):
         self.validation_fraction = validation_fraction
         self.seed = seed
         self.device = device
+        self.standardize = standardize
+        self.lr_schedule = lr_schedule
+        self.min_epochs = min_epochs
 
     def fit(self, bags: Sequence[np.ndarray], y: np.ndarray) -> "AttentionMIL":
         y = np.asarray(y, dtype=np.int64)
         device = torch.device(self.device)
         self.classes_ = np.unique(y)
         n_classes = int(y.max()) + 1
+        # fitted on the training bags only: the bags given here
+        self.feature_mean_: np.ndarray | None = None
+        self.feature_scale_: np.ndarray | None = None
+        if self.standardize:
+            self.feature_mean_, self.feature_scale_ = fit_standardisation(bags)
         # Initialisation and dropout draw from torch's global generator: fork it so a seed
         # reproduces the fit without disturbing the caller's random state.
         cuda_devices = (
@@ -219,6 +236,10 @@ class AttentionMIL(ClassifierMixin, BaseEstimator):
         with torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(self.seed)
             self.model_ = self._train(bags, y, n_classes, device).eval()
+        if self.feature_mean_ is not None and self.feature_scale_ is not None:
+            first_layer = self.model_.embed[0]
+            assert isinstance(first_layer, nn.Linear), "GatedAttentionMIL.embed starts with its Linear layer"
+            fold_standardisation(first_layer, self.feature_mean_, self.feature_scale_)
         self.n_classes_ = n_classes
         return self
 
@@ -227,38 +248,36 @@ class AttentionMIL(ClassifierMixin, BaseEstimator):
         rng = np.random.default_rng(self.seed)
         model = GatedAttentionMIL(n_classes, bags[0].shape[1], self.hidden_dim, self.attention_dim, self.dropout)
         model.to(device)
+        standardise = Standardiser(self.feature_mean_, self.feature_scale_, device)
         optimiser = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         loss_fn = nn.CrossEntropyLoss(weight=_balanced_class_weights(y, n_classes).to(device))
         train, val = inner_validation_split(y, self.validation_fraction, self.seed)
-        if len(val) == 0:
-            logger.info("attention-MIL: too few bags for an inner validation split; training %d epochs", self.max_epochs)
-        best_loss, best_state, stale = float("inf"), None, 0
+        if len(val) == 0 and self.validation_fraction > 0:
+            logger.debug("attention-MIL: too few bags for an inner validation split; training %d epochs", self.max_epochs)
+        steps_per_epoch = -(-len(train) // self.batch_size)
+        scheduler = make_scheduler(optimiser, self.lr_schedule, self.lr, self.max_epochs * steps_per_epoch)
+        stopping = EarlyStopping(self.patience, self.min_epochs)
         for epoch in range(self.max_epochs):
             model.train()
             order = train[torch.randperm(len(train), generator=torch_generator).numpy()]
             for start in range(0, len(order), self.batch_size):
                 batch = order[start : start + self.batch_size]
-                sampled = [_subsample(bags[i], self.max_tiles, rng) for i in batch]
-                features, mask = pad_bags(sampled, device)
-                logits, _ = model(features, mask)
+                features, mask = pad_bags([_subsample(bags[i], self.max_tiles, rng) for i in batch], device)
+                logits, _ = model(standardise(features), mask)
                 loss = loss_fn(logits, torch.as_tensor(y[batch], device=device))
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
+                if scheduler is not None:
+                    scheduler.step()
             if len(val) == 0:
                 continue
-            val_loss = float(
-                loss_fn(_predict_logits(model, [bags[i] for i in val], device), torch.as_tensor(y[val], device=device))
-            )
-            if val_loss < best_loss - 1e-4:
-                best_loss, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
-            else:
-                stale += 1
-                if stale >= self.patience:
-                    logger.debug("attention-MIL: early stop at epoch %d (validation loss %.4f)", epoch, best_loss)
-                    break
-        if best_state is not None:
-            model.load_state_dict(best_state)
+            val_logits = _predict_logits(model, [bags[i] for i in val], device, standardise)
+            if stopping.update(epoch, float(loss_fn(val_logits, torch.as_tensor(y[val], device=device))), model):
+                logger.debug("attention-MIL: early stop at epoch %d (validation loss %.4f)", epoch, stopping.best_loss)
+                break
+        if stopping.best_state is not None:
+            model.load_state_dict(stopping.best_state)
         return model
 
     def predict_proba(self, bags: Sequence[np.ndarray]) -> np.ndarray:
@@ -284,15 +303,20 @@ def _subsample(bag: np.ndarray, max_tiles: int, rng: np.random.Generator) -> np.
 
 @torch.no_grad()
 def _predict_logits(
-    model: GatedAttentionMIL, bags: Sequence[np.ndarray], device: torch.device, batch_size: int = 16
+    model: GatedAttentionMIL,
+    bags: Sequence[np.ndarray],
+    device: torch.device,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    batch_size: int = 16,
 ) -> torch.Tensor:
-    """(S, C) logits with every tile of every bag, in eval mode."""
+    """(S, C) logits with every tile of every bag, in eval mode (``transform``: applied to the
+    padded features first, e.g. the standardisation while training)."""
     was_training = model.training
     model.eval()
     outputs = []
     for start in range(0, len(bags), batch_size):
         features, mask = pad_bags(list(bags[start : start + batch_size]), device)
-        outputs.append(model(features, mask)[0])
+        outputs.append(model(transform(features) if transform is not None else features, mask)[0])
     model.train(was_training)
     return torch.cat(outputs)
 

@@ -229,7 +229,7 @@ def run_target_evaluation(config: EvaluateConfig) -> TargetEvaluationResult:
     from gigassl.embed import read_embeddings
     from gigassl.evaluation_inputs import check_embeddings, check_feature_width, feature_paths
 
-    budgets = parse_budgets(config.budgets)
+    budgets = parse_budgets(config.budget_texts)
     for budget in budgets:
         if budget.kind == "per_class":
             raise UserError(f"--budgets {budget.text}: K per class is for classification; give shares (25%) or slide counts (50)")
