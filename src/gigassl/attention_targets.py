@@ -5,21 +5,23 @@ or the standardised target (``loss="mse"``). Optimiser, widths, dropout and tile
 the classification baseline :class:`gigassl.mil.AttentionMIL`'s defaults (read from it, so they
 move together). Survival: the Breslow negative partial log-likelihood over the bags of a batch
 (DeepSurv, Katzman et al. 2018; the risk set of a batch stands for the cohort's, so batches are
-larger than for classification and a batch without an event is skipped). Early stopping on the
-loss of an inner validation split (stratified on the event, or on target terciles), best weights
-kept, as the classification baseline.
+larger than for classification and a batch without an event is skipped). The stop rule is the
+baseline's validation share: by default 0, so the fixed ``max_epochs`` run; with a share > 0,
+early stopping on the loss of an inner split (stratified on the event, or on target terciles),
+best weights kept (:class:`gigassl.mil_training.EarlyStopping`). Inputs are not standardised here
+(the classification baseline standardises them since its sweep; not swept for these losses).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from gigassl.mil import AttentionMIL, GatedAttentionMIL, inner_validation_split, pad_bags
+from gigassl.mil import AttentionMIL, GatedAttentionMIL, inner_validation_split, pad_bags, predict_logits, subsample_tiles
+from gigassl.mil_training import EarlyStopping
 
 logger = logging.getLogger(__name__)
 TARGET_LOSSES = ("cox", "mse")
@@ -99,8 +101,8 @@ class AttentionTargetMIL:
         train, val = inner_validation_split(strata_of(target, event), base.validation_fraction, self.seed)
         if event is not None and len(val) and not np.asarray(event, bool)[val].any():
             train, val = np.arange(len(bags)), np.array([], dtype=np.int64)  # a validation part without events scores nothing
-        best, best_state, stale = float("inf"), None, 0
-        for _epoch in range(self.max_epochs):
+        stopping = EarlyStopping(self.patience)
+        for epoch in range(self.max_epochs):
             model.train()
             order = train[torch.randperm(len(train), generator=generator).numpy()]
             for start in range(0, len(order), self.batch_size):
@@ -108,12 +110,7 @@ class AttentionTargetMIL:
                 t, e = self._tensors(batch, target, event)
                 if e is not None and not bool(e.any()):
                     continue
-                sampled = [
-                    bags[i]
-                    if len(bags[i]) <= base.max_tiles
-                    else bags[i][rng.choice(len(bags[i]), base.max_tiles, replace=False)]
-                    for i in batch
-                ]
+                sampled = [subsample_tiles(bags[i], base.max_tiles, rng) for i in batch]
                 output = model(*pad_bags(sampled, device))[0][:, 0]
                 loss = self._loss(output, t, e)
                 optimiser.zero_grad()
@@ -123,24 +120,15 @@ class AttentionTargetMIL:
                 continue
             with torch.no_grad():
                 val_loss = float(self._loss(self._outputs(model, [bags[i] for i in val]), *self._tensors(val, target, event)))
-            if val_loss < best - 1e-4:
-                best, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
-            elif (stale := stale + 1) >= self.patience:
+            if stopping.update(epoch, val_loss, model):
                 break
-        if best_state is not None:
-            model.load_state_dict(best_state)
+        if stopping.best_state is not None:
+            model.load_state_dict(stopping.best_state)
         return model
 
-    def _outputs(self, model: GatedAttentionMIL, bags: Sequence[np.ndarray], batch_size: int = 16) -> torch.Tensor:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            outputs = [
-                model(*pad_bags(list(bags[s : s + batch_size]), torch.device(self.device)))[0][:, 0]
-                for s in range(0, len(bags), batch_size)
-            ]
-        model.train(was_training)
-        return torch.cat(outputs)
+    def _outputs(self, model: GatedAttentionMIL, bags: Sequence[np.ndarray]) -> torch.Tensor:
+        """(S,) outputs with every tile of every bag, in eval mode."""
+        return predict_logits(model, bags, torch.device(self.device))[:, 0]
 
     def predict(self, bags: Sequence[np.ndarray]) -> np.ndarray:
         """(S,) risk scores (Cox) or predicted values (MSE) with every tile of every bag."""

@@ -262,7 +262,7 @@ class AttentionMIL(ClassifierMixin, BaseEstimator):
             order = train[torch.randperm(len(train), generator=torch_generator).numpy()]
             for start in range(0, len(order), self.batch_size):
                 batch = order[start : start + self.batch_size]
-                features, mask = pad_bags([_subsample(bags[i], self.max_tiles, rng) for i in batch], device)
+                features, mask = pad_bags([subsample_tiles(bags[i], self.max_tiles, rng) for i in batch], device)
                 logits, _ = model(standardise(features), mask)
                 loss = loss_fn(logits, torch.as_tensor(y[batch], device=device))
                 optimiser.zero_grad()
@@ -272,7 +272,7 @@ class AttentionMIL(ClassifierMixin, BaseEstimator):
                     scheduler.step()
             if len(val) == 0:
                 continue
-            val_logits = _predict_logits(model, [bags[i] for i in val], device, standardise)
+            val_logits = predict_logits(model, [bags[i] for i in val], device, standardise)
             if stopping.update(epoch, float(loss_fn(val_logits, torch.as_tensor(y[val], device=device))), model):
                 logger.debug("attention-MIL: early stop at epoch %d (validation loss %.4f)", epoch, stopping.best_loss)
                 break
@@ -281,7 +281,7 @@ class AttentionMIL(ClassifierMixin, BaseEstimator):
         return model
 
     def predict_proba(self, bags: Sequence[np.ndarray]) -> np.ndarray:
-        logits = _predict_logits(self.model_, bags, torch.device(self.device))
+        logits = predict_logits(self.model_, bags, torch.device(self.device))
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
     def predict(self, bags: Sequence[np.ndarray]) -> np.ndarray:
@@ -295,14 +295,15 @@ class AttentionMIL(ClassifierMixin, BaseEstimator):
         return attention[0].cpu().numpy()
 
 
-def _subsample(bag: np.ndarray, max_tiles: int, rng: np.random.Generator) -> np.ndarray:
+def subsample_tiles(bag: np.ndarray, max_tiles: int, rng: np.random.Generator) -> np.ndarray:
+    """At most ``max_tiles`` rows of ``bag`` (N, D), drawn without replacement; the bag itself when it is small."""
     if len(bag) <= max_tiles:
         return bag
     return bag[rng.choice(len(bag), size=max_tiles, replace=False)]
 
 
 @torch.no_grad()
-def _predict_logits(
+def predict_logits(
     model: GatedAttentionMIL,
     bags: Sequence[np.ndarray],
     device: torch.device,
