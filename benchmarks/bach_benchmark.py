@@ -4,7 +4,7 @@ Each image is one small slide; its label is the letters before the digits of its
 (BACH: ``n001.jpg`` normal, ``b001.jpg`` benign, ``is001.jpg`` in situ, ``iv001.jpg`` invasive).
 One command runs the whole pipeline through the package's own jobs:
 
-1. grids     — tissue tile grid of every image (``extract.moco_data.index_slides``), to size the bank;
+1. grids     — tissue tile grid of every image (``extract.moco.data.index_slides``), to size the bank;
 2. encoder   — ``random``, ``moco`` (``gigassl pretrain-tiles --profile small-cpu`` on the same
                folder) or a ResNet18 checkpoint PATH;
 3. extract   — plain features + shared-augmentation bank (``extract.run.run_extraction``);
@@ -96,7 +96,7 @@ def label_of(path: Path) -> str:
 
 def list_images(folder: Path) -> list[Path]:
     """The folder's image files (the extensions extraction reads), sorted; every one must be labelled."""
-    from extract.slide_list import list_slides
+    from extract.batch.slide_list import list_slides
 
     images, others = list_slides(Path(folder))
     if not images:
@@ -414,7 +414,7 @@ def tile_encoder(
     trains (or reuses) ``gigassl pretrain-tiles --profile small-cpu`` on ``folder`` with
     ``seed``; the labels only score it each epoch (``--probe-labels``), training stays label-free."""
     from extract.config import MocoConfig
-    from extract.encoder import file_sha256
+    from extract.encoders.tile_encoder import file_sha256
 
     if args.encoder == "random":
         encoder, encoder_id = "random", "random"
@@ -437,7 +437,7 @@ def tile_encoder(
         moco_settings = dict(_plain(moco, NOT_KEYED), images=fingerprint)
 
         def pretrain(where: Path) -> dict[str, Any]:
-            from extract.moco import run_pretraining
+            from extract.moco.pretrain import run_pretraining
 
             last = where / "last.pt"
             result = run_pretraining(dataclasses.replace(moco, out=where, resume=last if last.is_file() else None))
@@ -488,7 +488,7 @@ def run(args: argparse.Namespace, seed: int, moco_seed: int, report_to: Path) ->
     import torch
 
     from extract.config import ExtractConfig
-    from extract.moco_data import index_slides
+    from extract.moco.data import index_slides
     from gigassl.config import EmbedConfig, EvaluateConfig, TrainConfig
 
     log = logging.getLogger(__name__)
@@ -575,7 +575,7 @@ def run(args: argparse.Namespace, seed: int, moco_seed: int, report_to: Path) ->
         )
 
     def readable(where: Path) -> bool:
-        from extract.features_file import is_complete
+        from extract.features.slide_file import is_complete
 
         files = sorted((where / "features").glob("*.h5"))
         return bool(files) and all(is_complete(f, require_plain=True, require_bank=True) for f in files)
@@ -688,7 +688,7 @@ def run(args: argparse.Namespace, seed: int, moco_seed: int, report_to: Path) ->
 def run_seeds(args: argparse.Namespace) -> dict[str, Any]:
     """``--seeds``: :func:`run` per seed (reports in ``OUT/seed-N``), then the paired
     differences to AverageMIL pooled over seeds in ``OUT/results.json|md``."""
-    from gigassl.paired import pooled_paired_differences
+    from gigassl.evaluation.paired import pooled_paired_differences
 
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)

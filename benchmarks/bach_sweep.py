@@ -55,7 +55,7 @@ def renamed(rows: Sequence[dict[str, Any]], method: str, name: str) -> list[dict
 
 def compare(default: dict[str, Any], variant: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Paired differences of the variant's Giga-SSL to the default's and to its own AverageMIL."""
-    from gigassl.paired import paired_differences
+    from gigassl.evaluation.paired import paired_differences
 
     rows = renamed(variant["splits"], "gigassl", "variant") + renamed(default["splits"], "gigassl", "default")
     return dict(

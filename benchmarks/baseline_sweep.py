@@ -4,9 +4,9 @@ The BACH benchmark (``bach_benchmark.py``) found attention-MIL 12–19 AUC point
 This script asks why, on the cached tile features of one benchmark seed: each variant changes the
 training of the same gated attention-MIL network, and every variant, the training used before
 this sweep (``before``) and AverageMIL are fitted on the *same* splits and training subsets as the
-benchmark's evaluation (``gigassl.protocol``: 10 seeded stratified 70/30 splits, budgets 100 %,
+benchmark's evaluation (``gigassl.evaluation.protocol``: 10 seeded stratified 70/30 splits, budgets 100 %,
 25 %, 8/class, 4/class, subsets drawn from the seed), so that each variant is compared split by
-split (``gigassl.paired``: mean Δ AUC, 95 % t interval over the splits, splits ahead) with
+split (``gigassl.evaluation.paired``: mean Δ AUC, 95 % t interval over the splits, splits ahead) with
 ``before`` and with AverageMIL.
 
 Where the variants come from (facts of the two implementations the field uses most):
@@ -90,8 +90,8 @@ def parse_run(text: str) -> tuple[int, Path]:
 def load_cohort(features: Path, labels_csv: Path):
     """(bags, y, class names, patients) of the labelled slides with features, in the labels' order
     — exactly what ``gigassl evaluate`` builds."""
-    from gigassl.evaluation_inputs import feature_paths, load_bags
-    from gigassl.protocol import check_classes, keep_available, read_labels
+    from gigassl.evaluation.inputs import feature_paths, load_bags
+    from gigassl.evaluation.protocol import check_classes, keep_available, read_labels
 
     labels = read_labels(labels_csv)
     files = feature_paths(features)
@@ -108,8 +108,8 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 def sweep_seed(seed: int, features: Path, args: argparse.Namespace, variants: Sequence[str]) -> list[dict[str, Any]]:
     """Every variant (and AverageMIL) on this seed's splits; rows appended to OUT/seed-N/rows.jsonl."""
     from gigassl.evaluate import AttentionMethod, LinearMethod, run_protocol
-    from gigassl.mil import AttentionMIL, mean_features
-    from gigassl.protocol import make_splits, parse_budgets
+    from gigassl.evaluation.mil import AttentionMIL, mean_features
+    from gigassl.evaluation.protocol import make_splits, parse_budgets
 
     log = logging.getLogger("baseline_sweep")
     bags, y, classes, patients = load_cohort(features, args.labels)
@@ -142,7 +142,7 @@ def _cell(d: dict[str, Any]) -> str:
 def tables(runs: Sequence[list[dict[str, Any]]], variants: Sequence[str]) -> tuple[str, dict[str, Any]]:
     """Markdown and JSON: mean AUC per variant; Δ vs ``before`` and vs AverageMIL (paired; pooled
     over runs with a cluster bootstrap when there are several)."""
-    from gigassl.paired import paired_differences, pooled_paired_differences
+    from gigassl.evaluation.paired import paired_differences, pooled_paired_differences
 
     budgets = list(dict.fromkeys(r["budget"] for r in runs[0]))
 

@@ -26,10 +26,10 @@ from extract.augment import TileAugmentation
 from extract.bank import build_bank
 from extract.config import ExtractConfig
 from extract.device import autocast, autocast_dtype
-from extract.encoder import IMAGE_MEAN, IMAGE_STD, TileTrunk, load_resnet18
-from extract.features_file import SlideFileWriter
-from extract.reader import open_slide
-from extract.tiling import tile_grid
+from extract.encoders.tile_encoder import IMAGE_MEAN, IMAGE_STD, TileTrunk, load_resnet18
+from extract.features.slide_file import SlideFileWriter
+from extract.slides.reader import open_slide
+from extract.slides.tiling import tile_grid
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SLIDE = REPO.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
@@ -59,7 +59,7 @@ def timed(function, repeats: int) -> float:
 
 def storage_sizes(result, folder: Path) -> dict[str, int]:
     """Bytes on disk of the bank alone written as features_file does, and alternatives."""
-    from extract.encoder import EncoderInfo
+    from extract.encoders.tile_encoder import EncoderInfo
 
     sizes: dict[str, int] = {}
     path = folder / "bank.h5"

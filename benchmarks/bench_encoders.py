@@ -23,9 +23,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_extract import build_parser, measure
-
-from extract.encoder import IMAGE_MEAN, IMAGE_STD
-from extract.exported import export_tile_encoder
+from extract.encoders.exported import export_tile_encoder
+from extract.encoders.tile_encoder import IMAGE_MEAN, IMAGE_STD
 
 NAMES = {"random": "ResNet18 (random)", "random:resnet50": "ResNet50 (random)", "vit": "ViT-S/16 exported (.pt2)"}
 

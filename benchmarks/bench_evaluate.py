@@ -41,7 +41,7 @@ def bench_logistic(n_slides: int, n_splits: int) -> None:
     from sklearn.preprocessing import StandardScaler
 
     from gigassl.evaluate import LinearMethod, run_protocol
-    from gigassl.protocol import Budget, make_splits
+    from gigassl.evaluation.protocol import Budget, make_splits
 
     vectors, y = synthetic_embeddings(n_slides, 512)
     splits = make_splits(y, None, n_splits, 0.3, seed=0)
@@ -72,7 +72,7 @@ def bench_embed(n_slides: int, n_tiles: int, n_views: int, n_tiles_per_view: int
 
     from gigassl.embed import embed_slides
     from gigassl.model import GigaSSLModel
-    from gigassl.synthetic import write_synthetic_cohort
+    from gigassl.synthetic.cohort import write_synthetic_cohort
 
     torch.manual_seed(0)
     model = GigaSSLModel(None, 256, "cpu").eval()

@@ -52,8 +52,8 @@ def slide_score(explainer: Any, features: np.ndarray, coords: np.ndarray, step: 
     """The class-"1" score of a set of tiles under the explainer's model (Giga-SSL: mean over 10 R-view embeddings)."""
     import torch
 
-    from gigassl.attribution import linear_direction
-    from gigassl.classifier_file import class_score
+    from gigassl.classifier.attribution import linear_direction
+    from gigassl.classifier.model_file import class_score
     from gigassl.embed import pool_views, sample_views
 
     classifier = explainer.classifier
@@ -96,7 +96,7 @@ def run_pipeline(out: Path, n_slides: int, encoder: str) -> Any:
 
 
 def fit_half(demo: Any, method: str, slides: list[str], labels: dict[str, str], path: Path) -> Path:
-    from gigassl.classifier_config import FitConfig
+    from gigassl.classifier.config import FitConfig
     from gigassl.fit import run_fit
 
     csv_path = path.with_suffix(".labels.csv")
@@ -111,9 +111,9 @@ def fit_half(demo: Any, method: str, slides: list[str], labels: dict[str, str], 
 def validation(out: Path, n_slides: int, encoder: str) -> None:
     from sklearn.metrics import roc_auc_score
 
-    from gigassl.demo_cohort import CLASS_MAP_STEP_PX, CLASS_MAPS_FOLDER, read_class_map
+    from extract.features.plain import read_plain_features
     from gigassl.explain import SlideExplainer
-    from gigassl.plain_features import read_plain_features
+    from gigassl.synthetic.demo_cohort import CLASS_MAP_STEP_PX, CLASS_MAPS_FOLDER, read_class_map
 
     demo = run_pipeline(out, n_slides, encoder)
     with open(demo.labels, newline="") as handle:
@@ -153,12 +153,12 @@ def validation(out: Path, n_slides: int, encoder: str) -> None:
 
 
 def speed(out: Path, checkpoint: Path, n_tiles: int) -> None:
-    from gigassl.classifier_config import ExplainConfig, FitConfig
+    from gigassl.classifier.config import ExplainConfig, FitConfig
     from gigassl.config import EmbedConfig
     from gigassl.embed import run_embedding
     from gigassl.explain import SlideExplainer, write_explanation
     from gigassl.fit import run_fit
-    from gigassl.synthetic import write_synthetic_cohort
+    from gigassl.synthetic.cohort import write_synthetic_cohort
 
     paths = write_synthetic_cohort(out / "large", n_slides=4, n_tiles=n_tiles, n_augmentations=1, bank_size=4)
     run_embedding(EmbedConfig(model=checkpoint, features=out / "large", out=out / "large.h5", allow_other_encoder=True))

@@ -29,11 +29,11 @@ import torch
 
 from extract.config import ExtractConfig
 from extract.device import resolve_device
-from extract.encoder import encode_batches, load_encoder
-from extract.reader import open_slide
+from extract.encoders.tile_encoder import encode_batches, load_encoder
 from extract.run import run_extraction
+from extract.slides.reader import open_slide
+from extract.slides.tiling import tile_grid
 from extract.tile_loader import TileStream
-from extract.tiling import tile_grid
 
 DEFAULT_SLIDE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "CMU-1-Small-Region.svs"
 

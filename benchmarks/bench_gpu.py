@@ -60,7 +60,7 @@ def bench_extraction(slides: Path, copies: int, workers: int) -> dict[str, float
 
 
 def bench_loss() -> float:
-    from gigassl.loss import nt_xent
+    from gigassl.training.loss import nt_xent
 
     z = torch.randn(512, 256, device="cuda", requires_grad=True)
 
@@ -74,7 +74,7 @@ def bench_loss() -> float:
 def bench_embed(n_slides: int = 256) -> float:
     from gigassl.embed import embed_slides
     from gigassl.model import GigaSSLModel
-    from gigassl.synthetic import write_synthetic_cohort
+    from gigassl.synthetic.cohort import write_synthetic_cohort
 
     with tempfile.TemporaryDirectory() as temp:
         paths = write_synthetic_cohort(Path(temp), n_slides=n_slides, n_tiles=400, n_augmentations=1, bank_size=4)

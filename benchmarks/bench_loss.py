@@ -32,7 +32,7 @@ def _time_ms(step: Callable[[], None], repeats: int, warmup: int = 1) -> tuple[f
 
 
 def bench_loss(pairs: int, dim: int, repeats: int, pml_repeats: int, temperature: float) -> None:
-    from gigassl.loss import nt_xent
+    from gigassl.training.loss import nt_xent
 
     generator = torch.Generator().manual_seed(0)
     z1 = torch.randn(pairs, dim, generator=generator, requires_grad=True)

@@ -35,13 +35,13 @@ from sklearn.model_selection import StratifiedShuffleSplit
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from extract.batch.slide_list import list_slides
 from extract.config import MOCO_PROFILES, MocoConfig
 from extract.device import resolve_device
-from extract.encoder import TileTrunk, encode_batch, load_resnet18
-from extract.moco import run_pretraining
-from extract.moco_data import IndexedSlide, index_slides
-from extract.reader import open_slide
-from extract.slide_list import list_slides
+from extract.encoders.tile_encoder import TileTrunk, encode_batch, load_resnet18
+from extract.moco.data import IndexedSlide, index_slides
+from extract.moco.pretrain import run_pretraining
+from extract.slides.reader import open_slide
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "bach-dev"

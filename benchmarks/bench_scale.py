@@ -59,8 +59,8 @@ def timed(function, *args, **kwargs) -> tuple[float, object]:
 
 def restart_scan(features: Path, use_manifest: bool) -> float:
     """Seconds to list the slides and decide every finished output is complete (as extract's restart)."""
-    from extract.features_file import SlideFeatures, why_incomplete
-    from extract.manifest import Manifest, check_existing
+    from extract.features.manifest import Manifest, check_existing
+    from extract.features.slide_file import SlideFeatures, why_incomplete
 
     start = time.perf_counter()
     names = sorted(p for p in features.iterdir() if p.suffix == ".h5")  # the listing (of outputs here)
@@ -80,7 +80,7 @@ def data_path(features: Path, batch: int, workers: int, n_batches: int, cold: bo
     """Views/s of the training data path alone (two views per slide)."""
     import torch
 
-    from gigassl.data import EpochBatchSampler, SlideViewDataset, collate_slide_views, scan_features_folder
+    from gigassl.training.data import EpochBatchSampler, SlideViewDataset, collate_slide_views, scan_features_folder
 
     cohort = scan_features_folder(features, 5, check_finite=False)
     dataset = SlideViewDataset(cohort, 5)
@@ -108,7 +108,7 @@ def data_path(features: Path, batch: int, workers: int, n_batches: int, cold: bo
 
 def train_probe(features: Path, out: Path, epochs: int, batch: int, workers: int, check_finite: bool) -> None:
     """(In a fresh process.) Train, timing the start-up to the first step and every step after it."""
-    import gigassl.train_loop as loop
+    import gigassl.training.loop as loop
     from gigassl.config import TrainConfig
     from gigassl.train import run_training
 

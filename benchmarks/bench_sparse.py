@@ -27,7 +27,7 @@ import torch
 
 
 def _variants() -> list[tuple[str, str, bool]]:
-    from gigassl.sparse_conv import spconv_available
+    from gigassl.sparse.conv import spconv_available
 
     rows = [("torch", "torch", False), ("torch+bf16", "torch", True)]
     if spconv_available():
@@ -44,9 +44,9 @@ def _autocast(enabled: bool):
 
 def bench_step(slides: int, tiles: int, repeats: int, seed: int = 0) -> dict[str, float]:
     """Median ms of one model step per variant."""
-    from gigassl.loss import nt_xent
     from gigassl.model import GigaSSLModel
-    from gigassl.sparse_map import augment_cells, collate_views
+    from gigassl.sparse.maps import augment_cells, collate_views
+    from gigassl.training.loss import nt_xent
 
     rng = np.random.default_rng(seed)
     batches = []
@@ -78,7 +78,7 @@ def bench_embed(n_slides: int, n_views: int, tiles: int, batch_size: int, repeat
     """Slides/s of embed_slides per variant (best of ``repeats`` passes over the files)."""
     from gigassl.embed import embed_slides
     from gigassl.model import GigaSSLModel
-    from gigassl.synthetic import write_synthetic_cohort
+    from gigassl.synthetic.cohort import write_synthetic_cohort
 
     with tempfile.TemporaryDirectory() as folder:
         paths = write_synthetic_cohort(Path(folder), n_slides=n_slides, n_tiles=200, n_augmentations=1, bank_size=4)

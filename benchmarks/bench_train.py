@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from gigassl.config import TrainConfig
-from gigassl.data import EpochBatchSampler, SlideViewDataset, collate_slide_views, scan_features_folder
-from gigassl.synthetic import write_synthetic_cohort
+from gigassl.synthetic.cohort import write_synthetic_cohort
 from gigassl.train import run_training
+from gigassl.training.data import EpochBatchSampler, SlideViewDataset, collate_slide_views, scan_features_folder
 
 
 def main() -> None:

@@ -23,12 +23,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import gigassl.train as train_module
-from extract.encoder import EncoderInfo
+from extract.encoders.tile_encoder import EncoderInfo
+from extract.features.plain import read_plain_features
 from gigassl.config import EmbedConfig, TrainConfig
 from gigassl.embed import read_embeddings, run_embedding
 from gigassl.model import HeadSpec
-from gigassl.plain_features import read_plain_features
-from gigassl.synthetic import LABELS_FILE, write_synthetic_cohort
+from gigassl.synthetic.cohort import LABELS_FILE, write_synthetic_cohort
 
 
 def auc(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

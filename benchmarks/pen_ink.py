@@ -3,7 +3,7 @@
 Three strokes of each marker colour (150 µm wide, a fine tip) are painted over the thumbnail
 the tile grid uses (longest side 1,536 px) of CMU-1-Small-Region and of a few BACH images (its
 µm/px, 0.42, given), and the tissue mask is computed with and without the pen-ink rule of
-:mod:`extract.tissue`. Printed per image and marker: the share of inked tissue pixels kept as
+:mod:`extract.slides.tissue`. Printed per image and marker: the share of inked tissue pixels kept as
 tissue, and how many of the kept 224-px tiles at 0.5 µm/px are ≥ 10 % ink (the tile grid also
 leaves out tiles with more than ``MAX_INK_FRACTION`` of detected ink).
 
@@ -20,11 +20,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from extract.slides.reader import open_slide  # noqa: E402
+from extract.slides.tiling import MAX_INK_FRACTION, grid_positions  # noqa: E402
+from extract.slides.tissue import pen_ink_mask, tile_tissue_fraction, tissue_mask  # noqa: E402
 from fixtures.make_slides import MARKERS, paint_marker  # noqa: E402
-
-from extract.reader import open_slide  # noqa: E402
-from extract.tiling import MAX_INK_FRACTION, grid_positions  # noqa: E402
-from extract.tissue import pen_ink_mask, tile_tissue_fraction, tissue_mask  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 IMAGES = [(DATA / "slides" / "CMU-1-Small-Region.svs", None)] + [

@@ -2,7 +2,7 @@
 
 Each slide gets a number of tissue tiles drawn from a log-normal spread (biopsies of a few dozen
 tiles to resections of thousands; median ``median_tiles``), laid out as a blob of grid cells at
-``gigassl.synthetic.TILE_STEP_LEVEL0`` level-0 pixels (the coords layout `gigassl extract`
+``gigassl.synthetic.cohort.TILE_STEP_LEVEL0`` level-0 pixels (the coords layout `gigassl extract`
 writes), plain features (N, 256) float32 and a bank of A × K tiles sampled from them. Features
 are non-negative like a ResNet's pooled ReLU outputs, so the bank compresses about as real banks
 do (≈ 50 %). Written with the package's own writer, so every stage reads them; slides are
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from extract.features_file import SlideFileWriter
-from gigassl.synthetic import GRID_ATTRS, TILE_STEP_LEVEL0, random_encoder_info, write_synthetic_labels
+from extract.features.slide_file import SlideFileWriter
+from gigassl.synthetic.cohort import GRID_ATTRS, TILE_STEP_LEVEL0, random_encoder_info, write_synthetic_labels
 
 
 @dataclass(frozen=True)

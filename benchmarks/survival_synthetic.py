@@ -1,6 +1,6 @@
 """The synthetic survival check of docs/survival.md: fitted models against the true-risk ceiling.
 
-Writes the synthetic cohort of :mod:`gigassl.synthetic_survival` (hazard ∝ exp(3 · tumour
+Writes the synthetic cohort of :mod:`gigassl.synthetic.survival` (hazard ∝ exp(3 · tumour
 fraction), independent exponential censoring, two slides per patient), a stand-in embeddings file
 (each slide's L2-normalised mean tile feature: no Giga-SSL training, so ``gigassl`` and
 ``average`` see nearly the same information), runs ``gigassl evaluate --task survival`` and then
@@ -20,10 +20,10 @@ import numpy as np
 
 from gigassl.config import EvaluateConfig
 from gigassl.evaluate import run_evaluation
-from gigassl.survival_metrics import harrell_c, uno_c, uno_tau
-from gigassl.synthetic_survival import write_mean_embeddings, write_survival_cohort
-from gigassl.target_evaluation import target_splits
-from gigassl.targets import read_survival_targets
+from gigassl.evaluation.survival_metrics import harrell_c, uno_c, uno_tau
+from gigassl.evaluation.target_protocol import target_splits
+from gigassl.evaluation.targets import read_survival_targets
+from gigassl.synthetic.survival import write_mean_embeddings, write_survival_cohort
 
 
 def main() -> None:

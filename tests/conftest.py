@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures.processes import describe, descendants, wait_until_gone
+from fixtures.processes import descendants, describe, wait_until_gone
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("GIGASSL_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -63,7 +63,7 @@ def no_process_left_behind():
 
 
 def _spconv_imports() -> bool:
-    from gigassl.sparse_conv import spconv_available
+    from gigassl.sparse.conv import spconv_available
 
     return spconv_available()
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from extract.encoder import file_sha256
 from PIL import Image
+
+from extract.encoders.tile_encoder import file_sha256
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "benchmarks" / "bach_benchmark.py"
@@ -219,7 +219,7 @@ def test_whole_command_on_a_tiny_fake_folder_then_reuses_every_stage(tmp_path, c
     assert cached == dict(grids=True, extract=True, train=True, embed=False, evaluate=False)
 
     # a checkpoint PATH: its layer4 initialises Giga-SSL, and every stage from extraction on is redone
-    from extract.encoder import load_resnet18, save_encoder_checkpoint
+    from extract.encoders.tile_encoder import load_resnet18, save_encoder_checkpoint
 
     checkpoint = tmp_path / "encoder.pt"
     save_encoder_checkpoint(load_resnet18("random", seed=1)[0], checkpoint)

@@ -14,8 +14,8 @@ import torch
 from extract.augment import AugmentationParams, TileAugmentation
 from extract.bank import build_bank, sample_tile_indices
 from extract.config import ExtractConfig
-from extract.encoder import IMAGE_MEAN, IMAGE_STD, EncoderInfo, ResNet18, TileTrunk
-from extract.features_file import SlideFeatures, SlideFileWriter
+from extract.encoders.tile_encoder import IMAGE_MEAN, IMAGE_STD, EncoderInfo, ResNet18, TileTrunk
+from extract.features.slide_file import SlideFeatures, SlideFileWriter
 
 TILE_PX = 32
 CPU = torch.device("cpu")
@@ -191,8 +191,8 @@ def test_bank_written_and_read_back_one_augmentation_at_a_time(tmp_path: Path, t
 
 
 def test_real_slide_bank(slides_dir: Path, trunk: TileTrunk, tmp_path: Path) -> None:
-    from extract.reader import open_slide
-    from extract.tiling import tile_grid
+    from extract.slides.reader import open_slide
+    from extract.slides.tiling import tile_grid
 
     config = _config(
         tmp_path, tile_size_px=224, n_augmentations=2, n_tiles_per_augmentation=6, batch_size=6, mixed_precision=True

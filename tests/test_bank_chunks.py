@@ -4,10 +4,10 @@ import h5py
 import numpy as np
 import pytest
 
-import extract.bank_chunks as bank_chunks
-from extract.bank_chunks import BankChunkReader, locate_bank_chunks
-from extract.features_file import FeatureFileError, SlideFeatures
-from gigassl.synthetic import write_synthetic_cohort
+import extract.features.bank_chunks as bank_chunks
+from extract.features.bank_chunks import BankChunkReader, locate_bank_chunks
+from extract.features.slide_file import FeatureFileError, SlideFeatures
+from gigassl.synthetic.cohort import write_synthetic_cohort
 
 
 @pytest.fixture()

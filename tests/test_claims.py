@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from extract.claims import ClaimBoard
+from extract.batch.claims import ClaimBoard
+from extract.batch.progress_record import append_record, latest_by_slide, read_records
+from extract.batch.slide_list import SlideQueue
 from extract.partial_files import host_name
-from extract.progress_record import append_record, latest_by_slide, read_records
-from extract.slide_list import SlideQueue
 
 
 def _write_claim(path: Path, host: str, pid: int, started: float, status: str = "running") -> None:

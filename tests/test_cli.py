@@ -13,7 +13,8 @@ import pytest
 
 from extract.config import ExtractConfig, MocoConfig
 from extract.errors import UserError
-from gigassl import cli, embed, protocol
+from gigassl import cli, embed
+from gigassl.evaluation import protocol
 
 EMBED_FLAGS = ["--model", "m.pt", "--features", "features", "--out", "e.h5"]
 
@@ -71,9 +72,9 @@ def test_ctrl_c_ends_with_one_line(monkeypatch, caplog):
 def test_an_error_from_a_dataloader_worker_keeps_only_the_original_line():
     text = (
         "Caught FeatureFileError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-        '  File "x.py", line 1, in f\nextract.features_file.FeatureFileError: a.h5: NaN; re-extract this slide'
+        '  File "x.py", line 1, in f\nextract.features.slide_file.FeatureFileError: a.h5: NaN; re-extract this slide'
     )
-    assert cli.one_line(UserError(text)) == "extract.features_file.FeatureFileError: a.h5: NaN; re-extract this slide"
+    assert cli.one_line(UserError(text)) == "extract.features.slide_file.FeatureFileError: a.h5: NaN; re-extract this slide"
 
 
 def test_flags_map_onto_the_dataclass_tuples_from_commas_and_old_names_as_aliases():
@@ -116,7 +117,7 @@ def test_importing_and_running_the_slide_encoder_prints_no_third_party_warning(t
         from gigassl.embed import SlideEmbedder, embed_slides
         import gigassl.train
         from gigassl.model import GigaSSLModel
-        from gigassl.synthetic import write_synthetic_cohort
+        from gigassl.synthetic.cohort import write_synthetic_cohort
         paths = write_synthetic_cohort({str(tmp_path)!r}, n_slides=2, n_tiles=6, n_augmentations=1, bank_size=4)
         ids, vectors = embed_slides(GigaSSLModel(None, 256, "cpu").eval(), paths, n_views=2, n_tiles_per_view=3)
         print(len(ids))

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from extract.encoder import ResNet18
+from extract.encoders.tile_encoder import ResNet18
 from gigassl.model import GigaSSLModel, SparseLayer4
-from gigassl.sparse_conv import make_sparse_tensor
-from gigassl.sparse_map import collate_views
+from gigassl.sparse.conv import make_sparse_tensor
+from gigassl.sparse.maps import collate_views
 from test_model import _dense_layer4_with_average_shortcut, _full_map, _randomise_batch_norms
 
 pytestmark = pytest.mark.cuda
@@ -59,10 +59,10 @@ def test_a_model_built_on_the_cpu_runs_on_the_gpu_and_back(resnet: ResNet18) -> 
 
 
 def test_one_mixed_precision_training_run_then_cpu_resume(tmp_path: Path) -> None:
-    from gigassl.checkpoint import load_checkpoint
     from gigassl.config import TrainConfig
-    from gigassl.synthetic import write_synthetic_cohort
+    from gigassl.synthetic.cohort import write_synthetic_cohort
     from gigassl.train import run_training
+    from gigassl.training.checkpoint import load_checkpoint
 
     features = tmp_path / "features"
     write_synthetic_cohort(features, n_slides=8, n_tiles=24, n_augmentations=3, bank_size=10, seed=2)
@@ -82,7 +82,7 @@ def test_one_mixed_precision_training_run_then_cpu_resume(tmp_path: Path) -> Non
 
 def test_extraction_on_cuda_with_pinned_memory_matches_the_cpu(slides_dir: Path, tmp_path: Path) -> None:
     from extract.config import ExtractConfig
-    from extract.features_file import SlideFeatures
+    from extract.features.slide_file import SlideFeatures
     from extract.run import run_extraction
 
     folder = tmp_path / "slides"
@@ -111,7 +111,7 @@ def test_extraction_on_cuda_with_pinned_memory_matches_the_cpu(slides_dir: Path,
 
 def test_embedding_on_cuda_matches_the_cpu(tmp_path: Path) -> None:
     from gigassl.embed import embed_slides
-    from gigassl.synthetic import write_synthetic_cohort
+    from gigassl.synthetic.cohort import write_synthetic_cohort
 
     paths = write_synthetic_cohort(tmp_path, n_slides=6, n_tiles=40, n_augmentations=1, bank_size=4)
     torch.manual_seed(0)
@@ -125,8 +125,8 @@ def test_embedding_on_cuda_matches_the_cpu(tmp_path: Path) -> None:
 
 def test_one_moco_step_on_cuda() -> None:
     from extract.augment import TileAugmentation
-    from extract.moco import make_views, train_step
-    from extract.moco_model import MoCo
+    from extract.moco.model import MoCo
+    from extract.moco.pretrain import make_views, train_step
 
     torch.manual_seed(0)
     tiles = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8)

@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from extract.bank_chunks import BankChunkReader
-from extract.features_file import FeatureFileError, SlideFeatures, SlideFileWriter
-from gigassl.data import (
+from extract.features.bank_chunks import BankChunkReader
+from extract.features.slide_file import FeatureFileError, SlideFeatures, SlideFileWriter
+from gigassl.sparse.maps import MAP_MARGIN, merge_duplicates
+from gigassl.synthetic.cohort import GRID_ATTRS, random_encoder_info, write_synthetic_cohort
+from gigassl.training.data import (
     EpochBatchSampler,
     SlideViewDataset,
     collate_slide_views,
     global_batch_size,
     scan_features_folder,
 )
-from gigassl.sparse_map import MAP_MARGIN, merge_duplicates
-from gigassl.synthetic import GRID_ATTRS, random_encoder_info, write_synthetic_cohort
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_files_without_bank_are_listed_or_skipped(tmp_path, caplog):
     message = str(error.value)
     assert "2 of 5 files" in message and "plain_a.h5" in message and "plain_b.h5" in message
     assert "--skip-bad-files" in message
-    with caplog.at_level(logging.WARNING, logger="gigassl.data"):
+    with caplog.at_level(logging.WARNING, logger="gigassl.training.data"):
         cohort = scan_features_folder(tmp_path, 5, skip_bad_files=True)
     assert len(cohort.slides) == 3 and [p.name for p, _ in cohort.skipped] == ["plain_a.h5", "plain_b.h5"]
     assert "plain_a.h5" in caplog.text
@@ -78,7 +78,7 @@ def test_nan_features_are_refused_naming_the_file(tmp_path):
 
 def test_fewer_tiles_than_t_sample_with_replacement(tmp_path, caplog):
     write_synthetic_cohort(tmp_path, n_slides=2, n_tiles=3, n_augmentations=2, bank_size=3)
-    with caplog.at_level(logging.WARNING, logger="gigassl.data"):
+    with caplog.at_level(logging.WARNING, logger="gigassl.training.data"):
         cohort = scan_features_folder(tmp_path, 5)
     assert "fewer than T = 5" in caplog.text and "slide_000 (K=3)" in caplog.text
     index, view1, _view2 = SlideViewDataset(cohort, 5)[(0, 0)]
@@ -253,7 +253,7 @@ def test_a_folder_of_trident_files_says_train_needs_the_bank_of_gigassl_extract(
 
 
 def test_the_cohort_encoder_carries_the_banks_architecture_and_width(tmp_path):
-    from extract.encoder import EncoderInfo
+    from extract.encoders.tile_encoder import EncoderInfo
 
     encoder = EncoderInfo("fm.pt2", "ab" * 32, "export", "some-vit", 20, "torch.export")
     write_synthetic_cohort(tmp_path, n_slides=2, n_tiles=10, n_augmentations=2, bank_size=6, encoder=encoder)

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from extract.features_file import SlideFeatures
+from extract.features.slide_file import SlideFeatures
 from gigassl.cli import build_parser, config_from_args
 from gigassl.config import DemoConfig
 from gigassl.demo import run_demo

@@ -34,10 +34,10 @@ def test_one_process_is_rank_0_of_1_without_a_process_group(monkeypatch: pytest.
     monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one process: nothing to join either
     assert init_distributed("cpu") == context
     # MoCo's job and Giga-SSL training share this one set-up (the multi-rank runs are in test_moco, test_train)
-    import extract.moco
+    import extract.moco.pretrain
     import gigassl.train
 
-    assert extract.moco.init_distributed is gigassl.train.init_distributed is init_distributed
+    assert extract.moco.pretrain.init_distributed is gigassl.train.init_distributed is init_distributed
 
 
 def test_absent_devices_are_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,18 +15,18 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 
-from extract.checkpoint_io import save_atomic
-from extract.encoder import file_sha256
+from extract.checkpoints.sealed import save_atomic
+from extract.config import settings_dict
+from extract.encoders.tile_encoder import file_sha256
 from extract.errors import UserError
-from extract.features_file import FeatureFileError
+from extract.features.slide_file import FeatureFileError
 from gigassl.cli import main as cli_main
 from gigassl.config import EmbedConfig, TrainConfig
 from gigassl.embed import SlideEmbedder, embed_slides, run_embedding, sample_views, slide_generator
 from gigassl.embeddings_file import EmbeddingFileError, read_embeddings
 from gigassl.model import GigaSSLModel, HeadSpec
-from gigassl.synthetic import random_encoder_info, write_synthetic_cohort
-from gigassl.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
-from extract.config import settings_dict
+from gigassl.synthetic.cohort import random_encoder_info, write_synthetic_cohort
+from gigassl.training.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from test_plain_features import write_trident_file
 
 
@@ -71,7 +71,7 @@ def cohort(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(cohort):
-    from gigassl.checkpoint import load_model
+    from gigassl.training.checkpoint import load_model
 
     return load_model(cohort[1])[0]
 

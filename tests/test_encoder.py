@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from extract.encoder import (
+from extract.encoders.tile_encoder import (
     ResNet18,
     TileTrunk,
     load_resnet18,

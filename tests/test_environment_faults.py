@@ -17,11 +17,12 @@ from typing import Iterator
 import pytest
 from PIL import Image
 
-from extract import checkpoint_io, reader
-from extract.features_file import is_complete
+from extract.checkpoints import sealed as checkpoint_io
+from extract.features.slide_file import is_complete
+from extract.slides import reader
 from fixtures.make_slides import write_tissue_slide
 from gigassl.cli import main
-from gigassl.synthetic import write_synthetic_cohort
+from gigassl.synthetic.cohort import write_synthetic_cohort
 
 FAST = ["--encoder", "random", "--tile-size", "64", "--mpp", "2.0", "--no-bank", "--num-workers", "0", "--batch-size", "32"]
 
@@ -43,7 +44,7 @@ def _nothing_half_written(out: Path) -> None:
     """Every file left in the features folder is complete and verifies; no partial is left."""
     features = out / "features"
     for path in features.iterdir() if features.is_dir() else []:
-        if path.name.startswith("."):  # the folder's manifest of verified files (extract.manifest)
+        if path.name.startswith("."):  # the folder's manifest of verified files (extract.features.manifest)
             continue
         assert path.suffix == ".h5" and is_complete(path, require_plain=True, verify=True), path
 

@@ -12,17 +12,16 @@ import h5py
 import numpy as np
 import pytest
 
-from extract.encoder import load_resnet18
+from extract.encoders.tile_encoder import load_resnet18
 from extract.errors import UserError
-from extract.features_file import FeatureFileError
-from extract.features_file import SlideFileWriter
-from extract.reader import open_slide
+from extract.features.slide_file import FeatureFileError, SlideFileWriter
+from extract.slides.reader import open_slide
 from gigassl.cli import main as cli_main
 from gigassl.config import EmbedConfig, EvaluateConfig
 from gigassl.embed import EmbeddingWriter, run_embedding
 from gigassl.evaluate import LinearMethod, roc_auc, run_evaluation
-from gigassl.mil import make_logistic_regression
-from gigassl.protocol import (
+from gigassl.evaluation.mil import make_logistic_regression
+from gigassl.evaluation.protocol import (
     Budget,
     Labels,
     budget_subset,
@@ -32,8 +31,7 @@ from gigassl.protocol import (
     parse_budgets,
     read_labels,
 )
-from gigassl.synthetic import write_synthetic_cohort
-
+from gigassl.synthetic.cohort import write_synthetic_cohort
 from test_embed import write_checkpoint
 from test_plain_features import write_trident_file
 
@@ -314,9 +312,10 @@ def _write_real_tile_cohort(folder: Path, slide_path: Path) -> tuple[Path, Path]
     'background' slides only glass; features by the random trunk, files pointing at the slide."""
     size_level0, out_px = 256, 32
     resnet, encoder = load_resnet18("random", seed=0)
-    from extract.encoder import TileTrunk
-    from gigassl.mil import tiles_to_tensor
     import torch
+
+    from extract.encoders.tile_encoder import TileTrunk
+    from gigassl.evaluation.mil import tiles_to_tensor
 
     trunk = TileTrunk(resnet).eval()
     tissue = [(x, y) for x in (768, 1024, 1280) for y in (1280, 1536, 1792, 2048)]

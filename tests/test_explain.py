@@ -16,20 +16,20 @@ import shapely.geometry
 import torch
 
 from extract.errors import UserError
-from gigassl.attribution import covering_views, explaining_views, gigassl_contributions, linear_direction
-from gigassl.classifier_config import ExplainConfig, FitConfig, PredictConfig
-from gigassl.classifier_file import ClassifierFileError, load_classifier, save_classifier
+from extract.features.plain import read_plain_features
+from gigassl.classifier.attribution import covering_views, explaining_views, gigassl_contributions, linear_direction
+from gigassl.classifier.config import ExplainConfig, FitConfig, PredictConfig
+from gigassl.classifier.explain_outputs import geojson_collection, write_tile_grid
+from gigassl.classifier.model_file import ClassifierFileError, load_classifier, save_classifier
 from gigassl.cli import main as cli_main
 from gigassl.config import EmbedConfig
 from gigassl.embed import run_embedding
+from gigassl.evaluation.mil import make_logistic_regression
 from gigassl.explain import SlideExplainer, run_explain
-from gigassl.explain_outputs import geojson_collection, write_tile_grid
 from gigassl.fit import run_fit
-from gigassl.mil import make_logistic_regression
-from gigassl.plain_features import read_plain_features
 from gigassl.predict import run_predict
-from gigassl.sparse_map import collate_views, tile_cells
-from gigassl.synthetic import synthetic_label, write_synthetic_cohort
+from gigassl.sparse.maps import collate_views, tile_cells
+from gigassl.synthetic.cohort import synthetic_label, write_synthetic_cohort
 from test_embed import write_checkpoint
 
 
@@ -260,7 +260,7 @@ def test_geojson_has_no_nan_and_closed_rings(fitted):
 def test_mil_models_refuse_features_of_another_encoder(fitted, tmp_path):
     import dataclasses
 
-    from gigassl.synthetic import random_encoder_info
+    from gigassl.synthetic.cohort import random_encoder_info
 
     other = dataclasses.replace(random_encoder_info(), name="other.pt", sha256="0" * 64)
     paths = write_synthetic_cohort(tmp_path / "features", n_slides=2, n_tiles=20, n_augmentations=1, bank_size=4, encoder=other)
@@ -283,7 +283,13 @@ def test_mil_models_refuse_features_of_another_encoder(fitted, tmp_path):
 
 
 def test_demo_cohort_writes_its_ground_truth(tmp_path):
-    from gigassl.demo_cohort import CLASS_MAP_STEP_PX, CLASS_MAPS_FOLDER, CohortSettings, read_class_map, write_demo_cohort
+    from gigassl.synthetic.demo_cohort import (
+        CLASS_MAP_STEP_PX,
+        CLASS_MAPS_FOLDER,
+        CohortSettings,
+        read_class_map,
+        write_demo_cohort,
+    )
 
     settings = CohortSettings(width_px=256, height_px=192, n_levels=1, tile_px=128)
     write_demo_cohort(tmp_path, n_slides=2, seed=3, settings=settings)

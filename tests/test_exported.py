@@ -1,4 +1,4 @@
-"""extract.exported: torch.export-ed tile encoders, their sidecar, and the archive safety check."""
+"""extract.encoders.exported: torch.export-ed tile encoders, their sidecar, and the archive safety check."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extract.encoder import file_sha256, load_encoder
-from extract.exported import export_tile_encoder, sidecar_path
+from extract.encoders.exported import export_tile_encoder, sidecar_path
+from extract.encoders.tile_encoder import file_sha256, load_encoder
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 

@@ -2,8 +2,8 @@ import h5py
 import numpy as np
 import pytest
 
-from extract.encoder import EncoderInfo
-from extract.features_file import (
+from extract.encoders.tile_encoder import EncoderInfo
+from extract.features.slide_file import (
     FORMAT_VERSION,
     FeatureFileError,
     SlideFeatures,

@@ -14,9 +14,8 @@ from extract.errors import UserError
 from gigassl.cli import main as cli_main
 from gigassl.config import EvaluateConfig
 from gigassl.evaluate import AttentionMethod, LinearMethod, attention_mil, run_evaluation
-from gigassl.mil import AttentionMIL
-from gigassl.protocol import budget_subset, make_splits, parse_budgets
-
+from gigassl.evaluation.mil import AttentionMIL
+from gigassl.evaluation.protocol import budget_subset, make_splits, parse_budgets
 from test_evaluate import clustered, write_embeddings, write_labels
 from test_plain_features import write_trident_file
 
@@ -174,7 +173,7 @@ def test_shots_flag_on_the_command_line(tmp_path, capsys):
 def test_the_evaluate_defaults_are_the_estimators_defaults():
     """One set of attention-MIL defaults: the flags' defaults build AttentionMIL() as it stands,
     and `gigassl fit` trains as many epochs."""
-    from gigassl.classifier_config import FitConfig
+    from gigassl.classifier.config import FitConfig
 
     built = attention_mil(EvaluateConfig(embeddings="e.h5", labels="l.csv")).get_params()
     assert built == AttentionMIL().get_params()

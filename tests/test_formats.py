@@ -16,13 +16,13 @@ import pytest
 import tifffile
 import torch
 
+from extract.batch.slide_list import list_slides
 from extract.device import autocast
-from extract.encoder import TileTrunk, load_resnet18, prepare_batch
+from extract.encoders.tile_encoder import TileTrunk, load_resnet18, prepare_batch
 from extract.errors import UserError
-from extract.features_file import SlideFeatures
-from extract.reader import MissingMppError, SlideReader, SlideReadError, open_slide
-from extract.slide_list import list_slides
-from extract.tiling import tile_grid
+from extract.features.slide_file import SlideFeatures
+from extract.slides.reader import MissingMppError, SlideReader, SlideReadError, open_slide
+from extract.slides.tiling import tile_grid
 from fixtures.make_formats import pyramid, write_dicom, write_generic_pyramid, write_ome_tiff
 from gigassl.cli import main
 
@@ -304,10 +304,10 @@ def test_a_fluorescence_ome_tiff_is_refused_in_one_line(tmp_path: Path) -> None:
 def test_a_jpeg_ome_tiff_without_imagecodecs_names_the_extra(cmu: Cmu, tmp_path: Path) -> None:
     """Checked at open (its first tile is decoded), in a process where imagecodecs cannot import."""
     path = write_ome_tiff(tmp_path / "small.ome.tif", [cmu.levels[0][:256, :256]], (CMU_MPP, "µm"), compression="jpeg")
-    code = "import sys; sys.modules['imagecodecs'] = None\nfrom extract.reader import open_slide\nopen_slide(sys.argv[1])"
+    code = "import sys; sys.modules['imagecodecs'] = None\nfrom extract.slides.reader import open_slide\nopen_slide(sys.argv[1])"
     source = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("extract.reader_ome.MissingCodecError:") and "small.ome.tif" in last and "gigassl[ome]" in last
+    assert last.startswith("extract.slides.ome.MissingCodecError:") and "small.ome.tif" in last and "gigassl[ome]" in last

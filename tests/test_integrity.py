@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-from extract.exported import export_tile_encoder
+from extract.encoders.exported import export_tile_encoder
 from extract.partial_files import temporary_path
 from fixtures.make_slides import write_tissue_slide
-from gigassl import train_loop
-from gigassl.checkpoint import load_checkpoint
 from gigassl.cli import main
-from gigassl.synthetic import write_synthetic_cohort
+from gigassl.synthetic.cohort import write_synthetic_cohort
+from gigassl.training import loop as train_loop
+from gigassl.training.checkpoint import load_checkpoint
 from test_exported import MEAN, STD, tiny_model
 from test_features_file import flip_bytes
 
@@ -242,8 +242,8 @@ def test_labels_that_almost_match_get_a_hint(tmp_path, caplog, slide_ids, labell
 
 
 def test_a_tile_encoder_written_by_the_package_is_verified_when_loaded(tmp_path):
-    from extract.encoder import load_resnet, save_encoder_checkpoint
-    from extract.resnet import build_resnet
+    from extract.encoders.resnet import build_resnet
+    from extract.encoders.tile_encoder import load_resnet, save_encoder_checkpoint
 
     torch.manual_seed(0)
     model = build_resnet("resnet18")

@@ -1,6 +1,7 @@
 """The layout rules of the house style, checked on the tree as formatted: no function in ``src/`` over
 80 lines and no module over 450 (docstrings and comments count; they are part of what a reader reads),
-and every module named in the README's architecture map; a short README, docs pages in the site's nav, and
+every package and module in the README's architecture map and the reverse, a docstring on every
+package, no import loop (local imports included); a short README, docs pages in the site's nav, and
 references from the source that stay inside the repository.
 """
 
@@ -55,13 +56,108 @@ def architecture_map(readme: str) -> str:
     return readme[start : end if end >= 0 else None]
 
 
-def test_the_readme_map_names_every_module() -> None:
+def map_table(section: str) -> dict[str, set[str]]:
+    """The map's table rows: ``| `package` | what it owns | `module`, `module` |`` → {package: modules}."""
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and re.fullmatch(r"`[\w.]+`", cells[0]):
+            rows[cells[0].strip("`")] = set(re.findall(r"`(\w+)`", cells[2]))
+    return rows
+
+
+def tree_packages(src: Path = SRC) -> dict[str, set[str]]:
+    """The packages under ``src`` (folders with ``__init__.py``) → the stems of their modules."""
+    return {
+        ".".join(init.parent.relative_to(src).parts): {p.stem for p in init.parent.glob("*.py") if p.stem != "__init__"}
+        for init in src.rglob("__init__.py")
+    }
+
+
+def test_map_table_parses_rows() -> None:
+    section = "| Package | What | Modules |\n|---|---|---|\n| `a.b` | owns x | `c`, `d` |\n| `a` | y | `e` |\n"
+    assert map_table(section) == {"a.b": {"c", "d"}, "a": {"e"}}
+
+
+def test_the_readme_map_matches_the_tree() -> None:
     section = architecture_map((ROOT / "README.md").read_text(encoding="utf-8"))
-    stems = {p.stem for p in MODULES if p.stem != "__init__"}
-    unnamed = sorted(s for s in stems if not re.search(rf"\b{re.escape(s)}\b", section))
-    assert not unnamed, f"modules missing from the README's architecture map: {unnamed}"
-    named = set(re.findall(r"\b(?:extract|gigassl)\.(\w+)", section))
-    assert named <= stems, f"the map names modules that do not exist: {sorted(named - stems)}"
+    in_map, in_tree = map_table(section), tree_packages()
+    assert set(in_map) == set(in_tree), f"packages in the map but not the tree, or the reverse: {sorted(set(in_map) ^ set(in_tree))}"
+    for package, modules in in_tree.items():
+        assert in_map[package] == modules, f"README map row `{package}`: differs from the tree by {sorted(in_map[package] ^ modules)}"
+    flow = section[section.index("```") : section.rindex("```")]
+    subpackages = [p for p in in_tree if "." in p]
+    unflowing = [p for p in subpackages if not re.search(rf"\b{re.escape(p)}\b", flow)]
+    assert not unflowing, f"subpackages missing from the map's data-flow diagram: {unflowing}"
+
+
+@pytest.mark.parametrize("package", sorted(tree_packages()), ids=str)
+def test_every_package_says_what_it_owns(package: str) -> None:
+    init = SRC / package.replace(".", "/") / "__init__.py"
+    docstring = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8")))
+    assert docstring and len(docstring.split()) >= 20, f"{init.relative_to(ROOT)}: needs a one-paragraph docstring saying what it owns"
+
+
+def module_imports(path: Path, src: Path = SRC) -> set[str]:
+    """The package modules ``path`` imports anywhere in its body (local and type-checking imports included)."""
+    known = {".".join(p.relative_to(src).with_suffix("").parts) for p in src.rglob("*.py")}
+    known = {k.removesuffix(".__init__") for k in known}
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return {name for name in found if name in known}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The cycles of a directed graph (one per strongly connected set of more than one node, or a self-loop)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1 or node in graph.get(node, ()):
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_import_cycles_finds_a_loop() -> None:
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_loops() -> None:
+    graph = {}
+    for path in MODULES:
+        name = ".".join(path.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
+        graph[name] = module_imports(path) - {name}
+    # a package's own __init__ is imported by every module inside it; that edge is not a loop
+    graph = {n: {m for m in deps if not n.startswith(m + ".")} for n, deps in graph.items()}
+    cycles = import_cycles(graph)
+    assert not cycles, f"import loops (local and TYPE_CHECKING imports count): {cycles}"
 
 
 # The documentation: a short README, docs pages that are all in the site's nav, and docstrings that
@@ -120,6 +216,7 @@ def test_api_pages_cover_every_module() -> None:
     for package in ("extract", "gigassl"):
         page = (DOCS / "api" / f"{package}.md").read_text(encoding="utf-8")
         rendered = hooks.on_page_markdown(page, page=None)
-        documented = set(re.findall(rf"^::: {package}\.(\w+)$", rendered, flags=re.MULTILINE))
-        modules = {p.stem for p in (SRC / package).glob("*.py") if p.stem != "__init__"}
+        documented = set(re.findall(rf"^::: ({package}\.[\w.]+)$", rendered, flags=re.MULTILINE))
+        modules = {n for n in tree_packages() if n.startswith(package + ".")}
+        modules |= {f"{p}.{m}" for p, ms in tree_packages().items() if p.split(".")[0] == package for m in ms}
         assert documented == modules, f"docs/api/{package}.md: {sorted(modules ^ documented)}"

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from pytorch_metric_learning.losses import NTXentLoss
 
-from gigassl.loss import (
+from gigassl.training.loss import (
     constant_output_loss,
     gather_with_gradient,
     nt_xent,

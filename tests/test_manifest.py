@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import extract.manifest as manifest_module
-from extract.manifest import MANIFEST_NAME, Manifest, check_existing
-from gigassl import data
-from gigassl.data import scan_features_folder
-from gigassl.synthetic import write_synthetic_cohort
+import extract.features.manifest as manifest_module
+from extract.features.manifest import MANIFEST_NAME, Manifest, check_existing
+from gigassl.synthetic.cohort import write_synthetic_cohort
+from gigassl.training import data
+from gigassl.training.data import scan_features_folder
 
 
 @pytest.fixture()

@@ -9,9 +9,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from extract.encoder import TileTrunk, load_resnet18
-from extract.reader import open_slide
-from gigassl.mil import (
+from extract.encoders.tile_encoder import TileTrunk, load_resnet18
+from extract.slides.reader import open_slide
+from gigassl.evaluation.mil import (
     AttentionMIL,
     AverageMIL,
     GatedAttentionMIL,

@@ -10,11 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-import gigassl.mil as mil
+import gigassl.evaluation.mil as mil
 from gigassl.evaluate import AttentionMethod
-from gigassl.mil import AttentionMIL
-from gigassl.mil_training import EarlyStopping, fit_standardisation, fold_standardisation, make_scheduler
-
+from gigassl.evaluation.mil import AttentionMIL
+from gigassl.evaluation.mil_training import EarlyStopping, fit_standardisation, fold_standardisation, make_scheduler
 from test_mil import planted_bags
 
 

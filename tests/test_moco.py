@@ -7,14 +7,14 @@ import torch
 from torch import nn
 
 from extract.augment import TileAugmentation
+from extract.checkpoints.moco import load_training_checkpoint
 from extract.config import MOCO_PROFILES, MocoConfig
-from extract.encoder import load_resnet18
-from extract import moco_monitors
-from extract.moco import cosine_lr, make_views, run_pretraining, train_step
-from extract.moco_checkpoint import load_training_checkpoint
+from extract.encoders.tile_encoder import load_resnet18
+from extract.moco import monitors as moco_monitors
+from extract.moco.data import EpochTileBatches, epoch_plan, fixed_tiles, index_slides
+from extract.moco.model import KeyQueue, MoCo, info_nce_logits, info_nce_loss, momentum_update
+from extract.moco.pretrain import cosine_lr, make_views, run_pretraining, train_step
 from extract.monitors import alignment, rankme, uniformity
-from extract.moco_model import KeyQueue, MoCo, info_nce_logits, info_nce_loss, momentum_update
-from extract.moco_data import EpochTileBatches, epoch_plan, fixed_tiles, index_slides
 
 SLIDE = "CMU-1-Small-Region.svs"
 CPU = torch.device("cpu")
@@ -350,8 +350,8 @@ def test_two_processes_under_torchrun_share_one_queue(trained, tmp_path):
 
 @pytest.mark.parametrize(("arch", "width"), [("resnet34", 512), ("resnet50", 2048)])
 def test_one_step_of_each_arch_and_its_encoder_loads(arch, width, tmp_path):
-    from extract.encoder import load_encoder
-    from extract.moco_checkpoint import encoder_resnet, save_encoder
+    from extract.checkpoints.moco import encoder_resnet, save_encoder
+    from extract.encoders.tile_encoder import load_encoder
 
     torch.manual_seed(0)
     tiles = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
@@ -372,7 +372,7 @@ def test_one_step_of_each_arch_and_its_encoder_loads(arch, width, tmp_path):
 
 
 def test_pretrain_tiles_arch_resnet50_writes_a_resnet50_encoder(trained, tmp_path):
-    from extract.encoder import load_encoder
+    from extract.encoders.tile_encoder import load_encoder
 
     folder, out, _ = trained
     result = run_pretraining(_tiny_config(folder, tmp_path / "r50", arch="resnet50", epochs=1, monitor_tiles=0))

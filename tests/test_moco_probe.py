@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from extract.config import MocoConfig
-from extract.moco import run_pretraining
+from extract.moco.pretrain import run_pretraining
+from extract.moco.probe import probe_auc, read_probe_labels
 from extract.monitors import fresh_info_nce
-from extract.moco_probe import probe_auc, read_probe_labels
 
 SLIDE = "CMU-1-Small-Region.svs"
 

@@ -15,8 +15,8 @@ The padding semantics checked here (see ``gigassl.model``'s docstring):
 from __future__ import annotations
 
 import copy
-import math
 import io
+import math
 
 import numpy as np
 import pytest
@@ -24,17 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extract.encoder import ResNet18, build_resnet
+from extract.encoders.tile_encoder import ResNet18, build_resnet
 from gigassl.model import GigaSSLModel, HeadSpec, SparseLayer4
-from gigassl.sparse_layer4 import dense_layer4
-from gigassl.sparse_conv import (
+from gigassl.sparse.conv import (
     dense_to_sparse_weight,
     make_sparse_tensor,
     strided_conv3x3,
     submanifold_conv3x3,
     sum_pool_3x3_stride2,
 )
-from gigassl.sparse_map import SparseBatch, collate_views
+from gigassl.sparse.layer4 import dense_layer4
+from gigassl.sparse.maps import SparseBatch, collate_views
 
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 
@@ -262,7 +262,7 @@ def test_runs_under_cpu_autocast_close_to_fp32(resnet: ResNet18, backend: str) -
 
 @pytest.mark.slow  # five optimiser steps over 9 M parameters: seconds alone, much more on a shared CPU
 def test_a_few_adam_steps_lower_the_nt_xent_loss_on_fixed_views() -> None:
-    from gigassl.loss import nt_xent
+    from gigassl.training.loss import nt_xent
 
     torch.manual_seed(1)
     model = GigaSSLModel(None, projector_dim=32, device="cpu").train()
@@ -293,7 +293,7 @@ def test_a_few_adam_steps_lower_the_nt_xent_loss_on_fixed_views() -> None:
 
 @pytest.fixture(scope="module")
 def deep_resnets() -> dict[str, nn.Module]:
-    """ResNet34 and ResNet50 (v1.5, as extract.resnet builds it) with non-trivial BN statistics."""
+    """ResNet34 and ResNet50 (v1.5, as extract.encoders.resnet builds it) with non-trivial BN statistics."""
     generator = torch.Generator().manual_seed(7)
     torch.manual_seed(7)
     models = {}

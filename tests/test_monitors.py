@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-import extract.moco_monitors
+import extract.moco.monitors
 import extract.monitors
 from extract.monitors import write_monitors
-from gigassl.monitors import collapse_level, odcorr, rankme
+from gigassl.training.monitors import collapse_level, odcorr, rankme
 
 
 def test_identical_rows_are_complete_collapse_of_rank_one() -> None:
@@ -73,7 +73,7 @@ def test_bad_inputs_are_refused() -> None:
 
 
 def test_rankme_is_one_function_for_both_stages_with_the_papers_epsilon() -> None:
-    assert extract.moco_monitors.rankme is extract.monitors.rankme is rankme
+    assert extract.moco.monitors.rankme is extract.monitors.rankme is rankme
     # Garrido et al.: p = σ / ‖σ‖₁ + ε (and ε beside ‖σ‖₁, for an all-zero batch); σ = (3, 1)
     z = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
     eps = extract.monitors.RANKME_EPS

@@ -8,8 +8,7 @@ import pytest
 
 from gigassl.config import EvaluateConfig
 from gigassl.evaluate import run_evaluation
-from gigassl.paired import cluster_bootstrap, paired_differences, pooled_paired_differences, t_interval
-
+from gigassl.evaluation.paired import cluster_bootstrap, paired_differences, pooled_paired_differences, t_interval
 from test_evaluate import clustered, write_embeddings, write_labels
 
 

@@ -8,9 +8,9 @@ import h5py
 import numpy as np
 import pytest
 
-from extract.features_file import FeatureFileError
-from gigassl.plain_features import LAYOUT_FOREIGN, read_plain_features, read_slide_id, split_duplicate_ids
-from gigassl.synthetic import write_synthetic_cohort
+from extract.features.plain import LAYOUT_FOREIGN, read_plain_features, read_slide_id, split_duplicate_ids
+from extract.features.slide_file import FeatureFileError
+from gigassl.synthetic.cohort import write_synthetic_cohort
 
 
 def write_trident_file(

@@ -75,7 +75,7 @@ for line in sys.stdin.read().splitlines():
 def chain_logs(tmp_path_factory, slides_dir) -> dict[str, str]:
     """Each command's section of one log file (stdout and stderr, not a terminal): command → text."""
     from fixtures.make_slides import write_tissue_slide
-    from gigassl.synthetic import synthetic_label, write_synthetic_cohort
+    from gigassl.synthetic.cohort import synthetic_label, write_synthetic_cohort
 
     folder = tmp_path_factory.mktemp("chain")
     (folder / "slides").mkdir()

@@ -10,7 +10,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from extract.reader import RESAMPLE_TOLERANCE, MissingMppError, SlideReadError, load_mpp_overrides, open_slide
+from extract.slides.reader import RESAMPLE_TOLERANCE, MissingMppError, SlideReadError, load_mpp_overrides, open_slide
 from fixtures.make_slides import write_pyramidal_tiff
 
 
@@ -171,7 +171,7 @@ def test_mpp_overrides_csv(tmp_path: Path) -> None:
 
 
 def test_stored_thumbnail_matches_the_decoded_slide(slides_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from extract.reader import OpenSlideReader
+    from extract.slides.reader import OpenSlideReader
 
     with open_slide(slides_dir / "CMU-1-Small-Region.svs") as reader:
         assert reader._stored_thumbnail(5.0) is not None and reader._stored_thumbnail(2.0) is None

@@ -1,10 +1,10 @@
-"""extract.resnet: the three architectures, torchvision's names and sizes, the trunk cut."""
+"""extract.encoders.resnet: the three architectures, torchvision's names and sizes, the trunk cut."""
 
 import pytest
 import torch
 
-from extract.encoder import TileTrunk
-from extract.resnet import ARCHITECTURES, ResNet18, build_resnet
+from extract.encoders.resnet import ARCHITECTURES, ResNet18, build_resnet
+from extract.encoders.tile_encoder import TileTrunk
 
 # Parameter counts of torchvision's resnet18 / resnet34 / resnet50 (1000-class fc).
 TORCHVISION_PARAMETERS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032}

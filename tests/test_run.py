@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 import torch
 
+from extract.batch.slide_list import parse_shard, process_part, select_part
 from extract.config import ExtractConfig
 from extract.device import autocast
-from extract.encoder import TileTrunk, load_resnet18, prepare_batch
-from extract.features_file import SlideFeatures, is_complete
-from extract.reader import open_slide
+from extract.encoders.tile_encoder import TileTrunk, load_resnet18, prepare_batch
+from extract.features.slide_file import SlideFeatures, is_complete
 from extract.run import run_extraction
-from extract.slide_list import parse_shard, process_part, select_part
-from extract.tiling import tile_grid
+from extract.slides.reader import open_slide
+from extract.slides.tiling import tile_grid
 from fixtures.make_slides import synthetic_image, write_blank_slide, write_pyramidal_tiff, write_tissue_slide
-from fixtures.processes import alive, describe, descendants, wait_until_gone
+from fixtures.processes import alive, descendants, describe, wait_until_gone
 from gigassl.cli import main
 
 # Small tiles at a coarse resolution keep every run to a few hundred tiles.
@@ -120,7 +120,7 @@ def test_python_api_and_dataloader_workers_agree(cohort: Path, tmp_path: Path) -
 
 
 def test_features_are_streamed_in_batches(cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from extract.features_file import SlideFileWriter
+    from extract.features.slide_file import SlideFileWriter
 
     sizes: list[int] = []
     original = SlideFileWriter.write_plain_rows
@@ -190,7 +190,7 @@ def test_two_files_with_one_stem_do_not_overwrite_each_other(cohort: Path, tmp_p
 
 
 def test_tile_read_error_in_a_worker_is_one_line(cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from extract.reader import SlideReader, SlideReadError
+    from extract.slides.reader import SlideReader, SlideReadError
 
     def broken(self, x0, y0, size_level0, out_px):
         raise SlideReadError(f"{self.path}: cannot read a tile at ({x0}, {y0}): boom")
@@ -211,7 +211,7 @@ def test_a_slide_failing_mid_cohort_leaves_the_others_intact(
     """The reading workers read ahead across slides: a slide in the middle whose tiles cannot be
     read (or whose reading kills a worker) fails alone, and the slides after it are extracted
     exactly as in a run without it."""
-    from extract.reader import SlideReader, SlideReadError
+    from extract.slides.reader import SlideReader, SlideReadError
 
     reference = tmp_path / "reference"
     assert extract(cohort, reference, "--num-workers", "2") == 0
@@ -512,7 +512,7 @@ def test_bank_only_then_plain_requested_is_redone(cohort: Path, tmp_path: Path) 
 
 
 def test_bank_reuses_the_plain_pass_tiles(cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from extract.reader import SlideReader
+    from extract.slides.reader import SlideReader
 
     folder = _only(cohort, "synthetic_a.tif")
     reads = {"n": 0}
@@ -631,7 +631,7 @@ def test_stale_partials_of_a_slide_whose_name_is_a_glob_pattern(tmp_path: Path) 
 
 
 def test_a_failed_slide_leaves_no_qc_image(tmp_path: Path, slides_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from extract.reader import SlideReader, SlideReadError
+    from extract.slides.reader import SlideReader, SlideReadError
 
     folder = tmp_path / "slides"
     folder.mkdir()
@@ -680,7 +680,7 @@ def test_counts_are_singular_for_one_slide(tmp_path: Path, caplog: pytest.LogCap
     with caplog.at_level(logging.INFO, logger="extract"):
         assert extract(folder, tmp_path / "out") == 0
     assert any(r.getMessage().startswith("extract: 1 slide for part 1/1") for r in caplog.records)
-    from extract.summary import ExtractionSummary, SlideOutcome
+    from extract.batch.summary import ExtractionSummary, SlideOutcome
 
     assert ExtractionSummary([SlideOutcome("one.tif", "done")]).format().startswith("extract: 1 slide: 1 done")
 
@@ -735,7 +735,7 @@ def test_jobs_sharing_a_folder_extract_every_slide_once_even_when_one_is_killed(
 def test_a_restart_reads_only_outputs_changed_since_recorded(
     cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import extract.manifest as manifest_module
+    import extract.features.manifest as manifest_module
 
     read: list[str] = []
     original = manifest_module.verify_checksums

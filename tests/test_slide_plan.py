@@ -4,10 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import extract.slide_plan as slide_plan
-from extract.reader import SlideReadError, open_slide
-from extract.slide_plan import PlanSettings, SlidePlanner
-from extract.tiling import NoTissueError, tile_grid
+import extract.batch.slide_plan as slide_plan
+from extract.batch.slide_plan import PlanSettings, SlidePlanner
+from extract.slides.reader import SlideReadError, open_slide
+from extract.slides.tiling import NoTissueError, tile_grid
 from fixtures.make_slides import write_blank_slide, write_tissue_slide
 
 SETTINGS = dict(target_mpp=1.0, tile_size_px=32, tissue_threshold=0.5)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from gigassl import sparse_conv
 from gigassl.model import GigaSSLModel
-from gigassl.sparse_conv import (
+from gigassl.sparse import conv as sparse_conv
+from gigassl.sparse.conv import (
     SparseBackendError,
     make_sparse_tensor,
     resolve_backend,
@@ -27,7 +27,7 @@ from gigassl.sparse_conv import (
     submanifold_rulebook,
     sum_pool_3x3_stride2,
 )
-from gigassl.sparse_map import augment_cells, collate_views
+from gigassl.sparse.maps import augment_cells, collate_views
 
 
 def random_batch(seed: int, n_maps: int = 24, channels: int = 256):

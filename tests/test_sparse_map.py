@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from gigassl.sparse_map import (
+from gigassl.sparse.conv import make_sparse_tensor, strided_conv3x3
+from gigassl.sparse.maps import (
     MAP_MARGIN,
     SparseBatch,
     augment_cells,
@@ -15,7 +16,6 @@ from gigassl.sparse_map import (
     merge_duplicates,
     tile_cells,
 )
-from gigassl.sparse_conv import make_sparse_tensor, strided_conv3x3
 
 
 def _random_cells(rng: np.random.Generator, n: int = 40, extent: int = 30) -> np.ndarray:

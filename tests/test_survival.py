@@ -12,11 +12,11 @@ from sksurv.metrics import concordance_index_censored, concordance_index_ipcw
 from sksurv.nonparametric import kaplan_meier_estimator
 from sksurv.util import Surv
 
-from gigassl.attention_targets import AttentionTargetMIL, cox_loss
-from gigassl.cox import CoxRidge, fit_ridge_cox, partial_log_likelihood
-from gigassl.paired import paired_differences
-from gigassl.survival_metrics import harrell_c, kaplan_meier, logrank_test, median_split_logrank, uno_c, uno_tau
-from gigassl.synthetic_survival import draw_survival_cohort, slide_tile_features
+from gigassl.evaluation.attention_targets import AttentionTargetMIL, cox_loss
+from gigassl.evaluation.cox import CoxRidge, fit_ridge_cox, partial_log_likelihood
+from gigassl.evaluation.paired import paired_differences
+from gigassl.evaluation.survival_metrics import harrell_c, kaplan_meier, logrank_test, median_split_logrank, uno_c, uno_tau
+from gigassl.synthetic.survival import draw_survival_cohort, slide_tile_features
 
 # times 1, 2, 3, 4; the slide at 2 is censored
 TIME = np.array([1.0, 2.0, 3.0, 4.0])

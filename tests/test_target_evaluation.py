@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 
 from extract.errors import UserError
-from gigassl.classifier_config import FitConfig, PredictConfig
-from gigassl.classifier_file import load_classifier
+from gigassl.classifier.config import FitConfig, PredictConfig
+from gigassl.classifier.model_file import load_classifier
 from gigassl.cli import main as cli_main
 from gigassl.config import EvaluateConfig
-from gigassl.cox import CoxRidge
 from gigassl.evaluate import run_evaluation
+from gigassl.evaluation.cox import CoxRidge
+from gigassl.evaluation.target_protocol import target_splits
+from gigassl.evaluation.targets import read_regression_targets, read_survival_targets
 from gigassl.explain import SlideExplainer
 from gigassl.fit import run_fit
 from gigassl.predict import run_predict
-from gigassl.synthetic_survival import write_mean_embeddings, write_survival_cohort
-from gigassl.target_evaluation import target_splits
-from gigassl.targets import read_regression_targets, read_survival_targets
+from gigassl.synthetic.survival import write_mean_embeddings, write_survival_cohort
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract.reader import open_slide
-from extract.tissue import otsu_threshold, pen_ink_mask, save_qc_image, tile_tissue_fraction, tissue_mask
+from extract.slides.reader import open_slide
+from extract.slides.tissue import otsu_threshold, pen_ink_mask, save_qc_image, tile_tissue_fraction, tissue_mask
 from fixtures.make_slides import MARKERS, paint_marker, synthetic_image
 
 
@@ -113,7 +113,7 @@ def test_pen_ink_rule_keeps_clean_tissue(slides_dir: Path, shared_data: Path) ->
 
 
 def test_qc_image_is_large_enough_to_judge_and_shows_ink(slides_dir: Path, tmp_path: Path) -> None:
-    from extract.slide_plan import PlanSettings, plan_slide
+    from extract.batch.slide_plan import PlanSettings, plan_slide
 
     _, qc_partial = plan_slide(
         slides_dir / "CMU-1-Small-Region.svs",

@@ -1,5 +1,5 @@
-import json
 import itertools
+import json
 import logging
 import os
 import subprocess
@@ -11,23 +11,23 @@ import numpy as np
 import pytest
 import torch
 
-from extract.checkpoint_io import save_atomic
-from extract.encoder import EncoderInfo, file_sha256, load_resnet, load_resnet18, save_encoder_checkpoint
+from extract.checkpoints.sealed import save_atomic
+from extract.encoders.exported import export_tile_encoder
+from extract.encoders.tile_encoder import EncoderInfo, file_sha256, load_resnet, load_resnet18, save_encoder_checkpoint
 from extract.errors import UserError
-from extract.exported import export_tile_encoder
 from fixtures.make_slides import write_tissue_slide
+from gigassl import cli
+from gigassl.config import EmbedConfig, TrainConfig
 from gigassl.embed import read_embeddings, run_embedding
 from gigassl.model import HeadSpec
-from test_exported import MEAN, STD, tiny_model
-from gigassl import cli
-from gigassl import train_loop
-from gigassl.config import EmbedConfig, TrainConfig
-from gigassl.synthetic import write_synthetic_cohort
-from gigassl.checkpoint import config_differences, load_checkpoint, load_model
-from gigassl.distributed import GlobalBatchNorm1d, use_global_batch_norm
-from gigassl.monitors import batch_statistics, stall_warning
-from gigassl.schedule import WarmupCosine, warmup_warning
+from gigassl.synthetic.cohort import write_synthetic_cohort
 from gigassl.train import MONITOR_COLUMNS, TrainingDivergedError, run_training
+from gigassl.training import loop as train_loop
+from gigassl.training.checkpoint import config_differences, load_checkpoint, load_model
+from gigassl.training.distributed import GlobalBatchNorm1d, use_global_batch_norm
+from gigassl.training.monitors import batch_statistics, stall_warning
+from gigassl.training.schedule import WarmupCosine, warmup_warning
+from test_exported import MEAN, STD, tiny_model
 
 # T = 3 and 6 slides keep the sparse layer4's work (and the tests) small
 FAST = dict(n_tiles_per_view=3, warmup_epochs=1, monitor_slides=4, check_finite=True)
@@ -351,8 +351,8 @@ def test_two_rank_torchrun_step_equals_one_process(small_cohort, tmp_path):
 
 @pytest.mark.spconv
 def test_a_checkpoint_trained_with_spconv_embeds_the_same_with_the_torch_backend(small_cohort, tmp_path):
-    from gigassl.data import feature_files_in
     from gigassl.embed import embed_slides
+    from gigassl.training.data import feature_files_in
 
     # fp32 throughout: the comparison is of the backends, not of bf16 (spconv has no bf16 kernels)
     result = run_training(_config(small_cohort, tmp_path / "run", epochs=2, sparse_backend="spconv", mixed_precision=False))
@@ -414,7 +414,7 @@ def test_a_scaler_less_checkpoint_resumes_with_a_scaler():
 
 
 def test_rng_state_restores_on_a_node_with_any_number_of_gpus():
-    from gigassl.checkpoint import rng_state, set_rng_state
+    from gigassl.training.checkpoint import rng_state, set_rng_state
 
     state = rng_state()
     assert set(state) == {"torch"}  # no per-GPU states that a smaller node could not restore

@@ -2,7 +2,7 @@
 
 Slides are read at a resolution in µm/px, masked for tissue, cut into a tile grid and
 embedded with a tile encoder: a ResNet18/34/50 trunk (conv1 … layer3 + spatial mean, 256-d
-or 1024-d) or any network exported with torch.export (:mod:`extract.encoder`). For each slide
+or 1024-d) or any network exported with torch.export (:mod:`extract.encoders.tile_encoder`). For each slide
 one HDF5 file holds the plain tile features and a bank of shared tile augmentations.
 """
 

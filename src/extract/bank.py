@@ -36,13 +36,13 @@ import torch
 from extract.augment import AugmentationParams, TileAugmentation
 from extract.config import ExtractConfig
 from extract.device import autocast, autocast_dtype
-from extract.encoder import TileEncoder
-from extract.seeding import slide_seed_sequence
+from extract.encoders.tile_encoder import TileEncoder
 from extract.errors import UserError
+from extract.seeding import slide_seed_sequence
 
 if TYPE_CHECKING:
-    from extract.reader import SlideReader
-    from extract.tiling import TileGrid
+    from extract.slides.reader import SlideReader
+    from extract.slides.tiling import TileGrid
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +53,13 @@ KEEP_DECODED_BYTES = 512 << 20
 
 
 class TileSource(Protocol):
-    """What the bank needs of a slide reader (:class:`extract.reader.SlideReader`)."""
+    """What the bank needs of a slide reader (:class:`extract.slides.reader.SlideReader`)."""
 
     def read_tile(self, x0: int, y0: int, size_level0: float, out_px: int) -> np.ndarray: ...
 
 
 class Grid(Protocol):
-    """What the bank needs of a tile grid (:class:`extract.tiling.TileGrid`)."""
+    """What the bank needs of a tile grid (:class:`extract.slides.tiling.TileGrid`)."""
 
     @property
     def coords(self) -> np.ndarray: ...  # (N, 2) int64 level-0 top-left x, y

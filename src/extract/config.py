@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Collection
 from typing import Any, Mapping, Optional, Sequence
 
 from extract.errors import UserError
@@ -256,7 +256,7 @@ def _profiled(name: str, text: str, **extra) -> dict:
     return _help(f"{text} ({values})", **extra)
 
 
-MOCO_ARCHITECTURES = ("resnet18", "resnet34", "resnet50")  # extract.resnet.ARCHITECTURES, without importing torch
+MOCO_ARCHITECTURES = ("resnet18", "resnet34", "resnet50")  # extract.encoders.resnet.ARCHITECTURES, without importing torch
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@
   self-supervised representations by their rank", ICML 2023: exp of the entropy of the
   singular values σ of a (B, D) batch, normalised to sum to 1: p = σ / (‖σ‖₁ + ε) + ε with
   ε = 1e-7 (the paper's ε; the one in the denominator keeps an all-zero batch finite). Between
-  1 and min(B, D). Used by MoCo (:mod:`extract.moco`, tile features) and Giga-SSL training
-  (:mod:`gigassl.monitors`, slide representations).
+  1 and min(B, D). Used by MoCo (:mod:`extract.moco.pretrain`, tile features) and Giga-SSL training
+  (:mod:`gigassl.training.monitors`, slide representations).
 - :func:`alignment` and :func:`uniformity` (Wang & Isola 2020) of normalised views, and
   :func:`fresh_info_nce`, InfoNCE of view pairs against each other without a queue (MoCo).
 - :func:`write_monitors`: ``monitors.json`` (the rows as they are) and ``monitors.csv`` (one

@@ -1,7 +1,7 @@
 """The ``gigassl extract`` batch job: a folder of slides → one HDF5 file per slide.
 
 For the slides of this process's share, a background process opens each slide at its µm/px,
-finds the tissue tile grid and writes a QC thumbnail ahead of time (:mod:`extract.slide_plan`);
+finds the tissue tile grid and writes a QC thumbnail ahead of time (:mod:`extract.batch.slide_plan`);
 one DataLoader pass reads the tiles of all the slides in turn (:mod:`extract.tile_loader`), and
 the main process encodes them in batches under autocast, channels_last, into
 ``OUT/features/{stem}.h5`` — plain features and/or the shared-augmentation bank. Files are
@@ -9,13 +9,13 @@ written to a temporary name and renamed when complete, so a killed run leaves no
 looks finished (its QC image is published only then too); a rerun deletes the temporary files
 of jobs that have ended, and skips slides whose complete output exists and passes its
 checksums — any other existing file is redone, and the log says why. A bad slide is logged on
-one line and listed in the end-of-run summary (:mod:`extract.summary`, written to
+one line and listed in the end-of-run summary (:mod:`extract.batch.summary`, written to
 ``OUT/summary[-shardI].json``, printed by the CLI); the others are still processed.
 
 Scale-out: ``--shard i/n`` (SLURM arrays) and torchrun ranks (``RANK``/``WORLD_SIZE``) each
-take an interleaved share of the sorted slide list (:mod:`extract.slide_list`); no process
+take an interleaved share of the sorted slide list (:mod:`extract.batch.slide_list`); no process
 group is needed because ranks share nothing but the output folder
-(:mod:`extract.output_folder`), where each writes only its own slides' files.
+(:mod:`extract.batch.output_folder`), where each writes only its own slides' files.
 """
 
 from __future__ import annotations
@@ -31,23 +31,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from extract.batch.output_folder import prepare_output
+from extract.batch.shared_output import SharedOutput
+from extract.batch.slide_list import SlideQueue, broken_links, list_slides, process_part, select_part
+from extract.batch.slide_plan import PlanSettings, SlidePlanner
+from extract.batch.summary import ExtractionSummary, SlideOutcome, count
 from extract.config import RENAMED_FIELDS, ExtractConfig, settings_dict
 from extract.device import rank_device
 from extract.disk_errors import raise_if_disk_full
-from extract.encoder import EncoderInfo, TileEncoder, encode_batch, load_encoder
-from extract.features_file import SlideFileWriter
-from extract.manifest import check_existing
-from extract.output_folder import prepare_output
+from extract.encoders.tile_encoder import EncoderInfo, TileEncoder, encode_batch, load_encoder
+from extract.errors import UserError
+from extract.features.manifest import check_existing
+from extract.features.slide_file import SlideFileWriter
 from extract.partial_files import remove_stale_partials_of
 from extract.progress import progress
-from extract.reader import SLIDE_SUFFIXES, SlideReader, load_mpp_overrides, open_slide
-from extract.shared_output import SharedOutput
-from extract.slide_list import SlideQueue, broken_links, list_slides, process_part, select_part
-from extract.slide_plan import PlanSettings, SlidePlanner
-from extract.summary import ExtractionSummary, SlideOutcome, count
+from extract.slides.reader import SLIDE_SUFFIXES, SlideReader, load_mpp_overrides, open_slide
+from extract.slides.tiling import TileGrid
 from extract.tile_loader import ReadingWorkerDied, TileStream, is_worker_death
-from extract.tiling import TileGrid
-from extract.errors import UserError
 
 if TYPE_CHECKING:  # the bank pulls in the augmentations: imported only when a bank is asked for
     from extract.bank import DecodedTiles

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from extract.batch.slide_list import SlideQueue
 from extract.child_process import die_with_parent_worker
-from extract.reader import SlideReader, SlideReadError, open_slide
-from extract.slide_list import SlideQueue
-from extract.tiling import TileGrid
+from extract.slides.reader import SlideReader, SlideReadError, open_slide
+from extract.slides.tiling import TileGrid
 
 # Tiles in a slide's first batch: the encoder can start on a slide as soon as a few of its
 # tiles are read (its speed per tile hardly depends on the batch size on a CPU; a GPU gets

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 from extract.config import ExtractConfig, MocoConfig
 from extract.disk_errors import disk_full_error, is_disk_full
 from extract.errors import UserError
-from gigassl.classifier_config import ExplainConfig, FitConfig, PredictConfig
+from gigassl.classifier.config import ExplainConfig, FitConfig, PredictConfig
 from gigassl.config import DemoConfig, EmbedConfig, EvaluateConfig, TrainConfig, comma_separated
 
 # subcommand → (settings dataclass, "module:function" taking that dataclass, one-line help).
@@ -41,7 +41,7 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
     "extract": (ExtractConfig, "extract.run:run_extraction", "slides → plain tile features and augmented bank (HDF5 per slide)"),
     "pretrain-tiles": (
         MocoConfig,
-        "extract.moco:run_pretraining",
+        "extract.moco.pretrain:run_pretraining",
         "MoCo v2 pre-training of a ResNet18/34/50 tile encoder (--arch) from slides",
     ),
     "train": (TrainConfig, "gigassl.train:run_training", "Giga-SSL training of the sparse slide encoder"),

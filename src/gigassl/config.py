@@ -15,7 +15,7 @@ from typing import Any, Iterable, Optional
 
 from extract.errors import UserError
 
-SPARSE_BACKENDS = ("auto", "torch", "spconv")  # gigassl.sparse_conv implements them
+SPARSE_BACKENDS = ("auto", "torch", "spconv")  # gigassl.sparse.conv implements them
 EMBED_EXPORTS = ("npz", "csv")  # files `gigassl embed --export` writes beside the HDF5 file
 EVALUATE_TASKS = ("classification", "survival", "regression")
 EVALUATE_BASELINES = ("average", "abmil", "topk")  # the baselines `gigassl evaluate` runs (gigassl.evaluate.BASELINES)
@@ -325,7 +325,7 @@ class EvaluateConfig:
 
 
 DEFAULT_BUDGETS = ("100%", "25%")
-MIL_LR_SCHEDULES = ("constant", "cosine", "one-cycle")  # gigassl.mil_training implements them
+MIL_LR_SCHEDULES = ("constant", "cosine", "one-cycle")  # gigassl.evaluation.mil_training implements them
 
 
 def _shot_problems(shots: tuple[str, ...], budgets: tuple[str, ...]) -> list[str]:

@@ -5,7 +5,7 @@ on a real cohort, with a small profile):
 
 1. cohort     — ``OUT/slides``: synthetic pyramidal TIFFs painted from the packaged Kather
                 2016 tiles, ``OUT/labels.csv`` (label = tumour texture present) and
-                ``OUT/cohort.json`` (:mod:`gigassl.demo_cohort`);
+                ``OUT/cohort.json`` (:mod:`gigassl.synthetic.demo_cohort`);
 2. extract    — ``OUT/features/*.h5`` (plain features + augmented bank), ``OUT/qc/*.png``;
 3. train      — ``OUT/train``: Giga-SSL checkpoint, monitors, training curves;
 4. embed      — ``OUT/embeddings.h5``: one vector per slide;
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from gigassl.config import DemoConfig
 from extract.errors import UserError
+from gigassl.config import DemoConfig
 
 logger = logging.getLogger(__name__)
 
@@ -168,9 +168,9 @@ def evaluate_settings(config: DemoConfig, embeddings: Path, labels: Path, featur
 def run_demo(config: DemoConfig) -> DemoResult:
     """Run the five stages (module docstring); the result's ``format()`` is the AUC table and the paths."""
     from extract.run import run_extraction
-    from gigassl.demo_cohort import write_demo_cohort
     from gigassl.embed import run_embedding
     from gigassl.evaluate import run_evaluation
+    from gigassl.synthetic.demo_cohort import write_demo_cohort
     from gigassl.train import run_training
 
     out = Path(config.out)
@@ -219,7 +219,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
 def _auc_table(evaluation: Any) -> tuple[str, dict[str, float]]:
     """(printable table, method → mean AUC with the most training slides) from the evaluation."""
-    from gigassl.evaluation_report import format_table
+    from gigassl.evaluation.report import format_table
 
     largest: dict[str, dict[str, Any]] = {}
     for row in evaluation.summary:
@@ -232,8 +232,8 @@ def _auc_table(evaluation: Any) -> tuple[str, dict[str, float]]:
 def how_to_read(paired: list[dict[str, Any]], encoder: str, train_loss: Optional[float], batch_size: int) -> str:
     """The paired Giga-SSL − AverageMIL differences, and with a random tile encoder, why Giga-SSL
     cannot lead here and the command that gives it something to learn."""
-    from gigassl.loss import constant_output_loss
-    from gigassl.paired import format_paired
+    from gigassl.evaluation.paired import format_paired
+    from gigassl.training.loss import constant_output_loss
 
     lines = [format_paired([e for e in paired if e["method"] == "gigassl"])] if paired else []
     if encoder != "random":

@@ -15,7 +15,7 @@ The output file (an HDF5 file of slide ids, (S, W) embeddings and their provenan
 
 Inputs are checked per slide, and a slide that fails is listed in ``failed`` (the run goes on;
 ``--strict`` makes the exit status non-zero): unreadable files, files without tiles, NaN or inf
-features (:mod:`gigassl.plain_features`, which also reads TRIDENT/CLAM-layout files), features
+features (:mod:`extract.features.plain`, which also reads TRIDENT/CLAM-layout files), features
 of another width than the model takes ("features are 1024-d, this model expects 256-d"),
 features made by another tile encoder than the checkpoint was trained on (by the hash both
 record; ``--allow-other-encoder`` embeds them anyway) and a slide id already taken by another
@@ -40,17 +40,16 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 
+from extract.batch.output_folder import ensure_writable
 from extract.config import settings_dict
 from extract.device import autocast
-from extract.encoder import SLIDE_FEATURE_DIM, TILE_FEATURE_DIM, file_sha256
+from extract.encoders.tile_encoder import SLIDE_FEATURE_DIM, TILE_FEATURE_DIM, file_sha256
 from extract.errors import UserError
-from extract.features_file import FeatureFileError
-from extract.output_folder import ensure_writable
+from extract.features.plain import PlainFeatures, read_plain_features, split_duplicate_ids
+from extract.features.slide_file import FeatureFileError
 from extract.partial_files import remove_stale_partials_of
 from extract.seeding import slide_seed_sequence
-from gigassl.checkpoint import load_model
 from gigassl.config import EmbedConfig
-from gigassl.data import feature_files_in
 from gigassl.embeddings_file import (  # also offered here: gigassl.evaluate and user code import them from embed
     EmbeddingFileError,
     EmbeddingWriter,
@@ -58,8 +57,9 @@ from gigassl.embeddings_file import (  # also offered here: gigassl.evaluate and
     export_embeddings,
     read_embeddings,
 )
-from gigassl.plain_features import PlainFeatures, read_plain_features, split_duplicate_ids
-from gigassl.sparse_map import collate_views, tile_cells
+from gigassl.sparse.maps import collate_views, tile_cells
+from gigassl.training.checkpoint import load_model
+from gigassl.training.data import feature_files_in
 
 __all__ = [
     "EmbedResult",
@@ -206,7 +206,7 @@ def iter_embeddings(
 ) -> Iterator[tuple[list[str], np.ndarray]]:
     """Yield (ids, (s, W) float32) per batch of ``batch_size`` slides.
 
-    Each file is read with :func:`~gigassl.plain_features.read_plain_features` and checked
+    Each file is read with :func:`~extract.features.plain.read_plain_features` and checked
     against ``contract`` (default: the model's feature width only). Files that fail are logged
     and appended to ``failed`` as (path, reason) when a list is given; otherwise they raise.
     ``encoders``, when given, counts the embedded slides per (encoder name, sha256);
@@ -304,10 +304,9 @@ def _features_encoders(
 
 def run_embedding(config: EmbedConfig) -> EmbedResult:
     """``gigassl embed``: embed every slide of ``config.features`` into ``config.out``."""
-    from extract.progress import progress as progress_bar
-
     from extract.device import resolve_device
-    from gigassl.checkpoint import load_model
+    from extract.progress import progress as progress_bar
+    from gigassl.training.checkpoint import load_model
 
     files, failed = split_duplicate_ids(feature_files_in(config.features))
     ensure_writable(Path(config.out).parent)  # one line for a read-only folder, before any work

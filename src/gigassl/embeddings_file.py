@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 
 from extract import __version__
-from extract.encoder import SLIDE_FEATURE_DIM
+from extract.encoders.tile_encoder import SLIDE_FEATURE_DIM
 from extract.errors import UserError
 from extract.partial_files import AtomicHDF5Writer, temporary_path
 from gigassl.config import EMBED_EXPORTS as EXPORTS

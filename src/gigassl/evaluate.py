@@ -1,7 +1,7 @@
 """``gigassl evaluate``: few-label classification of slide embeddings against MIL baselines.
 
 Protocol (the paper's, and the field's: TITAN, Patho-Bench, eva; labels, budgets and splits
-are in :mod:`gigassl.protocol`):
+are in :mod:`gigassl.evaluation.protocol`):
 
 - ``n_splits`` seeded, stratified train/test splits (``test_fraction`` held out); when the
   labels CSV has a patient column, all slides of a patient fall on one side
@@ -15,7 +15,7 @@ are in :mod:`gigassl.protocol`):
   epochs. Said once per method and budget in the log and in ``results.json`` (``fallbacks``),
   beside the seconds each method took (``seconds_per_method``, ``cpu_seconds_per_method``).
 - Methods: ``gigassl`` (logistic regression on the embeddings), ``average`` (AverageMIL),
-  ``abmil`` (gated attention-MIL), ``topk`` (top-k fine-tuning); see :mod:`gigassl.mil`.
+  ``abmil`` (gated attention-MIL), ``topk`` (top-k fine-tuning); see :mod:`gigassl.evaluation.mil`.
   Logistic regression: C = 10, ``class_weight="balanced"``, lbfgs, ``max_iter=1000`` (the
   original's) or C by inner cross-validation (``--tune-c``).
 - Metrics on the test part: ROC-AUC (binary; one-vs-rest macro over the classes for more) and
@@ -30,7 +30,7 @@ Speed: embeddings are unit-norm, so lbfgs on them is well conditioned; one estim
 iterations), and BLAS runs on one thread (parallel BLAS on 700 × 512 only burns CPU time).
 
 The baselines' inputs (feature files by slide id, bags, the checks that embeddings and features
-belong together, top-k's slides and trunk) are read by :mod:`gigassl.evaluation_inputs`.
+belong together, top-k's slides and trunk) are read by :mod:`gigassl.evaluation.inputs`.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from extract.config import settings_dict
 from gigassl.config import EVALUATE_BASELINES, EvaluateConfig
-from gigassl.evaluation_inputs import (
+from gigassl.evaluation.inputs import (
     check_embeddings,
     check_feature_width,
     feature_paths,
@@ -56,10 +56,17 @@ from gigassl.evaluation_inputs import (
     slide_tiles,
     trunk_factory,
 )
-from gigassl.evaluation_report import fallbacks, format_costs, format_report, method_seconds, write_csv, write_json
-from gigassl.plots import plot_auc
-from gigassl.paired import paired_differences
-from gigassl.protocol import (
+from gigassl.evaluation.mil import (
+    AttentionMIL,
+    SlideTiles,
+    TopKFineTuner,
+    inner_folds,
+    inner_validation_split,
+    make_logistic_regression,
+    mean_features,
+)
+from gigassl.evaluation.paired import paired_differences
+from gigassl.evaluation.protocol import (
     Budget,
     budget_subset,
     check_classes,
@@ -69,15 +76,8 @@ from gigassl.protocol import (
     parse_budgets,
     read_labels,
 )
-from gigassl.mil import (
-    AttentionMIL,
-    SlideTiles,
-    TopKFineTuner,
-    inner_folds,
-    inner_validation_split,
-    make_logistic_regression,
-    mean_features,
-)
+from gigassl.evaluation.report import fallbacks, format_costs, format_report, method_seconds, write_csv, write_json
+from gigassl.plots import plot_auc
 
 if TYPE_CHECKING:
     pass
@@ -299,11 +299,11 @@ class EvaluationResult:
 
 def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
     """``gigassl evaluate``: the protocol on the embeddings (and baselines), tables and plot;
-    ``--task survival`` and ``regression`` run :func:`gigassl.target_evaluation.run_target_evaluation`."""
+    ``--task survival`` and ``regression`` run :func:`gigassl.evaluation.target_protocol.run_target_evaluation`."""
     from gigassl.embed import read_embeddings
 
     if config.task != "classification":
-        from gigassl.target_evaluation import run_target_evaluation
+        from gigassl.evaluation.target_protocol import run_target_evaluation
 
         return run_target_evaluation(config)
 

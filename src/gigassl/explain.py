@@ -1,7 +1,7 @@
 """``gigassl explain`` and :class:`SlideExplainer`: which tiles drove a fitted model's call on a slide.
 
 For each slide: each tile's exact contribution to the class score of the model's predicted class
-(or ``--class-name``), by :mod:`gigassl.attribution`, written by :mod:`gigassl.explain_outputs`
+(or ``--class-name``), by :mod:`gigassl.classifier.attribution`, written by :mod:`gigassl.classifier.explain_outputs`
 as HDF5, GeoJSON, a heatmap over the thumbnail and a grid of the top and bottom tiles. The same
 for a Giga-SSL model (needs its checkpoint), an AverageMIL model and an attention-MIL model.
 A slide that fails is listed and the others go on.
@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from extract.config import settings_dict
-from extract.encoder import file_sha256
+from extract.encoders.tile_encoder import file_sha256
 from extract.errors import UserError
-from gigassl.attribution import (
+from extract.features.plain import PlainFeatures, read_plain_features
+from gigassl.classifier.attribution import (
     TileAttribution,
     attention_terms,
     average_contributions,
@@ -27,9 +28,8 @@ from gigassl.attribution import (
     gigassl_contributions,
     linear_direction,
 )
-from gigassl.classifier_config import ExplainConfig
-from gigassl.classifier_file import check_checkpoint, check_slide_encoder, class_score, load_classifier, probabilities
-from gigassl.plain_features import PlainFeatures, read_plain_features
+from gigassl.classifier.config import ExplainConfig
+from gigassl.classifier.model_file import check_checkpoint, check_slide_encoder, class_score, load_classifier, probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ class SlideExplainer:
 
     def _load_network(self, checkpoint: str | Path | None, device: str, sparse_backend: str) -> None:
         from extract.device import resolve_device
-        from gigassl.checkpoint import load_model
         from gigassl.embed import FeatureContract
+        from gigassl.training.checkpoint import load_model
 
         if checkpoint is None:
             raise UserError(f"{self.model_path} is a Giga-SSL model: pass --checkpoint, the checkpoint its embeddings came from")
@@ -219,10 +219,10 @@ def _named(stem: Path, suffix: str) -> Path:
 
 def _slide_images(attribution: TileAttribution, features_file: Path, config: ExplainConfig, stem: Path) -> list[Path]:
     """The heatmap (over the thumbnail, or a blank canvas without the slide) and the tile grid."""
-    from extract.reader import open_slide
-    from extract.tiling import thumbnail_side
-    from gigassl.evaluation_inputs import slide_tiles
-    from gigassl.explain_outputs import write_heatmap, write_tile_grid
+    from extract.slides.reader import open_slide
+    from extract.slides.tiling import thumbnail_side
+    from gigassl.classifier.explain_outputs import write_heatmap, write_tile_grid
+    from gigassl.evaluation.inputs import slide_tiles
 
     try:
         source = slide_tiles([features_file], config.slides)[0]
@@ -244,7 +244,7 @@ def write_explanation(
     attribution: TileAttribution, features_file: Path, config: ExplainConfig, provenance: dict[str, Any]
 ) -> list[Path]:
     """All the files of one slide's attribution in ``config.out`` (``{slide}.{method}.*``)."""
-    from gigassl.explain_outputs import write_attribution_h5, write_geojson
+    from gigassl.classifier.explain_outputs import write_attribution_h5, write_geojson
 
     stem = Path(config.out) / f"{attribution.slide_id}.{attribution.method}"
     written = [
@@ -255,7 +255,7 @@ def write_explanation(
 
 
 def _selected(config: ExplainConfig) -> dict[str, Path]:
-    from gigassl.evaluation_inputs import feature_paths
+    from gigassl.evaluation.inputs import feature_paths
 
     files = feature_paths(config.features)
     if not config.slide_ids:
@@ -269,7 +269,7 @@ def _selected(config: ExplainConfig) -> dict[str, Path]:
 def run_explain(config: ExplainConfig) -> ExplainResult:
     """``gigassl explain``: attribute every selected slide of ``config.features`` and write its files."""
     from extract.progress import progress
-    from gigassl.explain_outputs import summary_attrs
+    from gigassl.classifier.explain_outputs import summary_attrs
 
     explainer = SlideExplainer(
         config.model,

@@ -7,7 +7,7 @@ Methods (the same estimators ``gigassl evaluate`` compares, with the same settin
 - ``average``: the same on each slide's mean plain tile feature (AverageMIL);
 - ``abmil``: gated attention-MIL on the plain tile features.
 
-The model file (:mod:`gigassl.classifier_file`) records what the model was fitted on — the
+The model file (:mod:`gigassl.classifier.model_file`) records what the model was fitted on — the
 Giga-SSL checkpoint and tile encoder hashes, the embedding settings (R, T, seed), the classes —
 so that ``predict`` and ``explain`` refuse inputs of another checkpoint or encoder.
 """
@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from extract.config import settings_dict
-from extract.encoder import file_sha256
+from extract.encoders.tile_encoder import file_sha256
 from extract.errors import UserError
-from gigassl.classifier_config import FitConfig
-from gigassl.classifier_file import LinearClassifier, SlideClassifier, save_classifier
-from gigassl.protocol import Labels, check_classes, keep_available, read_labels
+from gigassl.classifier.config import FitConfig
+from gigassl.classifier.model_file import LinearClassifier, SlideClassifier, save_classifier
+from gigassl.evaluation.protocol import Labels, check_classes, keep_available, read_labels
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class FitResult:
 
 
 def _linear(vectors: np.ndarray, y: np.ndarray, config: FitConfig) -> LinearClassifier:
-    from gigassl.mil import inner_folds, make_logistic_regression
+    from gigassl.evaluation.mil import inner_folds, make_logistic_regression
 
     pipeline = make_logistic_regression(
         config.logistic_c, standardize=True, tune_c=config.tune_c, seed=config.seed, n_inner_folds=inner_folds(y)
@@ -98,8 +98,8 @@ def _fit_gigassl(config: FitConfig, labels: Labels) -> tuple[SlideClassifier, La
 def _read_slides(config: FitConfig, labels: Labels) -> tuple[list[np.ndarray], Labels, list[str], dict[str, Any]]:
     """Each labelled slide's bag (abmil) or mean tile feature (average), read one file at a time
     (an AverageMIL fit never holds more than one slide's tiles), and the features' provenance."""
-    from gigassl.evaluation_inputs import feature_paths
-    from gigassl.plain_features import read_plain_features
+    from extract.features.plain import read_plain_features
+    from gigassl.evaluation.inputs import feature_paths
 
     assert config.features is not None, "FitConfig requires --features for the MIL methods"
     files = feature_paths(config.features)
@@ -127,7 +127,7 @@ def _read_slides(config: FitConfig, labels: Labels) -> tuple[list[np.ndarray], L
 
 def _fit_mil(config: FitConfig, labels: Labels) -> tuple[SlideClassifier, Labels, list[str]]:
     from extract.device import resolve_device
-    from gigassl.mil import AttentionMIL
+    from gigassl.evaluation.mil import AttentionMIL
 
     inputs, labels, missing, provenance = _read_slides(config, labels)
     classes, y = _encoded(labels, str(config.labels))
@@ -148,7 +148,7 @@ def _fit_mil(config: FitConfig, labels: Labels) -> tuple[SlideClassifier, Labels
 def run_fit(config: FitConfig) -> FitResult:
     """``gigassl fit``: fit ``config.method`` on every labelled slide and write the model file."""
     if config.task == "survival":
-        from gigassl.survival_fit import run_survival_fit
+        from gigassl.classifier.survival_fit import run_survival_fit
 
         return run_survival_fit(config)
     labels = read_labels(config.labels, config.slide_column, config.label_column, patient_column="\0")

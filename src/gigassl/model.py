@@ -1,7 +1,7 @@
 """The slide encoder of Giga-SSL: a ResNet's layer4 as a sparse network, then a projector.
 
 ``GigaSSLModel`` = [per-site linear D → P, the linear-first head only] → :class:`SparseLayer4`
-(:mod:`gigassl.sparse_layer4`) → mean over each slide's active sites (B, W), the slide
+(:mod:`gigassl.sparse.layer4`) → mean over each slide's active sites (B, W), the slide
 representation → projector W → W → W → ``projector_dim`` (Linear-BN-ReLU twice, then a Linear),
 the output fed to NT-Xent. W is the layer4's width: 512 for basic blocks, 2048 for bottlenecks.
 
@@ -35,11 +35,11 @@ from typing import Any, Mapping, cast
 import torch
 from torch import nn
 
-from extract.resnet import ARCHITECTURES, Bottleneck
-from gigassl.sparse_conv import SparseTensor, make_sparse_tensor, resolve_backend
-from gigassl.sparse_layer4 import BLOCKS, SparseLayer4, dense_layer4
-from gigassl.sparse_map import SparseBatch
+from extract.encoders.resnet import ARCHITECTURES, Bottleneck
 from extract.errors import UserError
+from gigassl.sparse.conv import SparseTensor, make_sparse_tensor, resolve_backend
+from gigassl.sparse.layer4 import BLOCKS, SparseLayer4, dense_layer4
+from gigassl.sparse.maps import SparseBatch
 
 __all__ = ["GENERIC", "GigaSSLModel", "HeadSpec", "SparseLayer4", "mean_per_map"]
 
@@ -145,11 +145,11 @@ class GigaSSLModel(nn.Module):
             drawn from torch's global generator).
         projector_dim: output size of the projector (256).
         device: where the model is placed (it may be moved later; nothing depends on it).
-        sparse_backend: ``auto``, ``torch`` or ``spconv`` (:mod:`gigassl.sparse_conv`).
+        sparse_backend: ``auto``, ``torch`` or ``spconv`` (:mod:`gigassl.sparse.conv`).
         head: the architecture (:class:`HeadSpec`); default ResNet18's, or ``layer4_source``'s.
 
     ``pool`` gives the slide representation (B, W) used at inference; ``forward`` the (B,
-    projector_dim) projection used by the loss. Both take a :class:`~gigassl.sparse_map.SparseBatch`
+    projector_dim) projection used by the loss. Both take a :class:`~gigassl.sparse.maps.SparseBatch`
     or the backend's sparse tensor of (N, D) features. ``feature_dim`` (D) and ``slide_dim`` (W)
     say what goes in and out. The state dict holds plain tensors only, the same for both backends.
     """
@@ -205,7 +205,7 @@ class GigaSSLModel(nn.Module):
 
     def site_features(self, x: SparseBatch | SparseTensor) -> SparseTensor:
         """Sparse maps of (N, D) tiles → the layer4's (M, W) output sites, (batch, y, x) indices;
-        ``pool`` averages them per map (:mod:`gigassl.attribution` splits that mean into site terms)."""
+        ``pool`` averages them per map (:mod:`gigassl.classifier.attribution` splits that mean into site terms)."""
         x = self._as_sparse(x)
         if self.input_projection is not None:
             x = x.replace_feature(self.input_projection(x.features))  # (N, D) → (N, P), per site

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from extract.encoder import file_sha256
+from extract.encoders.tile_encoder import file_sha256
 from extract.errors import UserError
-from extract.features_file import FeatureFileError
-from gigassl.classifier_config import PredictConfig
-from gigassl.classifier_file import (
+from extract.features.slide_file import FeatureFileError
+from gigassl.classifier.config import PredictConfig
+from gigassl.classifier.model_file import (
     SlideClassifier,
     check_checkpoint,
     check_embeddings_provenance,
@@ -67,8 +67,8 @@ def _embedded_on_the_fly(
     classifier: SlideClassifier, config: PredictConfig, files: list[Path], failed: list[tuple[str, str]]
 ) -> tuple[list[str], np.ndarray]:
     from extract.device import autocast, resolve_device
-    from gigassl.checkpoint import load_model
     from gigassl.embed import FeatureContract, iter_embeddings
+    from gigassl.training.checkpoint import load_model
 
     if config.checkpoint is None:
         raise UserError(f"{config.model} is a Giga-SSL model: predicting from --features needs --checkpoint to embed them")
@@ -94,7 +94,7 @@ def _mil_probabilities(
     """AverageMIL / attention-MIL probabilities, slide by slide (a bad file is listed, not fatal)."""
     import torch
 
-    from gigassl.plain_features import read_plain_features
+    from extract.features.plain import read_plain_features
 
     network = classifier.attention_model() if classifier.method == "abmil" else None
     ids, rows = [], []
@@ -134,8 +134,8 @@ def predict_probabilities(
     if config.embeddings is not None:
         ids, vectors = _from_embeddings(classifier, config)
     else:
-        from gigassl.data import feature_files_in
-        from gigassl.plain_features import split_duplicate_ids
+        from extract.features.plain import split_duplicate_ids
+        from gigassl.training.data import feature_files_in
 
         assert config.features is not None, "PredictConfig checks that one input is given"
         files, duplicates = split_duplicate_ids(feature_files_in(config.features))

@@ -8,7 +8,7 @@ Outputs in ``config.out``:
 
 - ``checkpoint.pt``: the latest checkpoint; ``checkpoints/epoch_NNNN.pt`` every
   ``checkpoint_every`` epochs and at the end (the newest ``keep_checkpoints`` kept); plain
-  data, written atomically (:mod:`gigassl.checkpoint`).
+  data, written atomically (:mod:`gigassl.training.checkpoint`).
 - ``monitors.csv`` / ``monitors.json``: one row per epoch (row 0 = before training) with the
   training loss, positive-pair accuracy and gradient norm of the epoch's steps, the share of
   the step time spent waiting for data, and, on a fixed set of ``monitor_slides`` slides with
@@ -19,7 +19,7 @@ An ``out`` folder that already holds a run (``checkpoint.pt``, ``checkpoints/``,
 refused unless ``--resume`` continues it or ``--overwrite`` deletes it first.
 
 Resuming: every setting must be the checkpoint's except where outputs go (see
-:data:`gigassl.checkpoint.RESUME_FREE_KEYS`) and ``epochs``, which may grow (train a finished
+:data:`gigassl.training.checkpoint.RESUME_FREE_KEYS`) and ``epochs``, which may grow (train a finished
 run longer) or shrink down to the epochs already done. The schedule is then re-planned, not
 continued: from the resumed step on, the learning rate is the one a run started with the new
 ``--epochs`` would use at that step (same warm-up, cosine stretched over the new total). So
@@ -31,15 +31,15 @@ Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is joined
 (:func:`extract.device.init_distributed`), each rank takes its contiguous share of every global batch,
 the loss is NT-Xent over the global batch (embeddings gathered with gradients), gradients
 are averaged by DDP, and batch norm uses the statistics of the global batch, so a step equals
-the one-process step on the same global batch (:mod:`gigassl.distributed`). ``batch_size`` is
+the one-process step on the same global batch (:mod:`gigassl.training.distributed`). ``batch_size`` is
 the global batch.
 
 Where the parts live: the settings and their checks in :class:`gigassl.config.TrainConfig`; the
-head's initialisation in :mod:`gigassl.initialisation`; the schedule in :mod:`gigassl.schedule`;
-the monitors and the stall warning in :mod:`gigassl.monitors` (RankMe and the monitors files in
+head's initialisation in :mod:`gigassl.training.initialisation`; the schedule in :mod:`gigassl.training.schedule`;
+the monitors and the stall warning in :mod:`gigassl.training.monitors` (RankMe and the monitors files in
 :mod:`extract.monitors`, shared with MoCo); the run folder and resuming in
-:mod:`gigassl.checkpoint`; ``curves.png`` in :mod:`gigassl.plots`; the optimiser, the epochs and
-the steps in :mod:`gigassl.train_loop`.
+:mod:`gigassl.training.checkpoint`; ``curves.png`` in :mod:`gigassl.plots`; the optimiser, the epochs and
+the steps in :mod:`gigassl.training.loop`.
 """
 
 from __future__ import annotations
@@ -55,12 +55,15 @@ import torch.distributed as dist
 from torch import nn
 
 from extract import __version__
+from extract.batch.output_folder import ensure_writable
 from extract.config import settings_dict
 from extract.device import DistContext, init_distributed
-from extract.encoder import EncoderInfo
+from extract.encoders.tile_encoder import EncoderInfo
 from extract.monitors import MONITORS_CSV, MONITORS_JSON, write_monitors
-from extract.output_folder import ensure_writable
-from gigassl.checkpoint import (
+from gigassl.config import TrainConfig
+from gigassl.model import GigaSSLModel
+from gigassl.plots import plot_curves
+from gigassl.training.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     check_resume,
@@ -68,8 +71,7 @@ from gigassl.checkpoint import (
     load_checkpoint,
     remove_stale_run_partials,
 )
-from gigassl.config import TrainConfig
-from gigassl.data import (
+from gigassl.training.data import (
     STREAM_MONITOR,
     Cohort,
     EpochBatchSampler,
@@ -78,12 +80,10 @@ from gigassl.data import (
     global_batch_size,
     scan_features_folder,
 )
-from gigassl.distributed import use_global_batch_norm
-from gigassl.initialisation import initial_head
-from gigassl.model import GigaSSLModel
-from gigassl.plots import plot_curves
-from gigassl.schedule import warmup_warning
-from gigassl.train_loop import MONITOR_COLUMNS, Run, TrainingDivergedError, make_optimisation, restore_run, run_epochs
+from gigassl.training.distributed import use_global_batch_norm
+from gigassl.training.initialisation import initial_head
+from gigassl.training.loop import MONITOR_COLUMNS, Run, TrainingDivergedError, make_optimisation, restore_run, run_epochs
+from gigassl.training.schedule import warmup_warning
 
 __all__ = ["MONITOR_COLUMNS", "TrainingDivergedError", "TrainResult", "run_training"]
 
@@ -117,7 +117,7 @@ class TrainResult:
 
 def _extraction_seed(cohort: Cohort) -> int:
     """The seed `gigassl extract` ran with (a random tile encoder is drawn from it); 0 if unrecorded."""
-    from extract.features_file import SlideFeatures
+    from extract.features.slide_file import SlideFeatures
 
     with SlideFeatures(cohort.slides[0].path) as slide:
         return int(slide.settings.get("seed", 0))

@@ -1,0 +1,163 @@
+"""MoCo's checkpoints: the resumable training state (``last.pt``, ``checkpoints/epoch_NNNN.pt``) and
+the tile encoder it hands to extraction (``encoder.pt``).
+
+A training checkpoint is a plain dict readable with ``torch.load(weights_only=True)``: ``format``,
+``version``, ``arch``, ``state_dict`` (``encoder_q.*``, ``encoder_k.*``, ``queue.keys``,
+``queue.ptr``: MoCo's own layout), ``optimizer``, ``scaler``, per-rank RNG states, ``epoch``,
+``step``, ``config``, ``monitors`` and ``slides``. ``--resume`` refuses a checkpoint whose
+settings in :data:`RESUME_MUST_MATCH` differ from the run's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from extract.checkpoints.sealed import verify_payload
+from extract.config import MocoConfig, settings_dict, with_current_names
+from extract.encoders.resnet import ResNet, build_resnet
+from extract.encoders.tile_encoder import load_weights_only, save_encoder_checkpoint
+from extract.errors import UserError
+from extract.moco.model import MoCo, all_gather
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "gigassl-moco-checkpoint"
+CHECKPOINT_VERSION = 1
+# Settings that change what is computed: a resumed run must use the same ones to be exact.
+RESUME_MUST_MATCH = (
+    "arch",
+    "target_mpp",
+    "tile_size_px",
+    "tissue_threshold",
+    "epochs",
+    "tiles_per_epoch",
+    "tiles_per_visit",
+    "batch_size",
+    "queue_size",
+    "momentum",
+    "temperature",
+    "lr",
+    "weight_decay",
+    "seed",
+)
+
+
+def encoder_resnet(model: MoCo) -> ResNet:
+    """The query encoder as a plain ResNet of its arch (the MLP head left out; ``fc`` a fixed Linear)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the unused 1000-class fc, reproducible, without touching the run's RNG
+        resnet = build_resnet(model.arch)
+    state = {k: v for k, v in model.encoder_q.state_dict().items() if not k.startswith("fc.")}
+    missing, unexpected = resnet.load_state_dict(state, strict=False)
+    if unexpected or set(missing) != {"fc.weight", "fc.bias"}:
+        raise RuntimeError(f"query encoder does not match {model.arch}: missing {missing}, unexpected {unexpected}")
+    return resnet
+
+
+encoder_resnet18 = encoder_resnet  # the name before ResNet34/50 existed
+
+
+def save_encoder(model: MoCo, path: Path, config: MocoConfig, epoch: int) -> None:
+    """``encoder.pt``: accepted by :func:`extract.encoders.tile_encoder.load_encoder` (atomic write)."""
+    temporary = path.with_name(f".{path.name}.partial")
+    save_encoder_checkpoint(
+        encoder_resnet(model),
+        temporary,
+        extra={"trained_by": "gigassl pretrain-tiles (MoCo v2)", "epoch": epoch, "config": settings_dict(config)},
+    )
+    os.replace(temporary, path)
+
+
+def _rng_states(generator: torch.Generator) -> dict[str, list[torch.Tensor]]:
+    """This process's RNG states, gathered from every rank (rank order)."""
+    states = {"augment": generator.get_state(), "torch": torch.random.get_rng_state()}
+    if not (dist.is_available() and dist.is_initialized()):
+        return {name: [state] for name, state in states.items()}
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return {
+        name: [part.cpu() for part in all_gather(state.to(device)).chunk(dist.get_world_size())] for name, state in states.items()
+    }
+
+
+def checkpoint_payload(
+    model: MoCo,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    generator: torch.Generator,
+    config: MocoConfig,
+    epoch: int,
+    step: int,
+    monitors: list[dict[str, Any]],
+    slide_names: list[str],
+) -> dict[str, Any]:
+    """Everything needed to continue exactly after ``epoch`` epochs (plain tensors and data)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "arch": model.arch,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+        "rng": _rng_states(generator),
+        "epoch": epoch,
+        "step": step,
+        "config": settings_dict(config),
+        "monitors": monitors,
+        "slides": slide_names,
+    }
+
+
+def load_training_checkpoint(path: Path, config: MocoConfig) -> dict[str, Any]:
+    """Read and check a training checkpoint for ``--resume`` (weights_only)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--resume {path} does not exist; pass OUT/last.pt or OUT/checkpoints/epoch_NNNN.pt")
+    raw = load_weights_only(path, f"--resume {path}")
+    if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"--resume {path}: not a `gigassl pretrain-tiles` training checkpoint (OUT/last.pt)")
+    if raw.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"--resume {path}: checkpoint version {raw.get('version')}, this package reads {CHECKPOINT_VERSION}")
+    verify_payload(raw, f"--resume {path}")
+    saved, current = {"arch": "resnet18", **with_current_names(raw["config"])}, settings_dict(config)  # before --arch: resnet18
+    differ = [
+        f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {current[k]}"
+        for k in RESUME_MUST_MATCH
+        if saved.get(k) != current[k]
+    ]
+    if differ:
+        raise UserError(f"--resume {path}: settings differ from the checkpoint's; pass the same values: " + "; ".join(differ))
+    return raw
+
+
+def restore_training_state(
+    raw: dict[str, Any],
+    model: MoCo,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    generator: torch.Generator,
+    rank: int,
+    world: int,
+    slide_names: list[str],
+) -> tuple[int, int, list[dict[str, Any]]]:
+    """Load a checked checkpoint into the run's objects → (epochs done, steps done, monitors so far)."""
+    model.load_state_dict(raw["state_dict"])
+    optimizer.load_state_dict(raw["optimizer"])
+    if raw["scaler"] and scaler.is_enabled():
+        scaler.load_state_dict(raw["scaler"])
+    if len(raw["rng"]["augment"]) == world:
+        generator.set_state(raw["rng"]["augment"][rank])
+        torch.random.set_rng_state(raw["rng"]["torch"][rank])
+    else:
+        logger.warning(
+            "checkpoint written by %d processes, resuming with %d: RNG streams restart (not exact)",
+            len(raw["rng"]["augment"]),
+            world,
+        )
+    if raw.get("slides") != slide_names:
+        logger.warning("the slide set differs from the checkpoint's; tile plans will differ")
+    return int(raw["epoch"]), int(raw["step"]), list(raw["monitors"])

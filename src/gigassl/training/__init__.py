@@ -1,0 +1,4 @@
+"""Stage 2 training (``gigassl train``): the cohort index and two-view data, the NT-Xent loss, the
+learning-rate schedule, the epoch loop with its run state, label-free monitors, the choice of
+initial weights, torchrun support and the checkpoint payload.
+"""
