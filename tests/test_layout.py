@@ -82,9 +82,13 @@ def test_map_table_parses_rows() -> None:
 def test_the_readme_map_matches_the_tree() -> None:
     section = architecture_map((ROOT / "README.md").read_text(encoding="utf-8"))
     in_map, in_tree = map_table(section), tree_packages()
-    assert set(in_map) == set(in_tree), f"packages in the map but not the tree, or the reverse: {sorted(set(in_map) ^ set(in_tree))}"
+    assert set(in_map) == set(in_tree), (
+        f"packages in the map but not the tree, or the reverse: {sorted(set(in_map) ^ set(in_tree))}"
+    )
     for package, modules in in_tree.items():
-        assert in_map[package] == modules, f"README map row `{package}`: differs from the tree by {sorted(in_map[package] ^ modules)}"
+        assert in_map[package] == modules, (
+            f"README map row `{package}`: differs from the tree by {sorted(in_map[package] ^ modules)}"
+        )
     flow = section[section.index("```") : section.rindex("```")]
     subpackages = [p for p in in_tree if "." in p]
     unflowing = [p for p in subpackages if not re.search(rf"\b{re.escape(p)}\b", flow)]
@@ -95,7 +99,9 @@ def test_the_readme_map_matches_the_tree() -> None:
 def test_every_package_says_what_it_owns(package: str) -> None:
     init = SRC / package.replace(".", "/") / "__init__.py"
     docstring = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8")))
-    assert docstring and len(docstring.split()) >= 20, f"{init.relative_to(ROOT)}: needs a one-paragraph docstring saying what it owns"
+    assert docstring and len(docstring.split()) >= 20, (
+        f"{init.relative_to(ROOT)}: needs a one-paragraph docstring saying what it owns"
+    )
 
 
 def module_imports(path: Path, src: Path = SRC) -> set[str]:
