@@ -32,6 +32,9 @@ Split = tuple[np.ndarray, np.ndarray]
 
 
 class Method(Protocol):
+    """A method the loop fits; it may also have ``fallback(strata of the training subset, seed) -> str``,
+    what it does instead of an inner split the subset is too small for ("" when it has one)."""
+
     name: str
 
     def fit_predict(self, train: np.ndarray, test: np.ndarray, target: Any, seed: int) -> np.ndarray:
