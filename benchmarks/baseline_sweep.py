@@ -107,7 +107,8 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 def sweep_seed(seed: int, features: Path, args: argparse.Namespace, variants: Sequence[str]) -> list[dict[str, Any]]:
     """Every variant (and AverageMIL) on this seed's splits; rows appended to OUT/seed-N/rows.jsonl."""
-    from gigassl.evaluate import AttentionMethod, LinearMethod, run_protocol
+    from gigassl.evaluation.classification import AttentionMethod, LinearMethod, classification_task
+    from gigassl.evaluation.loop import run_protocol
     from gigassl.evaluation.mil import AttentionMIL, mean_features
     from gigassl.evaluation.protocol import make_splits, parse_budgets
 
@@ -127,7 +128,7 @@ def sweep_seed(seed: int, features: Path, args: argparse.Namespace, variants: Se
             log.info("seed %d: %s already in %s", seed, method.name, rows_path)
             continue
         started = time.perf_counter()
-        new = run_protocol([method], y, splits, budgets, seed, classes.tolist())
+        new = run_protocol([method], classification_task(y, classes.tolist()), splits, budgets, seed).rows
         log.info("seed %d: %s done in %.0f s", seed, method.name, time.perf_counter() - started)
         with open(rows_path, "a") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in new)

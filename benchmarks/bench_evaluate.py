@@ -40,7 +40,8 @@ def bench_logistic(n_slides: int, n_splits: int) -> None:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from gigassl.evaluate import LinearMethod, run_protocol
+    from gigassl.evaluation.classification import LinearMethod, classification_task
+    from gigassl.evaluation.loop import run_protocol
     from gigassl.evaluation.protocol import Budget, make_splits
 
     vectors, y = synthetic_embeddings(n_slides, 512)
@@ -55,7 +56,8 @@ def bench_logistic(n_slides: int, n_splits: int) -> None:
         return time.process_time() - start
 
     start = time.process_time()
-    rows = run_protocol([LinearMethod("gigassl", vectors, standardize=True)], y, splits, [Budget("100%", "fraction", 1.0)])
+    method = LinearMethod("gigassl", vectors, standardize=True)
+    rows = run_protocol([method], classification_task(y), splits, [Budget("100%", "fraction", 1.0)]).rows
     ours = time.process_time() - start
     same_model, unscaled = plain_loop(scaled=True), plain_loop(scaled=False)
     auc = np.mean([r["auc"] for r in rows])

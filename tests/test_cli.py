@@ -69,14 +69,6 @@ def test_ctrl_c_ends_with_one_line(monkeypatch, caplog):
     assert records[0].getMessage().startswith("gigassl embed: interrupted (Ctrl-C)")
 
 
-def test_an_error_from_a_dataloader_worker_keeps_only_the_original_line():
-    text = (
-        "Caught FeatureFileError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-        '  File "x.py", line 1, in f\nextract.features.slide_file.FeatureFileError: a.h5: NaN; re-extract this slide'
-    )
-    assert cli.one_line(UserError(text)) == "extract.features.slide_file.FeatureFileError: a.h5: NaN; re-extract this slide"
-
-
 def test_flags_map_onto_the_dataclass_tuples_from_commas_and_old_names_as_aliases():
     parser = cli.build_parser()
     args = parser.parse_args(["embed", *EMBED_FLAGS, "--export", "npz, csv"])

@@ -19,7 +19,8 @@ from extract.slides.reader import open_slide
 from gigassl.cli import main as cli_main
 from gigassl.config import EmbedConfig, EvaluateConfig
 from gigassl.embed import EmbeddingWriter, run_embedding
-from gigassl.evaluate import LinearMethod, roc_auc, run_evaluation
+from gigassl.evaluate import run_evaluation
+from gigassl.evaluation.classification import LinearMethod, roc_auc
 from gigassl.evaluation.mil import make_logistic_regression
 from gigassl.evaluation.protocol import (
     Budget,
@@ -171,7 +172,7 @@ def test_linear_method_equals_a_plain_scikit_learn_loop():
     for train, test in make_splits(y, None, 4, 0.3, seed=0):
         plain = make_pipeline(StandardScaler(), LogisticRegression(C=10, class_weight="balanced", max_iter=1000))
         expected = plain.fit(vectors[train], y[train]).predict_proba(vectors[test])
-        np.testing.assert_allclose(method.fit_predict(train, test, y, "100%"), expected, atol=1e-12)
+        np.testing.assert_allclose(method.fit_predict(train, test, y), expected, atol=1e-12)
 
 
 def test_c_chosen_by_inner_cross_validation():
@@ -182,7 +183,7 @@ def test_c_chosen_by_inner_cross_validation():
         y = np.searchsorted(names, labels)
         method = LinearMethod("gigassl", vectors, tune_c=True)
         train, test = make_splits(y, None, 1, 0.3, seed=0)[0]
-        proba = method.fit_predict(train, test, y, "100%")
+        proba = method.fit_predict(train, test, y)
         assert isinstance(make_logistic_regression(tune_c=True), LogisticRegressionCV)
         assert proba.shape == (len(test), len(names)) and roc_auc(y[test], proba) > 0.8
 

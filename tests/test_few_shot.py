@@ -13,7 +13,8 @@ import pytest
 from extract.errors import UserError
 from gigassl.cli import main as cli_main
 from gigassl.config import EvaluateConfig
-from gigassl.evaluate import AttentionMethod, LinearMethod, attention_mil, run_evaluation
+from gigassl.evaluate import attention_mil, run_evaluation
+from gigassl.evaluation.classification import AttentionMethod, LinearMethod
 from gigassl.evaluation.mil import AttentionMIL
 from gigassl.evaluation.protocol import budget_subset, make_splits, parse_budgets
 from test_evaluate import clustered, write_embeddings, write_labels

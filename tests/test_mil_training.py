@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import gigassl.evaluation.mil as mil
-from gigassl.evaluate import AttentionMethod
+from gigassl.evaluation.classification import AttentionMethod
 from gigassl.evaluation.mil import AttentionMIL
 from gigassl.evaluation.mil_training import EarlyStopping, fit_standardisation, fold_standardisation, make_scheduler
 from test_mil import planted_bags

@@ -61,6 +61,8 @@ def test_survival_evaluation_end_to_end(cohort_dir, tmp_path):
         assert 0.6 < entry["harrell_c_mean"] <= 1 and 0.6 < entry["uno_c_mean"] <= 1
     rows = report["splits"]
     assert len(rows) == 6 and all(r["uno_tau"] > 0 and 0 <= r["logrank_p"] <= 1 for r in rows)
+    assert all(r["seconds"] > 0 and r["cpu_seconds"] >= 0 for r in rows)  # the protocol loop of classification
+    assert set(report["seconds_per_method"]) == set(report["cpu_seconds_per_method"]) == {"gigassl", "average"}
     assert report["paired"][0]["method"] == "gigassl" and report["paired"][0]["harrell_c"]["n"] == 3
     assert set(report["risk_groups"]) == {"gigassl", "average"}
     assert (tmp_path / "out" / "kaplan_meier.png").stat().st_size > 10_000
@@ -87,7 +89,7 @@ def test_regression_evaluation_end_to_end(cohort_dir, tmp_path):
         assert entry["pearson_r_mean"] > 0.6 and entry["r2_mean"] > 0.3  # the score is 10 f + N(0, 1), f the tumour share
     assert {e["budget"] for e in result.paired} == {"100%", "30"}
     assert (tmp_path / "out" / "predicted_vs_observed.png").is_file()
-    assert "Pearson r" in result.format()
+    assert "Pearson r" in result.format() and "evaluate time per method" in result.format()
 
 
 @pytest.mark.slow

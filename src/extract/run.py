@@ -40,7 +40,7 @@ from extract.config import RENAMED_FIELDS, ExtractConfig, settings_dict
 from extract.device import rank_device
 from extract.disk_errors import raise_if_disk_full
 from extract.encoders.tile_encoder import EncoderInfo, TileEncoder, encode_batch, load_encoder
-from extract.errors import UserError
+from extract.errors import UserError, one_line
 from extract.features.manifest import check_existing
 from extract.features.slide_file import SlideFileWriter
 from extract.partial_files import remove_stale_partials_of
@@ -214,17 +214,6 @@ def extract_slide(path: Path, job: _Job, position: int = 1) -> SlideOutcome:
     )
 
 
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if any(line.startswith("Original Traceback") for line in lines):
-        # Re-raised from a DataLoader worker: the message carries the worker's traceback,
-        # whose last line is the original "Type: message".
-        return lines[-1]
-    text = " ".join(lines)
-    known = isinstance(error, (UserError, OSError))  # SlideReadError and friends name the file
-    return text if known and text else f"{type(error).__name__}: {text}"
-
-
 # ----------------------------------------------------------------------------- the job
 
 
@@ -297,7 +286,7 @@ def _extract_or_fail(path: Path, job: _Job) -> SlideOutcome:
                     "check that the file opens in another viewer, or move it out of the folder"
                 )
                 if died
-                else _one_line(error)
+                else one_line(error, with_type=not isinstance(error, (UserError, OSError)))  # those name the file
             )
             if died or isinstance(error, (UserError, OSError)):
                 logger.error("failed %s: %s", path.name, reason)

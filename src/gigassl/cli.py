@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 from extract.config import ExtractConfig, MocoConfig
 from extract.disk_errors import disk_full_error, is_disk_full
-from extract.errors import UserError
+from extract.errors import UserError, one_line
 from gigassl.classifier.config import ExplainConfig, FitConfig, PredictConfig
 from gigassl.config import DemoConfig, EmbedConfig, EvaluateConfig, TrainConfig, comma_separated
 
@@ -134,15 +134,6 @@ def is_user_error(error: BaseException) -> bool:
     if isinstance(error, (UserError,) + PATH_ERRORS):
         return True
     return isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS
-
-
-def one_line(error: BaseException) -> str:
-    """The error's message on one line (for an error re-raised from a DataLoader worker, whose
-    message carries the worker's traceback, the original "Type: message" line)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if any(line.startswith("Original Traceback") for line in lines):
-        return lines[-1]
-    return " ".join(lines) or type(error).__name__
 
 
 def run_command(command: str, function: Any, config: Any, verbose: bool) -> Any:

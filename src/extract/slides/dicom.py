@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from extract.errors import UserError
+from extract.errors import UserError, one_line
 from extract.slides.reader import (
     DICOM_SUFFIXES,
     SlideReader,
@@ -68,11 +68,6 @@ def dicom_files(folder: Path) -> list[Path]:
         for p in _visible_files(folder)
         if p.name.upper() != "DICOMDIR" and (p.suffix.lower() in DICOM_SUFFIXES or is_dicom_file(p))
     ]
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
 
 
 class WsiDicomReader(SlideReader):
@@ -136,7 +131,7 @@ def _open_with_wsidicom(
     except Exception as error:  # noqa: BLE001 - wsidicom and pydicom raise many types for "not a WSI"
         raise DicomReadError(
             f"{path}: not a DICOM whole-slide image that OpenSlide or wsidicom reads ({tried}; "
-            f"wsidicom: {_one_line(error)}); is it a complete VL Whole Slide Microscopy series?"
+            f"wsidicom: {one_line(error)}); is it a complete VL Whole Slide Microscopy series?"
         ) from error
     try:
         mpp, origin = resolve_mpp(path, _pixel_spacing_mpp(slide), "the DICOM pixel spacing", mpp_override, default_mpp)
@@ -154,7 +149,7 @@ def open_dicom(path: Path, mpp_override: float | None = None, *, default_mpp: fl
         try:
             files = dicom_files(path)
         except OSError as error:
-            raise DicomReadError(f"{path}: the folder cannot be read ({_one_line(error)}); make it readable") from error
+            raise DicomReadError(f"{path}: the folder cannot be read ({one_line(error)}); make it readable") from error
         if not files:
             raise DicomReadError(f"{path}: a folder with no DICOM file; a folder is a slide only when it holds DICOM instances")
     else:
@@ -165,7 +160,7 @@ def open_dicom(path: Path, mpp_override: float | None = None, *, default_mpp: fl
     try:
         handle = openslide.OpenSlide(str(files[0]))
     except openslide.OpenSlideError as error:  # unsupported transfer syntax, or not a WSI at all
-        tried = f"OpenSlide: {_one_line(error)}"
+        tried = f"OpenSlide: {one_line(error)}"
     else:
         return openslide_reader(path, handle, mpp_override, default_mpp)
     return _open_with_wsidicom(path, files, mpp_override, default_mpp, tried)

@@ -2,7 +2,7 @@
 
 Methods ``gigassl`` (slide embeddings) and ``average`` (mean plain tile features), the penalty
 chosen by inner cross-validation as in ``gigassl evaluate --task survival``
-(:class:`gigassl.evaluation.cox.CoxRidge`). The model file is the classifier file of :mod:`gigassl.fit` with
+(:class:`gigassl.evaluation.cox.CoxRidge`). The model file is the classifier file of ``gigassl fit`` with
 one output, ``risk``: the scaler in ``/linear/mean``, ``/linear/scale``, the Cox weights in
 ``/linear/coef`` (1, D), a zero intercept, and ``task: survival`` with the time and event columns
 and the penalty in its provenance (covered by the content checksum). ``gigassl predict`` then
@@ -18,12 +18,10 @@ from typing import Any
 import numpy as np
 
 from extract.config import settings_dict
-from extract.encoders.tile_encoder import file_sha256
 from gigassl.classifier.config import FitConfig
+from gigassl.classifier.fit_inputs import FitResult, read_embedding_vectors, read_slides
 from gigassl.classifier.model_file import LinearClassifier, SlideClassifier, save_classifier
-from gigassl.evaluation.protocol import keep_available
 from gigassl.evaluation.targets import Targets, read_survival_targets
-from gigassl.fit import EMBEDDING_PROVENANCE, FitResult, _read_slides
 
 logger = logging.getLogger(__name__)
 RISK_OUTPUT = "risk"
@@ -31,19 +29,11 @@ RISK_OUTPUT = "risk"
 
 def _vectors(config: FitConfig, targets: Targets) -> tuple[np.ndarray, list[str], list[str], dict[str, Any]]:
     """Each kept slide's vector (embedding or mean tile feature), the kept ids, the missing ids, provenance."""
-    labels = targets.as_labels()
     if config.method == "average":
-        inputs, labels, missing, provenance = _read_slides(config, labels)
+        inputs, labels, missing, provenance = read_slides(config, targets.as_labels())
         return np.stack(inputs), labels.slide_ids, missing, provenance
-    from gigassl.embeddings_file import read_embeddings
-
-    assert config.embeddings is not None, "FitConfig requires --embeddings for method gigassl"
-    embeddings = read_embeddings(config.embeddings)
-    labels, missing = keep_available(labels, set(embeddings.slide_ids), f"the embeddings {config.embeddings}", config.strict)
-    rows = embeddings.index()
-    provenance = {k: embeddings.provenance[k] for k in EMBEDDING_PROVENANCE if k in embeddings.provenance}
-    provenance.update(embeddings=str(config.embeddings), embeddings_sha256=file_sha256(config.embeddings))
-    return embeddings.embeddings[[rows[s] for s in labels.slide_ids]], labels.slide_ids, missing, provenance
+    vectors, labels, missing, provenance = read_embedding_vectors(config, targets.as_labels())
+    return vectors, labels.slide_ids, missing, provenance
 
 
 def run_survival_fit(config: FitConfig) -> FitResult:

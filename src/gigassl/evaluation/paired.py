@@ -63,7 +63,7 @@ def _describe(differences: np.ndarray, low: float, high: float, interval: str) -
 
 def paired_differences(rows: Sequence[dict[str, Any]], reference: str, metrics: Sequence[str] = METRICS) -> list[dict[str, Any]]:
     """For every other method and budget of ``rows`` (one row per method × budget × split, as
-    :func:`gigassl.evaluate.run_protocol` returns): ``{method, budget, reference, <metric>:
+    :func:`gigassl.evaluation.loop.run_protocol` returns): ``{method, budget, reference, <metric>:
     {mean, ci_low, ci_high, wins, n, interval}}``; empty when ``reference`` was not run."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     if reference not in methods:

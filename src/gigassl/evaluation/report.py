@@ -1,11 +1,12 @@
 """What ``gigassl evaluate`` prints and writes: the tables, ``results.csv`` and ``results.json``
-(its figure is :func:`gigassl.plots.plot_auc`)."""
+(its figure is :func:`gigassl.plots.plot_auc`), and what it returns (:class:`EvaluationResult`)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -81,3 +82,31 @@ def format_costs(rows: Sequence[dict[str, Any]]) -> list[str]:
         + ", ".join(f"{m} {s:.1f} s ({n_fits[m]} fits, CPU {cpu.get(m, 0.0):.1f} s)" for m, s in wall.items())
     ]
     return lines + [f"{f['method']} @ {f['budget']}: {f['fallback']}" for f in fallbacks(rows)]
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What a classification evaluation wrote: the summary, every split's row, the files."""
+
+    summary: list[dict[str, Any]]
+    rows: list[dict[str, Any]]
+    classes: list[str]
+    missing: list[str]
+    csv_path: Path
+    json_path: Path
+    plot_path: Path
+    exit_code: int = 0
+    paired: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    fallbacks: list[dict[str, str]] = field(default_factory=list)
+
+    def format(self) -> str:
+        """The AUC / balanced-accuracy table, the paired differences, the seconds per method,
+        what methods did without an inner split, and the files written."""
+        return "\n".join(
+            [
+                format_report(self.summary, self.paired),
+                *format_costs(self.rows),
+                f"written: {self.csv_path}, {self.json_path}, {self.plot_path}",
+            ]
+        )

@@ -4,7 +4,8 @@ splits, budgets and paired differences, with other models and metrics.
 - Splits: ``n_splits`` seeded splits stratified on the event (survival) or on the target's
   terciles (regression), grouped by patient when the labels CSV has a patient column
   (:func:`gigassl.evaluation.protocol.make_splits`); budgets are shares or slide counts (no ``K/class``),
-  drawn once per (split, budget), stratified the same way, shared by every method.
+  drawn once per (split, budget), stratified the same way, shared by every method; the loop over
+  methods × budgets × splits is classification's (:mod:`gigassl.evaluation.loop`, :func:`target_task`).
 - Survival methods: ``gigassl`` (ridge Cox on the embeddings, :class:`gigassl.evaluation.cox.CoxRidge`, the
   penalty by inner cross-validation on the training slides), ``average`` (the same on the mean
   tile features) and ``abmil`` (attention-MIL with a Cox loss, :mod:`gigassl.evaluation.attention_targets`).
@@ -15,13 +16,14 @@ splits, budgets and paired differences, with other models and metrics.
   :data:`RIDGE_ALPHAS` on the training slides) on the embeddings or mean tile features, and
   attention-MIL with a squared-error loss. Metrics: Pearson r and R² on the test part.
 
-Outputs as for classification (``results.csv``, ``results.json``, the printed table with paired
-differences), and ``kaplan_meier.png`` (survival) or ``predicted_vs_observed.png`` (regression).
+Outputs as for classification (``results.csv``, ``results.json`` with the seconds per method and
+per split, the printed table with paired differences), and ``kaplan_meier.png`` (survival) or ``predicted_vs_observed.png`` (regression).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
@@ -30,8 +32,9 @@ import numpy as np
 
 from extract.errors import UserError
 from gigassl.config import EvaluateConfig
-from gigassl.evaluate import EvaluationResult
-from gigassl.evaluation.protocol import Budget, budget_subset, keep_available, make_splits, parse_budgets
+from gigassl.evaluation.loop import Task, run_protocol, summarise
+from gigassl.evaluation.protocol import keep_available, make_splits, parse_budgets
+from gigassl.evaluation.report import EvaluationResult, format_costs
 from gigassl.evaluation.survival_metrics import UNO_TAU_QUANTILE, harrell_c, median_split_logrank, uno_c, uno_tau
 from gigassl.evaluation.targets import Targets, read_regression_targets, read_survival_targets
 
@@ -111,58 +114,35 @@ def split_metrics(targets: Targets, train: np.ndarray, test: np.ndarray, scores:
     )
 
 
-def run_target_protocol(
-    methods: Sequence[TargetMethod],
-    targets: Targets,
-    splits: Sequence[tuple[np.ndarray, np.ndarray]],
-    budgets: Sequence[Budget],
-    seed: int = 0,
-) -> tuple[list[dict[str, Any]], dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]]]:
-    """Every method × budget × split: one row of metrics per fit, and the test scores per (method, budget)."""
-    from threadpoolctl import threadpool_limits
-
-    strata = targets.strata()
-    names = ["censored", "event"] if targets.event is not None else ["lower third", "middle third", "upper third"]
-    subsets = {
-        (s, b): budget_subset(train, strata, budget, np.random.default_rng([seed, s, b]), s, names)
-        for s, (train, _) in enumerate(splits)
-        for b, budget in enumerate(budgets)
-    }
-    rows: list[dict[str, Any]] = []
-    scores_of: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
-    with threadpool_limits(1, user_api="blas"):
-        for method in methods:
-            for b, budget in enumerate(budgets):
-                for s, (train, test) in enumerate(splits):
-                    subset = subsets[(s, b)]
-                    scores = np.asarray(method.fit_predict(subset, test, targets, seed + s), np.float64)
-                    scores_of.setdefault((method.name, budget.text), []).append((test, scores))
-                    row = dict(method=method.name, budget=budget.text, split=s, n_train=len(subset))
-                    if targets.event is not None:
-                        row["n_train_events"] = int(targets.event[subset].sum())
-                    rows.append({**row, **split_metrics(targets, train, test, scores)})
-                first = next(iter(TASK_METRICS["survival" if targets.event is not None else "regression"]))
-                done = [r[first] for r in rows if r["method"] == method.name and r["budget"] == budget.text]
-                logger.info("%s @ %s: %s %.3f", method.name, budget.text, first, np.nanmean(done))
-    return rows, scores_of
+def _survival_summary(group: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The median log-rank p of the test parts' median risk splits, and the mean Uno tau."""
+    return dict(
+        logrank_p_median=float(np.nanmedian([r["logrank_p"] for r in group])),
+        uno_tau_mean=float(np.mean([r["uno_tau"] for r in group])),
+    )
 
 
-def summarise_targets(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> list[dict[str, Any]]:
-    """Mean ± s.d. of each metric over splits per (method, budget); the median log-rank p."""
-    summary = []
-    for method, budget in dict.fromkeys((r["method"], r["budget"]) for r in rows):
-        group = [r for r in rows if r["method"] == method and r["budget"] == budget]
-        entry: dict[str, Any] = dict(
-            method=method, budget=budget, n_train=float(np.mean([r["n_train"] for r in group])), n_splits=len(group)
-        )
-        for metric in metrics:
-            values = np.array([r[metric] for r in group], dtype=float)
-            entry[f"{metric}_mean"], entry[f"{metric}_std"] = float(np.nanmean(values)), float(np.nanstd(values))
-        if "logrank_p" in group[0]:
-            entry["logrank_p_median"] = float(np.nanmedian([r["logrank_p"] for r in group]))
-            entry["uno_tau_mean"] = float(np.mean([r["uno_tau"] for r in group]))
-        summary.append(entry)
-    return summary
+def target_task(targets: Targets) -> Task:
+    """The loop's task for survival (subsets stratified on the event) or regression (on the
+    target's terciles): :func:`split_metrics` of the (len(test),) risks or predicted values."""
+    metrics = TASK_METRICS["survival" if targets.event is not None else "regression"]
+    task = Task(
+        target=targets,
+        strata=targets.strata(),
+        strata_names=["lower third", "middle third", "upper third"],
+        score=lambda train, test, scores: split_metrics(targets, train, test, scores),
+        metrics=metrics,
+        headline=metrics[0],
+    )
+    if targets.event is None:
+        return task
+    event = targets.event
+    return dataclasses.replace(
+        task,
+        strata_names=["censored", "event"],
+        describe_subset=lambda subset: dict(n_train_events=int(event[subset].sum())),
+        summary_extra=_survival_summary,
+    )
 
 
 def target_splits(targets: Targets, config: EvaluateConfig) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -193,10 +173,16 @@ class TargetEvaluationResult(EvaluationResult):
     task: str = "survival"
 
     def format(self) -> str:
-        """The metric table, the paired differences and the files written."""
+        """The metric table, the paired differences, the seconds per method and the files written."""
         from gigassl.evaluation.survival_report import format_target_report
 
-        return f"{format_target_report(self.summary, self.paired, self.task)}\nwritten: {self.csv_path}, {self.json_path}, {self.plot_path}"
+        return "\n".join(
+            [
+                format_target_report(self.summary, self.paired, self.task),
+                *format_costs(self.rows),
+                f"written: {self.csv_path}, {self.json_path}, {self.plot_path}",
+            ]
+        )
 
 
 def _read_targets(config: EvaluateConfig) -> Targets:
@@ -267,13 +253,15 @@ def run_target_evaluation(config: EvaluateConfig) -> TargetEvaluationResult:
         [b.text for b in budgets],
         [m.name for m in methods],
     )
-    rows, scores = run_target_protocol(methods, targets, splits, budgets, config.seed)
-    return _write_target_results(config, targets, rows, scores, embeddings.provenance, missing)
+    task = target_task(targets)
+    run = run_protocol(methods, task, splits, budgets, config.seed)
+    return _write_target_results(config, targets, task, run.rows, run.predictions, embeddings.provenance, missing)
 
 
 def _write_target_results(
     config: EvaluateConfig,
     targets: Targets,
+    task: Task,
     rows: list[dict[str, Any]],
     scores: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]],
     provenance: dict[str, Any],
@@ -283,11 +271,11 @@ def _write_target_results(
 
     from extract.config import settings_dict
     from gigassl.evaluation.paired import paired_differences
-    from gigassl.evaluation.report import write_csv, write_json
+    from gigassl.evaluation.report import method_seconds, write_csv, write_json
     from gigassl.evaluation.survival_report import plot_target_figure
 
-    metrics = TASK_METRICS[config.task]
-    summary, paired = summarise_targets(rows, metrics), paired_differences(rows, config.reference, metrics)
+    summary = summarise(rows, task.metrics, task.summary_extra)
+    paired = paired_differences(rows, config.reference, task.metrics)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     plot_path, groups = plot_target_figure(targets, scores, out, f"{Path(config.labels).stem}")
@@ -300,9 +288,13 @@ def _write_target_results(
         summary=summary,
         paired=paired,
         risk_groups=groups,
+        seconds_per_method=method_seconds(rows),
+        cpu_seconds_per_method=method_seconds(rows, "cpu_seconds"),
         splits=rows,
     )
     if targets.event is not None:
         payload.update(n_events=int(targets.event.sum()), uno_tau=f"quantile {UNO_TAU_QUANTILE} of each split's training times")
     csv_path, json_path = write_csv(summary, out / "results.csv"), write_json(payload, out / "results.json")
-    return TargetEvaluationResult(summary, rows, [], missing, csv_path, json_path, plot_path, paired=paired, task=config.task)
+    return TargetEvaluationResult(
+        summary, rows, [], missing, csv_path, json_path, plot_path, paired=paired, seconds=method_seconds(rows), task=config.task
+    )
