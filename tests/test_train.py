@@ -26,7 +26,7 @@ from gigassl.training import loop as train_loop
 from gigassl.training.checkpoint import config_differences, load_checkpoint, load_model
 from gigassl.training.distributed import GlobalBatchNorm1d, use_global_batch_norm
 from gigassl.training.monitors import batch_statistics, stall_warning
-from gigassl.training.schedule import WarmupCosine, warmup_warning
+from extract.training.schedule import WarmupCosine, warmup_warning
 from test_exported import MEAN, STD, tiny_model
 
 # T = 3 and 6 slides keep the sparse layer4's work (and the tests) small
