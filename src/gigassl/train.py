@@ -60,6 +60,7 @@ from extract.config import settings_dict
 from extract.device import DistContext, init_distributed
 from extract.encoders.tile_encoder import EncoderInfo
 from extract.monitors import MONITORS_CSV, MONITORS_JSON, write_monitors
+from extract.training.schedule import warmup_warning
 from gigassl.config import TrainConfig
 from gigassl.model import GigaSSLModel
 from gigassl.plots import plot_curves
@@ -83,7 +84,6 @@ from gigassl.training.data import (
 from gigassl.training.distributed import use_global_batch_norm
 from gigassl.training.initialisation import initial_head
 from gigassl.training.loop import MONITOR_COLUMNS, Run, TrainingDivergedError, make_optimisation, restore_run, run_epochs
-from extract.training.schedule import warmup_warning
 
 __all__ = ["MONITOR_COLUMNS", "TrainingDivergedError", "TrainResult", "run_training"]
 

@@ -23,9 +23,11 @@ import torch
 from torch import nn
 
 from extract.checkpoints.sealed import CheckpointIntegrityError
-from extract.device import DistContext, autocast, autocast_dtype
+from extract.device import autocast, autocast_dtype
 from extract.errors import UserError
 from extract.monitors import write_monitors
+from extract.training.run_state import TrainingRun
+from extract.training.schedule import WarmupCosine, replan_schedule
 from gigassl.config import TrainConfig
 from gigassl.model import GigaSSLModel
 from gigassl.training import loss as losses
@@ -33,8 +35,6 @@ from gigassl.training.checkpoint import LATEST_CHECKPOINT, rng_state, set_rng_st
 from gigassl.training.data import EpochBatchSampler, SlideViewDataset, ViewBatch
 from gigassl.training.distributed import all_reduce_mean
 from gigassl.training.monitors import monitor_metrics, stall_warning
-from extract.training.run_state import TrainingRun
-from extract.training.schedule import WarmupCosine, replan_schedule
 
 log = logging.getLogger(__name__)
 
