@@ -11,7 +11,8 @@ small-cpu`` changes some):
 - ``queue``: K = 65536 L2-normalised keys of past batches, a ring buffer written at a
   pointer that wraps around (any K, any batch);
 - loss: InfoNCE, logits [q·k⁺, q·queue] / τ with τ = 0.2, the positive at index 0;
-- SGD, lr 0.03 · batch / 256, momentum 0.9, weight decay 1e-4, cosine decay to 0 per step;
+- SGD, lr 0.03 · batch / 256, momentum 0.9, weight decay 1e-4, cosine decay to 0 per step
+  (:mod:`extract.training.schedule`, shared with stage 2; the run state is :class:`extract.moco.setup.MocoRun`);
 - views: two independent draws of the histology augmentation of :mod:`extract.augment`
   (one per tile), made on the device from one explicit generator.
 
