@@ -18,7 +18,6 @@ settings or slides differ from the checkpoint's.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,8 +32,6 @@ from extract.partial_files import remove_stale_partials
 from gigassl.config import TrainConfig
 from gigassl.model import GigaSSLModel, HeadSpec
 from gigassl.sparse.conv import BACKENDS
-
-log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "gigassl-slide-encoder"
 CHECKPOINT_VERSION = 2  # 2: always sealed, with ``architecture`` and ``config["sparse_backend"]``
