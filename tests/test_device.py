@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from extract import device as device_module
-from extract.device import DistContext, autocast_dtype, init_distributed, rank_device, resolve_device
+from extract.device import DistContext, autocast_dtype, init_distributed, rank, rank_device, resolve_device, world_size
 
 
 def test_each_torchrun_rank_is_made_current_on_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -38,6 +38,23 @@ def test_one_process_is_rank_0_of_1_without_a_process_group(monkeypatch: pytest.
     import gigassl.train
 
     assert extract.moco.pretrain.init_distributed is gigassl.train.init_distributed is init_distributed
+
+
+def test_one_distributed_check_answers_every_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    import extract.checkpoints.moco
+    import extract.moco.model
+    import gigassl.training.distributed
+    import gigassl.training.loss
+
+    assert (rank(), world_size()) == (0, 1)  # no process group
+    for module in (extract.checkpoints.moco, extract.moco.model, gigassl.training.distributed, gigassl.training.loss):
+        assert module.world_size is world_size, module.__name__
+    assert extract.moco.model.rank is gigassl.training.loss.rank is rank
+    # inside a group, the group's answer (the two-rank runs: test_moco, test_train, test_loss)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 3)
+    assert (rank(), world_size()) == (3, 4)
 
 
 def test_absent_devices_are_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

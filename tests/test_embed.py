@@ -35,7 +35,7 @@ def write_checkpoint(
 ) -> Path:
     """A checkpoint of a randomly initialised model, in `gigassl train`'s layout (``encoder``:
     the tile encoder of its training features, as training records it; ``head``: its
-    architecture, none recorded when not given, as in older checkpoints)."""
+    architecture, ResNet18's layer4 when not given)."""
     torch.manual_seed(seed)
     model = GigaSSLModel(None, 256, "cpu", head=head)
     config = settings_dict(TrainConfig(features=path.parent, out=path.parent, n_tiles_per_view=n_tiles_per_view))
@@ -48,8 +48,7 @@ def write_checkpoint(
     )
     if encoder is not None:
         payload["encoder"] = encoder
-    if head is not None:
-        payload["architecture"] = head.to_dict()
+    payload["architecture"] = (head or HeadSpec()).to_dict()
     save_atomic(payload, path)
     return path
 

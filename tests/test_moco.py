@@ -7,13 +7,15 @@ import torch
 from torch import nn
 
 from extract.augment import TileAugmentation
-from extract.checkpoints.moco import load_training_checkpoint
+from extract.checkpoints.moco import CHECKPOINT_VERSION, load_training_checkpoint
+from extract.checkpoints.sealed import CheckpointIntegrityError, save_atomic
 from extract.config import MOCO_PROFILES, MocoConfig
 from extract.encoders.tile_encoder import load_resnet18
+from extract.errors import UserError
 from extract.moco import monitors as moco_monitors
 from extract.moco.data import EpochTileBatches, epoch_plan, fixed_tiles, index_slides
 from extract.moco.model import KeyQueue, MoCo, info_nce_logits, info_nce_loss, momentum_update
-from extract.moco.pretrain import cosine_lr, make_views, run_pretraining, train_step
+from extract.moco.pretrain import make_views, run_pretraining, train_step
 from extract.monitors import alignment, rankme, uniformity
 
 SLIDE = "CMU-1-Small-Region.svs"
@@ -74,12 +76,6 @@ def test_info_nce_analytic_value():
     row1 = -math.log(math.exp(2) / (math.exp(2) + math.exp(2) + 1 + 1))  # logits [2, 2, 0, 0]
     expected = (row0 + row1) / 2
     assert info_nce_loss(q, q, queue, 0.5).item() == pytest.approx(expected, rel=1e-6)
-
-
-def test_cosine_lr():
-    assert cosine_lr(0.1, 0, 10) == pytest.approx(0.1)
-    assert cosine_lr(0.1, 5, 10) == pytest.approx(0.05)
-    assert cosine_lr(0.1, 10, 10) == pytest.approx(0.0)
 
 
 def test_monitors_analytic():
@@ -238,16 +234,32 @@ def test_run_writes_checkpoints_and_monitors(trained):
     assert all(math.isfinite(row["rankme_tile256"]) and row["rankme_tile256"] >= 1 for row in result.monitors)
 
 
-def test_a_checkpoint_with_the_settings_old_names_still_resumes(trained, tmp_path):
+def test_resume_checks_the_settings_against_the_checkpoint(trained, tmp_path):
+    folder, out, _ = trained
+    assert load_training_checkpoint(out / "last.pt", _tiny_config(folder, tmp_path))["epoch"] == 2
+    with pytest.raises(UserError, match=r"--tile-size-px 32 \(checkpoint\) vs 64"):
+        load_training_checkpoint(out / "last.pt", _tiny_config(folder, tmp_path, tile_size_px=64))
+
+
+def test_a_checkpoint_of_an_older_version_is_refused_in_one_line(trained, tmp_path):
     folder, out, _ = trained
     raw = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-    config = raw["config"]  # as written before target_mpp and tile_size_px had these names
-    config["mpp"], config["tile_size"] = config.pop("target_mpp"), config.pop("tile_size_px")
-    raw.pop("content_sha256")  # … and before checkpoints carried a content hash
-    torch.save(raw, tmp_path / "old.pt")
-    assert load_training_checkpoint(tmp_path / "old.pt", _tiny_config(folder, tmp_path))["epoch"] == 2
-    with pytest.raises(ValueError, match=r"--tile-size-px 32 \(checkpoint\) vs 64"):
-        load_training_checkpoint(tmp_path / "old.pt", _tiny_config(folder, tmp_path, tile_size_px=64))
+    assert raw["version"] == CHECKPOINT_VERSION == 2
+    raw["version"] = 1  # sealed, but of the version that read settings under their old names
+    save_atomic(raw, tmp_path / "old.pt")
+    with pytest.raises(UserError, match=r"version 1 .*run `gigassl pretrain-tiles` again") as refused:
+        load_training_checkpoint(tmp_path / "old.pt", _tiny_config(folder, tmp_path))
+    assert "\n" not in str(refused.value) and str(tmp_path / "old.pt") in str(refused.value)
+
+
+def test_an_unsealed_checkpoint_is_refused_in_one_line(trained, tmp_path):
+    folder, out, _ = trained
+    raw = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    raw.pop("content_sha256")  # as versions before the seal wrote it, or another tool would
+    torch.save(raw, tmp_path / "unsealed.pt")
+    with pytest.raises(CheckpointIntegrityError, match="no content hash.*train again") as refused:
+        load_training_checkpoint(tmp_path / "unsealed.pt", _tiny_config(folder, tmp_path))
+    assert "\n" not in str(refused.value) and "unsealed.pt" in str(refused.value)
 
 
 @pytest.mark.slow

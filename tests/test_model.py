@@ -386,7 +386,12 @@ def test_generic_head_takes_any_width_and_trains_every_parameter(projection: int
 
 
 def test_head_spec_refuses_bad_data_in_one_line(resnet: ResNet18) -> None:
-    assert HeadSpec.from_dict(None) == HeadSpec()  # checkpoints written before the field: ResNet18's
+    assert HeadSpec.from_dict(HeadSpec().to_dict()) == HeadSpec()
+    with pytest.raises(ValueError, match="ckpt.pt: the sparse head is NoneType, not a mapping"):
+        HeadSpec.from_dict(None, "ckpt.pt")  # no ResNet18 default for a checkpoint that does not say
+    partial = {k: v for k, v in HeadSpec().to_dict().items() if k != "input_projection_dim"}
+    with pytest.raises(ValueError, match=r"ckpt.pt: sparse head fields \['input_projection_dim'\] missing; train"):
+        HeadSpec.from_dict(partial, "ckpt.pt")
     with pytest.raises(ValueError, match="ckpt.pt: unknown sparse head fields \\['kernel'\\]"):
         HeadSpec.from_dict({**HeadSpec().to_dict(), "kernel": 5}, "ckpt.pt")
     with pytest.raises(ValueError, match="ckpt.pt: invalid sparse head: block 'dense'"):

@@ -2,7 +2,9 @@
 
 Everything else takes a ``torch.device`` and lets tensors follow their inputs, so the same
 code path serves the CPU and CUDA. :func:`init_distributed` is the torchrun set-up of both
-training jobs (MoCo and Giga-SSL): rank, world size, this rank's device, the process group.
+training jobs (MoCo and Giga-SSL): rank, world size, this rank's device, the process group;
+:func:`rank` and :func:`world_size` are the one answer to "is this process in a distributed run,
+and where" that every module asks (0 of 1 without a process group).
 """
 
 from __future__ import annotations
@@ -59,6 +61,16 @@ def rank_device(name: str = "auto") -> torch.device:
     return device
 
 
+def world_size() -> int:
+    """Processes in the default torch.distributed group; 1 without one (not joined, or not built in)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank in the default torch.distributed group; 0 without one."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 @dataclass(frozen=True)
 class DistContext:
     """Where this process stands: rank 0 of 1 on the device asked for, unless under torchrun."""
@@ -76,14 +88,13 @@ class DistContext:
 def init_distributed(device_name: str = "auto") -> DistContext:
     """Join the torchrun process group when ``WORLD_SIZE`` > 1 (nccl on CUDA, gloo on the CPU),
     on this rank's device (:func:`rank_device`); else rank 0 of 1 on :func:`resolve_device`."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # torchrun's: this process is not to join a group
         return DistContext(device=resolve_device(device_name))
     device = rank_device(device_name)
     initialised_here = not dist.is_initialized()
     if initialised_here:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistContext(dist.get_rank(), dist.get_world_size(), device, initialised_here)
+    return DistContext(rank(), world_size(), device, initialised_here)
 
 
 @functools.cache

@@ -120,15 +120,16 @@ class HeadSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, label: str = "checkpoint") -> "HeadSpec":
-        """A spec from :meth:`to_dict`'s data; ``None`` (checkpoints before the field): ResNet18's."""
-        if data is None:
-            return cls()
+    def from_dict(cls, data: Any, label: str = "checkpoint") -> "HeadSpec":
+        """A spec from :meth:`to_dict`'s data, every field given."""
         if not isinstance(data, Mapping):
             raise UserError(f"{label}: the sparse head is {type(data).__name__}, not a mapping; re-save the checkpoint")
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = sorted(set(data) - names), sorted(names - set(data))
         if unknown:
             raise UserError(f"{label}: unknown sparse head fields {unknown}; was it written by a newer gigassl?")
+        if missing:
+            raise UserError(f"{label}: sparse head fields {missing} missing; train the slide encoder again with `gigassl train`")
         try:
             return cls(**dict(data))
         except (TypeError, ValueError) as error:

@@ -35,7 +35,7 @@ the one-process step on the same global batch (:mod:`gigassl.training.distribute
 the global batch.
 
 Where the parts live: the settings and their checks in :class:`gigassl.config.TrainConfig`; the
-head's initialisation in :mod:`gigassl.training.initialisation`; the schedule in :mod:`gigassl.training.schedule`;
+head's initialisation in :mod:`gigassl.training.initialisation`; the schedule in :mod:`extract.training.schedule` (shared with MoCo);
 the monitors and the stall warning in :mod:`gigassl.training.monitors` (RankMe and the monitors files in
 :mod:`extract.monitors`, shared with MoCo); the run folder and resuming in
 :mod:`gigassl.training.checkpoint`; ``curves.png`` in :mod:`gigassl.plots`; the optimiser, the epochs and
@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -60,6 +60,7 @@ from extract.config import settings_dict
 from extract.device import DistContext, init_distributed
 from extract.encoders.tile_encoder import EncoderInfo
 from extract.monitors import MONITORS_CSV, MONITORS_JSON, write_monitors
+from extract.training.schedule import warmup_warning
 from gigassl.config import TrainConfig
 from gigassl.model import GigaSSLModel
 from gigassl.plots import plot_curves
@@ -83,7 +84,6 @@ from gigassl.training.data import (
 from gigassl.training.distributed import use_global_batch_norm
 from gigassl.training.initialisation import initial_head
 from gigassl.training.loop import MONITOR_COLUMNS, Run, TrainingDivergedError, make_optimisation, restore_run, run_epochs
-from gigassl.training.schedule import warmup_warning
 
 __all__ = ["MONITOR_COLUMNS", "TrainingDivergedError", "TrainResult", "run_training"]
 
@@ -167,6 +167,24 @@ def run_training(config: TrainConfig) -> TrainResult:
             dist.destroy_process_group()
 
 
+def _checkpoint_fields(
+    config: TrainConfig, context: DistContext, cohort: Cohort, model: GigaSSLModel, init_info: Optional[EncoderInfo]
+) -> dict[str, Any]:
+    """The checkpoint fields fixed for the whole run (:mod:`gigassl.training.checkpoint`)."""
+    return dict(
+        format=CHECKPOINT_FORMAT,
+        format_version=CHECKPOINT_VERSION,
+        package_version=__version__,
+        config=settings_dict(config),
+        slide_ids=cohort.slide_ids,
+        world_size=context.world_size,
+        encoder=cohort.encoder.to_dict(),
+        init=None if init_info is None else init_info.to_dict(),
+        architecture=model.head.to_dict(),
+        grids=cohort.grids(),
+    )
+
+
 def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     out = Path(config.out)
     if context.is_main:  # a read-only --out is one line before any work, not a traceback at the first epoch
@@ -196,23 +214,27 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
         pin_memory=context.device.type == "cuda",
         prefetch_factor=4 if config.num_workers > 0 else None,
     )
-    optimisation = make_optimisation(config, model, batch, sampler.steps_per_epoch, context.device)
+    opt = make_optimisation(config, model, batch, sampler.steps_per_epoch, context.device)
+    monitor_dataset, monitor_indices = _monitor_slides(cohort, config)
     run = Run(
-        config, context, model, trained, optimisation, batch, sampler.steps_per_epoch, out, *_monitor_slides(cohort, config)
+        context=context,
+        model=model,
+        trained=trained,
+        optimizer=opt.optimizer,
+        scaler=opt.scaler,
+        out=out,
+        epochs=config.epochs,
+        steps_per_epoch=sampler.steps_per_epoch,
+        config=config,
+        scheduler=opt.scheduler,
+        amp_dtype=opt.amp_dtype,
+        batch=batch,
+        monitor_dataset=monitor_dataset,
+        monitor_indices=monitor_indices,
+        base=_checkpoint_fields(config, context, cohort, model, init_info),
     )
-    start_epoch = restore_run(run, resume) if resume is not None else 0
-    run.base = dict(
-        format=CHECKPOINT_FORMAT,
-        format_version=CHECKPOINT_VERSION,
-        package_version=__version__,
-        config=settings_dict(config),
-        slide_ids=cohort.slide_ids,
-        world_size=context.world_size,
-        encoder=cohort.encoder.to_dict(),
-        init=None if init_info is None else init_info.to_dict(),
-        architecture=model.head.to_dict(),
-        grids=cohort.grids(),
-    )
+    if resume is not None:
+        restore_run(run, resume)
     if context.is_main:
         _start_output(out, previous_run, config)
         log.info(
@@ -222,7 +244,7 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
             context.world_size,
             batch,
             run.steps_per_epoch,
-            optimisation.optimizer.param_groups[0]["initial_lr"],
+            run.optimizer.param_groups[0]["initial_lr"],
             context.device,
         )
     if not run.history:
@@ -230,7 +252,7 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     if context.is_main:
         write_monitors(out, run.history, MONITOR_COLUMNS)
     try:
-        run_epochs(run, loader, sampler, start_epoch)
+        run_epochs(run, loader, sampler)
     finally:
         dataset.close()
     if context.world_size > 1:

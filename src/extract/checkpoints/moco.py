@@ -4,8 +4,11 @@ the tile encoder it hands to extraction (``encoder.pt``).
 A training checkpoint is a plain dict readable with ``torch.load(weights_only=True)``: ``format``,
 ``version``, ``arch``, ``state_dict`` (``encoder_q.*``, ``encoder_k.*``, ``queue.keys``,
 ``queue.ptr``: MoCo's own layout), ``optimizer``, ``scaler``, per-rank RNG states, ``epoch``,
-``step``, ``config``, ``monitors`` and ``slides``. ``--resume`` refuses a checkpoint whose
-settings in :data:`RESUME_MUST_MATCH` differ from the run's.
+``step``, ``config``, ``monitors``, ``slides`` and ``content_sha256`` (the seal of
+:mod:`extract.checkpoints.sealed`). ``--resume`` refuses a checkpoint of another format version
+(written by an older gigassl: run ``gigassl pretrain-tiles`` again), an unsealed or damaged one,
+and one whose settings in :data:`RESUME_MUST_MATCH` differ from the run's. The functions take the
+run whole (:class:`extract.moco.setup.MocoRun`).
 """
 
 from __future__ import annotations
@@ -19,16 +22,18 @@ import torch
 import torch.distributed as dist
 
 from extract.checkpoints.sealed import verify_payload
-from extract.config import MocoConfig, settings_dict, with_current_names
+from extract.config import MocoConfig, settings_dict
+from extract.device import world_size
 from extract.encoders.resnet import ResNet, build_resnet
 from extract.encoders.tile_encoder import load_weights_only, save_encoder_checkpoint
 from extract.errors import UserError
 from extract.moco.model import MoCo, all_gather
+from extract.moco.setup import MocoRun
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "gigassl-moco-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: sealed, settings under their current names, ``arch`` always in ``config``
 # Settings that change what is computed: a resumed run must use the same ones to be exact.
 RESUME_MUST_MATCH = (
     "arch",
@@ -60,9 +65,6 @@ def encoder_resnet(model: MoCo) -> ResNet:
     return resnet
 
 
-encoder_resnet18 = encoder_resnet  # the name before ResNet34/50 existed
-
-
 def save_encoder(model: MoCo, path: Path, config: MocoConfig, epoch: int) -> None:
     """``encoder.pt``: accepted by :func:`extract.encoders.tile_encoder.load_encoder` (atomic write)."""
     temporary = path.with_name(f".{path.name}.partial")
@@ -77,87 +79,71 @@ def save_encoder(model: MoCo, path: Path, config: MocoConfig, epoch: int) -> Non
 def _rng_states(generator: torch.Generator) -> dict[str, list[torch.Tensor]]:
     """This process's RNG states, gathered from every rank (rank order)."""
     states = {"augment": generator.get_state(), "torch": torch.random.get_rng_state()}
-    if not (dist.is_available() and dist.is_initialized()):
+    if world_size() == 1:
         return {name: [state] for name, state in states.items()}
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    return {
-        name: [part.cpu() for part in all_gather(state.to(device)).chunk(dist.get_world_size())] for name, state in states.items()
-    }
+    return {name: [part.cpu() for part in all_gather(state.to(device)).chunk(world_size())] for name, state in states.items()}
 
 
-def checkpoint_payload(
-    model: MoCo,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    generator: torch.Generator,
-    config: MocoConfig,
-    epoch: int,
-    step: int,
-    monitors: list[dict[str, Any]],
-    slide_names: list[str],
-) -> dict[str, Any]:
-    """Everything needed to continue exactly after ``epoch`` epochs (plain tensors and data)."""
+def checkpoint_payload(run: MocoRun) -> dict[str, Any]:
+    """Everything needed to continue exactly after the run's ``epoch`` epochs (plain tensors and data).
+    Every rank calls it (the RNG states are gathered); the main rank writes it."""
+    model = run.model
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "arch": model.arch,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-        "rng": _rng_states(generator),
-        "epoch": epoch,
-        "step": step,
-        "config": settings_dict(config),
-        "monitors": monitors,
-        "slides": slide_names,
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
+        "rng": _rng_states(run.generator),
+        "epoch": run.epoch,
+        "step": run.global_step,
+        "config": settings_dict(run.config),
+        "monitors": run.history,
+        "slides": run.slide_names,
     }
 
 
 def load_training_checkpoint(path: Path, config: MocoConfig) -> dict[str, Any]:
-    """Read and check a training checkpoint for ``--resume`` (weights_only)."""
+    """Read and check a training checkpoint for ``--resume`` (weights_only, sealed, same settings)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"--resume {path} does not exist; pass OUT/last.pt or OUT/checkpoints/epoch_NNNN.pt")
     raw = load_weights_only(path, f"--resume {path}")
     if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"--resume {path}: not a `gigassl pretrain-tiles` training checkpoint (OUT/last.pt)")
     if raw.get("version") != CHECKPOINT_VERSION:
-        raise UserError(f"--resume {path}: checkpoint version {raw.get('version')}, this package reads {CHECKPOINT_VERSION}")
+        raise UserError(
+            f"--resume {path}: checkpoint version {raw.get('version')} (an older gigassl's), this package resumes only version "
+            f"{CHECKPOINT_VERSION}; run `gigassl pretrain-tiles` again without --resume"
+        )
     verify_payload(raw, f"--resume {path}")
-    saved, current = {"arch": "resnet18", **with_current_names(raw["config"])}, settings_dict(config)  # before --arch: resnet18
+    saved, current = raw["config"], settings_dict(config)
     differ = [
-        f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {current[k]}"
-        for k in RESUME_MUST_MATCH
-        if saved.get(k) != current[k]
+        f"--{k.replace('_', '-')} {saved[k]} (checkpoint) vs {current[k]}" for k in RESUME_MUST_MATCH if saved[k] != current[k]
     ]
     if differ:
         raise UserError(f"--resume {path}: settings differ from the checkpoint's; pass the same values: " + "; ".join(differ))
     return raw
 
 
-def restore_training_state(
-    raw: dict[str, Any],
-    model: MoCo,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    generator: torch.Generator,
-    rank: int,
-    world: int,
-    slide_names: list[str],
-) -> tuple[int, int, list[dict[str, Any]]]:
-    """Load a checked checkpoint into the run's objects → (epochs done, steps done, monitors so far)."""
-    model.load_state_dict(raw["state_dict"])
-    optimizer.load_state_dict(raw["optimizer"])
-    if raw["scaler"] and scaler.is_enabled():
-        scaler.load_state_dict(raw["scaler"])
-    if len(raw["rng"]["augment"]) == world:
-        generator.set_state(raw["rng"]["augment"][rank])
-        torch.random.set_rng_state(raw["rng"]["torch"][rank])
+def restore_training_state(raw: dict[str, Any], run: MocoRun) -> None:
+    """Load a checked checkpoint into the run: weights, optimiser, scaler, this rank's RNG states,
+    epochs and steps done, monitor rows so far."""
+    context = run.context
+    run.model.load_state_dict(raw["state_dict"])
+    run.optimizer.load_state_dict(raw["optimizer"])
+    if raw["scaler"] and run.scaler.is_enabled():
+        run.scaler.load_state_dict(raw["scaler"])
+    if len(raw["rng"]["augment"]) == context.world_size:
+        run.generator.set_state(raw["rng"]["augment"][context.rank])
+        torch.random.set_rng_state(raw["rng"]["torch"][context.rank])
     else:
         logger.warning(
             "checkpoint written by %d processes, resuming with %d: RNG streams restart (not exact)",
             len(raw["rng"]["augment"]),
-            world,
+            context.world_size,
         )
-    if raw.get("slides") != slide_names:
+    if raw["slides"] != run.slide_names:
         logger.warning("the slide set differs from the checkpoint's; tile plans will differ")
-    return int(raw["epoch"]), int(raw["step"]), list(raw["monitors"])
+    run.epoch, run.global_step, run.history = int(raw["epoch"]), int(raw["step"]), list(raw["monitors"])

@@ -70,14 +70,17 @@ def non_finite_tensors(payload: Mapping[str, Any]) -> list[str]:
     return found
 
 
-def verify_payload(payload: Mapping[str, Any], label: str, *, require_hash: bool = False) -> None:
-    """Refuse a loaded payload whose ``content_sha256`` does not match its content, or whose
-    tensors hold NaN or inf (:class:`CheckpointIntegrityError` naming ``label`` and the tensor).
-    A payload without a hash (written before hashes were) passes unless ``require_hash``."""
+def verify_payload(payload: Mapping[str, Any], label: str) -> None:
+    """Refuse a loaded payload without a ``content_sha256`` (not sealed by :func:`save_atomic`), one
+    whose hash does not match its content, or one whose tensors hold NaN or inf
+    (:class:`CheckpointIntegrityError` naming ``label`` and the tensor)."""
     stored = payload.get(CONTENT_HASH_KEY)
-    if stored is None and require_hash:
-        raise CheckpointIntegrityError(f"{label}: no content hash; it was not written by this version of gigassl")
-    if stored is not None and stored != content_hash(payload):
+    if stored is None:
+        raise CheckpointIntegrityError(
+            f"{label}: no content hash, so its bytes cannot be verified (written by an older gigassl, or by another "
+            "tool); train again to get a sealed checkpoint"
+        )
+    if stored != content_hash(payload):
         raise CheckpointIntegrityError(
             f"{label}: damaged file — its content does not match the hash written with it (a changed byte on disk or "
             "in a copy); use an earlier checkpoint (checkpoints/epoch_*.pt) or copy it again"

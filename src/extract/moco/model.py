@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from extract.device import rank, world_size
 from extract.encoders.resnet import build_resnet
 
 HEAD_OUT_DIM = 128
@@ -88,7 +89,7 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def keys(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) → (this process's keys (B, 128), all processes' keys for the queue)."""
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if world_size() == 1:
             keys = F.normalize(self.encoder_k(images).float(), dim=1)
             return keys, keys
         return _shuffled_keys(self.encoder_k, images)
@@ -96,19 +97,19 @@ class MoCo(nn.Module):
 
 def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """The tensors of every rank concatenated along the first dimension (no gradient)."""
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
 
 
 def _shuffled_keys(encoder_k: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Shuffle-BN: encode a random slice of the global key batch, then undo the permutation."""
-    rank = dist.get_rank()
     batch = images.shape[0]
+    start = rank() * batch
     everything = all_gather(images)  # (world·B, 3, H, W)
     permutation = torch.randperm(len(everything), device=images.device)
     dist.broadcast(permutation, src=0)
-    mine = permutation[rank * batch : (rank + 1) * batch]
+    mine = permutation[start : start + batch]
     keys = F.normalize(encoder_k(everything[mine]).float(), dim=1)
     all_keys = all_gather(keys)[torch.argsort(permutation)]  # back to the gathered order
-    return all_keys[rank * batch : (rank + 1) * batch], all_keys
+    return all_keys[start : start + batch], all_keys

@@ -1,5 +1,6 @@
 """MoCo's per-epoch monitors: the epoch's step means, and the quality of the query encoder.
 
+- :class:`StepResult`: the figures of one training step (:func:`extract.moco.pretrain.train_step`);
 - :func:`epoch_row`: means of the per-step figures (loss, positive-key accuracy, q·k⁺ and q·queue
   cosines), the last learning rate and the throughput;
 - :func:`representation_monitors`: label-free, on a fixed set of tiles — RankMe of the trunk's and
@@ -11,7 +12,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +26,17 @@ from extract.encoders.tile_encoder import normalise
 from extract.moco.probe import ProbeSet, probe_auc, slide_mean_features
 from extract.monitors import alignment, fresh_info_nce, rankme, uniformity
 
-if TYPE_CHECKING:
-    from extract.moco.pretrain import StepResult
-
 # Alignment needs two views per tile, computed on at most this many tiles.
 MONITOR_VIEW_TILES = 256
 MONITOR_BATCH = 256
+
+
+@dataclass
+class StepResult:
+    loss: float
+    accuracy: float  # fraction of queries whose positive key has the largest logit
+    positive_cosine: float = 0.0  # mean q·k⁺
+    negative_cosine: float = 0.0  # mean q·queue: how close the (possibly stale) negatives are
 
 
 @torch.no_grad()  # monitors only read the encoder: no autograd graph over the fixed tiles

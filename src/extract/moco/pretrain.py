@@ -11,7 +11,8 @@ small-cpu`` changes some):
 - ``queue``: K = 65536 L2-normalised keys of past batches, a ring buffer written at a
   pointer that wraps around (any K, any batch);
 - loss: InfoNCE, logits [q·k⁺, q·queue] / τ with τ = 0.2, the positive at index 0;
-- SGD, lr 0.03 · batch / 256, momentum 0.9, weight decay 1e-4, cosine decay to 0 per step;
+- SGD, lr 0.03 · batch / 256, momentum 0.9, weight decay 1e-4, cosine decay to 0 per step
+  (:mod:`extract.training.schedule`, shared with stage 2; the run state is :class:`extract.moco.setup.MocoRun`);
 - views: two independent draws of the histology augmentation of :mod:`extract.augment`
   (one per tile), made on the device from one explicit generator.
 
@@ -51,7 +52,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from extract.augment import TileAugmentation
@@ -59,19 +59,18 @@ from extract.batch.slide_list import list_slides
 from extract.checkpoints.moco import checkpoint_payload, load_training_checkpoint, restore_training_state, save_encoder
 from extract.checkpoints.sealed import write_epoch_snapshot
 from extract.config import MocoConfig
-from extract.device import autocast, autocast_dtype, init_distributed
+from extract.device import DistContext, autocast, init_distributed
 from extract.encoders.tile_encoder import normalise
 from extract.errors import UserError
 from extract.moco.data import EpochTileBatches, IndexedSlide, epoch_plan, fixed_tiles, index_slides
 from extract.moco.model import MoCo, info_nce_logits, momentum_update
-from extract.moco.monitors import epoch_row, quality_monitors
+from extract.moco.monitors import StepResult, epoch_row, quality_monitors
 from extract.moco.probe import ProbeSet, probe_set
+from extract.moco.setup import MocoRun, set_up
 from extract.monitors import write_monitors
 from extract.progress import progress
 
 logger = logging.getLogger(__name__)
-
-SGD_MOMENTUM = 0.9
 
 
 # ----------------------------------------------------------------------------- one step
@@ -86,19 +85,6 @@ def make_views(
         normalise(augmentation.independent(images, generator)),
         normalise(augmentation.independent(images, generator)),
     )
-
-
-def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
-    """``base_lr`` decayed to 0 along half a cosine over ``total_steps``."""
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
-
-
-@dataclass
-class StepResult:
-    loss: float
-    accuracy: float  # fraction of queries whose positive key has the largest logit
-    positive_cosine: float = 0.0  # mean q·k⁺
-    negative_cosine: float = 0.0  # mean q·queue: how close the (possibly stale) negatives are
 
 
 def train_step(
@@ -172,11 +158,9 @@ def _list_slide_files(folder: Path) -> list[Path]:
 def run_pretraining(config: MocoConfig) -> PretrainingResult:
     """Train MoCo v2 on tiles sampled online from ``config.slides``; write OUT (see module doc)."""
     context = init_distributed(config.device)
-    rank, world, device, initialised_here = context.rank, context.world_size, context.device, context.initialised_here
-    main_process = rank == 0
     out = Path(config.out)
     try:
-        if main_process:
+        if context.is_main:
             (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         paths = _list_slide_files(config.slides)
         if not paths:
@@ -188,7 +172,7 @@ def run_pretraining(config: MocoConfig) -> PretrainingResult:
             config.tissue_threshold,
             config.mpp_csv,
             config.default_mpp,
-            progress=main_process,
+            progress=context.is_main,
         )
         if not slides:
             raise UserError(f"--slides {config.slides}: none of the {len(paths)} files gave tissue tiles (see warnings)")
@@ -199,52 +183,17 @@ def run_pretraining(config: MocoConfig) -> PretrainingResult:
             config.tile_size_px,
             config.target_mpp,
         )
-        return _train(config, slides, skipped, rank, world, device, out)
+        return _train(config, slides, skipped, context)
     finally:
-        if initialised_here:
+        if context.initialised_here:
             dist.destroy_process_group()
 
 
-@dataclass
-class _Training:
-    """The objects one MoCo run steps through: model, optimiser, scaler and view generator."""
-
-    config: MocoConfig
-    device: torch.device
-    model: MoCo
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    generator: torch.Generator
-    query_encoder: nn.Module  # the query encoder, wrapped in DDP under torchrun
-    base_lr: float
-    total_steps: int
-    augmentation: TileAugmentation = field(default_factory=TileAugmentation)
-
-
-def _set_up(config: MocoConfig, rank: int, world: int, device: torch.device) -> _Training:
-    """Model, SGD, grad scaler and this rank's view generator, before any resume."""
-    steps_per_epoch = config.tiles_per_epoch // config.batch_size
-    if steps_per_epoch < 1:
-        raise UserError(f"--tiles-per-epoch {config.tiles_per_epoch} is smaller than --batch-size {config.batch_size}")
-    torch.manual_seed(config.seed)
-    model = MoCo(config.queue_size, seed=config.seed, arch=config.arch).to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's Module.to overloads omit memory_format
-    base_lr = config.lr * config.batch_size / 256
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=base_lr, momentum=SGD_MOMENTUM, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision and autocast_dtype(device) == torch.float16)
-    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)  # views differ across ranks
-    query_encoder: nn.Module = model.encoder_q
-    if world > 1:
-        query_encoder = DistributedDataParallel(model.encoder_q, device_ids=[device.index] if device.type == "cuda" else None)
-    return _Training(config, device, model, optimizer, scaler, generator, query_encoder, base_lr, steps_per_epoch * config.epochs)
-
-
-def _run_epoch(
-    run: _Training, slides: list[IndexedSlide], epoch: int, step: int, rank: int, world: int
-) -> tuple[list[StepResult], float]:
-    """One epoch of MoCo steps from global step ``step`` → the step results and the last lr."""
-    config, device = run.config, run.device
+def _run_epoch(run: MocoRun, slides: list[IndexedSlide]) -> tuple[list[StepResult], float]:
+    """Epoch ``run.epoch`` + 1 of MoCo steps from ``run.global_step`` → the step results and the last lr."""
+    config, device, context, epoch, step = run.config, run.device, run.context, run.epoch, run.global_step
     plan = epoch_plan([len(s) for s in slides], config.tiles_per_epoch, config.tiles_per_visit, config.seed, epoch)
-    dataset = EpochTileBatches(slides, plan, config.batch_size, config.tile_size_px, rank, world)
+    dataset = EpochTileBatches(slides, plan, config.batch_size, config.tile_size_px, context.rank, context.world_size)
     loader = DataLoader(
         dataset,
         batch_size=None,
@@ -253,12 +202,13 @@ def _run_epoch(
         prefetch_factor=4 if config.num_workers else None,
     )
     steps: list[StepResult] = []
-    lr = cosine_lr(run.base_lr, step, run.total_steps)
+    schedule = run.schedule
+    lr = schedule.lr(run.base_lr, step)
     bar = progress(
-        loader, total=len(dataset), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=rank != 0, log=logger
+        loader, total=len(dataset), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not run.is_main, log=logger
     )
     for tiles in bar:
-        lr = cosine_lr(run.base_lr, step + len(steps), run.total_steps)
+        lr = schedule.lr(run.base_lr, step + len(steps))
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         view_q, view_k = make_views(tiles, run.augmentation, run.generator, device)
@@ -272,7 +222,7 @@ def _run_epoch(
             device,
             config.mixed_precision,
             run.scaler,
-            run.query_encoder,
+            run.trained,
         )
         if not math.isfinite(result.loss):
             raise UserError(
@@ -285,61 +235,47 @@ def _run_epoch(
 
 
 def _train(
-    config: MocoConfig,
-    slides: list[IndexedSlide],
-    skipped: list[tuple[Path, str]],
-    rank: int,
-    world: int,
-    device: torch.device,
-    out: Path,
+    config: MocoConfig, slides: list[IndexedSlide], skipped: list[tuple[Path, str]], context: DistContext
 ) -> PretrainingResult:
-    main_process = rank == 0
-    slide_names = [s.path.name for s in slides]
-    run = _set_up(config, rank, world, device)
-    start_epoch, step = 0, 0
-    monitors: list[dict[str, Any]] = []
+    run = set_up(config, context, Path(config.out), [s.path.name for s in slides])
     if config.resume is not None:
-        raw = load_training_checkpoint(config.resume, config)
-        start_epoch, step, monitors = restore_training_state(
-            raw, run.model, run.optimizer, run.scaler, run.generator, rank, world, slide_names
-        )
-        logger.info("resuming %s after epoch %d (step %d)", config.resume, start_epoch, step)
+        restore_training_state(load_training_checkpoint(config.resume, config), run)
+        logger.info("resuming %s after epoch %d (step %d)", config.resume, run.epoch, run.global_step)
     monitor_tiles = (
         fixed_tiles(slides, config.monitor_tiles, config.tile_size_px, config.seed)
-        if config.monitor_tiles and main_process
+        if config.monitor_tiles and run.is_main
         else None
     )
     probe: ProbeSet | None = (
         probe_set(slides, config.probe_labels, config.probe_tiles_per_slide, config.tile_size_px, config.seed)
-        if config.probe_labels is not None and main_process
+        if config.probe_labels is not None and run.is_main
         else None
     )
-    checkpoint_path, encoder_path = out / "last.pt", out / "encoder.pt"
-    for epoch in range(start_epoch, config.epochs):
+    checkpoint_path, encoder_path = run.out / "last.pt", run.out / "encoder.pt"
+    while run.epoch < config.epochs:
         started = time.perf_counter()
-        steps, lr = _run_epoch(run, slides, epoch, step, rank, world)
-        step += len(steps)
-        row = epoch_row(epoch, step, steps, lr, config.batch_size, time.perf_counter() - started)
-        row.update(quality_monitors(run.model.encoder_q, monitor_tiles, probe, run.augmentation, device, config))
-        monitors.append(row)
-        if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
-            payload = checkpoint_payload(
-                run.model, run.optimizer, run.scaler, run.generator, config, epoch + 1, step, monitors, slide_names
-            )
-            if main_process:
-                write_epoch_snapshot(out / "checkpoints", epoch + 1, payload, checkpoint_path, config.keep_checkpoints)
-                save_encoder(run.model, encoder_path, config, epoch + 1)
-        if main_process:
-            write_monitors(out, monitors)
+        steps, lr = _run_epoch(run, slides)
+        run.global_step += len(steps)
+        row = epoch_row(run.epoch, run.global_step, steps, lr, config.batch_size, time.perf_counter() - started)
+        row.update(quality_monitors(run.model.encoder_q, monitor_tiles, probe, run.augmentation, run.device, config))
+        run.history.append(row)
+        run.epoch += 1
+        if run.epoch % config.checkpoint_every == 0 or run.epoch == config.epochs:
+            payload = checkpoint_payload(run)
+            if run.is_main:
+                write_epoch_snapshot(run.out / "checkpoints", run.epoch, payload, checkpoint_path, config.keep_checkpoints)
+                save_encoder(run.model, encoder_path, config, run.epoch)
+        if run.is_main:
+            write_monitors(run.out, run.history)
             logger.info(
-                "epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step"))
+                "epoch %d: %s", run.epoch, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step"))
             )
     return PretrainingResult(
-        out=out,
+        out=run.out,
         encoder_path=encoder_path,
         checkpoint_path=checkpoint_path,
         epochs_done=config.epochs,
         n_slides=len(slides),
         skipped=[(str(p), reason) for p, reason in skipped],
-        monitors=monitors,
+        monitors=run.history,
     )

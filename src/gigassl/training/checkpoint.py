@@ -5,10 +5,11 @@ A checkpoint is a dict of tensors and plain data (``torch.load(..., weights_only
 ``slide_ids``, ``encoder`` (tile encoder of the features), ``init`` (weights layer4 started
 from; None for a randomly initialised generic head), ``architecture`` (the sparse head,
 :meth:`gigassl.model.HeadSpec.to_dict`: feature_dim, block, n_blocks, width, source,
-input_projection_dim; absent in older checkpoints, which are ResNet18's), ``model`` (``GigaSSLModel`` state dict), ``optimizer``, ``scheduler``, ``scaler``,
+input_projection_dim), ``model`` (``GigaSSLModel`` state dict), ``optimizer``, ``scheduler``, ``scaler``,
 ``rng``, ``history`` (the monitor rows), ``world_size``, ``content_sha256`` (the hash of all
-the rest, :mod:`extract.checkpoints.sealed`: :func:`load_checkpoint` refuses a checkpoint whose
-content does not match it or whose tensors hold NaN or inf, naming the tensor).
+the rest, :mod:`extract.checkpoints.sealed`). :func:`load_checkpoint` refuses a checkpoint of
+another format version (written by an older gigassl: train again), one without the hash, and one
+whose content does not match it or whose tensors hold NaN or inf, naming the tensor.
 
 The run folder: :func:`claim_output_folder` refuses an ``out`` that holds another run (unless
 ``--overwrite`` or ``--resume`` from inside it); :func:`check_resume` refuses a resume whose
@@ -17,13 +18,12 @@ settings or slides differ from the checkpoint's.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from extract.checkpoints.sealed import CONTENT_HASH_KEY, verify_payload, write_epoch_snapshot
+from extract.checkpoints.sealed import verify_payload, write_epoch_snapshot
 from extract.config import settings_dict
 from extract.encoders.tile_encoder import load_weights_only
 from extract.errors import UserError
@@ -33,10 +33,8 @@ from gigassl.config import TrainConfig
 from gigassl.model import GigaSSLModel, HeadSpec
 from gigassl.sparse.conv import BACKENDS
 
-log = logging.getLogger(__name__)
-
 CHECKPOINT_FORMAT = "gigassl-slide-encoder"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: always sealed, with ``architecture`` and ``config["sparse_backend"]``
 LATEST_CHECKPOINT = "checkpoint.pt"
 # Settings that may change on --resume: where and how outputs are written and how the arithmetic
 # runs, not what is learned (views depend only on the seed, so workers, devices, the sparse backend
@@ -75,10 +73,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: not a Giga-SSL checkpoint written by `gigassl train`")
     if payload.get("format_version") != CHECKPOINT_VERSION:
         raise UserError(
-            f"{path}: checkpoint format version {payload.get('format_version')}, this package reads {CHECKPOINT_VERSION}"
+            f"{path}: checkpoint format version {payload.get('format_version')} (an older gigassl's), this package reads "
+            f"only version {CHECKPOINT_VERSION}; train the slide encoder again with `gigassl train`"
         )
-    if CONTENT_HASH_KEY not in payload:
-        log.warning("%s was written before checkpoints carried a content hash: its bytes cannot be verified", path)
     verify_payload(payload, str(path))
     return payload
 
@@ -93,13 +90,13 @@ def load_model(
     the same for both backends.
     """
     payload = load_checkpoint(path)
-    saved_backend = payload["config"].get("sparse_backend", "spconv")  # checkpoints before the option
+    saved_backend = payload["config"]["sparse_backend"]
     if saved_backend not in BACKENDS:
         raise UserError(
             f"{path}: the checkpoint names an unknown sparse backend {saved_backend!r} "
             f"(this package knows {', '.join(BACKENDS)}); was it written by a newer gigassl?"
         )
-    head = HeadSpec.from_dict(payload.get("architecture"), str(path))  # older checkpoints: ResNet18's
+    head = HeadSpec.from_dict(payload["architecture"], str(path))
     model = GigaSSLModel(None, int(payload["config"]["projector_dim"]), device, sparse_backend, head)
     model.load_state_dict(payload["model"])
     return model.eval(), payload
@@ -124,7 +121,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what :func:`rng_state` saved (a ``"cuda"`` entry of older checkpoints is ignored)."""
+    """Restore what :func:`rng_state` saved."""
     torch.set_rng_state(state["torch"])
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from extract.device import DistContext
+from extract.device import DistContext, world_size
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -42,7 +42,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
+        if not self.training or world_size() == 1:
             return super().forward(x)
         x32 = x.float()
         local = torch.cat([x32.sum(0), (x32 * x32).sum(0), x32.new_tensor([float(len(x32))])])

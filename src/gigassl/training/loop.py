@@ -1,5 +1,8 @@
 """The training loop of ``gigassl train``: what a run carries, its optimiser, its epochs and steps.
 
+The run is a :class:`extract.training.run_state.TrainingRun` (the state MoCo's loop carries too)
+with stage 2's own fields (:class:`Run`).
+
 :mod:`gigassl.train` sets a run up (cohort, model, data loader, output folder) and hands it to
 :func:`run_epochs`; each step forwards two views per slide, takes NT-Xent over the global batch and
 steps Adam under the warm-up + cosine schedule; each epoch appends a row to the monitors, writes the
@@ -20,9 +23,11 @@ import torch
 from torch import nn
 
 from extract.checkpoints.sealed import CheckpointIntegrityError
-from extract.device import DistContext, autocast, autocast_dtype
+from extract.device import autocast, autocast_dtype
 from extract.errors import UserError
 from extract.monitors import write_monitors
+from extract.training.run_state import TrainingRun
+from extract.training.schedule import WarmupCosine, replan_schedule
 from gigassl.config import TrainConfig
 from gigassl.model import GigaSSLModel
 from gigassl.training import loss as losses
@@ -30,7 +35,6 @@ from gigassl.training.checkpoint import LATEST_CHECKPOINT, rng_state, set_rng_st
 from gigassl.training.data import EpochBatchSampler, SlideViewDataset, ViewBatch
 from gigassl.training.distributed import all_reduce_mean
 from gigassl.training.monitors import monitor_metrics, stall_warning
-from gigassl.training.schedule import WarmupCosine, replan_schedule
 
 log = logging.getLogger(__name__)
 
@@ -96,54 +100,44 @@ def make_optimisation(
     return Optimisation(optimizer, scheduler, scaler, amp_dtype)
 
 
-@dataclass
-class Run:
-    """What a training run carries from step to step and epoch to epoch."""
+@dataclass(kw_only=True)
+class Run(TrainingRun):
+    """What a Giga-SSL run carries beyond :class:`extract.training.run_state.TrainingRun`: its
+    settings, the schedule and autocast dtype, the global batch, the monitor slides, the checkpoint
+    fields fixed for the run and whether the stall warning was given."""
 
-    config: TrainConfig
-    context: DistContext
     model: GigaSSLModel
-    trained: nn.Module  # the model, or its DDP wrapper under torchrun
-    optimisation: Optimisation
+    config: TrainConfig
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    amp_dtype: Optional[torch.dtype]
     batch: int  # the global batch
-    steps_per_epoch: int
-    out: Path
     monitor_dataset: SlideViewDataset
     monitor_indices: list[int]
     base: dict[str, Any] = field(default_factory=dict)  # the checkpoint fields fixed for the run
-    history: list[dict[str, float]] = field(default_factory=list)  # the rows of monitors.csv
-    global_step: int = 0
     stall_warned: bool = False
-
-    @property
-    def total_steps(self) -> int:
-        return self.steps_per_epoch * self.config.epochs
 
     @property
     def latest(self) -> Path:
         return self.out / LATEST_CHECKPOINT
 
     def lr(self) -> float:
-        return float(self.optimisation.scheduler.get_last_lr()[0])
+        return float(self.scheduler.get_last_lr()[0])
 
     def monitors(self) -> dict[str, float]:
         """The monitor slides' columns of this epoch's row."""
-        return monitor_metrics(
-            self.model, self.monitor_dataset, self.monitor_indices, self.config.temperature, self.context.device
-        )
+        return monitor_metrics(self.model, self.monitor_dataset, self.monitor_indices, self.config.temperature, self.device)
 
-    def checkpoint(self, epoch: int) -> dict[str, Any]:
-        """Everything needed to continue exactly after ``epoch`` (plain data)."""
-        opt = self.optimisation
+    def checkpoint(self) -> dict[str, Any]:
+        """Everything needed to continue exactly after the epochs done (plain data)."""
         return dict(
             self.base,
-            epoch=epoch,
+            epoch=self.epoch,
             global_step=self.global_step,
             history=self.history,
             model={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            optimizer=opt.optimizer.state_dict(),
-            scheduler=opt.scheduler.state_dict(),
-            scaler=opt.scaler.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
             rng=rng_state(),
         )
 
@@ -151,18 +145,18 @@ class Run:
 def restore_run(run: Run, resume: Mapping[str, Any]) -> int:
     """Continue from a checkpoint: weights, optimiser, schedule (re-planned when ``--epochs``
     changed), scaler, RNG and monitor rows; returns the epochs it had done."""
-    config, opt = run.config, run.optimisation
+    config = run.config
     run.model.load_state_dict(resume["model"])
-    opt.optimizer.load_state_dict(resume["optimizer"])
-    opt.scheduler.load_state_dict(resume["scheduler"])
-    restore_scaler(opt.scaler, resume["scaler"])
+    run.optimizer.load_state_dict(resume["optimizer"])
+    run.scheduler.load_state_dict(resume["scheduler"])
+    restore_scaler(run.scaler, resume["scaler"])
     set_rng_state(resume["rng"])
     run.history = [dict(row) for row in resume["history"]]
-    start_epoch, run.global_step = int(resume["epoch"]), int(resume["global_step"])
-    log.info("resuming from %s at epoch %d (step %d)", config.resume, start_epoch, run.global_step)
+    run.epoch, run.global_step = int(resume["epoch"]), int(resume["global_step"])
+    log.info("resuming from %s at epoch %d (step %d)", config.resume, run.epoch, run.global_step)
     planned = int(resume["config"]["epochs"])
     if planned != config.epochs:
-        before, now = replan_schedule(opt.scheduler, config.warmup_epochs * run.steps_per_epoch, run.total_steps)
+        before, now = replan_schedule(run.scheduler, config.warmup_epochs * run.steps_per_epoch, run.total_steps)
         log.info(
             "the run planned %d epochs, now %d: schedule re-planned over %d epochs; lr at step %d: %.4g → %.4g",
             planned,
@@ -172,14 +166,14 @@ def restore_run(run: Run, resume: Mapping[str, Any]) -> int:
             before,
             now,
         )
-    return start_epoch
+    return run.epoch
 
 
-def run_epochs(run: Run, loader: torch.utils.data.DataLoader, sampler: EpochBatchSampler, start_epoch: int) -> None:
-    """Train from ``start_epoch`` + 1 to the last epoch: steps, monitors, monitors files and checkpoints."""
+def run_epochs(run: Run, loader: torch.utils.data.DataLoader, sampler: EpochBatchSampler) -> None:
+    """Train from epoch ``run.epoch`` + 1 to the last: steps, monitors, monitors files and checkpoints."""
     from extract.progress import progress as progress_bar
 
-    config, context = run.config, run.context
+    config, context, start_epoch = run.config, run.context, run.epoch
     progress = progress_bar(
         total=run.total_steps, initial=run.global_step, unit="step", disable=not context.is_main, desc="gigassl train", log=log
     )
@@ -193,6 +187,7 @@ def run_epochs(run: Run, loader: torch.utils.data.DataLoader, sampler: EpochBatc
             row = _train_epoch(run, batches, epoch, progress)
             row.update(run.monitors())
             run.history.append(row)
+            run.epoch = epoch
             if context.is_main:
                 _finish_epoch(run, epoch)
     finally:
@@ -203,7 +198,6 @@ def run_epochs(run: Run, loader: torch.utils.data.DataLoader, sampler: EpochBatc
 
 def _train_epoch(run: Run, batches: Iterator[ViewBatch], epoch: int, progress: Any) -> dict[str, float]:
     """The epoch's steps; returns its row of ``monitors.csv`` but the monitor slides' columns."""
-    opt = run.optimisation
     sums = dict(loss=0.0, accuracy=0.0, grad_norm=0.0)
     data_time = 0.0
     epoch_start = tick = time.perf_counter()
@@ -218,9 +212,9 @@ def _train_epoch(run: Run, batches: Iterator[ViewBatch], epoch: int, progress: A
                 "Lower --lr, raise --temperature, or check the features"
             )
         sums["grad_norm"] += _grad_norm(run.model)
-        opt.scaler.step(opt.optimizer)
-        opt.scaler.update()
-        opt.scheduler.step()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.scheduler.step()
         run.global_step += 1
         sums["loss"] += loss
         sums["accuracy"] += accuracy
@@ -274,7 +268,7 @@ def _finish_epoch(run: Run, epoch: int) -> None:
             run.stall_warned = True
     if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
         try:
-            write_checkpoint(run.out, epoch, run.checkpoint(epoch), config.keep_checkpoints)
+            write_checkpoint(run.out, epoch, run.checkpoint(), config.keep_checkpoints)
         except CheckpointIntegrityError as error:  # NaN or inf weights: never written, so never resumed from
             raise TrainingDivergedError(f"epoch {epoch}: {error}. The last good checkpoint is {_last_good(run)}") from error
 
@@ -294,16 +288,16 @@ def _step(run: Run, views: ViewBatch) -> tuple[float, float]:
 
     Returns the global-batch loss and positive-pair accuracy (the same on every rank).
     """
-    opt, device = run.optimisation, run.context.device
+    device = run.device
     n = views.n_slides
-    opt.optimizer.zero_grad(set_to_none=True)
-    with autocast(device, enabled=opt.amp_dtype is not None):
+    run.optimizer.zero_grad(set_to_none=True)
+    with autocast(device, enabled=run.amp_dtype is not None):
         z = run.trained(views.sparse.to(device, non_blocking=True))  # (2n, projector_dim)
     z = z.float()
     z1, z2 = z[:n], z[n:]
     loss = losses.nt_xent_distributed(z1, z2, run.config.temperature)  # = nt_xent on one process
-    opt.scaler.scale(loss).backward()
-    opt.scaler.unscale_(opt.optimizer)
+    run.scaler.scale(loss).backward()
+    run.scaler.unscale_(run.optimizer)
     with torch.no_grad():
         accuracy = losses.positive_pair_accuracy(
             losses.gather_with_gradient(z1.detach()), losses.gather_with_gradient(z2.detach())

@@ -21,15 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-
-def world_size() -> int:
-    """Processes in the default group; 1 without torch.distributed."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    """This process's rank; 0 without torch.distributed."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+from extract.device import rank, world_size
 
 
 class _GatherWithGradient(torch.autograd.Function):
@@ -37,7 +29,7 @@ class _GatherWithGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        gathered = [torch.empty_like(tensor) for _ in range(world_size())]
         dist.all_gather(gathered, tensor.contiguous())
         return tuple(gathered)
 
@@ -46,7 +38,7 @@ class _GatherWithGradient(torch.autograd.Function):
         # every rank's loss depends on every rank's embeddings: sum the gradients of all ranks
         stacked = torch.stack([g.contiguous() for g in grads])
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
-        return stacked[dist.get_rank()]
+        return stacked[rank()]
 
 
 def gather_with_gradient(tensor: torch.Tensor) -> torch.Tensor:

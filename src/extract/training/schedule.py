@@ -1,10 +1,12 @@
-"""The learning-rate schedule of Giga-SSL training: linear warm-up, then cosine decay to 0.
+"""The learning-rate schedule of both training jobs: linear warm-up, then cosine decay to 0.
 
-Per step, as the original code: over the first ``warmup_epochs`` × steps-per-epoch steps the
-factor on the peak learning rate rises linearly to 1, then follows half a cosine to 0 at the
-last step (:class:`WarmupCosine`, the factor of a ``LambdaLR``). A resumed run whose
-``--epochs`` changed is re-planned (:func:`replan_schedule`): from the resumed step on, the
-learning rate is the one a run started with the new total would use at that step.
+Per step, as the original code: over the first ``warmup`` steps the factor on the peak learning
+rate rises linearly to 1, then follows half a cosine to 0 at the last step (:class:`WarmupCosine`).
+Giga-SSL training (``--warmup-epochs`` × steps-per-epoch warm-up steps) uses it as the factor of a
+``LambdaLR``; MoCo pre-training (no warm-up) sets each step's learning rate from
+:meth:`WarmupCosine.lr`. A resumed Giga-SSL run whose ``--epochs`` changed is re-planned
+(:func:`replan_schedule`): from the resumed step on, the learning rate is the one a run started
+with the new total would use at that step.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ class WarmupCosine:
         span = max(1, self.total_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / span)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def lr(self, peak_lr: float, step: int) -> float:
+        """The learning rate at ``step``: ``peak_lr`` × the factor (as ``LambdaLR`` computes it)."""
+        return peak_lr * self(step)
 
 
 def warmup_warning(warmup_epochs: int, epochs: int) -> Optional[str]:
