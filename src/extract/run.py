@@ -45,7 +45,8 @@ from extract.features.manifest import check_existing
 from extract.features.slide_file import SlideFileWriter
 from extract.partial_files import remove_stale_partials_of
 from extract.progress import progress
-from extract.slides.reader import SLIDE_SUFFIXES, SlideReader, load_mpp_overrides, open_slide
+from extract.slides.formats import open_slide
+from extract.slides.reader import SLIDE_SUFFIXES, SlideReader, load_mpp_overrides
 from extract.slides.tiling import TileGrid
 from extract.tile_loader import ReadingWorkerDied, TileStream, is_worker_death
 

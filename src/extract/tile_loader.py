@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from extract.batch.slide_list import SlideQueue
 from extract.child_process import die_with_parent_worker
-from extract.slides.reader import SlideReader, SlideReadError, open_slide
+from extract.slides.formats import open_slide
+from extract.slides.reader import SlideReader, SlideReadError
 from extract.slides.tiling import TileGrid
 
 # Tiles in a slide's first batch: the encoder can start on a slide as soon as a few of its

@@ -145,7 +145,7 @@ class AttentionMethod:
     def fallback(self, y_train: np.ndarray, seed: int = 0) -> str:
         return attention_fallback(self.estimator, y_train, seed)
 
-    def fit_predict(self, train, test, y, key="", seed=0):
+    def fit_predict(self, train: np.ndarray, test: np.ndarray, y: np.ndarray, key: str = "", seed: int = 0) -> np.ndarray:
         model = clone(self.estimator).set_params(seed=seed).fit([self.bags[i] for i in train], y[train])
         return _full_proba(model.predict_proba([self.bags[i] for i in test]), model.classes_, int(y.max()) + 1)
 
@@ -161,7 +161,7 @@ class TopKMethod:
     def fallback(self, y_train: np.ndarray, seed: int = 0) -> str:
         return attention_fallback(self.estimator.mil or AttentionMIL(), y_train, seed)
 
-    def fit_predict(self, train, test, y, key="", seed=0):
+    def fit_predict(self, train: np.ndarray, test: np.ndarray, y: np.ndarray, key: str = "", seed: int = 0) -> np.ndarray:
         model = clone(self.estimator).set_params(seed=seed)
         model.fit([self.bags[i] for i in train], y[train], [self.tiles[i] for i in train])
         proba = model.predict_proba([self.bags[i] for i in test], [self.tiles[i] for i in test])
