@@ -29,7 +29,8 @@ import torch
 
 from extract.config import ExtractConfig
 from extract.device import resolve_device
-from extract.encoders.tile_encoder import encode_batches, load_encoder
+from extract.encoders.kinds import load_encoder
+from extract.encoders.tile_encoder import encode_batches
 from extract.run import run_extraction
 from extract.slides.formats import open_slide
 from extract.slides.tiling import tile_grid

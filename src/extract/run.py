@@ -39,7 +39,8 @@ from extract.batch.summary import ExtractionSummary, SlideOutcome, count
 from extract.config import RENAMED_FIELDS, ExtractConfig, settings_dict
 from extract.device import rank_device
 from extract.disk_errors import raise_if_disk_full
-from extract.encoders.tile_encoder import EncoderInfo, TileEncoder, encode_batch, load_encoder
+from extract.encoders.kinds import load_encoder
+from extract.encoders.tile_encoder import EncoderInfo, TileEncoder, encode_batch
 from extract.errors import UserError
 from extract.features.manifest import check_existing
 from extract.features.slide_file import SlideFileWriter
