@@ -28,7 +28,7 @@ from extract.config import ExtractConfig
 from extract.device import autocast, autocast_dtype
 from extract.encoders.tile_encoder import IMAGE_MEAN, IMAGE_STD, TileTrunk, load_resnet18
 from extract.features.slide_file import SlideFileWriter
-from extract.slides.reader import open_slide
+from extract.slides.formats import open_slide
 from extract.slides.tiling import tile_grid
 
 REPO = Path(__file__).resolve().parents[1]

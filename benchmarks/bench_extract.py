@@ -29,9 +29,10 @@ import torch
 
 from extract.config import ExtractConfig
 from extract.device import resolve_device
-from extract.encoders.tile_encoder import encode_batches, load_encoder
+from extract.encoders.kinds import load_encoder
+from extract.encoders.tile_encoder import encode_batches
 from extract.run import run_extraction
-from extract.slides.reader import open_slide
+from extract.slides.formats import open_slide
 from extract.slides.tiling import tile_grid
 from extract.tile_loader import TileStream
 

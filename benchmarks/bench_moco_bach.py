@@ -41,7 +41,7 @@ from extract.device import resolve_device
 from extract.encoders.tile_encoder import TileTrunk, encode_batch, load_resnet18
 from extract.moco.data import IndexedSlide, index_slides
 from extract.moco.pretrain import run_pretraining
-from extract.slides.reader import open_slide
+from extract.slides.formats import open_slide
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "bach-dev"

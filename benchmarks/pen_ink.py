@@ -20,7 +20,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from extract.slides.reader import open_slide  # noqa: E402
+from extract.slides.formats import open_slide  # noqa: E402
 from extract.slides.tiling import MAX_INK_FRACTION, grid_positions  # noqa: E402
 from extract.slides.tissue import pen_ink_mask, tile_tissue_fraction, tissue_mask  # noqa: E402
 from fixtures.make_slides import MARKERS, paint_marker  # noqa: E402

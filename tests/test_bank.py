@@ -191,7 +191,7 @@ def test_bank_written_and_read_back_one_augmentation_at_a_time(tmp_path: Path, t
 
 
 def test_real_slide_bank(slides_dir: Path, trunk: TileTrunk, tmp_path: Path) -> None:
-    from extract.slides.reader import open_slide
+    from extract.slides.formats import open_slide
     from extract.slides.tiling import tile_grid
 
     config = _config(

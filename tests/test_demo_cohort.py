@@ -67,7 +67,7 @@ def test_slides_open_with_openslide_as_pyramids_with_mpp(cohort):
 
 
 def test_package_reader_gets_the_mpp(cohort):
-    from extract.slides.reader import open_slide
+    from extract.slides.formats import open_slide
 
     with open_slide(cohort[0][0]) as reader:
         assert reader.level0_mpp == pytest.approx(KATHER_MPP, rel=1e-4)

@@ -1,7 +1,7 @@
 """Every published checkpoint layout of ResNet18/34/50 loads and gives the plain layout's trunk.
 
 Each layout is written here from random weights (BatchNorm statistics randomised too, so a
-mis-mapped buffer would show) and loaded through :func:`extract.encoders.tile_encoder.load_encoder`; the
+mis-mapped buffer would show) and loaded through :func:`extract.encoders.kinds.load_encoder`; the
 trunk's output must be exactly that of the same weights loaded the plain torchvision way.
 """
 
@@ -17,9 +17,10 @@ from typing import Callable
 import pytest
 import torch
 
+from extract.encoders.kinds import load_encoder
 from extract.encoders.loading import detect_arch
 from extract.encoders.resnet import ResNet, build_resnet
-from extract.encoders.tile_encoder import TileTrunk, load_encoder, load_resnet18, save_encoder_checkpoint
+from extract.encoders.tile_encoder import TileTrunk, load_resnet18, save_encoder_checkpoint
 
 State = dict[str, torch.Tensor]
 

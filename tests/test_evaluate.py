@@ -15,7 +15,7 @@ import pytest
 from extract.encoders.tile_encoder import load_resnet18
 from extract.errors import UserError
 from extract.features.slide_file import FeatureFileError, SlideFileWriter
-from extract.slides.reader import open_slide
+from extract.slides.formats import open_slide
 from gigassl.cli import main as cli_main
 from gigassl.config import EmbedConfig, EvaluateConfig
 from gigassl.embed import EmbeddingWriter, run_embedding

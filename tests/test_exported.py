@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from extract.encoders.exported import export_tile_encoder, sidecar_path
-from extract.encoders.tile_encoder import file_sha256, load_encoder
+from extract.encoders.kinds import load_encoder
+from extract.encoders.tile_encoder import file_sha256
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from extract.encoders.exported import export_tile_encoder
-from extract.encoders.tile_encoder import file_sha256, load_encoder, prepare_batch, save_encoder_checkpoint
+from extract.encoders.kinds import load_encoder
+from extract.encoders.tile_encoder import file_sha256, prepare_batch, save_encoder_checkpoint
 from extract.features.bank_chunks import BankChunkReader, locate_bank_chunks
 from extract.features.slide_file import SlideFeatures
-from extract.slides.reader import open_slide
+from extract.slides.formats import open_slide
 from extract.slides.tiling import tile_grid
 from fixtures.make_slides import write_tissue_slide
 from gigassl.cli import main

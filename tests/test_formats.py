@@ -21,7 +21,8 @@ from extract.device import autocast
 from extract.encoders.tile_encoder import TileTrunk, load_resnet18, prepare_batch
 from extract.errors import UserError
 from extract.features.slide_file import SlideFeatures
-from extract.slides.reader import MissingMppError, SlideReader, SlideReadError, open_slide
+from extract.slides.formats import open_slide
+from extract.slides.reader import MissingMppError, SlideReader, SlideReadError
 from extract.slides.tiling import tile_grid
 from fixtures.make_formats import pyramid, write_dicom, write_generic_pyramid, write_ome_tiff
 from gigassl.cli import main
@@ -304,7 +305,7 @@ def test_a_fluorescence_ome_tiff_is_refused_in_one_line(tmp_path: Path) -> None:
 def test_a_jpeg_ome_tiff_without_imagecodecs_names_the_extra(cmu: Cmu, tmp_path: Path) -> None:
     """Checked at open (its first tile is decoded), in a process where imagecodecs cannot import."""
     path = write_ome_tiff(tmp_path / "small.ome.tif", [cmu.levels[0][:256, :256]], (CMU_MPP, "µm"), compression="jpeg")
-    code = "import sys; sys.modules['imagecodecs'] = None\nfrom extract.slides.reader import open_slide\nopen_slide(sys.argv[1])"
+    code = "import sys; sys.modules['imagecodecs'] = None\nfrom extract.slides.formats import open_slide\nopen_slide(sys.argv[1])"
     source = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=120)

@@ -10,7 +10,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from extract.encoders.tile_encoder import TileTrunk, load_resnet18
-from extract.slides.reader import open_slide
+from extract.slides.formats import open_slide
 from gigassl.evaluation.mil import (
     AttentionMIL,
     AverageMIL,

@@ -363,7 +363,7 @@ def test_two_processes_under_torchrun_share_one_queue(trained, tmp_path):
 @pytest.mark.parametrize(("arch", "width"), [("resnet34", 512), ("resnet50", 2048)])
 def test_one_step_of_each_arch_and_its_encoder_loads(arch, width, tmp_path):
     from extract.checkpoints.moco import encoder_resnet, save_encoder
-    from extract.encoders.tile_encoder import load_encoder
+    from extract.encoders.kinds import load_encoder
 
     torch.manual_seed(0)
     tiles = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
@@ -384,7 +384,7 @@ def test_one_step_of_each_arch_and_its_encoder_loads(arch, width, tmp_path):
 
 
 def test_pretrain_tiles_arch_resnet50_writes_a_resnet50_encoder(trained, tmp_path):
-    from extract.encoders.tile_encoder import load_encoder
+    from extract.encoders.kinds import load_encoder
 
     folder, out, _ = trained
     result = run_pretraining(_tiny_config(folder, tmp_path / "r50", arch="resnet50", epochs=1, monitor_tiles=0))

@@ -10,7 +10,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from extract.slides.reader import RESAMPLE_TOLERANCE, MissingMppError, SlideReadError, load_mpp_overrides, open_slide
+from extract.slides.formats import open_slide
+from extract.slides.reader import RESAMPLE_TOLERANCE, MissingMppError, SlideReadError, load_mpp_overrides
 from fixtures.make_slides import write_pyramidal_tiff
 
 

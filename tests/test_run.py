@@ -23,7 +23,7 @@ from extract.device import autocast
 from extract.encoders.tile_encoder import TileTrunk, load_resnet18, prepare_batch
 from extract.features.slide_file import SlideFeatures, is_complete
 from extract.run import run_extraction
-from extract.slides.reader import open_slide
+from extract.slides.formats import open_slide
 from extract.slides.tiling import tile_grid
 from fixtures.make_slides import synthetic_image, write_blank_slide, write_pyramidal_tiff, write_tissue_slide
 from fixtures.processes import alive, descendants, describe, wait_until_gone

@@ -6,7 +6,8 @@ import pytest
 
 import extract.batch.slide_plan as slide_plan
 from extract.batch.slide_plan import PlanSettings, SlidePlanner
-from extract.slides.reader import SlideReadError, open_slide
+from extract.slides.formats import open_slide
+from extract.slides.reader import SlideReadError
 from extract.slides.tiling import NoTissueError, tile_grid
 from fixtures.make_slides import write_blank_slide, write_tissue_slide
 

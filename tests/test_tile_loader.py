@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from extract.slides.reader import SlideReader, SlideReadError, open_slide
+from extract.slides.formats import open_slide
+from extract.slides.reader import SlideReader, SlideReadError
 from extract.slides.tiling import NoTissueError, tile_grid
 from extract.tile_loader import FIRST_BATCH_SIZE, ReadingWorkerDied, TileStream, batch_bounds
 from fixtures.make_slides import write_tissue_slide

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from extract.config import ExtractConfig, GridLimits
-from extract.slides.reader import open_slide
+from extract.slides.formats import open_slide
 from extract.slides.tiling import ImplausibleGridError, NoTissueError, SlideTooSmallError, grid_positions, tile_grid
 from fixtures.make_slides import write_blank_slide, write_tissue_slide
 

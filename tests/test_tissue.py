@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract.slides.reader import open_slide
+from extract.slides.formats import open_slide
 from extract.slides.tissue import otsu_threshold, pen_ink_mask, save_qc_image, tile_tissue_fraction, tissue_mask
 from fixtures.make_slides import MARKERS, paint_marker, synthetic_image
 

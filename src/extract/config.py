@@ -36,7 +36,7 @@ def with_current_names(settings: Mapping[str, Any]) -> dict[str, Any]:
     return {RENAMED_FIELDS.get(k, k): v for k, v in settings.items()}
 
 
-def _help(text: str, **extra) -> dict:
+def _help(text: str, **extra: Any) -> dict[str, Any]:
     return {"help": text, **extra}
 
 
@@ -250,7 +250,7 @@ MOCO_PROFILES: dict[str, dict[str, Any]] = {
 _FROM_PROFILE: Any = None  # typed Any so a field of any type can default to "the profile's value"
 
 
-def _profiled(name: str, text: str, **extra) -> dict:
+def _profiled(name: str, text: str, **extra: Any) -> dict[str, Any]:
     """Field metadata whose help ends with the value of ``name`` in each profile."""
     values = "; ".join(f"{profile}: {settings[name]}" for profile, settings in MOCO_PROFILES.items())
     return _help(f"{text} ({values})", **extra)

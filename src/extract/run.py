@@ -39,13 +39,15 @@ from extract.batch.summary import ExtractionSummary, SlideOutcome, count
 from extract.config import RENAMED_FIELDS, ExtractConfig, settings_dict
 from extract.device import rank_device
 from extract.disk_errors import raise_if_disk_full
-from extract.encoders.tile_encoder import EncoderInfo, TileEncoder, encode_batch, load_encoder
+from extract.encoders.kinds import load_encoder
+from extract.encoders.tile_encoder import EncoderInfo, TileEncoder, encode_batch
 from extract.errors import UserError, one_line
 from extract.features.manifest import check_existing
 from extract.features.slide_file import SlideFileWriter
 from extract.partial_files import remove_stale_partials_of
 from extract.progress import progress
-from extract.slides.reader import SLIDE_SUFFIXES, SlideReader, load_mpp_overrides, open_slide
+from extract.slides.formats import open_slide
+from extract.slides.reader import SLIDE_SUFFIXES, SlideReader, load_mpp_overrides
 from extract.slides.tiling import TileGrid
 from extract.tile_loader import ReadingWorkerDied, TileStream, is_worker_death
 

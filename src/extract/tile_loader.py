@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from extract.batch.slide_list import SlideQueue
 from extract.child_process import die_with_parent_worker
-from extract.slides.reader import SlideReader, SlideReadError, open_slide
+from extract.slides.formats import open_slide
+from extract.slides.reader import SlideReader, SlideReadError
 from extract.slides.tiling import TileGrid
 
 # Tiles in a slide's first batch: the encoder can start on a slide as soon as a few of its
@@ -245,22 +246,28 @@ class TileStream:
                 raise RuntimeError(f"{path}: the tile stream ended {len(bounds) - received} batches early")
             if batch.slide < position:
                 continue  # left over from a slide the caller gave up on
-            if batch.slide > position:
-                self._pending = batch
-                raise RuntimeError(f"{path}: the tile stream skipped this slide (its grid failed?)")
-            if batch.error is not None:
-                raise SlideReadError(batch.error)
-            if batch.row != bounds[received][0]:
-                raise RuntimeError(f"{path}: tiles out of order (row {batch.row}, expected {bounds[received][0]})")
+            tiles = self._checked_tiles(path, position, bounds[received][0], batch)
             received += 1
-            if batch.tiles is None:
-                raise RuntimeError(f"{path}: a tile batch without tiles or error (row {batch.row})")
-            yield batch.tiles
+            yield tiles
         if self._isolated == position:  # read alone: the next slides get a pass with read-ahead again
             self._isolated = None
             self.close()
         if self.num_workers == 0 and self._dataset is not None:
             self._dataset.close()  # read in this process: release the slide now
+
+    def _checked_tiles(self, path: Path, position: int, row: int, batch: TileBatch) -> torch.Tensor:
+        """The tiles of ``batch``, which must be the batch of the slide at ``position`` starting at grid
+        row ``row``; raises naming ``path`` otherwise (a batch of a later slide is kept for it)."""
+        if batch.slide > position:
+            self._pending = batch
+            raise RuntimeError(f"{path}: the tile stream skipped this slide (its grid failed?)")
+        if batch.error is not None:
+            raise SlideReadError(batch.error)
+        if batch.row != row:
+            raise RuntimeError(f"{path}: tiles out of order (row {batch.row}, expected {row})")
+        if batch.tiles is None:
+            raise RuntimeError(f"{path}: a tile batch without tiles or error (row {batch.row})")
+        return batch.tiles
 
     def close(self) -> None:
         """End the pass (stops the workers); a later :meth:`tiles` starts a new one."""

@@ -33,7 +33,7 @@ MIXED_PRECISION_HELP = (
 )
 
 
-def _help(text: str, **extra) -> dict:
+def _help(text: str, **extra: Any) -> dict[str, Any]:
     return {"help": text, **extra}
 
 

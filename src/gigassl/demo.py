@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -79,7 +80,7 @@ class DemoResult:
         return "\n".join(lines)
 
 
-def _stage(name: str, seconds: dict[str, float]):
+def _stage(name: str, seconds: dict[str, float]) -> AbstractContextManager[None]:
     """Context manager logging a stage's start and recording its wall time."""
 
     class _Timer:

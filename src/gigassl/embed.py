@@ -34,11 +34,12 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
+from torch import nn
 
 from extract.batch.output_folder import ensure_writable
 from extract.config import settings_dict
@@ -57,9 +58,13 @@ from gigassl.embeddings_file import (  # also offered here: gigassl.evaluate and
     export_embeddings,
     read_embeddings,
 )
+from gigassl.model import GigaSSLModel
 from gigassl.sparse.maps import collate_views, tile_cells
 from gigassl.training.checkpoint import load_model
 from gigassl.training.data import feature_files_in
+
+if TYPE_CHECKING:
+    from sklearn.utils import Tags  # scikit-learn ≥ 1.6, the versions that call __sklearn_tags__
 
 __all__ = [
     "EmbedResult",
@@ -125,19 +130,19 @@ def sample_views(
 
 
 @torch.no_grad()
-def pool_views(model, views: Sequence[tuple[np.ndarray, np.ndarray]], n_views: int) -> np.ndarray:
+def pool_views(model: GigaSSLModel, views: Sequence[tuple[np.ndarray, np.ndarray]], n_views: int) -> np.ndarray:
     """Views of S slides (R consecutive views each) → (S, W) float32 unit-norm embeddings."""
     pooled = model.pool(collate_views(views)).float()  # (S·R, W)
     mean = pooled.view(-1, n_views, pooled.shape[1]).mean(dim=1)
     return torch.nn.functional.normalize(mean, dim=1).cpu().numpy().astype(np.float32)
 
 
-def model_device(model) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     """Where ``model``'s parameters are."""
     return next(model.parameters()).device
 
 
-def model_feature_dim(model) -> int:
+def model_feature_dim(model: nn.Module) -> int:
     """The tile feature width ``model`` takes (the input channels of its sparse layer4)."""
     width = getattr(model, "feature_dim", None)
     if width is not None:
@@ -146,7 +151,7 @@ def model_feature_dim(model) -> int:
     return int(shortcut.shape[1]) if shortcut is not None else TILE_FEATURE_DIM
 
 
-def model_slide_dim(model) -> int:
+def model_slide_dim(model: nn.Module) -> int:
     """W, the width of the slide vectors ``model`` pools (512, 2048 for a ResNet50 head)."""
     return int(getattr(model, "slide_dim", SLIDE_FEATURE_DIM))
 
@@ -162,7 +167,9 @@ class FeatureContract:
     allow_other_encoder: bool = False
 
     @classmethod
-    def of(cls, model, checkpoint: dict[str, Any] | None = None, allow_other_encoder: bool = False) -> "FeatureContract":
+    def of(
+        cls, model: nn.Module, checkpoint: dict[str, Any] | None = None, allow_other_encoder: bool = False
+    ) -> "FeatureContract":
         """The contract of ``model`` and its checkpoint dict (whose ``encoder`` names the features' encoder)."""
         encoder = (checkpoint or {}).get("encoder") or {}
         encoder = encoder if isinstance(encoder, dict) else {}
@@ -193,7 +200,7 @@ class FeatureContract:
 
 
 def iter_embeddings(
-    model,
+    model: GigaSSLModel,
     feature_files: Sequence[str | Path],
     n_views: int,
     n_tiles_per_view: int,
@@ -248,7 +255,7 @@ def iter_embeddings(
 
 
 def embed_slides(
-    model,
+    model: GigaSSLModel,
     feature_files: Sequence[str | Path],
     n_views: int = 50,
     n_tiles_per_view: int = 5,
@@ -367,7 +374,9 @@ def run_embedding(config: EmbedConfig) -> EmbedResult:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_slide_encoder(path: str, mtime_ns: int, device: str, sparse_backend: str) -> tuple[Any, int, FeatureContract]:
+def _cached_slide_encoder(
+    path: str, mtime_ns: int, device: str, sparse_backend: str
+) -> tuple[GigaSSLModel, int, FeatureContract]:
     # cross_val_score clones and re-transforms many times; the file's mtime keys out stale copies
     model, checkpoint = load_model(path, device, sparse_backend)
     return model, int(checkpoint["config"]["n_tiles_per_view"]), FeatureContract.of(model, checkpoint)
@@ -401,7 +410,7 @@ class SlideEmbedder(TransformerMixin, BaseEstimator):
         self.sparse_backend = sparse_backend
         self.mixed_precision = mixed_precision
 
-    def __sklearn_tags__(self):
+    def __sklearn_tags__(self) -> Tags:
         tags = super().__sklearn_tags__()
         tags.requires_fit = False
         tags.input_tags.two_d_array = False
@@ -411,7 +420,7 @@ class SlideEmbedder(TransformerMixin, BaseEstimator):
     def fit(self, X: Sequence[str | Path], y: Any = None) -> "SlideEmbedder":
         return self
 
-    def _model(self) -> tuple[Any, int, FeatureContract]:
+    def _model(self) -> tuple[GigaSSLModel, int, FeatureContract]:
         if self.model is None:
             raise UserError("SlideEmbedder needs model=<checkpoint path or GigaSSLModel>")
         if isinstance(self.model, (str, Path)):

@@ -219,7 +219,7 @@ def _named(stem: Path, suffix: str) -> Path:
 
 def _slide_images(attribution: TileAttribution, features_file: Path, config: ExplainConfig, stem: Path) -> list[Path]:
     """The heatmap (over the thumbnail, or a blank canvas without the slide) and the tile grid."""
-    from extract.slides.reader import open_slide
+    from extract.slides.formats import open_slide
     from extract.slides.tiling import thumbnail_side
     from gigassl.classifier.explain_outputs import write_heatmap, write_tile_grid
     from gigassl.evaluation.inputs import slide_tiles

@@ -30,7 +30,8 @@ from extract.batch.slide_list import SlideQueue
 from extract.child_process import die_with_parent
 from extract.config import GridLimits
 from extract.partial_files import temporary_path
-from extract.slides.reader import SlideReadError, open_slide
+from extract.slides.formats import open_slide
+from extract.slides.reader import SlideReadError
 from extract.slides.tiling import MAX_INK_FRACTION, TileGrid, tile_grid
 from extract.slides.tissue import save_qc_image
 

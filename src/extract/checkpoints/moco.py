@@ -66,7 +66,7 @@ def encoder_resnet(model: MoCo) -> ResNet:
 
 
 def save_encoder(model: MoCo, path: Path, config: MocoConfig, epoch: int) -> None:
-    """``encoder.pt``: accepted by :func:`extract.encoders.tile_encoder.load_encoder` (atomic write)."""
+    """``encoder.pt``: accepted by :func:`extract.encoders.kinds.load_encoder` (atomic write)."""
     temporary = path.with_name(f".{path.name}.partial")
     save_encoder_checkpoint(
         encoder_resnet(model),

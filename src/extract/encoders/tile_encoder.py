@@ -10,7 +10,7 @@ Two kinds of tile encoders, both :class:`TileEncoder` modules mapping normalised
   (:mod:`extract.encoders.loading`: torchvision, ``module.``, MoCo, Lightning, this package's);
 - any other network exported with ``torch.export`` to a ``.pt2`` file (:mod:`extract.encoders.exported`).
 
-:func:`load_encoder` takes either and returns a :class:`LoadedEncoder`; its
+:func:`extract.encoders.kinds.load_encoder` takes either and returns a :class:`LoadedEncoder`; its
 :class:`EncoderInfo` (name, sha256, architecture, width, layout, normalisation) is written into
 every output file (:meth:`EncoderInfo.attrs`). Checkpoints are untrusted input, read with
 ``torch.load(weights_only=True)`` only.
@@ -57,7 +57,6 @@ __all__ = [
     "TileTrunk",
     "build_resnet",
     "file_sha256",
-    "load_encoder",
     "load_resnet",
     "load_resnet18",
     "encode_batch",
@@ -319,32 +318,6 @@ def load_resnet18(source: str | Path, seed: int = 0) -> tuple[ResNet18, EncoderI
     if info.arch != "resnet18":
         raise UserError(f"{source}: a {info.arch} checkpoint, where a ResNet18 is needed here")
     return model, info  # type: ignore[return-value]
-
-
-def load_encoder(
-    source: str | Path,
-    seed: int = 0,
-    *,
-    input_size_px: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> LoadedEncoder:
-    """Any tile encoder: ``"random[:ARCH]"``, a ResNet checkpoint, or a ``.pt2`` exported program.
-
-    ``input_size_px``, ``mean``, ``std`` override the encoder's preprocessing (a ``.pt2``
-    program's sidecar JSON, else ImageNet statistics and any size for the ResNets).
-    """
-    if input_size_px is not None and input_size_px < 16:
-        raise UserError(f"--encoder-input-size-px {input_size_px}: must be at least 16 px")
-    if str(source).endswith(".pt2"):
-        from extract.encoders.exported import load_exported  # torch.export is imported only when used
-
-        return LoadedEncoder(*load_exported(Path(source), input_size_px=input_size_px, mean=mean, std=std))
-    model, info = load_resnet(source, seed)
-    mean, std = tuple(mean or IMAGE_MEAN), tuple(std or IMAGE_STD)
-    trunk = TileTrunk(model, mean, std, input_size_px).eval()
-    info = EncoderInfo(info.name, info.sha256, info.source, info.arch, info.width, info.layout, input_size_px or 0, mean, std)
-    return LoadedEncoder(trunk, info, model)
 
 
 def save_encoder_checkpoint(model: ResNet, path: str | Path, extra: Mapping[str, Any] | None = None) -> None:

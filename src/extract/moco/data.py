@@ -26,7 +26,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from extract.errors import UserError
 from extract.progress import progress as progress_bar
-from extract.slides.reader import SlideReader, SlideReadError, load_mpp_overrides, open_slide
+from extract.slides.formats import open_slide
+from extract.slides.reader import SlideReader, SlideReadError, load_mpp_overrides
 from extract.slides.tiling import tile_grid
 
 logger = logging.getLogger(__name__)

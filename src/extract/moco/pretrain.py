@@ -29,7 +29,7 @@ Outputs in ``OUT``:
 - ``last.pt`` and ``checkpoints/epoch_NNNN.pt``: training checkpoints, plain dicts readable with
   ``torch.load(weights_only=True)``: ``state_dict`` (``encoder_q.*``, ``encoder_k.*``,
   ``queue.keys``, ``queue.ptr`` — the original MoCo layout, so
-  :func:`extract.encoders.tile_encoder.load_encoder` accepts them as they are), ``optimizer``, ``scaler``,
+  :func:`extract.encoders.kinds.load_encoder` accepts them as they are), ``optimizer``, ``scaler``,
   per-rank RNG states, ``epoch``, ``step``, ``config``, ``monitors``;
 - ``encoder.pt``: the query encoder's ResNet in the package's encoder format (with its ``arch``)
   (``gigassl extract --encoder OUT/encoder.pt``, and stage 2's layer4 initialisation);

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -25,6 +26,9 @@ from extract.slides.reader import (
     read_in_bounds,
     resolve_mpp,
 )
+
+if TYPE_CHECKING:
+    from wsidicom import WsiDicom  # no type hints of its own: Any to mypy
 
 DICOM_EXTRA = "pip install 'gigassl[dicom]'"
 _PREAMBLE_BYTES = 128  # a DICOM file (Part 10) is a 128-byte preamble, then "DICM"
@@ -73,9 +77,9 @@ def dicom_files(folder: Path) -> list[Path]:
 class WsiDicomReader(SlideReader):
     """A DICOM WSI read with wsidicom (the volume pyramid; label and overview left out)."""
 
-    def __init__(self, path: Path, slide, level0_mpp: float, mpp_source: str, magnification: float | None) -> None:
+    def __init__(self, path: Path, slide: WsiDicom, level0_mpp: float, mpp_source: str, magnification: float | None) -> None:
         self.path = path
-        self._slide = slide  # wsidicom.WsiDicom
+        self._slide = slide
         self._levels = list(slide.levels)
         self.level0_mpp, self.mpp_source = level0_mpp, mpp_source
         self.magnification = magnification
@@ -98,7 +102,7 @@ class WsiDicomReader(SlideReader):
         self._slide.close()
 
 
-def _pixel_spacing_mpp(slide) -> float | None:
+def _pixel_spacing_mpp(slide: WsiDicom) -> float | None:
     """µm/px of the base level from its PixelSpacing (mm), or None when absent or not positive."""
     try:
         spacing = slide.levels[0].pixel_spacing
@@ -108,7 +112,7 @@ def _pixel_spacing_mpp(slide) -> float | None:
     return value if value > 0 and math.isfinite(value) else None
 
 
-def _objective_power(slide) -> float | None:
+def _objective_power(slide: WsiDicom) -> float | None:
     try:
         for optical_path in slide.metadata.optical_paths:
             power = optical_path.objective.objective_power

@@ -14,12 +14,16 @@ import math
 import xml.etree.ElementTree as ElementTree
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from extract.errors import UserError
 from extract.slides.reader import SlideReader, SlideReadError, mean_downsamples, read_in_bounds, resolve_mpp
+
+if TYPE_CHECKING:
+    import tifffile
 
 OME_EXTRA = "pip install 'gigassl[ome]'"
 
@@ -65,9 +69,17 @@ def ome_pixel_size_um(xml: str, width: int, height: int) -> tuple[float | None, 
 class OmeTiffReader(SlideReader):
     """An OME-TIFF pyramid: level 0 and its reduced copies, decoded tile by tile."""
 
-    def __init__(self, path: Path, tiff, series, level0_mpp: float, mpp_source: str, magnification: float | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        tiff: tifffile.TiffFile,
+        series: tifffile.TiffPageSeries,
+        level0_mpp: float,
+        mpp_source: str,
+        magnification: float | None,
+    ) -> None:
         self.path = path
-        self._tiff = tiff  # tifffile.TiffFile
+        self._tiff = tiff
         self._pages = [level.keyframe for level in series.levels]
         self.level0_mpp, self.mpp_source = level0_mpp, mpp_source
         self.magnification = magnification
@@ -148,7 +160,7 @@ def _check_decodable(path: Path, reader: OmeTiffReader) -> None:
         raise SlideReadError(f"{path}: cannot decode its first tile ({error}); is the file complete?") from error
 
 
-def _check_brightfield(path: Path, series) -> None:
+def _check_brightfield(path: Path, series: tifffile.TiffPageSeries) -> None:
     axes, dtype = series.axes, series.dtype
     samples = dict(zip(axes, series.shape)).get("S", 1)
     extra = [axis for axis, size in zip(axes, series.shape) if axis not in "YXS" and size > 1]

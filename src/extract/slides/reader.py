@@ -8,9 +8,9 @@ target and resizes down, so the result is at the requested µm/px whatever the p
 µm/px of level 0 comes, in order, from an explicit override (the ``--mpp-csv`` entry), the
 slide's metadata, then a default (``--default-mpp``); a slide with none of them is refused.
 
-The reader is chosen from the file: a DICOM file or a folder of DICOM instances goes to
-:mod:`extract.slides.dicom` (OpenSlide, then wsidicom), an OME-TIFF to :mod:`extract.slides.ome`
-(tifffile, its pyramid and OME-XML pixel size), any other file to OpenSlide, then Pillow.
+This module holds the :class:`SlideReader` interface, the µm/px rules and the formats read by
+OpenSlide or Pillow; :func:`extract.slides.formats.open_slide` chooses the reader of a file (DICOM
+and OME-TIFF have modules of their own, which build on this one).
 """
 
 from __future__ import annotations
@@ -20,12 +20,15 @@ import logging
 import math
 from pathlib import Path
 from types import TracebackType
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
 from extract.errors import UserError
+
+if TYPE_CHECKING:
+    import openslide
 
 logger = logging.getLogger(__name__)
 
@@ -192,9 +195,9 @@ class OpenSlideReader(SlideReader):
     def __init__(
         self,
         path: Path,
-        handle,
+        handle: openslide.OpenSlide,
         level0_mpp: float,
-        magnification: float | None,  # handle: openslide.OpenSlide
+        magnification: float | None,
         mpp_source: str = "the slide metadata",
     ) -> None:
         self.path = path
@@ -245,7 +248,7 @@ class ImageReader(SlideReader):
         self._image.close()
 
 
-def _metadata_mpp(properties) -> float | None:
+def _metadata_mpp(properties: Mapping[str, str]) -> float | None:
     for key in ("openslide.mpp-x", "openslide.mpp-y"):
         try:
             value = float(properties[key])
@@ -256,7 +259,7 @@ def _metadata_mpp(properties) -> float | None:
     return None
 
 
-def _metadata_origin(properties) -> str:
+def _metadata_origin(properties: Mapping[str, str]) -> str:
     """Where OpenSlide's ``openslide.mpp-x`` came from, in words."""
     vendor = properties.get("openslide.vendor", "")
     if vendor == "generic-tiff" or (not vendor and "tiff.XResolution" in properties):
@@ -266,7 +269,7 @@ def _metadata_origin(properties) -> str:
     return f"the {vendor} metadata" if vendor else "the slide metadata"
 
 
-def _metadata_magnification(properties) -> float | None:
+def _metadata_magnification(properties: Mapping[str, str]) -> float | None:
     try:
         value = float(properties["openslide.objective-power"])
     except (KeyError, ValueError):
@@ -310,7 +313,9 @@ def resolve_mpp(
     raise _missing_mpp(path)
 
 
-def openslide_reader(path: Path, handle, mpp_override: float | None, default_mpp: float | None) -> OpenSlideReader:
+def openslide_reader(
+    path: Path, handle: openslide.OpenSlide, mpp_override: float | None, default_mpp: float | None
+) -> OpenSlideReader:
     """An :class:`OpenSlideReader` over an open ``openslide.OpenSlide`` (closed when refused)."""
     try:
         mpp, origin = resolve_mpp(
@@ -322,32 +327,9 @@ def openslide_reader(path: Path, handle, mpp_override: float | None, default_mpp
     return OpenSlideReader(path, handle, mpp, _metadata_magnification(handle.properties), mpp_source=origin)
 
 
-def open_slide(path: str | Path, mpp_override: float | None = None, *, default_mpp: float | None = None) -> SlideReader:
-    """Open a slide: a DICOM file or folder (:mod:`extract.slides.dicom`), an OME-TIFF
-    (:mod:`extract.slides.ome`), else OpenSlide formats first, then Pillow for plain images.
-
-    ``mpp_override`` wins over the metadata; ``default_mpp`` is used only when the metadata
-    has none. Raises :class:`SlideReadError` (or :class:`MissingMppError`) naming the file.
-    """
-    path = Path(path)
-    if path.is_dir():
-        from extract.slides.dicom import open_dicom
-
-        return open_dicom(path, mpp_override, default_mpp=default_mpp)
-    if not path.is_file():
-        raise SlideReadError(f"{path}: no such file")
-    check_readable(path)
-    from extract.slides.dicom import is_dicom_file
-
-    if path.suffix.lower() in DICOM_SUFFIXES or is_dicom_file(path):
-        from extract.slides.dicom import open_dicom
-
-        return open_dicom(path, mpp_override, default_mpp=default_mpp)
-    if path.suffix.lower() in (".tif", ".tiff"):
-        from extract.slides.ome import is_ome_tiff, open_ome_tiff
-
-        if is_ome_tiff(path):
-            return open_ome_tiff(path, mpp_override, default_mpp=default_mpp)
+def open_openslide_or_image(path: Path, mpp_override: float | None, default_mpp: float | None) -> SlideReader:
+    """A file OpenSlide opens, else a plain image Pillow opens (the formats of this module); raises
+    :class:`SlideReadError` (or :class:`MissingMppError`) naming the file."""
     import openslide
 
     try:
@@ -358,6 +340,11 @@ def open_slide(path: str | Path, mpp_override: float | None = None, *, default_m
         raise SlideReadError(f"{path}: OpenSlide cannot open this file ({error}); is it a complete slide?") from error
     if handle is not None:
         return openslide_reader(path, handle, mpp_override, default_mpp)
+    return _image_reader(path, mpp_override, default_mpp)
+
+
+def _image_reader(path: Path, mpp_override: float | None, default_mpp: float | None) -> ImageReader:
+    """A file OpenSlide refused, read whole by Pillow when its suffix is a plain image's."""
     if path.suffix.lower() not in PLAIN_IMAGE_SUFFIXES:
         raise SlideReadError(
             f"{path}: not a slide format OpenSlide or Pillow reads (plain images: {', '.join(sorted(PLAIN_IMAGE_SUFFIXES))})"

@@ -95,7 +95,9 @@ class AttentionTargetMIL:
             self.model_ = self._train(bags, target, event).eval()
         return self
 
-    def _tensors(self, rows: np.ndarray, target: np.ndarray, event: np.ndarray | None):
+    def _tensors(
+        self, rows: np.ndarray, target: np.ndarray, event: np.ndarray | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         device = torch.device(self.device)
         t = torch.as_tensor(target[rows], dtype=torch.float32, device=device)
         return t, None if event is None else torch.as_tensor(np.asarray(event, bool)[rows], device=device)

@@ -35,7 +35,9 @@ DEFAULT_ALPHA_PER_SAMPLE = 0.1  # when the training part is too small for an inn
 N_INNER_FOLDS = 3
 
 
-def _sorted_terms(z: np.ndarray, time: np.ndarray, event: np.ndarray, beta: np.ndarray):
+def _sorted_terms(
+    z: np.ndarray, time: np.ndarray, event: np.ndarray, beta: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Rows sorted by time; the linear predictor (shifted), exp, and each row's risk-set start."""
     order = np.argsort(time, kind="stable")
     z, t, d = z[order], np.asarray(time, float)[order], np.asarray(event, bool)[order]
@@ -52,7 +54,9 @@ def partial_log_likelihood(z: np.ndarray, time: np.ndarray, event: np.ndarray, b
     return float(np.sum(d * (eta - np.log(s0))))
 
 
-def _objective(z: np.ndarray, time: np.ndarray, event: np.ndarray, beta: np.ndarray, alpha: float):
+def _objective(
+    z: np.ndarray, time: np.ndarray, event: np.ndarray, beta: np.ndarray, alpha: float
+) -> tuple[float, np.ndarray, np.ndarray]:
     """−ℓ(β) + α/2 ‖β‖², its gradient (r,) and Hessian (r, r)."""
     zs, d, eta, w, first = _sorted_terms(z, time, event, beta)
     s0 = np.cumsum(w[::-1])[::-1][first]
@@ -68,7 +72,9 @@ def _objective(z: np.ndarray, time: np.ndarray, event: np.ndarray, beta: np.ndar
     return float(value), gradient, hessian
 
 
-def newton_cox(z: np.ndarray, time: np.ndarray, event: np.ndarray, alpha: float, max_iter: int = 100, tol: float = 1e-9):
+def newton_cox(
+    z: np.ndarray, time: np.ndarray, event: np.ndarray, alpha: float, max_iter: int = 100, tol: float = 1e-9
+) -> np.ndarray:
     """β (r,) minimising −ℓ(β) + α/2 ‖β‖² on (n, r) inputs, by Newton with step halving."""
     z = np.asarray(z, float)
     beta = np.zeros(z.shape[1])
@@ -101,7 +107,9 @@ def fit_ridge_cox(x: np.ndarray, time: np.ndarray, event: np.ndarray, alpha: flo
     return vt.T @ newton_cox(u * s, time, event, alpha)
 
 
-def inner_survival_folds(event: np.ndarray, groups: np.ndarray | None, seed: int, n_folds: int = N_INNER_FOLDS):
+def inner_survival_folds(
+    event: np.ndarray, groups: np.ndarray | None, seed: int, n_folds: int = N_INNER_FOLDS
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train, validation) index pairs stratified on the event (grouped by patient if given);
     empty when the events are too few for two folds."""
     event = np.asarray(event, bool)

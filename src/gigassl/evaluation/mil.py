@@ -49,7 +49,7 @@ def make_logistic_regression(
     tune_c: bool = False,
     n_inner_folds: int = 3,
     seed: int = 0,
-):
+) -> BaseEstimator:
     """The downstream linear classifier (an sklearn estimator).
 
     lbfgs with ``class_weight="balanced"``, ``max_iter=1000`` and scikit-learn's default
@@ -344,7 +344,7 @@ class SlideTiles:
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """(k, out_px, out_px, 3) uint8 RGB tiles of the given feature rows."""
-        from extract.slides.reader import open_slide
+        from extract.slides.formats import open_slide
 
         with open_slide(self.slide_path, self.level0_mpp) as reader:
             return np.stack([reader.read_tile(int(x), int(y), self.size_level0, self.out_px) for x, y in self.coords[rows]])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.function import FunctionCtx
 
 from extract.device import DistContext, world_size
 
@@ -21,13 +22,13 @@ class _AllReduceSum(torch.autograd.Function):
     NT-Xent does), so that DDP's averaging gives the gradient of the global-batch loss."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: FunctionCtx, tensor: torch.Tensor) -> torch.Tensor:
         total = tensor.clone()
         dist.all_reduce(total)
         return total
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
         total = grad.clone()
         dist.all_reduce(total)
         return total

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.autograd.function import FunctionCtx
 
 from extract.device import rank, world_size
 
@@ -28,13 +29,13 @@ class _GatherWithGradient(torch.autograd.Function):
     """all_gather whose backward returns this rank's share of the summed gradients."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(ctx: FunctionCtx, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
         gathered = [torch.empty_like(tensor) for _ in range(world_size())]
         dist.all_gather(gathered, tensor.contiguous())
         return tuple(gathered)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: FunctionCtx, *grads: torch.Tensor) -> torch.Tensor:
         # every rank's loss depends on every rank's embeddings: sum the gradients of all ranks
         stacked = torch.stack([g.contiguous() for g in grads])
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
