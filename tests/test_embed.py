@@ -16,10 +16,10 @@ from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 
 from extract.checkpoints.sealed import save_atomic
-from extract.config import settings_dict
 from extract.encoders.tile_encoder import file_sha256
 from extract.errors import UserError
 from extract.features.slide_file import FeatureFileError
+from extract.settings import settings_dict
 from gigassl.cli import main as cli_main
 from gigassl.config import EmbedConfig, TrainConfig
 from gigassl.embed import SlideEmbedder, embed_slides, run_embedding, sample_views, slide_generator

@@ -45,7 +45,7 @@ import numpy as np
 from sklearn.base import clone
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from extract.config import settings_dict
+from extract.settings import settings_dict
 from gigassl.config import EVALUATE_BASELINES, EvaluateConfig
 from gigassl.evaluation.inputs import (
     check_embeddings,

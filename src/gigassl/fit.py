@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from extract.config import settings_dict
 from extract.encoders.tile_encoder import file_sha256
 from extract.errors import UserError
+from extract.settings import settings_dict
 from gigassl.classifier.config import FitConfig
 from gigassl.classifier.model_file import LinearClassifier, SlideClassifier, save_classifier
 from gigassl.evaluation.protocol import Labels, check_classes, keep_available, read_labels

@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 
 from extract.checkpoints.sealed import verify_payload
-from extract.config import MocoConfig, settings_dict, with_current_names
+from extract.config import MocoConfig
 from extract.encoders.resnet import ResNet, build_resnet
 from extract.encoders.tile_encoder import load_weights_only, save_encoder_checkpoint
 from extract.errors import UserError
 from extract.moco.model import MoCo, all_gather
+from extract.settings import settings_dict
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def load_training_checkpoint(path: Path, config: MocoConfig) -> dict[str, Any]:
     if raw.get("version") != CHECKPOINT_VERSION:
         raise UserError(f"--resume {path}: checkpoint version {raw.get('version')}, this package reads {CHECKPOINT_VERSION}")
     verify_payload(raw, f"--resume {path}")
-    saved, current = {"arch": "resnet18", **with_current_names(raw["config"])}, settings_dict(config)  # before --arch: resnet18
+    saved, current = {"arch": "resnet18", **raw["config"]}, settings_dict(config)  # before --arch: resnet18
     differ = [
         f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {current[k]}"
         for k in RESUME_MUST_MATCH

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from extract.config import settings_dict
 from extract.encoders.tile_encoder import file_sha256
+from extract.settings import settings_dict
 from gigassl.classifier.config import FitConfig
 from gigassl.classifier.model_file import LinearClassifier, SlideClassifier, save_classifier
 from gigassl.evaluation.protocol import keep_available

@@ -24,11 +24,11 @@ from typing import Any, Mapping
 import torch
 
 from extract.checkpoints.sealed import CONTENT_HASH_KEY, verify_payload, write_epoch_snapshot
-from extract.config import settings_dict
 from extract.encoders.tile_encoder import load_weights_only
 from extract.errors import UserError
 from extract.monitors import MONITORS_CSV, MONITORS_JSON
 from extract.partial_files import remove_stale_partials
+from extract.settings import settings_dict
 from gigassl.config import TrainConfig
 from gigassl.model import GigaSSLModel, HeadSpec
 from gigassl.sparse.conv import BACKENDS
