@@ -85,7 +85,19 @@ def test_flags_map_onto_the_dataclass_and_tuples_come_from_commas():
     assert cli.config_from_args(cli.COMMANDS["evaluate"][0], parser.parse_args(evaluate)).logistic_c == 3.0
     assert "(default: none)" in parser._subparsers._group_actions[0].choices["embed"].format_help()
     args = parser.parse_args(
-        ["extract", "--slides", "s", "--out", "o", "--target-mpp", "1.0", "--tile-size-px", "64", "--encoder-mean", "0.5, 0.5,0.5"]
+        [
+            "extract",
+            "--slides",
+            "s",
+            "--out",
+            "o",
+            "--target-mpp",
+            "1.0",
+            "--tile-size-px",
+            "64",
+            "--encoder-mean",
+            "0.5, 0.5,0.5",
+        ]
     )
     config = cli.config_from_args(ExtractConfig, args)
     assert (config.target_mpp, config.tile_size_px, config.encoder_mean) == (1.0, 64, (0.5, 0.5, 0.5))

@@ -165,7 +165,7 @@ def test_embed_settings_are_checked_when_made_and_exports_are_a_tuple(tmp_path):
     base = dict(model=tmp_path / "m.pt", features=tmp_path, out=tmp_path / "e.h5")
     assert EmbedConfig(**base).export == ()
     assert EmbedConfig(**base, export=["csv"]).export == ("csv",)
-    assert EmbedConfig(**base, export="NPZ, csv").export == ("npz", "csv")  # the comma string of the command line
+    assert EmbedConfig(**base, export=("NPZ", "csv")).export == ("npz", "csv")  # kinds in lower case
     with pytest.raises(
         UserError,
         match=r"invalid embedding settings: --n-views must be ≥ 1 \(got 0\); "

@@ -238,16 +238,19 @@ def test_run_writes_checkpoints_and_monitors(trained):
     assert all(math.isfinite(row["rankme_tile256"]) and row["rankme_tile256"] >= 1 for row in result.monitors)
 
 
-def test_a_checkpoint_with_the_settings_old_names_still_resumes(trained, tmp_path):
+def test_a_checkpoint_without_a_hash_resumes_and_one_of_other_settings_is_refused(trained, tmp_path):
     folder, out, _ = trained
     raw = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-    config = raw["config"]  # as written before target_mpp and tile_size_px had these names
-    config["mpp"], config["tile_size"] = config.pop("target_mpp"), config.pop("tile_size_px")
-    raw.pop("content_sha256")  # … and before checkpoints carried a content hash
+    raw.pop("content_sha256")  # as written before checkpoints carried a content hash
     torch.save(raw, tmp_path / "old.pt")
     assert load_training_checkpoint(tmp_path / "old.pt", _tiny_config(folder, tmp_path))["epoch"] == 2
     with pytest.raises(ValueError, match=r"--tile-size-px 32 \(checkpoint\) vs 64"):
         load_training_checkpoint(tmp_path / "old.pt", _tiny_config(folder, tmp_path, tile_size_px=64))
+    config = raw["config"]  # the settings' names before they carried their units are not read
+    config["mpp"], config["tile_size"] = config.pop("target_mpp"), config.pop("tile_size_px")
+    torch.save(raw, tmp_path / "renamed.pt")
+    with pytest.raises(ValueError, match=r"--target-mpp None \(checkpoint\) vs 1.0; --tile-size-px None \(checkpoint\) vs 32"):
+        load_training_checkpoint(tmp_path / "renamed.pt", _tiny_config(folder, tmp_path))
 
 
 @pytest.mark.slow
@@ -313,9 +316,9 @@ def test_two_processes_under_torchrun_share_one_queue(trained, tmp_path):
         str(folder),
         "--out",
         str(out),
-        "--mpp",
+        "--target-mpp",
         "1.0",
-        "--tile-size",
+        "--tile-size-px",
         "32",
         "--batch-size",
         "8",
