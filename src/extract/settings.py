@@ -88,7 +88,8 @@ def as_tuples(config: Any, what: str) -> None:
     another iterable is taken; None stays None). A string there is refused at once — the command
     line splits its comma-separated values before the dataclass sees them — with the tuple to give."""
     problems = []
-    for name, item_type in _tuple_fields(type(config)):
+    config_class: type = type(config)
+    for name, item_type in _tuple_fields(config_class):
         value = getattr(config, name)
         if value is None or isinstance(value, tuple):
             continue
