@@ -260,14 +260,10 @@ def run_stage(
 
 
 def _plain(config: Any, drop: Sequence[str] = ()) -> dict[str, Any]:
-    """A settings dataclass as JSON-able data, without the fields that do not change outputs (renamed
-    fields under their old names, so that the cache keys of earlier runs still match)."""
-    from extract.config import RENAMED_FIELDS
+    """A settings dataclass as JSON-able data, without the fields that do not change outputs."""
+    from extract.settings import settings_dict
 
-    old_name = {current: old for old, current in RENAMED_FIELDS.items()}
-    return {
-        old_name.get(k, k): (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items() if k not in drop
-    }
+    return settings_dict(config, drop=drop)
 
 
 # Fields that only say where things are, or how fast they run, not what is computed.
@@ -351,8 +347,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="time for the whole run on a 2-core CPU, MoCo excluded; sizes A and the epochs",
     )
     add("--image-mpp", type=float, default=0.42, help="µm/px of the images (BACH: 0.42)")
-    add("--mpp", type=float, default=0.5, help="µm/px of the tiles")
-    add("--tile-size", type=int, default=224, help="tile side in px")
+    add("--target-mpp", type=float, default=0.5, help="µm/px of the tiles")
+    add("--tile-size-px", type=int, default=224, help="tile side in px")
     add(
         "--tissue-threshold",
         type=float,
@@ -425,7 +421,7 @@ def tile_encoder(
             slides=folder,
             out=Path("."),
             profile="small-cpu",
-            target_mpp=args.mpp,
+            target_mpp=args.target_mpp,
             default_mpp=args.image_mpp,
             tissue_threshold=args.tissue_threshold,
             seed=seed,
@@ -510,13 +506,15 @@ def run(args: argparse.Namespace, seed: int, moco_seed: int, report_to: Path) ->
     grid_settings = dict(
         images=fingerprint,
         image_mpp=args.image_mpp,
-        mpp=args.mpp,
-        tile_size=args.tile_size,
+        target_mpp=args.target_mpp,
+        tile_size_px=args.tile_size_px,
         tissue_threshold=args.tissue_threshold,
     )
 
     def grids(_: Path) -> dict[str, Any]:
-        slides, skipped = index_slides(images, args.mpp, args.tile_size, args.tissue_threshold, default_mpp=args.image_mpp)
+        slides, skipped = index_slides(
+            images, args.target_mpp, args.tile_size_px, args.tissue_threshold, default_mpp=args.image_mpp
+        )
         counts = {s.path.stem: len(s) for s in slides}
         return dict(tiles=counts, skipped=[(str(p), r) for p, r in skipped])
 
@@ -546,8 +544,8 @@ def run(args: argparse.Namespace, seed: int, moco_seed: int, report_to: Path) ->
         slides=folder,
         out=Path("."),
         encoder=encoder,
-        target_mpp=args.mpp,
-        tile_size_px=args.tile_size,
+        target_mpp=args.target_mpp,
+        tile_size_px=args.tile_size_px,
         tissue_threshold=args.tissue_threshold,
         default_mpp=args.image_mpp,
         n_augmentations=plan.n_augmentations,
@@ -635,9 +633,9 @@ def run(args: argparse.Namespace, seed: int, moco_seed: int, report_to: Path) ->
         labels=labels_csv,
         out=Path("."),
         features=features,
-        baselines=args.baselines,
+        baselines=tuple(item.strip() for item in args.baselines.split(",")),
         n_splits=args.n_splits,
-        budgets=args.budgets,
+        budgets=tuple(item.strip() for item in args.budgets.split(",")),
         seed=seed,
         device=args.device,
         mil_epochs=args.mil_epochs,

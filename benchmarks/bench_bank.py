@@ -110,8 +110,8 @@ def main() -> None:
     parser.add_argument("--slide", type=Path, default=DEFAULT_SLIDE)
     parser.add_argument("--n-augmentations", type=int, default=50)
     parser.add_argument("--n-tiles", type=int, default=256)
-    parser.add_argument("--tile-size", type=int, default=224)
-    parser.add_argument("--mpp", type=float, default=0.5)
+    parser.add_argument("--tile-size-px", type=int, default=224)
+    parser.add_argument("--target-mpp", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the same-batch comparisons")
@@ -123,8 +123,8 @@ def main() -> None:
     config = ExtractConfig(
         slides=args.slide.parent,
         out=Path(tempfile.gettempdir()),
-        target_mpp=args.mpp,
-        tile_size_px=args.tile_size,
+        target_mpp=args.target_mpp,
+        tile_size_px=args.tile_size_px,
         n_augmentations=args.n_augmentations,
         n_tiles_per_augmentation=args.n_tiles,
         batch_size=args.batch_size,
@@ -135,9 +135,9 @@ def main() -> None:
     augmentation = TileAugmentation()
 
     with open_slide(args.slide) as reader:
-        grid = tile_grid(reader, args.mpp, args.tile_size, config.tissue_threshold)
+        grid = tile_grid(reader, args.target_mpp, args.tile_size_px, config.tissue_threshold)
         print(
-            f"slide {args.slide.name}: {len(grid)} tissue tiles of {args.tile_size} px at {args.mpp} µm/px; "
+            f"slide {args.slide.name}: {len(grid)} tissue tiles of {args.tile_size_px} px at {args.target_mpp} µm/px; "
             f"bank A={args.n_augmentations} × K={args.n_tiles}, batch {args.batch_size}, {args.threads} threads, "
             f"augmentation in {work_dtype}"
         )
@@ -147,7 +147,7 @@ def main() -> None:
         total = time.perf_counter() - started
         batch_tiles = np.stack(
             [
-                reader.read_tile(int(x), int(y), grid.size_level0, args.tile_size)
+                reader.read_tile(int(x), int(y), grid.size_level0, args.tile_size_px)
                 for x, y in grid.coords[np.resize(np.arange(len(grid)), args.batch_size)]
             ]
         )
@@ -168,9 +168,9 @@ def main() -> None:
     print(f"\n== same batch of {args.batch_size} real tiles, interleaved ==")
     tiles = torch.from_numpy(batch_tiles).permute(0, 3, 1, 2)
     generator = torch.Generator().manual_seed(0)
-    draws = [augmentation.sample(1, args.tile_size, generator) for _ in range(args.repeats * 4)]
+    draws = [augmentation.sample(1, args.tile_size_px, generator) for _ in range(args.repeats * 4)]
     ours_s, encoder_s, ours32_s, kornia_s = [], [], [], []
-    pipeline = kornia_pipeline(args.tile_size, augmentation.settings.blur_kernel_px)
+    pipeline = kornia_pipeline(args.tile_size_px, augmentation.settings.blur_kernel_px)
     as_float = tiles.float() / 255
     with torch.inference_mode():
         images = augmentation.apply(tiles, draws[0], normalize=(IMAGE_MEAN, IMAGE_STD), dtype=work_dtype)

@@ -79,9 +79,9 @@ def main() -> None:
                 torch.manual_seed(0)
                 source = str(
                     export_tile_encoder(
-                        ViTSmall(size_px=args.tile_size),
+                        ViTSmall(size_px=args.tile_size_px),
                         Path(work) / "vit_s16.pt2",
-                        args.tile_size,
+                        args.tile_size_px,
                         IMAGE_MEAN,
                         IMAGE_STD,
                         name="vit-s16",
@@ -91,7 +91,7 @@ def main() -> None:
             rows.append((NAMES.get(name, name), measure(args)))
     n_tiles = int(rows[0][1]["n_tiles"])
     print(
-        f"\n{args.slide.name}: {n_tiles} tissue tiles of {args.tile_size} px at {args.mpp} µm/px, batch {args.batch_size}, "
+        f"\n{args.slide.name}: {n_tiles} tissue tiles of {args.tile_size_px} px at {args.target_mpp} µm/px, batch {args.batch_size}, "
         f"{args.num_workers} reading workers, {args.threads} threads, best of {args.repeats}"
     )
     print(f"{'encoder':<28} {'end-to-end':>11} {'encoder alone':>14} {'ratio':>6} {'reading alone':>14}")

@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--slide", type=Path, default=DEFAULT_SLIDE)
     parser.add_argument("--encoder", default="random", help="random, random:resnet50, a checkpoint or PATH.pt2")
-    parser.add_argument("--mpp", type=float, default=0.5)
-    parser.add_argument("--tile-size", type=int, default=224)
+    parser.add_argument("--target-mpp", type=float, default=0.5)
+    parser.add_argument("--tile-size-px", type=int, default=224)
     parser.add_argument("--tissue-threshold", type=float, default=0.5)
     # Small batches let the workers read the next batch while the CPU encodes this one; a slide
     # of ~50 tiles in one batch of 64 would serialise reading and encoding.
@@ -79,8 +79,8 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
             slides=slides,
             out=work / "out",
             encoder=str(args.encoder),
-            target_mpp=args.mpp,
-            tile_size_px=args.tile_size,
+            target_mpp=args.target_mpp,
+            tile_size_px=args.tile_size_px,
             tissue_threshold=args.tissue_threshold,
             bank=False,
             qc=False,
@@ -90,7 +90,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
             device=args.device,
         )
         with open_slide(args.slide) as reader:
-            grid = tile_grid(reader, args.mpp, args.tile_size, args.tissue_threshold)
+            grid = tile_grid(reader, args.target_mpp, args.tile_size_px, args.tissue_threshold)
         n_tiles = len(grid)
 
         def read_passes(passes: int) -> list[torch.Tensor]:
@@ -160,7 +160,7 @@ def main() -> None:
     }
     slower = min(list(rates.values())[1:])
     print(
-        f"\n{args.slide.name}: {n_tiles} tissue tiles of {args.tile_size} px at {args.mpp} µm/px, "
+        f"\n{args.slide.name}: {n_tiles} tissue tiles of {args.tile_size_px} px at {args.target_mpp} µm/px, "
         f"batch {args.batch_size}, best of {args.repeats}, encoder {args.encoder}"
     )
     print(f"{'measure':<44} {'tiles/s':>9}")

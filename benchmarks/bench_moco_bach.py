@@ -86,7 +86,7 @@ def mean_tile_features(encoder_source: str | Path, slides: list[IndexedSlide], a
         if args.probe_tiles_per_image and len(coords) > args.probe_tiles_per_image:
             coords = coords[np.sort(rng.choice(len(coords), args.probe_tiles_per_image, replace=False))]
         with open_slide(slide.path, mpp_override=slide.level0_mpp) as reader:
-            tiles = np.stack([reader.read_tile(int(x), int(y), slide.size_level0, args.tile_size) for x, y in coords])
+            tiles = np.stack([reader.read_tile(int(x), int(y), slide.size_level0, args.tile_size_px) for x, y in coords])
         features = np.concatenate(
             [encode_batch(torch.from_numpy(tiles[i : i + 256]), trunk, device) for i in range(0, len(tiles), 256)]
         )
@@ -119,9 +119,11 @@ def main() -> None:
         "--cache", type=Path, default=REPO / "bench_out" / "moco_bach", help="training run and features (never commit)"
     )
     parser.add_argument("--image-mpp", type=float, default=0.42, help="µm/px of the images (BACH: 0.42)")
-    parser.add_argument("--mpp", type=float, default=1.0, help="µm/px of the tiles, training and probe (1.0 ≈ 10×, the paper's)")
     parser.add_argument(
-        "--tile-size", type=int, default=MOCO_PROFILES["small-cpu"]["tile_size_px"], help="tile px (the small-cpu profile's)"
+        "--target-mpp", type=float, default=1.0, help="µm/px of the tiles, training and probe (1.0 ≈ 10×, the paper's)"
+    )
+    parser.add_argument(
+        "--tile-size-px", type=int, default=MOCO_PROFILES["small-cpu"]["tile_size_px"], help="tile px (the small-cpu profile's)"
     )
     # BACH images are fields a pathologist chose, all relevant; some benign ones are so pale that
     # the saturation-based tissue mask finds almost nothing, so every tile is kept by default.
@@ -144,8 +146,8 @@ def main() -> None:
         slides=args.images,
         out=args.cache / "pretrain",
         profile="small-cpu",
-        target_mpp=args.mpp,
-        tile_size_px=args.tile_size,
+        target_mpp=args.target_mpp,
+        tile_size_px=args.tile_size_px,
         default_mpp=args.image_mpp,
         tissue_threshold=args.tissue_threshold,
         num_workers=args.num_workers,
@@ -154,7 +156,7 @@ def main() -> None:
     )
     encoder_path, train_seconds = train_or_reuse(config, args.retrain)
 
-    slides, skipped = index_slides(images, args.mpp, args.tile_size, args.tissue_threshold, default_mpp=args.image_mpp)
+    slides, skipped = index_slides(images, args.target_mpp, args.tile_size_px, args.tissue_threshold, default_mpp=args.image_mpp)
     if skipped:
         raise RuntimeError(f"{len(skipped)} images gave no tiles, e.g. {skipped[0][1]}; lower --tissue-threshold")
     n_tiles = sum(min(len(s), args.probe_tiles_per_image or len(s)) for s in slides)
@@ -168,7 +170,7 @@ def main() -> None:
     print()
     print(
         f"BACH-like linear probe: {len(images)} images in {args.images}, {len(LABELS)} classes, "
-        f"{n_tiles} tiles of {args.tile_size} px at {args.mpp} µm/px, mean 256-d trunk feature per image, "
+        f"{n_tiles} tiles of {args.tile_size_px} px at {args.target_mpp} µm/px, mean 256-d trunk feature per image, "
         f"{N_SPLITS} stratified 70/30 splits"
     )
     print(

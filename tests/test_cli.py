@@ -69,27 +69,50 @@ def test_ctrl_c_ends_with_one_line(monkeypatch, caplog):
     assert records[0].getMessage().startswith("gigassl embed: interrupted (Ctrl-C)")
 
 
-def test_flags_map_onto_the_dataclass_tuples_from_commas_and_old_names_as_aliases():
+def test_flags_map_onto_the_dataclass_and_tuples_come_from_commas():
     parser = cli.build_parser()
     args = parser.parse_args(["embed", *EMBED_FLAGS, "--export", "npz, csv"])
     assert cli.config_from_args(cli.COMMANDS["embed"][0], args).export == ("npz", "csv")
-    evaluate = ["evaluate", "--embeddings", "e.h5", "--labels", "labels.csv"]
-    for flag in ("--logistic-c", "--c"):  # --c: the flag's name before it said what it is
-        config = cli.config_from_args(cli.COMMANDS["evaluate"][0], parser.parse_args([*evaluate, flag, "3"]))
-        assert config.logistic_c == 3.0
+    evaluate = ["evaluate", "--embeddings", "e.h5", "--labels", "labels.csv", "--logistic-c", "3"]
+    assert cli.config_from_args(cli.COMMANDS["evaluate"][0], parser.parse_args(evaluate)).logistic_c == 3.0
     assert "(default: none)" in parser._subparsers._group_actions[0].choices["embed"].format_help()
-
-
-def test_renamed_flags_keep_their_old_names_and_tuples_are_comma_separated():
-    parser = cli.build_parser()
     args = parser.parse_args(
-        ["extract", "--slides", "s", "--out", "o", "--mpp", "1.0", "--tile-size", "64", "--encoder-mean", "0.5, 0.5,0.5"]
+        [
+            "extract",
+            "--slides",
+            "s",
+            "--out",
+            "o",
+            "--target-mpp",
+            "1.0",
+            "--tile-size-px",
+            "64",
+            "--encoder-mean",
+            "0.5, 0.5,0.5",
+        ]
     )
     config = cli.config_from_args(ExtractConfig, args)
     assert (config.target_mpp, config.tile_size_px, config.encoder_mean) == (1.0, 64, (0.5, 0.5, 0.5))
     args = parser.parse_args(["pretrain-tiles", "--slides", "s", "--out", "o", "--target-mpp", "2.0", "--tile-size-px", "32"])
     config = cli.config_from_args(MocoConfig, args)
     assert (config.target_mpp, config.tile_size_px) == (2.0, 32)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["extract", "--slides", "s", "--out", "o", "--mpp", "1.0"],
+        ["extract", "--slides", "s", "--out", "o", "--tile-size", "64"],
+        ["pretrain-tiles", "--slides", "s", "--out", "o", "--mpp", "1.0"],
+        ["demo", "--tile-size", "64"],
+        ["evaluate", "--embeddings", "e.h5", "--labels", "l.csv", "--c", "3"],
+    ],
+)
+def test_the_flags_of_former_names_are_refused_not_read_as_abbreviations(flags, capsys):
+    with pytest.raises(SystemExit) as error:
+        cli.build_parser().parse_args(flags)
+    assert error.value.code == 2
+    assert f"unrecognized arguments: {flags[-2]} {flags[-1]}" in capsys.readouterr().err
 
 
 def test_the_settings_check_themselves_with_the_flags_messages():

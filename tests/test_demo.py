@@ -64,8 +64,8 @@ def test_demo_refuses_a_cohort_too_small_to_evaluate(tmp_path):
 
 def test_demo_refuses_unknown_baselines(tmp_path):
     with pytest.raises(ValueError, match="transformer"):
-        DemoConfig(out=tmp_path, baselines="average,transformer")
-    assert DemoConfig(baselines="average, abmil").baselines == ("average", "abmil")
+        DemoConfig(out=tmp_path, baselines=("average", "transformer"))
+    assert DemoConfig(baselines=("average", "abmil")).baselines == ("average", "abmil")
 
 
 def test_demo_flags_map_onto_the_settings():

@@ -16,10 +16,10 @@ from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 
 from extract.checkpoints.sealed import save_atomic
-from extract.config import settings_dict
 from extract.encoders.tile_encoder import file_sha256
 from extract.errors import UserError
 from extract.features.slide_file import FeatureFileError
+from extract.settings import settings_dict
 from gigassl.cli import main as cli_main
 from gigassl.config import EmbedConfig, TrainConfig
 from gigassl.embed import SlideEmbedder, embed_slides, run_embedding, sample_views, slide_generator
@@ -164,7 +164,7 @@ def test_embed_settings_are_checked_when_made_and_exports_are_a_tuple(tmp_path):
     base = dict(model=tmp_path / "m.pt", features=tmp_path, out=tmp_path / "e.h5")
     assert EmbedConfig(**base).export == ()
     assert EmbedConfig(**base, export=["csv"]).export == ("csv",)
-    assert EmbedConfig(**base, export="NPZ, csv").export == ("npz", "csv")  # the comma string of the command line
+    assert EmbedConfig(**base, export=("NPZ", "csv")).export == ("npz", "csv")  # kinds in lower case
     with pytest.raises(
         UserError,
         match=r"invalid embedding settings: --n-views must be ≥ 1 \(got 0\); "

@@ -24,7 +24,19 @@ from fixtures.make_slides import write_tissue_slide
 from gigassl.cli import main
 from gigassl.synthetic.cohort import write_synthetic_cohort
 
-FAST = ["--encoder", "random", "--tile-size", "64", "--mpp", "2.0", "--no-bank", "--num-workers", "0", "--batch-size", "32"]
+FAST = [
+    "--encoder",
+    "random",
+    "--tile-size-px",
+    "64",
+    "--target-mpp",
+    "2.0",
+    "--no-bank",
+    "--num-workers",
+    "0",
+    "--batch-size",
+    "32",
+]
 
 
 def errors(caplog: pytest.LogCaptureFixture) -> str:

@@ -198,7 +198,9 @@ def test_multiclass_string_labels_end_to_end(tmp_path):
         tmp_path / "l.csv", [(i, label) for i, label in zip(ids, labels)] + [("ghost", "benign")], header=("slide", "label")
     )
     result = run_evaluation(
-        EvaluateConfig(embeddings=embeddings, labels=csv_path, out=tmp_path / "out", n_splits=3, budgets="100%,2/class", seed=0)
+        EvaluateConfig(
+            embeddings=embeddings, labels=csv_path, out=tmp_path / "out", n_splits=3, budgets=("100%", "2/class"), seed=0
+        )
     )
     assert result.classes == ["benign", "in situ", "invasive"] and result.missing == ["ghost"]
     assert [r["budget"] for r in result.summary] == ["100%", "2/class"]
@@ -258,10 +260,10 @@ def test_baselines_read_trident_files_and_refuse_nan_features(tmp_path):
         embeddings=embeddings,
         labels=csv_path,
         features=folder,
-        baselines="average,abmil",
+        baselines=("average", "abmil"),
         out=tmp_path / "o",
         n_splits=2,
-        budgets="100%",
+        budgets=("100%",),
         mil_epochs=3,
         device="cpu",
     )
@@ -292,11 +294,11 @@ def test_gigassl_average_and_abmil_beat_chance_on_a_planted_cohort(synthetic_run
             embeddings=folder / "e.h5",
             labels=folder / "features" / "labels.csv",
             features=folder / "features",
-            baselines="average,abmil",
+            baselines=("average", "abmil"),
             out=folder / "eval",
             n_splits=3,
             test_fraction=0.34,
-            budgets="100%,4/class",
+            budgets=("100%", "4/class"),
             mil_epochs=15,
             device="cpu",
         )
@@ -351,11 +353,11 @@ def test_every_baseline_including_topk_runs_on_real_slide_tiles(tmp_path, slides
             embeddings=tmp_path / "e.h5",
             labels=labels,
             features=features,
-            baselines="average,abmil,topk",
+            baselines=("average", "abmil", "topk"),
             out=tmp_path / "eval",
             n_splits=2,
             test_fraction=0.5,
-            budgets="100%",
+            budgets=("100%",),
             mil_epochs=10,
             topk=2,
             topk_epochs=1,
@@ -394,10 +396,10 @@ def test_baselines_on_trident_files_of_the_checkpoints_width_and_another_width_i
         embeddings=tmp_path / "e.h5",
         labels=csv_path,
         features=folder,
-        baselines="average,abmil",
+        baselines=("average", "abmil"),
         out=tmp_path / "o",
         n_splits=2,
-        budgets="100%",
+        budgets=("100%",),
         mil_epochs=2,
         device="cpu",
     )

@@ -23,9 +23,9 @@ from gigassl.cli import main
 from test_exported import MEAN, STD, tiny_model
 
 FAST = [
-    "--tile-size",
+    "--tile-size-px",
     "64",
-    "--mpp",
+    "--target-mpp",
     "2.0",
     "--num-workers",
     "0",

@@ -1,3 +1,6 @@
+import json
+import logging
+
 import h5py
 import numpy as np
 import pytest
@@ -11,6 +14,9 @@ from extract.features.slide_file import (
     is_complete,
     why_incomplete,
 )
+from gigassl.cli import main
+from gigassl.synthetic.cohort import write_synthetic_cohort
+from gigassl.training.data import scan_features_folder
 
 ENCODER = EncoderInfo("random", "0" * 64, "random")
 GRID = dict(
@@ -29,7 +35,7 @@ def _write(path, n=10, bank=True):
     rng = np.random.default_rng(0)
     feats = rng.random((n, 256), dtype=np.float32)
     coords = np.stack([np.arange(n) * 448, np.zeros(n)], 1).astype(np.int64)
-    with SlideFileWriter(path, slide_id="s1", source="s1.svs", settings={"mpp": 0.5}, encoder=ENCODER) as writer:
+    with SlideFileWriter(path, slide_id="s1", source="s1.svs", settings={"target_mpp": 0.5}, encoder=ENCODER) as writer:
         writer.create_plain(coords, GRID)
         writer.write_plain_rows(0, feats[:4])
         writer.write_plain_rows(4, feats[4:])
@@ -54,7 +60,7 @@ def test_round_trip(tmp_path):
         np.testing.assert_allclose(aug, feats[2:7], rtol=1e-3)
         assert aug.flags.c_contiguous and aug.dtype == np.float32  # (K, 256) rows, as written
         np.testing.assert_array_equal(aug_coords, coords[2:7])
-        assert slide.settings == {"mpp": 0.5}
+        assert slide.settings == {"target_mpp": 0.5}
     with h5py.File(path) as handle:  # TRIDENT / CLAM readers see the usual layout
         assert handle["coords"].attrs["patch_size"] == 224
         assert handle["features"].attrs["encoder"] == "random"
@@ -138,3 +144,23 @@ def test_a_missing_file_is_not_told_to_delete_it(tmp_path):
     with pytest.raises(FeatureFileError) as refusal:
         SlideFeatures(tmp_path / "absent.h5")
     assert "absent.h5: no such file" in str(refusal.value) and "delete" not in str(refusal.value)
+
+
+def test_a_file_of_the_previous_format_version_is_refused_and_a_bad_file_for_training(tmp_path, caplog):
+    features = tmp_path / "features"
+    paths = write_synthetic_cohort(features, n_slides=4, n_tiles=12, n_augmentations=2, bank_size=6)
+    with h5py.File(paths[0], "a") as handle:  # as version 2 wrote it: settings under their former names
+        handle.attrs["format_version"] = FORMAT_VERSION - 1
+        handle.attrs["settings"] = json.dumps({"mpp": 0.5, "tile_size": 224})
+    reason = f"format version {FORMAT_VERSION - 1}, this package reads {FORMAT_VERSION}; re-extract with this version of gigassl"
+    with pytest.raises(FeatureFileError) as error:
+        SlideFeatures(paths[0])
+    assert str(error.value) == f"{paths[0]}: {reason}"
+    assert why_incomplete(paths[0]) == str(error.value)
+    with pytest.raises(FeatureFileError) as error:
+        scan_features_folder(features, 3)
+    assert f"1 of 4 files in {features} cannot be used" in str(error.value) and f"{paths[0].name}: {reason}" in str(error.value)
+    with caplog.at_level(logging.ERROR):
+        assert main(["train", "--features", str(features), "--out", str(tmp_path / "run"), "--num-workers", "0"]) == 2
+    assert reason in "\n".join(r.getMessage() for r in caplog.records)
+    assert [path for path, _ in scan_features_folder(features, 3, skip_bad_files=True).skipped] == [paths[0]]

@@ -38,13 +38,13 @@ def test_one_and_two_shots_give_valid_subsets_over_fifty_splits():
 
 
 def test_shots_replace_the_budgets_and_are_checked():
-    config = EvaluateConfig(embeddings="e.h5", labels="l.csv", shots="1, 2,4,8,16")
+    config = EvaluateConfig(embeddings="e.h5", labels="l.csv", shots=("1", "2", "4", "8", "16"))
     assert config.budget_texts == ("1/class", "2/class", "4/class", "8/class", "16/class")
     assert EvaluateConfig(embeddings="e.h5", labels="l.csv").budget_texts == ("100%", "25%")
     with pytest.raises(UserError, match=r"--shots replaces --budgets"):
-        EvaluateConfig(embeddings="e.h5", labels="l.csv", shots="1", budgets="50")
+        EvaluateConfig(embeddings="e.h5", labels="l.csv", shots=("1",), budgets=("50",))
     with pytest.raises(UserError, match=r"--shots 0,x: \['0', 'x'\] are not positive whole numbers"):
-        EvaluateConfig(embeddings="e.h5", labels="l.csv", shots="0,x")
+        EvaluateConfig(embeddings="e.h5", labels="l.csv", shots=("0", "x"))
 
 
 @pytest.mark.parametrize(
@@ -120,10 +120,10 @@ def test_shots_run_end_to_end_with_seconds_per_method_and_the_one_shot_fallbacks
         embeddings=embeddings,
         labels=labels,
         features=features,
-        baselines="average,abmil",
+        baselines=("average", "abmil"),
         out=tmp_path / "out",
         n_splits=3,
-        shots="1,2",
+        shots=("1", "2"),
         tune_c=True,
         mil_early_stopping=True,  # off by default; on, it needs an inner split one slide per class cannot give
         mil_epochs=2,

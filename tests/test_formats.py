@@ -182,7 +182,7 @@ def test_extract_reads_a_folder_of_formats(cmu: Cmu, ome_files, dicom_files, tmp
     shutil.copy(ome_files["ome"], slides)
     (slides / "data_folder").mkdir()  # e.g. a MIRAX data folder: not a slide
     (slides / "data_folder" / "Data0000.dat").write_bytes(b"\0" * 200)
-    fast = ["--encoder", "random", "--tile-size", "64", "--mpp", "2.0", "--no-bank", "--num-workers", "0"]
+    fast = ["--encoder", "random", "--tile-size-px", "64", "--target-mpp", "2.0", "--no-bank", "--num-workers", "0"]
     assert main(["extract", "--slides", str(slides), "--out", str(tmp_path / "out"), *fast]) == 0
     features = tmp_path / "out" / "features"
     assert sorted(p.name for p in features.glob("*.h5")) == ["CMU-1-Small-Region.h5", "cmu.ome.h5", "cmu_dicom.h5", "cmu_rle.h5"]

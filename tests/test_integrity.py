@@ -151,8 +151,8 @@ def test_a_tile_encoder_returning_nan_fails_its_slide(tmp_path, everywhere):
     write_tissue_slide(slides / "s.tif", mpp=0.5)
     program = export_tile_encoder(NanOnRealTiles(everywhere), tmp_path / "nan.pt2", 32, MEAN, STD)
     out = tmp_path / "out"
-    args = ["extract", "--slides", str(slides), "--out", str(out), "--encoder", str(program), "--tile-size", "64"]
-    args += ["--mpp", "2.0", "--num-workers", "0", "--batch-size", "32", "--bank", "--n-augmentations", "2"]
+    args = ["extract", "--slides", str(slides), "--out", str(out), "--encoder", str(program), "--tile-size-px", "64"]
+    args += ["--target-mpp", "2.0", "--num-workers", "0", "--batch-size", "32", "--bank", "--n-augmentations", "2"]
     args += ["--n-tiles-per-augmentation", "4"]
     for _ in range(2):  # the rerun does not skip it
         assert main(args) == 1

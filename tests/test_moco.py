@@ -244,8 +244,8 @@ def test_resume_checks_the_settings_against_the_checkpoint(trained, tmp_path):
 def test_a_checkpoint_of_an_older_version_is_refused_in_one_line(trained, tmp_path):
     folder, out, _ = trained
     raw = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-    assert raw["version"] == CHECKPOINT_VERSION == 2
-    raw["version"] = 1  # sealed, but of the version that read settings under their old names
+    assert raw["format_version"] == CHECKPOINT_VERSION == 2
+    raw["format_version"] = 1  # sealed, but of the version that read settings under their old names
     save_atomic(raw, tmp_path / "old.pt")
     with pytest.raises(UserError, match=r"version 1 .*run `gigassl pretrain-tiles` again") as refused:
         load_training_checkpoint(tmp_path / "old.pt", _tiny_config(folder, tmp_path))
@@ -260,6 +260,16 @@ def test_an_unsealed_checkpoint_is_refused_in_one_line(trained, tmp_path):
     with pytest.raises(CheckpointIntegrityError, match="no content hash.*train again") as refused:
         load_training_checkpoint(tmp_path / "unsealed.pt", _tiny_config(folder, tmp_path))
     assert "\n" not in str(refused.value) and "unsealed.pt" in str(refused.value)
+
+
+def test_a_checkpoint_with_the_former_setting_names_is_refused(trained, tmp_path):
+    folder, out, _ = trained
+    raw = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    config = raw["config"]  # the settings' names before they carried their units are not read
+    config["mpp"], config["tile_size"] = config.pop("target_mpp"), config.pop("tile_size_px")
+    save_atomic(raw, tmp_path / "renamed.pt")
+    with pytest.raises(UserError, match=r"--target-mpp None \(checkpoint\) vs 1.0; --tile-size-px None \(checkpoint\) vs 32"):
+        load_training_checkpoint(tmp_path / "renamed.pt", _tiny_config(folder, tmp_path))
 
 
 @pytest.mark.slow
@@ -325,9 +335,9 @@ def test_two_processes_under_torchrun_share_one_queue(trained, tmp_path):
         str(folder),
         "--out",
         str(out),
-        "--mpp",
+        "--target-mpp",
         "1.0",
-        "--tile-size",
+        "--tile-size-px",
         "32",
         "--batch-size",
         "8",

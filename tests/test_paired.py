@@ -70,7 +70,12 @@ def test_evaluate_prints_and_writes_paired_differences(tmp_path):
     csv_path = write_labels(tmp_path / "l.csv", list(zip(ids, labels)), header=("slide", "label"))
     result = run_evaluation(
         EvaluateConfig(
-            embeddings=embeddings, labels=csv_path, out=tmp_path / "out", n_splits=4, budgets="100%,3/class", reference="gigassl"
+            embeddings=embeddings,
+            labels=csv_path,
+            out=tmp_path / "out",
+            n_splits=4,
+            budgets=("100%", "3/class"),
+            reference="gigassl",
         )
     )
     assert result.paired == []  # only gigassl ran: nothing to compare

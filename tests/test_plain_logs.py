@@ -46,7 +46,7 @@ def test_the_demo_writes_plain_lines_to_a_file(tmp_path):
 # synthetic cohort of feature files. "{T}" is the module's folder. Each command's section of the
 # log is checked by its own test.
 CHAIN = {
-    "extract": "--slides {T}/slides --out {T}/extract --encoder random --tile-size-px 64 --mpp 2.0 --n-augmentations 2 "
+    "extract": "--slides {T}/slides --out {T}/extract --encoder random --tile-size-px 64 --target-mpp 2.0 --n-augmentations 2 "
     "--n-tiles-per-augmentation 8 --num-workers 0 --device cpu",
     "pretrain-tiles": "--slides {T}/cmu --out {T}/moco --target-mpp 1.0 --tile-size-px 32 --batch-size 8 --queue-size 12 "
     "--tiles-per-epoch 16 --tiles-per-visit 4 --epochs 1 --monitor-tiles 8 --num-workers 0 --device cpu",

@@ -30,7 +30,19 @@ from fixtures.processes import alive, descendants, describe, wait_until_gone
 from gigassl.cli import main
 
 # Small tiles at a coarse resolution keep every run to a few hundred tiles.
-FAST = ["--encoder", "random", "--tile-size", "64", "--mpp", "2.0", "--no-bank", "--num-workers", "0", "--batch-size", "32"]
+FAST = [
+    "--encoder",
+    "random",
+    "--tile-size-px",
+    "64",
+    "--target-mpp",
+    "2.0",
+    "--no-bank",
+    "--num-workers",
+    "0",
+    "--batch-size",
+    "32",
+]
 
 
 SMALL_BANK = ["--bank", "--n-augmentations", "2", "--n-tiles-per-augmentation", "8"]
@@ -73,7 +85,7 @@ def test_end_to_end_writes_valid_files(real_cohort: Path, tmp_path: Path, slides
         with SlideFeatures(out / "features" / f"{stem}.h5", require_plain=True) as slide:
             features, coords = slide.features(), slide.coords()
             assert features.shape == (len(coords), 256) and np.isfinite(features).all()
-            assert slide.settings["tile_size"] == 64 and slide.settings["slides"] == str(real_cohort)
+            assert slide.settings["tile_size_px"] == 64 and slide.settings["slides"] == str(real_cohort)
             assert slide.settings["encoder"] == "random" and "shard" not in slide.settings
             assert slide.grid_attrs["target_mpp"] == 2.0 and slide.grid_attrs["patch_size"] == 64
             assert slide.encoder_sha256 and not slide.has_bank
@@ -132,7 +144,7 @@ def test_features_are_streamed_in_batches(cohort: Path, tmp_path: Path, monkeypa
     monkeypatch.setattr(SlideFileWriter, "write_plain_rows", record)
     (cohort / "synthetic_b.tif").unlink()
     (cohort / "synthetic_c.tif").unlink()
-    assert extract(cohort, tmp_path / "out", "--batch-size", "8", "--mpp", "0.5") == 0
+    assert extract(cohort, tmp_path / "out", "--batch-size", "8", "--target-mpp", "0.5") == 0
     assert len(sizes) > 3 and max(sizes) == 8 and sum(sizes) == 48
 
 
@@ -151,7 +163,7 @@ def test_bad_inputs_each_fail_on_one_line_and_others_run(
     (folder / "fake.svs").write_text("not a slide either\n")
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO):
-        assert extract(folder, out, "--mpp", "0.5") == 0
+        assert extract(folder, out, "--target-mpp", "0.5") == 0
     summary = summary_of(out)
     by_name = {s["slide"]: s for s in summary["slides"]}
     assert by_name["good.tif"]["status"] == "done" and (out / "features" / "good.h5").is_file()
@@ -175,7 +187,7 @@ def test_bad_inputs_each_fail_on_one_line_and_others_run(
     assert summary["n_failed"] == 6 and summary["n_done"] == 1
     assert [p for p in (out / "features").iterdir() if not p.name.startswith(".")] == [out / "features" / "good.h5"]
     # --strict turns any failure into a non-zero exit, even when the good slide is skipped.
-    assert extract(folder, out, "--mpp", "0.5", "--strict") == 1
+    assert extract(folder, out, "--target-mpp", "0.5", "--strict") == 1
     assert summary_of(out)["n_skipped"] == 1
 
 
@@ -256,11 +268,11 @@ def test_a_real_slide_without_mpp_fails_naming_the_options(tmp_path: Path, share
     folder = tmp_path / "slides"
     folder.mkdir()
     (folder / "TCGA-CR-7395-01A-01-TS1.svs").symlink_to(shared_data / "slides" / "TCGA-CR-7395-01A-01-TS1.svs")
-    assert extract(folder, tmp_path / "o1", "--mpp", "8.0") == 1
+    assert extract(folder, tmp_path / "o1", "--target-mpp", "8.0") == 1
     reason = summary_of(tmp_path / "o1")["slides"][0]["reason"]
     assert "--mpp-csv" in reason and "--default-mpp" in reason and "\n" not in reason
     (tmp_path / "mpp.csv").write_text("slide,mpp\nTCGA-CR-7395-01A-01-TS1.svs,3.0\n")
-    assert extract(folder, tmp_path / "o2", "--mpp", "8.0", "--mpp-csv", str(tmp_path / "mpp.csv")) == 0
+    assert extract(folder, tmp_path / "o2", "--target-mpp", "8.0", "--mpp-csv", str(tmp_path / "mpp.csv")) == 0
 
 
 def test_exit_non_zero_when_every_slide_failed(tmp_path: Path, slides_dir: Path) -> None:
@@ -340,9 +352,9 @@ def test_sigkill_mid_slide_leaves_nothing_complete_nor_running_and_rerun_redoes_
         str(out),
         "--encoder",
         "random",
-        "--tile-size",
+        "--tile-size-px",
         "32",
-        "--mpp",
+        "--target-mpp",
         "1.0",
         "--no-bank",
         "--num-workers",
@@ -458,7 +470,7 @@ def _only(cohort: Path, keep: str) -> Path:
 
 def test_plain_features_and_bank_in_one_file(cohort: Path, tmp_path: Path) -> None:
     folder = _only(cohort, "synthetic_a.tif")
-    bank = ["--bank", "--n-augmentations", "3", "--n-tiles-per-augmentation", "16", "--mpp", "0.5"]
+    bank = ["--bank", "--n-augmentations", "3", "--n-tiles-per-augmentation", "16", "--target-mpp", "0.5"]
     assert extract(folder, tmp_path / "a", *bank) == 0
     target = tmp_path / "a" / "features" / "synthetic_a.h5"
     assert is_complete(target, require_plain=True, require_bank=True)
@@ -488,7 +500,9 @@ def test_plain_features_and_bank_in_one_file(cohort: Path, tmp_path: Path) -> No
 def test_bank_of_a_slide_with_fewer_tissue_tiles_than_k(cohort: Path, tmp_path: Path, mpp: str, n_tissue_tiles: int) -> None:
     folder = _only(cohort, "synthetic_a.tif")
     assert (
-        extract(folder, tmp_path / "out", "--bank", "--n-augmentations", "2", "--n-tiles-per-augmentation", "64", "--mpp", mpp)
+        extract(
+            folder, tmp_path / "out", "--bank", "--n-augmentations", "2", "--n-tiles-per-augmentation", "64", "--target-mpp", mpp
+        )
         == 0
     )
     with SlideFeatures(tmp_path / "out" / "features" / "synthetic_a.h5", require_bank=True) as slide:
@@ -523,7 +537,7 @@ def test_bank_reuses_the_plain_pass_tiles(cohort: Path, tmp_path: Path, monkeypa
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(SlideReader, "read_tile", counting)
-    bank = ["--bank", "--n-augmentations", "2", "--n-tiles-per-augmentation", "16", "--mpp", "0.5"]
+    bank = ["--bank", "--n-augmentations", "2", "--n-tiles-per-augmentation", "16", "--target-mpp", "0.5"]
     assert extract(folder, tmp_path / "once", *bank) == 0
     assert reads["n"] == 48  # the plain pass's reads only (num_workers 0: counted in this process)
     assert extract(folder, tmp_path / "bank_only", *bank, "--no-plain") == 0

@@ -2,54 +2,33 @@
 
 This module imports nothing heavy, so ``gigassl --help`` stays fast. Each field's ``help``
 metadata is its documentation and becomes the command-line help; field ``foo_bar`` is the
-flag ``--foo-bar`` (``aliases``: older flags still accepted), a tuple field takes comma-separated
-values. Each dataclass checks its values when built, so the Python API and the CLI give the same
-messages. The settings used are written into every output file.
+flag ``--foo-bar``, a tuple field takes comma-separated values on the command line. Each
+dataclass checks its values when built and names every problem in one message
+(:mod:`extract.settings`), so the Python API and the CLI give the same messages. The settings
+used are written into every output file.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from extract.errors import UserError
-
-
-def settings_dict(config: Any, drop: Collection[str] = ()) -> dict[str, Any]:
-    """A settings dataclass as plain data for checkpoints, file attributes and logs (paths as
-    str), the fields in ``drop`` left out."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items() if k not in drop}
-
-
-# Fields renamed so that their names carry their units: old name → current name. Files keep the
-# old names in their ``settings`` attribute; checkpoints written before the rename are read
-# through :func:`with_current_names`; the command line accepts the old flags as aliases.
-RENAMED_FIELDS = {"mpp": "target_mpp", "tile_size": "tile_size_px"}
-
-
-def with_current_names(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """``settings`` (e.g. a checkpoint's ``config``) with the fields of :data:`RENAMED_FIELDS` under their current names."""
-    return {RENAMED_FIELDS.get(k, k): v for k, v in settings.items()}
-
-
-def _help(text: str, **extra: Any) -> dict[str, Any]:
-    return {"help": text, **extra}
+from extract.settings import as_tuples, flag, flag_help, refuse
 
 
 def parse_channel_stats(
-    value: str | Sequence[float] | None, label: str, positive: bool = False
+    value: Sequence[float] | Sequence[str] | None, label: str, positive: bool = False
 ) -> tuple[float, float, float] | None:
-    """``"0.485,0.456,0.406"`` or three numbers → a tuple of three finite floats (all > 0 with
-    ``positive``); None stays None. ``label`` (a flag or file) starts the error's one line."""
+    """Three numbers (or their texts, as the command line gives them) → a tuple of three finite
+    floats (all > 0 with ``positive``); None stays None. ``label`` (a flag or file) starts the
+    error's one line."""
     if value is None:
         return None
-    parts = value.split(",") if isinstance(value, str) else value
     try:
-        stats = tuple(float(v) for v in parts)
+        stats = () if isinstance(value, str) else tuple(float(v) for v in value)
     except (TypeError, ValueError):
         stats = ()
     if len(stats) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in stats):
@@ -60,14 +39,39 @@ def parse_channel_stats(
     return stats
 
 
-def _check_resolution(target_mpp: float, default_mpp: float | None, tissue_threshold: float) -> None:
+def _channel_problems(config: Any, name: str, positive: bool = False) -> list[str]:
+    """Store the field ``name`` (R,G,B) of the frozen ``config`` as three floats; its problem, if any."""
+    try:
+        object.__setattr__(config, name, parse_channel_stats(getattr(config, name), flag(name), positive))
+    except UserError as error:
+        return [str(error)]
+    return []
+
+
+def _resolution_problems(target_mpp: float, default_mpp: float | None, tissue_threshold: float) -> list[str]:
     """The checks ExtractConfig and MocoConfig share: the resolutions, and which tiles are kept."""
+    problems = []
     if not (target_mpp > 0 and math.isfinite(target_mpp)):
-        raise UserError(f"--target-mpp {target_mpp}: must be a positive µm/px (0.5 ≈ 20×, 1.0 ≈ 10×)")
+        problems.append(f"--target-mpp {target_mpp}: must be a positive µm/px (0.5 ≈ 20×, 1.0 ≈ 10×)")
     if default_mpp is not None and not (default_mpp > 0 and math.isfinite(default_mpp)):
-        raise UserError(f"--default-mpp {default_mpp}: must be a positive µm/px")
+        problems.append(f"--default-mpp {default_mpp}: must be a positive µm/px")
     if not 0.0 <= tissue_threshold <= 1.0:
-        raise UserError(f"--tissue-threshold {tissue_threshold}: must lie in [0, 1]")
+        problems.append(f"--tissue-threshold {tissue_threshold}: must lie in [0, 1]")
+    return problems
+
+
+def _grid_problems(limits: Any) -> list[str]:
+    """The problems of the grid bounds of ``limits`` (a GridLimits or an ExtractConfig)."""
+    problems = []
+    if not 0 < limits.min_level0_mpp < limits.max_level0_mpp:
+        problems.append(
+            f"--min-level0-mpp {limits.min_level0_mpp} and --max-level0-mpp {limits.max_level0_mpp}: need 0 < min < max"
+        )
+    if not limits.max_upscale >= 1:
+        problems.append(f"--max-upscale {limits.max_upscale}: must be at least 1 (1 = never up-scale level 0)")
+    if limits.max_tiles_per_slide < 1:
+        problems.append(f"--max-tiles-per-slide {limits.max_tiles_per_slide}: must be at least 1")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -91,14 +95,7 @@ class GridLimits:
     max_tiles_per_slide: int = 1_000_000
 
     def __post_init__(self) -> None:
-        if not 0 < self.min_level0_mpp < self.max_level0_mpp:
-            raise UserError(
-                f"--min-level0-mpp {self.min_level0_mpp} and --max-level0-mpp {self.max_level0_mpp}: need 0 < min < max"
-            )
-        if not self.max_upscale >= 1:
-            raise UserError(f"--max-upscale {self.max_upscale}: must be at least 1 (1 = never up-scale level 0)")
-        if self.max_tiles_per_slide < 1:
-            raise UserError(f"--max-tiles-per-slide {self.max_tiles_per_slide}: must be at least 1")
+        refuse("grid-limit", _grid_problems(self))
 
 
 @dataclass(frozen=True)
@@ -106,116 +103,120 @@ class ExtractConfig:
     """Tile extraction: slides → tissue → tile grid → plain features and/or augmented bank."""
 
     slides: Path = field(
-        metadata=_help("folder of slides (OpenSlide formats, or jpg/png/tif with --mpp-csv or --default-mpp)", required=True)
+        metadata=flag_help("folder of slides (OpenSlide formats, or jpg/png/tif with --mpp-csv or --default-mpp)", required=True)
     )
-    out: Path = field(metadata=_help("output folder; features go to OUT/features/{slide}.h5", required=True))
+    out: Path = field(metadata=flag_help("output folder; features go to OUT/features/{slide}.h5", required=True))
     encoder: Optional[str] = field(
         default=None,
-        metadata=_help(
+        metadata=flag_help(
             "required: a ResNet18/34/50 checkpoint (torchvision, MoCo, Lightning or gigassl pretrain-tiles; architecture read from its keys), a torch.export program PATH.pt2 (preprocessing in PATH.json or the flags below), or 'random' / 'random:resnet50' (an untrained network, said so in the files)"
         ),
     )
     encoder_input_size_px: Optional[int] = field(
         default=None,
-        metadata=_help(
+        metadata=flag_help(
             "side in px the encoder takes; tiles of another --tile-size-px are resized to it (default: a .pt2 program's sidecar or static input, any size for ResNets)"
         ),
     )
     encoder_mean: Optional[tuple[float, ...]] = field(
         default=None,
-        metadata=_help(
+        metadata=flag_help(
             "R,G,B mean the encoder's inputs are normalised with (default: a .pt2 program's sidecar, ImageNet's for ResNets)",
             metavar="R,G,B",
         ),
     )
     encoder_std: Optional[tuple[float, ...]] = field(
         default=None,
-        metadata=_help("R,G,B standard deviation of that normalisation (default: as --encoder-mean)", metavar="R,G,B"),
+        metadata=flag_help("R,G,B standard deviation of that normalisation (default: as --encoder-mean)", metavar="R,G,B"),
     )
     target_mpp: float = field(
-        default=0.5, metadata=_help("target resolution in µm/px (0.5 ≈ 20×, 1.0 ≈ 10× as in the paper)", aliases=("--mpp",))
+        default=0.5, metadata=flag_help("target resolution in µm/px (0.5 ≈ 20×, 1.0 ≈ 10× as in the paper)")
     )
-    tile_size_px: int = field(
-        default=224, metadata=_help("tile side in pixels at the target resolution", aliases=("--tile-size",))
-    )
-    tissue_threshold: float = field(default=0.5, metadata=_help("keep tiles whose tissue fraction is at least this"))
+    tile_size_px: int = field(default=224, metadata=flag_help("tile side in pixels at the target resolution"))
+    tissue_threshold: float = field(default=0.5, metadata=flag_help("keep tiles whose tissue fraction is at least this"))
     max_ink_fraction: float = field(
-        default=0.1, metadata=_help("leave out tiles with more than this share of pen ink (blue, green, black marker)")
+        default=0.1, metadata=flag_help("leave out tiles with more than this share of pen ink (blue, green, black marker)")
     )
-    mpp_csv: Optional[Path] = field(default=None, metadata=_help("CSV with columns slide,mpp overriding the slides' metadata"))
+    mpp_csv: Optional[Path] = field(
+        default=None, metadata=flag_help("CSV with columns slide,mpp overriding the slides' metadata")
+    )
     default_mpp: Optional[float] = field(
-        default=None, metadata=_help("µm/px of level 0 for slides without metadata (plain images); a CSV entry wins")
+        default=None, metadata=flag_help("µm/px of level 0 for slides without metadata (plain images); a CSV entry wins")
     )
-    plain: bool = field(default=True, metadata=_help("write plain (non-augmented) features of every tissue tile"))
-    bank: bool = field(default=True, metadata=_help("write the shared-augmentation bank"))
-    n_augmentations: int = field(default=50, metadata=_help("A: augmentations per slide in the bank"))
-    n_tiles_per_augmentation: int = field(default=256, metadata=_help("K: tiles per augmentation in the bank"))
-    seed: int = field(default=0, metadata=_help("seed of the bank's tile sampling and augmentations"))
-    batch_size: int = field(default=64, metadata=_help("tiles per encoder batch"))
-    num_workers: int = field(default=2, metadata=_help("DataLoader workers reading tiles"))
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
-    mixed_precision: bool = field(default=True, metadata=_help("bf16/fp16 autocast where the device supports it"))
-    overwrite: bool = field(default=False, metadata=_help("redo slides whose complete output exists"))
-    strict: bool = field(default=False, metadata=_help("exit non-zero when any slide failed"))
+    plain: bool = field(default=True, metadata=flag_help("write plain (non-augmented) features of every tissue tile"))
+    bank: bool = field(default=True, metadata=flag_help("write the shared-augmentation bank"))
+    n_augmentations: int = field(default=50, metadata=flag_help("A: augmentations per slide in the bank"))
+    n_tiles_per_augmentation: int = field(default=256, metadata=flag_help("K: tiles per augmentation in the bank"))
+    seed: int = field(default=0, metadata=flag_help("seed of the bank's tile sampling and augmentations"))
+    batch_size: int = field(default=64, metadata=flag_help("tiles per encoder batch"))
+    num_workers: int = field(default=2, metadata=flag_help("DataLoader workers reading tiles"))
+    device: str = field(default="auto", metadata=flag_help("auto, cpu, cuda or cuda:N"))
+    mixed_precision: bool = field(default=True, metadata=flag_help("bf16/fp16 autocast where the device supports it"))
+    overwrite: bool = field(default=False, metadata=flag_help("redo slides whose complete output exists"))
+    strict: bool = field(default=False, metadata=flag_help("exit non-zero when any slide failed"))
     shard: str = field(
         default="0/1",
-        metadata=_help("i/n: process the i-th of n interleaved parts of the slide list (SLURM arrays: $SLURM_ARRAY_TASK_ID/N)"),
+        metadata=flag_help(
+            "i/n: process the i-th of n interleaved parts of the slide list (SLURM arrays: $SLURM_ARRAY_TASK_ID/N)"
+        ),
     )
-    qc: bool = field(default=True, metadata=_help("write a QC thumbnail PNG per slide with the kept tiles drawn"))
+    qc: bool = field(default=True, metadata=flag_help("write a QC thumbnail PNG per slide with the kept tiles drawn"))
     claim_timeout_s: float = field(
         default=600.0,
-        metadata=_help(
+        metadata=flag_help(
             "a slide claimed by a job on another host whose heartbeat (every tenth of this) is older than this is taken over"
         ),
     )
     verify_all: bool = field(
         default=False,
-        metadata=_help(
+        metadata=flag_help(
             "read every existing output whole to check its checksums, not only those changed since the manifest recorded them"
         ),
     )
     min_level0_mpp: float = field(
         default=GridLimits.min_level0_mpp,
-        metadata=_help("refuse a slide whose level-0 µm/px (metadata, CSV or default) is below this"),
+        metadata=flag_help("refuse a slide whose level-0 µm/px (metadata, CSV or default) is below this"),
     )
     max_level0_mpp: float = field(
         default=GridLimits.max_level0_mpp,
-        metadata=_help("refuse a slide whose level-0 µm/px is above this (72 dpi image-software tags say 352.8)"),
+        metadata=flag_help("refuse a slide whose level-0 µm/px is above this (72 dpi image-software tags say 352.8)"),
     )
     max_upscale: float = field(
         default=GridLimits.max_upscale,
-        metadata=_help("refuse a slide whose level 0 would be enlarged more than this to reach --target-mpp"),
+        metadata=flag_help("refuse a slide whose level 0 would be enlarged more than this to reach --target-mpp"),
     )
     max_tiles_per_slide: int = field(
         default=GridLimits.max_tiles_per_slide,
-        metadata=_help(
+        metadata=flag_help(
             "refuse a slide whose tile grid has more positions than this (bounds the planner's memory, ~100 bytes each)"
         ),
     )
     progress_interval_s: float = field(
-        default=30.0, metadata=_help("seconds between plain progress lines when stderr is not a terminal (cluster logs)")
+        default=30.0, metadata=flag_help("seconds between plain progress lines when stderr is not a terminal (cluster logs)")
     )
 
     def __post_init__(self) -> None:
-        """Check every value (the API and the CLI get the same messages); R,G,B strings become tuples."""
-        object.__setattr__(self, "encoder_mean", parse_channel_stats(self.encoder_mean, "--encoder-mean"))
-        object.__setattr__(self, "encoder_std", parse_channel_stats(self.encoder_std, "--encoder-std", positive=True))
+        """Check every value, naming every problem in one message (the API and the CLI get the same
+        messages); R,G,B become three floats."""
+        as_tuples(self, "extraction")
+        problems = _channel_problems(self, "encoder_mean") + _channel_problems(self, "encoder_std", positive=True)
         if not (self.plain or self.bank):
-            raise UserError("nothing to do: both --no-plain and --no-bank given")
-        _check_resolution(self.target_mpp, self.default_mpp, self.tissue_threshold)
+            problems.append("nothing to do: both --no-plain and --no-bank given")
+        problems += _resolution_problems(self.target_mpp, self.default_mpp, self.tissue_threshold)
         if self.tile_size_px < 16:
-            raise UserError(f"--tile-size-px {self.tile_size_px}: must be at least 16 px")
+            problems.append(f"--tile-size-px {self.tile_size_px}: must be at least 16 px")
         if self.batch_size < 1 or self.num_workers < 0:
-            raise UserError(f"--batch-size {self.batch_size} must be ≥ 1 and --num-workers {self.num_workers} ≥ 0")
+            problems.append(f"--batch-size {self.batch_size} must be ≥ 1 and --num-workers {self.num_workers} ≥ 0")
         if self.bank and (self.n_augmentations < 1 or self.n_tiles_per_augmentation < 1):
-            raise UserError("--n-augmentations and --n-tiles-per-augmentation must be ≥ 1")
-        self.grid_limits()  # validates the bounds
+            problems.append("--n-augmentations and --n-tiles-per-augmentation must be ≥ 1")
+        problems += _grid_problems(self)
         if not 0.0 <= self.max_ink_fraction <= 1.0:
-            raise UserError(f"--max-ink-fraction {self.max_ink_fraction}: must lie in [0, 1]")
+            problems.append(f"--max-ink-fraction {self.max_ink_fraction}: must lie in [0, 1]")
         if not self.progress_interval_s >= 0:
-            raise UserError(f"--progress-interval-s {self.progress_interval_s}: must be ≥ 0")
+            problems.append(f"--progress-interval-s {self.progress_interval_s}: must be ≥ 0")
         if not self.claim_timeout_s > 0:
-            raise UserError(f"--claim-timeout-s {self.claim_timeout_s}: must be positive (seconds)")
+            problems.append(f"--claim-timeout-s {self.claim_timeout_s}: must be positive (seconds)")
+        refuse("extraction", problems)
 
     def grid_limits(self) -> GridLimits:
         """The bounds a slide must meet before its grid is planned."""
@@ -253,10 +254,22 @@ _FROM_PROFILE: Any = None  # typed Any so a field of any type can default to "th
 def _profiled(name: str, text: str, **extra: Any) -> dict[str, Any]:
     """Field metadata whose help ends with the value of ``name`` in each profile."""
     values = "; ".join(f"{profile}: {settings[name]}" for profile, settings in MOCO_PROFILES.items())
-    return _help(f"{text} ({values})", **extra)
+    return flag_help(f"{text} ({values})", **extra)
 
 
 MOCO_ARCHITECTURES = ("resnet18", "resnet34", "resnet50")  # extract.encoders.resnet.ARCHITECTURES, without importing torch
+# MocoConfig's counts that must be at least 1
+MOCO_POSITIVE = (
+    "tile_size_px",
+    "epochs",
+    "tiles_per_epoch",
+    "tiles_per_visit",
+    "batch_size",
+    "queue_size",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "probe_tiles_per_slide",
+)
 
 
 @dataclass(frozen=True)
@@ -268,51 +281,52 @@ class MocoConfig:
     """
 
     slides: Path = field(
-        metadata=_help("folder of slides (OpenSlide formats, or jpg/png/tif with --mpp-csv or --default-mpp)", required=True)
+        metadata=flag_help("folder of slides (OpenSlide formats, or jpg/png/tif with --mpp-csv or --default-mpp)", required=True)
     )
     out: Path = field(
-        metadata=_help("output folder: OUT/encoder.pt, OUT/last.pt, OUT/checkpoints/, OUT/monitors.csv|json", required=True)
+        metadata=flag_help("output folder: OUT/encoder.pt, OUT/last.pt, OUT/checkpoints/, OUT/monitors.csv|json", required=True)
     )
     arch: str = field(
         default="resnet18",
-        metadata=_help("the ResNet trained: resnet18, resnet34 or resnet50 (tile features of 256, 256, 1024 dims)"),
+        metadata=flag_help("the ResNet trained: resnet18, resnet34 or resnet50 (tile features of 256, 256, 1024 dims)"),
     )
     target_mpp: float = field(
         default=0.5,
-        metadata=_help("resolution of the sampled tiles in µm/px (0.5 ≈ 20×, 1.0 ≈ 10× as in the paper)", aliases=("--mpp",)),
+        metadata=flag_help("resolution of the sampled tiles in µm/px (0.5 ≈ 20×, 1.0 ≈ 10× as in the paper)"),
     )
     tile_size_px: int = field(
         default=_FROM_PROFILE,
-        metadata=_profiled("tile_size_px", "tile side in pixels at the target resolution", aliases=("--tile-size",)),
+        metadata=_profiled("tile_size_px", "tile side in pixels at the target resolution"),
     )
-    mpp_csv: Optional[Path] = field(default=None, metadata=_help("CSV slide,mpp overriding the slides' metadata"))
+    mpp_csv: Optional[Path] = field(default=None, metadata=flag_help("CSV slide,mpp overriding the slides' metadata"))
     default_mpp: Optional[float] = field(
-        default=None, metadata=_help("µm/px of level 0 for slides without metadata (plain images); a CSV entry wins")
+        default=None, metadata=flag_help("µm/px of level 0 for slides without metadata (plain images); a CSV entry wins")
     )
-    tissue_threshold: float = field(default=0.5, metadata=_help("keep tiles whose tissue fraction is at least this"))
+    tissue_threshold: float = field(default=0.5, metadata=flag_help("keep tiles whose tissue fraction is at least this"))
     epochs: int = field(default=_FROM_PROFILE, metadata=_profiled("epochs", "training epochs"))
     tiles_per_epoch: int = field(
         default=_FROM_PROFILE,
         metadata=_profiled("tiles_per_epoch", "tiles sampled per epoch across all slides, slides drawn uniformly"),
     )
     tiles_per_visit: int = field(
-        default=8, metadata=_help("consecutive tiles drawn from one slide, so a reader opens each slide once per run of tiles")
+        default=8,
+        metadata=flag_help("consecutive tiles drawn from one slide, so a reader opens each slide once per run of tiles"),
     )
     batch_size: int = field(default=_FROM_PROFILE, metadata=_profiled("batch_size", "tiles per step, all processes together"))
     queue_size: int = field(default=_FROM_PROFILE, metadata=_profiled("queue_size", "MoCo queue of negative keys"))
     momentum: float = field(default=_FROM_PROFILE, metadata=_profiled("momentum", "momentum of the key encoder"))
-    temperature: float = field(default=0.2, metadata=_help("InfoNCE temperature"))
+    temperature: float = field(default=0.2, metadata=flag_help("InfoNCE temperature"))
     lr: float = field(
-        default=0.03, metadata=_help("SGD learning rate at batch 256 (scaled linearly with the batch), cosine decay to 0")
+        default=0.03, metadata=flag_help("SGD learning rate at batch 256 (scaled linearly with the batch), cosine decay to 0")
     )
-    weight_decay: float = field(default=1e-4, metadata=_help("SGD weight decay"))
+    weight_decay: float = field(default=1e-4, metadata=flag_help("SGD weight decay"))
     profile: str = field(
-        default="default", metadata=_help("'default' or 'small-cpu' (smaller tiles, batch and queue; see MOCO_PROFILES)")
+        default="default", metadata=flag_help("'default' or 'small-cpu' (smaller tiles, batch and queue; see MOCO_PROFILES)")
     )
-    seed: int = field(default=0, metadata=_help("seed of tile sampling, augmentations and initial weights"))
-    num_workers: int = field(default=2, metadata=_help("DataLoader workers reading tiles"))
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)"))
-    mixed_precision: bool = field(default=True, metadata=_help("bf16/fp16 autocast (CUDA, and bf16 on CPU)"))
+    seed: int = field(default=0, metadata=flag_help("seed of tile sampling, augmentations and initial weights"))
+    num_workers: int = field(default=2, metadata=flag_help("DataLoader workers reading tiles"))
+    device: str = field(default="auto", metadata=flag_help("auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)"))
+    mixed_precision: bool = field(default=True, metadata=flag_help("bf16/fp16 autocast (CUDA, and bf16 on CPU)"))
     monitor_tiles: int = field(
         default=_FROM_PROFILE,
         metadata=_profiled(
@@ -321,46 +335,40 @@ class MocoConfig:
     )
     probe_labels: Optional[Path] = field(
         default=None,
-        metadata=_help(
+        metadata=flag_help(
             "CSV slide,label: each epoch, a linear probe on slide-mean tile features scores the encoder (monitor only; training stays label-free)"
         ),
     )
-    probe_tiles_per_slide: int = field(default=16, metadata=_help("fixed tiles per labelled slide for --probe-labels"))
+    probe_tiles_per_slide: int = field(default=16, metadata=flag_help("fixed tiles per labelled slide for --probe-labels"))
     checkpoint_every: int = field(
         default=_FROM_PROFILE, metadata=_profiled("checkpoint_every", "write a checkpoint every N epochs (and at the end)")
     )
     keep_checkpoints: int = field(
         default=3,
-        metadata=_help("periodic checkpoints kept in OUT/checkpoints (older ones are deleted; OUT/last.pt is always the latest)"),
+        metadata=flag_help(
+            "periodic checkpoints kept in OUT/checkpoints (older ones are deleted; OUT/last.pt is always the latest)"
+        ),
     )
-    resume: Optional[Path] = field(default=None, metadata=_help("training checkpoint (OUT/last.pt) to resume from, exactly"))
+    resume: Optional[Path] = field(default=None, metadata=flag_help("training checkpoint (OUT/last.pt) to resume from, exactly"))
 
     def __post_init__(self) -> None:
-        """Check every value, so that the API and the CLI get the same messages."""
-        if self.arch not in MOCO_ARCHITECTURES:
-            raise UserError(f"--arch {self.arch!r}: choose one of {', '.join(MOCO_ARCHITECTURES)}")
-        if self.profile not in MOCO_PROFILES:
-            raise UserError(f"--profile {self.profile!r}: choose one of {sorted(MOCO_PROFILES)}")
+        """Check every value, naming every problem in one message (the API and the CLI get the same messages)."""
+        problems = (
+            [] if self.arch in MOCO_ARCHITECTURES else [f"--arch {self.arch!r}: choose one of {', '.join(MOCO_ARCHITECTURES)}"]
+        )
+        if self.profile not in MOCO_PROFILES:  # the checks below need the profile's values
+            refuse("pre-training", [*problems, f"--profile {self.profile!r}: choose one of {sorted(MOCO_PROFILES)}"])
         for name, value in MOCO_PROFILES[self.profile].items():
             if getattr(self, name) is None:  # left to the profile (frozen: set once, here)
                 object.__setattr__(self, name, value)
-        _check_resolution(self.target_mpp, self.default_mpp, self.tissue_threshold)
-        for name in (
-            "tile_size_px",
-            "epochs",
-            "tiles_per_epoch",
-            "tiles_per_visit",
-            "batch_size",
-            "queue_size",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "probe_tiles_per_slide",
-        ):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        problems += _resolution_problems(self.target_mpp, self.default_mpp, self.tissue_threshold)
+        problems += [
+            f"{flag(name)} {getattr(self, name)}: must be at least 1" for name in MOCO_POSITIVE if getattr(self, name) < 1
+        ]
         if not 0.0 <= self.momentum < 1.0:
-            raise UserError(f"--momentum {self.momentum}: must lie in [0, 1)")
+            problems.append(f"--momentum {self.momentum}: must lie in [0, 1)")
         if self.temperature <= 0 or self.lr <= 0:
-            raise UserError("--temperature and --lr must be positive")
+            problems.append("--temperature and --lr must be positive")
         if self.monitor_tiles < 0 or self.num_workers < 0:
-            raise UserError("--monitor-tiles and --num-workers must be ≥ 0")
+            problems.append("--monitor-tiles and --num-workers must be ≥ 0")
+        refuse("pre-training", problems)

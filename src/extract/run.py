@@ -36,7 +36,7 @@ from extract.batch.shared_output import SharedOutput
 from extract.batch.slide_list import SlideQueue, broken_links, list_slides, process_part, select_part
 from extract.batch.slide_plan import PlanSettings, SlidePlanner
 from extract.batch.summary import ExtractionSummary, SlideOutcome, count
-from extract.config import RENAMED_FIELDS, ExtractConfig, settings_dict
+from extract.config import ExtractConfig
 from extract.device import rank_device
 from extract.disk_errors import raise_if_disk_full
 from extract.encoders.kinds import load_encoder
@@ -46,6 +46,7 @@ from extract.features.manifest import check_existing
 from extract.features.slide_file import SlideFileWriter
 from extract.partial_files import remove_stale_partials_of
 from extract.progress import progress
+from extract.settings import settings_dict
 from extract.slides.formats import open_slide
 from extract.slides.reader import SLIDE_SUFFIXES, SlideReader, load_mpp_overrides
 from extract.slides.tiling import TileGrid
@@ -67,33 +68,24 @@ RUN_CONTROL_FIELDS = frozenset(
 )
 
 
-# Settings whose change makes an existing file a different result (checked when skipping), by
-# their names in the files' ``settings`` attribute.
+# Settings whose change makes an existing file a different result (checked when skipping).
 CONTENT_FIELDS = (
     "encoder",
     "encoder_input_size_px",
     "encoder_mean",
     "encoder_std",
-    "mpp",
-    "tile_size",
+    "target_mpp",
+    "tile_size_px",
     "tissue_threshold",
     "max_ink_fraction",
     "n_augmentations",
     "n_tiles_per_augmentation",
     "seed",
 )
-# The names the files' ``settings`` attribute keeps for renamed fields (``target_mpp`` → "mpp" …).
-FILE_SETTING_NAMES = {current: old for old, current in RENAMED_FIELDS.items()}
 
 
 def _comparable(value: Any) -> Any:
-    """A setting as its JSON reads back (tuples as lists), and the "r,g,b" text older files hold
-    for ``encoder_mean``/``encoder_std`` as the numbers it means."""
-    if isinstance(value, str) and value.count(",") == 2:
-        try:
-            return [float(v) for v in value.split(",")]
-        except ValueError:
-            return value
+    """A setting as its JSON reads back (tuples as lists)."""
     return list(value) if isinstance(value, tuple) else value
 
 
@@ -107,9 +99,8 @@ def settings_mismatch(stored: dict[str, Any], settings: dict[str, Any]) -> list[
 
 
 def file_settings(config: ExtractConfig) -> dict[str, Any]:
-    """The settings that shape a slide's file, as plain JSON-able data (paths as str), under the
-    names the file format keeps (``mpp``, ``tile_size``)."""
-    return {FILE_SETTING_NAMES.get(k, k): v for k, v in settings_dict(config, drop=RUN_CONTROL_FIELDS).items()}
+    """The settings that shape a slide's file, as plain JSON-able data (paths as str)."""
+    return settings_dict(config, drop=RUN_CONTROL_FIELDS)
 
 
 # ----------------------------------------------------------------------------- one slide

@@ -1,10 +1,10 @@
 """The ``gigassl`` command: one subcommand per job, each mapped onto its settings dataclass.
 
 Flags are generated from the dataclass fields (``n_tiles_per_view`` → ``--n-tiles-per-view``,
-booleans as ``--x/--no-x``, tuples as comma-separated values), so the CLI and the Python API
-cannot drift apart; a field's ``aliases`` metadata adds the flags it had under an older name
-(``--mpp`` for ``--target-mpp``). The dataclasses validate themselves, so the API and the CLI
-give the same messages. Heavy modules are imported only when their subcommand runs.
+booleans as ``--x/--no-x``, tuples as comma-separated values split into a tuple here), so the
+CLI and the Python API cannot drift apart. The dataclasses validate themselves
+(:mod:`extract.settings`), so the API and the CLI give the same messages. Heavy modules are
+imported only when their subcommand runs.
 
 Errors: a user error is printed as one line and exits with status 2; anything else is a bug,
 printed with its traceback, status 1; ``-v`` shows the traceback of user errors too. User
@@ -32,8 +32,9 @@ from typing import Any, Sequence
 from extract.config import ExtractConfig, MocoConfig
 from extract.disk_errors import disk_full_error, is_disk_full
 from extract.errors import UserError, one_line
+from extract.settings import flag
 from gigassl.classifier.config import ExplainConfig, FitConfig, PredictConfig
-from gigassl.config import DemoConfig, EmbedConfig, EvaluateConfig, TrainConfig, comma_separated
+from gigassl.config import DemoConfig, EmbedConfig, EvaluateConfig, TrainConfig
 
 # subcommand → (settings dataclass, "module:function" taking that dataclass, one-line help).
 # The function returns an exit status, or an object whose ``exit_code`` is one.
@@ -67,19 +68,24 @@ def _field_type(tp: Any) -> Any:
     return tp
 
 
+def comma_separated(value: str) -> tuple[str, ...]:
+    """``"npz, csv"`` → ``("npz", "csv")``: a list-valued flag's value as the tuple its setting takes."""
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
-    """One flag per field of ``config_class`` (plus its ``aliases``), typed, with its ``help`` metadata and default."""
+    """One flag per field of ``config_class``, typed, with its ``help`` metadata and default."""
     hints = typing.get_type_hints(config_class)
     for spec in dataclasses.fields(config_class):
-        flags = ["--" + spec.name.replace("_", "-"), *spec.metadata.get("aliases", ())]
+        name = flag(spec.name)
         kind = _field_type(hints[spec.name])
         required = spec.metadata.get("required", False)
         default = None if spec.default is dataclasses.MISSING else spec.default
         help_text = spec.metadata.get("help", "")
         if kind is bool:
-            shown = flags[0] if default else "--no-" + flags[0][2:]
+            shown = name if default else "--no-" + name[2:]
             parser.add_argument(
-                *flags,
+                name,
                 dest=spec.name,
                 action=argparse.BooleanOptionalAction,
                 default=default,
@@ -91,7 +97,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type)
         else:
             shown_default = default
         parser.add_argument(
-            *flags,
+            name,
             dest=spec.name,
             type=kind,
             default=default,
@@ -115,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (config_class, _, help_text) in COMMANDS.items():
-        command = sub.add_parser(name, help=help_text, description=config_class.__doc__)
+        # no abbreviated flags: a removed flag such as --mpp must be refused, not read as --mpp-csv
+        command = sub.add_parser(name, help=help_text, description=config_class.__doc__, allow_abbrev=False)
         add_dataclass_arguments(command, config_class)
     return parser
 

@@ -1,19 +1,19 @@
 """Settings of stage 2, one frozen dataclass per job, shared by the CLI and the Python API.
 
 Imports nothing heavy. Each field's ``help`` metadata documents it and becomes the
-command-line help; field ``foo_bar`` is the flag ``--foo-bar`` (``aliases`` metadata: older
-flags that still work). List-valued settings are tuples, comma-separated on the command line.
-The settings used are written into every checkpoint and output file. ``TrainConfig`` and
-``EmbedConfig`` check themselves when made, so the Python API gets the command's messages.
+command-line help; field ``foo_bar`` is the flag ``--foo-bar``. List-valued settings are
+tuples, comma-separated on the command line. The settings used are written into every
+checkpoint and output file. Each dataclass checks itself when made and names every problem in
+one message (:mod:`extract.settings`), so the Python API gets the command's messages.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Optional
 
-from extract.errors import UserError
+from extract.settings import as_tuples, flag_help, refuse, too_small
 
 SPARSE_BACKENDS = ("auto", "torch", "spconv")  # gigassl.sparse.conv implements them
 EMBED_EXPORTS = ("npz", "csv")  # files `gigassl embed --export` writes beside the HDF5 file
@@ -33,258 +33,240 @@ MIXED_PRECISION_HELP = (
 )
 
 
-def _help(text: str, **extra: Any) -> dict[str, Any]:
-    return {"help": text, **extra}
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _too_small(config: Any, minimum: int, names: Iterable[str]) -> list[str]:
-    """'--flag must be ≥ minimum (got value)' for each field of ``names`` below ``minimum``."""
-    return [
-        f"{_flag(name)} must be ≥ {minimum} (got {getattr(config, name)})" for name in names if getattr(config, name) < minimum
-    ]
-
-
-def _backend_problems(backend: str) -> list[str]:
+def backend_problems(backend: str) -> list[str]:
+    """The problem of a ``--sparse-backend`` value, if any."""
     return (
         [] if backend in SPARSE_BACKENDS else [f"--sparse-backend must be one of {', '.join(SPARSE_BACKENDS)} (got {backend!r})"]
     )
-
-
-def _refuse(what: str, problems: list[str]) -> None:
-    if problems:
-        raise UserError(f"invalid {what} settings: " + "; ".join(problems))
-
-
-def comma_separated(value: str | Iterable[str]) -> tuple[str, ...]:
-    """``"npz, csv"`` → ``("npz", "csv")``: how the command line gives a list-valued setting;
-    a list or tuple is kept as a tuple of its stripped items."""
-    items = value.split(",") if isinstance(value, str) else value
-    return tuple(item.strip() for item in items if item.strip())
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Giga-SSL training: sparse layer4 + projector, NT-Xent over two augmented views per slide."""
 
-    features: Path = field(metadata=_help("folder of per-slide HDF5 files with the augmented bank", required=True))
-    out: Path = field(metadata=_help("output folder for checkpoints, monitors and curves", required=True))
+    features: Path = field(metadata=flag_help("folder of per-slide HDF5 files with the augmented bank", required=True))
+    out: Path = field(metadata=flag_help("output folder for checkpoints, monitors and curves", required=True))
     init: Optional[str] = field(
         default=None,
-        metadata=_help(
+        metadata=flag_help(
             "ResNet18/34/50 checkpoint whose layer4 initialises the sparse head, or 'random' (default: the tile encoder named in the feature files when it was random; features of other encoders, e.g. exported programs, get a randomly initialised head of their width)"
         ),
     )
-    n_tiles_per_view: int = field(default=5, metadata=_help("T: tiles sampled per view (the paper's best is 5)"))
+    n_tiles_per_view: int = field(default=5, metadata=flag_help("T: tiles sampled per view (the paper's best is 5)"))
     batch_size: int = field(
-        default=256, metadata=_help("slides per step across all ranks (two views each); capped at the cohort size")
+        default=256, metadata=flag_help("slides per step across all ranks (two views each); capped at the cohort size")
     )
     epochs: int = field(
         default=1000,
-        metadata=_help(
+        metadata=flag_help(
             "training epochs in all (with --resume it may differ from the run's, to train longer or stop sooner: the warm-up + cosine schedule is then re-planned over the new total)"
         ),
     )
-    lr: float = field(default=0.03, metadata=_help("Adam learning rate at batch 256 (scaled linearly)"))
-    weight_decay: float = field(default=0.0, metadata=_help("Adam weight decay"))
-    warmup_epochs: int = field(default=10, metadata=_help("linear warm-up epochs before the cosine decay"))
-    temperature: float = field(default=0.05, metadata=_help("NT-Xent temperature"))
+    lr: float = field(default=0.03, metadata=flag_help("Adam learning rate at batch 256 (scaled linearly)"))
+    weight_decay: float = field(default=0.0, metadata=flag_help("Adam weight decay"))
+    warmup_epochs: int = field(default=10, metadata=flag_help("linear warm-up epochs before the cosine decay"))
+    temperature: float = field(default=0.05, metadata=flag_help("NT-Xent temperature"))
     scale_min: float = field(
-        default=0.5, metadata=_help("slide-level augmentation: lower bound of the per-axis scale (paper 0.5, original code 0.7)")
+        default=0.5,
+        metadata=flag_help("slide-level augmentation: lower bound of the per-axis scale (paper 0.5, original code 0.7)"),
     )
     scale_max: float = field(
-        default=2.0, metadata=_help("slide-level augmentation: upper bound of the per-axis scale (paper 2, original code 1.3)")
+        default=2.0,
+        metadata=flag_help("slide-level augmentation: upper bound of the per-axis scale (paper 2, original code 1.3)"),
     )
-    projector_dim: int = field(default=256, metadata=_help("output size of the projector MLP"))
-    seed: int = field(default=0, metadata=_help("random seed"))
+    projector_dim: int = field(default=256, metadata=flag_help("output size of the projector MLP"))
+    seed: int = field(default=0, metadata=flag_help("random seed"))
     num_workers: int = field(
         default=2,
-        metadata=_help("DataLoader worker processes reading views while the model steps (0: read in the training process)"),
+        metadata=flag_help("DataLoader worker processes reading views while the model steps (0: read in the training process)"),
     )
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
-    mixed_precision: bool = field(default=True, metadata=_help(MIXED_PRECISION_HELP))
-    sparse_backend: str = field(default="auto", metadata=_help(SPARSE_BACKEND_HELP))
-    checkpoint_every: int = field(default=50, metadata=_help("write a checkpoint every N epochs (and at the end)"))
+    device: str = field(default="auto", metadata=flag_help("auto, cpu, cuda or cuda:N"))
+    mixed_precision: bool = field(default=True, metadata=flag_help(MIXED_PRECISION_HELP))
+    sparse_backend: str = field(default="auto", metadata=flag_help(SPARSE_BACKEND_HELP))
+    checkpoint_every: int = field(default=50, metadata=flag_help("write a checkpoint every N epochs (and at the end)"))
     keep_checkpoints: int = field(
         default=2,
-        metadata=_help(
+        metadata=flag_help(
             "periodic checkpoints kept in OUT/checkpoints (older ones are deleted; OUT/checkpoint.pt is always the latest)"
         ),
     )
-    monitor_slides: int = field(default=64, metadata=_help("fixed slides used for the label-free monitors"))
+    monitor_slides: int = field(default=64, metadata=flag_help("fixed slides used for the label-free monitors"))
     resume: Optional[Path] = field(
-        default=None, metadata=_help("checkpoint to resume from (same settings, except --epochs and where outputs go)")
+        default=None, metadata=flag_help("checkpoint to resume from (same settings, except --epochs and where outputs go)")
     )
     skip_bad_files: bool = field(
-        default=False, metadata=_help("skip feature files without a bank or unreadable (logged) instead of refusing the folder")
+        default=False,
+        metadata=flag_help("skip feature files without a bank or unreadable (logged) instead of refusing the folder"),
     )
     check_finite: bool = field(
         default=True,
-        metadata=_help(
+        metadata=flag_help(
             "refuse files with NaN/inf features: each bank is read once and recorded finite in the folder's manifest, then read again only when it changes"
         ),
     )
     recheck_finite: bool = field(
-        default=False, metadata=_help("with --check-finite, read every bank again, even those recorded finite and unchanged")
+        default=False, metadata=flag_help("with --check-finite, read every bank again, even those recorded finite and unchanged")
     )
     overwrite: bool = field(
         default=False,
-        metadata=_help(
+        metadata=flag_help(
             "replace a run already in --out (its checkpoints and monitors are deleted); without it, such a folder is refused unless --resume"
         ),
     )
     allow_mixed_grids: bool = field(
         default=False,
-        metadata=_help(
+        metadata=flag_help(
             "train on feature files extracted at different tile sizes or µm/px (refused otherwise; the grids are recorded in the checkpoint)"
         ),
     )
 
     def __post_init__(self) -> None:
-        problems = _too_small(self, 1, ("n_tiles_per_view",))
+        problems = too_small(self, 1, ("n_tiles_per_view",))
         if self.batch_size < 2:
             problems.append(f"--batch-size must be ≥ 2 slides (got {self.batch_size})")
-        problems += _too_small(self, 1, ("epochs",))
+        problems += too_small(self, 1, ("epochs",))
         if not self.lr > 0:
             problems.append(f"--lr must be > 0 (got {self.lr})")
-        problems += _too_small(self, 0, ("warmup_epochs",))
+        problems += too_small(self, 0, ("warmup_epochs",))
         if not self.temperature > 0:
             problems.append(f"--temperature must be > 0 (got {self.temperature})")
         if not 0 < self.scale_min <= self.scale_max:
             problems.append(f"need 0 < --scale-min ≤ --scale-max (got {self.scale_min}, {self.scale_max})")
-        problems += _too_small(self, 1, ("checkpoint_every", "keep_checkpoints"))
-        problems += _too_small(self, 0, ("num_workers",))
-        _refuse("training", problems + _backend_problems(self.sparse_backend))
+        problems += too_small(self, 1, ("checkpoint_every", "keep_checkpoints"))
+        problems += too_small(self, 0, ("num_workers",))
+        refuse("training", problems + backend_problems(self.sparse_backend))
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
     """Slide embeddings: R views of T plain tiles through the sparse layer4, averaged, L2-normalised."""
 
-    model: Path = field(metadata=_help("Giga-SSL checkpoint written by `gigassl train`", required=True))
-    features: Path = field(metadata=_help("folder of per-slide HDF5 files with plain features", required=True))
-    out: Path = field(metadata=_help("output HDF5 file of slide embeddings", required=True))
-    n_views: int = field(default=50, metadata=_help("R: views averaged per slide"))
-    n_tiles_per_view: Optional[int] = field(default=None, metadata=_help("T (default: the checkpoint's)"))
-    batch_size: int = field(default=64, metadata=_help("slides per forward batch"))
-    seed: int = field(default=0, metadata=_help("random seed of the view sampling"))
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
-    sparse_backend: str = field(default="auto", metadata=_help(SPARSE_BACKEND_HELP))
-    mixed_precision: bool = field(default=True, metadata=_help(MIXED_PRECISION_HELP))
-    export: tuple[str, ...] = field(default=(), metadata=_help("extra files beside OUT: npz, csv (comma-separated)"))
+    model: Path = field(metadata=flag_help("Giga-SSL checkpoint written by `gigassl train`", required=True))
+    features: Path = field(metadata=flag_help("folder of per-slide HDF5 files with plain features", required=True))
+    out: Path = field(metadata=flag_help("output HDF5 file of slide embeddings", required=True))
+    n_views: int = field(default=50, metadata=flag_help("R: views averaged per slide"))
+    n_tiles_per_view: Optional[int] = field(default=None, metadata=flag_help("T (default: the checkpoint's)"))
+    batch_size: int = field(default=64, metadata=flag_help("slides per forward batch"))
+    seed: int = field(default=0, metadata=flag_help("random seed of the view sampling"))
+    device: str = field(default="auto", metadata=flag_help("auto, cpu, cuda or cuda:N"))
+    sparse_backend: str = field(default="auto", metadata=flag_help(SPARSE_BACKEND_HELP))
+    mixed_precision: bool = field(default=True, metadata=flag_help(MIXED_PRECISION_HELP))
+    export: tuple[str, ...] = field(default=(), metadata=flag_help("extra files beside OUT: npz, csv (comma-separated)"))
     strict: bool = field(
-        default=False, metadata=_help("exit non-zero when any slide file failed (failed files are always listed)")
+        default=False, metadata=flag_help("exit non-zero when any slide file failed (failed files are always listed)")
     )
     allow_other_encoder: bool = field(
         default=False,
-        metadata=_help(
+        metadata=flag_help(
             "embed features made by another tile encoder than the checkpoint was trained on (refused otherwise; recorded in the output)"
         ),
     )
 
     def __post_init__(self) -> None:
-        # a comma-separated string (the form before the tuple) is taken too
-        object.__setattr__(self, "export", tuple(kind.lower() for kind in comma_separated(self.export)))
-        problems = _too_small(self, 1, ("n_views", "batch_size"))
+        as_tuples(self, "embedding")
+        object.__setattr__(self, "export", tuple(kind.lower() for kind in self.export))
+        problems = too_small(self, 1, ("n_views", "batch_size"))
         if self.n_tiles_per_view is not None:
-            problems += _too_small(self, 1, ("n_tiles_per_view",))
+            problems += too_small(self, 1, ("n_tiles_per_view",))
         unknown = [kind for kind in self.export if kind not in EMBED_EXPORTS]
         if unknown:
             problems.append(f"--export {','.join(self.export)}: unknown {unknown}; choose among {', '.join(EMBED_EXPORTS)}")
-        _refuse("embedding", problems + _backend_problems(self.sparse_backend))
+        refuse("embedding", problems + backend_problems(self.sparse_backend))
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     """Few-label evaluation of slide embeddings against MIL baselines."""
 
-    embeddings: Path = field(metadata=_help("HDF5 file written by `gigassl embed`", required=True))
+    embeddings: Path = field(metadata=flag_help("HDF5 file written by `gigassl embed`", required=True))
     labels: Path = field(
-        metadata=_help("CSV with a slide id column, a label column and optionally a patient column", required=True)
+        metadata=flag_help("CSV with a slide id column, a label column and optionally a patient column", required=True)
     )
-    out: Path = field(default=Path("evaluation"), metadata=_help("output folder for the table (CSV, JSON) and the plot"))
-    features: Optional[Path] = field(default=None, metadata=_help("folder of per-slide HDF5 files, needed by the baselines"))
+    out: Path = field(default=Path("evaluation"), metadata=flag_help("output folder for the table (CSV, JSON) and the plot"))
+    features: Optional[Path] = field(default=None, metadata=flag_help("folder of per-slide HDF5 files, needed by the baselines"))
     baselines: tuple[str, ...] = field(
-        default=("average",), metadata=_help("baselines compared with Giga-SSL, comma-separated: average,abmil,topk")
+        default=("average",), metadata=flag_help("baselines compared with Giga-SSL, comma-separated: average,abmil,topk")
     )
     reference: str = field(
         default="average",
-        metadata=_help(
+        metadata=flag_help(
             "method every other one is compared with, split by split (paired differences with 95 % intervals): gigassl, average, abmil or topk"
         ),
     )
-    slide_column: str = field(default="slide", metadata=_help("name of the slide id column"))
-    label_column: str = field(default="label", metadata=_help("name of the label column"))
-    patient_column: str = field(default="patient", metadata=_help("name of the patient column (used when present)"))
-    n_splits: int = field(default=10, metadata=_help("repeated stratified splits"))
-    test_fraction: float = field(default=0.3, metadata=_help("share of slides (or patients) held out per split"))
+    slide_column: str = field(default="slide", metadata=flag_help("name of the slide id column"))
+    label_column: str = field(default="label", metadata=flag_help("name of the label column"))
+    patient_column: str = field(default="patient", metadata=flag_help("name of the patient column (used when present)"))
+    n_splits: int = field(default=10, metadata=flag_help("repeated stratified splits"))
+    test_fraction: float = field(default=0.3, metadata=flag_help("share of slides (or patients) held out per split"))
     budgets: tuple[str, ...] = field(
         default=("100%", "25%"),  # DEFAULT_BUDGETS
-        metadata=_help("training budgets, comma-separated: percentages (25%), slide counts (50) or per-class counts (4/class)"),
+        metadata=flag_help(
+            "training budgets, comma-separated: percentages (25%), slide counts (50) or per-class counts (4/class)"
+        ),
     )
     logistic_c: float = field(
         default=10.0,
-        metadata=_help(
-            "C of the logistic regression, the inverse of its L2 regularisation strength (the original's 10)", aliases=("--c",)
-        ),
+        metadata=flag_help("C of the logistic regression, the inverse of its L2 regularisation strength (the original's 10)"),
     )
-    tune_c: bool = field(default=False, metadata=_help("choose C by inner cross-validation instead"))
-    seed: int = field(default=0, metadata=_help("random seed of the splits"))
-    strict: bool = field(default=False, metadata=_help("error when label ids are missing from the embeddings"))
-    device: str = field(default="auto", metadata=_help("device of the MIL baselines"))
-    topk: int = field(default=64, metadata=_help("k most-attended tiles per slide for top-k fine-tuning"))
-    topk_epochs: int = field(default=2, metadata=_help("top-k fine-tuning epochs over the training slides (one slide per step)"))
+    tune_c: bool = field(default=False, metadata=flag_help("choose C by inner cross-validation instead"))
+    seed: int = field(default=0, metadata=flag_help("random seed of the splits"))
+    strict: bool = field(default=False, metadata=flag_help("error when label ids are missing from the embeddings"))
+    device: str = field(default="auto", metadata=flag_help("device of the MIL baselines"))
+    topk: int = field(default=64, metadata=flag_help("k most-attended tiles per slide for top-k fine-tuning"))
+    topk_epochs: int = field(
+        default=2, metadata=flag_help("top-k fine-tuning epochs over the training slides (one slide per step)")
+    )
     shots: tuple[str, ...] = field(
         default=(),
-        metadata=_help(
+        metadata=flag_help(
             "few-shot protocol: K labelled slides per class, comma-separated (TITAN's: 1,2,4,8,16); replaces --budgets"
         ),
     )
-    mil_epochs: int = field(default=50, metadata=_help("attention-MIL epochs (the most, with --mil-early-stopping)"))
-    mil_lr: float = field(default=1e-3, metadata=_help("attention-MIL Adam learning rate (the peak, with a schedule)"))
+    mil_epochs: int = field(default=50, metadata=flag_help("attention-MIL epochs (the most, with --mil-early-stopping)"))
+    mil_lr: float = field(default=1e-3, metadata=flag_help("attention-MIL Adam learning rate (the peak, with a schedule)"))
     mil_lr_schedule: str = field(
-        default="constant", metadata=_help("attention-MIL learning-rate schedule: constant, cosine or one-cycle")
+        default="constant", metadata=flag_help("attention-MIL learning-rate schedule: constant, cosine or one-cycle")
     )
-    mil_weight_decay: float = field(default=1e-4, metadata=_help("attention-MIL Adam weight decay (L2)"))
-    mil_dropout: float = field(default=0.25, metadata=_help("attention-MIL dropout after the first layer"))
-    mil_batch_size: int = field(default=8, metadata=_help("attention-MIL bags per step"))
+    mil_weight_decay: float = field(default=1e-4, metadata=flag_help("attention-MIL Adam weight decay (L2)"))
+    mil_dropout: float = field(default=0.25, metadata=flag_help("attention-MIL dropout after the first layer"))
+    mil_batch_size: int = field(default=8, metadata=flag_help("attention-MIL bags per step"))
     mil_max_tiles: int = field(
-        default=512, metadata=_help("attention-MIL: most tiles sampled per bag per training step (all when predicting)")
+        default=512, metadata=flag_help("attention-MIL: most tiles sampled per bag per training step (all when predicting)")
     )
     mil_standardize: bool = field(
         default=True,
-        metadata=_help("attention-MIL: standard-scale tile features by the training bags' statistics (as AverageMIL does)"),
+        metadata=flag_help("attention-MIL: standard-scale tile features by the training bags' statistics (as AverageMIL does)"),
     )
     mil_early_stopping: bool = field(
         default=False,
-        metadata=_help(
+        metadata=flag_help(
             "attention-MIL: stop on the loss of a 20 % inner validation split (needs ≥ 2 training slides per class; else fixed epochs)"
         ),
     )
     mil_patience: int = field(
-        default=20, metadata=_help("attention-MIL early stopping: epochs without a better validation loss (CLAM's 20)")
+        default=20, metadata=flag_help("attention-MIL early stopping: epochs without a better validation loss (CLAM's 20)")
     )
     slides: Optional[Path] = field(
-        default=None, metadata=_help("folder of the slide files, for top-k (default: the paths recorded in the feature files)")
+        default=None,
+        metadata=flag_help("folder of the slide files, for top-k (default: the paths recorded in the feature files)"),
     )
     encoder: str = field(
         default="auto",
-        metadata=_help("tile encoder checkpoint fine-tuned by top-k ('auto': 'random' when the features say so, else required)"),
+        metadata=flag_help(
+            "tile encoder checkpoint fine-tuned by top-k ('auto': 'random' when the features say so, else required)"
+        ),
     )
     task: str = field(
         default="classification",
-        metadata=_help(
+        metadata=flag_help(
             "classification (--label-column holds classes), survival (--time-column and --event-column; Cox models, C-indices) or regression (--label-column holds a number; ridge, Pearson r, R²); see docs/survival.md"
         ),
     )
     time_column: str = field(
-        default="time", metadata=_help("survival: the follow-up time column (a duration ≥ 0, one unit for every row)")
+        default="time", metadata=flag_help("survival: the follow-up time column (a duration ≥ 0, one unit for every row)")
     )
     event_column: str = field(
-        default="event", metadata=_help("survival: the event column, 1 or true = event observed, 0 or false = censored")
+        default="event", metadata=flag_help("survival: the event column, 1 or true = event observed, 0 or false = censored")
     )
 
     @property
@@ -292,17 +274,9 @@ class EvaluateConfig:
         """The training budgets evaluated: ``K/class`` for each of ``shots``, else ``budgets``."""
         return tuple(f"{k}/class" for k in self.shots) if self.shots else self.budgets
 
-    @property
-    def c(self) -> float:
-        """The former name of :attr:`logistic_c` (the flag ``--c`` remains an alias)."""
-        return self.logistic_c
-
     def __post_init__(self) -> None:
-        # comma-separated strings (the form before the tuples) are taken too
-        object.__setattr__(self, "baselines", comma_separated(self.baselines))
-        object.__setattr__(self, "budgets", comma_separated(self.budgets))
-        object.__setattr__(self, "shots", comma_separated(self.shots))
-        problems = _too_small(self, 2, ("n_splits",)) + _too_small(
+        as_tuples(self, "evaluation")
+        problems = too_small(self, 2, ("n_splits",)) + too_small(
             self, 1, ("topk", "topk_epochs", "mil_epochs", "mil_batch_size", "mil_max_tiles", "mil_patience")
         )
         problems += _shot_problems(self.shots, self.budgets) + _mil_problems(self)
@@ -321,7 +295,7 @@ class EvaluateConfig:
             problems.append(f"--task {self.task!r}: choose one of {', '.join(EVALUATE_TASKS)}")
         elif self.task != "classification" and "topk" in self.baselines:
             problems.append(f"--task {self.task}: top-k fine-tuning is a classifier; choose --baselines among average,abmil")
-        _refuse("evaluation", problems)
+        refuse("evaluation", problems)
 
 
 DEFAULT_BUDGETS = ("100%", "25%")
@@ -355,38 +329,36 @@ class DemoConfig:
     """The whole pipeline on a synthetic cohort painted from real Kather 2016 tiles."""
 
     out: Path = field(
-        default=Path("demo_out"), metadata=_help("output folder (slides, features, QC, checkpoint, embeddings, evaluation)")
+        default=Path("demo_out"), metadata=flag_help("output folder (slides, features, QC, checkpoint, embeddings, evaluation)")
     )
-    n_slides: int = field(default=40, metadata=_help("slides in the demo cohort (half with tumour texture)"))
-    seed: int = field(default=0, metadata=_help("random seed of the cohort and of every stage"))
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
-    sparse_backend: str = field(default="auto", metadata=_help(SPARSE_BACKEND_HELP))
+    n_slides: int = field(default=40, metadata=flag_help("slides in the demo cohort (half with tumour texture)"))
+    seed: int = field(default=0, metadata=flag_help("random seed of the cohort and of every stage"))
+    device: str = field(default="auto", metadata=flag_help("auto, cpu, cuda or cuda:N"))
+    sparse_backend: str = field(default="auto", metadata=flag_help(SPARSE_BACKEND_HELP))
     encoder: str = field(
-        default="random", metadata=_help("tile encoder: a ResNet18 checkpoint (e.g. from `gigassl pretrain-tiles`) or 'random'")
+        default="random",
+        metadata=flag_help("tile encoder: a ResNet18 checkpoint (e.g. from `gigassl pretrain-tiles`) or 'random'"),
     )
-    target_mpp: float = field(
-        default=1.0, metadata=_help("extraction resolution in µm/px (the slides are at 0.495)", aliases=("--mpp",))
-    )
+    target_mpp: float = field(default=1.0, metadata=flag_help("extraction resolution in µm/px (the slides are at 0.495)"))
     tile_size_px: int = field(
         default=64,
-        metadata=_help("tile side in pixels at --target-mpp (small, so the demo runs on a laptop CPU)", aliases=("--tile-size",)),
+        metadata=flag_help("tile side in pixels at --target-mpp (small, so the demo runs on a laptop CPU)"),
     )
-    n_augmentations: int = field(default=8, metadata=_help("A: augmentations per slide in the bank"))
-    n_tiles_per_augmentation: int = field(default=16, metadata=_help("K: tiles per augmentation in the bank"))
-    epochs: int = field(default=50, metadata=_help("Giga-SSL training epochs"))
-    batch_size: int = field(default=20, metadata=_help("slides per training step (two views each)"))
-    n_views: int = field(default=50, metadata=_help("R: views averaged per slide embedding"))
-    n_splits: int = field(default=5, metadata=_help("repeated stratified splits of the evaluation"))
+    n_augmentations: int = field(default=8, metadata=flag_help("A: augmentations per slide in the bank"))
+    n_tiles_per_augmentation: int = field(default=16, metadata=flag_help("K: tiles per augmentation in the bank"))
+    epochs: int = field(default=50, metadata=flag_help("Giga-SSL training epochs"))
+    batch_size: int = field(default=20, metadata=flag_help("slides per training step (two views each)"))
+    n_views: int = field(default=50, metadata=flag_help("R: views averaged per slide embedding"))
+    n_splits: int = field(default=5, metadata=flag_help("repeated stratified splits of the evaluation"))
     baselines: tuple[str, ...] = field(
-        default=("average", "abmil"), metadata=_help("baselines compared with Giga-SSL, comma-separated: average,abmil")
+        default=("average", "abmil"), metadata=flag_help("baselines compared with Giga-SSL, comma-separated: average,abmil")
     )
-    num_workers: int = field(default=0, metadata=_help("DataLoader workers reading tiles during extraction"))
-    overwrite: bool = field(default=False, metadata=_help("redraw the slides and re-extract features even when they exist"))
+    num_workers: int = field(default=0, metadata=flag_help("DataLoader workers reading tiles during extraction"))
+    overwrite: bool = field(default=False, metadata=flag_help("redraw the slides and re-extract features even when they exist"))
 
     def __post_init__(self) -> None:
-        # a comma-separated string (the form before the tuple) is taken too
-        object.__setattr__(self, "baselines", comma_separated(self.baselines))
-        problems = _too_small(self, 10, ("n_slides",)) + _too_small(
+        as_tuples(self, "demo")
+        problems = too_small(self, 10, ("n_slides",)) + too_small(
             self, 1, ("tile_size_px", "n_augmentations", "n_tiles_per_augmentation", "epochs", "n_views")
         )
         unknown = sorted(set(self.baselines) - {"average", "abmil"})
@@ -394,4 +366,4 @@ class DemoConfig:
             problems.append(f"--baselines: unknown {unknown}; the demo compares with average,abmil")
         if not self.target_mpp > 0:
             problems.append(f"--target-mpp must be > 0 (got {self.target_mpp})")
-        _refuse("demo", problems + _backend_problems(self.sparse_backend))
+        refuse("demo", problems + backend_problems(self.sparse_backend))

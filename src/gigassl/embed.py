@@ -42,7 +42,6 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from torch import nn
 
 from extract.batch.output_folder import ensure_writable
-from extract.config import settings_dict
 from extract.device import autocast
 from extract.encoders.tile_encoder import SLIDE_FEATURE_DIM, TILE_FEATURE_DIM, file_sha256
 from extract.errors import UserError
@@ -50,6 +49,7 @@ from extract.features.plain import PlainFeatures, read_plain_features, split_dup
 from extract.features.slide_file import FeatureFileError
 from extract.partial_files import remove_stale_partials_of
 from extract.seeding import slide_seed_sequence
+from extract.settings import settings_dict
 from gigassl.config import EmbedConfig
 from gigassl.embeddings_file import (  # also offered here: gigassl.evaluate and user code import them from embed
     EmbeddingFileError,

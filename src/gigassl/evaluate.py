@@ -43,7 +43,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from extract.config import settings_dict
+from extract.settings import settings_dict
 from gigassl.config import EVALUATE_BASELINES, EvaluateConfig
 from gigassl.evaluation.classification import (
     METRICS,

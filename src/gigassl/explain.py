@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from extract.config import settings_dict
 from extract.encoders.tile_encoder import file_sha256
 from extract.errors import UserError
 from extract.features.plain import PlainFeatures, read_plain_features
+from extract.settings import settings_dict
 from gigassl.classifier.attribution import (
     TileAttribution,
     attention_terms,

@@ -56,10 +56,10 @@ from torch import nn
 
 from extract import __version__
 from extract.batch.output_folder import ensure_writable
-from extract.config import settings_dict
 from extract.device import DistContext, init_distributed
 from extract.encoders.tile_encoder import EncoderInfo
 from extract.monitors import MONITORS_CSV, MONITORS_JSON, write_monitors
+from extract.settings import settings_dict
 from extract.training.schedule import warmup_warning
 from gigassl.config import TrainConfig
 from gigassl.model import GigaSSLModel

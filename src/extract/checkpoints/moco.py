@@ -21,14 +21,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from extract.checkpoints.sealed import verify_payload
-from extract.config import MocoConfig, settings_dict
+from extract.checkpoints.sealed import load_sealed
+from extract.config import MocoConfig
 from extract.device import world_size
 from extract.encoders.resnet import ResNet, build_resnet
-from extract.encoders.tile_encoder import load_weights_only, save_encoder_checkpoint
+from extract.encoders.tile_encoder import save_encoder_checkpoint
 from extract.errors import UserError
 from extract.moco.model import MoCo, all_gather
 from extract.moco.setup import MocoRun
+from extract.settings import settings_dict
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def checkpoint_payload(run: MocoRun) -> dict[str, Any]:
     model = run.model
     return {
         "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
+        "format_version": CHECKPOINT_VERSION,
         "arch": model.arch,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": run.optimizer.state_dict(),
@@ -109,18 +110,19 @@ def load_training_checkpoint(path: Path, config: MocoConfig) -> dict[str, Any]:
     """Read and check a training checkpoint for ``--resume`` (weights_only, sealed, same settings)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"--resume {path} does not exist; pass OUT/last.pt or OUT/checkpoints/epoch_NNNN.pt")
-    raw = load_weights_only(path, f"--resume {path}")
-    if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"--resume {path}: not a `gigassl pretrain-tiles` training checkpoint (OUT/last.pt)")
-    if raw.get("version") != CHECKPOINT_VERSION:
-        raise UserError(
-            f"--resume {path}: checkpoint version {raw.get('version')} (an older gigassl's), this package resumes only version "
-            f"{CHECKPOINT_VERSION}; run `gigassl pretrain-tiles` again without --resume"
-        )
-    verify_payload(raw, f"--resume {path}")
-    saved, current = raw["config"], settings_dict(config)
+    raw = load_sealed(
+        path,
+        f"--resume {path}",
+        CHECKPOINT_FORMAT,
+        CHECKPOINT_VERSION,
+        "a `gigassl pretrain-tiles` training checkpoint (OUT/last.pt)",
+        "run `gigassl pretrain-tiles` again without --resume",
+    )
+    saved, current = raw["config"], settings_dict(config)  # a field missing from the checkpoint reads None
     differ = [
-        f"--{k.replace('_', '-')} {saved[k]} (checkpoint) vs {current[k]}" for k in RESUME_MUST_MATCH if saved[k] != current[k]
+        f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {current[k]}"
+        for k in RESUME_MUST_MATCH
+        if saved.get(k) != current[k]
     ]
     if differ:
         raise UserError(f"--resume {path}: settings differ from the checkpoint's; pass the same values: " + "; ".join(differ))

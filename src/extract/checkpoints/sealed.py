@@ -93,6 +93,33 @@ def verify_payload(payload: Mapping[str, Any], label: str) -> None:
         )
 
 
+def load_weights_only(path: str | Path, label: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; any failure becomes a ValueError
+    starting with ``label`` (checkpoints are untrusted input: tensors and plain data only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to a user
+        raise UserError(f"{label}: not a loadable weights-only torch checkpoint ({error})") from error
+
+
+def load_sealed(path: str | Path, label: str, format_name: str, version: int, what: str, remedy: str) -> dict[str, Any]:
+    """A checkpoint of ``format_name`` at ``version``, loaded weights-only and verified (seal, finite tensors).
+
+    Anything else (another format, another version, a broken seal) is refused in one line starting
+    with ``label``: ``what`` names the expected file, ``remedy`` what to run instead of reading an old one.
+    """
+    payload = load_weights_only(path, label)
+    if not isinstance(payload, dict) or payload.get("format") != format_name:
+        raise UserError(f"{label}: not {what}")
+    if payload.get("format_version") != version:
+        raise UserError(
+            f"{label}: checkpoint format version {payload.get('format_version')} (an older gigassl's), this package reads "
+            f"only version {version}; {remedy}"
+        )
+    verify_payload(payload, label)
+    return payload
+
+
 def save_atomic(payload: Mapping[str, Any], path: Path) -> None:
     """``torch.save`` of plain data, sealed with its content hash, to a temporary file beside
     ``path``, then an atomic rename. Refuses NaN or inf tensors; a full disk raises DiskFullError."""

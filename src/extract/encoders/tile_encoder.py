@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extract.checkpoints.sealed import CONTENT_HASH_KEY, save_atomic, verify_payload
+from extract.checkpoints.sealed import CONTENT_HASH_KEY, load_weights_only, save_atomic, verify_payload
 from extract.device import autocast
 from extract.encoders.loading import ENCODER_CHECKPOINT_FORMAT, find_resnet, load_found, read_checkpoint
 from extract.encoders.resnet import ARCHITECTURES, BasicBlock, Bottleneck, ResNet, ResNet18, ResNet34, ResNet50, build_resnet
@@ -257,15 +257,6 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def load_weights_only(path: str | Path, label: str) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU; any failure becomes a ValueError
-    starting with ``label`` (checkpoints are untrusted input: tensors and plain data only)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to a user
-        raise UserError(f"{label}: not a loadable weights-only torch checkpoint ({error})") from error
 
 
 def _random_arch(source: str) -> str | None:

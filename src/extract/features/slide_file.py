@@ -45,7 +45,7 @@ from extract.errors import UserError
 from extract.partial_files import AtomicHDF5Writer, temporary_path
 
 FORMAT_NAME = "gigassl-slide-features"
-FORMAT_VERSION = 2  # 2: bank stored feature-major (A, 256, K)
+FORMAT_VERSION = 3  # 2: bank stored feature-major (A, 256, K); 3: settings under their current names (target_mpp, tile_size_px)
 BANK_LAYOUT = "augmentation,feature,tile"
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from extract.config import settings_dict
+from extract.settings import settings_dict
 from gigassl.classifier.config import FitConfig
 from gigassl.classifier.fit_inputs import FitResult, read_embedding_vectors, read_slides
 from gigassl.classifier.model_file import LinearClassifier, SlideClassifier, save_classifier

@@ -269,7 +269,7 @@ def _write_target_results(
 ) -> TargetEvaluationResult:
     from pathlib import Path
 
-    from extract.config import settings_dict
+    from extract.settings import settings_dict
     from gigassl.evaluation.paired import paired_differences
     from gigassl.evaluation.report import method_seconds, write_csv, write_json
     from gigassl.evaluation.survival_report import plot_target_figure

@@ -23,12 +23,11 @@ from typing import Any, Mapping
 
 import torch
 
-from extract.checkpoints.sealed import verify_payload, write_epoch_snapshot
-from extract.config import settings_dict
-from extract.encoders.tile_encoder import load_weights_only
+from extract.checkpoints.sealed import load_sealed, write_epoch_snapshot
 from extract.errors import UserError
 from extract.monitors import MONITORS_CSV, MONITORS_JSON
 from extract.partial_files import remove_stale_partials
+from extract.settings import settings_dict
 from gigassl.config import TrainConfig
 from gigassl.model import GigaSSLModel, HeadSpec
 from gigassl.sparse.conv import BACKENDS
@@ -68,15 +67,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    payload = load_weights_only(path, str(path))
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: not a Giga-SSL checkpoint written by `gigassl train`")
-    if payload.get("format_version") != CHECKPOINT_VERSION:
-        raise UserError(
-            f"{path}: checkpoint format version {payload.get('format_version')} (an older gigassl's), this package reads "
-            f"only version {CHECKPOINT_VERSION}; train the slide encoder again with `gigassl train`"
-        )
-    verify_payload(payload, str(path))
+    payload = load_sealed(
+        path,
+        str(path),
+        CHECKPOINT_FORMAT,
+        CHECKPOINT_VERSION,
+        "a Giga-SSL checkpoint written by `gigassl train`",
+        "train the slide encoder again with `gigassl train`",
+    )
     return payload
 
 
