@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 import extract.features.manifest as manifest_module
 from extract.features.manifest import MANIFEST_NAME, Manifest, check_existing
+from extract.features.slide_file import FORMAT_VERSION
 from gigassl.synthetic.cohort import write_synthetic_cohort
 from gigassl.training import data
 from gigassl.training.data import scan_features_folder
@@ -70,6 +72,21 @@ def test_a_touched_file_is_reverified_and_a_torn_manifest_line_ignored(folder: P
     os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     assert check_existing(target, Manifest(folder))[0] is None
     assert full_reads == ["slide_002.h5"] * 2
+
+
+def test_facts_recorded_for_another_file_format_are_not_trusted(folder: Path, full_reads: list[str]) -> None:
+    # A package that reads another format version wrote the manifest: its facts are read again,
+    # so a file of the old format is found (and redone by extract) rather than reused unread.
+    target = folder / "slide_000.h5"
+    manifest = Manifest(folder)
+    check_existing(target, manifest)
+    assert full_reads == ["slide_000.h5"]
+    line = (folder / MANIFEST_NAME).read_text().splitlines()[-1]
+    assert json.loads(line)["format_version"] == FORMAT_VERSION
+    (folder / MANIFEST_NAME).write_text(line.replace(f'"format_version": {FORMAT_VERSION}', '"format_version": 2') + "\n")
+    assert Manifest(folder).known(target) is None
+    check_existing(target, Manifest(folder))
+    assert full_reads == ["slide_000.h5"] * 2
 
 
 def test_what_a_file_lacks_is_said_without_reading_it(folder: Path) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from extract.batch.progress_record import append_json_line
-from extract.features.slide_file import FeatureFileError, SlideFeatures, verify_checksums
+from extract.features.slide_file import FORMAT_VERSION, FeatureFileError, SlideFeatures, verify_checksums
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class FileFacts:
     has_bank: bool = False
     settings: dict[str, Any] | None = None  # the file's content settings (its ``settings`` attribute)
     train_entry: dict[str, Any] | None = None  # what training's scan found (gigassl.training.slide_entry)
+    format_version: int | None = None  # the file format the recording package read (FORMAT_VERSION then)
 
     def matches(self, stat: os.stat_result) -> bool:
         return (self.inode, self.size, self.mtime_ns) == (stat.st_ino, stat.st_size, stat.st_mtime_ns)
@@ -81,9 +82,10 @@ class Manifest:
         return self._facts
 
     def known(self, path: Path) -> FileFacts | None:
-        """The facts of ``path`` if it has not changed since they were recorded, else None."""
+        """The facts of ``path`` if it has not changed since they were recorded by a package that
+        reads this file format, else None."""
         facts = self._load().get(path.name)
-        if facts is None:
+        if facts is None or facts.format_version != FORMAT_VERSION:
             return None
         try:
             return facts if facts.matches(path.stat()) else None
@@ -96,7 +98,7 @@ class Manifest:
         stat = path.stat()
         before = self.known(path)
         base = before if before is not None else FileFacts(path.name, stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        facts = dataclasses.replace(base, **learnt)
+        facts = dataclasses.replace(base, format_version=FORMAT_VERSION, **learnt)
         self._load()[path.name] = facts
         if self._writable:
             self._append(facts)
