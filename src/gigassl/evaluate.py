@@ -72,7 +72,7 @@ from gigassl.evaluation.protocol import (
     parse_budgets,
     read_labels,
 )
-from gigassl.evaluation.report import EvaluationResult, fallbacks, method_seconds, write_csv, write_json
+from gigassl.evaluation.report import EvaluationResult, fallbacks, method_seconds, results_payload, write_csv, write_json
 from gigassl.plots import plot_auc
 
 logger = logging.getLogger(__name__)
@@ -191,22 +191,18 @@ def _write_results(
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = write_csv(summary, out / RESULTS_CSV)
-    json_path = write_json(
-        dict(
-            settings=settings_dict(config),
-            embeddings_provenance={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in provenance.items()},
-            classes=classes,
-            n_slides=n_slides,
-            missing=missing,
-            summary=summary,
-            paired=paired,
-            seconds_per_method=method_seconds(rows),
-            cpu_seconds_per_method=method_seconds(rows, "cpu_seconds"),
-            fallbacks=fallbacks(rows),
-            splits=rows,
-        ),
-        out / RESULTS_JSON,
+    payload = results_payload(
+        settings_dict(config),
+        provenance,
+        rows,
+        classes=classes,
+        n_slides=n_slides,
+        missing=missing,
+        summary=summary,
+        paired=paired,
+        fallbacks=fallbacks(rows),
     )
+    json_path = write_json(payload, out / RESULTS_JSON)
     plot_path = plot_auc(summary, out / PLOT_PNG, f"{Path(config.labels).stem}: AUC vs training slides", paired)
     return EvaluationResult(
         summary,

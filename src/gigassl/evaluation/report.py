@@ -49,6 +49,21 @@ def write_json(payload: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def results_payload(
+    settings: dict[str, Any], provenance: dict[str, Any], rows: list[dict[str, Any]], **facts: Any
+) -> dict[str, Any]:
+    """``results.json``'s content for every task: the settings, the embeddings' provenance (plain
+    values), the task's ``facts`` (summary, paired differences, …), seconds per method, every split row."""
+    return dict(
+        settings=settings,
+        embeddings_provenance={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in provenance.items()},
+        **facts,
+        seconds_per_method=method_seconds(rows),
+        cpu_seconds_per_method=method_seconds(rows, "cpu_seconds"),
+        splits=rows,
+    )
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.integer):
         return int(value)

@@ -26,16 +26,20 @@ import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 
 from extract.errors import UserError
+from extract.settings import settings_dict
 from gigassl.config import EvaluateConfig
 from gigassl.evaluation.loop import Task, run_protocol, summarise
+from gigassl.evaluation.paired import paired_differences
 from gigassl.evaluation.protocol import keep_available, make_splits, parse_budgets
-from gigassl.evaluation.report import EvaluationResult, format_costs
+from gigassl.evaluation.report import EvaluationResult, format_costs, method_seconds, results_payload, write_csv, write_json
 from gigassl.evaluation.survival_metrics import UNO_TAU_QUANTILE, harrell_c, median_split_logrank, uno_c, uno_tau
+from gigassl.evaluation.survival_report import plot_target_figure
 from gigassl.evaluation.targets import Targets, read_regression_targets, read_survival_targets
 
 logger = logging.getLogger(__name__)
@@ -267,30 +271,21 @@ def _write_target_results(
     provenance: dict[str, Any],
     missing: list[str],
 ) -> TargetEvaluationResult:
-    from pathlib import Path
-
-    from extract.settings import settings_dict
-    from gigassl.evaluation.paired import paired_differences
-    from gigassl.evaluation.report import method_seconds, write_csv, write_json
-    from gigassl.evaluation.survival_report import plot_target_figure
-
     summary = summarise(rows, task.metrics, task.summary_extra)
     paired = paired_differences(rows, config.reference, task.metrics)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     plot_path, groups = plot_target_figure(targets, scores, out, f"{Path(config.labels).stem}")
-    payload = dict(
+    payload = results_payload(
+        settings_dict(config),
+        provenance,
+        rows,
         task=config.task,
-        settings=settings_dict(config),
-        embeddings_provenance={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in provenance.items()},
         n_slides=len(targets.slide_ids),
         missing=missing,
         summary=summary,
         paired=paired,
         risk_groups=groups,
-        seconds_per_method=method_seconds(rows),
-        cpu_seconds_per_method=method_seconds(rows, "cpu_seconds"),
-        splits=rows,
     )
     if targets.event is not None:
         payload.update(n_events=int(targets.event.sum()), uno_tau=f"quantile {UNO_TAU_QUANTILE} of each split's training times")
