@@ -20,23 +20,10 @@ from PIL import Image
 from extract.checkpoints import sealed as checkpoint_io
 from extract.features.slide_file import is_complete
 from extract.slides import reader
+from fixtures.make_slides import FAST_EXTRACT as FAST
 from fixtures.make_slides import write_tissue_slide
 from gigassl.cli import main
 from gigassl.synthetic.cohort import write_synthetic_cohort
-
-FAST = [
-    "--encoder",
-    "random",
-    "--tile-size-px",
-    "64",
-    "--target-mpp",
-    "2.0",
-    "--no-bank",
-    "--num-workers",
-    "0",
-    "--batch-size",
-    "32",
-]
 
 
 def errors(caplog: pytest.LogCaptureFixture) -> str:

@@ -25,25 +25,10 @@ from extract.features.slide_file import SlideFeatures, is_complete
 from extract.run import run_extraction
 from extract.slides.formats import open_slide
 from extract.slides.tiling import tile_grid
+from fixtures.make_slides import FAST_EXTRACT as FAST
 from fixtures.make_slides import synthetic_image, write_blank_slide, write_pyramidal_tiff, write_tissue_slide
 from fixtures.processes import alive, descendants, describe, wait_until_gone
 from gigassl.cli import main
-
-# Small tiles at a coarse resolution keep every run to a few hundred tiles.
-FAST = [
-    "--encoder",
-    "random",
-    "--tile-size-px",
-    "64",
-    "--target-mpp",
-    "2.0",
-    "--no-bank",
-    "--num-workers",
-    "0",
-    "--batch-size",
-    "32",
-]
-
 
 SMALL_BANK = ["--bank", "--n-augmentations", "2", "--n-tiles-per-augmentation", "8"]
 
