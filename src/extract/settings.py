@@ -74,9 +74,14 @@ def _tuple_fields(config_class: type) -> tuple[tuple[str, type], ...]:
     return tuple((name, item) for name, item in fields if item is not None)
 
 
+def comma_separated(value: str) -> tuple[str, ...]:
+    """``"npz, csv"`` → ``("npz", "csv")``: a list-valued flag's value as the tuple its setting takes."""
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
 def _as_items(text: str, item_type: type) -> tuple[Any, ...]:
     """``"a, b"`` as the tuple a list-valued setting takes (the example of the error message)."""
-    parts = tuple(part.strip() for part in text.split(",") if part.strip())
+    parts = comma_separated(text)
     try:
         return tuple(item_type(part) for part in parts) if item_type in (int, float) else parts
     except ValueError:

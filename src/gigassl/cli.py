@@ -32,7 +32,7 @@ from typing import Any, Sequence
 from extract.config import ExtractConfig, MocoConfig
 from extract.disk_errors import disk_full_error, is_disk_full
 from extract.errors import UserError, one_line
-from extract.settings import flag
+from extract.settings import comma_separated, flag
 from gigassl.classifier.config import ExplainConfig, FitConfig, PredictConfig
 from gigassl.config import DemoConfig, EmbedConfig, EvaluateConfig, TrainConfig
 
@@ -66,11 +66,6 @@ def _field_type(tp: Any) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0]
     return tp
-
-
-def comma_separated(value: str) -> tuple[str, ...]:
-    """``"npz, csv"`` → ``("npz", "csv")``: a list-valued flag's value as the tuple its setting takes."""
-    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:

@@ -72,15 +72,22 @@ from gigassl.evaluation.protocol import (
     parse_budgets,
     read_labels,
 )
-from gigassl.evaluation.report import EvaluationResult, fallbacks, method_seconds, results_payload, write_csv, write_json
+from gigassl.evaluation.report import (
+    RESULTS_CSV,
+    RESULTS_JSON,
+    EvaluationResult,
+    fallbacks,
+    method_seconds,
+    results_payload,
+    write_csv,
+    write_json,
+)
 from gigassl.plots import plot_auc
 
 logger = logging.getLogger(__name__)
 
 BASELINES = EVALUATE_BASELINES  # defined with the settings, which check them
 METHODS = ("gigassl", *BASELINES)
-RESULTS_CSV = "results.csv"
-RESULTS_JSON = "results.json"
 PLOT_PNG = "auc_vs_training_slides.png"
 
 

@@ -14,6 +14,9 @@ import numpy as np
 
 from gigassl.evaluation.paired import format_paired
 
+RESULTS_CSV = "results.csv"  # the summary table of every task
+RESULTS_JSON = "results.json"  # settings, provenance, summary, paired differences, seconds, split rows
+
 
 def format_table(summary: Sequence[dict[str, Any]]) -> str:
     """The summary (mean ± s.d. over splits) as an aligned text table."""

@@ -27,17 +27,26 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from extract.errors import UserError
 from extract.settings import settings_dict
 from gigassl.config import EvaluateConfig
-from gigassl.evaluation.loop import Task, run_protocol, summarise
+from gigassl.evaluation.loop import Method, Task, run_protocol, summarise
 from gigassl.evaluation.paired import paired_differences
 from gigassl.evaluation.protocol import keep_available, make_splits, parse_budgets
-from gigassl.evaluation.report import EvaluationResult, format_costs, method_seconds, results_payload, write_csv, write_json
+from gigassl.evaluation.report import (
+    RESULTS_CSV,
+    RESULTS_JSON,
+    EvaluationResult,
+    format_costs,
+    method_seconds,
+    results_payload,
+    write_csv,
+    write_json,
+)
 from gigassl.evaluation.survival_metrics import UNO_TAU_QUANTILE, harrell_c, median_split_logrank, uno_c, uno_tau
 from gigassl.evaluation.survival_report import plot_target_figure
 from gigassl.evaluation.targets import Targets, read_regression_targets, read_survival_targets
@@ -46,13 +55,6 @@ logger = logging.getLogger(__name__)
 
 RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-2, 5, 8))
 TASK_METRICS = {"survival": ("harrell_c", "uno_c"), "regression": ("pearson_r", "r2")}
-
-
-class TargetMethod(Protocol):
-    name: str
-
-    def fit_predict(self, train: np.ndarray, test: np.ndarray, targets: Targets, seed: int) -> np.ndarray:
-        """Fit on rows ``train``, return (len(test),) risk scores or predicted values."""
 
 
 class VectorMethod:
@@ -197,13 +199,13 @@ def _read_targets(config: EvaluateConfig) -> Targets:
     return read_regression_targets(config.labels, config.slide_column, config.label_column, config.patient_column)
 
 
-def _methods(config: EvaluateConfig, vectors: np.ndarray, baselines: Sequence[str], paths: Sequence[Any]) -> list[TargetMethod]:
+def _methods(config: EvaluateConfig, vectors: np.ndarray, baselines: Sequence[str], paths: Sequence[Any]) -> list[Method]:
     from extract.device import resolve_device
     from gigassl.evaluation.attention_targets import AttentionTargetMIL
     from gigassl.evaluation.inputs import load_bags, load_bags_one_by_one
     from gigassl.evaluation.mil import mean_features
 
-    methods: list[TargetMethod] = [VectorMethod("gigassl", vectors, config.task)]
+    methods: list[Method] = [VectorMethod("gigassl", vectors, config.task)]
     bags = load_bags(paths) if "abmil" in baselines else None
     if "average" in baselines:
         means = mean_features(bags) if bags is not None else mean_features(load_bags_one_by_one(paths))
@@ -289,7 +291,7 @@ def _write_target_results(
     )
     if targets.event is not None:
         payload.update(n_events=int(targets.event.sum()), uno_tau=f"quantile {UNO_TAU_QUANTILE} of each split's training times")
-    csv_path, json_path = write_csv(summary, out / "results.csv"), write_json(payload, out / "results.json")
+    csv_path, json_path = write_csv(summary, out / RESULTS_CSV), write_json(payload, out / RESULTS_JSON)
     return TargetEvaluationResult(
         summary, rows, [], missing, csv_path, json_path, plot_path, paired=paired, seconds=method_seconds(rows), task=config.task
     )
