@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -43,12 +44,21 @@ def write_rows(path: Path, header: list[str], rows: list[list]) -> Path:
     return path
 
 
-def test_survival_evaluation_end_to_end(cohort_dir, tmp_path):
-    config = EvaluateConfig(
+def cohort_config(cohort_dir: Path, tmp_path: Path, **settings: Any) -> EvaluateConfig:
+    """The evaluation settings of the synthetic cohort (embeddings, labels, features), writing to ``tmp_path / "out"``."""
+    return EvaluateConfig(
         embeddings=cohort_dir / "embeddings.h5",
         labels=cohort_dir / "features" / "labels.csv",
         features=cohort_dir / "features",
         out=tmp_path / "out",
+        **settings,
+    )
+
+
+def test_survival_evaluation_end_to_end(cohort_dir, tmp_path):
+    config = cohort_config(
+        cohort_dir,
+        tmp_path,
         task="survival",
         n_splits=3,
         budgets=("100%",),
@@ -71,11 +81,9 @@ def test_survival_evaluation_end_to_end(cohort_dir, tmp_path):
 
 
 def test_regression_evaluation_end_to_end(cohort_dir, tmp_path):
-    config = EvaluateConfig(
-        embeddings=cohort_dir / "embeddings.h5",
-        labels=cohort_dir / "features" / "labels.csv",
-        features=cohort_dir / "features",
-        out=tmp_path / "out",
+    config = cohort_config(
+        cohort_dir,
+        tmp_path,
         task="regression",
         label_column="score",
         n_splits=3,
@@ -94,11 +102,9 @@ def test_regression_evaluation_end_to_end(cohort_dir, tmp_path):
 
 @pytest.mark.slow
 def test_survival_evaluation_with_attention_mil(cohort_dir, tmp_path):
-    config = EvaluateConfig(
-        embeddings=cohort_dir / "embeddings.h5",
-        labels=cohort_dir / "features" / "labels.csv",
-        features=cohort_dir / "features",
-        out=tmp_path / "out",
+    config = cohort_config(
+        cohort_dir,
+        tmp_path,
         task="survival",
         baselines=("abmil",),
         reference="abmil",
